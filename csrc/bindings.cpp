@@ -1,0 +1,129 @@
+// The private compiled module dpfc_native._core: CPU entry points, build facts, and (when
+// compiled with CUDA) the GPU launchers registered by bindings_cuda.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "common/clip.hpp"
+#include "common/errors.hpp"
+#include "common/philox.hpp"
+#include "cpu/noise_cpu.hpp"
+
+namespace py = pybind11;
+
+#ifndef DPFC_VERSION
+#define DPFC_VERSION "0.0.0"
+#endif
+
+namespace dpfc {
+#ifdef DPFC_WITH_CUDA
+void register_cuda_bindings(py::module_& m);  // bindings_cuda.cpp
+#endif
+
+namespace {
+
+NoiseKey key_from_words(const std::array<uint32_t, 4>& w) { return {w[0], w[1], w[2], w[3]}; }
+
+// A C-contiguous, writeable array of float32 or float64: returns true for float64.
+bool check_float_out(const py::array& out, const char* name) {
+  DPFC_EXPECTS(out.writeable(), std::string(name) + " must be writeable");
+  DPFC_EXPECTS(out.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+  const bool f64 = out.dtype().is(py::dtype::of<double>());
+  const bool f32 = out.dtype().is(py::dtype::of<float>());
+  DPFC_EXPECTS(f64 || f32, std::string(name) + " must be float32 or float64");
+  return f64;
+}
+
+void sym_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, uint64_t block0) {
+  const bool f64 = check_float_out(out, "out");
+  DPFC_EXPECTS(out.ndim() == 3 && out.shape(1) == out.shape(2),
+               "out must have shape (batch, d, d)");
+  DPFC_EXPECTS(std >= 0.0, "std must be non-negative");
+  const int64_t batch = out.shape(0), d = out.shape(1);
+  const NoiseKey k = key_from_words(key);
+  void* data = out.mutable_data();
+  py::gil_scoped_release nogil;
+  if (f64) {
+    cpu::sym_gaussian_noise(static_cast<double*>(data), batch, d, std, k, block0);
+  } else {
+    cpu::sym_gaussian_noise(static_cast<float*>(data), batch, d, std, k, block0);
+  }
+}
+
+void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key,
+                        uint64_t block0) {
+  const bool f64 = check_float_out(out, "out");
+  DPFC_EXPECTS(std >= 0.0, "std must be non-negative");
+  const int64_t count = out.size();
+  const NoiseKey k = key_from_words(key);
+  void* data = out.mutable_data();
+  py::gil_scoped_release nogil;
+  if (f64) {
+    cpu::gaussian_noise(static_cast<double*>(data), count, std, k, block0);
+  } else {
+    cpu::gaussian_noise(static_cast<float*>(data), count, std, k, block0);
+  }
+}
+
+std::array<uint32_t, 4> philox_raw(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
+  Philox4x32 c{{counter[0], counter[1], counter[2], counter[3]}};
+  const Philox4x32 r = philox4x32_10(c, key[0], key[1]);
+  return {r.v[0], r.v[1], r.v[2], r.v[3]};
+}
+
+// Elementwise evaluation of the shared transcendental kernels, for host unit tests.
+py::array_t<double> eval_transform(py::array_t<double, py::array::c_style | py::array::forcecast> t,
+                                   const std::string& which) {
+  py::array_t<double> out(t.request().shape);
+  const double* in = t.data();
+  double* o = out.mutable_data();
+  const int64_t n = t.size();
+  for (int64_t k = 0; k < n; ++k) {
+    if (which == "log") {
+      o[k] = detail::log_unit(in[k]);
+    } else if (which == "cos2pi" || which == "sin2pi") {
+      double c, s;
+      detail::sincos_2pi(in[k], &c, &s);
+      o[k] = which == "cos2pi" ? c : s;
+    } else {
+      throw std::invalid_argument("which must be 'log', 'cos2pi' or 'sin2pi'");
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace dpfc
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "dpfc_native native core (private: use dpfc_native.ops)";
+  m.attr("__version__") = DPFC_VERSION;
+#ifdef DPFC_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+  m.attr("cuda_arches") = std::string(DPFC_CUDA_ARCHES);
+#else
+  m.attr("cuda_compiled") = false;
+  m.attr("cuda_arches") = std::string();
+#endif
+  m.attr("clip_margin") = dpfc::kClipMargin;
+
+  m.def("philox4x32_10", &dpfc::philox_raw, py::arg("counter"), py::arg("key"),
+        "Raw Philox4x32-10 block: four 32-bit counter words, two key words.");
+  m.def("sym_gaussian_noise_cpu", &dpfc::sym_noise_cpu, py::arg("out"), py::arg("std"),
+        py::arg("key_words"), py::arg("block0"),
+        "Fill out (batch, d, d) with symmetric Gaussian noise (diag std, off-diag std/sqrt 2).");
+  m.def("gaussian_noise_cpu", &dpfc::gaussian_noise_cpu, py::arg("out"), py::arg("std"),
+        py::arg("key_words"), py::arg("block0"),
+        "Fill a contiguous array with i.i.d. N(0, std^2) from the Philox stream.");
+  m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),
+        "Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid).");
+
+  py::register_exception<dpfc::CudaError>(m, "CudaError", PyExc_RuntimeError);
+#ifdef DPFC_WITH_CUDA
+  dpfc::register_cuda_bindings(m);
+#endif
+}

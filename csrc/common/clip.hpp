@@ -1,0 +1,24 @@
+// The clip factor, shared by the CPU path and the CUDA kernels.
+//
+// Clipping must hold on the stored floats (../shared/RELIABILITY.md): a row whose norm
+// we computed as `norm` may really be longer by the rounding of that computation, and
+// scaling it rounds each stored element again. So rows are clipped to
+// C (1 - 2^-20) instead of C. The margin (about 1e-6 relative) dominates the float64
+// norm error (below 1e-11 even for d = 10^5) plus one float32 rounding of the output
+// (2^-24), so every clipped row has exact norm < C, while costing no measurable utility.
+#pragma once
+
+#include "hostdevice.hpp"
+
+namespace dpfc {
+
+constexpr double kClipMargin = 1.0 - 9.5367431640625e-07;  // 1 - 2^-20
+
+// Scale s = min(1, C' / norm) with C' = C (1 - 2^-20). norm = +inf gives 0 (the caller
+// recomputes overflowing norms with scaling first); norm = 0 gives 1.
+DPFC_HD double clip_scale(double norm, double clip_norm) {
+  const double target = clip_norm * kClipMargin;
+  return norm <= target ? 1.0 : target / norm;
+}
+
+}  // namespace dpfc

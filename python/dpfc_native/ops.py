@@ -1,0 +1,815 @@
+"""The native ops of dpfc_native: one API, a CPU and a GPU implementation behind it.
+
+This is the stable surface downstream libraries import. Every op takes NumPy arrays (CPU
+path: NumPy/SciPy BLAS and LAPACK, plus the native Philox core for noise) or GPU arrays
+(CuPy, or anything exposing ``__cuda_array_interface__`` or DLPack on a CUDA device, which
+is returned as CuPy) and returns arrays of the same kind. Mixing CPU and GPU arrays in one
+call is an error.
+
+Pipeline: features -> clip -> statistics -> noise -> solve -> weights.
+
+Clipping: every op that clips uses the same factor ``s_i = min(1, C' / ||x_i||)`` with
+``C' = C (1 - 2^-20)`` and ``||x_i||`` computed in float64, so that the clipped rows have
+norm strictly below ``C`` on the stored floats, rounding included (see
+``csrc/common/clip.hpp``). Statistics that get noised are accumulated in float64 by
+default.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import numpy as np
+import scipy.linalg.blas as _blas
+import scipy.linalg.lapack as _lapack
+import scipy.sparse as _sparse
+from scipy.special import expit as _expit
+
+from . import _core
+
+__all__ = [
+    "clip_rows",
+    "clipped_gram",
+    "clipped_class_sums",
+    "clipped_stats",
+    "clipped_class_grams",
+    "clipped_weighted_grams",
+    "clipped_linear_grad",
+    "sym_gaussian_noise",
+    "gaussian_noise",
+    "sym_noise_blocks",
+    "noise_blocks",
+    "cholesky",
+    "cho_solve",
+    "array_module",
+    "is_gpu_array",
+    "CLIP_MARGIN",
+    "ACCUMULATE_MODES",
+]
+
+#: Clipping targets ``clip_norm * CLIP_MARGIN`` (1 - 2^-20) so rounding can never exceed C.
+CLIP_MARGIN: float = float(_core.clip_margin)
+#: Accumulation modes of the clipped statistics (the GPU may add faster ones).
+ACCUMULATE_MODES = ("float64", "float32")
+
+# Rows processed per chunk on the CPU path: bounded extra memory (about 32 MiB of float64
+# per chunk), never an n x d copy.
+_CHUNK_ELEMENTS = 1 << 22
+# The float32 accumulation mode sums this many rows in float32 before a float64 reduction
+# (the same block the GPU kernels use); its rounding error is documented in README.md.
+_F32_BLOCK_ROWS = 4096
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------------------
+# Array kind and validation
+# --------------------------------------------------------------------------------------
+
+
+def is_gpu_array(a: Any) -> bool:
+    """True for CuPy arrays and other arrays living on a CUDA device."""
+    if isinstance(a, np.ndarray):
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            return int(dev()[0]) in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+        except Exception:  # pragma: no cover - foreign objects
+            return False
+    return False
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "a GPU array was given but CuPy is not installed: pip install 'dpfc_native[cuda]'"
+        ) from exc
+    if not _core.cuda_compiled:
+        raise RuntimeError(
+            "a GPU array was given but this build of dpfc_native has no CUDA kernels "
+            "(rebuild with nvcc available, DPFC_CUDA=ON)"
+        )
+    return cupy
+
+
+def _as_cupy(a: Any, name: str):
+    cp = _cupy()
+    if isinstance(a, cp.ndarray):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        return cp.asarray(a)
+    try:
+        return cp.from_dlpack(a)
+    except Exception as exc:
+        raise TypeError(f"{name}: cannot convert {type(a).__name__} to a CuPy array") from exc
+
+
+def array_module(*arrays: Any):
+    """``numpy`` or ``cupy``: the module of the given arrays (None entries ignored).
+
+    Raises
+    ------
+    ValueError
+        If CPU and GPU arrays are mixed.
+    """
+    kinds = {is_gpu_array(a) for a in arrays if a is not None}
+    if len(kinds) > 1:
+        raise ValueError("mixed devices: all array arguments must be on the CPU or all on the GPU")
+    if kinds == {True}:
+        return _cupy()
+    return np
+
+
+def _coerce(a: Any, name: str, gpu: bool):
+    """The argument as a NumPy or CuPy array of the call's kind (no dtype change)."""
+    if gpu:
+        if not is_gpu_array(a):
+            raise ValueError(f"{name}: expected a GPU array like the other arguments (mixed devices)")
+        return _as_cupy(a, name)
+    if is_gpu_array(a):
+        raise ValueError(f"{name}: expected a CPU array like the other arguments (mixed devices)")
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except Exception as exc:
+        raise TypeError(f"{name}: cannot convert {type(a).__name__} to an array") from exc
+
+
+def _check_positive(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from exc
+    if not np.isfinite(v) or v <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    v = int(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _half_dtypes(xp) -> tuple:
+    out = [xp.dtype(xp.float16)]
+    try:  # bfloat16 exists for CuPy via ml_dtypes only; accepted where available
+        import ml_dtypes  # type: ignore
+
+        out.append(xp.dtype(ml_dtypes.bfloat16))
+    except ImportError:
+        pass
+    return tuple(out)
+
+
+def _check_features(x, name: str, xp, *, allow_half: bool = False):
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    allowed = _FLOAT_DTYPES + (_half_dtypes(xp) if allow_half else ())
+    if x.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
+    _check_finite(x, name, xp)
+    return x
+
+
+def _check_finite(a, name: str, xp) -> None:
+    """Raises ValueError if any element is NaN or Inf (chunked over rows on the CPU)."""
+    if xp is np:
+        rows = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(a.shape[1:], dtype=np.int64))))
+        for start in range(0, a.shape[0], rows):
+            block = np.asarray(a[start : start + rows])
+            if not np.isfinite(block).all():
+                bad = start + int(np.argmax(~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)))
+                raise ValueError(f"{name} contains NaN or Inf (first at row {bad})")
+    elif not bool(xp.isfinite(a).all()):  # one device sync
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_labels(labels, n: int, num_classes: int, xp):
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
+    return labels
+
+
+def _check_accumulate(accumulate: str, gpu: bool) -> str:
+    modes = ACCUMULATE_MODES + (("tf32", "bf16") if gpu else ())
+    if accumulate not in modes:
+        raise ValueError(f"accumulate must be one of {modes}, got {accumulate!r}")
+    return accumulate
+
+
+def _row_chunks(n: int, d: int, rows: int | None = None):
+    step = rows or max(1, _CHUNK_ELEMENTS // max(1, d))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+# --------------------------------------------------------------------------------------
+# CPU clipping
+# --------------------------------------------------------------------------------------
+
+
+def _row_norms64(xc: np.ndarray) -> np.ndarray:
+    """Float64 row norms, rescaling rows whose sum of squares overflows."""
+    sq = np.einsum("ij,ij->i", xc, xc)
+    norms = np.sqrt(sq)
+    bad = ~np.isfinite(norms)
+    if bad.any():
+        rows = xc[bad]
+        amax = np.abs(rows).max(axis=1)
+        scaled = rows / amax[:, None]
+        norms[bad] = amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+    return norms
+
+
+def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
+    """The shared clip factor (csrc/common/clip.hpp) for an array of norms."""
+    target = clip_norm * CLIP_MARGIN
+    with np.errstate(divide="ignore"):
+        return np.where(norms <= target, 1.0, target / np.where(norms > 0, norms, 1.0))
+
+
+def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``sl`` of x as float64, clipped; and their scales."""
+    xc = np.asarray(x[sl], dtype=np.float64)
+    scale = _clip_scale(_row_norms64(xc), clip_norm)
+    xc *= scale[:, None]
+    return xc, scale
+
+
+def _syrk_upper_into(g_f: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """g_f (Fortran order) += rows^T rows, upper triangle only (BLAS ?syrk)."""
+    syrk = _blas.dsyrk if rows.dtype == np.float64 else _blas.ssyrk
+    # rows.T is Fortran-contiguous, so BLAS sees it without a copy: C = A A^T with A = rows^T.
+    return syrk(1.0, rows.T, beta=1.0, c=g_f, trans=0, lower=0, overwrite_c=1)
+
+
+def _mirror_upper(g: np.ndarray) -> np.ndarray:
+    """Full symmetric matrix from the upper triangle (last two axes)."""
+    upper = np.triu(g)
+    return np.ascontiguousarray(upper + np.swapaxes(np.triu(g, 1), -1, -2))
+
+
+def _gram_cpu(x: np.ndarray, clip_norm: float, accumulate: str, labels=None, num_classes=0):
+    n, d = x.shape
+    g = np.zeros((d, d), dtype=np.float64, order="F")
+    b = np.zeros((num_classes, d), dtype=np.float64) if labels is not None else None
+    counts = (
+        np.bincount(labels, minlength=num_classes).astype(np.int64) if labels is not None else None
+    )
+    chunk_rows = _F32_BLOCK_ROWS if accumulate == "float32" else None
+    for sl in _row_chunks(n, d, chunk_rows):
+        xc, scale = _clipped_chunk(x, sl, clip_norm)
+        if accumulate == "float32":
+            block = np.asarray(x[sl], dtype=np.float32) * scale.astype(np.float32)[:, None]
+            partial = _syrk_upper_into(np.zeros((d, d), dtype=np.float32, order="F"), block)
+            g += partial
+        else:
+            g = _syrk_upper_into(g, xc)
+        if b is not None:
+            b += _class_sum_matrix(labels[sl], num_classes) @ xc
+    return _mirror_upper(g), b, counts
+
+
+def _class_sum_matrix(labels: np.ndarray, num_classes: int):
+    """Sparse (num_classes, m) one-hot matrix: its product with rows sums them per class."""
+    m = labels.shape[0]
+    return _sparse.csr_matrix(
+        (np.ones(m), (labels.astype(np.int64), np.arange(m))), shape=(num_classes, m)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Clipping and clipped statistics
+# --------------------------------------------------------------------------------------
+
+
+def clip_rows(x, clip_norm: float):
+    """Clip each row of ``x`` to L2 norm at most ``clip_norm``.
+
+    Parameters
+    ----------
+    x : array (n, d), float32 or float64
+    clip_norm : float > 0
+        The bound C on each clipped row's L2 norm (same units as the features).
+
+    Returns
+    -------
+    x_clipped : array (n, d), same dtype and device as ``x``
+        ``x_i * scale_i``; every row has exact norm below ``clip_norm``.
+    scale : array (n,), float64
+        ``min(1, C (1 - 2^-20) / ||x_i||)``.
+    """
+    xp = array_module(x)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    c = _check_positive(clip_norm, "clip_norm")
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clip_rows(x, c)
+    out = np.empty(x.shape, dtype=x.dtype)
+    scales = np.empty(x.shape[0], dtype=np.float64)
+    for sl in _row_chunks(*x.shape):
+        xc, scale = _clipped_chunk(x, sl, c)
+        out[sl] = xc
+        scales[sl] = scale
+    return out, scales
+
+
+def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
+    """Sum of outer products of the clipped rows: ``G = sum_i xbar_i xbar_i^T``.
+
+    Add/remove sensitivity of ``G`` in Frobenius norm: ``clip_norm**2``.
+
+    Parameters
+    ----------
+    x : array (n, d), float32 or float64 (float16/bfloat16 too on the GPU)
+    clip_norm : float > 0
+        Row clip bound C.
+    accumulate : {"float64", "float32"}
+        "float64" (default): float64 products and sums. "float32": blocks of 4096 rows
+        summed in float32, block partials reduced in float64 (faster on GPUs; its
+        rounding error bound is in README.md). The GPU also offers "tf32"/"bf16".
+
+    Returns
+    -------
+    G : array (d, d), float64, symmetric, every element written.
+    """
+    xp = array_module(x)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=gpu)
+    c = _check_positive(clip_norm, "clip_norm")
+    mode = _check_accumulate(accumulate, gpu)
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clipped_gram(x, c, mode)
+    g, _, _ = _gram_cpu(x, c, mode)
+    return g
+
+
+def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
+    """Per-class sums of the clipped rows: ``B[l] = sum_{y_i = l} xbar_i``.
+
+    Add/remove sensitivity (Frobenius): ``clip_norm`` (one row of B moves).
+
+    Returns
+    -------
+    B : array (num_classes, d), float64.
+    """
+    xp = array_module(x, labels)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    k = _check_int(num_classes, "num_classes", 1)
+    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
+    c = _check_positive(clip_norm, "clip_norm")
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clipped_class_sums(x, labels, k, c)
+    b = np.zeros((k, x.shape[1]), dtype=np.float64)
+    for sl in _row_chunks(*x.shape):
+        xc, _ = _clipped_chunk(x, sl, c)
+        b += _class_sum_matrix(labels[sl], k) @ xc
+    return b
+
+
+def clipped_stats(x, labels, num_classes: int, clip_norm: float, *, accumulate: str = "float64"):
+    """Gram, class sums and class counts of the clipped rows in one pass over ``x``.
+
+    Returns
+    -------
+    G : (d, d) float64, as :func:`clipped_gram`.
+    B : (num_classes, d) float64, as :func:`clipped_class_sums` (always float64 sums).
+    counts : (num_classes,) int64, examples per class (not clipped, not private: see the
+        README's "Privacy guarantees" before releasing it).
+    """
+    xp = array_module(x, labels)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=gpu)
+    k = _check_int(num_classes, "num_classes", 1)
+    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
+    c = _check_positive(clip_norm, "clip_norm")
+    mode = _check_accumulate(accumulate, gpu)
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clipped_stats(x, labels, k, c, mode)
+    return _gram_cpu(x, c, mode, labels=labels, num_classes=k)
+
+
+def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
+    """Per-class grams ``A_l = sum_{y_i = l} xbar_i xbar_i^T`` (per-class DP-LS).
+
+    Add/remove sensitivity (Frobenius, over all K together): ``clip_norm**2``.
+
+    Returns
+    -------
+    A : array (num_classes, d, d), float64, symmetric.
+    """
+    xp = array_module(x, labels)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    k = _check_int(num_classes, "num_classes", 1)
+    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
+    c = _check_positive(clip_norm, "clip_norm")
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clipped_class_grams(x, labels, k, c)
+    n, d = x.shape
+    grams = np.zeros((k, d, d), dtype=np.float64)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(k + 1))
+    for cls in range(k):
+        idx = order[bounds[cls] : bounds[cls + 1]]
+        g = np.zeros((d, d), dtype=np.float64, order="F")
+        for sl in _row_chunks(idx.shape[0], d):
+            xc, _ = _clipped_chunk(x, idx[sl], c)
+            g = _syrk_upper_into(g, xc)
+        grams[cls] = _mirror_upper(g)
+    return grams
+
+
+def clipped_weighted_grams(x, weights, clip_norm: float):
+    """Per-class weighted grams ``H_l = sum_i w_il xbar_i xbar_i^T`` (DP Newton Hessians).
+
+    Parameters
+    ----------
+    x : array (n, d)
+    weights : array (n, K), non-negative (Newton: ``sigmoid'(w_l . xbar_i) <= 1/4``).
+    clip_norm : float > 0
+
+    Returns
+    -------
+    H : array (K, d, d), float64, symmetric. Add/remove sensitivity (Frobenius, all K
+    together): ``clip_norm**2 * ||w_i||_2`` for the added example's weight row.
+    """
+    xp = array_module(x, weights)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    weights = _coerce(weights, "weights", gpu)
+    if weights.ndim != 2 or weights.shape[0] != x.shape[0]:
+        raise ValueError(f"weights must have shape ({x.shape[0]}, K), got {tuple(weights.shape)}")
+    if weights.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weights must be float32 or float64, got {weights.dtype}")
+    _check_finite(weights, "weights", xp)
+    if bool((weights < 0).any()):
+        raise ValueError("weights must be non-negative")
+    c = _check_positive(clip_norm, "clip_norm")
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clipped_weighted_grams(x, weights, c)
+    n, d = x.shape
+    k = weights.shape[1]
+    out = np.zeros((k, d, d), dtype=np.float64, order="C")
+    acc = [np.zeros((d, d), dtype=np.float64, order="F") for _ in range(k)]
+    for sl in _row_chunks(n, d):
+        xc, _ = _clipped_chunk(x, sl, c)
+        root_w = np.sqrt(np.asarray(weights[sl], dtype=np.float64))
+        for cls in range(k):
+            acc[cls] = _syrk_upper_into(acc[cls], xc * root_w[:, cls : cls + 1])
+    for cls in range(k):
+        out[cls] = _mirror_upper(acc[cls])
+    return out
+
+
+def clipped_linear_grad(
+    x,
+    labels,
+    w,
+    bias,
+    clip_norm: float,
+    *,
+    loss: str = "sigmoid",
+    feature_clip: float | None = None,
+):
+    """Sum of per-example gradients of a linear classifier, each clipped in Frobenius norm.
+
+    Per-example gradients are rank one, ``g_i = r_i x_i^T`` with ``r_i = (p_i - e_{y_i}) / K``
+    for the one-vs-all sigmoid loss averaged over the K classes (``p = sigmoid(W x + b)``)
+    or ``r_i = softmax(W x + b) - e_{y_i}`` for softmax cross-entropy. Hence
+    ``||g_i||_F = ||r_i|| ||x_i||`` exactly and the clipped sum is one matrix product,
+    never materialising per-example gradients. The bias is fixed (not differentiated).
+
+    Parameters
+    ----------
+    x : array (n, d); labels : int array (n,) in [0, K)
+    w : array (K, d), the current weights; bias : array (K,) or float
+    clip_norm : float > 0
+        Per-example gradient clip bound C_g (add/remove sensitivity of the sum).
+    loss : {"sigmoid", "softmax"}
+    feature_clip : float > 0 or None
+        If given, each feature row is first clipped to this norm (fused, no copy).
+
+    Returns
+    -------
+    grad : array (K, d), float64, ``sum_i min(1, C_g' / ||g_i||) g_i``.
+    n_clipped : int, examples whose gradient was scaled down.
+    """
+    xp = array_module(x, labels, w, bias if not np.isscalar(bias) else None)
+    gpu = xp is not np
+    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    w = _coerce(w, "w", gpu)
+    if w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"w must have shape (K, {x.shape[1]}), got {tuple(w.shape)}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"w must be float32 or float64, got {w.dtype}")
+    _check_finite(w, "w", xp)
+    k = w.shape[0]
+    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
+    if np.isscalar(bias):
+        bias = xp.full((k,), float(bias), dtype=xp.float64)
+    bias = _coerce(bias, "bias", gpu)
+    if bias.shape != (k,):
+        raise ValueError(f"bias must be a float or have shape ({k},), got {tuple(bias.shape)}")
+    _check_finite(bias, "bias", xp)
+    c = _check_positive(clip_norm, "clip_norm")
+    if loss not in ("sigmoid", "softmax"):
+        raise ValueError(f"loss must be 'sigmoid' or 'softmax', got {loss!r}")
+    fc = None if feature_clip is None else _check_positive(feature_clip, "feature_clip")
+    if gpu:
+        from . import _gpu_stats
+
+        return _gpu_stats.clipped_linear_grad(x, labels, w, bias, c, loss, fc)
+    n, d = x.shape
+    w64 = np.asarray(w, dtype=np.float64)
+    b64 = np.asarray(bias, dtype=np.float64)
+    grad = np.zeros((k, d), dtype=np.float64)
+    n_clipped = 0
+    step = max(1, _CHUNK_ELEMENTS // max(d, k))
+    for sl in _row_chunks(n, d, step):
+        if fc is not None:
+            xc, _ = _clipped_chunk(x, sl, fc)
+        else:
+            xc = np.asarray(x[sl], dtype=np.float64)
+        logits = xc @ w64.T + b64
+        rows = np.arange(xc.shape[0])
+        if loss == "sigmoid":
+            r = _expit(logits)
+            r[rows, labels[sl]] -= 1.0
+            r /= k
+        else:
+            logits -= logits.max(axis=1, keepdims=True)
+            r = np.exp(logits)
+            r /= r.sum(axis=1, keepdims=True)
+            r[rows, labels[sl]] -= 1.0
+        gnorm = np.sqrt(np.einsum("ij,ij->i", r, r)) * _row_norms64(xc)
+        scale = _clip_scale(gnorm, c)
+        n_clipped += int(np.count_nonzero(scale < 1.0))
+        grad += (r * scale[:, None]).T @ xc
+    return grad, n_clipped
+
+
+# --------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------
+
+
+def _key_words(key: Any) -> tuple[int, int, int, int]:
+    """Split a 128-bit key into Philox key words and the counter's upper words."""
+    if key is None:
+        key = secrets.randbits(128)  # OS entropy: 128 bits of key material
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+        raise TypeError(f"key must be a Python int (up to 128 bits) or None, got {type(key).__name__}")
+    key = int(key)
+    if not 0 <= key < 1 << 128:
+        raise ValueError(f"key must be in [0, 2**128), got {key}")
+    return tuple((key >> (32 * i)) & 0xFFFFFFFF for i in range(4))  # type: ignore[return-value]
+
+
+def _check_counter(counter: Any, blocks: int) -> int:
+    c = _check_int(counter, "counter", 0)
+    if c + blocks > 1 << 64:
+        raise ValueError(f"counter + blocks used must stay below 2**64, got counter={c}")
+    return c
+
+
+def _check_noise_args(std, dtype, device):
+    s = float(std)
+    if not np.isfinite(s) or s < 0:
+        raise ValueError(f"std must be finite and >= 0, got {std!r}")
+    dt = np.dtype(dtype)
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return s, dt
+
+
+def sym_noise_blocks(d: int, batch: int = 1) -> int:
+    """Philox blocks consumed by :func:`sym_gaussian_noise` (two normals per block)."""
+    return noise_blocks(batch * d * (d + 1) // 2)
+
+
+def noise_blocks(count: int) -> int:
+    """Philox blocks consumed by ``count`` normals of :func:`gaussian_noise`."""
+    return (int(count) + 1) // 2
+
+
+def sym_gaussian_noise(
+    d: int,
+    std: float,
+    *,
+    batch: int | None = None,
+    key: int | None = None,
+    counter: int = 0,
+    dtype=np.float64,
+    device: str = "cpu",
+):
+    """Symmetric Gaussian noise: the Gaussian mechanism on a symmetric d x d statistic.
+
+    Diagonal entries are N(0, std^2), off-diagonal N(0, std^2 / 2), mirrored: in the
+    vectorisation ``v = (G_ii, sqrt(2) G_ij for i < j)``, whose norm is ``||G||_F``, this is
+    i.i.d. N(0, std^2) per coordinate, so ``std = z * sensitivity`` with sensitivity in
+    Frobenius norm. Only d(d+1)/2 normals are drawn per matrix.
+
+    Parameters
+    ----------
+    d : int >= 1
+    std : float >= 0
+        Noise standard deviation (not a multiplier).
+    batch : int or None
+        None: one (d, d) matrix; else (batch, d, d), matrix b using the normals after
+        those of matrices 0..b-1.
+    key : int or None
+        128-bit key. None draws a fresh one from OS entropy (the secure choice). An
+        explicit key makes the noise reproducible, which is for experiments: anyone who
+        knows it can remove the noise.
+    counter : int >= 0
+        First Philox block. The call consumes ``sym_noise_blocks(d, batch)`` blocks; a
+        (key, block) pair must never serve two releases.
+    dtype : float32 or float64
+    device : "cpu" or "cuda" (CuPy array; bit-identical to the CPU output)
+    """
+    d = _check_int(d, "d", 1)
+    nb = 1 if batch is None else _check_int(batch, "batch", 1)
+    s, dt = _check_noise_args(std, dtype, device)
+    words = _key_words(key)
+    c = _check_counter(counter, sym_noise_blocks(d, nb))
+    if device == "cuda":
+        _cupy()
+        from . import _gpu_stats
+
+        return _gpu_stats.sym_gaussian_noise(d, s, batch, words, c, dt)
+    out = np.empty((nb, d, d), dtype=dt)
+    _core.sym_gaussian_noise_cpu(out, s, words, c)
+    return out[0] if batch is None else out
+
+
+def gaussian_noise(
+    shape,
+    std: float,
+    *,
+    key: int | None = None,
+    counter: int = 0,
+    dtype=np.float64,
+    device: str = "cpu",
+):
+    """I.i.d. N(0, std^2) noise of the given shape from the Philox stream (C order).
+
+    Same key and counter conventions as :func:`sym_gaussian_noise`; consumes
+    ``noise_blocks(prod(shape))`` blocks.
+    """
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(v) for v in shape)
+    if any(v < 0 for v in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    s, dt = _check_noise_args(std, dtype, device)
+    words = _key_words(key)
+    count = int(np.prod(shape, dtype=np.int64))
+    c = _check_counter(counter, noise_blocks(count))
+    if device == "cuda":
+        _cupy()
+        from . import _gpu_stats
+
+        return _gpu_stats.gaussian_noise(shape, s, words, c, dt)
+    out = np.empty(shape, dtype=dt)
+    if count:
+        _core.gaussian_noise_cpu(out.reshape(-1), s, words, c)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Cholesky
+# --------------------------------------------------------------------------------------
+
+
+def _check_square_batch(a, name: str):
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"{name} must have shape (..., d, d), got {tuple(a.shape)}")
+    if a.shape[-1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(a.shape)}")
+    if a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    return a
+
+
+def cholesky(a):
+    """Batched Cholesky factorisation ``a = L L^T``; failures are reported, not raised.
+
+    Only the lower triangle of ``a`` is read.
+
+    Parameters
+    ----------
+    a : array (..., d, d), float32 or float64
+
+    Returns
+    -------
+    L : array (..., d, d), same dtype; lower triangular with zeros above the diagonal.
+        For a matrix whose factorisation failed, L is all NaN (so ignoring ``info`` cannot
+        silently give a wrong factor).
+    info : int32 array (...)
+        0 on success; k > 0 if the leading minor of order k is not positive definite, i.e.
+        the k-th pivot is not > 0 (NaN counts as failure), as LAPACK's potrf reports it.
+        On the GPU it stays on the device (no synchronisation).
+    """
+    xp = array_module(a)
+    gpu = xp is not np
+    a = _check_square_batch(_coerce(a, "a", gpu), "a")
+    if gpu:
+        from . import _gpu_linalg
+
+        return _gpu_linalg.cholesky(a)
+    d = a.shape[-1]
+    batch_shape = a.shape[:-2]
+    flat = a.reshape(-1, d, d)
+    potrf = _lapack.dpotrf if a.dtype == np.float64 else _lapack.spotrf
+    out = np.empty_like(flat)
+    info = np.zeros(flat.shape[0], dtype=np.int32)
+    for i in range(flat.shape[0]):
+        lower, code = potrf(flat[i], lower=1, clean=1, overwrite_a=0)
+        diag = np.diagonal(lower)
+        if code == 0 and not (diag > 0).all():
+            # Some LAPACKs let NaN pivots through: NaN is a failure at its first pivot.
+            code = int(np.argmin(diag > 0)) + 1
+        if code != 0:
+            lower = np.full((d, d), np.nan, dtype=a.dtype)
+        out[i] = lower
+        info[i] = code
+    return out.reshape(a.shape), info.reshape(batch_shape)
+
+
+def cho_solve(L, b):
+    """Solve ``L L^T x = b`` given the lower Cholesky factor ``L``.
+
+    Parameters
+    ----------
+    L : array (..., d, d), lower triangular (upper triangle ignored)
+    b : array (..., d, m) or (..., d)
+        Right-hand sides. If ``b.ndim == L.ndim - 1`` each is a vector, else a (d, m)
+        matrix; batch dimensions broadcast (an unbatched L serves every batch entry of b;
+        pass ``b[None]`` to use one (d, m) block for every matrix of a batched L).
+
+    Returns
+    -------
+    x : array shaped like the broadcast of b, dtype ``result_type(L, b)`` (float).
+    """
+    xp = array_module(L, b)
+    gpu = xp is not np
+    L = _check_square_batch(_coerce(L, "L", gpu), "L")
+    b = _coerce(b, "b", gpu)
+    d = L.shape[-1]
+    vector = b.ndim == L.ndim - 1
+    if b.ndim < 1 or b.shape[-1 if vector else -2] != d or (not vector and b.ndim < 2):
+        raise ValueError(f"b must have shape (..., {d}, m) or (..., {d}), got {tuple(b.shape)}")
+    if b.dtype.kind not in "fiu":
+        raise TypeError(f"b must be a real array, got {b.dtype}")
+    _check_finite(b, "b", xp)
+    if gpu:
+        from . import _gpu_linalg
+
+        return _gpu_linalg.cho_solve(L, b)
+    dtype = np.result_type(L.dtype, b.dtype, np.float32)
+    bm = b[..., None] if vector else b
+    batch = np.broadcast_shapes(L.shape[:-2], bm.shape[:-2])
+    Lb = np.broadcast_to(L, batch + (d, d)).reshape(-1, d, d)
+    bb = np.broadcast_to(bm, batch + bm.shape[-2:]).reshape(-1, d, bm.shape[-1])
+    potrs = _lapack.dpotrs if dtype == np.float64 else _lapack.spotrs
+    out = np.empty(bb.shape, dtype=dtype)
+    for i in range(bb.shape[0]):
+        sol, code = potrs(Lb[i].astype(dtype, copy=False), bb[i].astype(dtype), lower=1)
+        if code != 0:  # pragma: no cover - only for invalid arguments
+            raise ValueError(f"cho_solve: LAPACK potrs failed with info={code}")
+        out[i] = sol
+    out = out.reshape(batch + bm.shape[-2:])
+    return out[..., 0] if vector else out
