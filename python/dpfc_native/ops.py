@@ -248,8 +248,8 @@ def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
 
 
 def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``sl`` of x as float64, clipped; and their scales."""
-    xc = np.asarray(x[sl], dtype=np.float64)
+    """Rows ``sl`` of x as a float64 copy (never a view: scaled in place), clipped; scales."""
+    xc = np.array(x[sl], dtype=np.float64)
     scale = _clip_scale(_row_norms64(xc), clip_norm)
     xc *= scale[:, None]
     return xc, scale

@@ -1,0 +1,116 @@
+"""Gaussian mechanisms on clipped statistics, with key and counter bookkeeping.
+
+Every noisy release goes through a :class:`NoiseSource`: it owns one 128-bit Philox key
+and hands out disjoint ranges of counter blocks, so a (key, counter) pair never serves
+two releases, steps or calls. Each release also returns its
+:class:`~dpfc_native.accounting.GaussianRelease` record (sensitivity, noise std,
+multiplier) for the privacy ledger, so the guarantee reported is computed from exactly
+the releases that were made.
+
+Adjacency is add/remove one example throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from .accounting import GaussianRelease
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """One use of a key: counter blocks [first_block, first_block + blocks)."""
+
+    name: str
+    first_block: int
+    blocks: int
+
+
+class NoiseSource:
+    """A Philox key and the counter blocks already used under it.
+
+    Parameters
+    ----------
+    seed : int, None
+        None (the default, and the only secure choice): a fresh 128-bit key from OS
+        entropy (``secrets``). An int: a key derived from it by SHA-256, for reproducible
+        experiments only. Anyone who knows the seed can regenerate and subtract the
+        noise, so a seeded run carries no privacy guarantee against them.
+    """
+
+    def __init__(self, seed: int | None = None):
+        if seed is None:
+            self._key = secrets.randbits(128)
+            self.seeded = False
+        else:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                raise TypeError(f"random_state must be None or an int, got {type(seed).__name__}")
+            digest = hashlib.sha256(b"dpfc_native/noise-key/" + str(int(seed)).encode()).digest()
+            self._key = int.from_bytes(digest[:16], "little")
+            self.seeded = True
+        self._next_block = 0
+        self.draws: list[Draw] = []
+
+    @property
+    def key_fingerprint(self) -> str:
+        """A short hash of the key, safe to log (the key itself never is)."""
+        return hashlib.sha256(self._key.to_bytes(16, "little")).hexdigest()[:16]
+
+    def _take(self, blocks: int, name: str) -> int:
+        first = self._next_block
+        self._next_block += blocks
+        self.draws.append(Draw(name, first, blocks))
+        return first
+
+    def sym(self, d: int, std: float, *, batch: int | None = None, dtype=np.float64,
+            device: str = "cpu", name: str = ""):
+        """Symmetric noise (see :func:`dpfc_native.ops.sym_gaussian_noise`), fresh blocks."""
+        first = self._take(ops.sym_noise_blocks(d, 1 if batch is None else batch), name)
+        return ops.sym_gaussian_noise(d, std, batch=batch, key=self._key, counter=first,
+                                      dtype=dtype, device=device)
+
+    def normal(self, shape, std: float, *, dtype=np.float64, device: str = "cpu",
+               name: str = ""):
+        """I.i.d. N(0, std^2) noise of ``shape`` (see :func:`dpfc_native.ops.gaussian_noise`)."""
+        count = math.prod((shape,) if isinstance(shape, int) else shape)
+        first = self._take(ops.noise_blocks(count), name)
+        return ops.gaussian_noise(shape, std, key=self._key, counter=first, dtype=dtype,
+                                  device=device)
+
+
+def _device_of(stat: Any) -> str:
+    return "cuda" if ops.is_gpu_array(stat) else "cpu"
+
+
+def release_symmetric(stat, sensitivity: float, noise_multiplier: float, source: NoiseSource,
+                      name: str) -> tuple[Any, GaussianRelease | None]:
+    """Gaussian mechanism on a symmetric (d, d) or batched (b, d, d) statistic.
+
+    ``std = noise_multiplier * sensitivity`` with sensitivity in Frobenius norm. A
+    multiplier of 0 (epsilon = inf) releases the statistic as is and records nothing.
+    """
+    if noise_multiplier == 0.0:
+        return stat, None
+    std = noise_multiplier * sensitivity
+    batch = None if stat.ndim == 2 else stat.shape[0]
+    noise = source.sym(stat.shape[-1], std, batch=batch, dtype=stat.dtype,
+                       device=_device_of(stat), name=name)
+    return stat + noise, GaussianRelease.from_std(std, sensitivity, name=name)
+
+
+def release_dense(stat, sensitivity: float, noise_multiplier: float, source: NoiseSource,
+                  name: str) -> tuple[Any, GaussianRelease | None]:
+    """Gaussian mechanism with i.i.d. noise on every entry (L2 sensitivity)."""
+    if noise_multiplier == 0.0:
+        return stat, None
+    std = noise_multiplier * sensitivity
+    noise = source.normal(tuple(stat.shape), std, dtype=stat.dtype, device=_device_of(stat),
+                          name=name)
+    return stat + noise, GaussianRelease.from_std(std, sensitivity, name=name)
