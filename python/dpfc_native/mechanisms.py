@@ -89,6 +89,25 @@ def _device_of(stat: Any) -> str:
     return "cuda" if ops.is_gpu_array(stat) else "cpu"
 
 
+def _check_release_args(stat, sensitivity, noise_multiplier, source, *, symmetric: bool):
+    if not hasattr(stat, "ndim") or not hasattr(stat, "dtype"):
+        raise TypeError(f"stat must be a NumPy or CuPy array, got {type(stat).__name__}")
+    if stat.dtype not in (np.float32, np.float64):
+        raise TypeError(f"stat must be float32 or float64, got {stat.dtype}")
+    if symmetric and (stat.ndim not in (2, 3) or stat.shape[-1] != stat.shape[-2]):
+        raise ValueError(f"stat must have shape (d, d) or (batch, d, d), got {tuple(stat.shape)}")
+    xp = ops.array_module(stat)
+    if not bool(xp.isfinite(stat).all()):
+        raise ValueError("stat contains NaN or Inf: refusing to release it")
+    if not isinstance(source, NoiseSource):
+        raise TypeError(f"source must be a NoiseSource, got {type(source).__name__}")
+    sens = ops._check_positive(sensitivity, "sensitivity")
+    z = ops._check_real(noise_multiplier, "noise_multiplier")
+    if not (z >= 0.0 and math.isfinite(z)):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    return sens, z
+
+
 def release_symmetric(stat, sensitivity: float, noise_multiplier: float, source: NoiseSource,
                       name: str) -> tuple[Any, GaussianRelease | None]:
     """Gaussian mechanism on a symmetric (d, d) or batched (b, d, d) statistic.
@@ -96,6 +115,8 @@ def release_symmetric(stat, sensitivity: float, noise_multiplier: float, source:
     ``std = noise_multiplier * sensitivity`` with sensitivity in Frobenius norm. A
     multiplier of 0 (epsilon = inf) releases the statistic as is and records nothing.
     """
+    sensitivity, noise_multiplier = _check_release_args(
+        stat, sensitivity, noise_multiplier, source, symmetric=True)
     if noise_multiplier == 0.0:
         return stat, None
     std = noise_multiplier * sensitivity
@@ -108,6 +129,8 @@ def release_symmetric(stat, sensitivity: float, noise_multiplier: float, source:
 def release_dense(stat, sensitivity: float, noise_multiplier: float, source: NoiseSource,
                   name: str) -> tuple[Any, GaussianRelease | None]:
     """Gaussian mechanism with i.i.d. noise on every entry (L2 sensitivity)."""
+    sensitivity, noise_multiplier = _check_release_args(
+        stat, sensitivity, noise_multiplier, source, symmetric=False)
     if noise_multiplier == 0.0:
         return stat, None
     std = noise_multiplier * sensitivity

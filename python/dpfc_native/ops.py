@@ -142,11 +142,17 @@ def _coerce(a: Any, name: str, gpu: bool):
         raise TypeError(f"{name}: cannot convert {type(a).__name__} to an array") from exc
 
 
-def _check_positive(value: Any, name: str) -> float:
+def _check_real(value: Any, name: str) -> float:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from exc
+
+
+def _check_positive(value: Any, name: str) -> float:
+    v = _check_real(value, name)
     if not np.isfinite(v) or v <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return v
@@ -178,6 +184,8 @@ def _check_features(x, name: str, xp, *, allow_half: bool = False):
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
     allowed = _FLOAT_DTYPES + (_half_dtypes(xp) if allow_half else ())
+    if xp is np and x.dtype.kind == "f" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # e.g. big-endian files: one native copy
     if x.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
@@ -279,7 +287,9 @@ def _gram_cpu(x: np.ndarray, clip_norm: float, accumulate: str, labels=None, num
     for sl in _row_chunks(n, d, chunk_rows):
         xc, scale = _clipped_chunk(x, sl, clip_norm)
         if accumulate == "float32":
-            block = np.asarray(x[sl], dtype=np.float32) * scale.astype(np.float32)[:, None]
+            # Round the clipped float64 rows once: casting x to float32 first would turn
+            # float64 entries beyond float32's range into inf (inf * 0 = NaN in G).
+            block = xc.astype(np.float32)
             partial = _syrk_upper_into(np.zeros((d, d), dtype=np.float32, order="F"), block)
             g += partial
         else:
@@ -539,7 +549,7 @@ def clipped_linear_grad(
     k = w.shape[0]
     labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
     if np.isscalar(bias):
-        bias = xp.full((k,), float(bias), dtype=xp.float64)
+        bias = xp.full((k,), _check_real(bias, "bias"), dtype=xp.float64)
     bias = _coerce(bias, "bias", gpu)
     if bias.shape != (k,):
         raise ValueError(f"bias must be a float or have shape ({k},), got {tuple(bias.shape)}")
@@ -574,6 +584,9 @@ def clipped_linear_grad(
             r = np.exp(logits)
             r /= r.sum(axis=1, keepdims=True)
             r[rows, labels[sl]] -= 1.0
+        # Logits that overflow (inf - inf) give NaN residuals: such a row contributes
+        # nothing (norm 0 <= C_g) instead of making the whole sum NaN.
+        r[~np.isfinite(r).all(axis=1)] = 0.0
         gnorm = np.sqrt(np.einsum("ij,ij->i", r, r)) * _row_norms64(xc)
         scale = _clip_scale(gnorm, c)
         n_clipped += int(np.count_nonzero(scale < 1.0))
@@ -606,7 +619,7 @@ def _check_counter(counter: Any, blocks: int) -> int:
 
 
 def _check_noise_args(std, dtype, device):
-    s = float(std)
+    s = _check_real(std, "std")
     if not np.isfinite(s) or s < 0:
         raise ValueError(f"std must be finite and >= 0, got {std!r}")
     dt = np.dtype(dtype)
