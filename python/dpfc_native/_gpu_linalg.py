@@ -1,0 +1,151 @@
+"""GPU glue for the batched Cholesky kernels (csrc/cuda/cholesky.cu).
+
+Called by :mod:`dpfc_native.ops` (and :mod:`dpfc_native.linalg`) with validated CuPy
+arrays. Everything runs on the current CuPy stream of the array's device and nothing
+synchronises: ``info`` stays on the device. Inputs that are not C-contiguous are copied.
+
+Kernel choice can be steered (benchmarks, fallbacks) by environment variables read at
+each call: ``DPFC_CHOL_KERNEL=mma|simt`` (float64 update GEMM on the tensor cores, or the
+SIMT fallback), ``DPFC_CHOL_SCHEDULE=auto|left|right`` and ``DPFC_CHOL_SMALL_MAX`` (the
+largest d for the one-block-per-matrix kernel, default 128). See :func:`plan`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["cholesky", "cho_solve", "cholesky_shifts", "plan"]
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _stream_ptr() -> int:
+    return int(_cupy().cuda.get_current_stream().ptr)
+
+
+def _dtype_name(dtype) -> str:
+    dt = np.dtype(dtype)
+    if dt == np.float64:
+        return "float64"
+    if dt == np.float32:
+        return "float32"
+    raise TypeError(f"expected float32 or float64, got {dt}")
+
+
+def _workspace(cp, batch: int, d: int, dtype):
+    """A work-space buffer from CuPy's (stream-ordered) pool, or None: (array, nbytes)."""
+    nbytes = int(_core.cholesky_workspace_cuda(batch, d, _dtype_name(dtype)))
+    if nbytes == 0:
+        return None, 0
+    return cp.empty((nbytes,), dtype=cp.uint8), nbytes
+
+
+def cholesky(a):
+    """Batched Cholesky of a CuPy array ``a`` (..., d, d): returns ``(L, info)`` on the device.
+
+    Only the lower triangle of ``a`` is read. ``info`` is int32 of shape ``a.shape[:-2]``
+    (0, or the 1-based order of the first leading minor that is not positive definite);
+    a failed matrix's L is all NaN. No synchronisation.
+    """
+    cp = _cupy()
+    d = int(a.shape[-1])
+    batch_shape = tuple(a.shape[:-2])
+    batch = math.prod(batch_shape)
+    with a.device:
+        L = cp.empty((batch, d, d), dtype=a.dtype)
+        info = cp.empty((batch,), dtype=cp.int32)
+        if batch == 0:
+            return L.reshape(a.shape), info.reshape(batch_shape)
+        flat = cp.ascontiguousarray(a).reshape(batch, d, d)
+        ws, nbytes = _workspace(cp, batch, d, a.dtype)
+        _core.cholesky_cuda(
+            flat.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d,
+            _dtype_name(a.dtype), _stream_ptr(), 0 if ws is None else ws.data.ptr, nbytes,
+        )
+    return L.reshape(a.shape), info.reshape(batch_shape)
+
+
+def cholesky_shifts(a, shifts):
+    """Factor ``a + shifts[j] I`` for every j in one launch sequence.
+
+    Parameters
+    ----------
+    a : CuPy array (d, d), float32 or float64 (lower triangle read)
+    shifts : CuPy array (m,), any real dtype (cast to ``a.dtype``)
+
+    Returns
+    -------
+    L : (m, d, d), info : int32 (m,), both on the device (no synchronisation).
+    """
+    cp = _cupy()
+    d = int(a.shape[-1])
+    m = int(shifts.shape[0])
+    with a.device:
+        L = cp.empty((m, d, d), dtype=a.dtype)
+        info = cp.empty((m,), dtype=cp.int32)
+        if m == 0:
+            return L, info
+        src = cp.ascontiguousarray(a)
+        sh = cp.ascontiguousarray(shifts, dtype=a.dtype)
+        ws, nbytes = _workspace(cp, m, d, a.dtype)
+        _core.cholesky_cuda(
+            src.data.ptr, 0, d, sh.data.ptr, L.data.ptr, info.data.ptr, m, d,
+            _dtype_name(a.dtype), _stream_ptr(), 0 if ws is None else ws.data.ptr, nbytes,
+        )
+    return L, info
+
+
+def _batch_operand(x, batch_shape, tail, dtype):
+    """x broadcast to batch_shape + tail as a contiguous array and its batch stride.
+
+    Returns (array, stride) where stride is 0 when one block serves the whole batch
+    (no copy of the broadcast), else the element count of one block.
+    """
+    cp = _cupy()
+    block = math.prod(tail)
+    own = tuple(x.shape[: x.ndim - len(tail)])
+    if math.prod(own) == 1:
+        return cp.ascontiguousarray(x.reshape(tail), dtype=dtype), 0
+    if own != tuple(batch_shape):
+        x = cp.broadcast_to(x, tuple(batch_shape) + tuple(tail))
+    return cp.ascontiguousarray(x, dtype=dtype), block
+
+
+def cho_solve(L, b):
+    """Solve ``L L^T x = b`` with CuPy arrays (validated by :func:`dpfc_native.ops.cho_solve`).
+
+    ``L`` (..., d, d) lower; ``b`` (..., d, m) or (..., d) (when ``b.ndim == L.ndim - 1``);
+    batch dimensions broadcast. Returns x in ``result_type(L, b, float32)``.
+    """
+    cp = _cupy()
+    d = int(L.shape[-1])
+    vector = b.ndim == L.ndim - 1
+    bm = b[..., None] if vector else b
+    m = int(bm.shape[-1])
+    dtype = np.result_type(L.dtype, b.dtype, np.float32)
+    batch_shape = tuple(np.broadcast_shapes(tuple(L.shape[:-2]), tuple(bm.shape[:-2])))
+    batch = math.prod(batch_shape)
+    with L.device:
+        x = cp.empty((batch, d, m), dtype=dtype)
+        if batch > 0 and m > 0:
+            Lc, l_stride = _batch_operand(L, batch_shape, (d, d), dtype)
+            bc, b_stride = _batch_operand(bm, batch_shape, (d, m), dtype)
+            _core.cho_solve_cuda(
+                Lc.data.ptr, l_stride, bc.data.ptr, b_stride, m, x.data.ptr, batch, d, m,
+                _dtype_name(dtype), _stream_ptr(),
+            )
+    x = x.reshape(batch_shape + (d, m))
+    return x[..., 0] if vector else x
+
+
+def plan(batch: int, d: int, dtype="float64") -> str:
+    """The kernels :func:`cholesky` would use for ``batch`` matrices of order ``d``."""
+    return str(_core.cholesky_plan_cuda(int(batch), int(d), _dtype_name(dtype)))
