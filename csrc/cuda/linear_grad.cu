@@ -1,0 +1,215 @@
+// Clipped linear-layer gradient sum (see linear_grad.cuh): orchestration and the row epilogue.
+// The two GEMM-shaped passes are the kernels of stats.cu (launch_rows_matmul_nt, launch_outer).
+#include "cuda/linear_grad.cuh"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "common/clip.hpp"
+#include "common/errors.hpp"
+
+namespace dpfc::cuda {
+namespace {
+
+__device__ __forceinline__ double lg_warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T lg_warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T sigmoid_t(T z) {
+  return T(1) / (T(1) + exp(-z));
+}
+
+// One warp per row of the chunk: Z[i, :] (logits) <- c_i r_i. Probabilities in T (float
+// math for float32 input), sums of squares in float64.
+template <typename T>
+__global__ void __launch_bounds__(256, 2) residual_clip_kernel(
+    T* __restrict__ Z, int64_t rows, int64_t K, const int32_t* __restrict__ labels,
+    const double* __restrict__ norms, const double* __restrict__ fscale, double clip_norm,
+    int loss, unsigned long long* __restrict__ n_clipped) {
+  __shared__ unsigned int block_clipped;
+  if (threadIdx.x == 0) block_clipped = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  unsigned int mine = 0;
+  const double inv_k = 1.0 / static_cast<double>(K);
+  for (int64_t i = warp; i < rows; i += nwarps) {
+    T* z = Z + i * K;
+    const int64_t y = labels[i];
+    const double xnorm = norms[i] * (fscale != nullptr ? fscale[i] : 1.0);
+    double c;
+    if (loss == 0) {
+      double ss = 0.0;
+      for (int64_t l = lane; l < K; l += 32) {
+        const double r = (static_cast<double>(sigmoid_t(z[l])) - (l == y ? 1.0 : 0.0)) * inv_k;
+        ss += r * r;
+      }
+      ss = lg_warp_sum(ss);
+      const bool bad = !isfinite(ss);  // NaN logits (inf - inf in the dot product)
+      c = bad ? 1.0 : clip_scale(sqrt(ss) * xnorm, clip_norm);
+      for (int64_t l = lane; l < K; l += 32) {
+        const double r = (static_cast<double>(sigmoid_t(z[l])) - (l == y ? 1.0 : 0.0)) * inv_k;
+        z[l] = bad ? T(0) : static_cast<T>(c * r);
+      }
+    } else {
+      T mx = -INFINITY;
+      for (int64_t l = lane; l < K; l += 32) mx = max(mx, z[l]);
+      mx = lg_warp_max(mx);
+      double se = 0.0;
+      for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(z[l] - mx));
+      se = lg_warp_sum(se);
+      const double inv_se = 1.0 / se;
+      double ss = 0.0;
+      for (int64_t l = lane; l < K; l += 32) {
+        const double r = static_cast<double>(exp(z[l] - mx)) * inv_se - (l == y ? 1.0 : 0.0);
+        ss += r * r;
+      }
+      ss = lg_warp_sum(ss);
+      // Overflowing logits (inf - inf) give NaN residuals: such a row contributes nothing
+      // and is not counted as clipped (as on the CPU path).
+      const bool bad = !isfinite(ss);
+      c = bad ? 1.0 : clip_scale(sqrt(ss) * xnorm, clip_norm);
+      for (int64_t l = lane; l < K; l += 32) {
+        const double r = static_cast<double>(exp(z[l] - mx)) * inv_se - (l == y ? 1.0 : 0.0);
+        z[l] = bad ? T(0) : static_cast<T>(c * r);
+      }
+    }
+    if (lane == 0 && c < 1.0) ++mine;
+  }
+  if (lane == 0 && mine > 0) atomicAdd(&block_clipped, mine);
+  __syncthreads();
+  if (threadIdx.x == 0 && block_clipped > 0) {
+    atomicAdd(n_clipped, static_cast<unsigned long long>(block_clipped));
+  }
+}
+
+OuterEngine pass2_engine(int dtype) {
+  const char* env = std::getenv("DPFC_GRAD_KERNEL");
+  const std::string v = env ? std::string(env) : std::string();
+  DPFC_EXPECTS(v.empty() || v == "simt32" || v == "mma" || v == "mma884" || v == "simt" ||
+                   v == "auto",
+               "DPFC_GRAD_KERNEL must be 'simt32', 'mma', 'mma884', 'simt' or 'auto'");
+  if (dtype == kFloat32 && (v.empty() || v == "auto" || v == "simt32")) {
+    return OuterEngine::kSimtF32;
+  }
+  if (v == "simt") return OuterEngine::kSimtF64;
+  if (v == "mma884") return OuterEngine::kMma884F64;
+  return resolve_gram_kernel(GramKernel::kMma) == GramKernel::kMma ? OuterEngine::kMmaF64
+                                                                   : OuterEngine::kSimtF64;
+}
+
+int64_t chunk_rows(int64_t n, int64_t K, int elem) {
+  const char* env = std::getenv("DPFC_LG_CHUNK");
+  int64_t nc = 0;
+  if (env != nullptr && *env != '\0') {
+    nc = std::atoll(env);
+    DPFC_EXPECTS(nc >= 1, "DPFC_LG_CHUNK must be a positive integer");
+  } else {
+    const int64_t budget = int64_t{128} << 20;  // bytes of Z per chunk
+    nc = budget / (K * elem);
+    nc = std::max<int64_t>(128, (nc / 128) * 128);
+  }
+  return std::min(nc, n);
+}
+
+}  // namespace
+
+void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const void* w,
+                                int64_t ldw, const double* bias, int64_t K, double clip_norm,
+                                LinearLoss loss, double feature_clip, double* grad,
+                                int64_t* n_clipped, cudaStream_t stream) {
+  check_rows_view(x, "x");
+  DPFC_EXPECTS(x.dtype == kFloat32 || x.dtype == kFloat64, "x must be float32 or float64");
+  DPFC_EXPECTS(labels != nullptr, "labels: null device pointer");
+  DPFC_EXPECTS(w != nullptr, "w: null device pointer");
+  DPFC_EXPECTS(K >= 1 && K < (int64_t{1} << 31), "num_classes must be in [1, 2^31)");
+  DPFC_EXPECTS(K == 1 || ldw >= x.d, "w: row stride must be >= d");
+  DPFC_EXPECTS(clip_norm > 0.0 && std::isfinite(clip_norm), "clip_norm must be finite and > 0");
+  DPFC_EXPECTS(!(feature_clip > 0.0) || std::isfinite(feature_clip),
+               "feature_clip must be finite");
+  DPFC_EXPECTS(grad != nullptr && n_clipped != nullptr, "out: null device pointer");
+  const int64_t n = x.n, d = x.d;
+  const int elem = dtype_size(x.dtype);
+  const bool fclip = feature_clip > 0.0;
+
+  DeviceBuffer norms(static_cast<std::size_t>(n) * sizeof(double), stream);
+  DeviceBuffer fscale(fclip ? static_cast<std::size_t>(n) * sizeof(double) : 0, stream);
+  const double* fs = fclip ? fscale.as<double>() : nullptr;
+  launch_row_norms(x, fclip ? feature_clip : 0.0, norms.as<double>(),
+                   fclip ? fscale.as<double>() : nullptr, stream);
+  DPFC_CUDA_CHECK(cudaMemsetAsync(n_clipped, 0, sizeof(int64_t), stream));
+
+  const OuterEngine engine = pass2_engine(x.dtype);
+  const int64_t nc = chunk_rows(n, K, elem);
+  DeviceBuffer zbuf(static_cast<std::size_t>(nc * K) * elem, stream);
+
+  const int64_t tile = outer_tile_size(engine);
+  const int64_t tiles2 = ((K + tile - 1) / tile) * ((d + tile - 1) / tile);
+  const int slots = current_sm_count() * outer_blocks_per_sm(engine);
+  const std::size_t split_bytes = static_cast<std::size_t>(K * d) * sizeof(double);
+  const int64_t S2 = choose_splits(tiles2, nc, 2048, slots, split_bytes, std::size_t{512} << 20);
+  DeviceBuffer part(S2 > 1 ? static_cast<std::size_t>(S2) * split_bytes : 0, stream);
+
+  const int64_t epi_blocks =
+      std::max<int64_t>(1, std::min<int64_t>((nc + 7) / 8, int64_t{current_sm_count()} * 16));
+  const char* xbytes = static_cast<const char*>(x.data);
+  for (int64_t c0 = 0; c0 < n; c0 += nc) {
+    const int64_t rows = std::min(nc, n - c0);
+    RowsView xc;
+    xc.data = xbytes + c0 * x.ld * elem;
+    xc.dtype = x.dtype;
+    xc.n = rows;
+    xc.d = d;
+    xc.ld = x.ld;
+    const double* fsc = fs != nullptr ? fs + c0 : nullptr;
+    launch_rows_matmul_nt(xc, fsc, w, ldw, K, bias, zbuf.as<void>(), K, stream);
+    if (x.dtype == kFloat32) {
+      residual_clip_kernel<float><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
+          zbuf.as<float>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
+          static_cast<int>(loss), reinterpret_cast<unsigned long long*>(n_clipped));
+    } else {
+      residual_clip_kernel<double><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
+          zbuf.as<double>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
+          static_cast<int>(loss), reinterpret_cast<unsigned long long*>(n_clipped));
+    }
+    DPFC_CUDA_CHECK_LAUNCH();
+    OuterProblem p;
+    p.a = zbuf.as<void>();
+    p.a_dtype = x.dtype;
+    p.lda = K;
+    p.b = xc.data;
+    p.b_dtype = x.dtype;
+    p.ldb = x.ld;
+    p.M = K;
+    p.N = d;
+    p.sym = false;
+    p.b_scale = fsc;
+    p.n = rows;
+    p.L = 1;
+    p.S = S2;
+    p.out = S2 > 1 ? part.as<double>() : grad;
+    p.out_ld = d;
+    p.out_lstride = 0;
+    p.out_sstride = K * d;
+    p.beta = c0 > 0;
+    launch_outer(p, engine, stream);
+  }
+  if (S2 > 1) launch_sum_splits(part.as<double>(), S2, K * d, K * d, grad, false, stream);
+}
+
+}  // namespace dpfc::cuda

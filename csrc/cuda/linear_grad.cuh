@@ -1,0 +1,39 @@
+// Clipped per-example gradient sum of a linear layer (DP-FC / DP-SGD on features) without
+// per-example gradients in memory.
+//
+// For row i (optionally feature-clipped first: x_i <- clip_scale(||x_i||, feature_clip) x_i):
+//   z_i = W x_i + b;  sigmoid: r_i = (sigmoid(z_i) - e_{y_i}) / K;  softmax: r_i = softmax(z_i) - e_{y_i}
+//   ||g_i||_F = ||r_i||_2 ||x_i||_2 (g_i = r_i x_i^T has rank one), c_i = clip_scale(||g_i||, C)
+//   grad = sum_i c_i r_i x_i^T (K x d, float64),  n_clipped = #{i : c_i < 1}.
+//
+// Design: rows are processed in chunks (bounded workspace: Z is chunk x K). Per chunk:
+//   1. logits Z = X W^T + b: SIMT GEMM (float FFMA for float32 input, double FMA for float64;
+//      no TF32), the feature-clip scale applied to the finished dot products;
+//   2. a row epilogue (one warp per row) computes p, r, ||r||, c_i and overwrites Z with c_i r_i,
+//      counting clipped rows (block-aggregated integer atomics: exact);
+//   3. grad partials += (c r)^T X with the outer-product engine of stats.cu (float32 input:
+//      float products in blocks of <= 4096 rows reduced in float64; float64 input: DMMA).
+// Only the chunk's Z (<= 128 MiB) and the split partials of grad are ever stored.
+// Environment knobs for the GPU session: DPFC_GRAD_KERNEL = simt32 (default for float32
+// input) | mma | simt (pass-2 engine); DPFC_LG_CHUNK = rows per chunk.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "cuda/stats.cuh"
+
+namespace dpfc::cuda {
+
+enum class LinearLoss : int { kSigmoid = 0, kSoftmax = 1 };
+
+// x: float32 or float64 rows; w: K x d of the same dtype with row stride ldw; bias: K float64
+// (may be null: zero bias); labels: int32 in [0, K). grad: K x d float64, contiguous.
+// n_clipped: one int64 on the device (written, not accumulated). feature_clip <= 0: none.
+void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const void* w,
+                                int64_t ldw, const double* bias, int64_t K, double clip_norm,
+                                LinearLoss loss, double feature_clip, double* grad,
+                                int64_t* n_clipped, cudaStream_t stream);
+
+}  // namespace dpfc::cuda

@@ -1,0 +1,62 @@
+// pybind11 entry point of the clipped linear-layer gradient (linear_grad.cuh).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/errors.hpp"
+#include "common/registry.hpp"
+#include "cuda/linear_grad.cuh"
+
+namespace py = pybind11;
+
+namespace dpfc::cuda {
+namespace {
+
+LinearLoss parse_loss(const std::string& s) {
+  if (s == "sigmoid") return LinearLoss::kSigmoid;
+  if (s == "softmax") return LinearLoss::kSoftmax;
+  throw std::invalid_argument("loss must be 'sigmoid' or 'softmax' (got '" + s + "')");
+}
+
+void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int64_t ldx,
+                         std::uintptr_t labels, std::uintptr_t w, int64_t ldw, std::uintptr_t bias,
+                         int64_t K, double clip_norm, const std::string& loss, double feature_clip,
+                         std::uintptr_t grad, std::uintptr_t n_clipped, std::uintptr_t stream) {
+  RowsView v;
+  v.data = reinterpret_cast<const void*>(x);
+  v.dtype = dtype;
+  v.n = n;
+  v.d = d;
+  v.ld = ldx;
+  check_rows_view(v, "x");
+  const LinearLoss l = parse_loss(loss);
+  DPFC_EXPECTS(labels != 0, "labels: null device pointer");
+  DPFC_EXPECTS(w != 0, "w: null device pointer");
+  DPFC_EXPECTS(grad != 0 && n_clipped != 0, "out: null device pointer");
+  DPFC_EXPECTS(K >= 1, "num_classes must be >= 1");
+  py::gil_scoped_release nogil;
+  clear_stale_cuda_error();
+  launch_clipped_linear_grad(v, reinterpret_cast<const int32_t*>(labels),
+                             reinterpret_cast<const void*>(w), ldw,
+                             reinterpret_cast<const double*>(bias), K, clip_norm, l, feature_clip,
+                             reinterpret_cast<double*>(grad), reinterpret_cast<int64_t*>(n_clipped),
+                             reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace
+
+void register_linear_grad(py::module_& m) {
+  m.def("cuda_clipped_linear_grad", &clipped_linear_grad, py::arg("x"), py::arg("dtype"),
+        py::arg("n"), py::arg("d"), py::arg("ldx"), py::arg("labels"), py::arg("w"),
+        py::arg("ldw"), py::arg("bias"), py::arg("num_classes"), py::arg("clip_norm"),
+        py::arg("loss"), py::arg("feature_clip"), py::arg("grad"), py::arg("n_clipped"),
+        py::arg("stream"),
+        "grad (K x d float64) = sum_i c_i r_i x_i^T with per-example clip factors c_i; "
+        "n_clipped (one int64 on the device) = #{i : c_i < 1}. feature_clip <= 0: none; "
+        "bias 0: zero bias.");
+}
+
+}  // namespace dpfc::cuda
+
+DPFC_REGISTER_BINDINGS(dpfc::cuda::register_linear_grad);
