@@ -349,9 +349,9 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
     """Sum of outer products of the clipped rows: ``G = sum_i xbar_i xbar_i^T``.
 
     Add/remove sensitivity of ``G`` in Frobenius norm: ``clip_norm**2`` in exact
-    arithmetic. With ``accumulate="float64"`` the rounding of the sum moves it by at most
-    about ``n * 2^-53 * clip_norm**2`` (measured: below 1e-9 C^2 at n = 10^6), negligible
-    next to the sensitivity. With "float32" (and the GPU's "tf32"/"bf16") it is not: one
+    arithmetic. With ``accumulate="float64"`` the rounding of the sum is at most about
+    ``n^2 2^-53 clip_norm**2`` in the worst case (1.1e-4 C^2 at n = 10^6; observed about
+    1e-9 C^2, tests/test_privacy_rounding.py), negligible next to the sensitivity. With "float32" (and the GPU's "tf32"/"bf16") it is not: one
     added row can change the float32 block sums' rounding by ``~ 4096 * 2^-24 C^2`` per
     block (measured 1.0006 C^2 at n = 5e5), so a statistic accumulated that way needs a
     widened sensitivity before it is noised. The estimators always use "float64".
