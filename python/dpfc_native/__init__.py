@@ -13,7 +13,27 @@ from . import _core
 
 __version__: str = _core.__version__
 
-__all__ = ["__version__", "build_info", "CudaError"]
+__all__ = [
+    "__version__",
+    "build_info",
+    "CudaError",
+    "DPLeastSquaresClassifier",
+    "DPNewtonClassifier",
+    "DPFCClassifier",
+    "DPSGDClassifier",
+]
+
+_ESTIMATORS = ("DPLeastSquaresClassifier", "DPNewtonClassifier", "DPFCClassifier",
+               "DPSGDClassifier")
+
+
+def __getattr__(name: str):
+    # The estimators are imported lazily: `import dpfc_native` stays light.
+    if name in _ESTIMATORS:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CudaError = _core.CudaError
 

@@ -1,0 +1,311 @@
+"""The ``dpfc`` command line: ``dpfc train``, ``dpfc demo`` (and ``dpfc audit``).
+
+``python -m dpfc_native`` is the same program. The typer application object is
+:data:`app`; other modules add commands to it (``dpfc_native.audit.register_cli(app)``
+is called here when that module is present).
+
+Errors in the input (missing or malformed files, bad parameters) print one line,
+``Error: ...``, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+app = typer.Typer(
+    name="dpfc",
+    help="Differentially private image classification from features (dpfc_native).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: CLI method name -> key of dpfc_native.report.METHODS
+TRAIN_METHODS = ("ls", "ls-per-class", "newton", "fc", "sgd", "adam")
+
+# Errors that mean "bad input": reported in one line, exit status 2.
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError,
+                KeyError, RuntimeError, ImportError, OSError)
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def _parse_param(text: str):
+    """``key=value`` -> (key, value) with value as bool/None/int/float/list or str."""
+    if "=" not in text:
+        _fail(f"--param expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip().replace("-", "_"), raw.strip()
+
+    def scalar(v: str):
+        low = v.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            pass
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    if "," in raw:
+        return key, [scalar(v.strip()) for v in raw.split(",") if v.strip()]
+    return key, scalar(raw)
+
+
+def _one_or_list(values):
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _load(path: Path, labels: Optional[Path], what: str):
+    from . import data
+
+    try:
+        return data.load_features(path, labels_path=labels)
+    except _USER_ERRORS as exc:
+        _fail(f"cannot load {what} {path}: {exc}")
+
+
+@app.command()
+def train(
+    features: Path = typer.Argument(..., help="Private training features: .npz (features, "
+                                    "labels), .npy (+ --labels or <stem>.labels.npy) or "
+                                    ".safetensors."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels .npy for a .npy "
+                                          "features file."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Test features (same formats)."),
+    test_labels: Optional[Path] = typer.Option(None, "--test-labels"),
+    val: Optional[Path] = typer.Option(None, "--val", help="PUBLIC validation features, for "
+                                       "sweeps over --reg/--lr lists (post-processing)."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels"),
+    method: str = typer.Option("fc", "--method", "-m",
+                               help="ls | ls-per-class | newton | fc | sgd | adam"),
+    epsilon: float = typer.Option(1.0, "--epsilon", "-e", help="Target epsilon ('inf': "
+                                  "non-private counterpart)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta (default "
+                                          "min(1e-5, 1/n))."),
+    clip_norm: float = typer.Option(1.0, "--clip-norm", help="Feature clip C."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
+                                   help="Scale every example to unit norm first (free)."),
+    reg: Optional[List[float]] = typer.Option(None, "--reg", help="Ridge; repeat for a sweep "
+                                              "on --val."),
+    lr: Optional[List[float]] = typer.Option(None, "--lr", help="Learning rate (newton, fc, "
+                                             "sgd); repeat for a sweep on --val."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps (newton, fc, sgd)."),
+    grad_clip_norm: Optional[float] = typer.Option(None, "--grad-clip-norm",
+                                                   help="Gradient clip C_g (fc, sgd)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Public label set "
+                                              "0..K-1 (default: the labels that occur, which "
+                                              "the guarantee does not cover)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any other "
+                                              "estimator parameter, KEY=VALUE (repeatable), "
+                                              "e.g. -p covariance_share=0.3 -p optimizer=adam."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Reproducible noise (experiments "
+                                       "only; default: OS entropy)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    output: Path = typer.Option(Path("model.npz"), "--output", "-o", help="Where to save the "
+                                "model (.npz)."),
+):
+    """Train one DP classifier on a features file; print accuracy, time and the ledger."""
+    from . import report
+
+    if method not in TRAIN_METHODS:
+        _fail(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}")
+    if val is None and val_labels is not None:
+        _fail("--val-labels needs --val")
+    console = _console()
+    train_set = _load(features, labels, "features")
+    test_set = _load(test, test_labels, "test features") if test is not None else None
+    val_set = _load(val, val_labels, "validation features") if val is not None else None
+    iterative = method not in ("ls", "ls-per-class")
+    overrides = {"clip_norm": clip_norm, "normalize": normalize, "device": device,
+                 "verbose": int(iterative)}  # iterative methods show a bar over their steps
+    if delta is not None:
+        overrides["delta"] = delta
+    if reg:
+        overrides["reg"] = _one_or_list(reg)
+    if lr:
+        overrides["lr"] = _one_or_list(lr)
+    if steps is not None:
+        overrides["steps"] = steps
+    if grad_clip_norm is not None:
+        overrides["grad_clip_norm"] = grad_clip_norm
+    if num_classes is not None:
+        overrides["classes"] = list(range(num_classes))
+    for text in param or []:
+        key, value = _parse_param(text)
+        overrides[key] = value
+    try:
+        est = report.make_estimator(method, epsilon, seed=seed)
+        est.set_params(**overrides)
+    except _USER_ERRORS as exc:
+        _fail(str(exc))
+    console.print(f"[bold]dpfc train[/bold] {report.METHODS[method][0]} on {train_set!r}")
+    fit_args = {} if val_set is None else {"X_val": val_set.features, "y_val": val_set.labels}
+    t0 = time.perf_counter()
+    try:
+        if iterative:
+            est.fit(train_set.features, train_set.labels, **fit_args)
+        else:
+            with console.status("statistics, noise, solve ..."):
+                est.fit(train_set.features, train_set.labels, **fit_args)
+    except _USER_ERRORS as exc:
+        _fail(str(exc))
+    seconds = time.perf_counter() - t0
+    if test_set is not None:
+        try:
+            acc = est.score(test_set.features, test_set.labels)
+        except _USER_ERRORS as exc:
+            _fail(f"test set: {exc}")
+        console.print(f"test accuracy: [bold]{acc:.4f}[/bold] ({test_set.n} examples)")
+    else:
+        acc = est.score(train_set.features, train_set.labels)
+        console.print(f"training accuracy: {acc:.4f} (on the private training data: this number "
+                      "is NOT covered by the privacy guarantee; pass --test)")
+    console.print(f"fit time: {seconds:.2f} s on {est.device_}")
+    if getattr(est, "sweep_results_", None):
+        console.print(f"sweep on the public validation split: reg_={getattr(est, 'reg_', None)}"
+                      f", lr_={getattr(est, 'lr_', None)}")
+    console.print("privacy ledger:")
+    console.print(str(est.privacy_), highlight=False, markup=False)
+    try:
+        path = save_model(est, output, method)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc}")
+    console.print(f"model saved to {path}")
+
+
+def save_model(est, path, method: str) -> str:
+    """Save a fitted estimator's weights, classes, parameters and ledger to ``.npz``."""
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        path += ".npz"
+    params = {}
+    for key, value in est.get_params().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        params[key] = value
+    classes = np.asarray(est.classes_)
+    if classes.dtype == object:
+        classes = classes.astype(str)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    np.savez(path, coef=est.coef_, intercept=est.intercept_, classes=classes,
+             method=np.array(method), estimator=np.array(type(est).__name__),
+             params=np.array(json.dumps(params, default=str)),
+             ledger=np.array(json.dumps(est.privacy_.to_dict())),
+             center=est.center_ if est.center_ is not None else np.zeros(0))
+    return path
+
+
+@app.command()
+def demo(
+    dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="digits | "
+                                                "cifar10 | cifar100 | imagenet (repeatable). "
+                                                "Default: digits (well under 3 minutes on 2 "
+                                                "CPU cores)."),
+    seeds: int = typer.Option(5, "--seeds", help="Noise seeds per cell (median reported)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Training rows of the synthetic "
+                                    "datasets (default: the preset's)."),
+    out: Path = typer.Option(Path("dpfc_demo_out"), "--out", help="Output directory."),
+    epsilon: Optional[List[float]] = typer.Option(None, "--epsilon", "-e", help="Epsilons "
+                                                  "(repeatable; default 0.1 0.5 1 2 8 inf)."),
+    method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods "
+                                               "(repeatable; default all)."),
+):
+    """Every method on embedded data at eps in {0.1, 0.5, 1, 2, 8} and non-private: a table
+    and a privacy-utility plot (PNG + JSON) in --out. Nothing is downloaded."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import report
+
+    datasets = list(dataset) if dataset else ["digits"]
+    eps = tuple(epsilon) if epsilon else report.DEMO_EPSILONS
+    methods = tuple(method) if method else tuple(report.METHODS)
+    for ds in datasets:
+        if ds not in report.DATASETS:
+            _fail(f"--dataset must be one of {', '.join(report.DATASETS)}, got {ds!r}")
+    for m in methods:
+        if m not in report.METHODS:
+            _fail(f"--method must be one of {', '.join(report.METHODS)}, got {m!r}")
+    if seeds < 1:
+        _fail(f"--seeds must be >= 1, got {seeds}")
+    if n is not None and n < 10:
+        _fail(f"--n must be >= 10, got {n}")
+    for e in eps:
+        if not e > 0:
+            _fail(f"--epsilon must be > 0 (inf allowed), got {e}")
+    console = _console()
+    t0 = time.perf_counter()
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        for ds in datasets:
+            size = n if ds != "digits" else None
+            task = progress.add_task(f"{ds}: loading", total=len(methods) * len(eps) * seeds)
+
+            def on_fit(m, e, s, dt, task=task, ds=ds):
+                progress.update(task, advance=1, description=f"{ds}: {report.METHODS[m][0]} "
+                                f"eps={e:g} seed={s}")
+
+            try:
+                res = report.run_demo(ds, seeds=seeds, n=size, epsilons=eps, methods=methods,
+                                      on_fit=on_fit)
+            except _USER_ERRORS as exc:
+                _fail(str(exc))
+            results.append(res)
+            progress.remove_task(task)
+            console.print(report.results_table(res))
+    try:
+        paths = report.write_outputs(results, os.fspath(out))
+    except OSError as exc:
+        _fail(f"cannot write to {out}: {exc}")
+    console.print(f"privacy ledgers (per method and epsilon) and accuracies: {paths['json']}")
+    console.print(f"privacy-utility plot: {paths['png']}")
+    console.print(f"total time: {time.perf_counter() - t0:.1f} s")
+
+
+def _register_plugins() -> None:
+    try:
+        from .audit import register_cli
+    except ImportError:  # the audit module is optional
+        return
+    register_cli(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    """Entry point of the ``dpfc`` script and of ``python -m dpfc_native``."""
+    app(prog_name="dpfc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1339 @@
+"""Differentially private linear classifiers on features (scikit-learn conventions).
+
+Four estimators, one pipeline (features -> clip -> statistics -> noise -> solve -> weights):
+
+* :class:`DPLeastSquaresClassifier` -- DP least squares on one-hot targets (DP-LS).
+  ``variant="global"``: one shared noisy gram, one Cholesky, K right-hand sides.
+  ``variant="per_class"``: per-class grams plus an ``alpha``-weighted global gram, a
+  batched Cholesky of K matrices (the paper code's variant).
+* :class:`DPNewtonClassifier` -- DP Newton on one-vs-all logistic regression: per-class
+  noisy Hessians and gradients, K batched solves per step.
+* :class:`DPFCClassifier` -- DP-FC: gradient descent on the one-vs-all sigmoid loss
+  preconditioned by the private feature covariance, factored once.
+* :class:`DPSGDClassifier` -- DP-SGD / DP-Adam on the last layer (full batch or real
+  Poisson subsampling).
+
+The math, sensitivities and accounting follow ``ALGORITHMS.md`` (Mehta et al., TMLR 2023).
+
+Privacy model
+-------------
+Adjacency is add/remove one example. Every noisy statistic is a Gaussian mechanism
+(:mod:`dpfc_native.mechanisms`) whose record goes into ``privacy_``, a
+:class:`~dpfc_native.accounting.PrivacyLedger` computed by the accountant for exactly
+the releases that were made. What is treated as public: the label set when ``classes``
+is given (otherwise ``np.unique(y)`` is used, and *which classes occur in y leaks*), the
+number of examples ``n`` (used by some defaults and by DP-SGD's normalisation, as in the
+paper and in every DP-SGD implementation), ``center`` (must be a public vector), and
+``X_val, y_val`` (must be a public validation split: selecting hyper-parameters on them
+is post-processing only if they are not private). Everything that depends only on the
+released statistics and public data (ridge sweeps, learning-rate choices, Cholesky
+repair) is post-processing and free.
+
+Noise keys: one :class:`~dpfc_native.mechanisms.NoiseSource` per fit.
+``random_state=None`` (default) draws a fresh 128-bit key from OS entropy; an int makes
+the noise reproducible *for experiments only* (anyone who knows it can remove the noise).
+Floating-point Gaussian samplers are not proven safe against precision attacks
+(Mironov 2012); the guarantee is for the idealised Gaussian mechanism.
+
+Devices
+-------
+``device="auto"`` runs on CUDA when this build has the CUDA kernels, a device is present
+and CuPy is importable, else on the CPU; ``"cuda"`` requires it. All array math goes
+through :mod:`dpfc_native.ops` or the array module of the data (``xp``), so the same code
+runs on NumPy and CuPy arrays. Fitted arrays (``coef_``, ``intercept_``, ``stats_``) are
+always NumPy; ``predict``/``decision_function`` return NumPy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import time
+
+import numpy as np
+
+from . import accounting, mechanisms, ops
+
+__all__ = [
+    "DPLeastSquaresClassifier",
+    "DPNewtonClassifier",
+    "DPFCClassifier",
+    "DPSGDClassifier",
+    "resolve_device",
+]
+
+# Rows per chunk for the Python-side passes over the data (logits, normalisation):
+# bounded temporaries, about 32 MiB of float64 per chunk.
+_CHUNK_ELEMENTS = 1 << 22
+
+# ---------------------------------------------------------------------------------------
+# Data-independent defaults (reasoning in the class docstrings and in _default_reg).
+# ---------------------------------------------------------------------------------------
+
+#: Default ridge = REG_NOISE_FACTOR * (expected spectral norm of the symmetric noise on
+#: the matrix that gets factored) + REG_FLOOR * n C^2 / d (a small fraction of the mean
+#: eigenvalue of the clipped gram: keeps the non-private solve well posed).
+REG_NOISE_FACTOR = 2.0
+REG_FLOOR = 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter checks (errors name the argument); the shared ones come from accounting / ops.
+# ---------------------------------------------------------------------------------------
+
+_real = accounting._real  # TypeError for non-reals, ValueError for NaN
+_int = ops._check_int  # TypeError for non-integers, ValueError below the minimum
+
+
+def _positive(value, name: str, *, allow_inf: bool = False) -> float:
+    v = _real(value, name)
+    if v <= 0 or (math.isinf(v) and not allow_inf):
+        bound = "> 0" if allow_inf else "finite and > 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return v
+
+
+def _nonneg(value, name: str) -> float:
+    v = _real(value, name)
+    if v < 0 or math.isinf(v):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
+
+
+def _share(value, name: str) -> float:
+    v = _real(value, name)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
+    return v
+
+
+def _choice(value, name: str, options: tuple) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def _candidates(value, name: str, check) -> list | None:
+    """None, a scalar or a non-empty list of scalars -> None or a list of checked floats."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        vals = list(np.asarray(value, dtype=object).reshape(-1))
+        if not vals:
+            raise ValueError(f"{name} must not be an empty list")
+        return [check(v, name) for v in vals]
+    return [check(value, name)]
+
+
+def _check_epsilon(value) -> float:
+    return _positive(value, "epsilon", allow_inf=True)
+
+
+def _check_delta(value) -> float | None:
+    return None if value is None else accounting._check_delta(value)
+
+
+def _check_random_state(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"random_state must be None or an int, got {type(value).__name__}")
+    return int(value)
+
+
+def default_delta(n: int) -> float:
+    """``min(1e-5, 1/n)``: the paper's delta for CIFAR (1e-5), about 1/n for ImageNet."""
+    return min(1e-5, 1.0 / max(int(n), 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Devices and arrays
+# ---------------------------------------------------------------------------------------
+
+
+def _cuda_usable() -> bool:
+    from . import build_info
+
+    info = build_info()
+    return bool(info["cuda_compiled"]) and info["cuda_devices"] > 0 and info["cupy"] is not None
+
+
+def resolve_device(device: str = "auto", *arrays) -> str:
+    """``"cpu"`` or ``"cuda"`` for a ``device`` argument.
+
+    ``"auto"``: CUDA when the build has the CUDA kernels, a device is present and CuPy
+    imports (or when an input array already lives on the GPU), else the CPU. ``"cuda"``
+    raises ``RuntimeError`` when that is not the case.
+    """
+    _choice(device, "device", ("auto", "cpu", "cuda"))
+    if device == "cpu":
+        return "cpu"
+    usable = _cuda_usable()
+    if device == "cuda":
+        if not usable:
+            raise RuntimeError(
+                "device='cuda' but no usable CUDA device: needs a CUDA build of dpfc_native, "
+                "a GPU and CuPy (see dpfc_native.build_info())")
+        return "cuda"
+    if any(a is not None and ops.is_gpu_array(a) for a in arrays):
+        return "cuda"
+    return "cuda" if usable else "cpu"
+
+
+def _to_numpy(a):
+    if a is None:
+        return None
+    if ops.is_gpu_array(a):
+        import cupy
+
+        return cupy.asnumpy(cupy.asarray(a))
+    return np.asarray(a)
+
+
+def _to_device(a, device: str):
+    if device == "cuda":
+        import cupy
+
+        return cupy.asarray(a)
+    return _to_numpy(a)
+
+
+def _row_slices(n: int, d: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, d))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _as_features(X, name: str, device: str, d: int | None = None):
+    """X as a float32/float64 (n, d) array on ``device``; clear errors naming ``name``."""
+    if X is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if hasattr(X, "toarray") and not hasattr(X, "__array_interface__"):
+        raise TypeError(f"{name}: sparse matrices are not supported; pass a dense array")
+    if ops.is_gpu_array(X):
+        X = _to_device(X, device)
+    else:
+        try:
+            X = np.asarray(X)
+        except Exception as exc:
+            raise TypeError(f"{name}: cannot convert {type(X).__name__} to an array") from exc
+        if device == "cuda":
+            X = _to_device(X, device)
+    xp = ops.array_module(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(X.shape)}")
+    if d is not None and X.shape[1] != d:
+        raise ValueError(f"{name} has {X.shape[1]} features, but the model was fitted with {d}")
+    kind = X.dtype.kind
+    if kind in "biu":
+        X = X.astype(xp.float64)
+    elif kind == "f":
+        if X.dtype.itemsize < 4:
+            X = X.astype(xp.float32)
+        elif X.dtype.itemsize > 8:
+            X = X.astype(xp.float64)
+    else:
+        raise TypeError(f"{name} must have a real numeric dtype, got {X.dtype}")
+    for sl in _row_slices(*X.shape):
+        if not bool(xp.isfinite(X[sl]).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    return X
+
+
+def _encode_labels(y, n: int, classes_param, name: str = "y"):
+    """(classes_, indices in 0..K-1 as int64 NumPy)."""
+    if y is None:
+        raise TypeError(f"{name} must be an array of labels, got None")
+    y = _to_numpy(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (n_samples,), got shape {y.shape}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} labels but X has {n} rows")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    if classes_param is None:
+        classes = np.unique(y)
+    else:
+        given = np.asarray(classes_param)
+        if given.ndim != 1 or given.size == 0:
+            raise ValueError("classes must be a non-empty 1-D sequence of labels")
+        classes = np.unique(given)
+        if classes.size != given.size:
+            raise ValueError("classes must not contain duplicates")
+        try:
+            unknown = ~np.isin(y, classes)
+        except TypeError as exc:
+            raise TypeError(f"{name} and classes have incomparable label types") from exc
+        if unknown.any():
+            raise ValueError(f"{name} contains labels not in classes, e.g. {y[np.argmax(unknown)]!r}")
+    if classes.size < 2:
+        raise ValueError(f"need at least 2 classes, got {classes.size} ({name} has a single label "
+                         "and no `classes` was given)" if classes_param is None else
+                         f"classes must hold at least 2 labels, got {classes.size}")
+    return classes, np.searchsorted(classes, y).astype(np.int64)
+
+
+def _preprocess(X, xp, clip: float, center, normalize: bool):
+    """Center (public vector), normalise rows (optional) and clip to ``clip``.
+
+    All per-example: no data-wide statistic is used, so it costs no privacy budget.
+    Returns a new array of X's dtype (X is never modified); every row has norm below
+    ``clip`` on the stored floats (the shared clip of :func:`dpfc_native.ops.clip_rows`).
+    """
+    n, d = X.shape
+    out = xp.empty(X.shape, dtype=X.dtype)
+    for sl in _row_slices(n, d):
+        blk = X[sl]
+        if center is not None or normalize:
+            blk = blk.astype(xp.float64)  # a copy
+            if center is not None:
+                blk -= center
+            if normalize:
+                # Scale by the max first: no overflow for huge rows, no underflow for tiny.
+                amax = xp.abs(blk).max(axis=1)
+                blk /= xp.where(amax > 0, amax, 1.0)[:, None]
+                nrm = xp.sqrt((blk * blk).sum(axis=1))
+                blk /= xp.where(nrm > 0, nrm, 1.0)[:, None]
+            blk = blk.astype(X.dtype)
+        out[sl] = ops.clip_rows(blk, clip)[0]
+    return out
+
+
+def _sigmoid(z, xp):
+    # tanh form: overflow-free on every backend.
+    return 0.5 + 0.5 * xp.tanh(0.5 * z)
+
+
+def _scores(xp, Xc, W, bias):
+    """(n, K) float64 logits ``Xc W^T + bias``, in row chunks (float64 products)."""
+    n, d = Xc.shape
+    out = xp.empty((n, W.shape[0]), dtype=xp.float64)
+    for sl in _row_slices(n, max(d, W.shape[0])):
+        out[sl] = Xc[sl].astype(xp.float64) @ W.T
+    out += bias
+    return out
+
+
+def _ova_loss(xp, scores, y):
+    """Mean over examples of the one-vs-all sigmoid cross-entropy summed over classes."""
+    n = scores.shape[0]
+    pos = -scores[xp.arange(n), y]
+    total = xp.logaddexp(0.0, scores).sum() + pos.sum()  # sum_l softplus(s_l) - s_y
+    return float(total) / n
+
+
+def _softmax_loss(xp, scores, y):
+    n = scores.shape[0]
+    m = scores.max(axis=1, keepdims=True)
+    lse = xp.log(xp.exp(scores - m).sum(axis=1)) + m[:, 0]
+    return float((lse - scores[xp.arange(n), y]).sum()) / n
+
+
+def _accuracy(xp, scores, y):
+    return float((xp.argmax(scores, axis=1) == y).mean())
+
+
+def _merge_releases(records) -> list:
+    """Identical Gaussian releases (same name, multiplier, sensitivity) -> one with a count.
+
+    Composition of identical non-subsampled Gaussians is the same whether listed one by
+    one or with a count; the ledger stays short for many-step methods. Other events
+    (subsampled ones) pass through; None (no release, epsilon = inf) is dropped.
+    """
+    counts: dict = {}
+    events: list = []
+    for r in records:
+        if isinstance(r, accounting.GaussianRelease):
+            key = (r.name, r.noise_multiplier, r.sensitivity)
+            if key not in counts:
+                events.append(key)
+            counts[key] = counts.get(key, 0) + r.count
+        elif r is not None:
+            events.append(r)
+    return [accounting.GaussianRelease(e[1], count=counts[e], name=e[0], sensitivity=e[2])
+            if isinstance(e, tuple) else e for e in events]
+
+
+def _ledger(records, delta: float, epsilon: float, method: str = "auto") -> accounting.PrivacyLedger:
+    events = _merge_releases(records)
+    if not events:
+        if not math.isinf(epsilon):  # pragma: no cover - every private fit releases
+            raise RuntimeError("a private fit made no release")
+        return accounting.PrivacyLedger((), math.inf, delta, math.inf,
+                                        "non-private (epsilon=inf): no noise, no guarantee")
+    return accounting.ledger_for(events, delta, method=method)
+
+
+def _noise_norm(d: int, std: float) -> float:
+    """Expected spectral norm of d x d symmetric noise with diagonal std ``std`` and
+    off-diagonal std ``std/sqrt(2)`` (a scaled GOE matrix): ``sqrt(2 d) std``."""
+    return math.sqrt(2.0 * d) * std
+
+
+# ---------------------------------------------------------------------------------------
+# Cholesky with repair (post-processing of noisy, possibly indefinite matrices)
+# ---------------------------------------------------------------------------------------
+
+
+def _factor(M, reg: float):
+    """Lower Cholesky factors of ``M = noisy + reg I``, (d, d) or (k, d, d).
+
+    :func:`dpfc_native.linalg.cholesky_repair` factors the batch and repairs only the
+    matrices whose factorisation failed (the noise made them indefinite beyond ``reg``),
+    with ``method="eig"`` and eigenvalue floor ``reg``: exactly the paper's repair
+    (project the noisy matrix to the PSD cone, then add ``reg I``). Only released
+    statistics are read, so it is post-processing and free. Returns ``(L, repaired)``,
+    the flat batch indices repaired (``[0]`` for an unbatched M).
+    """
+    from . import linalg
+
+    L, report = linalg.cholesky_repair(M, method="eig", floor=reg if reg > 0 else None)
+    return L, [int(i) for i in report.indices]
+
+
+def _add_ridge(M, reg: float, xp, copy: bool = True):
+    """M + reg I on the last two axes (a copy unless ``copy=False``)."""
+    out = M.copy() if copy else M
+    diag = xp.arange(M.shape[-1])
+    out[..., diag, diag] += reg
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The base class: parameters, validation, preprocessing, predict/score
+# ---------------------------------------------------------------------------------------
+
+
+class _DPClassifierBase:
+    """Shared machinery; subclasses implement ``_fit_core``."""
+
+    # -- scikit-learn parameter protocol ------------------------------------------------
+    @classmethod
+    def _get_param_names(cls) -> list:
+        sig = inspect.signature(cls.__init__)
+        return sorted(p.name for p in sig.parameters.values()
+                      if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Parameters of this estimator (scikit-learn convention)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params):
+        """Set parameters (scikit-learn convention); unknown names raise ValueError."""
+        valid = set(self._get_param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"invalid parameter {key!r} for {type(self).__name__}; "
+                                 f"valid parameters: {sorted(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        sig = inspect.signature(type(self).__init__)
+        parts = []
+        for name in self._get_param_names():
+            default = sig.parameters[name].default
+            value = getattr(self, name)
+            try:
+                same = value is default or (not isinstance(value, np.ndarray) and value == default)
+            except Exception:
+                same = False
+            if not same:
+                parts.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __sklearn_tags__(self):  # pragma: no cover - only used by scikit-learn utilities
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    classifier_tags=ClassifierTags())
+
+    _estimator_type = "classifier"
+
+    # -- validation of the common parameters ---------------------------------------------
+    def _common_params(self) -> dict:
+        p = {
+            "epsilon": _check_epsilon(self.epsilon),
+            "delta": _check_delta(self.delta),
+            "clip_norm": _positive(self.clip_norm, "clip_norm"),
+            "random_state": _check_random_state(self.random_state),
+        }
+        if not isinstance(self.normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
+        if not isinstance(self.keep_stats, (bool, np.bool_)):
+            raise TypeError(f"keep_stats must be a bool, got {type(self.keep_stats).__name__}")
+        _choice(self.device, "device", ("auto", "cpu", "cuda"))
+        _int(self.verbose, "verbose", 0)
+        return p
+
+    def _check_center(self, d: int, xp):
+        if self.center is None:
+            return None
+        c = np.asarray(_to_numpy(self.center), dtype=np.float64)
+        if c.shape != (d,):
+            raise ValueError(f"center must be a public vector of shape ({d},), got {c.shape}")
+        if not np.isfinite(c).all():
+            raise ValueError("center contains NaN or Inf")
+        return xp.asarray(c)
+
+    # -- fit --------------------------------------------------------------------------
+    def fit(self, X, y, *, X_val=None, y_val=None):
+        """Train on private features ``X`` (n, d) and labels ``y`` (n,).
+
+        Parameters
+        ----------
+        X : array (n, d), float (NumPy, or CuPy for ``device="cuda"``)
+            Private features.
+        y : array (n,)
+            Private labels (any sortable labels; mapped to ``classes_``).
+        X_val, y_val : arrays, optional
+            A **public** validation split, used only to choose among candidate ``reg``
+            (and ``lr``/``alpha``) values computed from the same released statistics.
+            Selecting on it is post-processing only because it is public: never pass
+            private data here.
+
+        Returns
+        -------
+        self
+        """
+        t0 = time.perf_counter()
+        common = self._common_params()
+        params = self._method_params()
+        device = resolve_device(self.device, X)
+        X = _as_features(X, "X", device)
+        xp = ops.array_module(X)
+        n, d = X.shape
+        classes, y_idx = _encode_labels(y, n, self.classes)
+        k = classes.size
+        if (X_val is None) != (y_val is None):
+            raise ValueError("X_val and y_val must be given together")
+        swept = [key for key, v in params["_sweep"].items() if len(v) > 1]
+        if swept and X_val is None:
+            raise ValueError(f"{' and '.join(swept)} given as a list: the sweep needs a public "
+                             "validation split (fit(..., X_val=..., y_val=...))")
+        clip, normalize = common["clip_norm"], bool(self.normalize)
+        center = self._check_center(d, xp)
+        Xc = _preprocess(X, xp, clip, center, normalize)
+        val = None
+        if X_val is not None:
+            Xv = _as_features(X_val, "X_val", device, d=d)
+            yv = _to_numpy(y_val)
+            if yv.ndim != 1 or yv.shape[0] != Xv.shape[0]:
+                raise ValueError(f"y_val must have shape ({Xv.shape[0]},), got {yv.shape}")
+            unknown = ~np.isin(yv, classes)
+            if unknown.any():
+                raise ValueError(f"y_val contains labels not in classes_, e.g. "
+                                 f"{yv[np.argmax(unknown)]!r}")
+            val = (_preprocess(Xv, xp, clip, center, normalize),
+                   xp.asarray(np.searchsorted(classes, yv)))
+        delta = common["delta"] if common["delta"] is not None else default_delta(n)
+        ctx = _Context(xp=xp, X=Xc, y=xp.asarray(y_idx), k=k, n=n, d=d, clip=clip,
+                       epsilon=common["epsilon"], delta=delta,
+                       source=mechanisms.NoiseSource(common["random_state"]), val=val,
+                       keep_stats=bool(self.keep_stats), verbose=int(self.verbose))
+        self._fit_core(ctx, params)
+        self.coef_ = _to_numpy(ctx.coef).astype(np.float64)
+        self.intercept_ = np.full(k, float(ctx.intercept))
+        self.classes_ = classes
+        self.n_features_in_ = d
+        self.n_samples_ = n
+        self.delta_ = delta
+        self.device_ = device
+        self.clip_norm_ = clip
+        self.normalize_ = normalize
+        self.center_ = None if center is None else _to_numpy(center)
+        self.privacy_ = _ledger(ctx.records, delta, common["epsilon"],
+                                params.get("accountant", "auto"))
+        self.noise_seeded_ = ctx.source.seeded
+        self.noise_key_fingerprint_ = ctx.source.key_fingerprint
+        self.repaired_ = ctx.repaired
+        for name, value in ctx.fitted.items():
+            setattr(self, name, value)
+        if ctx.keep_stats:
+            self.stats_ = {key: _stat_to_numpy(v) for key, v in ctx.stats.items()}
+        elif hasattr(self, "stats_"):
+            del self.stats_
+        self.fit_time_ = time.perf_counter() - t0
+        return self
+
+    # -- inference ----------------------------------------------------------------------
+    def _check_fitted(self):
+        if not hasattr(self, "coef_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit first")
+
+    def decision_function(self, X):
+        """Scores ``x' W^T + b`` (n, K) as NumPy, where ``x'`` is X after the same
+        centering, normalisation and clipping as in training."""
+        self._check_fitted()
+        X = _as_features(X, "X", self.device_, d=self.n_features_in_)
+        xp = ops.array_module(X)
+        center = None if self.center_ is None else xp.asarray(self.center_)
+        Xc = _preprocess(X, xp, self.clip_norm_, center, self.normalize_)
+        return _to_numpy(_scores(xp, Xc, xp.asarray(self.coef_), xp.asarray(self.intercept_)))
+
+    def predict(self, X):
+        """Predicted labels (from ``classes_``), as NumPy."""
+        self._check_fitted()
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def score(self, X, y) -> float:
+        """Mean accuracy on (X, y)."""
+        y = _to_numpy(y)
+        return float(np.mean(self.predict(X) == y))
+
+    # -- helpers for subclasses ----------------------------------------------------------
+    def _method_params(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fit_core(self, ctx, params):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _val_loss(self, ctx, W, bias) -> float:
+        """Loss on the public validation split (per-step selection among candidates)."""
+        Xv, yv = ctx.val
+        return _ova_loss(ctx.xp, _scores(ctx.xp, Xv, W, bias), yv)
+
+
+def _stat_to_numpy(v):
+    if isinstance(v, list):
+        return [_to_numpy(a) for a in v]
+    return _to_numpy(v)
+
+
+class _Context:
+    """State of one fit: data on its device, the noise source, the collected records."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.records: list = []
+        self.stats: dict = {}
+        self.fitted: dict = {}
+        self.repaired: list = []
+        self.coef = None
+        self.intercept = 0.0
+
+    def release_sym(self, stat, sensitivity, z, name):
+        noisy, rec = mechanisms.release_symmetric(stat, sensitivity, z, self.source, name)
+        self.records.append(rec)
+        return noisy
+
+    def release_dense(self, stat, sensitivity, z, name):
+        noisy, rec = mechanisms.release_dense(stat, sensitivity, z, self.source, name)
+        self.records.append(rec)
+        return noisy
+
+    def keep(self, name, value, per_step=False):
+        if not self.keep_stats:
+            return
+        if per_step:
+            self.stats.setdefault(name, []).append(value.copy())
+        else:
+            self.stats[name] = value
+
+    def progress(self, total: int, description: str):
+        return _Progress(total, description, self.verbose > 0)
+
+
+class _Progress:
+    """A rich progress bar over steps when verbose, else nothing."""
+
+    def __init__(self, total, description, enabled):
+        self._bar = None
+        if enabled:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._task = self._bar.add_task(description, total=total)
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def advance(self):
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0) -> float:
+    """Data-independent ridge: REG_NOISE_FACTOR * sqrt(2d) * noise_std + REG_FLOOR * scale * n C^2 / d.
+
+    ``sqrt(2d) noise_std`` is the expected spectral norm of the symmetric noise on the
+    factored matrix (a GOE matrix with off-diagonal std s/sqrt(2)); twice that makes
+    noisy + reg I positive definite with high probability, with a margin, and damps the
+    directions the noise swamps. The second is a small fraction of the mean eigenvalue
+    ``n C^2 / d`` of a gram of n rows of norm C (times ``scale``: 1/4 for Hessians),
+    which keeps the non-private solve well posed.
+    """
+    return REG_NOISE_FACTOR * _noise_norm(d, noise_std) + REG_FLOOR * scale * n * clip**2 / d
+
+
+# ---------------------------------------------------------------------------------------
+# DP least squares
+# ---------------------------------------------------------------------------------------
+
+_COMMON_DOC = """
+    epsilon : float > 0, default 1.0
+        Target epsilon (add/remove adjacency). ``float("inf")`` trains the non-private
+        counterpart with the same code path (no noise, no releases; ``privacy_.epsilon``
+        is inf).
+    delta : float in (0, 1) or None
+        Target delta. None: ``min(1e-5, 1/n)`` (the paper's 1e-5 for CIFAR, ~1/n for
+        ImageNet).
+    clip_norm : float > 0, default 1.0
+        Feature clip C: each (normalised) row is scaled to norm at most C. With
+        ``normalize=True`` every row has norm 1, so C = 1 clips nothing and only sets
+        the scale of the sensitivities.
+    normalize : bool, default True
+        Scale every example to unit norm before clipping. Per-example, hence free.
+    center : array (d,) or None
+        A PUBLIC mean vector subtracted from every example before normalisation. Never
+        pass the private data's own mean: that is a data-wide statistic and would need a
+        privacy budget of its own.
+    classes : sequence or None
+        The public label set. None: ``np.unique(y)``, which reveals which classes occur
+        in the private data (not covered by the guarantee). Classes that never occur in
+        y are fine when given.
+    random_state : int or None
+        None (default, the secure choice): a fresh OS-entropy noise key per fit. An int:
+        reproducible noise, for experiments only (the noise can be regenerated by anyone
+        who knows it).
+    device : {"auto", "cpu", "cuda"}
+        Where to compute (see :func:`resolve_device`). Fitted arrays are NumPy.
+    keep_stats : bool, default False
+        Keep every released (noisy) statistic as NumPy arrays in ``stats_`` (for audits
+        and tests; per-step statistics as lists). Off by default: per-class grams are
+        K d^2 floats per release.
+    verbose : int, default 0
+        1: a progress bar over the steps of iterative methods."""
+
+_ATTR_DOC = """
+    Attributes
+    ----------
+    coef_ : ndarray (K, d), float64 (NumPy, whatever the device)
+    intercept_ : ndarray (K,)
+    classes_ : ndarray (K,)
+    privacy_ : PrivacyLedger
+        Every release (sensitivity, noise std, multiplier, count) and the total
+        (epsilon, delta) computed by the accountant for exactly those releases.
+    reg_ : float
+        The ridge used (the chosen one after a sweep; for iterative methods, the one
+        used at the last step).
+    sweep_results_ : list of dict
+        Candidates and their validation scores (empty without a sweep).
+    stats_ : dict (only with ``keep_stats=True``)
+        The released noisy statistics.
+    repaired_ : list
+        Matrices whose noisy Cholesky failed and were repaired (post-processing): batch
+        indices (DP-LS), ``(step, class)`` (Newton) or ``(reg, 0)`` (DP-FC).
+    diagnostics_ : dict (DP-FC, DP-SGD)
+        Per-step counts computed from the PRIVATE data and NOT covered by the guarantee
+        (DP-FC: examples whose gradient was clipped; DP-SGD: realised Poisson batch
+        sizes). For debugging only: do not publish them.
+    delta_, device_, n_features_in_, n_samples_, fit_time_, noise_seeded_ :
+        The delta used, the device, the data shape, the wall time, whether the noise
+        key came from a user seed."""
+
+
+class DPLeastSquaresClassifier(_DPClassifierBase):
+    __doc__ = f"""DP least squares on one-hot targets (DP-LS, Algorithm 2 of Mehta et al.).
+
+    ``variant="global"``: releases the clipped gram ``G`` (symmetric noise, sensitivity
+    C^2) and class sums ``B`` (K x d, sensitivity C), and solves
+    ``W^T = (G~ + reg I)^(-1) B~^T`` (one Cholesky, K right-hand sides).
+
+    ``variant="per_class"``: releases the per-class grams ``A_l`` (all K jointly,
+    sensitivity C^2: one example touches one of them), ``G`` (C^2) and the class sums
+    ``b_l`` (C), and solves ``w_l = (A~_l + alpha G~ + reg I)^(-1) b~_l`` (a batched
+    Cholesky of K matrices).
+
+    Privacy: ``mu^2 = sum_j 1 / z_j^2`` over the releases (exact Gaussian DP).
+
+    Parameters
+    ----------{_COMMON_DOC}
+    variant : {{"global", "per_class"}}
+    reg : float >= 0, list of floats, or None
+        Ridge added to the summed (unnormalised) gram. None: ``2 sqrt(2 d) s + 1e-3 n C^2/d``
+        where ``s`` is the noise std on the diagonal of the factored matrix
+        (``s_G`` for the global variant, ``sqrt(s_A^2 + alpha^2 s_G^2)`` per class). The
+        first term is twice the expected spectral norm of that noise: the noisy matrix plus
+        reg is positive definite with high probability, with a margin (at 1x the smallest
+        eigenvalue sits near 0 and the solve blows up noise; held-out synthetic tasks put
+        the optimum between 1x and 4x, with 2x the most robust), and the eigen-directions
+        the noise swamps are damped; the second is 1e-3 times the mean eigenvalue
+        ``n C^2 / d`` of the gram (well-posedness without noise). A list is swept on the
+        public validation split, every candidate solved from the SAME released
+        statistics (post-processing: the ledger does not change).
+    alpha : float >= 0, list, or None
+        Weight of the global gram in the per-class variant. None: 1. Each class gram
+        ``A_l`` holds ~1/K of the data but gets noise of the same std as ``G``, so its
+        relative noise is ~K times larger; with ``alpha = 1`` the less noisy global gram
+        dominates the matrix (on held-out synthetic tasks alpha in [1, 3] beat 1/K..0.3
+        at every finite epsilon). A list is swept like ``reg``.
+    gram_share : float in (0, 1), default 0.5
+        Share of ``mu^2`` spent on the gram(s); the class sums get the rest. 0.5 gives
+        the gram and the class sums the same noise multiplier (the paper's choice); in
+        the per-class variant the per-class and global grams split the share equally
+        (multipliers sqrt(2) larger than the class sums'). On held-out synthetic tasks
+        0.3-0.5 were best; 0.85 lost at every epsilon.
+    {_ATTR_DOC}
+    """
+
+    def __init__(self, epsilon=1.0, delta=None, *, variant="global", reg=None, alpha=None,
+                 gram_share=0.5, clip_norm=1.0, normalize=True, center=None, classes=None,
+                 random_state=None, device="auto", keep_stats=False, verbose=0):
+        self.epsilon = epsilon
+        self.delta = delta
+        self.variant = variant
+        self.reg = reg
+        self.alpha = alpha
+        self.gram_share = gram_share
+        self.clip_norm = clip_norm
+        self.normalize = normalize
+        self.center = center
+        self.classes = classes
+        self.random_state = random_state
+        self.device = device
+        self.keep_stats = keep_stats
+        self.verbose = verbose
+
+    def _method_params(self) -> dict:
+        variant = _choice(self.variant, "variant", ("global", "per_class"))
+        regs = _candidates(self.reg, "reg", _nonneg)
+        alphas = _candidates(self.alpha, "alpha", _nonneg)
+        if alphas is not None and variant == "global" and self.alpha is not None:
+            raise ValueError("alpha is only used by variant='per_class'")
+        share = _share(self.gram_share, "gram_share")
+        sweep = {"reg": regs or [None]}
+        if variant == "per_class":
+            sweep["alpha"] = alphas or [None]
+        return {"variant": variant, "regs": regs, "alphas": alphas, "share": share,
+                "_sweep": sweep}
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n
+        share = p["share"]
+        if p["variant"] == "global":
+            z = accounting.calibrate_plan(ctx.epsilon, ctx.delta,
+                                          {"gram": share, "class_sums": 1.0 - share})
+            G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
+            G = ctx.release_sym(G, C**2, z["gram"], "gram")
+            B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
+            ctx.keep("gram", G)
+            ctx.keep("class_sums", B)
+            candidates = [(reg, None) for reg in p["regs"]
+                          or [_default_reg(z["gram"] * C**2, d, n, C)]]
+
+            def solve(reg, _alpha):
+                L, bad = _factor(_add_ridge(G, reg, xp), reg)
+                return ops.cho_solve(L, xp.ascontiguousarray(B.T)).T, bad
+        else:
+            z = accounting.calibrate_plan(
+                ctx.epsilon, ctx.delta,
+                {"class_grams": share / 2, "gram": share / 2, "class_sums": 1.0 - share})
+            A = ops.clipped_class_grams(ctx.X, ctx.y, k, C)
+            G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
+            A = ctx.release_sym(A, C**2, z["class_grams"], "class_grams")
+            G = ctx.release_sym(G, C**2, z["gram"], "gram")
+            B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
+            ctx.keep("class_grams", A)
+            ctx.keep("gram", G)
+            ctx.keep("class_sums", B)
+            s_a, s_g = z["class_grams"] * C**2, z["gram"] * C**2
+            candidates = []
+            for alpha in p["alphas"] or [1.0]:
+                # Diagonal noise std of A~_l + alpha G~, and mean eigenvalue scale 1/K + alpha.
+                default = _default_reg(math.hypot(s_a, alpha * s_g), d, n, C,
+                                       scale=alpha + 1.0 / k)
+                candidates += [(reg, alpha) for reg in p["regs"] or [default]]
+
+            def solve(reg, alpha):
+                L, bad = _factor(_add_ridge(A + alpha * G[None], reg, xp, copy=False), reg)
+                return ops.cho_solve(L, B), bad
+
+        results = []
+        best = None
+        for reg, alpha in candidates:
+            W, bad = solve(reg, alpha)
+            entry = {"reg": reg, "alpha": alpha, "repaired": bad}
+            if len(candidates) > 1:
+                Xv, yv = ctx.val
+                entry["val_accuracy"] = _accuracy(xp, _scores(xp, Xv, W, 0.0), yv)
+            results.append(entry)
+            if best is None or entry.get("val_accuracy", 0.0) > best[1].get("val_accuracy", 0.0):
+                best = (W, entry)
+        W, chosen = best
+        ctx.coef = W
+        ctx.repaired = chosen["repaired"]
+        ctx.fitted.update(reg_=float(chosen["reg"]), sweep_results_=results if len(results) > 1 else [],
+                          n_iter_=1)
+        if p["variant"] == "per_class":
+            ctx.fitted["alpha_"] = float(chosen["alpha"])
+
+
+# ---------------------------------------------------------------------------------------
+# Iterative methods: per-step selection among candidates computed from one release
+# ---------------------------------------------------------------------------------------
+
+
+def _select_step(est, ctx, W, candidates, bias, step: int, log: list):
+    """Pick the candidate iterate with the lowest loss on the public validation split.
+
+    Every candidate is computed from the statistics released at this step (and earlier
+    ones), so the choice is post-processing; the trajectory continues from the chosen
+    iterate and later releases are accounted by adaptive composition as usual.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    losses = [est._val_loss(ctx, Wc, bias) for (Wc, _meta) in candidates]
+    best = int(np.argmin(losses))
+    log.append({"step": step, **candidates[best][1], "val_loss": losses[best],
+                "candidates": [{**meta, "val_loss": loss}
+                               for (_, meta), loss in zip(candidates, losses)]})
+    return candidates[best]
+
+
+class DPNewtonClassifier(_DPClassifierBase):
+    __doc__ = f"""DP Newton on one-vs-all logistic regression (Algorithm 1 of Mehta et al.).
+
+    At each of ``steps`` steps, for every class l (targets y_il in {{0, 1}}):
+    ``g_l = sum_i (sigmoid(w_l . x_i + bias) - y_il) x_i`` and
+    ``H_l = sum_i sigmoid'(w_l . x_i + bias) x_i x_i^T``, released with joint
+    sensitivities ``sqrt(K) C`` (gradients) and ``sqrt(K) C^2 / 4`` (Hessians), then
+    ``w_l <- w_l - lr (H~_l + reg I)^(-1) g~_l`` (batched Cholesky solves).
+    Privacy: ``mu^2 = T / z_H^2 + T / z_g^2``. Starts from W = 0.
+
+    Cost and noise grow with K: the K Hessians take ``n d^2 K`` flops per step, and the
+    joint sensitivities are ``sqrt(K)`` times those of DP-LS, so Newton pays off only
+    with many examples per class and a large epsilon (the paper's finding).
+
+    Parameters
+    ----------{_COMMON_DOC}
+    steps : int >= 1, default 2
+        Newton steps T. Each one costs two releases; from W = 0 the first step already
+        solves a weighted least-squares problem (the Hessian at 0 is G / 4), so a couple
+        of steps capture most of the gain while keeping the per-release noise low.
+    lr : float > 0 or list, default 1.0
+        Newton step size (1 = the full Newton step). A list is chosen per step on the
+        public validation split from the same released statistics (free).
+    reg : float >= 0, list, or None
+        Ridge added to each noisy Hessian sum. None: ``2 sqrt(2 d) s_H + 1e-3 n C^2/(4 d)``
+        with ``s_H = z_H sqrt(K) C^2 / 4`` the Hessian noise std: twice the expected
+        spectral norm of that noise (positive definite w.h.p.) plus a small fraction of
+        the mean eigenvalue of the Hessian at 0. A list is chosen per step like ``lr``.
+    hessian_share : float in (0, 1), default 0.5
+        Share of ``mu^2`` for the Hessians (0.5: the paper's equal multipliers).
+    bias : float, default 0.0
+        Fixed logit offset (ALGORITHMS.md: no bias).
+    {_ATTR_DOC}
+    """
+
+    def __init__(self, epsilon=1.0, delta=None, *, steps=2, lr=1.0, reg=None, hessian_share=0.5,
+                 bias=0.0, clip_norm=1.0, normalize=True, center=None, classes=None,
+                 random_state=None, device="auto", keep_stats=False, verbose=0):
+        self.epsilon = epsilon
+        self.delta = delta
+        self.steps = steps
+        self.lr = lr
+        self.reg = reg
+        self.hessian_share = hessian_share
+        self.bias = bias
+        self.clip_norm = clip_norm
+        self.normalize = normalize
+        self.center = center
+        self.classes = classes
+        self.random_state = random_state
+        self.device = device
+        self.keep_stats = keep_stats
+        self.verbose = verbose
+
+    def _method_params(self) -> dict:
+        steps = _int(self.steps, "steps", 1)
+        lrs = _candidates(self.lr, "lr", _positive)
+        if lrs is None:
+            raise TypeError("lr must be a positive float or a list of them, got None")
+        regs = _candidates(self.reg, "reg", _nonneg)
+        share = _share(self.hessian_share, "hessian_share")
+        bias = _real(self.bias, "bias")
+        return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
+                "_sweep": {"lr": lrs, "reg": regs or [None]}}
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
+        z = accounting.calibrate_plan(ctx.epsilon, ctx.delta,
+                                      {"hessians": p["share"], "gradients": 1.0 - p["share"]},
+                                      {"hessians": T, "gradients": T})
+        sens_h, sens_g = math.sqrt(k) * C**2 / 4.0, math.sqrt(k) * C
+        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25)]
+        bias = p["bias"]
+        W = xp.zeros((k, d), dtype=xp.float64)
+        log: list = []
+        chosen = {"reg": regs[0], "lr": p["lrs"][0]}
+        with ctx.progress(T, "DP Newton") as bar:
+            for t in range(T):
+                s = _sigmoid(_scores(xp, ctx.X, W, bias), xp)
+                weights = xp.minimum(s * (1.0 - s), 0.25)
+                del s
+                H = ops.clipped_weighted_grams(ctx.X, weights, C)
+                del weights
+                # Unclipped in exact arithmetic: ||r_i|| <= 1/sqrt(K) and ||x_i|| < C, so
+                # clip_norm = C / sqrt(K) only guards the bound on the stored floats.
+                g, _ = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, C / math.sqrt(k),
+                                               loss="sigmoid")
+                g *= k
+                H = ctx.release_sym(H, sens_h, z["hessians"], "hessians")
+                g = ctx.release_dense(g, sens_g, z["gradients"], "gradients")
+                ctx.keep("hessians", H, per_step=True)
+                ctx.keep("gradients", g, per_step=True)
+                candidates = []
+                for reg in regs:
+                    L, bad = _factor(_add_ridge(H, reg, xp), reg)
+                    ctx.repaired.extend((t, i) for i in bad)
+                    direction = ops.cho_solve(L, g)
+                    del L
+                    for lr in p["lrs"]:
+                        candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
+                del H
+                W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
+                bar.advance()
+        ctx.coef = W
+        ctx.intercept = bias
+        ctx.fitted.update(reg_=float(chosen["reg"]), lr_=float(chosen["lr"]),
+                          sweep_results_=log, n_iter_=T)
+
+
+def _default_grad_clip(k: int, bias: float, loss: str, clip: float) -> float:
+    """Per-example gradient norm at the zero initialisation, for a row of norm C.
+
+    Sigmoid (one-vs-all, averaged over K): ``||sigmoid(b) 1 - e_y|| C / K``; softmax:
+    ``||1/K - e_y|| C = sqrt(1 - 1/K) C``. Data-independent (K, bias, C only): at step 0
+    nothing is clipped and no sensitivity is wasted; later the residuals of fitted
+    examples shrink and only badly misclassified examples get clipped.
+    """
+    if loss == "softmax":
+        return math.sqrt(1.0 - 1.0 / k) * clip
+    s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+    return math.sqrt((1.0 - s) ** 2 + (k - 1) * s**2) * clip / k
+
+
+class DPFCClassifier(_DPClassifierBase):
+    __doc__ = f"""DP-FC: gradient descent preconditioned by the private feature covariance
+    (Algorithm 3 of Mehta et al.).
+
+    Once: ``G~ = G + Z`` (sensitivity C^2), ``G~ + reg I`` factored (repaired if
+    indefinite). Then ``steps`` full-batch steps from W = 0 on the one-vs-all sigmoid
+    loss averaged over the K classes with a fixed bias:
+    ``g~ = sum_i clip_{{C_g}}(g_i) + N(0, (z_g C_g)^2)``, ``W <- W - lr g~ (G~ + reg I)^(-1)``.
+    Privacy: ``mu^2 = 1 / z_G^2 + T / z_g^2``.
+
+    Parameters
+    ----------{_COMMON_DOC}
+    steps : int >= 1, default 10
+        Full-batch steps T (the covariance is released once and reused by every step).
+    lr : float > 0, list, or None
+        Step size on the summed gradient with the summed gram as preconditioner (both
+        scale with n, so lr does not depend on n). None: ``8 K``. The Hessian of the
+        K-averaged sigmoid loss is at most ``G / (4 K)`` per class, so in the geometry of
+        the preconditioner ``lr < 8 K`` (= 2 / smoothness) is the worst-case stability
+        limit of the non-private iteration; the bound is reached only where every
+        sigmoid sits at 1/2, while from ``W = 0`` with ``sigmoid(bias) = 1/K`` the
+        curvature is ``(K - 1)/K^2`` per class, and the noisy preconditioner
+        ``G~ + reg I`` dominates G with high probability (reg = 2 x the noise norm), so
+        the effective step stays inside the limit. A list is chosen per step on the
+        public validation split, every candidate computed from the same released
+        gradient (free).
+    reg : float >= 0, list, or None
+        Ridge on the noisy covariance. None: ``2 sqrt(2 d) z_G C^2 + 1e-3 n C^2 / d``
+        (twice the expected spectral norm of the covariance noise, plus a small fraction
+        of the mean eigenvalue). A list is chosen per step like ``lr`` (each candidate
+        ridge is factored once; all reuse the one released covariance).
+    covariance_share : float in (0, 1) or None
+        Share of ``mu^2`` for the covariance. None: the paper's equal multipliers
+        (share ``1 / (T + 1)``).
+    bias : float or None
+        Fixed logit offset of every class (not learned). None: ``-log(K - 1)``, so that
+        ``sigmoid(bias) = 1/K``: at ``W = 0`` every class gets its prior probability
+        under balanced classes (0 for K = 2). The paper uses -10; on held-out synthetic
+        tasks -log(K-1) with lr = 8K was as good or better at every epsilon (with
+        ``bias=-10`` the sigmoids start saturated, the first steps only grow the logits
+        and a larger lr is needed).
+    grad_clip_norm : float > 0 or None
+        Per-example gradient clip C_g. None: the norm of a per-example gradient at
+        ``W = 0`` for a row of norm C, ``||sigmoid(b) 1 - e_y|| C / K``
+        (``sqrt((K - 1)/K) C / K`` for the default bias): nothing is clipped at the
+        start and no sensitivity is wasted; later only badly misclassified examples are.
+    {_ATTR_DOC}
+    """
+
+    def __init__(self, epsilon=1.0, delta=None, *, steps=10, lr=None, reg=None,
+                 covariance_share=None, bias=None, grad_clip_norm=None, clip_norm=1.0,
+                 normalize=True, center=None, classes=None, random_state=None, device="auto",
+                 keep_stats=False, verbose=0):
+        self.epsilon = epsilon
+        self.delta = delta
+        self.steps = steps
+        self.lr = lr
+        self.reg = reg
+        self.covariance_share = covariance_share
+        self.bias = bias
+        self.grad_clip_norm = grad_clip_norm
+        self.clip_norm = clip_norm
+        self.normalize = normalize
+        self.center = center
+        self.classes = classes
+        self.random_state = random_state
+        self.device = device
+        self.keep_stats = keep_stats
+        self.verbose = verbose
+
+    def _method_params(self) -> dict:
+        steps = _int(self.steps, "steps", 1)
+        lrs = _candidates(self.lr, "lr", _positive)
+        regs = _candidates(self.reg, "reg", _nonneg)
+        share = None if self.covariance_share is None else _share(self.covariance_share,
+                                                                   "covariance_share")
+        bias = None if self.bias is None else _real(self.bias, "bias")
+        gclip = None if self.grad_clip_norm is None else _positive(self.grad_clip_norm,
+                                                                   "grad_clip_norm")
+        return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
+                "grad_clip": gclip, "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
+        if math.isinf(ctx.epsilon):
+            z = {"covariance": 0.0, "gradient": 0.0}
+        else:
+            z = accounting.calibrate_dpfc_plan(ctx.epsilon, ctx.delta, T, p["share"])
+        bias = -math.log(k - 1) if p["bias"] is None else p["bias"]
+        cg = p["grad_clip"] or _default_grad_clip(k, bias, "sigmoid", C)
+        lrs = p["lrs"] or [8.0 * k]
+        regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C)]
+        G = ops.clipped_gram(ctx.X, C)
+        G = ctx.release_sym(G, C**2, z["covariance"], "covariance")
+        ctx.keep("covariance", G)
+        factors = []
+        for reg in regs:
+            L, bad = _factor(_add_ridge(G, reg, xp), reg)
+            ctx.repaired.extend((reg, i) for i in bad)
+            factors.append((reg, L))
+        del G
+        W = xp.zeros((k, d), dtype=xp.float64)
+        log: list = []
+        chosen = {"reg": regs[0], "lr": lrs[0]}
+        clipped = []
+        with ctx.progress(T, "DP-FC") as bar:
+            for t in range(T):
+                g, n_clip = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, cg, loss="sigmoid",
+                                                    feature_clip=C)
+                clipped.append(int(n_clip))
+                g = ctx.release_dense(g, cg, z["gradient"], "gradient")
+                ctx.keep("gradient", g, per_step=True)
+                candidates = []
+                for reg, L in factors:
+                    direction = ops.cho_solve(L, xp.ascontiguousarray(g.T)).T
+                    for lr in lrs:
+                        candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
+                W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
+                bar.advance()
+        ctx.coef = W
+        ctx.intercept = bias
+        ctx.fitted.update(reg_=float(chosen["reg"]), lr_=float(chosen["lr"]), bias_=float(bias),
+                          grad_clip_norm_=float(cg), diagnostics_={"n_clipped": clipped},
+                          sweep_results_=log,
+                          n_iter_=T)
+
+
+class DPSGDClassifier(_DPClassifierBase):
+    __doc__ = f"""DP-SGD / DP-Adam on the last layer (Algorithm 4 of Mehta et al.).
+
+    W = 0, then ``steps`` steps; each draws a batch (all examples, or a real Poisson
+    sample: every example independently with probability ``sample_rate``), sums the
+    per-example gradients clipped to ``grad_clip_norm`` (never materialised), adds
+    ``N(0, (z C_g)^2)`` and divides by the EXPECTED batch size ``q n`` (dividing by the
+    realised size would not be private), then applies the optimiser (post-processing).
+    Accounting: full batch is T Gaussian releases (exact Gaussian DP); ``sample_rate < 1``
+    is T Poisson-subsampled Gaussian mechanisms, accounted by ``accountant`` (PLD or RDP,
+    both upper bounds), the same method calibrating the noise and writing the ledger.
+
+    Parameters
+    ----------{_COMMON_DOC}
+    steps : int >= 1, default 100
+        Full-batch steps: the noise multiplier grows as sqrt(T) (exact composition), so
+        more steps buy optimisation progress at a higher per-step noise; 100 full-batch
+        steps with momentum reach the non-private accuracy within a few points on the
+        held-out tasks.
+    lr : float > 0, list, or None
+        None: see :func:`_default_sgd_lr`: for "sgd", the effective step
+        ``lr / (1 - momentum)`` is ``d / (T L_init C^2)``, so that T steps move a
+        direction of average initial curvature ``L_init C^2 / d`` by one e-fold
+        (``L_init`` = 1/K for softmax at W = 0, ``sigmoid'(bias)/K`` for the K-averaged
+        sigmoid loss), capped at half of heavy-ball's stability limit at that curvature;
+        for "adam", ``0.1 / C``. A list is chosen per step on the public validation split
+        (the optimiser state does not depend on lr, so every candidate reuses the same
+        noisy gradient: free).
+    optimizer : {{"sgd", "adam"}}
+        "sgd" with heavy-ball momentum ``momentum``; "adam" (betas 0.9, 0.999).
+    momentum : float in [0, 1), default 0.9
+    loss : {{"softmax", "sigmoid"}}
+        Softmax cross-entropy, or the one-vs-all sigmoid loss averaged over K (bias
+        fixed at ``bias``).
+    sample_rate : float in (0, 1], default 1.0
+        Poisson sampling probability q (1: full batch).
+    bias : float, default 0.0
+        Fixed logit offset (irrelevant for softmax).
+    grad_clip_norm : float > 0 or None
+        Per-example gradient clip C_g. None: the gradient norm at W = 0 for a row of
+        norm C (``sqrt(1 - 1/K) C`` for softmax).
+    accountant : {{"auto", "rdp", "pld"}}
+        Accountant for ``sample_rate < 1`` (calibration and ledger use the same one):
+        "auto" is PLD when ``dp_accounting`` is installed, else RDP. Full batch is
+        always exact Gaussian DP.
+    {_ATTR_DOC}
+    """
+
+    def __init__(self, epsilon=1.0, delta=None, *, steps=100, lr=None, optimizer="sgd",
+                 momentum=0.9, loss="softmax", sample_rate=1.0, bias=0.0, grad_clip_norm=None,
+                 accountant="auto", clip_norm=1.0, normalize=True, center=None, classes=None,
+                 random_state=None, device="auto", keep_stats=False, verbose=0):
+        self.epsilon = epsilon
+        self.delta = delta
+        self.steps = steps
+        self.lr = lr
+        self.optimizer = optimizer
+        self.momentum = momentum
+        self.loss = loss
+        self.sample_rate = sample_rate
+        self.bias = bias
+        self.grad_clip_norm = grad_clip_norm
+        self.accountant = accountant
+        self.clip_norm = clip_norm
+        self.normalize = normalize
+        self.center = center
+        self.classes = classes
+        self.random_state = random_state
+        self.device = device
+        self.keep_stats = keep_stats
+        self.verbose = verbose
+
+    def _method_params(self) -> dict:
+        steps = _int(self.steps, "steps", 1)
+        lrs = _candidates(self.lr, "lr", _positive)
+        accountant = _choice(self.accountant, "accountant", ("auto", "rdp", "pld"))
+        opt = _choice(self.optimizer, "optimizer", ("sgd", "adam"))
+        mom = _real(self.momentum, "momentum")
+        if not 0.0 <= mom < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        loss = _choice(self.loss, "loss", ("softmax", "sigmoid"))
+        q = _real(self.sample_rate, "sample_rate")
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        bias = _real(self.bias, "bias")
+        gclip = None if self.grad_clip_norm is None else _positive(self.grad_clip_norm,
+                                                                   "grad_clip_norm")
+        return {"steps": steps, "lrs": lrs, "optimizer": opt, "momentum": mom, "loss": loss,
+                "q": q, "bias": bias, "grad_clip": gclip, "accountant": accountant,
+                "_sweep": {"lr": lrs or [None]}}
+
+    def _val_loss(self, ctx, W, bias):
+        Xv, yv = ctx.val
+        s = _scores(ctx.xp, Xv, W, bias)
+        return _softmax_loss(ctx.xp, s, yv) if self.loss == "softmax" else _ova_loss(ctx.xp, s, yv)
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n, T, q = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"], p["q"]
+        # The ledger uses the same accountant method as the calibration.
+        z = accounting.calibrate_dpsgd_noise_multiplier(ctx.epsilon, ctx.delta, q, T,
+                                                        method=p["accountant"])
+        bias = p["bias"] if p["loss"] == "sigmoid" else 0.0
+        cg = p["grad_clip"] or _default_grad_clip(k, bias, p["loss"], C)
+        lrs = p["lrs"] or [_default_sgd_lr(p["optimizer"], p["momentum"], p["loss"], k, d, T,
+                                           bias, C)]
+        rng = _poisson_rng(self.random_state) if q < 1.0 else None
+        expected_batch = q * n
+        W = xp.zeros((k, d), dtype=xp.float64)
+        m = xp.zeros_like(W)
+        v = xp.zeros_like(W) if p["optimizer"] == "adam" else None
+        b1, b2, adam_eps = 0.9, 0.999, 1e-8
+        log: list = []
+        chosen = {"lr": lrs[0]}
+        batch_sizes = []
+        with ctx.progress(T, "DP-SGD") as bar:
+            for t in range(T):
+                if rng is None:
+                    Xb, yb = ctx.X, ctx.y
+                else:
+                    idx = np.flatnonzero(rng.random(n) < q)
+                    Xb, yb = ctx.X[xp.asarray(idx)], ctx.y[xp.asarray(idx)]
+                batch_sizes.append(int(Xb.shape[0]))
+                if Xb.shape[0] == 0:
+                    g = xp.zeros((k, d), dtype=xp.float64)
+                else:
+                    g, _ = ops.clipped_linear_grad(Xb, yb, W, bias, cg, loss=p["loss"],
+                                                   feature_clip=C)
+                # q < 1: the record is replaced by one SubsampledGaussian event below.
+                noisy, rec = mechanisms.release_dense(g, cg, z, ctx.source, "gradient")
+                if q == 1.0:
+                    ctx.records.append(rec)
+                ctx.keep("gradient", noisy, per_step=True)
+                gbar = noisy / expected_batch
+                if p["optimizer"] == "sgd":
+                    m = p["momentum"] * m + gbar
+                    direction = m
+                else:
+                    m = b1 * m + (1 - b1) * gbar
+                    v = b2 * v + (1 - b2) * gbar * gbar
+                    direction = (m / (1 - b1 ** (t + 1))) / (xp.sqrt(v / (1 - b2 ** (t + 1))) + adam_eps)
+                candidates = [(W - lr * direction, {"lr": lr}) for lr in lrs]
+                W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
+                bar.advance()
+        if q < 1.0 and z > 0:
+            ctx.records.append(accounting.SubsampledGaussian(z, q, T, name="gradient"))
+        ctx.coef = W
+        ctx.intercept = bias
+        ctx.fitted.update(lr_=float(chosen["lr"]), grad_clip_norm_=float(cg),
+                          noise_multiplier_=float(z), diagnostics_={"batch_sizes": batch_sizes},
+                          sweep_results_=log, n_iter_=T)
+
+
+def _default_sgd_lr(optimizer: str, momentum: float, loss: str, k: int, d: int, steps: int,
+                    bias: float, clip: float) -> float:
+    """Data-independent learning rate of DP-SGD (expressed through C, K, d and T only).
+
+    ``L_init`` is the curvature of the mean loss at ``W = 0`` along class-contrast
+    directions, per unit ``||x||^2 = C^2``: ``1/K`` for softmax cross-entropy (the softmax
+    Hessian at uniform p is ``(I - 11^T/K) / K``), ``sigmoid'(bias) / K`` for the
+    K-averaged one-vs-all sigmoid loss. Rows of norm C spread over d directions give the
+    batch-mean gram an average eigenvalue ``C^2 / d``; the effective step
+    ``lr / (1 - momentum)`` is set so that T steps move a direction of average initial
+    curvature by one e-fold: ``lr_eff * T * L_init * C^2 / d = 1``. It is capped at
+    ``(1 + momentum) / (L_init C^2)``, half of heavy-ball's stability limit at that
+    curvature. Adam's per-coordinate steps do not depend on the gradient scale:
+    ``0.1 / C`` (the weights scale as 1 / C).
+    """
+    if optimizer == "adam":
+        return 0.1 / clip
+    if loss == "softmax":
+        l_init = 1.0 / k
+    else:
+        s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+        l_init = s * (1.0 - s) / k
+    effective = d / (steps * l_init)
+    return min((1.0 - momentum) * effective, (1.0 + momentum) / l_init) / clip**2
+
+
+def _poisson_rng(random_state):
+    """Generator for Poisson sampling: OS entropy, or derived from the user seed (kept
+    apart from the noise key's derivation so the two streams are unrelated)."""
+    if random_state is None:
+        return np.random.default_rng()  # SeedSequence() draws OS entropy
+    import hashlib
+
+    digest = hashlib.sha256(b"dpfc_native/poisson/" + str(int(random_state)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))

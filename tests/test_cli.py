@@ -1,0 +1,132 @@
+"""The ``dpfc`` command line: train, demo, friendly errors, ``python -m dpfc_native``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dpfc_native import data
+from dpfc_native.cli import TRAIN_METHODS, app
+
+runner = CliRunner()
+
+
+def _write(path, seed, n=200, d=5, k=3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, size=n)
+    x = rng.standard_normal((k, d))[y] + 0.7 * rng.standard_normal((n, d))
+    data.save_features(path, x.astype(np.float32), y)
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return {name: _write(tmp_path / f"{name}.npz", seed) for seed, name in
+            enumerate(["train", "test", "val"])}
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _err(result, needle):
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.output and needle in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("method", TRAIN_METHODS)
+def test_train_every_method(files, tmp_path, method):
+    out = tmp_path / f"{method}.npz"
+    args = ["train", files["train"], "--method", method, "--epsilon", "2", "--seed", "0",
+            "--test", files["test"], "--output", str(out)]
+    if method not in ("ls", "ls-per-class"):
+        args += ["--steps", "3"]
+    text = _ok(runner.invoke(app, args))
+    assert "test accuracy" in text and "fit time" in text and "total: epsilon" in text
+    model = np.load(out)
+    assert model["coef"].shape == (3, 5)
+    np.testing.assert_array_equal(model["classes"], [0, 1, 2])
+    ledger = json.loads(str(model["ledger"]))
+    assert 0.998 * 2 <= ledger["epsilon"] <= 2.0
+    assert json.loads(str(model["params"]))["epsilon"] == 2.0
+
+
+def test_train_non_private_and_params(files, tmp_path):
+    out = tmp_path / "m.npz"
+    text = _ok(runner.invoke(app, ["train", files["train"], "-m", "sgd", "-e", "inf",
+                                   "-p", "optimizer=adam", "-p", "steps=5", "--num-classes", "4",
+                                   "-o", str(out)]))
+    assert "NOT covered" in text  # no --test: training accuracy, flagged as not private
+    model = np.load(out)
+    assert model["coef"].shape == (4, 5)
+    assert json.loads(str(model["ledger"]))["epsilon"] is None  # inf
+    assert json.loads(str(model["params"]))["optimizer"] == "adam"
+
+
+def test_train_sweep_on_public_validation_split(files, tmp_path):
+    text = _ok(runner.invoke(app, ["train", files["train"], "-m", "ls", "--reg", "0.5",
+                                   "--reg", "5", "--reg", "50", "--val", files["val"],
+                                   "--seed", "1", "-o", str(tmp_path / "m.npz")]))
+    assert "sweep on the public validation split" in text
+
+
+def test_train_paired_npy(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    np.save(tmp_path / "f.npy", x)
+    np.save(tmp_path / "l.npy", np.arange(50) % 2)
+    _ok(runner.invoke(app, ["train", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "l.npy"),
+                            "-m", "ls", "-o", str(tmp_path / "m")]))
+    assert (tmp_path / "m.npz").exists()
+
+
+def test_train_errors_are_friendly(files, tmp_path):
+    out = ["-o", str(tmp_path / "m.npz")]
+    _err(runner.invoke(app, ["train", str(tmp_path / "missing.npz")] + out), "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip file")
+    _err(runner.invoke(app, ["train", str(bad)] + out), "bad.npz")
+    _err(runner.invoke(app, ["train", files["train"], "-e", "-1"] + out), "epsilon")
+    _err(runner.invoke(app, ["train", files["train"], "--delta", "2"] + out), "delta")
+    _err(runner.invoke(app, ["train", files["train"], "-m", "svm"] + out), "--method")
+    _err(runner.invoke(app, ["train", files["train"], "-p", "nope=1"] + out), "nope")
+    _err(runner.invoke(app, ["train", files["train"], "-p", "steps"] + out), "KEY=VALUE")
+    _err(runner.invoke(app, ["train", files["train"], "--reg", "1", "--reg", "2"] + out),
+         "validation split")
+    wrong_d = _write(tmp_path / "wrong.npz", 5, d=7)
+    _err(runner.invoke(app, ["train", files["train"], "--test", wrong_d] + out), "features")
+
+
+def test_demo_small(tmp_path):
+    out = tmp_path / "demo"
+    text = _ok(runner.invoke(app, ["demo", "-d", "digits", "-d", "cifar10", "--n", "400",
+                                   "-m", "ls", "-m", "fc", "-e", "1", "-e", "inf", "--out", str(out)]))
+    assert "DP-LS" in text and "DP-FC" in text and "non-private" in text
+    assert (out / "privacy_utility.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert [r["n_train"] for r in res] == [1347, 400]
+    digits = res[0]
+    assert set(digits["median_accuracy"]) == {"ls", "fc"}
+    assert digits["median_accuracy"]["ls"]["inf"] > 0.85
+    assert digits["ledgers"]["fc"]["1.0"]["epsilon"] <= 1.0
+    assert (out / "results.md").read_text().startswith("digits")
+
+
+def test_demo_errors(tmp_path):
+    _err(runner.invoke(app, ["demo", "-d", "mnist", "--out", str(tmp_path)]), "--dataset")
+    _err(runner.invoke(app, ["demo", "-m", "svm", "--out", str(tmp_path)]), "--method")
+    _err(runner.invoke(app, ["demo", "--seeds", "0", "--out", str(tmp_path)]), "--seeds")
+    _err(runner.invoke(app, ["demo", "-e", "0", "--out", str(tmp_path)]), "--epsilon")
+
+
+def test_python_dash_m():
+    result = subprocess.run([sys.executable, "-m", "dpfc_native", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "demo" in result.stdout
