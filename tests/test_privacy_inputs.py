@@ -528,10 +528,7 @@ def _fit_call(cls, kw_est, Xv, yv, kw):
     return est.fit(Xv, yv, **fit_kw)
 
 
-_FIT_XFAIL = {
-    "X-gpu-without-cupy": "models: a GPU array without CuPy raises ModuleNotFoundError "
-                          "'No module named cupy' (reported)",
-}
+_FIT_XFAIL: dict = {}
 
 
 @pytest.mark.parametrize("case", sorted(FIT_BAD))

@@ -185,17 +185,14 @@ def _to_numpy(a):
     if a is None:
         return None
     if ops.is_gpu_array(a):
-        import cupy
-
+        cupy = ops._cupy()  # a clear error when CuPy or the CUDA build is missing
         return cupy.asnumpy(cupy.asarray(a))
     return np.asarray(a)
 
 
 def _to_device(a, device: str):
     if device == "cuda":
-        import cupy
-
-        return cupy.asarray(a)
+        return ops._cupy().asarray(a)
     return _to_numpy(a)
 
 
