@@ -71,7 +71,9 @@ MECHANISMS = (
 #: Deliberate bugs the audit must detect.
 PLANTED_BUGS = (None, "half_noise", "no_clip")
 
-_FC_BIAS = -10.0  # DPFCClassifier's default fixed bias
+def _fc_bias(k: int) -> float:
+    """DPFCClassifier's default fixed bias: sigmoid(bias) = 1/K."""
+    return -math.log(k - 1) if k > 2 else 0.0
 _CALIBRATION_FRACTION = 0.25  # runs used to choose the threshold (the rest are held out)
 
 
@@ -236,9 +238,9 @@ class _Release:
     kind: str  # "sym" or "dense"
 
 
-def _fc_grad_clip(k: int, clip: float, bias: float = _FC_BIAS) -> float:
+def _fc_grad_clip(k: int, clip: float) -> float:
     # DPFCClassifier's default C_g: the per-example gradient norm at W = 0 for a row of norm C.
-    s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+    s = 0.5 + 0.5 * math.tanh(0.5 * _fc_bias(k))
     return math.sqrt((1.0 - s) ** 2 + (k - 1) * s**2) * clip / k
 
 
@@ -268,9 +270,10 @@ def _releases(mechanism: str, epsilon: float, delta: float, k: int, C: float, st
     def fc_grad(X, y):
         w = np.zeros((k, X.shape[1]))
         if no_clip:  # neither the feature clip nor the gradient clip
-            g, _ = ops.clipped_linear_grad(X, y, w, _FC_BIAS, 1e300, loss="sigmoid")
+            g, _ = ops.clipped_linear_grad(X, y, w, _fc_bias(k), 1e300, loss="sigmoid")
             return g
-        g, _ = ops.clipped_linear_grad(X, y, w, _FC_BIAS, cg, loss="sigmoid", feature_clip=C)
+        g, _ = ops.clipped_linear_grad(X, y, w, _fc_bias(k), cg, loss="sigmoid",
+                                       feature_clip=C)
         return g
 
     def newton_hess(X, y):
