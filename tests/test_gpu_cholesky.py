@@ -27,21 +27,7 @@ import scipy.linalg.lapack as lapack
 import dpfc_native
 from dpfc_native import linalg, ops
 
-try:
-    from conftest import requires_gpu
-except ImportError:  # pragma: no cover - run outside the tests directory
-
-    def _gpu_available() -> bool:
-        info = dpfc_native.build_info()
-        if not info["cuda_compiled"] or info["cuda_devices"] == 0:
-            return False
-        try:
-            import cupy  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    requires_gpu = pytest.mark.skipif(not _gpu_available(), reason="no CUDA device (or no CuPy)")
+from conftest import requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

@@ -20,29 +20,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import dpfc_native
 from dpfc_native import models, ops
 
+from conftest import requires_gpu
 from test_privacy_clipping import CLIP_NORMS, adversarial_rows, assert_norm_le, exact_sq_norm
 from test_privacy_noise import NoiseCallRecorder, _ks_ok, _moments_ok, assert_no_block_reuse
 from test_privacy_replay import adversarial_additions, add_example, f32_widened_sensitivity
 
 
-def _gpu_available() -> bool:
-    info = dpfc_native.build_info()
-    if not info["cuda_compiled"] or info["cuda_devices"] == 0:
-        return False
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _gpu_available(), reason="no CUDA device, CUDA build or CuPy"),
-]
+pytestmark = [pytest.mark.gpu, requires_gpu]
 
 
 @pytest.fixture(scope="module")
