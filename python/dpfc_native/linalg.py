@@ -323,6 +323,18 @@ def cholesky_repair(a, *, method: str = "shift", floor: Optional[float] = None, 
     return L.reshape(a.shape), report
 
 
+def _keep_factored(xp, ops, trial, todo, out, ok, tries):
+    """Factor ``trial`` (the candidate repairs of matrices ``todo``), store the factors
+    that succeeded into ``out``, count the try; return the success mask over ``todo``."""
+    L, info = ops.cholesky(trial)
+    good = _to_host(info).reshape(-1) == 0
+    tries[todo] += 1
+    if good.any():
+        out[_ix(xp, todo[good])] = L[_ix(xp, np.flatnonzero(good))]
+        ok[todo[good]] = True
+    return good
+
+
 def _repair_shift(xp, ops, mats, max_tries: int):
     """Shift retries for the failed matrices mats (f, d, d); returns (L (f, d, d), extra)."""
     f, d = mats.shape[0], mats.shape[-1]
@@ -341,15 +353,8 @@ def _repair_shift(xp, ops, mats, max_tries: int):
             tau = np.maximum(tau, gersh[todo] * (1.0 + 1e-3) + tau0[todo])
         trial = mats[_ix(xp, todo)].copy()
         trial[:, idx, idx] += xp.asarray(tau.astype(mats.dtype))[:, None]
-        Lt, it = ops.cholesky(trial)
-        it_h = _to_host(it).reshape(-1)
-        good = it_h == 0
-        tries[todo] += 1
-        if good.any():
-            gsel = todo[good]
-            out[_ix(xp, gsel)] = Lt[_ix(xp, np.flatnonzero(good))]
-            shifts[gsel] = tau[good].astype(mats.dtype).astype(np.float64)
-            ok[gsel] = True
+        good = _keep_factored(xp, ops, trial, todo, out, ok, tries)
+        shifts[todo[good]] = tau[good].astype(mats.dtype).astype(np.float64)
         todo = todo[~good]
         if todo.size == 0:
             break
@@ -380,15 +385,8 @@ def _repair_eig(xp, ops, mats, floor: Optional[float], max_tries: int):
         vs = v[sel]
         rebuilt = (vs * wc[:, None, :]) @ xp.swapaxes(vs, -1, -2)
         rebuilt = 0.5 * (rebuilt + xp.swapaxes(rebuilt, -1, -2))
-        Lt, it = ops.cholesky(rebuilt.astype(mats.dtype))
-        it_h = _to_host(it).reshape(-1)
-        good = it_h == 0
-        tries[todo] += 1
-        if good.any():
-            gsel = todo[good]
-            out[_ix(xp, gsel)] = Lt[_ix(xp, np.flatnonzero(good))]
-            floors[gsel] = fl[good]
-            ok[gsel] = True
+        good = _keep_factored(xp, ops, rebuilt.astype(mats.dtype), todo, out, ok, tries)
+        floors[todo[good]] = fl[good]
         todo = todo[~good]
         if todo.size == 0:
             break
