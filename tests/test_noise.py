@@ -61,7 +61,7 @@ def test_gaussian_noise_is_box_muller_on_philox():
     np.testing.assert_array_equal(z2, (z * 2.5).astype(np.float32))
 
 
-@pytest.mark.parametrize("d", [1, 2, 7, 64])
+@pytest.mark.parametrize("d", [1, 2, 7, 64, 65])
 def test_sym_noise_layout_and_scales(d):
     key = 12345
     batch = 3

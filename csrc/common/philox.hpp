@@ -4,10 +4,11 @@
 // This header is the single definition shared by the CPU path (csrc/cpu) and the CUDA
 // kernels (csrc/cuda): the same (key, counter) must give bit-identical normals on both.
 // To make that possible the Gaussian transform uses only IEEE-754 correctly rounded
-// operations (+, -, *, /, sqrt) in a fixed order, never the platform's log/sin/cos,
-// whose last-bit results differ between glibc and CUDA's libdevice. Translation units
-// that include it must not contract a*b+c into FMA (host: -ffp-contract=off; nvcc:
-// --fmad=false for the noise kernels): see CMakeLists.txt.
+// operations (+, -, *, /, sqrt and fused multiply-add, each called explicitly) in a fixed
+// order, never the platform's log/sin/cos, whose last-bit results differ between glibc
+// and CUDA's libdevice. Translation units that include it must not contract other a*b+c
+// into FMA themselves (host: -ffp-contract=off; nvcc: --fmad=false for the noise
+// kernels): see CMakeLists.txt.
 #pragma once
 
 #include <cmath>
@@ -100,6 +101,17 @@ DPFC_HD double bits_double(uint64_t b) {
 #endif
 }
 
+// a * b + c rounded once: IEEE-754 fusedMultiplyAdd on both sides (CUDA's __fma_rn;
+// std::fma, which glibc maps to the FMA instruction where the CPU has one), so the
+// result is the same bits on host and device and the series cost one operation a term.
+DPFC_HD double fma_rn(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 // Natural log of u in (0, 1], using only correctly rounded arithmetic.
 // u = m 2^e with m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(s), s = (m-1)/(m+1),
 // |s| <= 0.1716, so 12 odd terms of the atanh series reach double precision.
@@ -115,47 +127,48 @@ DPFC_HD double log_unit(double u) {
   const double s2 = s * s;
   // Horner form of sum_{k=0}^{11} s2^k / (2k + 1).
   double p = 1.0 / 23.0;
-  p = p * s2 + 1.0 / 21.0;
-  p = p * s2 + 1.0 / 19.0;
-  p = p * s2 + 1.0 / 17.0;
-  p = p * s2 + 1.0 / 15.0;
-  p = p * s2 + 1.0 / 13.0;
-  p = p * s2 + 1.0 / 11.0;
-  p = p * s2 + 1.0 / 9.0;
-  p = p * s2 + 1.0 / 7.0;
-  p = p * s2 + 1.0 / 5.0;
-  p = p * s2 + 1.0 / 3.0;
-  p = p * s2 + 1.0;
+  p = fma_rn(p, s2, 1.0 / 21.0);
+  p = fma_rn(p, s2, 1.0 / 19.0);
+  p = fma_rn(p, s2, 1.0 / 17.0);
+  p = fma_rn(p, s2, 1.0 / 15.0);
+  p = fma_rn(p, s2, 1.0 / 13.0);
+  p = fma_rn(p, s2, 1.0 / 11.0);
+  p = fma_rn(p, s2, 1.0 / 9.0);
+  p = fma_rn(p, s2, 1.0 / 7.0);
+  p = fma_rn(p, s2, 1.0 / 5.0);
+  p = fma_rn(p, s2, 1.0 / 3.0);
+  p = fma_rn(p, s2, 1.0);
   constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2, upper bits
   constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
   const double de = static_cast<double>(e);
-  return (de * kLn2Hi + 2.0 * s * p) + de * kLn2Lo;
+  // de * kLn2Hi is exact (kLn2Hi has 32 significant bits, |e| < 2^11).
+  return de * kLn2Hi + fma_rn(2.0 * s, p, de * kLn2Lo);
 }
 
 // sin and cos of x for |x| <= pi/4 by their Taylor series (Horner), double precision.
 DPFC_HD double sin_small(double x) {
   const double x2 = x * x;
   double p = -1.0 / 1307674368000.0;   // -1/15!
-  p = p * x2 + 1.0 / 6227020800.0;     // 1/13!
-  p = p * x2 - 1.0 / 39916800.0;       // -1/11!
-  p = p * x2 + 1.0 / 362880.0;         // 1/9!
-  p = p * x2 - 1.0 / 5040.0;           // -1/7!
-  p = p * x2 + 1.0 / 120.0;            // 1/5!
-  p = p * x2 - 1.0 / 6.0;              // -1/3!
-  return x + x * (x2 * p);
+  p = fma_rn(p, x2, 1.0 / 6227020800.0);  // 1/13!
+  p = fma_rn(p, x2, -1.0 / 39916800.0);  // -1/11!
+  p = fma_rn(p, x2, 1.0 / 362880.0);  // 1/9!
+  p = fma_rn(p, x2, -1.0 / 5040.0);  // -1/7!
+  p = fma_rn(p, x2, 1.0 / 120.0);  // 1/5!
+  p = fma_rn(p, x2, -1.0 / 6.0);  // -1/3!
+  return fma_rn(x, x2 * p, x);
 }
 
 DPFC_HD double cos_small(double x) {
   const double x2 = x * x;
   double p = 1.0 / 20922789888000.0;   // 1/16!
-  p = p * x2 - 1.0 / 87178291200.0;    // -1/14!
-  p = p * x2 + 1.0 / 479001600.0;      // 1/12!
-  p = p * x2 - 1.0 / 3628800.0;        // -1/10!
-  p = p * x2 + 1.0 / 40320.0;          // 1/8!
-  p = p * x2 - 1.0 / 720.0;            // -1/6!
-  p = p * x2 + 1.0 / 24.0;             // 1/4!
-  p = p * x2 - 0.5;
-  return 1.0 + x2 * p;
+  p = fma_rn(p, x2, -1.0 / 87178291200.0);  // -1/14!
+  p = fma_rn(p, x2, 1.0 / 479001600.0);  // 1/12!
+  p = fma_rn(p, x2, -1.0 / 3628800.0);  // -1/10!
+  p = fma_rn(p, x2, 1.0 / 40320.0);  // 1/8!
+  p = fma_rn(p, x2, -1.0 / 720.0);  // -1/6!
+  p = fma_rn(p, x2, 1.0 / 24.0);  // 1/4!
+  p = fma_rn(p, x2, -0.5);
+  return fma_rn(x2, p, 1.0);
 }
 
 // (cos 2 pi t, sin 2 pi t) for t in (0, 1): octant reduction is exact because t carries

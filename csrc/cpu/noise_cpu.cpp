@@ -40,14 +40,23 @@ void sym_gaussian_noise(T* out, int64_t batch, int64_t d, double std, const Nois
       const int64_t b = r / d;
       const int64_t i = r % d;
       T* m = out + b * d * d;
-      const uint64_t base = static_cast<uint64_t>(b) * per_matrix +
-                            sym_index(static_cast<uint64_t>(d), static_cast<uint64_t>(i),
-                                      static_cast<uint64_t>(i));
-      for (int64_t j = i; j < d; ++j) {
-        const double z = gaussian_at(key, block0, base + static_cast<uint64_t>(j - i));
-        const T v = static_cast<T>(z * (j == i ? diag_std : off_std));
-        m[i * d + j] = v;
-        m[j * d + i] = v;
+      // Row i's entries (i, i..d-1) are the stream indices k0 .. k0 + d - i - 1; walk
+      // the Philox blocks covering them so each block is generated once.
+      const uint64_t k0 = static_cast<uint64_t>(b) * per_matrix +
+                          sym_index(static_cast<uint64_t>(d), static_cast<uint64_t>(i),
+                                    static_cast<uint64_t>(i));
+      const uint64_t k_end = k0 + static_cast<uint64_t>(d - i);
+      for (uint64_t blk = k0 >> 1; 2 * blk < k_end; ++blk) {
+        double z[2];
+        gaussian_pair(philox_block(key, block0 + blk), &z[0], &z[1]);
+        for (uint64_t h = 0; h < 2; ++h) {
+          const uint64_t k = 2 * blk + h;
+          if (k < k0 || k >= k_end) continue;
+          const int64_t j = i + static_cast<int64_t>(k - k0);
+          const T v = static_cast<T>(z[h] * (j == i ? diag_std : off_std));
+          m[i * d + j] = v;
+          m[j * d + i] = v;
+        }
       }
     }
   });
