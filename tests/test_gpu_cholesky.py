@@ -562,8 +562,10 @@ def test_cho_solve_dtypes_and_nan_factor(cp, rng):
     b64 = cp.asarray(rng.standard_normal((2, d, 3)))
     x = ops.cho_solve(L, b64)
     assert x.dtype == np.float64
+    # The CPU rule, result_type(L, b, float32): int16 keeps float32, int64 promotes.
     bint = cp.asarray(rng.integers(-5, 5, size=(2, d, 3)))
-    assert ops.cho_solve(L, bint).dtype == np.float32
+    assert ops.cho_solve(L, bint.astype(cp.int16)).dtype == np.float32
+    assert ops.cho_solve(L, bint).dtype == np.float64
     Lnan = L.copy()
     Lnan[1] = cp.nan
     xn = ops.cho_solve(Lnan, b64)
