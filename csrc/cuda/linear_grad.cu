@@ -33,13 +33,30 @@ __device__ __forceinline__ T sigmoid_t(T z) {
   return T(1) / (T(1) + exp(-z));
 }
 
-// One warp per row of the chunk: Z[i, :] (logits) <- c_i r_i. Probabilities in T (float
-// math for float32 input), sums of squares in float64.
+// Residual r_l of row z (logits) for label y: sigmoid (p_l - [l = y]) / K, or softmax
+// exp(z_l - mx) / se - [l = y] (mx the row max, inv_se = 1 / sum exp(z - mx)).
+template <typename T>
+__device__ __forceinline__ double lg_residual(const T* z, int64_t l, int64_t y, int loss, T mx,
+                                              double inv_se, double inv_k) {
+  if (loss == 0) return (static_cast<double>(sigmoid_t(z[l])) - (l == y ? 1.0 : 0.0)) * inv_k;
+  return static_cast<double>(exp(z[l] - mx)) * inv_se - (l == y ? 1.0 : 0.0);
+}
+
+// Below this sum of squares of a residual, its terms may have underflowed: ||r|| is recomputed
+// as m ||r / m||, m = max |r_l| (a row with a huge ||x|| must not look unclipped).
+constexpr double kLgTinySumSq = 1e-280;
+
+// One warp per row of the chunk: Z[i, :] (logits) <- u_i = r_i / ||r_i|| and
+// bscale[i] <- s_i c_i ||r_i|| (s_i the feature-clip scale, 1 without), so that pass 2 forms
+// u_i (bscale_i x_i)^T = c_i r_i xbar_i^T with both factors in range: c_i r_i alone would be
+// subnormal in float (precision far coarser than the 2^-20 clip margin) for rows with a large
+// ||x_i||. A row with r_i = 0 or non-finite residuals gets u_i = 0 and bscale_i = 0.
+// Probabilities in T (float math for float32 input), sums of squares in float64.
 template <typename T>
 __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     T* __restrict__ Z, int64_t rows, int64_t K, const int32_t* __restrict__ labels,
     const double* __restrict__ norms, const double* __restrict__ fscale, double clip_norm,
-    int loss, unsigned long long* __restrict__ n_clipped) {
+    int loss, double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped) {
   __shared__ unsigned int block_clipped;
   if (threadIdx.x == 0) block_clipped = 0;
   __syncthreads();
@@ -51,45 +68,58 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
   for (int64_t i = warp; i < rows; i += nwarps) {
     T* z = Z + i * K;
     const int64_t y = labels[i];
-    const double xnorm = norms[i] * (fscale != nullptr ? fscale[i] : 1.0);
-    double c;
-    if (loss == 0) {
-      double ss = 0.0;
-      for (int64_t l = lane; l < K; l += 32) {
-        const double r = (static_cast<double>(sigmoid_t(z[l])) - (l == y ? 1.0 : 0.0)) * inv_k;
-        ss += r * r;
-      }
-      ss = lg_warp_sum(ss);
-      const bool bad = !isfinite(ss);  // NaN logits (inf - inf in the dot product)
-      c = bad ? 1.0 : clip_scale(sqrt(ss) * xnorm, clip_norm);
-      for (int64_t l = lane; l < K; l += 32) {
-        const double r = (static_cast<double>(sigmoid_t(z[l])) - (l == y ? 1.0 : 0.0)) * inv_k;
-        z[l] = bad ? T(0) : static_cast<T>(c * r);
-      }
-    } else {
-      T mx = -INFINITY;
+    const double fs = fscale != nullptr ? fscale[i] : 1.0;
+    // Norm of the row as used: 0 when the feature clip zeroed it (an overflowing norm, inf,
+    // has scale 0, and inf * 0 would be NaN).
+    const double xnorm = fs > 0.0 ? norms[i] * fs : 0.0;
+    T mx = T(0);
+    double inv_se = 0.0;
+    if (loss != 0) {
+      mx = -INFINITY;
       for (int64_t l = lane; l < K; l += 32) mx = max(mx, z[l]);
       mx = lg_warp_max(mx);
       double se = 0.0;
       for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(z[l] - mx));
       se = lg_warp_sum(se);
-      const double inv_se = 1.0 / se;
-      double ss = 0.0;
+      inv_se = 1.0 / se;
+    }
+    double ss = 0.0;
+    for (int64_t l = lane; l < K; l += 32) {
+      const double r = lg_residual(z, l, y, loss, mx, inv_se, inv_k);
+      ss += r * r;
+    }
+    ss = lg_warp_sum(ss);
+    // Overflowing logits (inf - inf) give NaN residuals: such a row contributes nothing
+    // and is not counted as clipped (as on the CPU path).
+    const bool bad = !isfinite(ss);
+    double rn = bad ? 0.0 : sqrt(ss);
+    double gnorm = rn > 0.0 ? rn * xnorm : 0.0;
+    if (!bad && ss < kLgTinySumSq) {
+      double m = 0.0;
       for (int64_t l = lane; l < K; l += 32) {
-        const double r = static_cast<double>(exp(z[l] - mx)) * inv_se - (l == y ? 1.0 : 0.0);
-        ss += r * r;
+        m = fmax(m, fabs(lg_residual(z, l, y, loss, mx, inv_se, inv_k)));
       }
-      ss = lg_warp_sum(ss);
-      // Overflowing logits (inf - inf) give NaN residuals: such a row contributes nothing
-      // and is not counted as clipped (as on the CPU path).
-      const bool bad = !isfinite(ss);
-      c = bad ? 1.0 : clip_scale(sqrt(ss) * xnorm, clip_norm);
-      for (int64_t l = lane; l < K; l += 32) {
-        const double r = static_cast<double>(exp(z[l] - mx)) * inv_se - (l == y ? 1.0 : 0.0);
-        z[l] = bad ? T(0) : static_cast<T>(c * r);
+      m = lg_warp_max(m);
+      if (m > 0.0) {
+        double t = 0.0;
+        for (int64_t l = lane; l < K; l += 32) {
+          const double a = lg_residual(z, l, y, loss, mx, inv_se, inv_k) / m;
+          t += a * a;
+        }
+        t = sqrt(lg_warp_sum(t));
+        rn = m * t;
+        gnorm = (m * xnorm) * t;
       }
     }
-    if (lane == 0 && c < 1.0) ++mine;
+    const double c = clip_scale(gnorm, clip_norm);
+    const bool zero = !(rn > 0.0);
+    for (int64_t l = lane; l < K; l += 32) {
+      z[l] = zero ? T(0) : static_cast<T>(lg_residual(z, l, y, loss, mx, inv_se, inv_k) / rn);
+    }
+    if (lane == 0) {
+      bscale[i] = zero ? 0.0 : fs * c * rn;
+      if (c < 1.0) ++mine;
+    }
   }
   if (lane == 0 && mine > 0) atomicAdd(&block_clipped, mine);
   __syncthreads();
@@ -157,6 +187,7 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
   const OuterEngine engine = pass2_engine(x.dtype);
   const int64_t nc = chunk_rows(n, K, elem);
   DeviceBuffer zbuf(static_cast<std::size_t>(nc * K) * elem, stream);
+  DeviceBuffer bscale(static_cast<std::size_t>(nc) * sizeof(double), stream);
 
   const int64_t tile = outer_tile_size(engine);
   const int64_t tiles2 = ((K + tile - 1) / tile) * ((d + tile - 1) / tile);
@@ -181,11 +212,13 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
     if (x.dtype == kFloat32) {
       residual_clip_kernel<float><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
           zbuf.as<float>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
-          static_cast<int>(loss), reinterpret_cast<unsigned long long*>(n_clipped));
+          static_cast<int>(loss), bscale.as<double>(),
+          reinterpret_cast<unsigned long long*>(n_clipped));
     } else {
       residual_clip_kernel<double><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
           zbuf.as<double>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
-          static_cast<int>(loss), reinterpret_cast<unsigned long long*>(n_clipped));
+          static_cast<int>(loss), bscale.as<double>(),
+          reinterpret_cast<unsigned long long*>(n_clipped));
     }
     DPFC_CUDA_CHECK_LAUNCH();
     OuterProblem p;
@@ -198,7 +231,7 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
     p.M = K;
     p.N = d;
     p.sym = false;
-    p.b_scale = fsc;
+    p.b_scale = bscale.as<double>();  // s_i c_i ||r_i|| (Z holds r_i / ||r_i||)
     p.n = rows;
     p.L = 1;
     p.S = S2;

@@ -9,11 +9,15 @@
 // Design: rows are processed in chunks (bounded workspace: Z is chunk x K). Per chunk:
 //   1. logits Z = X W^T + b: SIMT GEMM (float FFMA for float32 input, double FMA for float64;
 //      no TF32), the feature-clip scale applied to the finished dot products;
-//   2. a row epilogue (one warp per row) computes p, r, ||r||, c_i and overwrites Z with c_i r_i,
-//      counting clipped rows (block-aggregated integer atomics: exact);
-//   3. grad partials += (c r)^T X with the outer-product engine of stats.cu (float32 input:
+//   2. a row epilogue (one warp per row) computes p, r, ||r||, c_i, overwrites Z with
+//      u_i = r_i / ||r_i|| and stores the row factor f_i = s_i c_i ||r_i|| (s_i the feature-clip
+//      scale), counting clipped rows (block-aggregated integer atomics: exact);
+//   3. grad partials += U^T (f X) with the outer-product engine of stats.cu (float32 input:
 //      float products in blocks of <= 4096 rows reduced in float64; float64 input: DMMA).
-// Only the chunk's Z (<= 128 MiB) and the split partials of grad are ever stored.
+//      The split keeps both float operands in range (c_i r_i alone is subnormal in float for
+//      rows with a huge ||x_i||, too coarse for the 2^-20 clip margin).
+// Only the chunk's Z (<= 128 MiB), one double per chunk row and the split partials of grad are
+// ever stored.
 // Environment knobs for the GPU session: DPFC_GRAD_KERNEL = simt32 (default for float32
 // input) | mma | simt (pass-2 engine); DPFC_LG_CHUNK = rows per chunk.
 #pragma once
