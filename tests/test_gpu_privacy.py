@@ -23,7 +23,13 @@ import pytest
 from dpfc_native import models, ops
 
 from conftest import requires_gpu
-from test_privacy_clipping import CLIP_NORMS, adversarial_rows, assert_norm_le, exact_sq_norm
+from test_privacy_clipping import (
+    CLIP_NORMS,
+    adversarial_rows,
+    assert_norm_le,
+    confident_rows,
+    exact_sq_norm,
+)
 from test_privacy_noise import NoiseCallRecorder, _ks_ok, _moments_ok, assert_no_block_reuse
 from test_privacy_replay import adversarial_additions, add_example, f32_widened_sensitivity
 
@@ -185,6 +191,15 @@ def test_gpu_overflowing_logits_do_not_poison_the_gradient(cp):
                                           cp.asarray(w), 0.0, 1.0, loss=loss)
         g = _host(grad)
         assert np.isfinite(g).all() and np.linalg.norm(g) <= 3.0
+
+
+@pytest.mark.parametrize("dtype,scales", [(np.float64, (1e150, 1e300)), (np.float32, (1e30, 3e38))])
+def test_gpu_residual_whose_squares_underflow_still_clips(cp, dtype, scales):
+    for x, w, label, what in confident_rows(scales):
+        for loss in ("sigmoid", "softmax"):
+            grad, _ = ops.clipped_linear_grad(cp.asarray(x.astype(dtype)), cp.asarray(np.array([label])),
+                                              cp.asarray(w), 0.0, 1.0, loss=loss)
+            assert_norm_le(_host(grad), Fraction(1), f"{loss} {what} {np.dtype(dtype).name}")
 
 
 def test_gpu_mixed_devices_rejected(cp):

@@ -286,6 +286,33 @@ def test_overflowing_logits_do_not_poison_the_gradient_sum():
     COUNTS["clipped_linear_grad (overflow rows)"] += 2
 
 
+def confident_rows(scales=(1e150, 1e300)):
+    """Rows the model is sure of: the true label's logit +gap, the others -gap, so every
+    residual entry is ~e^-gap (or exactly 0). For gap ~ 375 their squares underflow to 0,
+    and a naive sqrt(r . r) ||x|| = 0 would pass a huge ||x|| unclipped (norm ~1e137).
+    Yields (x (1, 5), w (k, 5), label, description)."""
+    for gap in (360.0, 375.0, 380.0, 700.0):
+        for scale in scales:
+            for k in (2, 3, 7):
+                x = np.zeros((1, 5))
+                x[0, 0] = scale
+                x[0, 3] = -scale / 3
+                w = np.full((k, 5), -gap / scale)
+                w[:, 3] = 0.0
+                w[1] = gap / scale
+                yield x, w, 1, f"gap={gap} scale={scale} k={k}"
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_residual_whose_squares_underflow_still_clips(loss):
+    tried = 0
+    for x, w, label, what in confident_rows():
+        grad, _ = ops.clipped_linear_grad(x, np.array([label]), w, 0.0, 1.0, loss=loss)
+        assert_norm_le(grad, Fraction(1), f"{loss} {what}")
+        tried += 1
+    COUNTS["clipped_linear_grad (underflowing residual)"] += tried
+
+
 def test_float32_mode_with_float64_rows_beyond_float32_range():
     """accumulate='float32' on float64 rows with entries > 3.4e38 must clip, not overflow
     to inf and turn the Gram into NaN (or silently zero it)."""

@@ -235,16 +235,22 @@ def _row_chunks(n: int, d: int, rows: int | None = None):
 # --------------------------------------------------------------------------------------
 
 
+#: Below this sum of squares its terms may have underflowed (2^-900: squares of entries
+#: under ~1e-135 lose bits, under ~1e-162 vanish): such rows are rescaled too.
+_TINY_SUMSQ = 2.0**-900
+
+
 def _row_norms64(xc: np.ndarray) -> np.ndarray:
-    """Float64 row norms, rescaling rows whose sum of squares overflows."""
+    """Float64 row norms, rescaling rows whose sum of squares overflows or underflows."""
     sq = np.einsum("ij,ij->i", xc, xc)
     norms = np.sqrt(sq)
-    bad = ~np.isfinite(norms)
-    if bad.any():
+    bad = ~np.isfinite(norms) | (sq < _TINY_SUMSQ)
+    if bad.any() and xc.shape[1] > 0:
         rows = xc[bad]
         amax = np.abs(rows).max(axis=1)
-        scaled = rows / amax[:, None]
-        norms[bad] = amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scaled = rows / np.where(amax > 0, amax, 1.0)[:, None]
+            norms[bad] = np.where(amax > 0, amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)), 0.0)
     return norms
 
 
@@ -593,7 +599,12 @@ def clipped_linear_grad(
         # Logits that overflow (inf - inf) give NaN residuals: such a row contributes
         # nothing (norm 0 <= C_g) instead of making the whole sum NaN.
         r[~np.isfinite(r).all(axis=1)] = 0.0
-        gnorm = np.sqrt(np.einsum("ij,ij->i", r, r)) * _row_norms64(xc)
+        # Both norms rescaled where needed: a residual whose squares underflow must not
+        # hide a row with a huge ||x|| from the clip.
+        # A zero residual contributes nothing whatever ||x|| is (even inf: no 0 * inf).
+        rnorm = _row_norms64(r)
+        with np.errstate(invalid="ignore"):
+            gnorm = np.where(rnorm > 0, rnorm * _row_norms64(xc), 0.0)
         scale = _clip_scale(gnorm, c)
         n_clipped += int(np.count_nonzero(scale < 1.0))
         grad += (r * scale[:, None]).T @ xc
