@@ -1,6 +1,6 @@
 // Gaussian noise kernels (see noise.cuh). This file is compiled with --fmad=false
-// (CMakeLists.txt): no a*b+c contraction anywhere in the shared Box-Muller transform, so the
-// normals are bit-identical to the CPU path's.
+// (CMakeLists.txt): no a*b+c contraction beyond the explicit fma_rn calls of the shared
+// Box-Muller transform, so the normals are bit-identical to the CPU path's.
 #include "cuda/noise.cuh"
 
 #include <cuda_runtime.h>

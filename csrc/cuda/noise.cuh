@@ -1,8 +1,8 @@
 // Gaussian noise on the GPU from the shared Philox4x32-10 stream (csrc/common/philox.hpp),
 // bit-identical to the CPU path (csrc/cpu/noise_cpu.cpp) for the same key and counter:
-// the same Box-Muller transform built from correctly rounded operations, compiled with
-// --fmad=false (CMakeLists.txt sets it for noise.cu), and the same final
-// static_cast<T>(z * scale).
+// the same Box-Muller transform built from correctly rounded operations (its fused
+// multiply-adds are explicit calls), compiled with --fmad=false so nvcc contracts nothing
+// else (CMakeLists.txt sets it for noise.cu), and the same final static_cast<T>(z * scale).
 //
 // Both kernels compute whole Philox blocks (two normals per block) per thread.
 //   gaussian_noise: thread per block, both normals stored as one 8/16-byte vector.
