@@ -21,29 +21,16 @@ small problems are not timed out of L2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except Exception:
-        pass
-    return os.environ.get("DPFC_COMMIT", "unknown")
+from _common import device_name, git_commit, utc_now
 
 
 class Timer:
@@ -122,7 +109,7 @@ def main(argv=None) -> int:
     dtype = np.dtype(args.dtype)
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
-    dev_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    dev_name = device_name(cp)
     l2_bytes = int(props.get("l2CacheSize", 50 << 20))
     timer = Timer(cp, budget_s=0.05 if args.quick else 0.4, min_reps=3 if args.quick else 5,
                   max_reps=10 if args.quick else 50, warmup=1 if args.quick else 2)
@@ -167,6 +154,27 @@ def main(argv=None) -> int:
         print(f"{kind:<14} d={d:<5} batch={batch:<6} ours {ours_ms:9.3f} ms  base {base_ms:9.3f} ms  "
               f"x{speed:6.2f} ({row['target']}: {flag})  {tf:6.2f} TF/s ({row['pct_gemm_same']:.0f}% GEMM)  {extra or ''}",
               flush=True)
+        save()
+
+    def save():
+        """Rewrite the JSON after every row: a killed run still leaves its results."""
+        if not args.out:
+            return
+        result = dict(
+            benchmark="bench_cholesky", device=dev_name, date=utc_now(),
+            git_commit=git_commit(), cupy=cp.__version__, dpfc_native=dpfc_native.__version__,
+            dtype=str(dtype), quick=args.quick,
+            ceilings=dict(copy_tbps=copy_tbps, gemm_fp64_tflops=gemm["fp64"], gemm_fp32_tflops=gemm["fp32"]),
+            rows=rows,
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    def error(kind, d, batch, exc):
+        rows.append(dict(kind=kind, d=d, batch=batch, dtype=str(dtype), error=repr(exc), met=None))
+        print(f"{kind:<14} d={d:<5} batch={batch:<6} ERROR {exc!r}", flush=True)
+        save()
 
     def fits(batch, d, copies=5):
         free, _ = dev.mem_info
@@ -187,102 +195,120 @@ def main(argv=None) -> int:
         (8, 10000), (16, 10000), (32, 1000), (32, 10000), (64, 1000), (64, 10000),
         (100, 1000), (128, 1000), (128, 10000)]
     for d, batch in small:
-        if not fits(batch, d):
-            continue
-        inputs = _rotation(cp, batch, d, dtype, 10 + d, l2_bytes)
-        t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-        t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-        check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"small d={d}")
-        record("small", d, batch, t_ours, t_base, None, batch * d**3 / 3,
-               _gpu_linalg.plan(batch, d, dtype), faster_by=3.0)
-        inputs = None
+        try:
+            if not fits(batch, d):
+                continue
+            inputs = _rotation(cp, batch, d, dtype, 10 + d, l2_bytes)
+            t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+            t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+            check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"small d={d}")
+            record("small", d, batch, t_ours, t_base, None, batch * d**3 / 3,
+                   _gpu_linalg.plan(batch, d, dtype), faster_by=3.0)
+            inputs = None
+        except Exception as exc:  # record and go on: one failure must not hide the rest
+            error("small", d, batch, exc)
 
     # ---- mid: batched blocked sizes ---------------------------------------------------
     mids = [256, 1024] if args.quick else [256, 512, 768, 1024, 1664]
     batches = [16] if args.quick else [16, 100, 1000]
     for d in mids:
         for batch in batches:
-            if not fits(batch, d):
-                print(f"mid            d={d:<5} batch={batch:<6} skipped: does not fit", flush=True)
-                continue
-            inputs = _rotation(cp, batch, d, dtype, 100 + d, l2_bytes)
+            try:
+                if not fits(batch, d):
+                    print(f"mid            d={d:<5} batch={batch:<6} skipped: does not fit", flush=True)
+                    continue
+                inputs = _rotation(cp, batch, d, dtype, 100 + d, l2_bytes)
+                t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+                t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+                check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"mid d={d}")
+                record("mid", d, batch, t_ours, t_base, None, batch * d**3 / 3,
+                       _gpu_linalg.plan(batch, d, dtype), faster_by=1.5)
+                if not args.no_variants and not args.quick and batch in (16, 100):
+                    variants = [("left", "mma"), ("right", "mma"), ("left", "simt"), ("right", "simt")]
+                    if dtype != np.float64:
+                        variants = [("left", "simt"), ("right", "simt")]
+                    for sched, kern in variants:
+                        os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"] = sched, kern
+                        try:
+                            t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+                        finally:
+                            del os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"]
+                        record("variant", d, batch, t_v, t_base, "info", batch * d**3 / 3, f"{sched}/{kern}")
+                inputs = None
+            except Exception as exc:  # record and go on: one failure must not hide the rest
+                error("mid", d, batch, exc)
+
+    # ---- single matrix: within 1.1x of potrf ------------------------------------------
+    for d in mids:
+        try:
+            inputs = [x[0] for x in _rotation(cp, 1, d, dtype, 300 + d, l2_bytes)]
             t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
             t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-            check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"mid d={d}")
-            record("mid", d, batch, t_ours, t_base, None, batch * d**3 / 3,
-                   _gpu_linalg.plan(batch, d, dtype), faster_by=1.5)
-            if not args.no_variants and not args.quick and batch in (16, 100):
-                variants = [("left", "mma"), ("right", "mma"), ("left", "simt"), ("right", "simt")]
-                if dtype != np.float64:
-                    variants = [("left", "simt"), ("right", "simt")]
-                for sched, kern in variants:
+            check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"single d={d}")
+            record("single", d, 1, t_ours, t_base, 1.1, d**3 / 3, _gpu_linalg.plan(1, d, dtype))
+            if not args.no_variants and not args.quick:
+                for sched, kern in ([("left", "mma"), ("right", "mma"), ("right", "simt")]
+                                    if dtype == np.float64 else [("left", "simt"), ("right", "simt")]):
                     os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"] = sched, kern
                     try:
                         t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
                     finally:
                         del os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"]
-                    record("variant", d, batch, t_v, t_base, "info", batch * d**3 / 3, f"{sched}/{kern}")
-            inputs = None
-
-    # ---- single matrix: within 1.1x of potrf ------------------------------------------
-    for d in mids:
-        inputs = [x[0] for x in _rotation(cp, 1, d, dtype, 300 + d, l2_bytes)]
-        t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-        t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-        check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"single d={d}")
-        record("single", d, 1, t_ours, t_base, 1.1, d**3 / 3, _gpu_linalg.plan(1, d, dtype))
-        if not args.no_variants and not args.quick:
-            for sched, kern in ([("left", "mma"), ("right", "mma"), ("right", "simt")]
-                                if dtype == np.float64 else [("left", "simt"), ("right", "simt")]):
-                os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"] = sched, kern
-                try:
-                    t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-                finally:
-                    del os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"]
-                record("variant", d, 1, t_v, t_base, "info", d**3 / 3, f"{sched}/{kern}")
+                    record("variant", d, 1, t_v, t_base, "info", d**3 / 3, f"{sched}/{kern}")
+        except Exception as exc:  # record and go on: one failure must not hide the rest
+            error("single", d, 1, exc)
 
     # ---- solves with K = 1000 right-hand sides ----------------------------------------
     solve_ds = [256, 1024] if args.quick else [256, 512, 1024, 1664]
     m = 1000
     for d in solve_ds:
-        L = cp.linalg.cholesky(_spd(cp, 1, d, dtype, 500 + d)[0])
-        bs = [cp.random.default_rng(600 + i).standard_normal((d, m), dtype=cp.float64).astype(dtype)
-              for i in range(3)]
+        try:
+            L = cp.linalg.cholesky(_spd(cp, 1, d, dtype, 500 + d)[0])
+            bs = [cp.random.default_rng(600 + i).standard_normal((d, m), dtype=cp.float64).astype(dtype)
+                  for i in range(3)]
 
-        def cupy_two(Lm, b):
-            y = cpx_linalg.solve_triangular(Lm, b, lower=True)
-            return cpx_linalg.solve_triangular(Lm, y, lower=True, trans="T")
+            def cupy_two(Lm, b):
+                y = cpx_linalg.solve_triangular(Lm, b, lower=True)
+                return cpx_linalg.solve_triangular(Lm, y, lower=True, trans="T")
 
-        t_ours = timer(lambda b: ops.cho_solve(L, b), lambda i: (bs[i % 3],))
-        t_base = timer(lambda b: cupy_two(L, b), lambda i: (bs[i % 3],))
-        x1, x2 = ops.cho_solve(L, bs[0]), cupy_two(L, bs[0])
-        rel = float(cp.linalg.norm(x1 - x2) / cp.linalg.norm(x2))
-        record("solve K=1000", d, 1, t_ours, t_base, 1.0, 2 * d * d * m, f"rel diff {rel:.1e}")
+            t_ours = timer(lambda b: ops.cho_solve(L, b), lambda i: (bs[i % 3],))
+            t_base = timer(lambda b: cupy_two(L, b), lambda i: (bs[i % 3],))
+            x1, x2 = ops.cho_solve(L, bs[0]), cupy_two(L, bs[0])
+            rel = float(cp.linalg.norm(x1 - x2) / cp.linalg.norm(x2))
+            record("solve K=1000", d, 1, t_ours, t_base, 1.0, 2 * d * d * m, f"rel diff {rel:.1e}")
+        except Exception as exc:  # record and go on: one failure must not hide the rest
+            error("solve K=1000", d, 1, exc)
 
     # ---- per-class solves: K matrices, one right-hand side each (informational) --------
     for d, k in ([(256, 100)] if args.quick else [(256, 1000), (1024, 100), (1024, 1000)]):
-        if not fits(k, d, copies=3):
-            continue
-        Ls = cp.linalg.cholesky(_spd(cp, k, d, dtype, 700 + d))
-        b = cp.random.default_rng(7).standard_normal((k, d, 1), dtype=cp.float64).astype(dtype)
+        try:
+            if not fits(k, d, copies=3):
+                continue
+            Ls = cp.linalg.cholesky(_spd(cp, k, d, dtype, 700 + d))
+            b = cp.random.default_rng(7).standard_normal((k, d, 1), dtype=cp.float64).astype(dtype)
 
-        def cupy_two_batched(Lm, bb):
-            y = cpx_linalg.solve_triangular(Lm, bb, lower=True)
-            return cpx_linalg.solve_triangular(Lm, y, lower=True, trans="T")
+            def cupy_two_batched(Lm, bb):
+                y = cpx_linalg.solve_triangular(Lm, bb, lower=True)
+                return cpx_linalg.solve_triangular(Lm, y, lower=True, trans="T")
 
-        t_ours = timer(ops.cho_solve, lambda i: (Ls, b))
-        t_base = timer(cupy_two_batched, lambda i: (Ls, b))
-        record("solve per-class", d, k, t_ours, t_base, "info", 2 * k * d * d, "trsmBatched baseline")
-        Ls = b = None
+            t_ours = timer(ops.cho_solve, lambda i: (Ls, b))
+            t_base = timer(cupy_two_batched, lambda i: (Ls, b))
+            record("solve per-class", d, k, t_ours, t_base, "info", 2 * k * d * d, "trsmBatched baseline")
+            Ls = b = None
+        except Exception as exc:  # record and go on: one failure must not hide the rest
+            error("solve per-class", d, k, exc)
 
     # ---- shift batch (informational) --------------------------------------------------
     for d, nshift in ([(256, 20)] if args.quick else [(512, 100), (1024, 100)]):
-        a = _spd(cp, 1, d, dtype, 800 + d)[0]
-        shifts = cp.logspace(-4, 1, nshift).astype(dtype)
-        eye = cp.eye(d, dtype=dtype)
-        t_ours = timer(lambda: linalg.cholesky_shifts(a, shifts), lambda i: ())
-        t_base = timer(lambda: cp.linalg.cholesky(a[None] + shifts[:, None, None] * eye), lambda i: ())
-        record("shifts", d, nshift, t_ours, t_base, "info", nshift * d**3 / 3, "vs stack + potrfBatched")
+        try:
+            a = _spd(cp, 1, d, dtype, 800 + d)[0]
+            shifts = cp.logspace(-4, 1, nshift).astype(dtype)
+            eye = cp.eye(d, dtype=dtype)
+            t_ours = timer(lambda: linalg.cholesky_shifts(a, shifts), lambda i: ())
+            t_base = timer(lambda: cp.linalg.cholesky(a[None] + shifts[:, None, None] * eye), lambda i: ())
+            record("shifts", d, nshift, t_ours, t_base, "info", nshift * d**3 / 3, "vs stack + potrfBatched")
+        except Exception as exc:  # record and go on: one failure must not hide the rest
+            error("shifts", d, nshift, exc)
 
     # ---- summary ----------------------------------------------------------------------
     targets = [r for r in rows if r["met"] is not None]
@@ -293,16 +319,11 @@ def main(argv=None) -> int:
               f"{r['speedup']:>8.2f}  {r['target']:<18}{'yes' if r['met'] else 'NO ':<5}{r['tflops']:.2f}")
     print(f"targets met: {sum(r['met'] for r in targets)} / {len(targets)}")
 
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        print(f"errors: {len(errors)} case(s): " + ", ".join(f"{r['kind']} d={r['d']}" for r in errors))
+    save()
     if args.out:
-        result = dict(
-            benchmark="bench_cholesky", device=dev_name, date=datetime.datetime.now().isoformat(),
-            git_commit=_git_commit(), cupy=cp.__version__, dpfc_native=dpfc_native.__version__,
-            dtype=str(dtype), quick=args.quick,
-            ceilings=dict(copy_tbps=copy_tbps, gemm_fp64_tflops=gemm["fp64"], gemm_fp32_tflops=gemm["fp32"]),
-            rows=rows,
-        )
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
     return 0
 

@@ -23,11 +23,9 @@ generated on the device, one shape at a time, freed in between.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import subprocess
 import sys
 import traceback
 
@@ -39,6 +37,7 @@ except ImportError:  # pragma: no cover
     print("bench_stats: CuPy is required", file=sys.stderr)
     raise
 
+from _common import device_name, git_commit, utc_now
 from dpfc_native import _core
 from dpfc_native import _gpu_stats as gs
 
@@ -89,15 +88,6 @@ def time_ms(fn, reps: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("DPFC_COMMIT", "unknown")
-
-
 def features(n: int, d: int, dtype, clip_norm: float = 1.0):
     """Random rows with norms spread around clip_norm (about half clipped)."""
     x = cp.random.standard_normal((n, d), dtype=cp.float32)
@@ -117,13 +107,11 @@ class Bench:
         self.args = args
         self.rows = []
         self.reps = 3 if args.quick else args.reps
-        dev = cp.cuda.Device()
-        props = cp.cuda.runtime.getDeviceProperties(dev.id)
-        name = props["name"]
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
         self.meta = {
-            "device": name.decode() if isinstance(name, bytes) else str(name),
+            "device": device_name(cp),
             "sm_count": int(props["multiProcessorCount"]),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": utc_now(),
             "commit": git_commit(),
             "quick": bool(args.quick),
             "env": {k: os.environ.get(k) for k in ("DPFC_GRAM_KERNEL", "DPFC_GRAD_KERNEL",

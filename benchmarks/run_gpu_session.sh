@@ -5,9 +5,11 @@
 # at most 8 files come back, so each stage writes one log and at most one JSON).
 # Usage on the device, from the repository root:
 #   bash benchmarks/run_gpu_session.sh tests            # build + pytest -m gpu
-#   bash benchmarks/run_gpu_session.sh bench-quick      # build + both benchmarks, --quick
+#   bash benchmarks/run_gpu_session.sh bench-quick      # build + all benchmarks, --quick
 #   bash benchmarks/run_gpu_session.sh tests bench-quick
-#   bash benchmarks/run_gpu_session.sh bench            # build + full benchmarks
+#   bash benchmarks/run_gpu_session.sh stats cholesky   # full-size benchmarks one by one
+#   bash benchmarks/run_gpu_session.sh e2e              #   (each a few minutes)
+# "bench" is stats + cholesky + e2e at full size; QUICK=1 makes those three --quick.
 # Extra pytest arguments for the tests stage: PYTEST_ARGS="-k cholesky".
 set -uo pipefail
 out=${OUT:-/tmp/dpfc_out}
@@ -15,8 +17,13 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export DPFC_COMMIT=${DPFC_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 [ $# -eq 0 ] && set -- tests bench-quick
+build=1
+if [ "$1" = --no-build ]; then
+  build=0
+  shift
+fi
 
-{
+[ $build = 1 ] && {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   echo "== build ($DPFC_COMMIT)"
   start=$(date +%s)
@@ -34,17 +41,23 @@ for stage in "$@"; do
       timeout 420 python3 -m pytest -m gpu -q -rfE --maxfail=40 --timeout=120 --durations=10 \
         -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" | tail -80
       ;;
-    bench-quick | bench)
+    stats | cholesky | e2e)
       flag=""
-      [ "$stage" = bench-quick ] && flag="--quick"
-      echo "== benchmarks ($stage)"
-      timeout 280 python3 benchmarks/bench_stats.py $flag --out "$out/bench_stats.json" 2>&1 |
-        tee "$out/bench_stats.log" | tail -60
-      timeout 280 python3 benchmarks/bench_cholesky.py $flag --out "$out/bench_cholesky.json" 2>&1 |
-        tee "$out/bench_cholesky.log" | tail -60
+      [ "${QUICK:-0}" = 1 ] && flag="--quick"
+      script=benchmarks/bench_$stage.py
+      [ "$stage" = e2e ] && script=benchmarks/bench_end_to_end.py
+      echo "== benchmark $stage $flag"
+      timeout 570 python3 "$script" $flag --out "$out/bench_$stage.json" 2>&1 |
+        tee "$out/bench_$stage.log" | tail -60
+      ;;
+    bench-quick)
+      QUICK=1 bash "$0" --no-build stats cholesky e2e
+      ;;
+    bench)
+      bash "$0" --no-build stats cholesky e2e
       ;;
     *)
-      echo "unknown stage: $stage (tests, bench-quick, bench)" >&2
+      echo "unknown stage: $stage (tests, stats, cholesky, e2e, bench-quick, bench)" >&2
       exit 2
       ;;
   esac

@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts (run as scripts: this folder is on sys.path)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import subprocess
+
+
+def git_commit() -> str:
+    """HEAD of the checkout the script lives in, else $DPFC_COMMIT (the device copy of the
+    working tree has no .git: benchmarks/run_gpu_session.sh exports it), else 'unknown'."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except Exception:
+        pass
+    return os.environ.get("DPFC_COMMIT", "unknown")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def device_name(cp) -> str:
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
