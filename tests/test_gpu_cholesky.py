@@ -97,6 +97,11 @@ def _lapack_potrf(a):
     info = np.zeros(a.shape[0], dtype=np.int32)
     for i in range(a.shape[0]):
         li, code = potrf(a[i], lower=1, clean=1, overwrite_a=0)
+        # Some LAPACKs (OpenBLAS in scipy's wheels) let a NaN pivot through; the defined
+        # rule (ops.cholesky) is the first pivot that is not > 0, NaN included.
+        valid = np.diagonal(li)[: code - 1 if code > 0 else a.shape[-1]]
+        if not (valid > 0).all():
+            code = int(np.argmin(valid > 0)) + 1
         info[i] = code
         L[i] = li if code == 0 else np.nan
     return L, info
