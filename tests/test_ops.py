@@ -53,6 +53,25 @@ def test_clipped_gram_matches_reference(rng, accumulate, dtype, d, n):
     assert np.abs(g - ref).max() <= tol
 
 
+@pytest.mark.parametrize("accumulate", ["float64", "float32"])
+@pytest.mark.parametrize("d", [1, 7, 130])
+def test_half_precision_features(rng, accumulate, d):
+    """float16 rows are read exactly (every float16 is a float32 and a float64)."""
+    n = 4099
+    x = _features(rng, n, d, np.float16, spread=1.0)
+    y = rng.integers(0, 3, size=n)
+    xb, _ = reference_clip64(x.astype(np.float64), 0.7)
+    tol = (1e-13 if accumulate == "float64" else 1e-5) * n * 0.7**2
+    g = ops.clipped_gram(x, 0.7, accumulate=accumulate)
+    assert g.dtype == np.float64 and np.abs(g - xb.T @ xb).max() <= tol
+    g2, b, counts = ops.clipped_stats(x, y, 3, 0.7, accumulate=accumulate)
+    np.testing.assert_array_equal(g2, g)
+    ref_b = np.zeros((3, d))
+    np.add.at(ref_b, y, xb)
+    np.testing.assert_allclose(b, ref_b, rtol=0, atol=1e-12 * n)
+    np.testing.assert_array_equal(counts, np.bincount(y, minlength=3))
+
+
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("d", DIMS)
 def test_clipped_stats_and_class_sums(rng, k, d):

@@ -364,7 +364,8 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
 
     Parameters
     ----------
-    x : array (n, d), float32 or float64 (float16/bfloat16 too on the GPU)
+    x : array (n, d), float32 or float64; float16 (and bfloat16 where ml_dtypes is
+        installed) too: half-precision features are read as they are, never copied whole
     clip_norm : float > 0
         Row clip bound C.
     accumulate : {"float64", "float32"}
@@ -378,7 +379,7 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
     """
     xp = array_module(x)
     gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=gpu)
+    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=True)
     c = _check_positive(clip_norm, "clip_norm")
     mode = _check_accumulate(accumulate, gpu)
     if gpu:
@@ -427,7 +428,7 @@ def clipped_stats(x, labels, num_classes: int, clip_norm: float, *, accumulate: 
     """
     xp = array_module(x, labels)
     gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=gpu)
+    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=True)
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
     c = _check_positive(clip_norm, "clip_norm")
