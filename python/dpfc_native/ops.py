@@ -600,9 +600,9 @@ def clipped_linear_grad(
         # Logits that overflow (inf - inf) give NaN residuals: such a row contributes
         # nothing (norm 0 <= C_g) instead of making the whole sum NaN.
         r[~np.isfinite(r).all(axis=1)] = 0.0
-        # Both norms rescaled where needed: a residual whose squares underflow must not
-        # hide a row with a huge ||x|| from the clip.
-        # A zero residual contributes nothing whatever ||x|| is (even inf: no 0 * inf).
+        # Both norms rescaled where needed (a residual whose squares underflow must not
+        # hide a row with a huge ||x|| from the clip); a zero residual contributes nothing
+        # whatever ||x|| is, even inf (no 0 * inf).
         rnorm = _row_norms64(r)
         with np.errstate(invalid="ignore"):
             gnorm = np.where(rnorm > 0, rnorm * _row_norms64(xc), 0.0)
