@@ -29,8 +29,15 @@ from test_privacy_clipping import (
     assert_norm_le,
     confident_rows,
     exact_sq_norm,
+    overflow_logit_rows,
 )
-from test_privacy_noise import NoiseCallRecorder, _ks_ok, _moments_ok, assert_no_block_reuse
+from test_privacy_noise import (
+    NoiseCallRecorder,
+    _ks_ok,
+    _moments_ok,
+    assert_no_block_reuse,
+    assert_sym_noise_calibrated,
+)
 from test_privacy_replay import adversarial_additions, add_example, f32_widened_sensitivity
 
 
@@ -78,14 +85,7 @@ def test_gpu_sym_noise_moments_and_ks(cp, dtype):
     d, batch, std = 64, 60, 2.5
     m = _host(ops.sym_gaussian_noise(d, std, batch=batch, key=0xBEEF, counter=77, dtype=dtype,
                                      device="cuda"))
-    np.testing.assert_array_equal(m, np.swapaxes(m, 1, 2))
-    iu = np.triu_indices(d, 1)
-    diag = np.diagonal(m, axis1=1, axis2=2)
-    off = m[:, iu[0], iu[1]]
-    _moments_ok(diag, std, "gpu diagonal")
-    _ks_ok(diag, std, "gpu diagonal")
-    _moments_ok(off, std / np.sqrt(2), "gpu off-diagonal")
-    _ks_ok(off, std / np.sqrt(2), "gpu off-diagonal")
+    assert_sym_noise_calibrated(m, std, "gpu")
 
 
 def test_gpu_iid_noise_moments_and_ks(cp):
@@ -180,15 +180,10 @@ def test_gpu_huge_n_gram_trace_bound(cp):
 
 
 def test_gpu_overflowing_logits_do_not_poison_the_gradient(cp):
-    d = 64
-    x = np.ones((3, d))
-    x[0] = 1e308
-    w = np.full((2, d), 2.0)
-    w[0, 1::4] = -2.0
-    w[0, 2::4] = -2.0
+    x, labels, w = overflow_logit_rows()
     for loss in ("sigmoid", "softmax"):
-        grad, _ = ops.clipped_linear_grad(cp.asarray(x), cp.asarray(np.array([0, 1, 0])),
-                                          cp.asarray(w), 0.0, 1.0, loss=loss)
+        grad, _ = ops.clipped_linear_grad(cp.asarray(x), cp.asarray(labels), cp.asarray(w),
+                                          0.0, 1.0, loss=loss)
         g = _host(grad)
         assert np.isfinite(g).all() and np.linalg.norm(g) <= 3.0
 

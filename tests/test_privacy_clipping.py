@@ -269,18 +269,23 @@ def test_linear_grad_per_example_adversarial(dtype, c):
         COUNTS["clipped_linear_grad (n=1)"] += 1
 
 
-def test_overflowing_logits_do_not_poison_the_gradient_sum():
-    """Rows of 1e308 overflow the logits (inf - inf = NaN on blocked BLAS): the sum over
-    the other examples must stay finite and within n C_g."""
+def overflow_logit_rows():
+    """(x, labels, w): row 0 of 1e308 overflows the logits (inf - inf = NaN on blocked
+    BLAS); the other two rows are ordinary. The clipped sum must stay finite, <= 3 C_g."""
     d = 64
     x = np.ones((3, d))
     x[0] = 1e308
     w = np.full((2, d), 2.0)
     w[0, 1::4] = -2.0
     w[0, 2::4] = -2.0
+    return x, np.array([0, 1, 0]), w
+
+
+def test_overflowing_logits_do_not_poison_the_gradient_sum():
+    x, labels, w = overflow_logit_rows()
     for loss in ("sigmoid", "softmax"):
         with np.errstate(all="ignore"):
-            grad, _ = ops.clipped_linear_grad(x, np.array([0, 1, 0]), w, 0.0, 1.0, loss=loss)
+            grad, _ = ops.clipped_linear_grad(x, labels, w, 0.0, 1.0, loss=loss)
         assert np.isfinite(grad).all(), loss
         assert np.linalg.norm(grad) <= 3.0
     COUNTS["clipped_linear_grad (overflow rows)"] += 2

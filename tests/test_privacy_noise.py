@@ -45,20 +45,27 @@ def _ks_ok(z: np.ndarray, std: float, what: str) -> None:
     assert p > 1e-4, (what, "KS p-value", p)
 
 
+def assert_sym_noise_calibrated(m, std: float, where: str):
+    """A batch of symmetric noise matrices (host array): exactly symmetric, diagonal
+    N(0, std^2) and off-diagonal N(0, std^2 / 2) by moments and KS. Returns (diag, off)."""
+    np.testing.assert_array_equal(m, np.swapaxes(m, 1, 2))  # exactly symmetric
+    iu = np.triu_indices(m.shape[-1], 1)
+    diag = np.diagonal(m, axis1=1, axis2=2)
+    off = m[:, iu[0], iu[1]]
+    _moments_ok(diag, std, f"{where} diagonal")
+    _ks_ok(diag, std, f"{where} diagonal")
+    _moments_ok(off, std / np.sqrt(2), f"{where} off-diagonal")
+    _ks_ok(off, std / np.sqrt(2), f"{where} off-diagonal")
+    return diag, off
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("key", [0x1234, (1 << 127) + 987654321])
 def test_sym_noise_diag_offdiag_moments_and_ks(dtype, key):
     d, batch, std = 64, 60, 2.5
     m = ops.sym_gaussian_noise(d, std, batch=batch, key=key, counter=77, dtype=dtype)
     assert m.dtype == dtype and m.shape == (batch, d, d)
-    np.testing.assert_array_equal(m, np.swapaxes(m, 1, 2))  # exactly symmetric
-    iu = np.triu_indices(d, 1)
-    diag = np.diagonal(m, axis1=1, axis2=2)
-    off = m[:, iu[0], iu[1]]
-    _moments_ok(diag, std, "diagonal")
-    _ks_ok(diag, std, "diagonal")
-    _moments_ok(off, std / np.sqrt(2), "off-diagonal")
-    _ks_ok(off, std / np.sqrt(2), "off-diagonal")
+    diag, off = assert_sym_noise_calibrated(m, std, "cpu")
     # The two kinds are separately calibrated: their variance ratio is 2.
     ratio = diag.astype(np.float64).var() / off.astype(np.float64).var()
     assert abs(ratio - 2) < 5 * 2 * np.sqrt(2 / diag.size)
