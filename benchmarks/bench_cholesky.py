@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from _common import device_name, git_commit, utc_now
+from _common import device_name, env_vars, git_commit, utc_now
 
 
 class Timer:
@@ -228,11 +228,8 @@ def main(argv=None) -> int:
                     if dtype != np.float64:
                         variants = [("left", "simt"), ("right", "simt")]
                     for sched, kern in variants:
-                        os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"] = sched, kern
-                        try:
+                        with env_vars(DPFC_CHOL_SCHEDULE=sched, DPFC_CHOL_KERNEL=kern):
                             t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-                        finally:
-                            del os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"]
                         record("variant", d, batch, t_v, t_base, "info", batch * d**3 / 3, f"{sched}/{kern}")
                 inputs = None
             except Exception as exc:  # record and go on: one failure must not hide the rest
@@ -249,11 +246,8 @@ def main(argv=None) -> int:
             if not args.no_variants and not args.quick:
                 for sched, kern in ([("left", "mma"), ("right", "mma"), ("right", "simt")]
                                     if dtype == np.float64 else [("left", "simt"), ("right", "simt")]):
-                    os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"] = sched, kern
-                    try:
+                    with env_vars(DPFC_CHOL_SCHEDULE=sched, DPFC_CHOL_KERNEL=kern):
                         t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-                    finally:
-                        del os.environ["DPFC_CHOL_SCHEDULE"], os.environ["DPFC_CHOL_KERNEL"]
                     record("variant", d, 1, t_v, t_base, "info", d**3 / 3, f"{sched}/{kern}")
         except Exception as exc:  # record and go on: one failure must not hide the rest
             error("single", d, 1, exc)

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
     print("bench_stats: CuPy is required", file=sys.stderr)
     raise
 
-from _common import device_name, git_commit, utc_now
+from _common import device_name, env_vars, git_commit, utc_now
 from dpfc_native import _core
 from dpfc_native import _gpu_stats as gs
 
@@ -45,23 +45,6 @@ MARGIN = float(_core.clip_margin)
 KEY = (0x01234567, 0x89ABCDEF, 0xDEADBEEF, 0x0BADF00D)
 
 _sumsq = cp.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "dpfc_bench_sumsq")
-
-
-class env_var:
-    """Temporarily set an environment variable (the kernels read their knobs per call)."""
-
-    def __init__(self, name: str, value: str):
-        self.name, self.value, self.old = name, value, None
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        os.environ[self.name] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
 
 
 def sync():
@@ -222,7 +205,7 @@ class Bench:
                         if mode == "float64" and in_dtype == "float32" and not self.args.no_variants:
                             # The other float64 engines, for the record (no target).
                             for kern in ("mma884", "simt"):
-                                with env_var("DPFC_GRAM_KERNEL", kern):
+                                with env_vars(DPFC_GRAM_KERNEL=kern):
                                     tk = time_ms(lambda: gs.clipped_gram(x, 1.0, mode), reps)
                                 self.add("clipped_gram", shape, f"float64 [{kern}]", tk, base, 0.0,
                                          rate=flops / tk / 1e9, rate_unit="TFLOP/s",
@@ -302,7 +285,7 @@ class Bench:
                      ceiling=flops / (t1 + t2) / 1e9, ratio_kind="fraction",
                      note=f"base: 2 cupy GEMMs ({t1:.1f} + {t2:.1f} ms)")
             if not self.args.no_variants:
-                with env_var("DPFC_GRAD_KERNEL", "mma"):
+                with env_vars(DPFC_GRAD_KERNEL="mma"):
                     tv = time_ms(lambda: gs._linear_grad_into(x, labels, w, bias, 1e-3, "sigmoid",
                                                               None, grad, nclip), self.reps)
                 self.add("linear_grad", shape, "f32 [DMMA pass 2]", tv, t1 + t2, 0.0,
