@@ -11,7 +11,19 @@
 #   bash benchmarks/run_gpu_session.sh e2e              #   (each a few minutes)
 # "bench" is stats + cholesky + e2e at full size; QUICK=1 makes those three --quick.
 # Extra pytest arguments for the tests stage: PYTEST_ARGS="-k cholesky".
+# Time knobs (seconds): BUDGET caps the whole run (each stage gets what is left of it, so
+# a 10-minute device call still returns every log), TESTS_TIMEOUT and BENCH_TIMEOUT cap
+# one stage. ARCH=90-real builds for the H100/H200 alone (the same code a default
+# build runs there, in a third of the compile time).
 set -uo pipefail
+t0=$(date +%s)
+budget=${BUDGET:-100000}
+left() {  # seconds left of BUDGET, capped at $1, at least 1
+  local r=$(( budget - ($(date +%s) - t0) - 5 ))
+  [ "$r" -gt "$1" ] && r=$1
+  [ "$r" -lt 1 ] && r=1
+  echo "$r"
+}
 out=${OUT:-/tmp/dpfc_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -27,7 +39,9 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   echo "== build ($DPFC_COMMIT)"
   start=$(date +%s)
-  python3 -m pip install --no-build-isolation --no-deps -q -C build-dir=build/device . 2>&1 | tail -40
+  arch=()
+  [ -n "${ARCH:-}" ] && arch=(-C "cmake.define.DPFC_CUDA_ARCHITECTURES=$ARCH")
+  python3 -m pip install --no-build-isolation --no-deps -q -C build-dir=build/device "${arch[@]}" . 2>&1 | tail -40
   echo "build: $(( $(date +%s) - start )) s"
   python3 -c "import dpfc_native; print(dpfc_native.build_info())"
 } 2>&1 | tee "$out/build.log"
@@ -38,7 +52,7 @@ for stage in "$@"; do
       echo "== gpu tests"
       # No -x: one call should show every failing test (after a sticky CUDA error the
       # rest fail fast anyway); the outer timeout keeps a hung kernel from eating the call.
-      timeout 420 python3 -m pytest -m gpu -q -rfE --maxfail=150 --timeout=120 --durations=10 \
+      timeout "$(left "${TESTS_TIMEOUT:-420}")" python3 -m pytest -m gpu -q -rfE --maxfail=150 --timeout=120 --durations=10 \
         -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" | tail -80
       ;;
     stats | cholesky | e2e)
@@ -47,14 +61,14 @@ for stage in "$@"; do
       script=benchmarks/bench_$stage.py
       [ "$stage" = e2e ] && script=benchmarks/bench_end_to_end.py
       echo "== benchmark $stage $flag"
-      timeout 570 python3 "$script" $flag --out "$out/bench_$stage.json" 2>&1 |
+      timeout "$(left "${BENCH_TIMEOUT:-570}")" python3 "$script" $flag --out "$out/bench_$stage.json" 2>&1 |
         tee "$out/bench_$stage.log" | tail -60
       ;;
     bench-quick)
-      QUICK=1 bash "$0" --no-build stats cholesky e2e
+      QUICK=1 BUDGET=$(left 100000) bash "$0" --no-build stats cholesky e2e
       ;;
     bench)
-      bash "$0" --no-build stats cholesky e2e
+      BUDGET=$(left 100000) bash "$0" --no-build stats cholesky e2e
       ;;
     *)
       echo "unknown stage: $stage (tests, stats, cholesky, e2e, bench-quick, bench)" >&2
