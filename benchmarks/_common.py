@@ -9,8 +9,11 @@ import subprocess
 
 
 def git_commit() -> str:
-    """HEAD of the checkout the script lives in, else $DPFC_COMMIT (the device copy of the
-    working tree has no .git: benchmarks/run_gpu_session.sh exports it), else 'unknown'."""
+    """$DPFC_COMMIT when set (benchmarks/run_gpu_session.sh exports it: the device's copy of
+    the working tree may carry a stale .git), else HEAD of the checkout the script lives in,
+    else 'unknown'."""
+    if os.environ.get("DPFC_COMMIT"):
+        return os.environ["DPFC_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +21,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except Exception:
         pass
-    return os.environ.get("DPFC_COMMIT", "unknown")
+    return "unknown"
 
 
 def utc_now() -> str:
