@@ -283,14 +283,17 @@ class Bench:
             self.add("linear_grad", shape, "float32 sigmoid", ours, t1 + t2, 1.15,
                      rate=flops / ours / 1e9, rate_unit="TFLOP/s",
                      ceiling=flops / (t1 + t2) / 1e9, ratio_kind="fraction",
-                     note=f"base: 2 cupy GEMMs ({t1:.1f} + {t2:.1f} ms)")
+                     note=f"cuBLAS passes + native epilogue; base: 2 cupy GEMMs "
+                          f"({t1:.1f} + {t2:.1f} ms)")
             if not self.args.no_variants:
-                with env_vars(DPFC_GRAD_KERNEL="mma"):
-                    tv = time_ms(lambda: gs._linear_grad_into(x, labels, w, bias, 1e-3, "sigmoid",
-                                                              None, grad, nclip), self.reps)
-                self.add("linear_grad", shape, "f32 [DMMA pass 2]", tv, t1 + t2, 0.0,
-                         rate=flops / tv / 1e9, rate_unit="TFLOP/s", ratio_kind="info",
-                         note="DPFC_GRAD_KERNEL=mma variant")
+                for engine, label in (("simt32", "f32 [native SIMT]"),
+                                      ("mma", "f32 [DMMA pass 2]")):
+                    with env_vars(DPFC_GRAD_KERNEL=engine):
+                        tv = time_ms(lambda: gs._linear_grad_into(
+                            x, labels, w, bias, 1e-3, "sigmoid", None, grad, nclip), self.reps)
+                    self.add("linear_grad", shape, label, tv, t1 + t2, 1.15,
+                             rate=flops / tv / 1e9, rate_unit="TFLOP/s", ratio_kind="fraction",
+                             note=f"DPFC_GRAD_KERNEL={engine} variant (all-native passes)")
             # Per-example gradients materialised in batches (timed on a few, extrapolated).
             bsz = 128
 

@@ -10,7 +10,8 @@
 #   bash benchmarks/run_gpu_session.sh stats cholesky   # full-size benchmarks one by one
 #   bash benchmarks/run_gpu_session.sh e2e              #   (each a few minutes)
 # "bench" is stats + cholesky + e2e at full size; QUICK=1 makes those three --quick.
-# Extra pytest arguments for the tests stage: PYTEST_ARGS="-k cholesky".
+# Extra pytest arguments for the tests stage: PYTEST_ARGS="-k cholesky"; extra arguments
+# of one benchmark: BENCH_ARGS_stats="--only linear_grad" (likewise _cholesky, _e2e).
 # Time knobs (seconds): BUDGET caps the whole run (each stage gets what is left of it, so
 # a 10-minute device call still returns every log), TESTS_TIMEOUT and BENCH_TIMEOUT cap
 # one stage. ARCH=90-real builds for the H100/H200 alone (the same code a default
@@ -61,7 +62,9 @@ for stage in "$@"; do
       script=benchmarks/bench_$stage.py
       [ "$stage" = e2e ] && script=benchmarks/bench_end_to_end.py
       echo "== benchmark $stage $flag"
-      timeout "$(left "${BENCH_TIMEOUT:-570}")" python3 "$script" $flag --out "$out/bench_$stage.json" 2>&1 |
+      extra="BENCH_ARGS_$stage"  # e.g. BENCH_ARGS_stats="--only linear_grad"
+      timeout "$(left "${BENCH_TIMEOUT:-570}")" python3 "$script" $flag ${!extra:-} \
+        --out "$out/bench_$stage.json" 2>&1 |
         tee "$out/bench_$stage.log" | tail -60
       ;;
     bench-quick)

@@ -570,7 +570,7 @@ def test_clipped_linear_grad(n, d, k, dtype, loss, feature_clip):
         assert abs(int(nclip.get()) - ref_clipped) <= max(1, n // 1000)
 
 
-@pytest.mark.parametrize("engine", ["simt32", "mma", "mma884", "simt"])
+@pytest.mark.parametrize("engine", ["cublas", "simt32", "mma", "mma884", "simt"])
 def test_linear_grad_chunking_and_engines(monkeypatch, engine):
     n, d, k = 20011, 130, 10
     x64, host, _ = dataset(n, d, "float32")

@@ -268,3 +268,50 @@ def test_memory_is_chunked(monkeypatch, rng):
     xb, _ = reference_clip64(x, 1.0)
     np.testing.assert_allclose(ops.clipped_gram(x, 1.0), xb.T @ xb, atol=1e-12)
     assert max(seen) == 64 and sum(seen) == 1000
+
+
+@pytest.mark.parametrize("env,tf32,want", [
+    (None, False, "cublas"), ("auto", False, "cublas"), ("cublas", False, "cublas"),
+    (None, True, "native"), ("simt32", False, "native"), ("mma", True, "native"),
+])
+def test_gpu_grad_engine_choice(monkeypatch, env, tf32, want):
+    """The clipped gradient runs its GEMMs on cuBLAS unless CuPy would use TF32 there (which
+    rounds the clipped per-example terms) or a native engine is asked for."""
+    from dpfc_native import _gpu_stats
+
+    monkeypatch.setattr(_gpu_stats, "_tf32_matmul", lambda: tf32)
+    if env is None:
+        monkeypatch.delenv("DPFC_GRAD_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("DPFC_GRAD_KERNEL", env)
+    assert _gpu_stats._grad_engine(np.float32) == want
+    # float64 features never go through TF32.
+    assert _gpu_stats._grad_engine(np.float64) == ("native" if env in ("simt32", "mma")
+                                                   else "cublas")
+
+
+def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch):
+    from dpfc_native import _gpu_stats
+
+    monkeypatch.setattr(_gpu_stats, "_tf32_matmul", lambda: True)
+    monkeypatch.setenv("DPFC_GRAD_KERNEL", "cublas")
+    with pytest.raises(ValueError, match="TF32"):
+        _gpu_stats._grad_engine(np.float32)
+    monkeypatch.setenv("DPFC_GRAD_KERNEL", "tensorcore")
+    with pytest.raises(ValueError, match="DPFC_GRAD_KERNEL"):
+        _gpu_stats._grad_engine(np.float32)
+
+
+@pytest.mark.parametrize("n,k,d,item,want", [
+    (1_281_167, 1000, 1664, 4, 32768),   # the logits budget binds, a multiple of 4096
+    (1_281_167, 10, 768, 4, 86016),      # the scaled-rows budget binds
+    (5003, 100, 130, 4, 5003),           # all rows in one chunk
+    (10**6, 10**6, 8, 8, 128),           # at least 128 rows
+])
+def test_gpu_grad_chunk_rows(monkeypatch, n, k, d, item, want):
+    from dpfc_native import _gpu_stats
+
+    monkeypatch.delenv("DPFC_LG_CHUNK", raising=False)
+    assert _gpu_stats._lg_chunk_rows(n, k, d, item) == want
+    monkeypatch.setenv("DPFC_LG_CHUNK", "777")
+    assert _gpu_stats._lg_chunk_rows(n, k, d, item) == min(777, n)

@@ -33,13 +33,21 @@ __device__ __forceinline__ T sigmoid_t(T z) {
   return T(1) / (T(1) + exp(-z));
 }
 
-// Residual r_l of row z (logits) for label y: sigmoid (p_l - [l = y]) / K, or softmax
-// exp(z_l - mx) / se - [l = y] (mx the row max, inv_se = 1 / sum exp(z - mx)).
+// Residual r_l for logit zl of class l (y the label): sigmoid (p_l - [l = y]) / K, or softmax
+// exp(zl - mx) / se - [l = y] (mx the row max, inv_se = 1 / sum exp(z - mx)).
 template <typename T>
-__device__ __forceinline__ double lg_residual(const T* z, int64_t l, int64_t y, int loss, T mx,
+__device__ __forceinline__ double lg_residual(T zl, int64_t l, int64_t y, int loss, T mx,
                                               double inv_se, double inv_k) {
-  if (loss == 0) return (static_cast<double>(sigmoid_t(z[l])) - (l == y ? 1.0 : 0.0)) * inv_k;
-  return static_cast<double>(exp(z[l] - mx)) * inv_se - (l == y ? 1.0 : 0.0);
+  if (loss == 0) return (static_cast<double>(sigmoid_t(zl)) - (l == y ? 1.0 : 0.0)) * inv_k;
+  return static_cast<double>(exp(zl - mx)) * inv_se - (l == y ? 1.0 : 0.0);
+}
+
+// Logit l of a row as stored (zs = 1, no bias: the native GEMM applied both) or finished here
+// (the cuBLAS path: zs = the row's feature-clip scale, bias added in T).
+template <typename T>
+__device__ __forceinline__ T lg_logit(const T* z, int64_t l, T zs, const double* bias) {
+  const T v = z[l] * zs;
+  return bias != nullptr ? v + static_cast<T>(bias[l]) : v;
 }
 
 // Below this sum of squares of a residual, its terms may have underflowed: ||r|| is recomputed
@@ -56,7 +64,8 @@ template <typename T>
 __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     T* __restrict__ Z, int64_t rows, int64_t K, const int32_t* __restrict__ labels,
     const double* __restrict__ norms, const double* __restrict__ fscale, double clip_norm,
-    int loss, double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped) {
+    int loss, double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped,
+    const double* __restrict__ zscale, const double* __restrict__ zbias) {
   __shared__ unsigned int block_clipped;
   if (threadIdx.x == 0) block_clipped = 0;
   __syncthreads();
@@ -72,20 +81,22 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     // Norm of the row as used: 0 when the feature clip zeroed it (an overflowing norm, inf,
     // has scale 0, and inf * 0 would be NaN).
     const double xnorm = fs > 0.0 ? norms[i] * fs : 0.0;
+    const T zs = zscale != nullptr ? static_cast<T>(zscale[i]) : T(1);
+    const auto logit = [&](int64_t l) { return lg_logit(z, l, zs, zbias); };
     T mx = T(0);
     double inv_se = 0.0;
     if (loss != 0) {
       mx = -INFINITY;
-      for (int64_t l = lane; l < K; l += 32) mx = max(mx, z[l]);
+      for (int64_t l = lane; l < K; l += 32) mx = max(mx, logit(l));
       mx = lg_warp_max(mx);
       double se = 0.0;
-      for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(z[l] - mx));
+      for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(logit(l) - mx));
       se = lg_warp_sum(se);
       inv_se = 1.0 / se;
     }
     double ss = 0.0;
     for (int64_t l = lane; l < K; l += 32) {
-      const double r = lg_residual(z, l, y, loss, mx, inv_se, inv_k);
+      const double r = lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k);
       ss += r * r;
     }
     ss = lg_warp_sum(ss);
@@ -97,13 +108,13 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     if (!bad && ss < kLgTinySumSq) {
       double m = 0.0;
       for (int64_t l = lane; l < K; l += 32) {
-        m = fmax(m, fabs(lg_residual(z, l, y, loss, mx, inv_se, inv_k)));
+        m = fmax(m, fabs(lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k)));
       }
       m = lg_warp_max(m);
       if (m > 0.0) {
         double t = 0.0;
         for (int64_t l = lane; l < K; l += 32) {
-          const double a = lg_residual(z, l, y, loss, mx, inv_se, inv_k) / m;
+          const double a = lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k) / m;
           t += a * a;
         }
         t = sqrt(lg_warp_sum(t));
@@ -114,7 +125,7 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     const double c = clip_scale(gnorm, clip_norm);
     const bool zero = !(rn > 0.0);
     for (int64_t l = lane; l < K; l += 32) {
-      z[l] = zero ? T(0) : static_cast<T>(lg_residual(z, l, y, loss, mx, inv_se, inv_k) / rn);
+      z[l] = zero ? T(0) : static_cast<T>(lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k) / rn);
     }
     if (lane == 0) {
       bscale[i] = zero ? 0.0 : fs * c * rn;
@@ -158,6 +169,32 @@ int64_t chunk_rows(int64_t n, int64_t K, int elem) {
 }
 
 }  // namespace
+
+void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int32_t* labels,
+                          const double* norms, const double* fscale, const double* bias,
+                          double clip_norm, LinearLoss loss, double* bscale, int64_t* n_clipped,
+                          cudaStream_t stream) {
+  DPFC_EXPECTS(dtype == kFloat32 || dtype == kFloat64, "logits must be float32 or float64");
+  DPFC_EXPECTS(rows >= 0 && K >= 1 && K < (int64_t{1} << 31), "bad logits shape");
+  DPFC_EXPECTS(clip_norm > 0.0 && std::isfinite(clip_norm), "clip_norm must be finite and > 0");
+  if (rows == 0) return;
+  DPFC_EXPECTS(z != nullptr && labels != nullptr && norms != nullptr && bscale != nullptr &&
+                   n_clipped != nullptr,
+               "residual_clip: null device pointer");
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((rows + 7) / 8, int64_t{current_sm_count()} * 16));
+  auto* count = reinterpret_cast<unsigned long long*>(n_clipped);
+  if (dtype == kFloat32) {
+    residual_clip_kernel<float><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        static_cast<float*>(z), rows, K, labels, norms, fscale, clip_norm, static_cast<int>(loss),
+        bscale, count, fscale, bias);
+  } else {
+    residual_clip_kernel<double><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        static_cast<double*>(z), rows, K, labels, norms, fscale, clip_norm,
+        static_cast<int>(loss), bscale, count, fscale, bias);
+  }
+  DPFC_CUDA_CHECK_LAUNCH();
+}
 
 void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const void* w,
                                 int64_t ldw, const double* bias, int64_t K, double clip_norm,
@@ -213,12 +250,12 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
       residual_clip_kernel<float><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
           zbuf.as<float>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
           static_cast<int>(loss), bscale.as<double>(),
-          reinterpret_cast<unsigned long long*>(n_clipped));
+          reinterpret_cast<unsigned long long*>(n_clipped), nullptr, nullptr);
     } else {
       residual_clip_kernel<double><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
           zbuf.as<double>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
           static_cast<int>(loss), bscale.as<double>(),
-          reinterpret_cast<unsigned long long*>(n_clipped));
+          reinterpret_cast<unsigned long long*>(n_clipped), nullptr, nullptr);
     }
     DPFC_CUDA_CHECK_LAUNCH();
     OuterProblem p;

@@ -44,6 +44,22 @@ void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int6
                              reinterpret_cast<cudaStream_t>(stream));
 }
 
+void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::uintptr_t labels,
+                   std::uintptr_t norms, std::uintptr_t fscale, std::uintptr_t bias,
+                   double clip_norm, const std::string& loss, std::uintptr_t bscale,
+                   std::uintptr_t n_clipped, std::uintptr_t stream) {
+  const LinearLoss l = parse_loss(loss);
+  py::gil_scoped_release nogil;
+  clear_stale_cuda_error();
+  launch_residual_clip(reinterpret_cast<void*>(z), dtype, rows, K,
+                       reinterpret_cast<const int32_t*>(labels),
+                       reinterpret_cast<const double*>(norms),
+                       reinterpret_cast<const double*>(fscale),
+                       reinterpret_cast<const double*>(bias), clip_norm, l,
+                       reinterpret_cast<double*>(bscale), reinterpret_cast<int64_t*>(n_clipped),
+                       reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 void register_linear_grad(py::module_& m) {
@@ -55,6 +71,13 @@ void register_linear_grad(py::module_& m) {
         "grad (K x d float64) = sum_i c_i r_i x_i^T with per-example clip factors c_i; "
         "n_clipped (one int64 on the device) = #{i : c_i < 1}. feature_clip <= 0: none; "
         "bias 0: zero bias.");
+  m.def("cuda_residual_clip", &residual_clip, py::arg("z"), py::arg("dtype"), py::arg("rows"),
+        py::arg("num_classes"), py::arg("labels"), py::arg("norms"), py::arg("fscale"),
+        py::arg("bias"), py::arg("clip_norm"), py::arg("loss"), py::arg("bscale"),
+        py::arg("n_clipped"), py::arg("stream"),
+        "Row epilogue of the clipped gradient on logits z = X W^T formed by the caller: z <- "
+        "r_i / ||r_i||, bscale[i] = s_i c_i ||r_i||, *n_clipped += #{c_i < 1} (fscale, bias: 0 "
+        "for none).");
 }
 
 }  // namespace dpfc::cuda

@@ -301,6 +301,24 @@ __global__ void __launch_bounds__(256) clip_rows_kernel(const T* __restrict__ x,
   }
 }
 
+// out_i = cast(scales[i] x_i), the product formed in double (a tiny scale times a huge row stays
+// in range; the scale itself may be subnormal in float).
+template <typename T>
+__global__ void __launch_bounds__(256) scale_rows_kernel(const T* __restrict__ x, int64_t n,
+                                                         int64_t d, int64_t ld,
+                                                         const double* __restrict__ scales,
+                                                         T* __restrict__ out, int64_t ldo) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t i = warp; i < n; i += nwarps) {
+    const T* row = x + i * ld;
+    const double s = scales[i];
+    T* orow = out + i * ldo;
+    for (int64_t j = lane; j < d; j += 32) orow[j] = static_cast<T>(s * to_double(row[j]));
+  }
+}
+
 unsigned rows_grid(int64_t n, int warps_per_block) {
   const int64_t want = (n + warps_per_block - 1) / warps_per_block;
   const int64_t cap = static_cast<int64_t>(current_sm_count()) * 32;
@@ -335,6 +353,26 @@ void launch_clip_rows(const RowsView& x, double clip_norm, void* out, int64_t ld
     clip_rows_kernel<double><<<grid, 256, 0, stream>>>(static_cast<const double*>(x.data), x.n,
                                                        x.d, x.ld, clip_norm,
                                                        static_cast<double*>(out), ldo, scales);
+  }
+  DPFC_CUDA_CHECK_LAUNCH();
+}
+
+void launch_scale_rows(const RowsView& x, const double* scales, void* out, int64_t ldo,
+                       cudaStream_t stream) {
+  check_rows_view(x, "x");
+  DPFC_EXPECTS(scales != nullptr && out != nullptr, "scale_rows: null device pointer");
+  DPFC_EXPECTS(x.n == 1 || ldo >= x.d, "out: row stride must be >= d");
+  DPFC_EXPECTS(x.dtype == kFloat32 || x.dtype == kFloat64,
+               "scale_rows supports float32 and float64");
+  const unsigned grid = rows_grid(x.n, 8);
+  if (x.dtype == kFloat32) {
+    scale_rows_kernel<float><<<grid, 256, 0, stream>>>(static_cast<const float*>(x.data), x.n,
+                                                       x.d, x.ld, scales,
+                                                       static_cast<float*>(out), ldo);
+  } else {
+    scale_rows_kernel<double><<<grid, 256, 0, stream>>>(static_cast<const double*>(x.data), x.n,
+                                                        x.d, x.ld, scales,
+                                                        static_cast<double*>(out), ldo);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }

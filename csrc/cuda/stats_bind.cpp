@@ -64,6 +64,16 @@ void clip_rows(std::uintptr_t x, int dtype, int64_t n, int64_t d, int64_t ldx, d
   launch_clip_rows(v, clip_norm, as_ptr<void>(out), ldo, as_ptr<double>(scale), as_stream(stream));
 }
 
+void scale_rows(std::uintptr_t x, int dtype, int64_t n, int64_t d, int64_t ldx,
+                std::uintptr_t scales, std::uintptr_t out, int64_t ldo, std::uintptr_t stream) {
+  const RowsView v = make_rows(x, dtype, n, d, ldx);
+  check_out(scales, "scales");
+  check_out(out, "out");
+  py::gil_scoped_release nogil;
+  clear_stale_cuda_error();
+  launch_scale_rows(v, as_ptr<double>(scales), as_ptr<void>(out), ldo, as_stream(stream));
+}
+
 void row_norms(std::uintptr_t x, int dtype, int64_t n, int64_t d, int64_t ldx, double clip_norm,
                std::uintptr_t norms, std::uintptr_t scales, std::uintptr_t stream) {
   const RowsView v = make_rows(x, dtype, n, d, ldx);
@@ -159,6 +169,10 @@ void register_stats(py::module_& m) {
         py::arg("ldx"), py::arg("clip_norm"), py::arg("out"), py::arg("ldo"), py::arg("scale"),
         py::arg("stream"),
         "out[i] = clip_scale(||x_i||, C) x_i (x's dtype, float32/float64); scale[i] float64.");
+  m.def("cuda_scale_rows", &scale_rows, py::arg("x"), py::arg("dtype"), py::arg("n"),
+        py::arg("d"), py::arg("ldx"), py::arg("scales"), py::arg("out"), py::arg("ldo"),
+        py::arg("stream"),
+        "out[i] = scales[i] x_i (float64 scales, product in double, x's dtype: float32/float64).");
   m.def("cuda_row_norms", &row_norms, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"),
         py::arg("ldx"), py::arg("clip_norm"), py::arg("norms"), py::arg("scales"),
         py::arg("stream"), "Float64 row norms and clip scales (either output pointer may be 0).");

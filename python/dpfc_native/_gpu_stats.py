@@ -32,6 +32,8 @@ Class sums are always accumulated in float64 (the float32 input values are exact
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 __all__ = [
@@ -346,10 +348,103 @@ def gaussian_noise(shape, std: float, key_words, block0: int, dtype):
 # --------------------------------------------------------------------------------------
 
 
+# Pass-2 engines: "cublas" (default) forms both GEMM-shaped passes with CuPy's matmul (cuBLAS,
+# float32 or float64 without TF32) around the native row epilogue; the others run the whole
+# gradient in csrc/cuda/linear_grad.cu with the named outer-product engine.
+_GRAD_ENGINES = ("auto", "cublas", "simt32", "mma", "mma884", "simt")
+_LG_BLOCK = 4096             # float32 products summed over at most this many rows
+_LG_Z_BYTES = 128 << 20      # logits workspace per chunk
+_LG_X_BYTES = 256 << 20      # scaled-rows workspace per chunk
+
+
+def _tf32_matmul() -> bool:
+    """Whether CuPy would run a float32 matmul on TF32 tensor cores (CUPY_TF32=1)."""
+    try:
+        from cupy._core import _routines_linalg as rl
+
+        return rl.get_compute_type(np.float32) == rl.COMPUTE_TYPE_TF32
+    except Exception:
+        return os.environ.get("CUPY_TF32", "0") not in ("", "0")
+
+
+def _grad_engine(dtype) -> str:
+    v = os.environ.get("DPFC_GRAD_KERNEL", "") or "auto"
+    if v not in _GRAD_ENGINES:
+        raise ValueError(f"DPFC_GRAD_KERNEL must be one of {_GRAD_ENGINES}, got {v!r}")
+    tf32 = np.dtype(dtype) == np.float32 and _tf32_matmul()
+    if v == "cublas" and tf32:
+        raise ValueError("DPFC_GRAD_KERNEL=cublas with CUPY_TF32=1: TF32 would round the "
+                         "clipped per-example terms (use the native engines)")
+    if v == "auto":
+        return "native" if tf32 else "cublas"
+    return v if v == "cublas" else "native"
+
+
+def _lg_chunk_rows(n: int, k: int, d: int, item: int) -> int:
+    env = os.environ.get("DPFC_LG_CHUNK", "")
+    if env:
+        nc = int(env)
+        if nc < 1:
+            raise ValueError("DPFC_LG_CHUNK must be a positive integer")
+        return min(nc, n)
+    nc = min(_LG_Z_BYTES // (k * item), _LG_X_BYTES // (d * item))
+    nc = (nc // _LG_BLOCK) * _LG_BLOCK if nc >= _LG_BLOCK else max(128, nc)
+    return min(nc, n)
+
+
+def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad,
+                        n_clipped):
+    """Per chunk: Z = X W^T (cuBLAS), the native epilogue (Z <- r_i / ||r_i||, f_i =
+    s_i c_i ||r_i||), X' = f X (native, product in double), grad += Z^T X' (cuBLAS; float32
+    in blocks of _LG_BLOCK rows whose sums are added in float64)."""
+    cp = _cupy()
+    core = _core()
+    st = _stream()
+    n, d = x.shape
+    k = wc.shape[0]
+    item = x.itemsize
+    norms = cp.empty(n, dtype=cp.float64)
+    fs = None if feature_clip is None else cp.empty(n, dtype=cp.float64)
+    core.cuda_row_norms(x.data.ptr, code, n, d, ld, 0.0 if fs is None else float(feature_clip),
+                        norms.data.ptr, 0 if fs is None else fs.data.ptr, st)
+    nc = _lg_chunk_rows(n, k, d, item)
+    zbuf = cp.empty((nc, k), dtype=x.dtype)
+    xbuf = cp.empty((nc, d), dtype=x.dtype)
+    fbuf = cp.empty(nc, dtype=cp.float64)
+    grad.fill(0.0)
+    n_clipped.fill(0)
+    wt = wc.T
+    for c0 in range(0, n, nc):
+        rows = min(nc, n - c0)
+        xc = x[c0:c0 + rows]
+        z, xs = zbuf[:rows], xbuf[:rows]
+        cp.matmul(xc, wt, out=z)
+        core.cuda_residual_clip(z.data.ptr, code, rows, k, lab.data.ptr + 4 * c0,
+                                norms.data.ptr + 8 * c0,
+                                0 if fs is None else fs.data.ptr + 8 * c0,
+                                0 if b is None else b.data.ptr, float(clip_norm), str(loss),
+                                fbuf.data.ptr, n_clipped.data.ptr, st)
+        core.cuda_scale_rows(xc.data.ptr, code, rows, d, ld, fbuf.data.ptr, xs.data.ptr, d, st)
+        if x.dtype == cp.float64:
+            grad += z.T @ xs
+            continue
+        nb = rows // _LG_BLOCK
+        if nb:
+            m = nb * _LG_BLOCK
+            part = cp.matmul(z[:m].reshape(nb, _LG_BLOCK, k).transpose(0, 2, 1),
+                             xs[:m].reshape(nb, _LG_BLOCK, d))
+            grad += part.sum(axis=0, dtype=cp.float64)
+        if rows % _LG_BLOCK:
+            m = nb * _LG_BLOCK
+            grad += (z[m:].T @ xs[m:]).astype(cp.float64)
+
+
 def _linear_grad_into(x, labels, w, bias, clip_norm, loss, feature_clip, grad, n_clipped):
     cp = _cupy()
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _FLOATS, "x")
+    if loss not in ("sigmoid", "softmax"):
+        raise ValueError(f"loss must be 'sigmoid' or 'softmax', got {loss!r}")
     n, d = x.shape
     k = w.shape[0]
     if n == 0 or d == 0:
@@ -360,6 +455,10 @@ def _linear_grad_into(x, labels, w, bias, clip_norm, loss, feature_clip, grad, n
     wc = cp.ascontiguousarray(w, dtype=x.dtype)
     b = None if bias is None else cp.ascontiguousarray(bias, dtype=cp.float64)
     lab = _labels32(labels)
+    if _grad_engine(x.dtype) == "cublas":
+        _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad,
+                            n_clipped)
+        return grad, n_clipped
     _core().cuda_clipped_linear_grad(
         x.data.ptr,
         code,
@@ -384,10 +483,17 @@ def _linear_grad_into(x, labels, w, bias, clip_norm, loss, feature_clip, grad, n
 def clipped_linear_grad(x, labels, w, bias, clip_norm, loss, feature_clip):
     """``(grad, n_clipped)``: grad (K, d) float64 on the device, n_clipped a Python int.
 
-    The logits are computed in x's precision (float32 FFMA for float32 features, no TF32);
+    The logits are computed in x's precision (float32 for float32 features, never TF32);
     the clipped gradient is accumulated in float64 (float32 features: float32 products
     summed over blocks of at most 4096 rows, block sums added in float64). Reading
     n_clipped synchronises the current stream once.
+
+    By default both GEMM-shaped passes run on cuBLAS through CuPy's matmul and the native
+    kernels do the rest: row norms, the fused residual / clip-factor epilogue and the row
+    scaling (``DPFC_GRAD_KERNEL=cublas``). ``DPFC_GRAD_KERNEL=simt32 | mma | mma884 |
+    simt`` runs the whole gradient in the native kernels instead, as does the default when
+    CuPy runs float32 matmuls on TF32 (``CUPY_TF32=1``). ``DPFC_LG_CHUNK`` sets the rows
+    per chunk.
     """
     cp = _cupy()
     with x.device:
