@@ -294,6 +294,7 @@ class Bench:
                     self.add("linear_grad", shape, label, tv, t1 + t2, 1.15,
                              rate=flops / tv / 1e9, rate_unit="TFLOP/s", ratio_kind="fraction",
                              note=f"DPFC_GRAD_KERNEL={engine} variant (all-native passes)")
+            self.linear_grad_parts(x, labels, w, bias, n, d, k, shape, t1 + t2)
             # Per-example gradients materialised in batches (timed on a few, extrapolated).
             bsz = 128
 
@@ -326,6 +327,47 @@ class Bench:
         finally:
             x = labels = w = None
             free_all()
+
+    def linear_grad_parts(self, x, labels, w, bias, n, d, k, shape, base):
+        """Where the cuBLAS path's time goes: each part timed on one chunk, times the number
+        of chunks (the row norms over all rows), plus the float32 block-size variants."""
+        core, st = gs._core(), gs._stream()
+        nc = gs._lg_chunk_rows(n, k, d, 4)
+        nch = -(-n // nc)
+        xc = x[:nc]
+        zc = cp.empty((nc, k), dtype=cp.float32)
+        xs = cp.empty_like(xc)
+        fb, norms = cp.empty(nc), cp.empty(n)
+        cnt = cp.zeros((), dtype=cp.int64)
+        blk = gs._LG_BLOCK
+        nb = nc // blk
+        parts = {
+            "row norms": time_ms(lambda: core.cuda_row_norms(
+                x.data.ptr, 0, n, d, d, 0.0, norms.data.ptr, 0, st), self.reps),
+            "logits GEMM": nch * time_ms(lambda: cp.matmul(xc, w.T, out=zc), self.reps),
+            "epilogue": nch * time_ms(lambda: core.cuda_residual_clip(
+                zc.data.ptr, 0, nc, k, labels.data.ptr, norms.data.ptr, 0, bias.data.ptr, 1e-3,
+                "sigmoid", fb.data.ptr, cnt.data.ptr, st), self.reps),
+            "row scaling": nch * time_ms(lambda: core.cuda_scale_rows(
+                xc.data.ptr, 0, nc, d, d, fb.data.ptr, xs.data.ptr, d, st), self.reps),
+            f"grad GEMM ({blk}-row blocks + f64 sum)": nch * time_ms(
+                lambda: cp.matmul(zc[:nb * blk].reshape(nb, blk, k).transpose(0, 2, 1),
+                                  xs[:nb * blk].reshape(nb, blk, d)).sum(axis=0, dtype=cp.float64),
+                self.reps),
+            "grad GEMM (one per chunk)": nch * time_ms(lambda: zc.T @ xs, self.reps),
+        }
+        total = sum(v for key, v in parts.items() if key != "grad GEMM (one per chunk)")
+        self.add("linear_grad", shape, "parts (cuBLAS path)", total, base, 0.0, ratio_kind="info",
+                 note="; ".join(f"{key} {v:.1f}" for key, v in parts.items())
+                      + f" ms ({nch} chunks of {nc} rows)")
+        for b in (16384, nc):
+            with env_vars(DPFC_LG_BLOCK=str(b)):
+                tv = time_ms(lambda: gs._linear_grad_into(x, labels, w, bias, 1e-3, "sigmoid", None,
+                                                          cp.empty((k, d)),
+                                                          cp.empty((), dtype=cp.int64)),
+                             self.reps)
+            self.add("linear_grad", shape, f"f32 blocks of {b}", tv, base, 1.15,
+                     ratio_kind="fraction", note=f"DPFC_LG_BLOCK={b} variant")
 
     # ---- Newton weighted grams -----------------------------------------------------------
     def newton(self, n: int, d: int, k: int):

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if "linear_grad" in only:
         xl, w = feats(100_000, 1664), 0.01 * feats(1000, 1664)
         yl = cp.asarray(np.random.default_rng(1).integers(0, 1000, 100_000), dtype=cp.int32)
-        cases["linear_grad"] = lambda: ops.clipped_linear_grad(xl, yl, w, None, 1.0,
+        cases["linear_grad"] = lambda: ops.clipped_linear_grad(xl, yl, w, 0.0, 1.0,
                                                                loss="softmax")
     if "chol_small" in only:
         a64 = spd(10_000, 64)

@@ -33,21 +33,31 @@ __device__ __forceinline__ T sigmoid_t(T z) {
   return T(1) / (T(1) + exp(-z));
 }
 
+// The epilogue evaluates r_l several times per row (norm, rescue, the stored u_i); each time
+// it must get the same bits, or ||u_i|| != 1 and the clip bound slips (by ~1e-5 with logits
+// near 1e3: seen on the H100). So the roundings are pinned: no FMA contraction may differ
+// between the inlined copies.
+__device__ __forceinline__ float lg_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double lg_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float lg_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double lg_add(double a, double b) { return __dadd_rn(a, b); }
+
 // Residual r_l for logit zl of class l (y the label): sigmoid (p_l - [l = y]) / K, or softmax
 // exp(zl - mx) / se - [l = y] (mx the row max, inv_se = 1 / sum exp(z - mx)).
 template <typename T>
 __device__ __forceinline__ double lg_residual(T zl, int64_t l, int64_t y, int loss, T mx,
                                               double inv_se, double inv_k) {
-  if (loss == 0) return (static_cast<double>(sigmoid_t(zl)) - (l == y ? 1.0 : 0.0)) * inv_k;
-  return static_cast<double>(exp(zl - mx)) * inv_se - (l == y ? 1.0 : 0.0);
+  const double ind = l == y ? 1.0 : 0.0;
+  if (loss == 0) return __dmul_rn(__dsub_rn(static_cast<double>(sigmoid_t(zl)), ind), inv_k);
+  return __dsub_rn(__dmul_rn(static_cast<double>(exp(zl - mx)), inv_se), ind);
 }
 
 // Logit l of a row as stored (zs = 1, no bias: the native GEMM applied both) or finished here
 // (the cuBLAS path: zs = the row's feature-clip scale, bias added in T).
 template <typename T>
 __device__ __forceinline__ T lg_logit(const T* z, int64_t l, T zs, const double* bias) {
-  const T v = z[l] * zs;
-  return bias != nullptr ? v + static_cast<T>(bias[l]) : v;
+  const T v = lg_mul(z[l], zs);
+  return bias != nullptr ? lg_add(v, static_cast<T>(bias[l])) : v;
 }
 
 // Below this sum of squares of a residual, its terms may have underflowed: ||r|| is recomputed
@@ -82,21 +92,25 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     // has scale 0, and inf * 0 would be NaN).
     const double xnorm = fs > 0.0 ? norms[i] * fs : 0.0;
     const T zs = zscale != nullptr ? static_cast<T>(zscale[i]) : T(1);
-    const auto logit = [&](int64_t l) { return lg_logit(z, l, zs, zbias); };
+    // Finish the logits in place first (cuBLAS path), so every later pass reads the same
+    // stored values, as on the native path (each lane rereads only its own l).
+    if (zscale != nullptr || zbias != nullptr) {
+      for (int64_t l = lane; l < K; l += 32) z[l] = lg_logit(z, l, zs, zbias);
+    }
     T mx = T(0);
     double inv_se = 0.0;
     if (loss != 0) {
       mx = -INFINITY;
-      for (int64_t l = lane; l < K; l += 32) mx = max(mx, logit(l));
+      for (int64_t l = lane; l < K; l += 32) mx = max(mx, z[l]);
       mx = lg_warp_max(mx);
       double se = 0.0;
-      for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(logit(l) - mx));
+      for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(z[l] - mx));
       se = lg_warp_sum(se);
       inv_se = 1.0 / se;
     }
     double ss = 0.0;
     for (int64_t l = lane; l < K; l += 32) {
-      const double r = lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k);
+      const double r = lg_residual(z[l], l, y, loss, mx, inv_se, inv_k);
       ss += r * r;
     }
     ss = lg_warp_sum(ss);
@@ -108,13 +122,13 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     if (!bad && ss < kLgTinySumSq) {
       double m = 0.0;
       for (int64_t l = lane; l < K; l += 32) {
-        m = fmax(m, fabs(lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k)));
+        m = fmax(m, fabs(lg_residual(z[l], l, y, loss, mx, inv_se, inv_k)));
       }
       m = lg_warp_max(m);
       if (m > 0.0) {
         double t = 0.0;
         for (int64_t l = lane; l < K; l += 32) {
-          const double a = lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k) / m;
+          const double a = lg_residual(z[l], l, y, loss, mx, inv_se, inv_k) / m;
           t += a * a;
         }
         t = sqrt(lg_warp_sum(t));
@@ -125,7 +139,7 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     const double c = clip_scale(gnorm, clip_norm);
     const bool zero = !(rn > 0.0);
     for (int64_t l = lane; l < K; l += 32) {
-      z[l] = zero ? T(0) : static_cast<T>(lg_residual(logit(l), l, y, loss, mx, inv_se, inv_k) / rn);
+      z[l] = zero ? T(0) : static_cast<T>(lg_residual(z[l], l, y, loss, mx, inv_se, inv_k) / rn);
     }
     if (lane == 0) {
       bscale[i] = zero ? 0.0 : fs * c * rn;

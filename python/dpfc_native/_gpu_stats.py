@@ -380,6 +380,16 @@ def _grad_engine(dtype) -> str:
     return v if v == "cublas" else "native"
 
 
+def _lg_block_rows() -> int:
+    env = os.environ.get("DPFC_LG_BLOCK", "")
+    if not env:
+        return _LG_BLOCK
+    blk = int(env)
+    if blk < 1:
+        raise ValueError("DPFC_LG_BLOCK must be a positive integer")
+    return blk
+
+
 def _lg_chunk_rows(n: int, k: int, d: int, item: int) -> int:
     env = os.environ.get("DPFC_LG_CHUNK", "")
     if env:
@@ -396,7 +406,7 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
                         n_clipped):
     """Per chunk: Z = X W^T (cuBLAS), the native epilogue (Z <- r_i / ||r_i||, f_i =
     s_i c_i ||r_i||), X' = f X (native, product in double), grad += Z^T X' (cuBLAS; float32
-    in blocks of _LG_BLOCK rows whose sums are added in float64)."""
+    in blocks of _LG_BLOCK rows, or $DPFC_LG_BLOCK, whose sums are added in float64)."""
     cp = _cupy()
     core = _core()
     st = _stream()
@@ -408,6 +418,7 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
     core.cuda_row_norms(x.data.ptr, code, n, d, ld, 0.0 if fs is None else float(feature_clip),
                         norms.data.ptr, 0 if fs is None else fs.data.ptr, st)
     nc = _lg_chunk_rows(n, k, d, item)
+    blk = _lg_block_rows()
     zbuf = cp.empty((nc, k), dtype=x.dtype)
     xbuf = cp.empty((nc, d), dtype=x.dtype)
     fbuf = cp.empty(nc, dtype=cp.float64)
@@ -428,14 +439,14 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
         if x.dtype == cp.float64:
             grad += z.T @ xs
             continue
-        nb = rows // _LG_BLOCK
+        nb = rows // blk
         if nb:
-            m = nb * _LG_BLOCK
-            part = cp.matmul(z[:m].reshape(nb, _LG_BLOCK, k).transpose(0, 2, 1),
-                             xs[:m].reshape(nb, _LG_BLOCK, d))
+            m = nb * blk
+            part = cp.matmul(z[:m].reshape(nb, blk, k).transpose(0, 2, 1),
+                             xs[:m].reshape(nb, blk, d))
             grad += part.sum(axis=0, dtype=cp.float64)
-        if rows % _LG_BLOCK:
-            m = nb * _LG_BLOCK
+        if rows % blk:
+            m = nb * blk
             grad += (z[m:].T @ xs[m:]).astype(cp.float64)
 
 
@@ -493,7 +504,7 @@ def clipped_linear_grad(x, labels, w, bias, clip_norm, loss, feature_clip):
     scaling (``DPFC_GRAD_KERNEL=cublas``). ``DPFC_GRAD_KERNEL=simt32 | mma | mma884 |
     simt`` runs the whole gradient in the native kernels instead, as does the default when
     CuPy runs float32 matmuls on TF32 (``CUPY_TF32=1``). ``DPFC_LG_CHUNK`` sets the rows
-    per chunk.
+    per chunk, ``DPFC_LG_BLOCK`` the rows per float32 product block (cuBLAS path).
     """
     cp = _cupy()
     with x.device:
