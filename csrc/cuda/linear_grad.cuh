@@ -18,6 +18,10 @@
 //      rows with a huge ||x_i||, too coarse for the 2^-20 clip margin).
 // Only the chunk's Z (<= 128 MiB), one double per chunk row and the split partials of grad are
 // ever stored.
+// The default GPU path (dpfc_native._gpu_stats, DPFC_GRAD_KERNEL unset or "cublas") runs steps 1
+// and 3 as cuBLAS GEMMs through CuPy instead and calls only the pieces: launch_row_norms,
+// launch_residual_clip (step 2, finishing the logits with the feature-clip scale and bias) and
+// launch_scale_rows (f X in double); on the H100 that is 1.4x faster than the native passes.
 // Environment knobs for the GPU session: DPFC_GRAD_KERNEL = simt32 (default for float32
 // input) | mma | simt (pass-2 engine); DPFC_LG_CHUNK = rows per chunk.
 #pragma once

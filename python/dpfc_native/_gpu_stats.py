@@ -6,7 +6,8 @@ range, positive clip norms) and calls these with CuPy arrays. Each function laun
 native kernels of ``dpfc_native._core`` (``csrc/cuda/{stats,noise,linear_grad}.cu``) on
 CuPy's current stream, with the GIL released, and returns CuPy arrays without waiting for
 the device, except :func:`clipped_linear_grad`, which synchronises once to return its
-clipped-row count as a Python ``int``.
+clipped-row count as a Python ``int`` (and by default runs its two GEMM-shaped passes on
+cuBLAS through CuPy's matmul, between native kernels).
 
 Layout rules for ``x``: rows may have any row stride (a view such as ``x[:, :d]`` or
 ``x[::2]`` is used in place, without copying); the elements of a row must be contiguous.
