@@ -284,6 +284,13 @@ __global__ void __launch_bounds__(256) row_norms_kernel(const void* __restrict__
   }
 }
 
+// orow = cast(s row), the product formed in double (one warp, lane = its lane).
+template <typename T>
+__device__ __forceinline__ void warp_scale_row(const T* __restrict__ row, int64_t d, double s,
+                                               T* __restrict__ orow, int lane) {
+  for (int64_t j = lane; j < d; j += 32) orow[j] = static_cast<T>(s * to_double(row[j]));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256) clip_rows_kernel(const T* __restrict__ x, int64_t n,
                                                         int64_t d, int64_t ld, double clip_norm,
@@ -295,8 +302,7 @@ __global__ void __launch_bounds__(256) clip_rows_kernel(const T* __restrict__ x,
   for (int64_t i = warp; i < n; i += nwarps) {
     const T* row = x + i * ld;
     const double s = clip_scale(warp_row_norm(row, d, lane), clip_norm);
-    T* orow = out + i * ldo;
-    for (int64_t j = lane; j < d; j += 32) orow[j] = static_cast<T>(s * to_double(row[j]));
+    warp_scale_row(row, d, s, out + i * ldo, lane);
     if (lane == 0 && scales != nullptr) scales[i] = s;
   }
 }
@@ -312,10 +318,7 @@ __global__ void __launch_bounds__(256) scale_rows_kernel(const T* __restrict__ x
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t i = warp; i < n; i += nwarps) {
-    const T* row = x + i * ld;
-    const double s = scales[i];
-    T* orow = out + i * ldo;
-    for (int64_t j = lane; j < d; j += 32) orow[j] = static_cast<T>(s * to_double(row[j]));
+    warp_scale_row(x + i * ld, d, scales[i], out + i * ldo, lane);
   }
 }
 
@@ -908,6 +911,28 @@ __device__ __forceinline__ void dmma_8x8x4(double& c0, double& c1, double a, dou
 #endif
 }
 
+// The m16n8k8 operand fragments of a warp's 64 x 32 tile for k-step row r0 (= 8 ks + lane % 4)
+// from shared stages stored [k][column] with row stride LDS; as and bs already point at the
+// warp's columns plus lane / 4. a[q]: rows 16 q and 16 q + 8 at k rows r0 and r0 + 4; b[nt]:
+// column 8 nt at the same k rows. One layout for the f64 DMMA (PTX .f64 = the .tf32 layout)
+// and the tf32 / bf16 words of the float engine (bf16: one word = two k values).
+template <int LDS, typename T>
+__device__ __forceinline__ void load_frags_m16n8k8(const T* as, const T* bs, int r0,
+                                                   T (&a)[4][4], T (&b)[4][2]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    a[q][0] = as[r0 * LDS + q * 16];
+    a[q][1] = as[r0 * LDS + q * 16 + 8];
+    a[q][2] = as[(r0 + 4) * LDS + q * 16];
+    a[q][3] = as[(r0 + 4) * LDS + q * 16 + 8];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    b[nt][0] = bs[r0 * LDS + nt * 8];
+    b[nt][1] = bs[(r0 + 4) * LDS + nt * 8];
+  }
+}
+
 // D = A B + C on one 16x8x8 double tile (sm_90). Fragments: a0 (g, t), a1 (g+8, t),
 // a2 (g, t+4), a3 (g+8, t+4); b0 (t, g), b1 (t+4, g); c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t),
 // c3 (g+8, 2t+1) (PTX ISA "Matrix Fragments for mma.m16n8k8", .f64 = the .tf32 layout;
@@ -968,20 +993,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) outer_mma_kernel(const OuterAr
     } else if constexpr (M16) {
 #pragma unroll
       for (int ks = 0; ks < kMmaBK / 8; ++ks) {
-        const int k = ks * 8 + tig;
         double a[4][4], b[4][2];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          a[q][0] = as[k * kMmaLDS + q * 16];
-          a[q][1] = as[k * kMmaLDS + q * 16 + 8];
-          a[q][2] = as[(k + 4) * kMmaLDS + q * 16];
-          a[q][3] = as[(k + 4) * kMmaLDS + q * 16 + 8];
-        }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          b[nt][0] = bs[k * kMmaLDS + nt * 8];
-          b[nt][1] = bs[(k + 4) * kMmaLDS + nt * 8];
-        }
+        load_frags_m16n8k8<kMmaLDS>(as, bs, ks * 8 + tig, a, b);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
 #pragma unroll
@@ -1178,20 +1191,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) outer_tc_kernel(const OuterArgs
 #pragma unroll
     for (int ks = 0; ks < Cfg::kSteps; ++ks) {
       if (skip_lower) break;  // warp tile below the diagonal of a diagonal tile: unused
-      const int r0 = ks * 8 + t;
       uint32_t a[4][4], b[4][2];
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        a[mt][0] = as[r0 * kTcLDW + mt * 16];
-        a[mt][1] = as[r0 * kTcLDW + mt * 16 + 8];
-        a[mt][2] = as[(r0 + 4) * kTcLDW + mt * 16];
-        a[mt][3] = as[(r0 + 4) * kTcLDW + mt * 16 + 8];
-      }
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        b[nt][0] = bs[r0 * kTcLDW + nt * 8];
-        b[nt][1] = bs[(r0 + 4) * kTcLDW + nt * 8];
-      }
+      load_frags_m16n8k8<kTcLDW>(as, bs, ks * 8 + t, a, b);
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
