@@ -185,9 +185,9 @@ int64_t chunk_rows(int64_t n, int64_t K, int elem) {
 }  // namespace
 
 void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int32_t* labels,
-                          const double* norms, const double* fscale, const double* bias,
-                          double clip_norm, LinearLoss loss, double* bscale, int64_t* n_clipped,
-                          cudaStream_t stream) {
+                          const double* norms, const double* fscale, const double* zscale,
+                          const double* zbias, double clip_norm, LinearLoss loss, double* bscale,
+                          int64_t* n_clipped, cudaStream_t stream) {
   DPFC_EXPECTS(dtype == kFloat32 || dtype == kFloat64, "logits must be float32 or float64");
   DPFC_EXPECTS(rows >= 0 && K >= 1 && K < (int64_t{1} << 31), "bad logits shape");
   DPFC_EXPECTS(clip_norm > 0.0 && std::isfinite(clip_norm), "clip_norm must be finite and > 0");
@@ -201,11 +201,11 @@ void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int
   if (dtype == kFloat32) {
     residual_clip_kernel<float><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
         static_cast<float*>(z), rows, K, labels, norms, fscale, clip_norm, static_cast<int>(loss),
-        bscale, count, fscale, bias);
+        bscale, count, zscale, zbias);
   } else {
     residual_clip_kernel<double><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
         static_cast<double*>(z), rows, K, labels, norms, fscale, clip_norm,
-        static_cast<int>(loss), bscale, count, fscale, bias);
+        static_cast<int>(loss), bscale, count, zscale, zbias);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }
@@ -247,8 +247,6 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
   const int64_t S2 = choose_splits(tiles2, nc, 2048, slots, split_bytes, std::size_t{512} << 20);
   DeviceBuffer part(S2 > 1 ? static_cast<std::size_t>(S2) * split_bytes : 0, stream);
 
-  const int64_t epi_blocks =
-      std::max<int64_t>(1, std::min<int64_t>((nc + 7) / 8, int64_t{current_sm_count()} * 16));
   const char* xbytes = static_cast<const char*>(x.data);
   for (int64_t c0 = 0; c0 < n; c0 += nc) {
     const int64_t rows = std::min(nc, n - c0);
@@ -260,18 +258,10 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
     xc.ld = x.ld;
     const double* fsc = fs != nullptr ? fs + c0 : nullptr;
     launch_rows_matmul_nt(xc, fsc, w, ldw, K, bias, zbuf.as<void>(), K, stream);
-    if (x.dtype == kFloat32) {
-      residual_clip_kernel<float><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
-          zbuf.as<float>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
-          static_cast<int>(loss), bscale.as<double>(),
-          reinterpret_cast<unsigned long long*>(n_clipped), nullptr, nullptr);
-    } else {
-      residual_clip_kernel<double><<<static_cast<unsigned>(epi_blocks), 256, 0, stream>>>(
-          zbuf.as<double>(), rows, K, labels + c0, norms.as<double>() + c0, fsc, clip_norm,
-          static_cast<int>(loss), bscale.as<double>(),
-          reinterpret_cast<unsigned long long*>(n_clipped), nullptr, nullptr);
-    }
-    DPFC_CUDA_CHECK_LAUNCH();
+    // The logits are finished (scale and bias applied by the GEMM): no zscale, no bias here.
+    launch_residual_clip(zbuf.as<void>(), x.dtype, rows, K, labels + c0, norms.as<double>() + c0,
+                         fsc, nullptr, nullptr, clip_norm, loss, bscale.as<double>(), n_clipped,
+                         stream);
     OuterProblem p;
     p.a = zbuf.as<void>();
     p.a_dtype = x.dtype;

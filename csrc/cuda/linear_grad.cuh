@@ -44,14 +44,14 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
                                 LinearLoss loss, double feature_clip, double* grad,
                                 int64_t* n_clipped, cudaStream_t stream);
 
-// The row epilogue alone, for a caller that forms the logits itself (the cuBLAS path of
-// dpfc_native._gpu_stats): z (rows x K, contiguous, float32/float64) holds x_i . w_l without
-// scale or bias; logit = fscale[i] z + bias[l] (either may be null). Overwrites z with
+// The row epilogue (step 2) alone; also what the cuBLAS path of dpfc_native._gpu_stats calls
+// on logits it formed itself. z: rows x K, contiguous, float32/float64. logit = zscale[i] z +
+// zbias[l] (either may be null: the logits are already finished). Overwrites z with
 // u_i = r_i / ||r_i||, writes bscale[i] = s_i c_i ||r_i|| and adds #{c_i < 1} to *n_clipped.
-// norms: ||x_i|| before the feature clip (float64).
+// norms: ||x_i|| before the feature clip (float64); fscale: s_i (null: no feature clip).
 void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int32_t* labels,
-                          const double* norms, const double* fscale, const double* bias,
-                          double clip_norm, LinearLoss loss, double* bscale, int64_t* n_clipped,
-                          cudaStream_t stream);
+                          const double* norms, const double* fscale, const double* zscale,
+                          const double* zbias, double clip_norm, LinearLoss loss, double* bscale,
+                          int64_t* n_clipped, cudaStream_t stream);
 
 }  // namespace dpfc::cuda

@@ -55,6 +55,7 @@ void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::ui
                        reinterpret_cast<const int32_t*>(labels),
                        reinterpret_cast<const double*>(norms),
                        reinterpret_cast<const double*>(fscale),
+                       reinterpret_cast<const double*>(fscale),
                        reinterpret_cast<const double*>(bias), clip_norm, l,
                        reinterpret_cast<double*>(bscale), reinterpret_cast<int64_t*>(n_clipped),
                        reinterpret_cast<cudaStream_t>(stream));
