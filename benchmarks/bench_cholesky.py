@@ -190,6 +190,18 @@ def main(argv=None) -> int:
             print(f"  WARNING {what}: ours and cupy differ, rel {rel:.2e}", flush=True)
         return float(rel)
 
+    def factor_ms(inputs):
+        """Median ms of ops.cholesky over the rotated inputs."""
+        return timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+
+    def ours_vs_cupy(inputs, what):
+        """(ours ms, cupy.linalg.cholesky ms) over the rotated inputs, after checking that the
+        two factors of the first input agree."""
+        t_ours = factor_ms(inputs)
+        t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+        check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), what)
+        return t_ours, t_base
+
     # ---- small: d <= 128, batch >= 1000 ------------------------------------------------
     small = [(32, 1000), (128, 1000)] if args.quick else [
         (8, 10000), (16, 10000), (32, 1000), (32, 10000), (64, 1000), (64, 10000),
@@ -199,9 +211,7 @@ def main(argv=None) -> int:
             if not fits(batch, d):
                 continue
             inputs = _rotation(cp, batch, d, dtype, 10 + d, l2_bytes)
-            t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-            t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-            check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"small d={d}")
+            t_ours, t_base = ours_vs_cupy(inputs, f"small d={d}")
             record("small", d, batch, t_ours, t_base, None, batch * d**3 / 3,
                    _gpu_linalg.plan(batch, d, dtype), faster_by=3.0)
             inputs = None
@@ -218,9 +228,7 @@ def main(argv=None) -> int:
                     print(f"mid            d={d:<5} batch={batch:<6} skipped: does not fit", flush=True)
                     continue
                 inputs = _rotation(cp, batch, d, dtype, 100 + d, l2_bytes)
-                t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-                t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-                check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"mid d={d}")
+                t_ours, t_base = ours_vs_cupy(inputs, f"mid d={d}")
                 record("mid", d, batch, t_ours, t_base, None, batch * d**3 / 3,
                        _gpu_linalg.plan(batch, d, dtype), faster_by=1.5)
                 if not args.no_variants and not args.quick and batch in (16, 100):
@@ -229,7 +237,7 @@ def main(argv=None) -> int:
                         variants = [("left", "simt"), ("right", "simt")]
                     for sched, kern in variants:
                         with env_vars(DPFC_CHOL_SCHEDULE=sched, DPFC_CHOL_KERNEL=kern):
-                            t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+                            t_v = factor_ms(inputs)
                         record("variant", d, batch, t_v, t_base, "info", batch * d**3 / 3, f"{sched}/{kern}")
                 inputs = None
             except Exception as exc:  # record and go on: one failure must not hide the rest
@@ -239,15 +247,13 @@ def main(argv=None) -> int:
     for d in mids:
         try:
             inputs = [x[0] for x in _rotation(cp, 1, d, dtype, 300 + d, l2_bytes)]
-            t_ours = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-            t_base = timer(lambda a: cp.linalg.cholesky(a), lambda i: (inputs[i % len(inputs)],))
-            check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), f"single d={d}")
+            t_ours, t_base = ours_vs_cupy(inputs, f"single d={d}")
             record("single", d, 1, t_ours, t_base, 1.1, d**3 / 3, _gpu_linalg.plan(1, d, dtype))
             if not args.no_variants and not args.quick:
                 for sched, kern in ([("left", "mma"), ("right", "mma"), ("right", "simt")]
                                     if dtype == np.float64 else [("left", "simt"), ("right", "simt")]):
                     with env_vars(DPFC_CHOL_SCHEDULE=sched, DPFC_CHOL_KERNEL=kern):
-                        t_v = timer(lambda a: ops.cholesky(a), lambda i: (inputs[i % len(inputs)],))
+                        t_v = factor_ms(inputs)
                     record("variant", d, 1, t_v, t_base, "info", d**3 / 3, f"{sched}/{kern}")
         except Exception as exc:  # record and go on: one failure must not hide the rest
             error("single", d, 1, exc)
