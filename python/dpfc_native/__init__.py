@@ -10,6 +10,7 @@ Gaussian mechanism and accounted exactly (:mod:`dpfc_native.accounting`).
 from __future__ import annotations
 
 from . import _core
+from ._errors import PrivacyWarning
 
 __version__: str = _core.__version__
 
@@ -17,6 +18,7 @@ __all__ = [
     "__version__",
     "build_info",
     "CudaError",
+    "PrivacyWarning",
     "DPLeastSquaresClassifier",
     "DPNewtonClassifier",
     "DPFCClassifier",
