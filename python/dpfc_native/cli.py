@@ -292,11 +292,15 @@ def demo(
 
 
 def _register_plugins() -> None:
-    try:
-        from .audit import register_cli
-    except ImportError:  # the audit module is optional
-        return
-    register_cli(app)
+    import importlib
+
+    # Commands that live in their own modules (each optional: a missing one is skipped).
+    for name in ("audit", "plan", "extract"):
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ImportError:
+            continue
+        module.register_cli(app)
 
 
 _register_plugins()
