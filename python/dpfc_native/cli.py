@@ -237,6 +237,10 @@ def demo(
                                                   "(repeatable; default 0.1 0.5 1 2 8 inf)."),
     method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods "
                                                "(repeatable; default all)."),
+    features: Optional[Path] = typer.Option(None, "--features", help="A PUBLIC features "
+                                            "file standing in for the private data (split "
+                                            "75/25; --n draws that many training rows): "
+                                            "its privacy-utility curve."),
 ):
     """Every method on embedded data at eps in {0.1, 0.5, 1, 2, 8} and non-private: a table
     and a privacy-utility plot (PNG + JSON) in --out. Nothing is downloaded."""
@@ -244,7 +248,7 @@ def demo(
 
     from . import report
 
-    datasets = list(dataset) if dataset else ["digits"]
+    datasets = list(dataset) if dataset else ([] if features is not None else ["digits"])
     eps = tuple(epsilon) if epsilon else report.DEMO_EPSILONS
     methods = tuple(method) if method else tuple(report.METHODS)
     for ds in datasets:
@@ -257,6 +261,9 @@ def demo(
         _fail(f"--seeds must be >= 1, got {seeds}")
     if n is not None and n < 10:
         _fail(f"--n must be >= 10, got {n}")
+    if features is not None:
+        _load(features, None, "--features")  # a bad file fails here, before any fit
+        datasets.insert(0, os.fspath(features))
     for e in eps:
         if not e > 0:
             _fail(f"--epsilon must be > 0 (inf allowed), got {e}")
