@@ -292,3 +292,36 @@ def test_timm_backend_matches_torch_eval(tmp_path):
                                atol=1e-4)
     assert res.metadata["weights"]["sha256"] == sha256_file(tmp_path / "w.pth")
     assert res.metadata["preprocess"]["source"] == "timm resolve_data_config"
+
+
+def test_worked_example_data_gives_the_digits_pixels(tmp_path):
+    # The README's worked example: its images and stand-in model, through dpfc extract,
+    # give back the package's own digits "pixels" features (up to 8-bit PNG rounding).
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "worked_example_data.py"
+    if not script.exists():
+        pytest.skip("examples/ is not part of this checkout")
+    spec = importlib.util.spec_from_file_location("worked_example_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_images(str(tmp_path))
+    module.write_model(str(tmp_path / "pixels.onnx"))
+    train, test = data.digits_features()
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    for split, ref in (("train", train), ("test", test)):
+        res = extract(tmp_path / "images" / split, tmp_path / "pixels.onnx",
+                      tmp_path / f"{split}.npz", device="cpu", batch_size=256)
+        got = np.load(res.files[0])
+        paths, _, _ = list_images(tmp_path / "images" / split)
+        index = np.array([int(os.path.basename(p)[:-4]) for p in paths])
+        np.testing.assert_array_equal(got["labels"], bunch.target[index])
+        np.testing.assert_allclose(got["features"], bunch.data[index] / 16.0,
+                                   atol=0.5 / 255 + 1e-6)
+        # The same split as data.digits_features (rows in another order).
+        assert got["features"].shape == ref.features.shape
+        np.testing.assert_allclose(np.sort(got["features"].sum(1)),
+                                   np.sort(ref.features.sum(1)), atol=64 * 0.5 / 255 + 1e-5)
