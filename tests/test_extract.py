@@ -55,7 +55,7 @@ def _make_model(path, h, w, channels=5, d=7, seed=0, meta=None):
         helper.set_model_props(model, meta)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return wc.astype(np.float64), bc.astype(np.float64), wg.astype(np.float64), bg.astype(np.float64)
+    return tuple(a.astype(np.float64) for a in (wc, bc, wg, bg))
 
 
 def _reference(pixels, params, mean=MEAN, std=STD):
@@ -152,6 +152,11 @@ def test_bad_image_fails_with_its_path_or_is_skipped(setup):
     with pytest.raises(ExtractError, match="broken.jpg"):
         extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "f.npz", device="cpu")
     assert not (tmp / "f.npz").exists() and not (tmp / "f.json").exists()
+    # With shards: the ones written before the bad image are removed too.
+    with pytest.raises(ExtractError, match="broken.jpg"):
+        extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "sh.npy", device="cpu", shard_size=2,
+                batch_size=2)
+    assert not [p for p in os.listdir(tmp) if p.startswith("sh")]
     assert not [p for p in os.listdir(tmp) if p.startswith(".dpfc-extract-")]
     res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "s.npz", device="cpu",
                   on_error="skip", batch_size=2)

@@ -57,7 +57,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -546,10 +546,19 @@ class _ShardWriter:
             self._flush()
 
     def abort(self):
+        """Remove everything this run wrote: a failed run leaves no partial output."""
         if self._tmp is not None:
             self._tmp.close()
             os.unlink(self._tmp.name)
             self._tmp = None
+        directory = os.path.dirname(os.path.abspath(self.stem))
+        for f in self.files:
+            path = os.path.join(directory, f["path"])
+            for p in (path, path[: -len(".features.npy")] + ".labels.npy"
+                      if path.endswith(".features.npy") else None):
+                if p is not None and os.path.exists(p):
+                    os.unlink(p)
+        self.files = []
 
 
 # --------------------------------------------------------------------------- #

@@ -186,11 +186,14 @@ def register_cli(app) -> None:
                           ("signal", "right"), ("noise/signal", "right")):
             table.add_column(col, justify=just, no_wrap=True)
         for row in rows:
-            table.add_row(_fmt(row["epsilon"]), row["release"], str(row["count"]), _fmt(row["noise_multiplier"]), _fmt(row["noise_std"]),
-                _fmt(row["noise"]), _fmt(row["signal"]), _fmt(row["noise_to_signal"]))
+            table.add_row(_fmt(row["epsilon"]), row["release"], str(row["count"]),
+                          _fmt(row["noise_multiplier"]), _fmt(row["noise_std"]),
+                          _fmt(row["noise"]), _fmt(row["signal"]),
+                          _fmt(row["noise_to_signal"]))
         console.print(table)
-        console.print("z: noise multiplier (std / sensitivity). noise: spectral norm of the symmetric noise on one d x d matrix "
-                      "(grams, covariance, Hessians), or Frobenius norm of the noise on a "
+        console.print("z: noise multiplier (std / sensitivity). noise: spectral norm of the "
+                      "symmetric noise on one d x d matrix (grams, covariance, Hessians), "
+                      "or Frobenius norm of the noise on a "
                       "sum (class sums, gradients). signal: mean eigenvalue of the noiseless "
                       "matrix (n C^2 / d for the gram), or the largest norm of the noiseless "
                       "sum (n x sensitivity, all examples aligned: optimistic).",
