@@ -28,6 +28,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"dpfc_native {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version,
+                                           is_eager=True, help="Print the version and exit."),
+):
+    """Differentially private image classification from features (dpfc_native)."""
+
+
 #: CLI method name -> key of dpfc_native.report.METHODS
 TRAIN_METHODS = ("ls", "ls-per-class", "newton", "fc", "sgd", "adam")
 
@@ -89,6 +105,92 @@ def _load(path: Path, labels: Optional[Path], what: str):
         _fail(f"cannot load {what} {path}: {exc}")
 
 
+def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
+    """(features, labels as int64 or class-name strings) of one file, or a one-line error."""
+    from . import data
+
+    try:
+        return data.read_labeled_arrays(path, labels_path=labels, features_key=keys[0],
+                                        labels_key=keys[1])
+    except _USER_ERRORS as exc:
+        _fail(f"cannot load {what} {path}: {exc}")
+
+
+def _class_set(classes: Optional[str], num_classes: Optional[int], y: np.ndarray):
+    """The public label set from --classes / --num-classes, in the labels' type (or None)."""
+    if classes is not None and num_classes is not None:
+        _fail("give --classes or --num-classes, not both")
+    numeric = y.dtype.kind != "U"
+    if num_classes is not None:
+        if num_classes < 2:
+            _fail(f"--num-classes must be >= 2, got {num_classes}")
+        if not numeric:
+            _fail("--num-classes names the labels 0..K-1, but the labels are class names: "
+                  "list them with --classes")
+        return list(range(num_classes))
+    if classes is None:
+        return None
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    if len(names) < 2:
+        _fail(f"--classes must list at least 2 labels, comma-separated, got {classes!r}")
+    if len(set(names)) != len(names):
+        _fail(f"--classes has duplicates: {classes!r}")
+    if not numeric:
+        return names
+    values = []
+    for c in names:
+        try:
+            v = float(c)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and v == round(v)):
+            _fail(f"--classes entry {c!r} is not an integer, but the labels are integers")
+        values.append(int(v))
+    if len(set(values)) != len(values):
+        _fail(f"--classes has duplicates: {classes!r}")
+    return values
+
+
+def _check_split(x, y, d: int, known, what: str, flag: str, where: str) -> None:
+    """A --test / --val file that cannot be scored is an error before the fit, not after."""
+    if x.shape[1] != d:
+        _fail(f"{flag} {what} has {x.shape[1]} features per row but the training file has {d}")
+    if (y.dtype.kind == "U") != (known.dtype.kind == "U"):
+        kinds = ("class names", "integers")
+        _fail(f"{flag} labels are {kinds[y.dtype.kind != 'U']} but the training labels are "
+              f"{kinds[known.dtype.kind != 'U']}")
+    unknown = ~np.isin(y, known)
+    if unknown.any():
+        bad = y[np.argmax(unknown)].item()
+        _fail(f"{flag or 'the training'} labels include {bad!r}, which is not in {where} "
+              f"({int(unknown.sum())} row(s) of {what})")
+
+
+#: Python names in the estimators' messages -> the CLI options that set them.
+_CLI_WORDS = (
+    (r"fit\(\.\.\., X_val=\.\.\., y_val=\.\.\.\)", "--val"),
+    (r"\bX_val and y_val\b", "--val features and labels"),
+    (r"\by_val\b", "--val labels"),
+    (r"\bX_val\b", "--val"),
+    (r"(?<![\w-])(grad_clip_norm|clip_norm|epsilon|delta|reg|lr|steps)(?= must| given| has)",
+     lambda m: "--" + m.group(1).replace("_", "-")),
+    (r"(?<![\w-])classes must", "--classes must"),
+    (r"labels not in classes_", "labels not in the label set"),
+    (r"labels not in classes\b", "labels not in --classes"),
+    (r"\by contains", "the training labels contain"),
+    (r"\bX has\b", "the features have"),
+)
+
+
+def _cli_message(text: str) -> str:
+    """An estimator's error in the words of the command line."""
+    import re
+
+    for pattern, repl in _CLI_WORDS:
+        text = re.sub(pattern, repl, text)
+    return text
+
+
 @app.command()
 def train(
     features: Path = typer.Argument(..., help="Private training features: .npz (features, "
@@ -101,6 +203,11 @@ def train(
     val: Optional[Path] = typer.Option(None, "--val", help="PUBLIC validation features, for "
                                        "sweeps over --reg/--lr lists (post-processing)."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels"),
+    features_key: str = typer.Option("features", "--features-key", help="Name of the "
+                                      "features array in .npz / .safetensors files."),
+    labels_key: str = typer.Option("labels", "--labels-key", help="Name of the labels array "
+                                   "in .npz / .safetensors files (integers, float-coded "
+                                   "integers or class names)."),
     method: str = typer.Option("fc", "--method", "-m",
                                help="ls | ls-per-class | newton | fc | sgd | adam"),
     epsilon: float = typer.Option(1.0, "--epsilon", "-e", help="Target epsilon ('inf': "
@@ -117,9 +224,13 @@ def train(
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps (newton, fc, sgd)."),
     grad_clip_norm: Optional[float] = typer.Option(None, "--grad-clip-norm",
                                                    help="Gradient clip C_g (fc, sgd)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="The public label set, "
+                                          "comma-separated (e.g. 1,2,3 for labels that are "
+                                          "not 0-based, or cat,dog,ship for class names). "
+                                          "Default: the labels that occur, which the "
+                                          "guarantee does not cover."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Public label set "
-                                              "0..K-1 (default: the labels that occur, which "
-                                              "the guarantee does not cover)."),
+                                              "0..K-1 (integer labels; see --classes)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any other "
                                               "estimator parameter, KEY=VALUE (repeatable), "
                                               "e.g. -p covariance_share=0.3 -p optimizer=adam."),
@@ -136,10 +247,27 @@ def train(
         _fail(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}")
     if val is None and val_labels is not None:
         _fail("--val-labels needs --val")
+    if test is None and test_labels is not None:
+        _fail("--test-labels needs --test")
+    swept = [flag for flag, values in (("--reg", reg), ("--lr", lr)) if values and len(values) > 1]
+    if swept and val is None:
+        _fail(f"{' and '.join(swept)} given more than once is a sweep: it needs a public "
+              "validation split (--val)")
     console = _console()
-    train_set = _load(features, labels, "features")
-    test_set = _load(test, test_labels, "test features") if test is not None else None
-    val_set = _load(val, val_labels, "validation features") if val is not None else None
+    keys = (features_key, labels_key)
+    x, y = _load_labeled(features, labels, "features", keys)
+    class_set = _class_set(classes, num_classes, y)
+    known = np.unique(y) if class_set is None else np.asarray(class_set)
+    where = "the training labels" if class_set is None else "--classes"
+    if class_set is not None:
+        _check_split(x, y, x.shape[1], known, f"{features}", "", where)
+    test_set = val_set = None
+    if test is not None:
+        test_set = _load_labeled(test, test_labels, "--test file", keys)
+        _check_split(*test_set, x.shape[1], known, f"{test}", "--test", where)
+    if val is not None:
+        val_set = _load_labeled(val, val_labels, "--val file", keys)
+        _check_split(*val_set, x.shape[1], known, f"{val}", "--val", where)
     iterative = method not in ("ls", "ls-per-class")
     overrides = {"clip_norm": clip_norm, "normalize": normalize, "device": device,
                  "verbose": int(iterative)}  # iterative methods show a bar over their steps
@@ -153,36 +281,47 @@ def train(
         overrides["steps"] = steps
     if grad_clip_norm is not None:
         overrides["grad_clip_norm"] = grad_clip_norm
-    if num_classes is not None:
-        overrides["classes"] = list(range(num_classes))
+    if class_set is not None:
+        overrides["classes"] = class_set
     for text in param or []:
         key, value = _parse_param(text)
         overrides[key] = value
+    known_params = report.make_estimator(method, epsilon).get_params()
+    unknown = sorted(set(overrides) - set(known_params))
+    if unknown:
+        _fail(f"--param {unknown[0]}: not a parameter of {report.METHODS[method][0]} "
+              f"(known: {', '.join(sorted(known_params))})")
     try:
         est = report.make_estimator(method, epsilon, seed=seed)
         est.set_params(**overrides)
     except _USER_ERRORS as exc:
-        _fail(str(exc))
-    console.print(f"[bold]dpfc train[/bold] {report.METHODS[method][0]} on {train_set!r}")
-    fit_args = {} if val_set is None else {"X_val": val_set.features, "y_val": val_set.labels}
+        _fail(_cli_message(str(exc)))
+    k = len(known)
+    console.print(f"[bold]dpfc train[/bold] {report.METHODS[method][0]} on {features.name}: "
+                  f"n={x.shape[0]}, d={x.shape[1]}, K={k}", highlight=False)
+    if class_set is None:
+        console.print(f"label set: the {k} labels that occur in {features.name} (which labels "
+                      "occur is NOT covered by the guarantee: name them with --classes or "
+                      "--num-classes)", highlight=False)
+    fit_args = {} if val_set is None else {"X_val": val_set[0], "y_val": val_set[1]}
     t0 = time.perf_counter()
     try:
         if iterative:
-            est.fit(train_set.features, train_set.labels, **fit_args)
+            est.fit(x, y, **fit_args)
         else:
             with console.status("statistics, noise, solve ..."):
-                est.fit(train_set.features, train_set.labels, **fit_args)
+                est.fit(x, y, **fit_args)
     except _USER_ERRORS as exc:
-        _fail(str(exc))
+        _fail(_cli_message(str(exc)))
     seconds = time.perf_counter() - t0
     if test_set is not None:
         try:
-            acc = est.score(test_set.features, test_set.labels)
+            acc = est.score(*test_set)
         except _USER_ERRORS as exc:
-            _fail(f"test set: {exc}")
-        console.print(f"test accuracy: [bold]{acc:.4f}[/bold] ({test_set.n} examples)")
+            _fail(f"--test: {_cli_message(str(exc))}")
+        console.print(f"test accuracy: [bold]{acc:.4f}[/bold] ({test_set[0].shape[0]} examples)")
     else:
-        acc = est.score(train_set.features, train_set.labels)
+        acc = est.score(x, y)
         console.print(f"training accuracy: {acc:.4f} (on the private training data: this number "
                       "is NOT covered by the privacy guarantee; pass --test)")
     console.print(f"fit time: {seconds:.2f} s on {est.device_}")
@@ -237,6 +376,10 @@ def demo(
                                                   "(repeatable; default 0.1 0.5 1 2 8 inf)."),
     method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods "
                                                "(repeatable; default all)."),
+    features: Optional[Path] = typer.Option(None, "--features", help="A PUBLIC features "
+                                            "file standing in for the private data (split "
+                                            "75/25; --n draws that many training rows): "
+                                            "its privacy-utility curve."),
 ):
     """Every method on embedded data at eps in {0.1, 0.5, 1, 2, 8} and non-private: a table
     and a privacy-utility plot (PNG + JSON) in --out. Nothing is downloaded."""
@@ -244,7 +387,7 @@ def demo(
 
     from . import report
 
-    datasets = list(dataset) if dataset else ["digits"]
+    datasets = list(dataset) if dataset else ([] if features is not None else ["digits"])
     eps = tuple(epsilon) if epsilon else report.DEMO_EPSILONS
     methods = tuple(method) if method else tuple(report.METHODS)
     for ds in datasets:
@@ -257,6 +400,9 @@ def demo(
         _fail(f"--seeds must be >= 1, got {seeds}")
     if n is not None and n < 10:
         _fail(f"--n must be >= 10, got {n}")
+    if features is not None:
+        _load(features, None, "--features")  # a bad file fails here, before any fit
+        datasets.insert(0, os.fspath(features))
     for e in eps:
         if not e > 0:
             _fail(f"--epsilon must be > 0 (inf allowed), got {e}")
@@ -292,11 +438,15 @@ def demo(
 
 
 def _register_plugins() -> None:
-    try:
-        from .audit import register_cli
-    except ImportError:  # the audit module is optional
-        return
-    register_cli(app)
+    import importlib
+
+    # Commands that live in their own modules (each optional: a missing one is skipped).
+    for name in ("audit", "plan", "extract"):
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ImportError:
+            continue
+        module.register_cli(app)
 
 
 _register_plugins()

@@ -51,6 +51,8 @@ __all__ = [
     "SYNTHETIC_PRESET_TEST_SIZES",
     "SYNTHETIC_PRESET_DIFFICULTY",
     "DIGITS_TEST_SIZE",
+    "read_labeled_arrays",
+    "coerce_labels",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -1017,3 +1019,134 @@ def synthetic_preset(name: str, difficulty: Optional[float] = None, seed: int = 
     if difficulty is None:
         difficulty = SYNTHETIC_PRESET_DIFFICULTY[name]
     return synthetic_features(n, d, k, difficulty=difficulty, seed=seed, **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# Labelled arrays as users have them (any array names, labels of any kind)
+# --------------------------------------------------------------------------- #
+def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, *,
+                        features_key: str = "features", labels_key: str = "labels",
+                        mmap: bool = True, check_finite: bool = True):
+    """Features and labels as stored, under any array names, labels of any kind.
+
+    Unlike :func:`load_features` (integer labels ``0..K-1`` under fixed names), the
+    labels are returned as :func:`coerce_labels` makes them: integers, or class names
+    (strings), for the estimators to map onto a label set.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.npz``, ``.npy`` (labels from ``labels_path`` or the ``<stem>.labels.npy``
+        sibling) or ``.safetensors``.
+    labels_path : path, optional
+        Labels ``.npy`` for ``.npy`` features.
+    features_key, labels_key : str
+        Array names inside a ``.npz`` / ``.safetensors`` file.
+    mmap : bool
+        Memory-map ``.npy`` features.
+    check_finite : bool
+        Scan the features for NaN/Inf rows.
+
+    Returns
+    -------
+    features : numpy.ndarray (n, d) float32/float64
+    labels : numpy.ndarray (n,) int64 or str
+    """
+    path = os.fspath(path)
+    lower = path.lower()
+    if labels_path is not None and not lower.endswith(".npy"):
+        raise ValueError(f"a separate labels file is only used with .npy features, not {path}")
+    if lower.endswith(".npz"):
+        _require_file(path, "features")
+        if _read_magic(path, 4) not in _ZIP_MAGICS:
+            raise ValueError(f"{path} is not a .npz (zip) file (bad magic bytes)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in (features_key, labels_key) if k not in z.files]
+                if missing:
+                    raise _MissingKey(f"{path} has no array '{missing[0]}' (arrays present: "
+                                      f"{sorted(z.files)})")
+                x, y = z[features_key], z[labels_key]
+        except _MissingKey as e:
+            raise ValueError(str(e)) from None
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+                NotImplementedError) as e:
+            raise ValueError(f"cannot read {path} (truncated or corrupted .npz file, or "
+                             f"object arrays?): {e}") from e
+        x_key, y_key = f"{path}['{features_key}']", f"{path}['{labels_key}']"
+    elif lower.endswith(".npy"):
+        if labels_path is None:
+            labels_path = _sibling_labels_path(path)
+            if labels_path is None:
+                raise ValueError(
+                    f"no labels for {path}: give a labels file, or name the pair "
+                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'")
+        labels_path = os.fspath(labels_path)
+        x = _load_npy(path, mmap, "features")
+        y = _load_npy(labels_path, False, "labels")
+        x_key, y_key = f"features ({path})", f"labels ({labels_path})"
+    elif lower.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"reading {path} needs the 'safetensors' package") from e
+        _require_file(path, "features")
+        try:
+            with safe_open(path, framework="numpy") as f:
+                keys = set(f.keys())
+                missing = [k for k in (features_key, labels_key) if k not in keys]
+                if missing:
+                    raise _MissingKey(f"{path} has no tensor '{missing[0]}' (tensors present: "
+                                      f"{sorted(keys)})")
+                x, y = f.get_tensor(features_key), f.get_tensor(labels_key)
+        except _MissingKey as e:
+            raise ValueError(str(e)) from None
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ValueError(f"cannot read {path}: {e}") from e
+        x_key, y_key = f"{path}['{features_key}']", f"{path}['{labels_key}']"
+    else:
+        raise ValueError(f"unknown feature file format: {path} "
+                         "(expected .npz, .npy or .safetensors)")
+    y = coerce_labels(y, y_key)
+    # Features: the same checks as load_features (labels are checked above).
+    x, _, _ = check_feature_arrays(x, np.zeros(np.shape(x)[0] if np.ndim(x) else 0, np.int64),
+                                   check_finite=check_finite, features_key=x_key,
+                                   labels_key=y_key)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"shape mismatch: {x_key} has {x.shape[0]} rows but {y_key} has "
+                         f"{y.shape[0]} entries")
+    return x, y
+
+
+def coerce_labels(labels, name: str = "labels") -> np.ndarray:
+    """Labels as integers (int64) or class names (str), from how files store them.
+
+    Integer and boolean labels become int64; floating labels must be integer-valued
+    (``3.0`` -> 3; ``2.5``, NaN or Inf are errors naming the first such index); byte and
+    unicode strings become ``str`` class names.
+
+    Raises
+    ------
+    ValueError
+        Not 1-D, non-integer floats, or another dtype (complex, object, ...).
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (n,), got shape {y.shape}")
+    kind = y.dtype.kind
+    if kind in "iub":
+        return y.astype(np.int64)
+    if kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if bad.size:
+            raise ValueError(f"{name} has {bad.size} label(s) that are not integers; first at "
+                             f"index {int(bad[0])} (value {y[bad[0]]!r}); labels must be "
+                             "integers (float-coded integers are fine) or class names")
+        if y.size and np.abs(y).max() >= 2.0**53:
+            raise ValueError(f"{name} has labels too large to be exact integers")
+        return y.astype(np.int64)
+    if kind == "S":
+        return np.char.decode(y, "utf-8").astype(str)
+    if kind == "U":
+        return y.astype(str)
+    raise ValueError(f"{name} must hold integers or class names (strings), got dtype {y.dtype}")

@@ -46,6 +46,7 @@ always NumPy; ``predict``/``decision_function`` return NumPy.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
@@ -61,6 +62,8 @@ __all__ = [
     "DPFCClassifier",
     "DPSGDClassifier",
     "resolve_device",
+    "PlannedRelease",
+    "NoisePlan",
 ]
 
 # Rows per chunk for the Python-side passes over the data (logits, normalisation):
@@ -374,6 +377,124 @@ def _noise_norm(d: int, std: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------
+# The noise plan: what a fit will release, from public facts only
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRelease:
+    """One noisy statistic a fit releases, known before the fit from public facts only.
+
+    Attributes
+    ----------
+    name : str
+        The ledger's name of the release (``"gram"``, ``"gradient"``, ...).
+    shape : tuple
+        Shape of the released array (``(K, d, d)`` for a batch of matrices).
+    symmetric : bool
+        Symmetric noise on (a batch of) d x d matrices, else i.i.d. noise on every entry.
+    sensitivity : float
+        L2 (Frobenius) sensitivity under add/remove of one example.
+    noise_multiplier : float
+        ``std / sensitivity`` (0 for epsilon = inf).
+    count : int
+        How many times it is released (steps).
+    sample_rate : float
+        Poisson sampling rate of each release (1: full batch).
+    noise : float
+        Expected size of the noise: the spectral norm ``sqrt(2 d) std`` of one d x d
+        noise matrix (symmetric), the Frobenius norm ``std sqrt(size)`` otherwise.
+    signal : float
+        What ``noise`` is compared to: for matrices the mean eigenvalue of one noiseless
+        matrix (``rows C^2 scale / d``: the trace of a gram of ``rows`` examples of norm
+        C, times 1/K for one class's gram, 1/4 for a logistic Hessian at W = 0); otherwise
+        the largest norm of the noiseless sum, ``rows * sensitivity`` (every example at
+        full norm, all aligned), so ``noise / signal`` is optimistic for sums.
+        ``rows`` is n, or the expected batch ``q n`` when subsampled.
+    """
+
+    name: str
+    shape: tuple
+    symmetric: bool
+    sensitivity: float
+    noise_multiplier: float
+    count: int
+    sample_rate: float
+    noise: float
+    signal: float
+
+    @property
+    def std(self) -> float:
+        """Standard deviation of the noise on each entry (diagonal, for symmetric noise)."""
+        return self.noise_multiplier * self.sensitivity
+
+    @property
+    def noise_to_signal(self) -> float:
+        """``noise / signal`` (0 without noise)."""
+        return self.noise / self.signal if self.signal > 0 else math.inf
+
+
+def _planned(name, shape, sensitivity, z, count=1, *, symmetric, n, clip, scale=1.0,
+             sample_rate=1.0) -> PlannedRelease:
+    std = z * sensitivity
+    rows = sample_rate * n
+    d = shape[-1]
+    if symmetric:
+        noise, signal = _noise_norm(d, std), rows * clip**2 * scale / d
+    else:
+        noise, signal = std * math.sqrt(math.prod(shape)), rows * sensitivity
+    return PlannedRelease(name, tuple(int(s) for s in shape), bool(symmetric), float(sensitivity),
+                          float(z), int(count), float(sample_rate), float(noise), float(signal))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisePlan:
+    """Every release of one fit and the data-independent defaults it implies.
+
+    Built by the estimators' :meth:`~_DPClassifierBase.noise_plan` from public facts
+    (n, d, K, epsilon, delta and the parameters); ``fit`` uses the same plan, so the
+    multipliers here are the ones in the fitted ``privacy_`` ledger.
+
+    Attributes
+    ----------
+    releases : tuple of PlannedRelease
+    defaults : dict
+        The resolved data-independent defaults (``reg``, ``lr``, ``grad_clip_norm``,
+        ``bias``, ... as the method uses them).
+    """
+
+    estimator: str
+    n: int
+    d: int
+    k: int
+    epsilon: float
+    delta: float
+    releases: tuple
+    defaults: dict
+    accountant: str = "auto"
+
+    @property
+    def z(self) -> dict:
+        """Noise multiplier per release name."""
+        return {r.name: r.noise_multiplier for r in self.releases}
+
+    def ledger(self) -> accounting.PrivacyLedger:
+        """The accountant's ledger of the planned releases (its epsilon is <= the target)."""
+        events = []
+        for r in self.releases:
+            if r.noise_multiplier == 0:
+                continue
+            if r.sample_rate < 1.0:
+                events.append(accounting.SubsampledGaussian(r.noise_multiplier, r.sample_rate,
+                                                            r.count, name=r.name))
+            else:
+                events.append(accounting.GaussianRelease(r.noise_multiplier, count=r.count,
+                                                         name=r.name,
+                                                         sensitivity=r.sensitivity))
+        return _ledger(events, self.delta, self.epsilon, self.accountant)
+
+
+# ---------------------------------------------------------------------------------------
 # Cholesky with repair (post-processing of noisy, possibly indefinite matrices)
 # ---------------------------------------------------------------------------------------
 
@@ -468,6 +589,23 @@ class _DPClassifierBase:
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _int(self.verbose, "verbose", 0)
         return p
+
+    def noise_plan(self, n: int, d: int, k: int) -> NoisePlan:
+        """The releases (multipliers, noise std, noise-to-signal) of a fit on ``n``
+        examples of dimension ``d`` with ``k`` classes, without any data.
+
+        Uses only public facts and the parameters (``epsilon``, ``delta``, ``clip_norm``,
+        ``steps``, shares, ...): the same code ``fit`` runs to calibrate its noise.
+        """
+        n, d, k = _int(n, "n", 1), _int(d, "d", 1), _int(k, "k", 2)
+        common = self._common_params()
+        p = self._method_params()
+        delta = common["delta"] if common["delta"] is not None else default_delta(n)
+        return self._plan(p, common["epsilon"], delta, n, d, k, common["clip_norm"])
+
+    def _plan_of(self, p, epsilon, delta, n, d, k, releases, defaults) -> NoisePlan:
+        return NoisePlan(type(self).__name__, n, d, k, epsilon, delta, tuple(releases),
+                         defaults, p.get("accountant", "auto"))
 
     def _check_center(self, d: int, xp):
         if self.center is None:
@@ -817,27 +955,51 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         return {"variant": variant, "regs": regs, "alphas": alphas, "share": share,
                 "_sweep": sweep}
 
-    def _fit_core(self, ctx, p):
-        xp, C, k, d, n = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n
+    def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         share = p["share"]
         if p["variant"] == "global":
-            z = accounting.calibrate_plan(ctx.epsilon, ctx.delta,
+            z = accounting.calibrate_plan(epsilon, delta,
                                           {"gram": share, "class_sums": 1.0 - share})
+            releases = [_planned("gram", (d, d), C**2, z["gram"], symmetric=True, n=n, clip=C)]
+            candidates = [(reg, None) for reg in p["regs"]
+                          or [_default_reg(z["gram"] * C**2, d, n, C)]]
+        else:
+            z = accounting.calibrate_plan(
+                epsilon, delta,
+                {"class_grams": share / 2, "gram": share / 2, "class_sums": 1.0 - share})
+            # One example touches one class gram: the K grams are one release of
+            # sensitivity C^2; each holds ~n/K examples (balanced classes).
+            releases = [_planned("class_grams", (k, d, d), C**2, z["class_grams"],
+                                 symmetric=True, n=n, clip=C, scale=1.0 / k),
+                        _planned("gram", (d, d), C**2, z["gram"], symmetric=True, n=n, clip=C)]
+            s_a, s_g = z["class_grams"] * C**2, z["gram"] * C**2
+            candidates = []
+            for alpha in p["alphas"] or [1.0]:
+                # Diagonal noise std of A~_l + alpha G~, and mean eigenvalue scale 1/K + alpha.
+                default = _default_reg(math.hypot(s_a, alpha * s_g), d, n, C,
+                                       scale=alpha + 1.0 / k)
+                candidates += [(reg, alpha) for reg in p["regs"] or [default]]
+        releases.append(_planned("class_sums", (k, d), C, z["class_sums"], symmetric=False,
+                                 n=n, clip=C))
+        return self._plan_of(p, epsilon, delta, n, d, k, releases,
+                             {"candidates": candidates,
+                              "reg": [reg for reg, _ in candidates]})
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n
+        plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
+        z, candidates = plan.z, plan.defaults["candidates"]
+        if p["variant"] == "global":
             G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
             G = ctx.release_sym(G, C**2, z["gram"], "gram")
             B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
             ctx.keep("gram", G)
             ctx.keep("class_sums", B)
-            candidates = [(reg, None) for reg in p["regs"]
-                          or [_default_reg(z["gram"] * C**2, d, n, C)]]
 
             def solve(reg, _alpha):
                 L, bad = _factor(_add_ridge(G, reg, xp), reg)
                 return ops.cho_solve(L, xp.ascontiguousarray(B.T)).T, bad
         else:
-            z = accounting.calibrate_plan(
-                ctx.epsilon, ctx.delta,
-                {"class_grams": share / 2, "gram": share / 2, "class_sums": 1.0 - share})
             A = ops.clipped_class_grams(ctx.X, ctx.y, k, C)
             G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
             A = ctx.release_sym(A, C**2, z["class_grams"], "class_grams")
@@ -846,13 +1008,6 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             ctx.keep("class_grams", A)
             ctx.keep("gram", G)
             ctx.keep("class_sums", B)
-            s_a, s_g = z["class_grams"] * C**2, z["gram"] * C**2
-            candidates = []
-            for alpha in p["alphas"] or [1.0]:
-                # Diagonal noise std of A~_l + alpha G~, and mean eigenvalue scale 1/K + alpha.
-                default = _default_reg(math.hypot(s_a, alpha * s_g), d, n, C,
-                                       scale=alpha + 1.0 / k)
-                candidates += [(reg, alpha) for reg in p["regs"] or [default]]
 
             def solve(reg, alpha):
                 L, bad = _factor(_add_ridge(A + alpha * G[None], reg, xp, copy=False), reg)
@@ -965,13 +1120,26 @@ class DPNewtonClassifier(_DPClassifierBase):
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
                 "_sweep": {"lr": lrs, "reg": regs or [None]}}
 
-    def _fit_core(self, ctx, p):
-        xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
-        z = accounting.calibrate_plan(ctx.epsilon, ctx.delta,
+    def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
+        T = p["steps"]
+        z = accounting.calibrate_plan(epsilon, delta,
                                       {"hessians": p["share"], "gradients": 1.0 - p["share"]},
                                       {"hessians": T, "gradients": T})
         sens_h, sens_g = math.sqrt(k) * C**2 / 4.0, math.sqrt(k) * C
         regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25)]
+        # Hessian weights sigmoid' <= 1/4 (exactly 1/4 at W = 0, bias 0).
+        releases = [_planned("hessians", (k, d, d), sens_h, z["hessians"], T, symmetric=True,
+                             n=n, clip=C, scale=0.25),
+                    _planned("gradients", (k, d), sens_g, z["gradients"], T, symmetric=False,
+                             n=n, clip=C)]
+        return self._plan_of(p, epsilon, delta, n, d, k, releases,
+                             {"reg": regs, "lr": p["lrs"], "sensitivity": (sens_h, sens_g)})
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
+        plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
+        z, regs = plan.z, plan.defaults["reg"]
+        sens_h, sens_g = plan.defaults["sensitivity"]
         bias = p["bias"]
         W = xp.zeros((k, d), dtype=xp.float64)
         log: list = []
@@ -1105,16 +1273,29 @@ class DPFCClassifier(_DPClassifierBase):
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
                 "grad_clip": gclip, "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
 
-    def _fit_core(self, ctx, p):
-        xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
-        if math.isinf(ctx.epsilon):
+    def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
+        T = p["steps"]
+        if math.isinf(epsilon):
             z = {"covariance": 0.0, "gradient": 0.0}
         else:
-            z = accounting.calibrate_dpfc_plan(ctx.epsilon, ctx.delta, T, p["share"])
+            z = accounting.calibrate_dpfc_plan(epsilon, delta, T, p["share"])
         bias = -math.log(k - 1) if p["bias"] is None else p["bias"]
         cg = p["grad_clip"] or _default_grad_clip(k, bias, "sigmoid", C)
         lrs = p["lrs"] or [8.0 * k]
         regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C)]
+        releases = [_planned("covariance", (d, d), C**2, z["covariance"], symmetric=True, n=n,
+                             clip=C),
+                    _planned("gradient", (k, d), cg, z["gradient"], T, symmetric=False, n=n,
+                             clip=C)]
+        return self._plan_of(p, epsilon, delta, n, d, k, releases,
+                             {"reg": regs, "lr": lrs, "bias": bias, "grad_clip_norm": cg})
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
+        plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
+        z, defaults = plan.z, plan.defaults
+        bias, cg = defaults["bias"], defaults["grad_clip_norm"]
+        lrs, regs = defaults["lr"], defaults["reg"]
         G = ops.clipped_gram(ctx.X, C)
         G = ctx.release_sym(G, C**2, z["covariance"], "covariance")
         ctx.keep("covariance", G)
@@ -1246,15 +1427,25 @@ class DPSGDClassifier(_DPClassifierBase):
         s = _scores(ctx.xp, Xv, W, bias)
         return _softmax_loss(ctx.xp, s, yv) if self.loss == "softmax" else _ova_loss(ctx.xp, s, yv)
 
-    def _fit_core(self, ctx, p):
-        xp, C, k, d, n, T, q = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"], p["q"]
+    def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
+        T, q = p["steps"], p["q"]
         # The ledger uses the same accountant method as the calibration.
-        z = accounting.calibrate_dpsgd_noise_multiplier(ctx.epsilon, ctx.delta, q, T,
+        z = accounting.calibrate_dpsgd_noise_multiplier(epsilon, delta, q, T,
                                                         method=p["accountant"])
         bias = p["bias"] if p["loss"] == "sigmoid" else 0.0
         cg = p["grad_clip"] or _default_grad_clip(k, bias, p["loss"], C)
         lrs = p["lrs"] or [_default_sgd_lr(p["optimizer"], p["momentum"], p["loss"], k, d, T,
                                            bias, C)]
+        releases = [_planned("gradient", (k, d), cg, z, T, symmetric=False, n=n, clip=C,
+                             sample_rate=q)]
+        return self._plan_of(p, epsilon, delta, n, d, k, releases,
+                             {"lr": lrs, "bias": bias, "grad_clip_norm": cg})
+
+    def _fit_core(self, ctx, p):
+        xp, C, k, d, n, T, q = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"], p["q"]
+        plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
+        z = plan.z["gradient"]
+        bias, cg, lrs = plan.defaults["bias"], plan.defaults["grad_clip_norm"], plan.defaults["lr"]
         rng = _poisson_rng(self.random_state) if q < 1.0 else None
         expected_batch = q * n
         W = xp.zeros((k, d), dtype=xp.float64)

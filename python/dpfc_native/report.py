@@ -67,8 +67,29 @@ def make_estimator(method: str, epsilon: float, seed: int | None = None, **overr
     return cls(epsilon=epsilon, random_state=seed, **{**fixed, **overrides})
 
 
+#: Share of a public features file held out as the demo's test set.
+FEATURES_TEST_FRACTION = 0.25
+
+
 def load_dataset(name: str, n: int | None = None, seed: int = 0):
-    """(train, test) FeatureSets for a demo dataset name (``n`` only for synthetic ones)."""
+    """(train, test) FeatureSets for a demo dataset name (``n`` only for synthetic ones).
+
+    ``name`` may also be a PUBLIC features file (``.npz``, paired ``.npy``,
+    ``.safetensors``): a stand-in for private data of the same kind, split
+    stratified 75/25 (seed ``seed``); ``n`` then draws that many training rows from the
+    75% (the size of the private set, whose curve it previews).
+    """
+    if name.lower().endswith((".npz", ".npy", ".safetensors")):
+        fs = data.load_features(name)
+        train, test = data.train_test_split_features(fs, FEATURES_TEST_FRACTION, seed=seed)
+        if n is not None:
+            if n > train.n:
+                raise ValueError(f"--n {n} is more than the {train.n} training rows of {name} "
+                                 f"({1 - FEATURES_TEST_FRACTION:.0%} of it)")
+            keep = np.sort(np.random.default_rng(seed).choice(train.n, size=n, replace=False))
+            train = data.FeatureSet(np.ascontiguousarray(train.features[keep]),
+                                    train.labels[keep], train.num_classes, train.name)
+        return train, test
     if name == "digits":
         if n is not None:
             raise ValueError("--n applies to the synthetic datasets only (digits has 1347 "

@@ -1,0 +1,195 @@
+"""The CLI as a user drives it: ``dpfc demo --features``, ``dpfc train`` with string and
+float-coded labels, other array keys, a public label set, CLI-worded errors, ``--version``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import dpfc_native
+from dpfc_native import data
+from dpfc_native.cli import app
+
+runner = CliRunner()
+
+
+def _blobs(seed, n=240, d=6, k=3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, size=n)
+    x = rng.standard_normal((k, d))[y] * 2.0 + 0.6 * rng.standard_normal((n, d))
+    return x.astype(np.float32), y
+
+
+def test_demo_on_a_public_features_file(tmp_path):
+    x, y = _blobs(0, n=400)
+    data.save_features(tmp_path / "public.npz", x, y)
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--features", str(tmp_path / "public.npz"), "--seeds",
+                                 "1", "-m", "ls", "-e", "2", "-e", "inf", "--n", "120",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    [only] = res["results"]
+    assert only["n_train"] == 120 and only["n_test"] == 100 and only["d"] == 6
+    assert only["median_accuracy"]["ls"]["inf"] > 0.9  # well-separated blobs
+    assert (out / "privacy_utility.png").stat().st_size > 0
+    bad = runner.invoke(app, ["demo", "--features", str(tmp_path / "missing.npz")])
+    assert bad.exit_code == 2 and "--features" in bad.output and "missing.npz" in bad.output
+    big = runner.invoke(app, ["demo", "--features", str(tmp_path / "public.npz"), "--n",
+                              "1000", "-m", "ls", "--seeds", "1", "--out", str(out)])
+    assert big.exit_code == 2 and "--n 1000" in big.output
+
+
+def _train(tmp_path, *args):
+    out = tmp_path / "model.npz"
+    out.unlink(missing_ok=True)  # a model left by an earlier call must not pass for this one
+    return runner.invoke(app, ["train", *map(str, args), "--method", "ls", "--epsilon", "4",
+                               "--seed", "0", "--output", str(out)]), out
+
+
+def _fails_before_fit(result, out, needle):
+    assert result.exit_code == 2, result.output
+    assert needle in result.output, result.output
+    assert "Traceback" not in result.output and "fit time" not in result.output
+    assert not out.exists()
+
+
+def test_train_string_labels_and_public_class_names(tmp_path):
+    x, y = _blobs(1, n=330)
+    x, y, xt, yt = x[:240], y[:240], x[240:], y[240:]
+    names = np.array(["cat", "dog", "ship"])
+    np.savez(tmp_path / "tr.npz", features=x, labels=names[y])
+    np.savez(tmp_path / "te.npz", features=xt, labels=names[yt])
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--test", tmp_path / "te.npz")
+    assert result.exit_code == 0, result.output
+    assert "label set: the 3 labels that occur" in result.output  # not public
+    model = np.load(out)
+    assert list(model["classes"]) == ["cat", "dog", "ship"]
+    acc = float(result.output.split("test accuracy:")[1].split()[0])
+    assert acc > 0.8
+    # A public label set with a class absent from the data: K = 4 rows of weights.
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--classes", "cat,dog,frog,ship")
+    assert result.exit_code == 0, result.output
+    assert list(np.load(out)["classes"]) == ["cat", "dog", "frog", "ship"]
+    assert np.load(out)["coef"].shape == (4, 6)
+    assert "label set: the" not in result.output
+    # A training label outside --classes: an error naming it, before the fit.
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--classes", "cat,dog")
+    _fails_before_fit(result, out, "'ship'")
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--num-classes", "3")
+    _fails_before_fit(result, out, "the labels are class names: list them with --classes")
+
+
+def test_train_float_coded_and_not_zero_based_labels(tmp_path):
+    x, y = _blobs(2)
+    np.savez(tmp_path / "f.npz", features=x, labels=y.astype(np.float64))
+    result, out = _train(tmp_path, tmp_path / "f.npz", "--num-classes", "3")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(out)["classes"], [0, 1, 2])
+    bad = y.astype(np.float64)
+    bad[17] = 1.5
+    np.savez(tmp_path / "bad.npz", features=x, labels=bad)
+    result, out = _train(tmp_path, tmp_path / "bad.npz")
+    _fails_before_fit(result, out, "index 17")
+    # Labels 1..3 (not 0-based), float-coded, with the public set named by --classes.
+    np.savez(tmp_path / "one.npz", features=x, labels=(y + 1).astype(np.float32))
+    result, out = _train(tmp_path, tmp_path / "one.npz", "--classes", "1,2,3,4")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(out)["classes"], [1, 2, 3, 4])
+    result, out = _train(tmp_path, tmp_path / "one.npz", "--classes", "1,2,three")
+    _fails_before_fit(result, out, "--classes entry 'three' is not an integer")
+
+
+def test_train_other_array_names(tmp_path):
+    x, y = _blobs(3)
+    np.savez(tmp_path / "k.npz", X=x, y=y)
+    result, out = _train(tmp_path, tmp_path / "k.npz")
+    _fails_before_fit(result, out, "has no array 'features'")
+    assert "['X', 'y']" in result.output
+    result, out = _train(tmp_path, tmp_path / "k.npz", "--features-key", "X", "--labels-key",
+                         "y", "--num-classes", "3")
+    assert result.exit_code == 0, result.output
+    assert np.load(out)["coef"].shape == (3, 6)
+
+
+def test_train_checks_the_test_file_before_the_fit(tmp_path):
+    x, y = _blobs(4)
+    data.save_features(tmp_path / "tr.npz", x, y)
+    data.save_features(tmp_path / "wide.npz", np.ones((20, 9), np.float32),
+                       np.zeros(20, np.int64))
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--test", tmp_path / "wide.npz")
+    _fails_before_fit(result, out, "wide.npz has 9 features per row but the training file "
+                                   "has 6")
+    assert "--test" in result.output
+    data.save_features(tmp_path / "k7.npz", x[:30], np.arange(30) % 8)
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--test", tmp_path / "k7.npz")
+    _fails_before_fit(result, out, "--test labels include 3")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 truncated")
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--test", tmp_path / "junk.npz")
+    _fails_before_fit(result, out, "cannot load --test file")
+    np.savez(tmp_path / "names.npz", features=x[:10], labels=np.array(["a"] * 10))
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--val", tmp_path / "names.npz")
+    _fails_before_fit(result, out, "--val labels are class names but the training labels "
+                                   "are integers")
+
+
+def test_train_messages_name_cli_options(tmp_path):
+    x, y = _blobs(5)
+    data.save_features(tmp_path / "tr.npz", x, y)
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--reg", "0.1", "--reg", "1")
+    _fails_before_fit(result, out, "--reg given more than once is a sweep")
+    assert "--val" in result.output and "X_val" not in result.output
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--delta", "2")
+    _fails_before_fit(result, out, "--delta must")
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--clip-norm", "-1")
+    _fails_before_fit(result, out, "--clip-norm must")
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "-p", "nonsense=1")
+    _fails_before_fit(result, out, "--param nonsense: not a parameter of DP-LS")
+    result, out = _train(tmp_path, tmp_path / "tr.npz", "--test-labels", tmp_path / "x.npy")
+    _fails_before_fit(result, out, "--test-labels needs --test")
+    from dpfc_native.cli import _cli_message
+
+    assert _cli_message("X_val and y_val must be given together") == \
+        "--val features and labels must be given together"
+    assert _cli_message("y_val contains labels not in classes_, e.g. 4") == \
+        "--val labels contains labels not in the label set, e.g. 4"
+    assert _cli_message("grad_clip_norm must be finite and > 0, got -1") == \
+        "--grad-clip-norm must be finite and > 0, got -1"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == \
+        f"dpfc_native {dpfc_native.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "dpfc_native", "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and dpfc_native.__version__ in proc.stdout
+
+
+def test_coerce_labels_and_read_labeled_arrays(tmp_path):
+    from dpfc_native.data import coerce_labels, read_labeled_arrays
+
+    np.testing.assert_array_equal(coerce_labels(np.array([3.0, -1.0, 7.0])), [3, -1, 7])
+    assert coerce_labels(np.array([3.0])).dtype == np.int64
+    assert list(coerce_labels(np.array([b"a", b"b"]))) == ["a", "b"]
+    np.testing.assert_array_equal(coerce_labels(np.array([True, False])), [1, 0])
+    for bad, needle in ((np.array([1.0, np.nan]), "index 1"), (np.array([[1, 2]]), "1-D"),
+                        (np.array([1 + 2j]), "dtype complex")):
+        with pytest.raises(ValueError, match=needle):
+            coerce_labels(bad)
+    # Paired .npy with class-name labels; every row read back.
+    x, y = _blobs(6, n=37)
+    names = np.array(["x", "yy", "zzz"])[y]
+    np.save(tmp_path / "s.features.npy", x)
+    np.save(tmp_path / "s.labels.npy", names)
+    fx, fy = read_labeled_arrays(tmp_path / "s.features.npy")
+    np.testing.assert_array_equal(fx, x)
+    np.testing.assert_array_equal(fy, names)
+    with pytest.raises(ValueError, match="10 entries"):
+        np.savez(tmp_path / "m.npz", features=x, labels=y[:10])
+        read_labeled_arrays(tmp_path / "m.npz")

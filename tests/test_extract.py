@@ -1,0 +1,332 @@
+"""``dpfc extract`` / :func:`dpfc_native.extract.extract` on a generated image folder and
+a small randomly initialised ONNX model (no network), against a float64 NumPy reference.
+
+The timm backend runs only where torch and timm are importable (skipped otherwise: the
+package never installs PyTorch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+Image = pytest.importorskip("PIL.Image")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from dpfc_native import data  # noqa: E402
+from dpfc_native.cli import app  # noqa: E402
+from dpfc_native.extract import (ExtractError, Preprocess, extract, list_images,  # noqa: E402
+                                 sha256_file)
+
+runner = CliRunner()
+MEAN = (0.5, 0.4, 0.3)
+STD = (0.25, 0.2, 0.3)
+CLASSES = ("ant", "bee", "cat")
+COUNTS = (4, 3, 6)  # odd, unequal sizes
+
+
+def _make_model(path, h, w, channels=5, d=7, seed=0, meta=None):
+    """Conv 3x3 (pad 1) -> ReLU -> global average pool -> flatten -> Gemm: (N,3,H,W) -> (N,d)."""
+    rng = np.random.default_rng(seed)
+    wc = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32) * 0.5
+    bc = rng.standard_normal(channels).astype(np.float32) * 0.1
+    wg = rng.standard_normal((channels, d)).astype(np.float32)
+    bg = rng.standard_normal(d).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["features"])]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", d])],
+        [numpy_helper.from_array(a, n) for a, n in ((wc, "wc"), (bc, "bc"), (wg, "wg"),
+                                                     (bg, "bg"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    if meta is not None:
+        helper.set_model_props(model, meta)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return tuple(a.astype(np.float64) for a in (wc, bc, wg, bg))
+
+
+def _reference(pixels, params, mean=MEAN, std=STD):
+    """float64 forward pass of _make_model on (H, W, 3) uint8 pixels."""
+    wc, bc, wg, bg = params
+    x = (pixels.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
+    x = x.transpose(2, 0, 1)
+    h, w = x.shape[1:]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((wc.shape[0], h, w))
+    for di in range(3):
+        for dj in range(3):
+            conv += np.einsum("oc,chw->ohw", wc[:, :, di, dj], xp[:, di:di + h, dj:dj + w])
+    conv += bc[:, None, None]
+    pooled = np.maximum(conv, 0).mean(axis=(1, 2))
+    return pooled @ wg + bg
+
+
+def _folder(root, h, w, seed=0, counts=COUNTS, sizes=None):
+    """class-per-subfolder PNGs (lossless) of random pixels; returns {path: pixels}."""
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for name, count in zip(CLASSES, counts):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(count):
+            hh, ww = sizes[i % len(sizes)] if sizes else (h, w)
+            arr = rng.integers(0, 256, size=(hh, ww, 3), dtype=np.uint8)
+            path = root / name / f"img{i:02d}.png"
+            Image.fromarray(arr).save(path)
+            pixels[str(path)] = arr
+    (root / "ant" / "notes.txt").write_text("not an image: ignored")
+    return pixels
+
+
+@pytest.fixture
+def setup(tmp_path):
+    h, w = 9, 11
+    params = _make_model(tmp_path / "tiny.onnx", h, w, meta={"dpfc_preprocess": json.dumps(
+        {"crop": [h, w], "resize": [h, w], "mean": MEAN, "std": STD})})
+    pixels = _folder(tmp_path / "imgs", h, w)
+    return tmp_path, params, pixels
+
+
+def test_features_match_float64_reference_and_label_mapping(setup):
+    tmp, params, pixels = setup
+    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "out" / "feats.npz", batch_size=4,
+                  device="cpu")
+    fs = data.load_features(res.files[0])  # what `dpfc train` reads
+    assert fs.features.shape == (sum(COUNTS), 7) and fs.features.dtype == np.float32
+    assert res.classes == list(CLASSES)
+    paths, labels, classes = list_images(tmp / "imgs")
+    np.testing.assert_array_equal(fs.labels, labels)
+    np.testing.assert_array_equal(np.bincount(fs.labels), COUNTS)
+    ref = np.stack([_reference(pixels[p], params) for p in paths])
+    # float32 inference of a float64 reference: every element written and close.
+    np.testing.assert_allclose(fs.features, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for p, y in zip(paths, fs.labels):
+        assert os.path.basename(os.path.dirname(p)) == CLASSES[y]
+
+
+def test_deterministic_and_batch_size_independent(setup):
+    tmp, _, _ = setup
+    a = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "a.npz", batch_size=5, device="cpu")
+    b = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "b.npz", batch_size=5, device="cpu")
+    c = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "c.npz", batch_size=1, device="cpu")
+    fa, fb, fc = (np.load(r.files[0]) for r in (a, b, c))
+    np.testing.assert_array_equal(fa["features"], fb["features"])
+    np.testing.assert_array_equal(fa["labels"], fb["labels"])
+    np.testing.assert_allclose(fa["features"], fc["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_metadata_records_model_weights_hash_and_preprocessing(setup):
+    tmp, _, _ = setup
+    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "m.npz", device="cpu")
+    with open(res.manifest) as f:
+        meta = json.load(f)
+    digest = sha256_file(tmp / "tiny.onnx")
+    assert meta["model"]["backend"] == "onnx" and meta["model"]["name"] == "tiny.onnx"
+    assert meta["model"]["sha256"] == digest == meta["weights"]["sha256"]
+    assert len(digest) == 64
+    pre = meta["preprocess"]
+    assert pre["crop"] == [9, 11] and pre["mean"] == list(MEAN) and pre["std"] == list(STD)
+    assert "dpfc_preprocess" in pre["source"]
+    assert meta["classes"] == list(CLASSES) and meta["n"] == sum(COUNTS) and meta["d"] == 7
+    assert meta["skipped"] == [] and meta["files"] == [{"path": "m.npz", "rows": sum(COUNTS)}]
+    inner = json.loads(str(np.load(res.files[0])["metadata"]))
+    assert inner["model"]["sha256"] == digest and inner["preprocess"] == pre
+
+
+def test_bad_image_fails_with_its_path_or_is_skipped(setup):
+    tmp, params, pixels = setup
+    bad = tmp / "imgs" / "bee" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(ExtractError, match="broken.jpg"):
+        extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "f.npz", device="cpu")
+    assert not (tmp / "f.npz").exists() and not (tmp / "f.json").exists()
+    # With shards: the ones written before the bad image are removed too.
+    with pytest.raises(ExtractError, match="broken.jpg"):
+        extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "sh.npy", device="cpu", shard_size=2,
+                batch_size=2)
+    assert not [p for p in os.listdir(tmp) if p.startswith("sh")]
+    assert not [p for p in os.listdir(tmp) if p.startswith(".dpfc-extract-")]
+    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "s.npz", device="cpu",
+                  on_error="skip", batch_size=2)
+    assert [s["path"] for s in res.skipped] == [str(bad)]
+    fs = data.load_features(res.files[0])
+    assert fs.n == sum(COUNTS)
+    paths, labels, _ = list_images(tmp / "imgs")
+    good = [i for i, p in enumerate(paths) if p != str(bad)]
+    np.testing.assert_array_equal(fs.labels, labels[good])
+    ref = np.stack([_reference(pixels[paths[i]], params) for i in good])
+    np.testing.assert_allclose(fs.features, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert json.load(open(res.manifest))["skipped"][0]["path"] == str(bad)
+
+
+def test_cli_extract_then_train(setup):
+    tmp, _, _ = setup
+    bad = tmp / "imgs" / "cat" / "truncated.png"
+    good = (tmp / "imgs" / "cat" / "img00.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    out = tmp / "cli" / "train.npz"
+    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
+                                 str(out), "--device", "cpu", "--batch-size", "3"])
+    assert result.exit_code == 2, result.output
+    assert "truncated.png" in result.output and "--skip-bad" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
+                                 str(out), "--device", "cpu", "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and "truncated.png" in result.output
+    assert f"{sum(COUNTS)} images" in result.output and "sha256" in result.output
+    result = runner.invoke(app, ["train", str(out), "--method", "ls", "--epsilon", "4",
+                                 "--num-classes", "3", "--output", str(tmp / "model.npz")])
+    assert result.exit_code == 0, result.output
+
+
+def test_csv_layout_npy_shards_and_label_order(tmp_path):
+    h = w = 8
+    params = _make_model(tmp_path / "m.onnx", h, w, d=4, seed=1)
+    pixels = _folder(tmp_path / "imgs", h, w, seed=2)
+    rows = []
+    for i, p in enumerate(sorted(pixels)):
+        rows.append((os.path.relpath(p, tmp_path), str([10, 2, 33][i % 3])))
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    res = extract(tmp_path / "list.csv", tmp_path / "m.onnx", tmp_path / "o" / "x.npy",
+                  shard_size=5, device="cpu",
+                  preprocess={"crop": 8, "resize": 8, "mean": MEAN, "std": STD})
+    n = len(rows)
+    assert res.classes == ["2", "10", "33"]  # integer names sort numerically
+    assert [os.path.basename(f) for f in res.files] == [
+        f"x-{i:05d}.features.npy" for i in range(-(-n // 5))]
+    shards = [data.load_features(f, num_classes=3) for f in res.files]
+    assert [s.n for s in shards] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+    feats = np.concatenate([s.features for s in shards])
+    labels = np.concatenate([s.labels for s in shards])
+    np.testing.assert_array_equal(labels, [res.classes.index(r[1]) for r in rows])
+    ref = np.stack([_reference(pixels[str(tmp_path / r[0])], params) for r in rows])
+    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # An explicit public label set fixes the order; a label outside it is an error.
+    res2 = extract(tmp_path / "list.csv", tmp_path / "m.onnx", tmp_path / "y.npz",
+                   classes=["33", "10", "2", "99"], device="cpu",
+                   preprocess={"crop": 8, "resize": 8})
+    np.testing.assert_array_equal(np.load(res2.files[0])["labels"],
+                                  [["33", "10", "2"].index(r[1]) for r in rows])
+    with pytest.raises(ExtractError, match="labels not in classes"):
+        extract(tmp_path / "list.csv", tmp_path / "m.onnx", tmp_path / "z.npz",
+                classes=["2", "10"], device="cpu")
+
+
+def test_resize_and_crop_follow_the_spec(tmp_path):
+    # Images of odd, varied sizes: resized (shorter side) with PIL bilinear, centre-cropped.
+    params = _make_model(tmp_path / "m.onnx", 6, 6, d=3, seed=4)
+    pixels = _folder(tmp_path / "imgs", 0, 0, seed=5, counts=(2, 1, 2),
+                     sizes=[(13, 9), (7, 17), (10, 10)])
+    spec = Preprocess(resize=8, crop=(6, 6), mean=MEAN, std=STD)
+    res = extract(tmp_path / "imgs", tmp_path / "m.onnx", tmp_path / "r.npz",
+                  preprocess=spec, device="cpu")
+    paths, _, _ = list_images(tmp_path / "imgs")
+    expected = []
+    for p in paths:
+        img = Image.fromarray(pixels[p])
+        w, h = img.size
+        size = (8, int(8 * h / w)) if w <= h else (int(8 * w / h), 8)
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        left, top = round((size[0] - 6) / 2), round((size[1] - 6) / 2)
+        expected.append(_reference(np.asarray(img.crop((left, top, left + 6, top + 6))),
+                                   params))
+    got = np.load(res.files[0])["features"]
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_guessed_preprocessing_is_marked_and_errors_are_clear(tmp_path):
+    _make_model(tmp_path / "m.onnx", 7, 7, d=3)
+    _folder(tmp_path / "imgs", 12, 12, counts=(1, 1, 1))
+    res = extract(tmp_path / "imgs", tmp_path / "m.onnx", tmp_path / "g.npz", device="cpu")
+    pre = res.metadata["preprocess"]
+    assert pre["source"].startswith("GUESSED") and pre["crop"] == [7, 7] and pre["resize"] == 8
+    with pytest.raises(ExtractError, match="model file not found"):
+        extract(tmp_path / "imgs", tmp_path / "missing.onnx", tmp_path / "g.npz")
+    with pytest.raises(ExtractError, match="no class sub-folders"):
+        extract(tmp_path / "imgs" / "ant", tmp_path / "m.onnx", tmp_path / "g.npz")
+    with pytest.raises(ExtractError, match="never downloads"):
+        extract(tmp_path / "imgs", "timm:resnet18", tmp_path / "g.npz")
+    result = runner.invoke(app, ["extract", str(tmp_path / "imgs"), str(tmp_path / "m.onnx"),
+                                 "--mean", "1,2", "-o", str(tmp_path / "e.npz")])
+    assert result.exit_code == 2 and "--mean expects 3" in result.output
+
+
+def _has_timm():
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_timm(), reason="torch and timm are not installed (the package "
+                    "never installs PyTorch; this backend is tested where they are)")
+def test_timm_backend_matches_torch_eval(tmp_path):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    _folder(tmp_path / "imgs", 40, 50, counts=(2, 1, 1))
+    res = extract(tmp_path / "imgs", "timm:resnet18", tmp_path / "t.npz",
+                  weights=tmp_path / "w.pth", device="cpu", batch_size=3)
+    cfg = timm.data.resolve_data_config({}, model=net)
+    transform = timm.data.create_transform(**cfg)
+    paths, _, _ = list_images(tmp_path / "imgs")
+    with torch.inference_mode():
+        ref = net(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
+    np.testing.assert_allclose(np.load(res.files[0])["features"], ref.numpy(), rtol=1e-4,
+                               atol=1e-4)
+    assert res.metadata["weights"]["sha256"] == sha256_file(tmp_path / "w.pth")
+    assert res.metadata["preprocess"]["source"] == "timm resolve_data_config"
+
+
+def test_worked_example_data_gives_the_digits_pixels(tmp_path):
+    # The README's worked example: its images and stand-in model, through dpfc extract,
+    # give back the package's own digits "pixels" features (up to 8-bit PNG rounding).
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "worked_example_data.py"
+    if not script.exists():
+        pytest.skip("examples/ is not part of this checkout")
+    spec = importlib.util.spec_from_file_location("worked_example_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_images(str(tmp_path))
+    module.write_model(str(tmp_path / "pixels.onnx"))
+    train, test = data.digits_features()
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    for split, ref in (("train", train), ("test", test)):
+        res = extract(tmp_path / "images" / split, tmp_path / "pixels.onnx",
+                      tmp_path / f"{split}.npz", device="cpu", batch_size=256)
+        got = np.load(res.files[0])
+        paths, _, _ = list_images(tmp_path / "images" / split)
+        index = np.array([int(os.path.basename(p)[:-4]) for p in paths])
+        np.testing.assert_array_equal(got["labels"], bunch.target[index])
+        np.testing.assert_allclose(got["features"], bunch.data[index] / 16.0,
+                                   atol=0.5 / 255 + 1e-6)
+        # The same split as data.digits_features (rows in another order).
+        assert got["features"].shape == ref.features.shape
+        np.testing.assert_allclose(np.sort(got["features"].sum(1)),
+                                   np.sort(ref.features.sum(1)), atol=64 * 0.5 / 255 + 1e-5)
