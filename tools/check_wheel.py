@@ -96,7 +96,8 @@ def check_archive(wheel: Path, flavour: str) -> tuple[bytes, str]:
           f"{size_mb:.2f} MB <= {SIZE_GATE_MB[flavour]} MB ({flavour})")
 
     with zipfile.ZipFile(wheel) as zf:
-        names = zf.namelist()
+        # auditwheel repair adds directory entries: not files, not junk.
+        names = [n for n in zf.namelist() if not n.endswith("/")]
         meta = Parser().parsestr(zf.read(f"{PACKAGE}-{version}.dist-info/METADATA").decode())
         ext = [n for n in names if re.fullmatch(r"dpfc_native/_core\.[^/]+\.so", n)]
         ext_bytes = zf.read(ext[0]) if len(ext) == 1 else b""
