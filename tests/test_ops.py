@@ -274,30 +274,30 @@ def test_memory_is_chunked(monkeypatch, rng):
     (None, False, "cublas"), ("auto", False, "cublas"), ("cublas", False, "cublas"),
     (None, True, "native"), ("simt32", False, "native"), ("mma", True, "native"),
 ])
-def test_gpu_grad_engine_choice(monkeypatch, env, tf32, want):
+def test_gpu_grad_engine_choice(monkeypatch, kernel_env, env, tf32, want):
     """The clipped gradient runs its GEMMs on cuBLAS unless CuPy would use TF32 there (which
     rounds the clipped per-example terms) or a native engine is asked for."""
     from dpfc_native import _gpu_stats
 
     monkeypatch.setattr(_gpu_stats, "_tf32_matmul", lambda: tf32)
     if env is None:
-        monkeypatch.delenv("DPFC_GRAD_KERNEL", raising=False)
+        kernel_env(DPFC_GRAD_KERNEL=None)
     else:
-        monkeypatch.setenv("DPFC_GRAD_KERNEL", env)
+        kernel_env(DPFC_GRAD_KERNEL=env)
     assert _gpu_stats._grad_engine(np.float32) == want
     # float64 features never go through TF32.
     assert _gpu_stats._grad_engine(np.float64) == ("native" if env in ("simt32", "mma")
                                                    else "cublas")
 
 
-def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch):
+def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch, kernel_env):
     from dpfc_native import _gpu_stats
 
     monkeypatch.setattr(_gpu_stats, "_tf32_matmul", lambda: True)
-    monkeypatch.setenv("DPFC_GRAD_KERNEL", "cublas")
+    kernel_env(DPFC_GRAD_KERNEL="cublas")
     with pytest.raises(ValueError, match="TF32"):
         _gpu_stats._grad_engine(np.float32)
-    monkeypatch.setenv("DPFC_GRAD_KERNEL", "tensorcore")
+    kernel_env(DPFC_GRAD_KERNEL="tensorcore")
     with pytest.raises(ValueError, match="DPFC_GRAD_KERNEL"):
         _gpu_stats._grad_engine(np.float32)
 
@@ -308,10 +308,10 @@ def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch):
     (5003, 100, 130, 4, 5003),           # all rows in one chunk
     (10**6, 10**6, 8, 8, 128),           # at least 128 rows
 ])
-def test_gpu_grad_chunk_rows(monkeypatch, n, k, d, item, want):
+def test_gpu_grad_chunk_rows(kernel_env, n, k, d, item, want):
     from dpfc_native import _gpu_stats
 
-    monkeypatch.delenv("DPFC_LG_CHUNK", raising=False)
+    kernel_env(DPFC_LG_CHUNK=None)
     assert _gpu_stats._lg_chunk_rows(n, k, d, item) == want
-    monkeypatch.setenv("DPFC_LG_CHUNK", "777")
+    kernel_env(DPFC_LG_CHUNK="777")
     assert _gpu_stats._lg_chunk_rows(n, k, d, item) == min(777, n)

@@ -7,6 +7,7 @@
 #include "common/errors.hpp"
 #include "common/registry.hpp"
 #include "cuda/linear_grad.cuh"
+#include "cuda/runtime.cuh"
 
 namespace py = pybind11;
 
@@ -19,10 +20,21 @@ LinearLoss parse_loss(const std::string& s) {
   throw std::invalid_argument("loss must be 'sigmoid' or 'softmax' (got '" + s + "')");
 }
 
+LinearGradEngine parse_engine(const std::string& s) {
+  if (s == "auto") return LinearGradEngine::kAuto;
+  if (s == "simt32") return LinearGradEngine::kSimt32;
+  if (s == "mma") return LinearGradEngine::kMma;
+  if (s == "mma884") return LinearGradEngine::kMma884;
+  if (s == "simt") return LinearGradEngine::kSimt;
+  throw std::invalid_argument(
+      "engine must be 'auto', 'simt32', 'mma', 'mma884' or 'simt' (got '" + s + "')");
+}
+
 void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int64_t ldx,
                          std::uintptr_t labels, std::uintptr_t w, int64_t ldw, std::uintptr_t bias,
                          int64_t K, double clip_norm, const std::string& loss, double feature_clip,
-                         std::uintptr_t grad, std::uintptr_t n_clipped, std::uintptr_t stream) {
+                         std::uintptr_t grad, std::uintptr_t n_clipped, std::uintptr_t stream,
+                         const std::string& engine, int64_t chunk_rows) {
   RowsView v;
   v.data = reinterpret_cast<const void*>(x);
   v.dtype = dtype;
@@ -31,6 +43,8 @@ void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int6
   v.ld = ldx;
   check_rows_view(v, "x");
   const LinearLoss l = parse_loss(loss);
+  const LinearGradEngine e = parse_engine(engine);
+  DPFC_EXPECTS(chunk_rows >= 1, "chunk_rows must be >= 1");
   DPFC_EXPECTS(labels != 0, "labels: null device pointer");
   DPFC_EXPECTS(w != 0, "w: null device pointer");
   DPFC_EXPECTS(grad != 0 && n_clipped != 0, "out: null device pointer");
@@ -41,7 +55,7 @@ void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int6
                              reinterpret_cast<const void*>(w), ldw,
                              reinterpret_cast<const double*>(bias), K, clip_norm, l, feature_clip,
                              reinterpret_cast<double*>(grad), reinterpret_cast<int64_t*>(n_clipped),
-                             reinterpret_cast<cudaStream_t>(stream));
+                             e, chunk_rows, reinterpret_cast<cudaStream_t>(stream));
 }
 
 void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::uintptr_t labels,
@@ -68,10 +82,11 @@ void register_linear_grad(py::module_& m) {
         py::arg("n"), py::arg("d"), py::arg("ldx"), py::arg("labels"), py::arg("w"),
         py::arg("ldw"), py::arg("bias"), py::arg("num_classes"), py::arg("clip_norm"),
         py::arg("loss"), py::arg("feature_clip"), py::arg("grad"), py::arg("n_clipped"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("engine"), py::arg("chunk_rows"),
         "grad (K x d float64) = sum_i c_i r_i x_i^T with per-example clip factors c_i; "
         "n_clipped (one int64 on the device) = #{i : c_i < 1}. feature_clip <= 0: none; "
-        "bias 0: zero bias.");
+        "bias 0: zero bias. engine: 'auto' | 'simt32' | 'mma' | 'mma884' | 'simt' (outer "
+        "product); chunk_rows: rows per chunk of logits.");
   m.def("cuda_residual_clip", &residual_clip, py::arg("z"), py::arg("dtype"), py::arg("rows"),
         py::arg("num_classes"), py::arg("labels"), py::arg("norms"), py::arg("fscale"),
         py::arg("bias"), py::arg("clip_norm"), py::arg("loss"), py::arg("bscale"),

@@ -9,7 +9,7 @@
 #include "common/philox.hpp"
 #include "common/registry.hpp"
 #include "cuda/noise.cuh"
-#include "cuda/stats.cuh"
+#include "cuda/runtime.cuh"
 
 namespace py = pybind11;
 
@@ -44,10 +44,10 @@ void register_noise(py::module_& m) {
   m.def("cuda_sym_gaussian_noise", &sym_noise, py::arg("out"), py::arg("dtype"), py::arg("batch"),
         py::arg("d"), py::arg("std"), py::arg("key_words"), py::arg("block0"), py::arg("stream"),
         "Fill out (batch, d, d; dtype 0 float32 / 1 float64) with symmetric Gaussian noise, "
-        "bit-identical to sym_gaussian_noise_cpu.");
+        "bit-identical to cpu_sym_gaussian_noise.");
   m.def("cuda_gaussian_noise", &gauss_noise, py::arg("out"), py::arg("dtype"), py::arg("count"),
         py::arg("std"), py::arg("key_words"), py::arg("block0"), py::arg("stream"),
-        "Fill count contiguous values with N(0, std^2), bit-identical to gaussian_noise_cpu.");
+        "Fill count contiguous values with N(0, std^2), bit-identical to cpu_gaussian_noise.");
 }
 
 }  // namespace dpfc::cuda

@@ -1,4 +1,5 @@
-// pybind11 entry points of the clipped-statistics family (stats.cuh). Pointers and streams
+// pybind11 entry points of the row operations (rows.cuh) and the clipped-statistics family
+// (stats.cuh), and the workspace probe (runtime.cuh). Pointers and streams
 // arrive as integers (CuPy's .data.ptr and cupy.cuda.get_current_stream().ptr); extents and
 // strides in elements. The GIL is released around the (asynchronous) launches.
 #include <pybind11/pybind11.h>
@@ -8,6 +9,8 @@
 
 #include "common/errors.hpp"
 #include "common/registry.hpp"
+#include "cuda/rows.cuh"
+#include "cuda/runtime.cuh"
 #include "cuda/stats.cuh"
 
 namespace py = pybind11;
@@ -199,7 +202,7 @@ void register_stats(py::module_& m) {
         py::arg("num_classes"), py::arg("clip_norm"), py::arg("out"), py::arg("stream"),
         py::arg("kernel") = "auto",
         "H (K x d x d float64): H_l = sum_i weights[i, l] xbar_i xbar_i^T (float64 weights).");
-  m.def("cuda_stats_workspace_probe", &workspace_probe, py::arg("bytes"), py::arg("stream"),
+  m.def("cuda_workspace_probe", &workspace_probe, py::arg("bytes"), py::arg("stream"),
         "Testing aid: allocate and free device workspace (raises CudaError when it cannot).");
 }
 
