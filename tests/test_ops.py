@@ -255,15 +255,17 @@ def test_mixed_devices_rejected():
 def test_memory_is_chunked(monkeypatch, rng):
     """clipped_gram never converts more than one chunk of rows at a time."""
     seen = []
-    original = ops._clipped_chunk
+    from dpfc_native import _cpu_stats
+
+    original = _cpu_stats._clipped_chunk
 
     def spy(x, sl, c):
         out = original(x, sl, c)
         seen.append(out[0].shape[0])
         return out
 
-    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 64 * 5)
-    monkeypatch.setattr(ops, "_clipped_chunk", spy)
+    monkeypatch.setattr(_cpu_stats, "_CHUNK_ELEMENTS", 64 * 5)
+    monkeypatch.setattr(_cpu_stats, "_clipped_chunk", spy)
     x = rng.standard_normal((1000, 5))
     xb, _ = reference_clip64(x, 1.0)
     np.testing.assert_allclose(ops.clipped_gram(x, 1.0), xb.T @ xb, atol=1e-12)
