@@ -252,6 +252,38 @@ def test_mixed_devices_rejected():
         ops.array_module(np.zeros(2), FakeDeviceArray())
 
 
+def test_device_of_is_the_one_device_rule():
+    """ops.device_of decides where arrays live; mechanisms and models ask it too."""
+    from dpfc_native import mechanisms, models
+
+    class FakeDeviceArray:
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f8", "data": (0, False), "version": 3}
+
+    assert ops.device_of(np.zeros(2), None, [1.0]) == "cpu"
+    assert ops.device_of() == "cpu"
+    assert ops.device_of(FakeDeviceArray(), None) == "cuda"
+    with pytest.raises(ValueError, match="mixed devices"):
+        ops.device_of(np.zeros(2), FakeDeviceArray())
+    assert not hasattr(mechanisms, "_device_of")
+    assert models.resolve_device("cpu", FakeDeviceArray()) == "cpu"
+
+
+def test_cholesky_shifts_matches_shifted_factors(rng):
+    d, shifts = 7, np.array([-50.0, 0.0, 0.5, 3.0])
+    m = rng.standard_normal((d, d))
+    a = m @ m.T + 0.1 * np.eye(d)
+    L, info = ops.cholesky_shifts(a, shifts)
+    for j, s in enumerate(shifts):
+        Lj, ij = ops.cholesky(a + s * np.eye(d))
+        np.testing.assert_array_equal(info[j], ij)
+        np.testing.assert_array_equal(L[j], Lj)
+    assert info[0] > 0 and np.isnan(L[0]).all() and (info[1:] == 0).all()
+    with pytest.raises(ValueError, match="shifts must be finite"):
+        ops.cholesky_shifts(a, np.array([np.nan]))
+    with pytest.raises(ValueError, match=r"shape \(d, d\)"):
+        ops.cholesky_shifts(np.stack([a, a]), shifts)
+
+
 def test_memory_is_chunked(monkeypatch, rng):
     """clipped_gram never converts more than one chunk of rows at a time."""
     seen = []
