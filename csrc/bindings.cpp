@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/bind_args.hpp"
 #include "common/clip.hpp"
 #include "common/errors.hpp"
 #include "common/philox.hpp"
@@ -37,8 +38,6 @@ void register_cuda_bindings(py::module_& m);  // bindings_cuda.cpp
 #endif
 
 namespace {
-
-NoiseKey key_from_words(const std::array<uint32_t, 4>& w) { return {w[0], w[1], w[2], w[3]}; }
 
 // A C-contiguous, writeable array of float32 or float64: returns true for float64.
 bool check_float_out(const py::array& out, const char* name) {

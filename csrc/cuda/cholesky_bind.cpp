@@ -11,6 +11,7 @@
 
 #include "common/errors.hpp"
 #include "common/registry.hpp"
+#include "cuda/bind_args.hpp"
 #include "cuda/cholesky.cuh"
 #include "cuda/runtime.cuh"
 
@@ -23,8 +24,6 @@ bool is_f64(int dtype) {
   DPFC_EXPECTS(dtype == kFloat32 || dtype == kFloat64, "dtype must be 0 (float32) or 1 (float64)");
   return dtype == kFloat64;
 }
-
-cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 CholeskyOptions make_options(const std::string& kernel, const std::string& schedule,
                              int small_max) {
@@ -56,19 +55,19 @@ void cholesky(std::uintptr_t a, int64_t a_batch_stride, int64_t lda, std::uintpt
                "a_batch_stride must be 0 (broadcast) or cover one matrix");
   DPFC_EXPECTS(workspace_bytes >= 0, "workspace_bytes must be >= 0");
   DPFC_EXPECTS(workspace != 0 || workspace_bytes == 0, "workspace_bytes given without workspace");
-  void* ws = reinterpret_cast<void*>(workspace);
+  void* ws = as_ptr<void>(workspace);
   const size_t ws_bytes = static_cast<size_t>(workspace_bytes);
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
   if (f64) {
-    cholesky_batched<double>(reinterpret_cast<const double*>(a), a_batch_stride, lda,
-                             reinterpret_cast<const double*>(shifts),
-                             reinterpret_cast<double*>(l), reinterpret_cast<int32_t*>(info),
+    cholesky_batched<double>(as_ptr<const double>(a), a_batch_stride, lda,
+                             as_ptr<const double>(shifts),
+                             as_ptr<double>(l), as_ptr<int32_t>(info),
                              batch, d, ws, ws_bytes, o, as_stream(stream));
   } else {
-    cholesky_batched<float>(reinterpret_cast<const float*>(a), a_batch_stride, lda,
-                            reinterpret_cast<const float*>(shifts), reinterpret_cast<float*>(l),
-                            reinterpret_cast<int32_t*>(info), batch, d, ws, ws_bytes, o,
+    cholesky_batched<float>(as_ptr<const float>(a), a_batch_stride, lda,
+                            as_ptr<const float>(shifts), as_ptr<float>(l),
+                            as_ptr<int32_t>(info), batch, d, ws, ws_bytes, o,
                             as_stream(stream));
   }
 }
@@ -88,13 +87,13 @@ void cho_solve(std::uintptr_t l, int64_t l_batch_stride, std::uintptr_t b, int64
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
   if (f64) {
-    cho_solve_batched<double>(reinterpret_cast<const double*>(l), l_batch_stride,
-                              reinterpret_cast<const double*>(b), b_batch_stride, ldb,
-                              reinterpret_cast<double*>(x), batch, d, m, as_stream(stream));
+    cho_solve_batched<double>(as_ptr<const double>(l), l_batch_stride,
+                              as_ptr<const double>(b), b_batch_stride, ldb,
+                              as_ptr<double>(x), batch, d, m, as_stream(stream));
   } else {
-    cho_solve_batched<float>(reinterpret_cast<const float*>(l), l_batch_stride,
-                             reinterpret_cast<const float*>(b), b_batch_stride, ldb,
-                             reinterpret_cast<float*>(x), batch, d, m, as_stream(stream));
+    cho_solve_batched<float>(as_ptr<const float>(l), l_batch_stride,
+                             as_ptr<const float>(b), b_batch_stride, ldb,
+                             as_ptr<float>(x), batch, d, m, as_stream(stream));
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include "common/errors.hpp"
 #include "common/registry.hpp"
+#include "cuda/bind_args.hpp"
 #include "cuda/linear_grad.cuh"
 #include "cuda/runtime.cuh"
 
@@ -35,13 +36,7 @@ void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int6
                          int64_t K, double clip_norm, const std::string& loss, double feature_clip,
                          std::uintptr_t grad, std::uintptr_t n_clipped, std::uintptr_t stream,
                          const std::string& engine, int64_t chunk_rows) {
-  RowsView v;
-  v.data = reinterpret_cast<const void*>(x);
-  v.dtype = dtype;
-  v.n = n;
-  v.d = d;
-  v.ld = ldx;
-  check_rows_view(v, "x");
+  const RowsView v = make_rows(x, dtype, n, d, ldx);
   const LinearLoss l = parse_loss(loss);
   const LinearGradEngine e = parse_engine(engine);
   DPFC_EXPECTS(chunk_rows >= 1, "chunk_rows must be >= 1");
@@ -51,11 +46,11 @@ void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int6
   DPFC_EXPECTS(K >= 1, "num_classes must be >= 1");
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
-  launch_clipped_linear_grad(v, reinterpret_cast<const int32_t*>(labels),
-                             reinterpret_cast<const void*>(w), ldw,
-                             reinterpret_cast<const double*>(bias), K, clip_norm, l, feature_clip,
-                             reinterpret_cast<double*>(grad), reinterpret_cast<int64_t*>(n_clipped),
-                             e, chunk_rows, reinterpret_cast<cudaStream_t>(stream));
+  launch_clipped_linear_grad(v, as_ptr<const int32_t>(labels),
+                             as_ptr<const void>(w), ldw,
+                             as_ptr<const double>(bias), K, clip_norm, l, feature_clip,
+                             as_ptr<double>(grad), as_ptr<int64_t>(n_clipped),
+                             e, chunk_rows, as_stream(stream));
 }
 
 void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::uintptr_t labels,
@@ -65,14 +60,14 @@ void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::ui
   const LinearLoss l = parse_loss(loss);
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
-  launch_residual_clip(reinterpret_cast<void*>(z), dtype, rows, K,
-                       reinterpret_cast<const int32_t*>(labels),
-                       reinterpret_cast<const double*>(norms),
-                       reinterpret_cast<const double*>(fscale),
-                       reinterpret_cast<const double*>(fscale),
-                       reinterpret_cast<const double*>(bias), clip_norm, l,
-                       reinterpret_cast<double*>(bscale), reinterpret_cast<int64_t*>(n_clipped),
-                       reinterpret_cast<cudaStream_t>(stream));
+  launch_residual_clip(as_ptr<void>(z), dtype, rows, K,
+                       as_ptr<const int32_t>(labels),
+                       as_ptr<const double>(norms),
+                       as_ptr<const double>(fscale),
+                       as_ptr<const double>(fscale),
+                       as_ptr<const double>(bias), clip_norm, l,
+                       as_ptr<double>(bscale), as_ptr<int64_t>(n_clipped),
+                       as_stream(stream));
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "common/errors.hpp"
 #include "common/registry.hpp"
+#include "cuda/bind_args.hpp"
 #include "cuda/rows.cuh"
 #include "cuda/runtime.cuh"
 #include "cuda/stats.cuh"
@@ -17,24 +18,6 @@ namespace py = pybind11;
 
 namespace dpfc::cuda {
 namespace {
-
-cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-template <typename T>
-T* as_ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-RowsView make_rows(std::uintptr_t ptr, int dtype, int64_t n, int64_t d, int64_t ld) {
-  RowsView v;
-  v.data = as_ptr<const void>(ptr);
-  v.dtype = dtype;
-  v.n = n;
-  v.d = d;
-  v.ld = ld;
-  check_rows_view(v, "x");
-  return v;
-}
 
 GramAccum parse_accum(const std::string& s) {
   if (s == "float64") return GramAccum::kFloat64;
