@@ -65,8 +65,7 @@ void sym_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, uint6
   }
 }
 
-void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key,
-                        uint64_t block0) {
+void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, uint64_t block0) {
   const bool f64 = check_float_out(out, "out");
   DPFC_EXPECTS(std >= 0.0, "std must be non-negative");
   const int64_t count = out.size();

@@ -57,7 +57,7 @@ namespace dpfc {
 namespace cuda {
 namespace {
 
-constexpr int kNb = 64;              // block size of the blocked factorisation
+constexpr int kNb = 64;  // block size of the blocked factorisation
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxGridY = 65535;
 
@@ -132,7 +132,7 @@ struct RegChol {
     for (int t = 0; t < 4; ++t) {
       if (t >= ncols) break;
       const T piv = __shfl_sync(kFullMask, p[0][t], t);  // row jb + t: lane t, q = 0
-      if (!(piv > T(0))) return t + 1;                    // NaN is not > 0 (uniform)
+      if (!(piv > T(0))) return t + 1;                   // NaN is not > 0 (uniform)
       const T ljj = sqrt(piv);
       const T inv = T(1) / ljj;
 #pragma unroll
@@ -168,7 +168,8 @@ struct RegChol {
   // Warp 0 and the owners run separate loops meeting at the same number of named
   // barriers (PTX bar.sync 1 counts arrivals per barrier, not per code location).
   template <class Elem, class Put>
-  static __device__ __forceinline__ int run(RegCholSmem<T, D>& sm, int n, int tid, Elem&& elem, Put&& put) {
+  static __device__ __forceinline__ int run(RegCholSmem<T, D>& sm, int n, int tid, Elem&& elem,
+                                            Put&& put) {
     const int lane = tid & 31, warp = tid >> 5;
     const unsigned nthreads = blockDim.x;
     int fail = 0;
@@ -421,13 +422,13 @@ struct UpdCfg {
   static constexpr int kPitch = kMma ? kKc + 4 : kKc + 1;  // conflict-free fragment reads
   static constexpr int kStages = 3;
   static constexpr int kMinBlocks = kMma ? 3 : 2;
-  static constexpr int kStageElems = 2 * kNb * kPitch;     // A tile + B tile
+  static constexpr int kStageElems = 2 * kNb * kPitch;  // A tile + B tile
   static constexpr size_t kSmemBytes = sizeof(T) * kStageElems * kStages;
 };
 
 template <typename T>
 struct UpdateArgs {
-  const T* a;      // mode 0: the input (lower triangle read)
+  const T* a;  // mode 0: the input (lower triangle read)
   int64_t a_bs;
   int64_t lda;
   const T* shifts;
@@ -442,9 +443,10 @@ struct UpdateArgs {
 // Copies rows r0 + [0, 64) of L, columns k .. k + kKc, for op = A (r0 = i0) and B
 // (r0 = c0), in copies of kV elements. Thread: one column chunk, rows rb + q * kRpp.
 template <typename T, int kV, int kThr, int kKc, int kP>
-__device__ __forceinline__ void copy_tiles(T* stage, const T* lb, int d, int i0, int c0, int k, int tid) {
-  constexpr int kCpr = kKc / kV;      // copies per row
-  constexpr int kRpp = kThr / kCpr;   // rows per pass
+__device__ __forceinline__ void copy_tiles(T* stage, const T* lb, int d, int i0, int c0, int k,
+                                           int tid) {
+  constexpr int kCpr = kKc / kV;     // copies per row
+  constexpr int kRpp = kThr / kCpr;  // rows per pass
   constexpr int kPasses = kNb / kRpp;
   static_assert(kThr % kCpr == 0 && kNb % kRpp == 0, "even split");
   const int ch = tid % kCpr, rb = tid / kCpr;
@@ -457,7 +459,7 @@ __device__ __forceinline__ void copy_tiles(T* stage, const T* lb, int d, int i0,
     for (int q = 0; q < kPasses; ++q) {
       const bool ok = row0 + q * kRpp < d;
       const T* src = ok ? src0 + static_cast<int64_t>(q * kRpp) * d : lb;
-      cp_async_zfill<kV * static_cast<int>(sizeof(T))>(dst0 + q * kRpp * kP, src, ok);
+      cp_async_zfill<kV* static_cast<int>(sizeof(T))>(dst0 + q * kRpp * kP, src, ok);
     }
   }
 }
@@ -466,7 +468,8 @@ __device__ __forceinline__ void copy_tiles(T* stage, const T* lb, int d, int i0,
 // kVec: 16-byte copies (needs 16-byte aligned rows: d a multiple of 16 / sizeof(T) and
 // a 16-byte aligned l; only with the mma layout, whose pitch keeps 16-byte alignment).
 template <typename T, bool kMma, bool kVec>
-__device__ __forceinline__ void load_stage(T* stage, const T* lb, int d, int i0, int c0, int k, int tid) {
+__device__ __forceinline__ void load_stage(T* stage, const T* lb, int d, int i0, int c0, int k,
+                                           int tid) {
   using Cfg = UpdCfg<T, kMma>;
   static_assert(!kVec || kMma, "16-byte copies need the mma pitch");
   constexpr int kV = kVec ? 16 / static_cast<int>(sizeof(T)) : 1;
@@ -519,7 +522,8 @@ __global__ void __launch_bounds__(UpdCfg<T, kMma>::kThreads, UpdCfg<T, kMma>::kM
     if (nk > 0) {
 #pragma unroll
       for (int s = 0; s < kS - 1; ++s) {
-        if (s < nk) load_stage<T, kMma, kVec>(smem + s * Cfg::kStageElems, lb, d, i0, c0, kb + s * kKc, tid);
+        if (s < nk)
+          load_stage<T, kMma, kVec>(smem + s * Cfg::kStageElems, lb, d, i0, c0, kb + s * kKc, tid);
         cp_async_commit();
       }
       for (int kt = 0; kt < nk; ++kt) {
@@ -528,7 +532,8 @@ __global__ void __launch_bounds__(UpdCfg<T, kMma>::kThreads, UpdCfg<T, kMma>::kM
         {
           const int nxt = kt + kS - 1;
           if (nxt < nk)
-            load_stage<T, kMma, kVec>(smem + (nxt % kS) * Cfg::kStageElems, lb, d, i0, c0, kb + nxt * kKc, tid);
+            load_stage<T, kMma, kVec>(smem + (nxt % kS) * Cfg::kStageElems, lb, d, i0, c0,
+                                      kb + nxt * kKc, tid);
           cp_async_commit();
         }
         const T* sA = smem + (kt % kS) * Cfg::kStageElems;
@@ -622,8 +627,10 @@ __global__ void __launch_bounds__(256) chol_init_kernel(FactorArgs<T> p) {
     const T* ab = p.a + b * p.a_bs;
     T* lb = p.l + b * dd;
     const T shift = p.shifts != nullptr ? p.shifts[b] : T(0);
-    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < dd; idx += stride) {
-      const int r = static_cast<int>(idx / d), c = static_cast<int>(idx - static_cast<int64_t>(r) * d);
+    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < dd;
+         idx += stride) {
+      const int r = static_cast<int>(idx / d),
+                c = static_cast<int>(idx - static_cast<int64_t>(r) * d);
       T v = T(0);
       if (c <= r) {
         v = ab[static_cast<int64_t>(r) * p.lda + c];
@@ -665,19 +672,20 @@ __global__ void __launch_bounds__(256)
 // Solve L L^T X = B: one block per (matrix, 8 columns), forward then backward sweep.
 // ---------------------------------------------------------------------------------------
 
-constexpr int kSolveRB = 64;   // rows per block row
-constexpr int kSolveKC = 64;   // k per staged chunk
-constexpr int kSolveNC = 8;    // right-hand-side columns per block (one warp each)
+constexpr int kSolveRB = 64;  // rows per block row
+constexpr int kSolveKC = 64;  // k per staged chunk
+constexpr int kSolveNC = 8;   // right-hand-side columns per block (one warp each)
 constexpr int kSolveThreads = 256;
 
 template <typename T>
 struct SolveSmem {
-  T lbuf[kSolveRB][kSolveKC + 1];  // L chunk [row][k]; then the reduction [warp][col][row]
-  T ybuf[kSolveKC][kSolveNC];      // solved rows [k][col]
-  T ldiag[kSolveRB][kSolveRB + 1]; // diagonal block, lower, identity padding
+  T lbuf[kSolveRB][kSolveKC + 1];   // L chunk [row][k]; then the reduction [warp][col][row]
+  T ybuf[kSolveKC][kSolveNC];       // solved rows [k][col]
+  T ldiag[kSolveRB][kSolveRB + 1];  // diagonal block, lower, identity padding
   T rdiag[kSolveRB];
 };
-static_assert(sizeof(double) * kSolveRB * (kSolveKC + 1) >= sizeof(double) * 8 * kSolveNC * kSolveRB,
+static_assert(sizeof(double) * kSolveRB * (kSolveKC + 1) >=
+                  sizeof(double) * 8 * kSolveNC * kSolveRB,
               "the reduction buffer aliases lbuf");
 
 template <typename T>
@@ -741,7 +749,8 @@ __global__ void __launch_bounds__(kSolveThreads, 2) cho_solve_kernel(SolveArgs<T
           for (int it = 0; it < kYPer; ++it) {
             const int idx = tid + it * kSolveThreads;
             const int k = idx / kSolveNC, j = idx % kSolveNC;
-            yreg[it] = (kc + k < d && c0 + j < m) ? xb[static_cast<int64_t>(kc + k) * m + c0 + j] : T(0);
+            yreg[it] =
+                (kc + k < d && c0 + j < m) ? xb[static_cast<int64_t>(kc + k) * m + c0 + j] : T(0);
           }
         };
         auto stash = [&]() {
@@ -950,8 +959,8 @@ int64_t blocked_chunk(int64_t batch, int64_t d, int64_t elem_bytes, size_t budge
 }
 
 template <typename T, bool kMma, bool kVec>
-void factor_blocked(const FactorArgs<T>& fa, const CholeskyOptions& o, void* workspace, size_t workspace_bytes,
-                    cudaStream_t stream) {
+void factor_blocked(const FactorArgs<T>& fa, const CholeskyOptions& o, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream) {
   DPFC_CUDA_CHECK(cudaFuncSetAttribute(chol_update_kernel<T, kMma, kVec>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(UpdCfg<T, kMma>::kSmemBytes)));
@@ -961,9 +970,11 @@ void factor_blocked(const FactorArgs<T>& fa, const CholeskyOptions& o, void* wor
   int64_t chunk;
   if (own) {
     chunk = blocked_chunk(fa.batch, fa.d, sizeof(T), kWorkspaceBytes);
-    DPFC_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&w), static_cast<size_t>(chunk * per_matrix), stream));
+    DPFC_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&w),
+                                    static_cast<size_t>(chunk * per_matrix), stream));
   } else {
-    DPFC_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace) % 16 == 0, "workspace must be 16-byte aligned");
+    DPFC_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace) % 16 == 0,
+                 "workspace must be 16-byte aligned");
     DPFC_EXPECTS(static_cast<int64_t>(workspace_bytes) >= per_matrix,
                  "workspace too small: see cholesky_workspace_bytes");
     chunk = blocked_chunk(fa.batch, fa.d, sizeof(T), workspace_bytes);
@@ -1052,9 +1063,17 @@ void cho_solve_batched(const T* l, int64_t l_batch_stride, const T* b, int64_t b
   DPFC_EXPECTS(l_batch_stride >= 0 && b_batch_stride >= 0, "batch strides must be >= 0");
   DPFC_EXPECTS(l != nullptr && b != nullptr && x != nullptr, "null pointer");
   const size_t smem = sizeof(SolveSmem<T>);
-  DPFC_CUDA_CHECK(cudaFuncSetAttribute(cho_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)));
-  SolveArgs<T> args{l, l_batch_stride, b, b_batch_stride, ldb, x, batch, static_cast<int>(d), static_cast<int>(m)};
+  DPFC_CUDA_CHECK(cudaFuncSetAttribute(
+      cho_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  SolveArgs<T> args{l,
+                    l_batch_stride,
+                    b,
+                    b_batch_stride,
+                    ldb,
+                    x,
+                    batch,
+                    static_cast<int>(d),
+                    static_cast<int>(m)};
   const unsigned gx = static_cast<unsigned>((m + kSolveNC - 1) / kSolveNC);
   cho_solve_kernel<T><<<dim3(gx, grid_y(batch)), kSolveThreads, smem, stream>>>(args);
   DPFC_CUDA_CHECK_LAUNCH();
@@ -1065,9 +1084,9 @@ std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes, const Chole
   if (d <= o.small_max) {
     const int tier = d <= 32 ? 32 : d <= 64 ? 64 : 128;
     return "small tier=" + std::to_string(tier) + " threads=" +
-           std::to_string(tier == 32 ? RegChol<double, 32>::kThreads
-                                     : tier == 64 ? RegChol<double, 64>::kThreads
-                                                  : RegChol<double, 128>::kThreads);
+           std::to_string(tier == 32   ? RegChol<double, 32>::kThreads
+                          : tier == 64 ? RegChol<double, 64>::kThreads
+                                       : RegChol<double, 128>::kThreads);
   }
   const bool left = use_left_looking(o, batch, d);
   const bool mma = dtype_bytes == 8 && o.mma;
@@ -1075,14 +1094,14 @@ std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes, const Chole
          " gemm=" + (mma ? "mma_f64_m8n8k4" : "simt");
 }
 
-template void cholesky_batched<float>(const float*, int64_t, int64_t, const float*, float*, int32_t*,
-                                      int64_t, int64_t, void*, size_t, const CholeskyOptions&,
-                                      cudaStream_t);
+template void cholesky_batched<float>(const float*, int64_t, int64_t, const float*, float*,
+                                      int32_t*, int64_t, int64_t, void*, size_t,
+                                      const CholeskyOptions&, cudaStream_t);
 template void cholesky_batched<double>(const double*, int64_t, int64_t, const double*, double*,
                                        int32_t*, int64_t, int64_t, void*, size_t,
                                        const CholeskyOptions&, cudaStream_t);
-template void cho_solve_batched<float>(const float*, int64_t, const float*, int64_t, int64_t, float*,
-                                       int64_t, int64_t, int64_t, cudaStream_t);
+template void cho_solve_batched<float>(const float*, int64_t, const float*, int64_t, int64_t,
+                                       float*, int64_t, int64_t, int64_t, cudaStream_t);
 template void cho_solve_batched<double>(const double*, int64_t, const double*, int64_t, int64_t,
                                         double*, int64_t, int64_t, int64_t, cudaStream_t);
 

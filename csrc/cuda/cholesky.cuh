@@ -51,8 +51,7 @@ struct CholeskyOptions {
 template <typename T>
 void cholesky_batched(const T* a, int64_t a_batch_stride, int64_t lda, const T* shifts, T* l,
                       int32_t* info, int64_t batch, int64_t d, void* workspace,
-                      size_t workspace_bytes, const CholeskyOptions& options,
-                      cudaStream_t stream);
+                      size_t workspace_bytes, const CholeskyOptions& options, cudaStream_t stream);
 
 // Work space the call would like (0 for the one-block kernel; at most 1 GiB).
 size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes,
@@ -65,8 +64,7 @@ size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes,
 // A factor with NaN (a failed factorisation) gives NaN in its solutions.
 template <typename T>
 void cho_solve_batched(const T* l, int64_t l_batch_stride, const T* b, int64_t b_batch_stride,
-                       int64_t ldb, T* x, int64_t batch, int64_t d, int64_t m,
-                       cudaStream_t stream);
+                       int64_t ldb, T* x, int64_t batch, int64_t d, int64_t m, cudaStream_t stream);
 
 // The kernels a call with these extents would use, as a short text (tests, benchmarks).
 std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes,

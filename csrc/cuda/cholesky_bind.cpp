@@ -61,14 +61,12 @@ void cholesky(std::uintptr_t a, int64_t a_batch_stride, int64_t lda, std::uintpt
   clear_stale_cuda_error();
   if (f64) {
     cholesky_batched<double>(as_ptr<const double>(a), a_batch_stride, lda,
-                             as_ptr<const double>(shifts),
-                             as_ptr<double>(l), as_ptr<int32_t>(info),
+                             as_ptr<const double>(shifts), as_ptr<double>(l), as_ptr<int32_t>(info),
                              batch, d, ws, ws_bytes, o, as_stream(stream));
   } else {
     cholesky_batched<float>(as_ptr<const float>(a), a_batch_stride, lda,
-                            as_ptr<const float>(shifts), as_ptr<float>(l),
-                            as_ptr<int32_t>(info), batch, d, ws, ws_bytes, o,
-                            as_stream(stream));
+                            as_ptr<const float>(shifts), as_ptr<float>(l), as_ptr<int32_t>(info),
+                            batch, d, ws, ws_bytes, o, as_stream(stream));
   }
 }
 
@@ -87,13 +85,12 @@ void cho_solve(std::uintptr_t l, int64_t l_batch_stride, std::uintptr_t b, int64
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
   if (f64) {
-    cho_solve_batched<double>(as_ptr<const double>(l), l_batch_stride,
-                              as_ptr<const double>(b), b_batch_stride, ldb,
-                              as_ptr<double>(x), batch, d, m, as_stream(stream));
+    cho_solve_batched<double>(as_ptr<const double>(l), l_batch_stride, as_ptr<const double>(b),
+                              b_batch_stride, ldb, as_ptr<double>(x), batch, d, m,
+                              as_stream(stream));
   } else {
-    cho_solve_batched<float>(as_ptr<const float>(l), l_batch_stride,
-                             as_ptr<const float>(b), b_batch_stride, ldb,
-                             as_ptr<float>(x), batch, d, m, as_stream(stream));
+    cho_solve_batched<float>(as_ptr<const float>(l), l_batch_stride, as_ptr<const float>(b),
+                             b_batch_stride, ldb, as_ptr<float>(x), batch, d, m, as_stream(stream));
   }
 }
 
@@ -125,8 +122,8 @@ void register_cholesky(py::module_& m) {
         "inside) or a device buffer of workspace_bytes (cuda_cholesky_workspace_bytes). "
         "kernel: float64 update GEMM 'mma' | 'simt'; schedule: 'auto' | 'left' | 'right'; "
         "small_max: largest d for the one-block kernel (0..128).");
-  m.def("cuda_cholesky_workspace_bytes", &workspace_bytes, py::arg("batch"),
-        py::arg("d"), py::arg("dtype"), py::arg("small_max") = 128,
+  m.def("cuda_cholesky_workspace_bytes", &workspace_bytes, py::arg("batch"), py::arg("d"),
+        py::arg("dtype"), py::arg("small_max") = 128,
         "Work-space bytes cuda_cholesky wants for these extents (0 for d <= small_max).");
   m.def("cuda_cho_solve", &cho_solve, py::arg("l"), py::arg("l_batch_stride"), py::arg("b"),
         py::arg("b_batch_stride"), py::arg("ldb"), py::arg("x"), py::arg("batch"), py::arg("d"),

@@ -18,29 +18,31 @@ namespace {
 
 __device__ __forceinline__ double to_double(float v) { return static_cast<double>(v); }
 __device__ __forceinline__ double to_double(double v) { return v; }
-__device__ __forceinline__ double to_double(__half v) { return static_cast<double>(__half2float(v)); }
+__device__ __forceinline__ double to_double(__half v) {
+  return static_cast<double>(__half2float(v));
+}
 __device__ __forceinline__ double to_double(__nv_bfloat16 v) {
   return static_cast<double>(__bfloat162float(v));
 }
 // Runs BODY with T bound to the storage type of dtype code CODE (device or host).
-#define DPFC_DISPATCH_DTYPE(CODE, T, ...)        \
-  switch (CODE) {                                \
-    case kFloat32: {                             \
-      using T = float;                           \
-      __VA_ARGS__;                               \
-    } break;                                     \
-    case kFloat64: {                             \
-      using T = double;                          \
-      __VA_ARGS__;                               \
-    } break;                                     \
-    case kFloat16: {                             \
-      using T = __half;                          \
-      __VA_ARGS__;                               \
-    } break;                                     \
-    default: {                                   \
-      using T = __nv_bfloat16;                   \
-      __VA_ARGS__;                               \
-    } break;                                     \
+#define DPFC_DISPATCH_DTYPE(CODE, T, ...) \
+  switch (CODE) {                         \
+    case kFloat32: {                      \
+      using T = float;                    \
+      __VA_ARGS__;                        \
+    } break;                              \
+    case kFloat64: {                      \
+      using T = double;                   \
+      __VA_ARGS__;                        \
+    } break;                              \
+    case kFloat16: {                      \
+      using T = __half;                   \
+      __VA_ARGS__;                        \
+    } break;                              \
+    default: {                            \
+      using T = __nv_bfloat16;            \
+      __VA_ARGS__;                        \
+    } break;                              \
   }
 
 __device__ __forceinline__ double warp_sum(double v) {

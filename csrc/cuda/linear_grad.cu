@@ -62,11 +62,12 @@ constexpr double kLgTinySumSq = 1e-280;
 // ||x_i||. A row with r_i = 0 or non-finite residuals gets u_i = 0 and bscale_i = 0.
 // Probabilities in T (float math for float32 input), sums of squares in float64.
 template <typename T>
-__global__ void __launch_bounds__(256, 2) residual_clip_kernel(
-    T* __restrict__ Z, int64_t rows, int64_t K, const int32_t* __restrict__ labels,
-    const double* __restrict__ norms, const double* __restrict__ fscale, double clip_norm,
-    int loss, double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped,
-    const double* __restrict__ zscale, const double* __restrict__ zbias) {
+__global__ void __launch_bounds__(256, 2)
+    residual_clip_kernel(T* __restrict__ Z, int64_t rows, int64_t K,
+                         const int32_t* __restrict__ labels, const double* __restrict__ norms,
+                         const double* __restrict__ fscale, double clip_norm, int loss,
+                         double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped,
+                         const double* __restrict__ zscale, const double* __restrict__ zbias) {
   __shared__ unsigned int block_clipped;
   if (threadIdx.x == 0) block_clipped = 0;
   __syncthreads();
@@ -174,8 +175,8 @@ void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int
         bscale, count, zscale, zbias);
   } else {
     residual_clip_kernel<double><<<blocks, 256, 0, stream>>>(
-        static_cast<double*>(z), rows, K, labels, norms, fscale, clip_norm,
-        static_cast<int>(loss), bscale, count, zscale, zbias);
+        static_cast<double*>(z), rows, K, labels, norms, fscale, clip_norm, static_cast<int>(loss),
+        bscale, count, zscale, zbias);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }
@@ -192,8 +193,7 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
   DPFC_EXPECTS(K >= 1 && K < (int64_t{1} << 31), "num_classes must be in [1, 2^31)");
   DPFC_EXPECTS(K == 1 || ldw >= x.d, "w: row stride must be >= d");
   DPFC_EXPECTS(clip_norm > 0.0 && std::isfinite(clip_norm), "clip_norm must be finite and > 0");
-  DPFC_EXPECTS(!(feature_clip > 0.0) || std::isfinite(feature_clip),
-               "feature_clip must be finite");
+  DPFC_EXPECTS(!(feature_clip > 0.0) || std::isfinite(feature_clip), "feature_clip must be finite");
   DPFC_EXPECTS(grad != nullptr && n_clipped != nullptr, "out: null device pointer");
   DPFC_EXPECTS(chunk_rows >= 1, "chunk_rows must be >= 1");
   const int64_t n = x.n, d = x.d;

@@ -2,7 +2,8 @@
 // per-example gradients in memory.
 //
 // For row i (optionally feature-clipped first: x_i <- clip_scale(||x_i||, feature_clip) x_i):
-//   z_i = W x_i + b;  sigmoid: r_i = (sigmoid(z_i) - e_{y_i}) / K;  softmax: r_i = softmax(z_i) - e_{y_i}
+//   z_i = W x_i + b;  sigmoid: r_i = (sigmoid(z_i) - e_{y_i}) / K;  softmax: r_i = softmax(z_i) -
+//   e_{y_i}
 //   ||g_i||_F = ||r_i||_2 ||x_i||_2 (g_i = r_i x_i^T has rank one), c_i = clip_scale(||g_i||, C)
 //   grad = sum_i c_i r_i x_i^T (K x d, float64),  n_clipped = #{i : c_i < 1}.
 //

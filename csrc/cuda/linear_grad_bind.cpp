@@ -27,8 +27,8 @@ LinearGradEngine parse_engine(const std::string& s) {
   if (s == "mma") return LinearGradEngine::kMma;
   if (s == "mma884") return LinearGradEngine::kMma884;
   if (s == "simt") return LinearGradEngine::kSimt;
-  throw std::invalid_argument(
-      "engine must be 'auto', 'simt32', 'mma', 'mma884' or 'simt' (got '" + s + "')");
+  throw std::invalid_argument("engine must be 'auto', 'simt32', 'mma', 'mma884' or 'simt' (got '" +
+                              s + "')");
 }
 
 void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int64_t ldx,
@@ -46,11 +46,10 @@ void clipped_linear_grad(std::uintptr_t x, int dtype, int64_t n, int64_t d, int6
   DPFC_EXPECTS(K >= 1, "num_classes must be >= 1");
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
-  launch_clipped_linear_grad(v, as_ptr<const int32_t>(labels),
-                             as_ptr<const void>(w), ldw,
+  launch_clipped_linear_grad(v, as_ptr<const int32_t>(labels), as_ptr<const void>(w), ldw,
                              as_ptr<const double>(bias), K, clip_norm, l, feature_clip,
-                             as_ptr<double>(grad), as_ptr<int64_t>(n_clipped),
-                             e, chunk_rows, as_stream(stream));
+                             as_ptr<double>(grad), as_ptr<int64_t>(n_clipped), e, chunk_rows,
+                             as_stream(stream));
 }
 
 void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::uintptr_t labels,
@@ -60,24 +59,20 @@ void residual_clip(std::uintptr_t z, int dtype, int64_t rows, int64_t K, std::ui
   const LinearLoss l = parse_loss(loss);
   py::gil_scoped_release nogil;
   clear_stale_cuda_error();
-  launch_residual_clip(as_ptr<void>(z), dtype, rows, K,
-                       as_ptr<const int32_t>(labels),
-                       as_ptr<const double>(norms),
-                       as_ptr<const double>(fscale),
-                       as_ptr<const double>(fscale),
-                       as_ptr<const double>(bias), clip_norm, l,
-                       as_ptr<double>(bscale), as_ptr<int64_t>(n_clipped),
-                       as_stream(stream));
+  launch_residual_clip(as_ptr<void>(z), dtype, rows, K, as_ptr<const int32_t>(labels),
+                       as_ptr<const double>(norms), as_ptr<const double>(fscale),
+                       as_ptr<const double>(fscale), as_ptr<const double>(bias), clip_norm, l,
+                       as_ptr<double>(bscale), as_ptr<int64_t>(n_clipped), as_stream(stream));
 }
 
 }  // namespace
 
 void register_linear_grad(py::module_& m) {
   m.def("cuda_clipped_linear_grad", &clipped_linear_grad, py::arg("x"), py::arg("dtype"),
-        py::arg("n"), py::arg("d"), py::arg("ldx"), py::arg("labels"), py::arg("w"),
-        py::arg("ldw"), py::arg("bias"), py::arg("num_classes"), py::arg("clip_norm"),
-        py::arg("loss"), py::arg("feature_clip"), py::arg("grad"), py::arg("n_clipped"),
-        py::arg("stream"), py::arg("engine"), py::arg("chunk_rows"),
+        py::arg("n"), py::arg("d"), py::arg("ldx"), py::arg("labels"), py::arg("w"), py::arg("ldw"),
+        py::arg("bias"), py::arg("num_classes"), py::arg("clip_norm"), py::arg("loss"),
+        py::arg("feature_clip"), py::arg("grad"), py::arg("n_clipped"), py::arg("stream"),
+        py::arg("engine"), py::arg("chunk_rows"),
         "grad (K x d float64) = sum_i c_i r_i x_i^T with per-example clip factors c_i; "
         "n_clipped (one int64 on the device) = #{i : c_i < 1}. feature_clip <= 0: none; "
         "bias 0: zero bias. engine: 'auto' | 'simt32' | 'mma' | 'mma884' | 'simt' (outer "

@@ -24,10 +24,9 @@ constexpr int kNoiseThreads = 256;
 // k0 = b d(d+1)/2 + sym_index(d, i, jb); those lie in Philox blocks k0/2 .. (k0+cnt-1)/2.
 // The (row, block) pairs of all rows form one flattened index space shared by the threads.
 template <typename T>
-__global__ void __launch_bounds__(kNoiseThreads) sym_noise_kernel(T* __restrict__ out, int64_t d,
-                                                                  int64_t tiles_per_matrix,
-                                                                  double std_diag, double std_off,
-                                                                  NoiseKey key, uint64_t block0) {
+__global__ void __launch_bounds__(kNoiseThreads)
+    sym_noise_kernel(T* __restrict__ out, int64_t d, int64_t tiles_per_matrix, double std_diag,
+                     double std_off, NoiseKey key, uint64_t block0) {
   __shared__ T tile[kNoiseTile][kNoiseTile + 1];
   __shared__ int64_t pre[kNoiseTile + 1];
   __shared__ int64_t nblk[kNoiseTile];
@@ -128,9 +127,9 @@ struct Vec2<double> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(256) gaussian_noise_kernel(T* __restrict__ out, int64_t count,
-                                                             double std, NoiseKey key,
-                                                             uint64_t block0, int vec) {
+__global__ void __launch_bounds__(256)
+    gaussian_noise_kernel(T* __restrict__ out, int64_t count, double std, NoiseKey key,
+                          uint64_t block0, int vec) {
   const int64_t pairs = (count + 1) / 2;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -186,11 +185,11 @@ void launch_gaussian_noise(void* out, int dtype, int64_t count, double std, cons
   const int elem = dtype == kFloat32 ? 4 : 8;
   const int vec = (reinterpret_cast<std::uintptr_t>(out) % (2 * elem)) == 0 ? 1 : 0;
   if (dtype == kFloat32) {
-    gaussian_noise_kernel<float><<<grid, 256, 0, stream>>>(static_cast<float*>(out), count, std,
-                                                           key, block0, vec);
+    gaussian_noise_kernel<float>
+        <<<grid, 256, 0, stream>>>(static_cast<float*>(out), count, std, key, block0, vec);
   } else {
-    gaussian_noise_kernel<double><<<grid, 256, 0, stream>>>(static_cast<double*>(out), count, std,
-                                                            key, block0, vec);
+    gaussian_noise_kernel<double>
+        <<<grid, 256, 0, stream>>>(static_cast<double*>(out), count, std, key, block0, vec);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }

@@ -39,7 +39,6 @@ struct BlockJob {
   int64_t m0, n0, l, s, rb, re;
 };
 
-
 template <int TILE>
 __device__ __forceinline__ BlockJob decode_block(const OuterArgs& p) {
   const int64_t bid = blockIdx.x;
@@ -106,7 +105,8 @@ __device__ __forceinline__ void load_rows_tile(const OuterArgs& p, const BlockJo
 template <typename AccT, int BM, int BK, int NT>
 __device__ __forceinline__ void load_rows_tile_any(const OuterArgs& p, const BlockJob& job,
                                                    int64_t rbase, int tid, AccT* ra, AccT* rb) {
-  DPFC_DISPATCH_DTYPE(p.dtype, T, (load_rows_tile<T, AccT, BM, BK, NT>(p, job, rbase, tid, ra, rb)));
+  DPFC_DISPATCH_DTYPE(p.dtype, T,
+                      (load_rows_tile<T, AccT, BM, BK, NT>(p, job, rbase, tid, ra, rb)));
 }
 
 // Writes the staged registers into shared tiles As, Bs ([BK][LDS]) at the loader's layout.
@@ -204,8 +204,7 @@ __device__ __forceinline__ void simt_flush(const OuterArgs& p, const BlockJob& j
 
 // SIMT engine: BM x BM output tile, BK rows per stage, (BM/TM)^2 threads of TM x TM.
 template <typename AccT, int BM, int BK, int TM>
-__global__ void __launch_bounds__((BM / TM) * (BM / TM), 2)
-    outer_simt_kernel(const OuterArgs p) {
+__global__ void __launch_bounds__((BM / TM) * (BM / TM), 2) outer_simt_kernel(const OuterArgs p) {
   constexpr int NT = (BM / TM) * (BM / TM);
   constexpr int EPT = BK * BM / NT;
   static_assert(NT % BK == 0 && BM % (NT / BK) == 0, "tile configuration");
@@ -235,7 +234,8 @@ __global__ void __launch_bounds__((BM / TM) * (BM / TM), 2)
     const bool more = st + 1 < nstages;
     if (more) load_rows_tile_any<AccT, BM, BK, NT>(p, job, job.rb + (st + 1) * BK, tid, ra, rb);
     simt_stage<AccT, BM, BK, TM, BM>(&As[cur][0][0], &Bs[cur][0][0], tx, ty, acc);
-    if (more) store_rows_tile<AccT, BM, BK, NT, BM>(&As[cur ^ 1][0][0], &Bs[cur ^ 1][0][0], tid, ra, rb);
+    if (more)
+      store_rows_tile<AccT, BM, BK, NT, BM>(&As[cur ^ 1][0][0], &Bs[cur ^ 1][0][0], tid, ra, rb);
     __syncthreads();
     if (p.flush_stages > 0 && ++since == p.flush_stages && more) {
       simt_flush<AccT, BM, TM>(p, job, tx, ty, acc, first ? p.beta != 0 : true);
@@ -259,8 +259,8 @@ constexpr int kMmaSmemBytes = 2 * 2 * kMmaBK * kMmaLDS * static_cast<int>(sizeof
 // column 8 nt at the same k rows. One layout for the f64 DMMA (PTX .f64 = the .tf32 layout)
 // and the tf32 / bf16 words of the float engine (bf16: one word = two k values).
 template <int LDS, typename T>
-__device__ __forceinline__ void load_frags_m16n8k8(const T* as, const T* bs, int r0,
-                                                   T (&a)[4][4], T (&b)[4][2]) {
+__device__ __forceinline__ void load_frags_m16n8k8(const T* as, const T* bs, int r0, T (&a)[4][4],
+                                                   T (&b)[4][2]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     a[q][0] = as[r0 * LDS + q * 16];
@@ -282,8 +282,8 @@ __device__ __forceinline__ void load_frags_m16n8k8(const T* as, const T* bs, int
 template <bool M16>
 __global__ void __launch_bounds__(kMmaThreads, 1) outer_mma_kernel(const OuterArgs p) {
   extern __shared__ __align__(16) double mma_smem[];
-  double* As = mma_smem;                          // [2][kMmaBK][kMmaLDS]
-  double* Bs = mma_smem + 2 * kMmaBK * kMmaLDS;   // [2][kMmaBK][kMmaLDS]
+  double* As = mma_smem;                                // [2][kMmaBK][kMmaLDS]
+  double* Bs = mma_smem + 2 * kMmaBK * kMmaLDS;         // [2][kMmaBK][kMmaLDS]
   constexpr int EPT = kMmaBK * kMmaTile / kMmaThreads;  // 8
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;
@@ -379,8 +379,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) outer_mma_kernel(const OuterAr
 
 // ---- Tensor-core float engine (tf32 / bf16 operands, float accumulation) ------------------------
 constexpr int kTcTile = 128;
-constexpr int kTcBK = 32;     // rows of X per stage
-constexpr int kTcLDW = 136;   // words per shared row: (8 t + g) mod 32 distinct (conflict-free)
+constexpr int kTcBK = 32;    // rows of X per stage
+constexpr int kTcLDW = 136;  // words per shared row: (8 t + g) mod 32 distinct (conflict-free)
 constexpr int kTcThreads = 256;
 
 template <bool BF16>
@@ -389,7 +389,6 @@ struct TcCfg {
   static constexpr int kSteps = kRows / 8;                // mma k-steps per stage
   static constexpr int kSmemBytes = 2 * 2 * kRows * kTcLDW * 4;
 };
-
 
 // Staged floats (loader layout: row k = tid / 8, columns tid % 8 + 8 c) -> shared words.
 template <bool BF16>
@@ -443,10 +442,10 @@ template <bool BF16>
 __global__ void __launch_bounds__(kTcThreads, 1) outer_tc_kernel(const OuterArgs p) {
   using Cfg = TcCfg<BF16>;
   extern __shared__ __align__(16) uint32_t tc_smem[];
-  uint32_t* As = tc_smem;                              // [2][kRows][kTcLDW]
-  uint32_t* Bs = tc_smem + 2 * Cfg::kRows * kTcLDW;    // [2][kRows][kTcLDW]
+  uint32_t* As = tc_smem;                            // [2][kRows][kTcLDW]
+  uint32_t* Bs = tc_smem + 2 * Cfg::kRows * kTcLDW;  // [2][kRows][kTcLDW]
   constexpr int STAGE = Cfg::kRows * kTcLDW;
-  constexpr int EPT = kTcBK * kTcTile / kTcThreads;    // 16
+  constexpr int EPT = kTcBK * kTcTile / kTcThreads;  // 16
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;
   const int g = lane >> 2, t = lane & 3;
@@ -474,8 +473,8 @@ __global__ void __launch_bounds__(kTcThreads, 1) outer_tc_kernel(const OuterArgs
     const int cur = static_cast<int>(st & 1);
     const bool more = st + 1 < nstages;
     if (more) {
-      load_rows_tile_any<float, kTcTile, kTcBK, kTcThreads>(p, job, job.rb + (st + 1) * kTcBK,
-                                                            tid, ra, rb);
+      load_rows_tile_any<float, kTcTile, kTcBK, kTcThreads>(p, job, job.rb + (st + 1) * kTcBK, tid,
+                                                            ra, rb);
     }
     const uint32_t* as = As + cur * STAGE + wm * 64 + g;
     const uint32_t* bs = Bs + cur * STAGE + wn * 32 + g;
@@ -514,9 +513,9 @@ __global__ void sum_splits_kernel(const double* __restrict__ part, int64_t S, in
 
 // Block (t, l): 32x32 block pair (bi <= bj) of matrix l. Sums the splits of the upper block,
 // writes it and its mirror through shared memory (both coalesced).
-__global__ void __launch_bounds__(256) sym_reduce_kernel(const double* part, int64_t S,
-                                                         int64_t plstride, int64_t psstride,
-                                                         int64_t d, int64_t T32, double* G) {
+__global__ void __launch_bounds__(256)
+    sym_reduce_kernel(const double* part, int64_t S, int64_t plstride, int64_t psstride, int64_t d,
+                      int64_t T32, double* G) {
   __shared__ double tile[32][33];
   const int64_t t = blockIdx.x % T32;
   const int64_t l = blockIdx.x / T32;
@@ -641,27 +640,22 @@ __global__ void __launch_bounds__((BM / TM) * (BM / TM), 2) nt_gemm_kernel(const
 
 void ensure_mma_smem() {
   DPFC_CUDA_CHECK(cudaFuncSetAttribute(outer_mma_kernel<false>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       kMmaSmemBytes));
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSmemBytes));
   DPFC_CUDA_CHECK(cudaFuncSetAttribute(outer_mma_kernel<true>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       kMmaSmemBytes));
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSmemBytes));
 }
 
 void ensure_tc_smem() {
   DPFC_CUDA_CHECK(cudaFuncSetAttribute(outer_tc_kernel<false>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        TcCfg<false>::kSmemBytes));
-  DPFC_CUDA_CHECK(cudaFuncSetAttribute(outer_tc_kernel<true>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       TcCfg<true>::kSmemBytes));
+  DPFC_CUDA_CHECK(cudaFuncSetAttribute(
+      outer_tc_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, TcCfg<true>::kSmemBytes));
 }
 
 }  // namespace
 
-int64_t outer_tile_size(OuterEngine engine) {
-  return engine == OuterEngine::kSimtF64 ? 64 : 128;
-}
+int64_t outer_tile_size(OuterEngine engine) { return engine == OuterEngine::kSimtF64 ? 64 : 128; }
 
 int outer_blocks_per_sm(OuterEngine engine) {
   int nb = 0;
@@ -669,8 +663,8 @@ int outer_blocks_per_sm(OuterEngine engine) {
     case OuterEngine::kMmaF64:
     case OuterEngine::kMma884F64:
       ensure_mma_smem();
-      DPFC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &nb, outer_mma_kernel<false>, kMmaThreads, kMmaSmemBytes));
+      DPFC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, outer_mma_kernel<false>,
+                                                                    kMmaThreads, kMmaSmemBytes));
       break;
     case OuterEngine::kSimtF64:
       DPFC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
@@ -699,7 +693,8 @@ int64_t choose_splits(int64_t base_blocks, int64_t rows, int64_t min_rows, int s
   if (base_blocks <= 0 || slots <= 0) return 1;
   int64_t smax = std::max<int64_t>(1, rows / std::max<int64_t>(1, min_rows));
   if (split_bytes > 0) {
-    smax = std::min<int64_t>(smax, std::max<int64_t>(1, static_cast<int64_t>(max_bytes / split_bytes)));
+    smax = std::min<int64_t>(smax,
+                             std::max<int64_t>(1, static_cast<int64_t>(max_bytes / split_bytes)));
   }
   smax = std::min<int64_t>(smax, 1024);
   if (base_blocks >= 4 * static_cast<int64_t>(slots)) return 1;  // tail wave <= 25%
@@ -787,9 +782,7 @@ void launch_outer(const OuterProblem& p, OuterEngine engine, cudaStream_t stream
       ensure_tc_smem();
       outer_tc_kernel<true><<<grid, kTcThreads, TcCfg<true>::kSmemBytes, stream>>>(a);
       break;
-    default:
-      outer_simt_kernel<float, 128, 8, 8><<<grid, 256, 0, stream>>>(a);
-      break;
+    default: outer_simt_kernel<float, 128, 8, 8><<<grid, 256, 0, stream>>>(a); break;
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }
@@ -830,7 +823,7 @@ void launch_sum_splits(const double* part, int64_t S, int64_t sstride, int64_t c
   DPFC_EXPECTS(part != nullptr && out != nullptr && S >= 1 && count >= 0, "sum_splits: bad args");
   if (count == 0) return;
   sum_splits_kernel<<<capped_grid(count, 256, 16), 256, 0, stream>>>(part, S, sstride, count, out,
-                                                               beta ? 1 : 0);
+                                                                     beta ? 1 : 0);
   DPFC_CUDA_CHECK_LAUNCH();
 }
 

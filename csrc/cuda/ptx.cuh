@@ -67,7 +67,8 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
 // D = A B + C on one 16x8x8 tf32 (BF16 = false) or 16x8x16 bf16 (BF16 = true) tile, float
 // accumulators; operands are 32-bit words (tf32, or two bf16 with the even k in the low half).
 template <bool BF16>
-__device__ __forceinline__ void tc_mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ __forceinline__ void tc_mma(float (&c)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   if constexpr (BF16) {
     asm volatile(
@@ -100,8 +101,8 @@ __device__ __forceinline__ void cp_async_zfill(void* smem_ptr, const void* gptr,
                  "r"(src_bytes)
                  : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gptr),
-                 "n"(kBytes), "r"(src_bytes)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gptr), "n"(kBytes),
+                 "r"(src_bytes)
                  : "memory");
   }
 }

@@ -11,17 +11,15 @@
 namespace dpfc::cuda {
 namespace {
 
-__global__ void __launch_bounds__(256) row_norms_kernel(const void* __restrict__ x, int dtype,
-                                                        int64_t n, int64_t d, int64_t ld,
-                                                        double clip_norm, double* norms,
-                                                        double* scales) {
+__global__ void __launch_bounds__(256)
+    row_norms_kernel(const void* __restrict__ x, int dtype, int64_t n, int64_t d, int64_t ld,
+                     double clip_norm, double* norms, double* scales) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t i = warp; i < n; i += nwarps) {
     double nrm = 0.0;
-    DPFC_DISPATCH_DTYPE(dtype, T,
-                        nrm = warp_row_norm(static_cast<const T*>(x) + i * ld, d, lane));
+    DPFC_DISPATCH_DTYPE(dtype, T, nrm = warp_row_norm(static_cast<const T*>(x) + i * ld, d, lane));
     if (lane == 0) {
       if (norms != nullptr) norms[i] = nrm;
       if (scales != nullptr) scales[i] = clip_norm > 0.0 ? clip_scale(nrm, clip_norm) : 1.0;
@@ -37,10 +35,9 @@ __device__ __forceinline__ void warp_scale_row(const T* __restrict__ row, int64_
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256) clip_rows_kernel(const T* __restrict__ x, int64_t n,
-                                                        int64_t d, int64_t ld, double clip_norm,
-                                                        T* __restrict__ out, int64_t ldo,
-                                                        double* scales) {
+__global__ void __launch_bounds__(256)
+    clip_rows_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld, double clip_norm,
+                     T* __restrict__ out, int64_t ldo, double* scales) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -55,10 +52,9 @@ __global__ void __launch_bounds__(256) clip_rows_kernel(const T* __restrict__ x,
 // out_i = cast(scales[i] x_i), the product formed in double (a tiny scale times a huge row stays
 // in range; the scale itself may be subnormal in float).
 template <typename T>
-__global__ void __launch_bounds__(256) scale_rows_kernel(const T* __restrict__ x, int64_t n,
-                                                         int64_t d, int64_t ld,
-                                                         const double* __restrict__ scales,
-                                                         T* __restrict__ out, int64_t ldo) {
+__global__ void __launch_bounds__(256)
+    scale_rows_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld,
+                      const double* __restrict__ scales, T* __restrict__ out, int64_t ldo) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -73,7 +69,7 @@ void launch_row_norms(const RowsView& x, double clip_norm, double* norms, double
                       cudaStream_t stream) {
   check_rows_view(x, "x");
   row_norms_kernel<<<capped_grid(x.n, 8, 32), 256, 0, stream>>>(x.data, x.dtype, x.n, x.d, x.ld,
-                                                          clip_norm, norms, scales);
+                                                                clip_norm, norms, scales);
   DPFC_CUDA_CHECK_LAUNCH();
 }
 
@@ -88,13 +84,13 @@ void launch_clip_rows(const RowsView& x, double clip_norm, void* out, int64_t ld
                "above the clip norm)");
   const unsigned grid = capped_grid(x.n, 8, 32);
   if (x.dtype == kFloat32) {
-    clip_rows_kernel<float><<<grid, 256, 0, stream>>>(static_cast<const float*>(x.data), x.n,
-                                                      x.d, x.ld, clip_norm,
-                                                      static_cast<float*>(out), ldo, scales);
+    clip_rows_kernel<float><<<grid, 256, 0, stream>>>(static_cast<const float*>(x.data), x.n, x.d,
+                                                      x.ld, clip_norm, static_cast<float*>(out),
+                                                      ldo, scales);
   } else {
-    clip_rows_kernel<double><<<grid, 256, 0, stream>>>(static_cast<const double*>(x.data), x.n,
-                                                       x.d, x.ld, clip_norm,
-                                                       static_cast<double*>(out), ldo, scales);
+    clip_rows_kernel<double><<<grid, 256, 0, stream>>>(static_cast<const double*>(x.data), x.n, x.d,
+                                                       x.ld, clip_norm, static_cast<double*>(out),
+                                                       ldo, scales);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }
@@ -108,13 +104,11 @@ void launch_scale_rows(const RowsView& x, const double* scales, void* out, int64
                "scale_rows supports float32 and float64");
   const unsigned grid = capped_grid(x.n, 8, 32);
   if (x.dtype == kFloat32) {
-    scale_rows_kernel<float><<<grid, 256, 0, stream>>>(static_cast<const float*>(x.data), x.n,
-                                                       x.d, x.ld, scales,
-                                                       static_cast<float*>(out), ldo);
+    scale_rows_kernel<float><<<grid, 256, 0, stream>>>(static_cast<const float*>(x.data), x.n, x.d,
+                                                       x.ld, scales, static_cast<float*>(out), ldo);
   } else {
-    scale_rows_kernel<double><<<grid, 256, 0, stream>>>(static_cast<const double*>(x.data), x.n,
-                                                        x.d, x.ld, scales,
-                                                        static_cast<double*>(out), ldo);
+    scale_rows_kernel<double><<<grid, 256, 0, stream>>>(
+        static_cast<const double*>(x.data), x.n, x.d, x.ld, scales, static_cast<double*>(out), ldo);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }

@@ -20,8 +20,8 @@ namespace dpfc::cuda {
 void launch_row_norms(const RowsView& x, double clip_norm, double* norms, double* scales,
                       cudaStream_t stream);
 // out_i = cast(s_i x_i) in x's dtype (float32/float64 only), row stride ldo; scales[i] = s_i.
-void launch_clip_rows(const RowsView& x, double clip_norm, void* out, int64_t ldo,
-                      double* scales, cudaStream_t stream);
+void launch_clip_rows(const RowsView& x, double clip_norm, void* out, int64_t ldo, double* scales,
+                      cudaStream_t stream);
 // out_i = cast(scales[i] x_i) (product in double; float32/float64 only), row stride ldo.
 void launch_scale_rows(const RowsView& x, const double* scales, void* out, int64_t ldo,
                        cudaStream_t stream);

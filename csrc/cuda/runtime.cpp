@@ -67,7 +67,8 @@ int current_device() {
   return dev;
 }
 
-DeviceBuffer::DeviceBuffer(std::size_t bytes, cudaStream_t stream) : bytes_(bytes), stream_(stream) {
+DeviceBuffer::DeviceBuffer(std::size_t bytes, cudaStream_t stream)
+    : bytes_(bytes), stream_(stream) {
   if (bytes == 0) return;
   cudaMemPool_t pool = device_pool(current_device());
   const cudaError_t err = cudaMallocFromPoolAsync(&ptr_, bytes, pool, stream);

@@ -77,8 +77,8 @@ __global__ void label_chunk_scan_kernel(int32_t* hist, int64_t nchunks, int64_t 
 }
 
 // Exclusive scan of counts[0..K) into offsets[0..K], one block of 1024 threads.
-__global__ void __launch_bounds__(1024) offsets_scan_kernel(const int64_t* __restrict__ counts,
-                                                            int64_t K, int64_t* offsets) {
+__global__ void __launch_bounds__(1024)
+    offsets_scan_kernel(const int64_t* __restrict__ counts, int64_t K, int64_t* offsets) {
   __shared__ int64_t warp_tot[32];
   __shared__ int64_t carry_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -178,8 +178,8 @@ void class_sort(const int32_t* labels, int64_t n, int64_t K, int64_t* counts_out
     cs.counts = cs.counts_buf.as<int64_t>();
   }
   DPFC_CUDA_CHECK(cudaMemsetAsync(hist.as<int32_t>(), 0, hist.bytes(), stream));
-  label_hist_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-      labels, n, K, chunk, hist.as<int32_t>());
+  label_hist_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(labels, n, K, chunk,
+                                                                                hist.as<int32_t>());
   DPFC_CUDA_CHECK_LAUNCH();
   label_chunk_scan_kernel<<<static_cast<unsigned>((K + 7) / 8), 256, 0, stream>>>(
       hist.as<int32_t>(), nchunks, K, cs.counts);
@@ -199,17 +199,17 @@ void class_sort(const int32_t* labels, int64_t n, int64_t K, int64_t* counts_out
 namespace {
 
 constexpr int kCsThreads = 256;
-constexpr int kCsCols = 8;                            // columns per thread
-constexpr int64_t kCsRange = kCsThreads * kCsCols;    // columns per block (grid.y ranges)
+constexpr int kCsCols = 8;                          // columns per thread
+constexpr int64_t kCsRange = kCsThreads * kCsCols;  // columns per block (grid.y ranges)
 
 // Block (l * P + p, y): piece p of class l's segment, columns [y * kCsRange, ...). Each warp
 // takes one row of a batch of 8: its norm and scale; then every thread adds the 8 scaled rows
 // to its columns in batch order (deterministic). out[(l * P + p) * d + c] = piece sum.
 template <typename T>
-__global__ void __launch_bounds__(kCsThreads, 2) norm_class_sum_kernel(
-    const T* __restrict__ x, int64_t d, int64_t ld, double clip_norm,
-    const int32_t* __restrict__ perm, const int64_t* __restrict__ offsets, int64_t P,
-    double* __restrict__ scales, double* __restrict__ out) {
+__global__ void __launch_bounds__(kCsThreads, 2)
+    norm_class_sum_kernel(const T* __restrict__ x, int64_t d, int64_t ld, double clip_norm,
+                          const int32_t* __restrict__ perm, const int64_t* __restrict__ offsets,
+                          int64_t P, double* __restrict__ scales, double* __restrict__ out) {
   __shared__ double s_scale[8];
   __shared__ int64_t s_row[8];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -285,8 +285,8 @@ void run_class_sums(const RowsView& x, const ClassSort& cs, int64_t K, double cl
   const dim3 grid(static_cast<unsigned>(K * P), static_cast<unsigned>(ranges));
   DPFC_DISPATCH_DTYPE(x.dtype, T,
                       norm_class_sum_kernel<T><<<grid, kCsThreads, 0, stream>>>(
-                          static_cast<const T*>(x.data), x.d, x.ld, clip_norm, cs.perm,
-                          cs.offsets, P, scales, dst));
+                          static_cast<const T*>(x.data), x.d, x.ld, clip_norm, cs.perm, cs.offsets,
+                          P, scales, dst));
   DPFC_CUDA_CHECK_LAUNCH();
   if (P > 1) {
     sum_pieces_kernel<<<capped_grid(K * x.d, 256, 16), 256, 0, stream>>>(dst, K, P, x.d, B);
@@ -376,8 +376,7 @@ void launch_clipped_gram(const RowsView& x, double clip_norm, GramAccum accum, d
 }
 
 void launch_clipped_class_sums(const RowsView& x, const int32_t* labels, int64_t K,
-                               double clip_norm, double* B, int64_t* counts,
-                               cudaStream_t stream) {
+                               double clip_norm, double* B, int64_t* counts, cudaStream_t stream) {
   check_rows_view(x, "x");
   check_clip(clip_norm);
   DPFC_EXPECTS(B != nullptr, "out: null device pointer");

@@ -19,8 +19,8 @@
 //   kTF32 / kBF16 (exploration): as kFloat32, but the float xbar is rounded to TF32 (cvt.rna,
 //             u = 2^-11) or bfloat16 (round to nearest even, u = 2^-8) and multiplied on the
 //             tensor cores (mma.sync m16n8k8 tf32 / m16n8k16 bf16, float accumulation).
-//             Error per entry <= (2u + u^2 + (kFloat32BlockRows + 8) eps32) sum_i |xbar_ia xbar_ib|:
-//             about 1.2e-3 (tf32) and 8.1e-3 (bf16) of the absolute sums at worst.
+//             Error per entry <= (2u + u^2 + (kFloat32BlockRows + 8) eps32) sum_i |xbar_ia
+//             xbar_ib|: about 1.2e-3 (tf32) and 8.1e-3 (bf16) of the absolute sums at worst.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -46,8 +46,7 @@ void launch_clipped_gram(const RowsView& x, double clip_norm, GramAccum accum, d
 // B (K x d, contiguous); counts (K, int64) may be null. labels: int32, values in [0, K)
 // (rows with other values are ignored).
 void launch_clipped_class_sums(const RowsView& x, const int32_t* labels, int64_t K,
-                               double clip_norm, double* B, int64_t* counts,
-                               cudaStream_t stream);
+                               double clip_norm, double* B, int64_t* counts, cudaStream_t stream);
 // One pass over x for norms, class sums and counts, then the Gram SYRK.
 void launch_clipped_stats(const RowsView& x, const int32_t* labels, int64_t K, double clip_norm,
                           GramAccum accum, double* G, double* B, int64_t* counts,

@@ -155,9 +155,8 @@ void register_stats(py::module_& m) {
         py::arg("ldx"), py::arg("clip_norm"), py::arg("out"), py::arg("ldo"), py::arg("scale"),
         py::arg("stream"),
         "out[i] = clip_scale(||x_i||, C) x_i (x's dtype, float32/float64); scale[i] float64.");
-  m.def("cuda_scale_rows", &scale_rows, py::arg("x"), py::arg("dtype"), py::arg("n"),
-        py::arg("d"), py::arg("ldx"), py::arg("scales"), py::arg("out"), py::arg("ldo"),
-        py::arg("stream"),
+  m.def("cuda_scale_rows", &scale_rows, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"),
+        py::arg("ldx"), py::arg("scales"), py::arg("out"), py::arg("ldo"), py::arg("stream"),
         "out[i] = scales[i] x_i (float64 scales, product in double, x's dtype: float32/float64).");
   m.def("cuda_row_norms", &row_norms, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"),
         py::arg("ldx"), py::arg("clip_norm"), py::arg("norms"), py::arg("scales"),
