@@ -36,10 +36,14 @@ def device_name(cp) -> str:
 
 @contextlib.contextmanager
 def env_vars(**values: str):
-    """Set environment variables for the block, then restore them (the kernels read their
-    knobs, e.g. DPFC_GRAM_KERNEL, on every call)."""
+    """Set environment variables for the block, then restore them. The kernel knobs (e.g.
+    DPFC_GRAM_KERNEL) are read once into dpfc_native's kernel configuration: it is told to
+    read the environment again on entry and on exit."""
+    from dpfc_native import _config
+
     old = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
+    _config.reload()
     try:
         yield
     finally:
@@ -48,3 +52,4 @@ def env_vars(**values: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        _config.reload()

@@ -412,7 +412,10 @@ def main(argv=None):
                     help="sets DPFC_GRAM_KERNEL for this run")
     args = ap.parse_args(argv)
     if args.gram_kernel:
+        from dpfc_native import _config
+
         os.environ["DPFC_GRAM_KERNEL"] = args.gram_kernel
+        _config.reload()
     only = set(args.only.split(","))
     b = Bench(args)
     print(f"device: {b.meta['device']} ({b.meta['sm_count']} SMs), commit {b.meta['commit']}, "

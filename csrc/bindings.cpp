@@ -1,5 +1,17 @@
 // The private compiled module dpfc_native._core: CPU entry points, build facts, and (when
 // compiled with CUDA) the GPU launchers registered by bindings_cuda.cpp.
+//
+// Binding naming scheme (every function of _core; python/dpfc_native/_core.pyi types them):
+//   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise).
+//   cuda_<op>  a CUDA entry point: device pointers, extents and strides (in elements), a dtype
+//              code (csrc/cuda/runtime.cuh DType: 0 float32, 1 float64, 2 float16,
+//              3 bfloat16) and a stream, all as Python ints. It enqueues work on the stream
+//              and never synchronises. cuda_devices and cuda_runtime_version are the
+//              CUDA build facts.
+//   <op>       backend-neutral helpers (philox4x32_10, eval_transform).
+// <op> is the operation's name in dpfc_native.ops where ops has one (clip_rows, clipped_gram,
+// gaussian_noise, cholesky, cho_solve, ...). Kernel choices (engine, schedule, chunk size) are
+// arguments; nothing in csrc/ reads the environment (dpfc_native._config does, once).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,6 +20,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/bind_args.hpp"
 #include "common/clip.hpp"
 #include "common/errors.hpp"
 #include "common/philox.hpp"
@@ -25,8 +38,6 @@ void register_cuda_bindings(py::module_& m);  // bindings_cuda.cpp
 #endif
 
 namespace {
-
-NoiseKey key_from_words(const std::array<uint32_t, 4>& w) { return {w[0], w[1], w[2], w[3]}; }
 
 // A C-contiguous, writeable array of float32 or float64: returns true for float64.
 bool check_float_out(const py::array& out, const char* name) {
@@ -54,8 +65,7 @@ void sym_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, uint6
   }
 }
 
-void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key,
-                        uint64_t block0) {
+void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, uint64_t block0) {
   const bool f64 = check_float_out(out, "out");
   DPFC_EXPECTS(std >= 0.0, "std must be non-negative");
   const int64_t count = out.size();
@@ -113,10 +123,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("philox4x32_10", &dpfc::philox_raw, py::arg("counter"), py::arg("key"),
         "Raw Philox4x32-10 block: four 32-bit counter words, two key words.");
-  m.def("sym_gaussian_noise_cpu", &dpfc::sym_noise_cpu, py::arg("out"), py::arg("std"),
+  m.def("cpu_sym_gaussian_noise", &dpfc::sym_noise_cpu, py::arg("out"), py::arg("std"),
         py::arg("key_words"), py::arg("block0"),
         "Fill out (batch, d, d) with symmetric Gaussian noise (diag std, off-diag std/sqrt 2).");
-  m.def("gaussian_noise_cpu", &dpfc::gaussian_noise_cpu, py::arg("out"), py::arg("std"),
+  m.def("cpu_gaussian_noise", &dpfc::gaussian_noise_cpu, py::arg("out"), py::arg("std"),
         py::arg("key_words"), py::arg("block0"),
         "Fill a contiguous array with i.i.d. N(0, std^2) from the Philox stream.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),

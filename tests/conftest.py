@@ -47,6 +47,26 @@ def reference_clip64(x: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.nd
 
 
 @pytest.fixture
+def kernel_env(monkeypatch):
+    """Set (a string) or unset (None) DPFC_* kernel variables for one test, e.g.
+    ``kernel_env(DPFC_CHOL_SCHEDULE="left")``. The kernel configuration is read from the
+    environment once (dpfc_native._config): each call makes its next use read it again, and
+    so does the end of the test (after monkeypatch has restored the environment)."""
+    from dpfc_native import _config
+
+    def set_env(**env):
+        for key, value in env.items():
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, value)
+        _config.reload()
+
+    yield set_env
+    _config.reload()
+
+
+@pytest.fixture
 def rng(request):
     """Fresh random data per test, seeded from the test id (a stable hash, unlike hash()),
     so a failure reproduces in the next run."""

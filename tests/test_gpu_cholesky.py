@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 DTYPES = [np.float64, np.float32]
 EPS = {np.float64: np.finfo(np.float64).eps, np.float32: np.finfo(np.float32).eps}
 
-# Kernel paths, forced through the environment (read by the native launcher at each call).
+# Kernel paths, forced through the DPFC_CHOL_* variables (the kernel configuration passes
+# them to the native launcher).
 PATHS = {
     "auto": {},
     "blocked-left-mma": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "left", "DPFC_CHOL_KERNEL": "mma"},
@@ -54,16 +55,21 @@ def cp():
 
 
 @pytest.fixture
-def path_env(request, monkeypatch):
-    for key in ("DPFC_CHOL_SMALL_MAX", "DPFC_CHOL_SCHEDULE", "DPFC_CHOL_KERNEL"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in PATHS[request.param].items():
-        monkeypatch.setenv(key, value)
+def path_env(request, kernel_env):
+    kernel_env(DPFC_CHOL_SMALL_MAX=None, DPFC_CHOL_SCHEDULE=None, DPFC_CHOL_KERNEL=None)
+    kernel_env(**PATHS[request.param])
     return request.param
 
 
 def _core():
     return dpfc_native._core
+
+
+def _chol_options():
+    """The kernel options of the active configuration, for direct calls into _core."""
+    from dpfc_native import _gpu_linalg
+
+    return _gpu_linalg._options()
 
 
 def _spd_batch(cp, seed, batch, d, dtype, ridge=0.05):
@@ -366,10 +372,10 @@ def test_every_element_written(cp, path_env, dtype, d, rng):
     a_dev = cp.asarray(a)
     L = cp.full((batch, d, d), _POISON[dtype], dtype=dtype)
     info = cp.full((batch,), -12345, dtype=cp.int32)
-    name = "float64" if dtype == np.float64 else "float32"
-    _core().cholesky_cuda(
-        a_dev.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d, name,
-        cp.cuda.get_current_stream().ptr,
+    code = 1 if dtype == np.float64 else 0  # runtime.cuh DType
+    _core().cuda_cholesky(
+        a_dev.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d, code,
+        cp.cuda.get_current_stream().ptr, **_chol_options(),
     )
     L_h, info_h = cp.asnumpy(L), cp.asnumpy(info)
     assert not (L_h == _POISON[dtype]).any(), "an output element was not written"
@@ -386,9 +392,9 @@ def test_solve_every_element_written(cp, dtype, d, m, rng):
     L, _ = ops.cholesky(a)
     b = cp.asarray(rng.standard_normal((batch, d, m)), dtype=dtype)
     x = cp.full((batch, d, m), _POISON[dtype], dtype=dtype)
-    name = "float64" if dtype == np.float64 else "float32"
-    _core().cho_solve_cuda(
-        L.data.ptr, d * d, b.data.ptr, d * m, m, x.data.ptr, batch, d, m, name,
+    code = 1 if dtype == np.float64 else 0  # runtime.cuh DType
+    _core().cuda_cho_solve(
+        L.data.ptr, d * d, b.data.ptr, d * m, m, x.data.ptr, batch, d, m, code,
         cp.cuda.get_current_stream().ptr,
     )
     assert not bool((x == _POISON[dtype]).any())
@@ -396,31 +402,31 @@ def test_solve_every_element_written(cp, dtype, d, m, rng):
 
 
 @pytest.mark.parametrize("schedule", ["left", "right"])
-def test_caller_workspace_chunks(cp, monkeypatch, schedule, rng):
+def test_caller_workspace_chunks(cp, kernel_env, schedule, rng):
     """A caller work space holding one matrix's diagonal tiles: the batch runs one matrix
     per chunk and gives the same result as the internally allocated work space."""
-    monkeypatch.setenv("DPFC_CHOL_SCHEDULE", schedule)
-    monkeypatch.delenv("DPFC_CHOL_SMALL_MAX", raising=False)
+    kernel_env(DPFC_CHOL_SCHEDULE=schedule)
+    kernel_env(DPFC_CHOL_SMALL_MAX=None)
     batch, d = 7, 150
     a = _spd_batch(cp, int(rng.integers(1 << 31)), batch, d, np.float64)
     a[3, 100, 100] = -5.0
-    need = _core().cholesky_workspace_cuda(batch, d, "float64")
+    need = _core().cuda_cholesky_workspace_bytes(batch, d, 1)
     per = 3 * 64 * 64 * 8
     assert need == batch * per
-    assert _core().cholesky_workspace_cuda(batch, 100, "float64") == 0  # one-block kernel
+    assert _core().cuda_cholesky_workspace_bytes(batch, 100, 1) == 0  # one-block kernel
     ws = cp.empty((per,), dtype=cp.uint8)
     L1 = cp.full((batch, d, d), _POISON[np.float64])
     i1 = cp.full((batch,), -1, dtype=cp.int32)
     stream = cp.cuda.get_current_stream().ptr
-    _core().cholesky_cuda(a.data.ptr, d * d, d, 0, L1.data.ptr, i1.data.ptr, batch, d, "float64",
-                          stream, ws.data.ptr, per)
+    _core().cuda_cholesky(a.data.ptr, d * d, d, 0, L1.data.ptr, i1.data.ptr, batch, d, 1,
+                          stream, ws.data.ptr, per, **_chol_options())
     L2, i2 = ops.cholesky(a)
     cp.testing.assert_array_equal(i1, i2)
     cp.testing.assert_array_equal(L1, L2)
     assert int(i1[3]) == 101
     with pytest.raises(ValueError, match="workspace"):
-        _core().cholesky_cuda(a.data.ptr, d * d, d, 0, L1.data.ptr, i1.data.ptr, batch, d,
-                              "float64", stream, ws.data.ptr, per - 8)
+        _core().cuda_cholesky(a.data.ptr, d * d, d, 0, L1.data.ptr, i1.data.ptr, batch, d,
+                              1, stream, ws.data.ptr, per - 8, **_chol_options())
 
 
 def test_no_sync_graph_capture(cp, rng):
@@ -434,10 +440,10 @@ def test_no_sync_graph_capture(cp, rng):
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        _core().cholesky_cuda(a.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d,
-                              "float64", stream.ptr)
-        _core().cho_solve_cuda(L.data.ptr, d * d, b.data.ptr, d * 5, 5, x.data.ptr, batch, d, 5,
-                               "float64", stream.ptr)
+        _core().cuda_cholesky(a.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d,
+                              1, stream.ptr)
+        _core().cuda_cho_solve(L.data.ptr, d * d, b.data.ptr, d * 5, 5, x.data.ptr, batch, d, 5,
+                               1, stream.ptr)
         graph = stream.end_capture()
         graph.launch()
     stream.synchronize()
@@ -446,29 +452,28 @@ def test_no_sync_graph_capture(cp, rng):
     cp.testing.assert_allclose(a @ x, b, rtol=1e-8, atol=1e-8)
 
 
-def test_env_validation(cp, monkeypatch):
+def test_env_validation(cp, kernel_env):
     a = cp.eye(4)[None]
-    monkeypatch.setenv("DPFC_CHOL_KERNEL", "tensor")
+    kernel_env(DPFC_CHOL_KERNEL="tensor")
     with pytest.raises(ValueError, match="DPFC_CHOL_KERNEL"):
         ops.cholesky(a)
-    monkeypatch.setenv("DPFC_CHOL_KERNEL", "mma")
-    monkeypatch.setenv("DPFC_CHOL_SCHEDULE", "sideways")
+    kernel_env(DPFC_CHOL_KERNEL="mma")
+    kernel_env(DPFC_CHOL_SCHEDULE="sideways")
     with pytest.raises(ValueError, match="DPFC_CHOL_SCHEDULE"):
         ops.cholesky(a)
 
 
-def test_plan_follows_env(cp, monkeypatch):
+def test_plan_follows_env(cp, kernel_env):
     from dpfc_native import _gpu_linalg
 
-    for key in ("DPFC_CHOL_SMALL_MAX", "DPFC_CHOL_SCHEDULE", "DPFC_CHOL_KERNEL"):
-        monkeypatch.delenv(key, raising=False)
+    kernel_env(DPFC_CHOL_SMALL_MAX=None, DPFC_CHOL_SCHEDULE=None, DPFC_CHOL_KERNEL=None)
     assert _gpu_linalg.plan(1000, 100).startswith("small tier=128")
     assert _gpu_linalg.plan(1000, 20).startswith("small tier=32")
     assert "gemm=mma" in _gpu_linalg.plan(1, 1024)
     assert "gemm=simt" in _gpu_linalg.plan(1, 1024, "float32")
-    monkeypatch.setenv("DPFC_CHOL_SCHEDULE", "left")
+    kernel_env(DPFC_CHOL_SCHEDULE="left")
     assert "schedule=left" in _gpu_linalg.plan(1, 1024)
-    monkeypatch.setenv("DPFC_CHOL_SMALL_MAX", "0")
+    kernel_env(DPFC_CHOL_SMALL_MAX="0")
     assert _gpu_linalg.plan(10, 5).startswith("blocked")
 
 

@@ -15,7 +15,7 @@ Tolerances (relative, Frobenius, against |Xbar|^T |Xbar| or the analogous absolu
       |G - G_ref| <= (2u + u^2 + (4096 + 8) 2**-24) (|Xbar|^T |Xbar|), u = 2**-11 / 2**-8.
   clipped linear gradient: 1e-11 (float64); 5e-4 (float32: logits in float32 FFMA),
       clipped-row counts exact (float64) or within max(1, n / 1000) (float32).
-  noise: exact equality with the CPU path (dpfc_native._core.*_noise_cpu).
+  noise: exact equality with the CPU path (dpfc_native._core.cpu_*_noise).
 """
 
 from __future__ import annotations
@@ -248,15 +248,15 @@ def test_gram_mma_and_simt_kernels_agree(n, d, dtype):
     assert rel_err(g["mma884"], g["simt"], absref) <= 1e-12
 
 
-def test_gram_env_kernel_choice(monkeypatch):
+def test_gram_env_kernel_choice(kernel_env):
     n, d = 3001, 130
     _, host, clip_norm = dataset(n, d, "float32")
     xd = cp.asarray(host)
     outs = {}
     for k in ("mma", "mma884", "simt"):
-        monkeypatch.setenv("DPFC_GRAM_KERNEL", k)
+        kernel_env(DPFC_GRAM_KERNEL=k)
         outs[k] = cp.asnumpy(gs().clipped_gram(xd, clip_norm, "float64"))
-    monkeypatch.setenv("DPFC_GRAM_KERNEL", "bogus")
+    kernel_env(DPFC_GRAM_KERNEL="bogus")
     with pytest.raises(ValueError, match="DPFC_GRAM_KERNEL"):
         gs().clipped_gram(xd, clip_norm, "float64")
     absref = gram_reference(n, d, "float32")[1]
@@ -319,7 +319,7 @@ def test_gram_rejects_bad_arguments():
 
 def test_cuda_errors_become_python_exceptions():
     with pytest.raises(dpfc_native.CudaError):
-        _core.cuda_stats_workspace_probe(1 << 52, stream_ptr())  # 4 PiB: allocation fails
+        _core.cuda_workspace_probe(1 << 52, stream_ptr())  # 4 PiB: allocation fails
     # The context is still usable afterwards.
     xd = cp.asarray(dataset(31, 7, "float64")[1])
     assert np.isfinite(cp.asnumpy(gs().clipped_gram(xd, 1.0))).all()
@@ -458,7 +458,7 @@ def test_sym_noise_bit_identical_to_cpu(d, batch, dtype):
         got = cp.asnumpy(gs().sym_gaussian_noise(d, std, batch, key, block0, dtype))
         nb = 1 if batch is None else batch
         ref = np.empty((nb, d, d), dtype=dtype)
-        _core.sym_gaussian_noise_cpu(ref, std, key, block0)
+        _core.cpu_sym_gaussian_noise(ref, std, key, block0)
         ref = ref[0] if batch is None else ref
         assert got.shape == ref.shape and got.dtype == ref.dtype
         np.testing.assert_array_equal(got, ref)
@@ -470,7 +470,7 @@ def test_sym_noise_large_batch_bit_identical_and_poisoned():
     out = cp.full((batch, d, d), np.nan, dtype=cp.float64)
     gs()._sym_noise_into(out, 2.5, key, block0)
     ref = np.empty((batch, d, d))
-    _core.sym_gaussian_noise_cpu(ref, 2.5, key, block0)
+    _core.cpu_sym_gaussian_noise(ref, 2.5, key, block0)
     np.testing.assert_array_equal(cp.asnumpy(out), ref)
 
 
@@ -480,7 +480,7 @@ def test_gaussian_noise_bit_identical_to_cpu(count, dtype):
     for key, block0 in ((KEYS[0], 0), (KEYS[2], (1 << 64) - 10**6)):
         got = cp.asnumpy(gs().gaussian_noise((count,), 0.5, key, block0, dtype))
         ref = np.empty(count, dtype=dtype)
-        _core.gaussian_noise_cpu(ref, 0.5, key, block0)
+        _core.cpu_gaussian_noise(ref, 0.5, key, block0)
         np.testing.assert_array_equal(got, ref)
 
 
@@ -489,13 +489,13 @@ def test_gaussian_noise_unaligned_output_and_shapes():
     big = cp.full(count + 1, np.nan, dtype=cp.float32)
     _core.cuda_gaussian_noise(big.data.ptr + 4, 0, count, 1.0, list(key), block0, stream_ptr())
     ref = np.empty(count, dtype=np.float32)
-    _core.gaussian_noise_cpu(ref, 1.0, key, block0)
+    _core.cpu_gaussian_noise(ref, 1.0, key, block0)
     got = cp.asnumpy(big)
     assert np.isnan(got[0])
     np.testing.assert_array_equal(got[1:], ref)
     shaped = cp.asnumpy(gs().gaussian_noise((3, 5, 7), 1.0, key, block0, "float64"))
     ref = np.empty((3, 5, 7))
-    _core.gaussian_noise_cpu(ref.reshape(-1), 1.0, key, block0)
+    _core.cpu_gaussian_noise(ref.reshape(-1), 1.0, key, block0)
     np.testing.assert_array_equal(shaped, ref)
 
 
@@ -571,7 +571,7 @@ def test_clipped_linear_grad(n, d, k, dtype, loss, feature_clip):
 
 
 @pytest.mark.parametrize("engine", ["cublas", "simt32", "mma", "mma884", "simt"])
-def test_linear_grad_chunking_and_engines(monkeypatch, engine):
+def test_linear_grad_chunking_and_engines(kernel_env, engine):
     n, d, k = 20011, 130, 10
     x64, host, _ = dataset(n, d, "float32")
     rng = np.random.default_rng(5)
@@ -582,9 +582,9 @@ def test_linear_grad_chunking_and_engines(monkeypatch, engine):
                                                   "sigmoid", None)
     args = (cp.asarray(host), cp.asarray(labels), cp.asarray(w), cp.asarray(bias), 0.05,
             "sigmoid", None)
-    monkeypatch.setenv("DPFC_GRAD_KERNEL", engine)
+    kernel_env(DPFC_GRAD_KERNEL=engine)
     full, nfull = gs().clipped_linear_grad(*args)
-    monkeypatch.setenv("DPFC_LG_CHUNK", "777")  # many chunks, last one partial
+    kernel_env(DPFC_LG_CHUNK="777")  # many chunks, last one partial
     chunked, nchunk = gs().clipped_linear_grad(*args)
     for got, nc in ((cp.asnumpy(full), nfull), (cp.asnumpy(chunked), nchunk)):
         assert rel_err(got, ref, absref) <= 5e-4

@@ -252,18 +252,52 @@ def test_mixed_devices_rejected():
         ops.array_module(np.zeros(2), FakeDeviceArray())
 
 
+def test_device_of_is_the_one_device_rule():
+    """ops.device_of decides where arrays live; mechanisms and models ask it too."""
+    from dpfc_native import mechanisms, models
+
+    class FakeDeviceArray:
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f8", "data": (0, False), "version": 3}
+
+    assert ops.device_of(np.zeros(2), None, [1.0]) == "cpu"
+    assert ops.device_of() == "cpu"
+    assert ops.device_of(FakeDeviceArray(), None) == "cuda"
+    with pytest.raises(ValueError, match="mixed devices"):
+        ops.device_of(np.zeros(2), FakeDeviceArray())
+    assert not hasattr(mechanisms, "_device_of")
+    assert models.resolve_device("cpu", FakeDeviceArray()) == "cpu"
+
+
+def test_cholesky_shifts_matches_shifted_factors(rng):
+    d, shifts = 7, np.array([-50.0, 0.0, 0.5, 3.0])
+    m = rng.standard_normal((d, d))
+    a = m @ m.T + 0.1 * np.eye(d)
+    L, info = ops.cholesky_shifts(a, shifts)
+    for j, s in enumerate(shifts):
+        Lj, ij = ops.cholesky(a + s * np.eye(d))
+        np.testing.assert_array_equal(info[j], ij)
+        np.testing.assert_array_equal(L[j], Lj)
+    assert info[0] > 0 and np.isnan(L[0]).all() and (info[1:] == 0).all()
+    with pytest.raises(ValueError, match="shifts must be finite"):
+        ops.cholesky_shifts(a, np.array([np.nan]))
+    with pytest.raises(ValueError, match=r"shape \(d, d\)"):
+        ops.cholesky_shifts(np.stack([a, a]), shifts)
+
+
 def test_memory_is_chunked(monkeypatch, rng):
     """clipped_gram never converts more than one chunk of rows at a time."""
     seen = []
-    original = ops._clipped_chunk
+    from dpfc_native import _cpu_stats
+
+    original = _cpu_stats._clipped_chunk
 
     def spy(x, sl, c):
         out = original(x, sl, c)
         seen.append(out[0].shape[0])
         return out
 
-    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 64 * 5)
-    monkeypatch.setattr(ops, "_clipped_chunk", spy)
+    monkeypatch.setattr(_cpu_stats, "_CHUNK_ELEMENTS", 64 * 5)
+    monkeypatch.setattr(_cpu_stats, "_clipped_chunk", spy)
     x = rng.standard_normal((1000, 5))
     xb, _ = reference_clip64(x, 1.0)
     np.testing.assert_allclose(ops.clipped_gram(x, 1.0), xb.T @ xb, atol=1e-12)
@@ -274,30 +308,30 @@ def test_memory_is_chunked(monkeypatch, rng):
     (None, False, "cublas"), ("auto", False, "cublas"), ("cublas", False, "cublas"),
     (None, True, "native"), ("simt32", False, "native"), ("mma", True, "native"),
 ])
-def test_gpu_grad_engine_choice(monkeypatch, env, tf32, want):
+def test_gpu_grad_engine_choice(monkeypatch, kernel_env, env, tf32, want):
     """The clipped gradient runs its GEMMs on cuBLAS unless CuPy would use TF32 there (which
     rounds the clipped per-example terms) or a native engine is asked for."""
     from dpfc_native import _gpu_stats
 
     monkeypatch.setattr(_gpu_stats, "_tf32_matmul", lambda: tf32)
     if env is None:
-        monkeypatch.delenv("DPFC_GRAD_KERNEL", raising=False)
+        kernel_env(DPFC_GRAD_KERNEL=None)
     else:
-        monkeypatch.setenv("DPFC_GRAD_KERNEL", env)
+        kernel_env(DPFC_GRAD_KERNEL=env)
     assert _gpu_stats._grad_engine(np.float32) == want
     # float64 features never go through TF32.
     assert _gpu_stats._grad_engine(np.float64) == ("native" if env in ("simt32", "mma")
                                                    else "cublas")
 
 
-def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch):
+def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch, kernel_env):
     from dpfc_native import _gpu_stats
 
     monkeypatch.setattr(_gpu_stats, "_tf32_matmul", lambda: True)
-    monkeypatch.setenv("DPFC_GRAD_KERNEL", "cublas")
+    kernel_env(DPFC_GRAD_KERNEL="cublas")
     with pytest.raises(ValueError, match="TF32"):
         _gpu_stats._grad_engine(np.float32)
-    monkeypatch.setenv("DPFC_GRAD_KERNEL", "tensorcore")
+    kernel_env(DPFC_GRAD_KERNEL="tensorcore")
     with pytest.raises(ValueError, match="DPFC_GRAD_KERNEL"):
         _gpu_stats._grad_engine(np.float32)
 
@@ -308,10 +342,10 @@ def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch):
     (5003, 100, 130, 4, 5003),           # all rows in one chunk
     (10**6, 10**6, 8, 8, 128),           # at least 128 rows
 ])
-def test_gpu_grad_chunk_rows(monkeypatch, n, k, d, item, want):
+def test_gpu_grad_chunk_rows(kernel_env, n, k, d, item, want):
     from dpfc_native import _gpu_stats
 
-    monkeypatch.delenv("DPFC_LG_CHUNK", raising=False)
+    kernel_env(DPFC_LG_CHUNK=None)
     assert _gpu_stats._lg_chunk_rows(n, k, d, item) == want
-    monkeypatch.setenv("DPFC_LG_CHUNK", "777")
+    kernel_env(DPFC_LG_CHUNK="777")
     assert _gpu_stats._lg_chunk_rows(n, k, d, item) == min(777, n)

@@ -859,7 +859,7 @@ def _magnitude(a) -> float:
        key=st.lists(st.integers(-2, 2**33), min_size=0, max_size=5),
        block=st.integers(-5, 2**65))
 def test_fuzz_core_noise(out, std, key, block):
-    for fn in (_core.sym_gaussian_noise_cpu, _core.gaussian_noise_cpu):
+    for fn in (_core.cpu_sym_gaussian_noise, _core.cpu_gaussian_noise):
         buf = out.copy() if out.flags.writeable else out
         try:
             fn(buf, std, key, block)

@@ -1,6 +1,6 @@
 // The clip factor, shared by the CPU path and the CUDA kernels.
 //
-// Clipping must hold on the stored floats (../shared/RELIABILITY.md): a row whose norm
+// Clipping must hold on the stored floats, rounding included: a row whose norm
 // we computed as `norm` may really be longer by the rounding of that computation, and
 // scaling it rounds each stored element again. So rows are clipped to
 // C (1 - 2^-20) instead of C. The margin (about 1e-6 relative) dominates the float64

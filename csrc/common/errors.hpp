@@ -20,26 +20,25 @@ class CudaError : public std::runtime_error {
 
 // Precondition at a public native entry point: throws ValueError on the Python side,
 // naming the failed condition and the caller's message.
-#define DPFC_EXPECTS(cond, msg)                                                      \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      throw std::invalid_argument(std::string(msg) + " (failed: " #cond ")");       \
-    }                                                                                \
+#define DPFC_EXPECTS(cond, msg)                                               \
+  do {                                                                        \
+    if (!(cond)) {                                                            \
+      throw std::invalid_argument(std::string(msg) + " (failed: " #cond ")"); \
+    }                                                                         \
   } while (0)
 
 #if defined(__CUDACC__) || defined(DPFC_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
 // Turns a CUDA runtime error into dpfc::CudaError with the call, file and line.
-#define DPFC_CUDA_CHECK(expr)                                                        \
-  do {                                                                               \
-    cudaError_t dpfc_err_ = (expr);                                                  \
-    if (dpfc_err_ != cudaSuccess) {                                                  \
-      throw ::dpfc::CudaError(std::string("CUDA error ") +                           \
-                              cudaGetErrorName(dpfc_err_) + ": " +                   \
-                              cudaGetErrorString(dpfc_err_) + " in " #expr " at "    \
-                              __FILE__ ":" DPFC_STRINGIFY(__LINE__));                \
-    }                                                                                \
+#define DPFC_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                          \
+    cudaError_t dpfc_err_ = (expr);                                                             \
+    if (dpfc_err_ != cudaSuccess) {                                                             \
+      throw ::dpfc::CudaError(std::string("CUDA error ") + cudaGetErrorName(dpfc_err_) + ": " + \
+                              cudaGetErrorString(dpfc_err_) +                                   \
+                              " in " #expr " at " __FILE__ ":" DPFC_STRINGIFY(__LINE__));       \
+    }                                                                                           \
   } while (0)
 
 // After a kernel launch: reports launch-configuration errors without synchronising.

@@ -148,25 +148,25 @@ DPFC_HD double log_unit(double u) {
 // sin and cos of x for |x| <= pi/4 by their Taylor series (Horner), double precision.
 DPFC_HD double sin_small(double x) {
   const double x2 = x * x;
-  double p = -1.0 / 1307674368000.0;   // -1/15!
+  double p = -1.0 / 1307674368000.0;      // -1/15!
   p = fma_rn(p, x2, 1.0 / 6227020800.0);  // 1/13!
-  p = fma_rn(p, x2, -1.0 / 39916800.0);  // -1/11!
-  p = fma_rn(p, x2, 1.0 / 362880.0);  // 1/9!
-  p = fma_rn(p, x2, -1.0 / 5040.0);  // -1/7!
-  p = fma_rn(p, x2, 1.0 / 120.0);  // 1/5!
-  p = fma_rn(p, x2, -1.0 / 6.0);  // -1/3!
+  p = fma_rn(p, x2, -1.0 / 39916800.0);   // -1/11!
+  p = fma_rn(p, x2, 1.0 / 362880.0);      // 1/9!
+  p = fma_rn(p, x2, -1.0 / 5040.0);       // -1/7!
+  p = fma_rn(p, x2, 1.0 / 120.0);         // 1/5!
+  p = fma_rn(p, x2, -1.0 / 6.0);          // -1/3!
   return fma_rn(x, x2 * p, x);
 }
 
 DPFC_HD double cos_small(double x) {
   const double x2 = x * x;
-  double p = 1.0 / 20922789888000.0;   // 1/16!
+  double p = 1.0 / 20922789888000.0;        // 1/16!
   p = fma_rn(p, x2, -1.0 / 87178291200.0);  // -1/14!
-  p = fma_rn(p, x2, 1.0 / 479001600.0);  // 1/12!
-  p = fma_rn(p, x2, -1.0 / 3628800.0);  // -1/10!
-  p = fma_rn(p, x2, 1.0 / 40320.0);  // 1/8!
-  p = fma_rn(p, x2, -1.0 / 720.0);  // -1/6!
-  p = fma_rn(p, x2, 1.0 / 24.0);  // 1/4!
+  p = fma_rn(p, x2, 1.0 / 479001600.0);     // 1/12!
+  p = fma_rn(p, x2, -1.0 / 3628800.0);      // -1/10!
+  p = fma_rn(p, x2, 1.0 / 40320.0);         // 1/8!
+  p = fma_rn(p, x2, -1.0 / 720.0);          // -1/6!
+  p = fma_rn(p, x2, 1.0 / 24.0);            // 1/4!
   p = fma_rn(p, x2, -0.5);
   return fma_rn(x2, p, 1.0);
 }
@@ -174,18 +174,30 @@ DPFC_HD double cos_small(double x) {
 // (cos 2 pi t, sin 2 pi t) for t in (0, 1): octant reduction is exact because t carries
 // at most 53 significant bits, then the small-angle series on |angle| <= pi/4.
 DPFC_HD void sincos_2pi(double t, double* c, double* s) {
-  const double t8 = t * 8.0;                       // exact
-  const int oct = static_cast<int>(t8);            // 0..7
-  const int q = (oct + 1) >> 1;                    // nearest quarter turn: 0..4
-  const double f = (t8 - 2.0 * q) * 0.125;          // t - q/4 in [-1/8, 1/8], exact
+  const double t8 = t * 8.0;                              // exact
+  const int oct = static_cast<int>(t8);                   // 0..7
+  const int q = (oct + 1) >> 1;                           // nearest quarter turn: 0..4
+  const double f = (t8 - 2.0 * q) * 0.125;                // t - q/4 in [-1/8, 1/8], exact
   const double a = f * 6.283185307179586476925286766559;  // 2 pi f in [-pi/4, pi/4]
   const double sa = sin_small(a);
   const double ca = cos_small(a);
   switch (q & 3) {
-    case 0: *c = ca;  *s = sa;  break;
-    case 1: *c = -sa; *s = ca;  break;
-    case 2: *c = -ca; *s = -sa; break;
-    default: *c = sa; *s = -ca; break;
+    case 0:
+      *c = ca;
+      *s = sa;
+      break;
+    case 1:
+      *c = -sa;
+      *s = ca;
+      break;
+    case 2:
+      *c = -ca;
+      *s = -sa;
+      break;
+    default:
+      *c = sa;
+      *s = -ca;
+      break;
   }
 }
 }  // namespace detail

@@ -42,9 +42,9 @@ void sym_gaussian_noise(T* out, int64_t batch, int64_t d, double std, const Nois
       T* m = out + b * d * d;
       // Row i's entries (i, i..d-1) are the stream indices k0 .. k0 + d - i - 1; walk
       // the Philox blocks covering them so each block is generated once.
-      const uint64_t k0 = static_cast<uint64_t>(b) * per_matrix +
-                          sym_index(static_cast<uint64_t>(d), static_cast<uint64_t>(i),
-                                    static_cast<uint64_t>(i));
+      const uint64_t k0 =
+          static_cast<uint64_t>(b) * per_matrix +
+          sym_index(static_cast<uint64_t>(d), static_cast<uint64_t>(i), static_cast<uint64_t>(i));
       const uint64_t k_end = k0 + static_cast<uint64_t>(d - i);
       for (uint64_t blk = k0 >> 1; 2 * blk < k_end; ++blk) {
         double z[2];

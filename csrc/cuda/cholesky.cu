@@ -26,7 +26,7 @@
 //       col = lane%4; B row = lane%4, col = lane>>2; C row = lane>>2,
 //       cols 2*(lane%4)+{0,1}); both operands are rows of L, so both fragments are read
 //       along k. 4 warps x (32x32) per block, cp.async 3-stage pipeline, KC = 16.
-//       SIMT fallback (DPFC_CHOL_KERNEL=simt, and float32): 256 threads x 4x4.
+//       SIMT fallback (kernel option simt, and float32): 256 threads x 4x4.
 //     left-looking: per block column J, update(C = A_IJ - L_I,<J L_J,<J^T) then panel.
 //       Reads A once, streams L_I,<J (d^3/(6 nb) elements per matrix): large batches.
 //     right-looking: copy A, then per J: panel, update of all trailing tiles with K = 64.
@@ -41,41 +41,40 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <algorithm>
 #include <string>
 #include <type_traits>
 
 #include "common/errors.hpp"
+#include "common/hostdevice.hpp"
+#include "cuda/device.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/runtime.cuh"
 
 namespace dpfc {
 namespace cuda {
 namespace {
 
-#define DPFC_DEV __device__ __forceinline__
-#define DPFC_HD_INLINE __host__ __device__ __forceinline__
-
-constexpr int kNb = 64;              // block size of the blocked factorisation
+constexpr int kNb = 64;  // block size of the blocked factorisation
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxGridY = 65535;
 
 template <typename T>
-DPFC_DEV T quiet_nan();
+__device__ __forceinline__ T quiet_nan();
 template <>
-DPFC_DEV float quiet_nan<float>() {
+__device__ __forceinline__ float quiet_nan<float>() {
   return __int_as_float(0x7fc00000);
 }
 template <>
-DPFC_DEV double quiet_nan<double>() {
+__device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000ll);
 }
 
 // n consecutive T from 16-byte aligned shared memory, as 16-byte loads.
 template <int N>
-DPFC_DEV void lds_vec(const double* p, double (&out)[N]) {
+__device__ __forceinline__ void lds_vec(const double* p, double (&out)[N]) {
   static_assert(N % 2 == 0, "even count");
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) {
@@ -85,7 +84,7 @@ DPFC_DEV void lds_vec(const double* p, double (&out)[N]) {
   }
 }
 template <int N>
-DPFC_DEV void lds_vec(const float* p, float (&out)[N]) {
+__device__ __forceinline__ void lds_vec(const float* p, float (&out)[N]) {
   static_assert(N % 4 == 0, "multiple of 4");
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {
@@ -95,12 +94,6 @@ DPFC_DEV void lds_vec(const float* p, float (&out)[N]) {
     out[4 * i + 2] = v.z;
     out[4 * i + 3] = v.w;
   }
-}
-
-// Barrier 1 over `nthreads` threads (a multiple of 32), reachable from different code
-// locations; orders shared-memory accesses like __syncthreads.
-DPFC_DEV void named_barrier(unsigned nthreads) {
-  asm volatile("bar.sync 1, %0;\n" ::"r"(nthreads) : "memory");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ struct RegChol {
   // Warp 0: factor panel rows [jb, n) x columns [jb, jb + 4), held in registers (lane
   // owns rows jb + lane + 32 q), broadcasts by shuffles; the result goes back to P.
   // Returns 0 or the 1-based panel column of the first pivot that is not > 0.
-  static DPFC_DEV int panel_factor(T (*P)[D], int jb, int n, int lane) {
+  static __device__ __forceinline__ int panel_factor(T (*P)[D], int jb, int n, int lane) {
     constexpr int kQ = D / 32;
     const int ncols = min(4, n - jb);
     T p[kQ][4];
@@ -139,7 +132,7 @@ struct RegChol {
     for (int t = 0; t < 4; ++t) {
       if (t >= ncols) break;
       const T piv = __shfl_sync(kFullMask, p[0][t], t);  // row jb + t: lane t, q = 0
-      if (!(piv > T(0))) return t + 1;                    // NaN is not > 0 (uniform)
+      if (!(piv > T(0))) return t + 1;                   // NaN is not > 0 (uniform)
       const T ljj = sqrt(piv);
       const T inv = T(1) / ljj;
 #pragma unroll
@@ -175,7 +168,8 @@ struct RegChol {
   // Warp 0 and the owners run separate loops meeting at the same number of named
   // barriers (PTX bar.sync 1 counts arrivals per barrier, not per code location).
   template <class Elem, class Put>
-  static DPFC_DEV int run(RegCholSmem<T, D>& sm, int n, int tid, Elem&& elem, Put&& put) {
+  static __device__ __forceinline__ int run(RegCholSmem<T, D>& sm, int n, int tid, Elem&& elem,
+                                            Put&& put) {
     const int lane = tid & 31, warp = tid >> 5;
     const unsigned nthreads = blockDim.x;
     int fail = 0;
@@ -327,7 +321,7 @@ __global__ void __launch_bounds__(RegChol<T, D>::kThreads, (D == 128 ? 2 : 4))
 
 constexpr int kPanelThreads = 256;
 
-DPFC_HD_INLINE int d_blocks(int d) { return (d + kNb - 1) / kNb; }
+DPFC_HD int d_blocks(int d) { return (d + kNb - 1) / kNb; }
 
 template <typename T>
 struct PanelSmem {
@@ -428,13 +422,13 @@ struct UpdCfg {
   static constexpr int kPitch = kMma ? kKc + 4 : kKc + 1;  // conflict-free fragment reads
   static constexpr int kStages = 3;
   static constexpr int kMinBlocks = kMma ? 3 : 2;
-  static constexpr int kStageElems = 2 * kNb * kPitch;     // A tile + B tile
+  static constexpr int kStageElems = 2 * kNb * kPitch;  // A tile + B tile
   static constexpr size_t kSmemBytes = sizeof(T) * kStageElems * kStages;
 };
 
 template <typename T>
 struct UpdateArgs {
-  const T* a;      // mode 0: the input (lower triangle read)
+  const T* a;  // mode 0: the input (lower triangle read)
   int64_t a_bs;
   int64_t lda;
   const T* shifts;
@@ -446,47 +440,13 @@ struct UpdateArgs {
   int step;
 };
 
-DPFC_DEV void tri_index(int t, int& ip, int& jp) {
-  int r = static_cast<int>((sqrtf(8.0f * static_cast<float>(t) + 1.0f) - 1.0f) * 0.5f);
-  while (r > 0 && r * (r + 1) / 2 > t) --r;
-  while ((r + 1) * (r + 2) / 2 <= t) ++r;
-  ip = r;
-  jp = t - r * (r + 1) / 2;
-}
-
-template <int kBytes>
-DPFC_DEV void cp_async_zfill(void* smem_ptr, const void* gptr, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  const int src_bytes = valid ? kBytes : 0;
-  if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gptr),
-                 "r"(src_bytes)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gptr),
-                 "n"(kBytes), "r"(src_bytes)
-                 : "memory");
-  }
-}
-DPFC_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-DPFC_DEV void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// D = A B + D on one 8x8x4 double tile (sm_80+).
-DPFC_DEV void dmma_8x8x4(double& d0, double& d1, double a, double b) {
-  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-               : "+d"(d0), "+d"(d1)
-               : "d"(a), "d"(b));
-}
-
 // Copies rows r0 + [0, 64) of L, columns k .. k + kKc, for op = A (r0 = i0) and B
 // (r0 = c0), in copies of kV elements. Thread: one column chunk, rows rb + q * kRpp.
 template <typename T, int kV, int kThr, int kKc, int kP>
-DPFC_DEV void copy_tiles(T* stage, const T* lb, int d, int i0, int c0, int k, int tid) {
-  constexpr int kCpr = kKc / kV;      // copies per row
-  constexpr int kRpp = kThr / kCpr;   // rows per pass
+__device__ __forceinline__ void copy_tiles(T* stage, const T* lb, int d, int i0, int c0, int k,
+                                           int tid) {
+  constexpr int kCpr = kKc / kV;     // copies per row
+  constexpr int kRpp = kThr / kCpr;  // rows per pass
   constexpr int kPasses = kNb / kRpp;
   static_assert(kThr % kCpr == 0 && kNb % kRpp == 0, "even split");
   const int ch = tid % kCpr, rb = tid / kCpr;
@@ -499,7 +459,7 @@ DPFC_DEV void copy_tiles(T* stage, const T* lb, int d, int i0, int c0, int k, in
     for (int q = 0; q < kPasses; ++q) {
       const bool ok = row0 + q * kRpp < d;
       const T* src = ok ? src0 + static_cast<int64_t>(q * kRpp) * d : lb;
-      cp_async_zfill<kV * static_cast<int>(sizeof(T))>(dst0 + q * kRpp * kP, src, ok);
+      cp_async_zfill<kV* static_cast<int>(sizeof(T))>(dst0 + q * kRpp * kP, src, ok);
     }
   }
 }
@@ -508,7 +468,8 @@ DPFC_DEV void copy_tiles(T* stage, const T* lb, int d, int i0, int c0, int k, in
 // kVec: 16-byte copies (needs 16-byte aligned rows: d a multiple of 16 / sizeof(T) and
 // a 16-byte aligned l; only with the mma layout, whose pitch keeps 16-byte alignment).
 template <typename T, bool kMma, bool kVec>
-DPFC_DEV void load_stage(T* stage, const T* lb, int d, int i0, int c0, int k, int tid) {
+__device__ __forceinline__ void load_stage(T* stage, const T* lb, int d, int i0, int c0, int k,
+                                           int tid) {
   using Cfg = UpdCfg<T, kMma>;
   static_assert(!kVec || kMma, "16-byte copies need the mma pitch");
   constexpr int kV = kVec ? 16 / static_cast<int>(sizeof(T)) : 1;
@@ -534,7 +495,7 @@ __global__ void __launch_bounds__(UpdCfg<T, kMma>::kThreads, UpdCfg<T, kMma>::kM
     ke = p.step * kNb;
   } else {
     int ip, jp;
-    tri_index(static_cast<int>(blockIdx.x), ip, jp);
+    tri_decode(static_cast<int>(blockIdx.x), &jp, &ip);
     I = p.step + 1 + ip;
     Jt = p.step + 1 + jp;
     kb = p.step * kNb;
@@ -561,7 +522,8 @@ __global__ void __launch_bounds__(UpdCfg<T, kMma>::kThreads, UpdCfg<T, kMma>::kM
     if (nk > 0) {
 #pragma unroll
       for (int s = 0; s < kS - 1; ++s) {
-        if (s < nk) load_stage<T, kMma, kVec>(smem + s * Cfg::kStageElems, lb, d, i0, c0, kb + s * kKc, tid);
+        if (s < nk)
+          load_stage<T, kMma, kVec>(smem + s * Cfg::kStageElems, lb, d, i0, c0, kb + s * kKc, tid);
         cp_async_commit();
       }
       for (int kt = 0; kt < nk; ++kt) {
@@ -570,7 +532,8 @@ __global__ void __launch_bounds__(UpdCfg<T, kMma>::kThreads, UpdCfg<T, kMma>::kM
         {
           const int nxt = kt + kS - 1;
           if (nxt < nk)
-            load_stage<T, kMma, kVec>(smem + (nxt % kS) * Cfg::kStageElems, lb, d, i0, c0, kb + nxt * kKc, tid);
+            load_stage<T, kMma, kVec>(smem + (nxt % kS) * Cfg::kStageElems, lb, d, i0, c0,
+                                      kb + nxt * kKc, tid);
           cp_async_commit();
         }
         const T* sA = smem + (kt % kS) * Cfg::kStageElems;
@@ -664,8 +627,10 @@ __global__ void __launch_bounds__(256) chol_init_kernel(FactorArgs<T> p) {
     const T* ab = p.a + b * p.a_bs;
     T* lb = p.l + b * dd;
     const T shift = p.shifts != nullptr ? p.shifts[b] : T(0);
-    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < dd; idx += stride) {
-      const int r = static_cast<int>(idx / d), c = static_cast<int>(idx - static_cast<int64_t>(r) * d);
+    for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < dd;
+         idx += stride) {
+      const int r = static_cast<int>(idx / d),
+                c = static_cast<int>(idx - static_cast<int64_t>(r) * d);
       T v = T(0);
       if (c <= r) {
         v = ab[static_cast<int64_t>(r) * p.lda + c];
@@ -707,19 +672,20 @@ __global__ void __launch_bounds__(256)
 // Solve L L^T X = B: one block per (matrix, 8 columns), forward then backward sweep.
 // ---------------------------------------------------------------------------------------
 
-constexpr int kSolveRB = 64;   // rows per block row
-constexpr int kSolveKC = 64;   // k per staged chunk
-constexpr int kSolveNC = 8;    // right-hand-side columns per block (one warp each)
+constexpr int kSolveRB = 64;  // rows per block row
+constexpr int kSolveKC = 64;  // k per staged chunk
+constexpr int kSolveNC = 8;   // right-hand-side columns per block (one warp each)
 constexpr int kSolveThreads = 256;
 
 template <typename T>
 struct SolveSmem {
-  T lbuf[kSolveRB][kSolveKC + 1];  // L chunk [row][k]; then the reduction [warp][col][row]
-  T ybuf[kSolveKC][kSolveNC];      // solved rows [k][col]
-  T ldiag[kSolveRB][kSolveRB + 1]; // diagonal block, lower, identity padding
+  T lbuf[kSolveRB][kSolveKC + 1];   // L chunk [row][k]; then the reduction [warp][col][row]
+  T ybuf[kSolveKC][kSolveNC];       // solved rows [k][col]
+  T ldiag[kSolveRB][kSolveRB + 1];  // diagonal block, lower, identity padding
   T rdiag[kSolveRB];
 };
-static_assert(sizeof(double) * kSolveRB * (kSolveKC + 1) >= sizeof(double) * 8 * kSolveNC * kSolveRB,
+static_assert(sizeof(double) * kSolveRB * (kSolveKC + 1) >=
+                  sizeof(double) * 8 * kSolveNC * kSolveRB,
               "the reduction buffer aliases lbuf");
 
 template <typename T>
@@ -783,7 +749,8 @@ __global__ void __launch_bounds__(kSolveThreads, 2) cho_solve_kernel(SolveArgs<T
           for (int it = 0; it < kYPer; ++it) {
             const int idx = tid + it * kSolveThreads;
             const int k = idx / kSolveNC, j = idx % kSolveNC;
-            yreg[it] = (kc + k < d && c0 + j < m) ? xb[static_cast<int64_t>(kc + k) * m + c0 + j] : T(0);
+            yreg[it] =
+                (kc + k < d && c0 + j < m) ? xb[static_cast<int64_t>(kc + k) * m + c0 + j] : T(0);
           }
         };
         auto stash = [&]() {
@@ -908,53 +875,16 @@ __global__ void __launch_bounds__(kSolveThreads, 2) cho_solve_kernel(SolveArgs<T
 // Host side.
 // ---------------------------------------------------------------------------------------
 
-enum class Schedule { kAuto, kLeft, kRight };
-
-struct Options {
-  bool mma = true;
-  Schedule schedule = Schedule::kAuto;
-  int small_max = 128;
-};
-
-Options read_options() {
-  Options o;
-  if (const char* k = std::getenv("DPFC_CHOL_KERNEL"); k != nullptr && *k != '\0') {
-    const std::string v(k);
-    DPFC_EXPECTS(v == "mma" || v == "simt", "DPFC_CHOL_KERNEL must be 'mma' or 'simt', got '" + v + "'");
-    o.mma = v == "mma";
-  }
-  if (const char* s = std::getenv("DPFC_CHOL_SCHEDULE"); s != nullptr && *s != '\0') {
-    const std::string v(s);
-    DPFC_EXPECTS(v == "auto" || v == "left" || v == "right",
-                 "DPFC_CHOL_SCHEDULE must be 'auto', 'left' or 'right', got '" + v + "'");
-    o.schedule = v == "left" ? Schedule::kLeft : v == "right" ? Schedule::kRight : Schedule::kAuto;
-  }
-  if (const char* s = std::getenv("DPFC_CHOL_SMALL_MAX"); s != nullptr && *s != '\0') {
-    char* end = nullptr;
-    const long v = std::strtol(s, &end, 10);
-    DPFC_EXPECTS(end != s && *end == '\0' && v >= 0 && v <= 128,
-                 "DPFC_CHOL_SMALL_MAX must be an integer in [0, 128]");
-    o.small_max = static_cast<int>(v);
-  }
-  return o;
+void check_options(const CholeskyOptions& o) {
+  DPFC_EXPECTS(o.small_max >= 0 && o.small_max <= 128, "small_max must be in [0, 128]");
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
-    cudaGetLastError();
-    return 132;
-  }
-  return sms;
-}
-
-bool use_left_looking(const Options& o, int64_t batch, int64_t d) {
-  if (o.schedule != Schedule::kAuto) return o.schedule == Schedule::kLeft;
+bool use_left_looking(const CholeskyOptions& o, int64_t batch, int64_t d) {
+  if (o.schedule != CholeskySchedule::kAuto) return o.schedule == CholeskySchedule::kLeft;
   // Left-looking moves the fewest bytes but has only batch x (nblk - J) tiles per launch,
   // each with a K of J*64; right-looking has ~batch x (nblk - J)^2 / 2 tiles with K = 64.
   const int64_t nblk = (d + kNb - 1) / kNb;
-  return batch * nblk >= 4 * static_cast<int64_t>(sm_count());
+  return batch * nblk >= 4 * static_cast<int64_t>(current_sm_count());
 }
 
 unsigned grid_y(int64_t batch) {
@@ -1029,8 +959,8 @@ int64_t blocked_chunk(int64_t batch, int64_t d, int64_t elem_bytes, size_t budge
 }
 
 template <typename T, bool kMma, bool kVec>
-void factor_blocked(const FactorArgs<T>& fa, const Options& o, void* workspace, size_t workspace_bytes,
-                    cudaStream_t stream) {
+void factor_blocked(const FactorArgs<T>& fa, const CholeskyOptions& o, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream) {
   DPFC_CUDA_CHECK(cudaFuncSetAttribute(chol_update_kernel<T, kMma, kVec>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(UpdCfg<T, kMma>::kSmemBytes)));
@@ -1040,9 +970,11 @@ void factor_blocked(const FactorArgs<T>& fa, const Options& o, void* workspace, 
   int64_t chunk;
   if (own) {
     chunk = blocked_chunk(fa.batch, fa.d, sizeof(T), kWorkspaceBytes);
-    DPFC_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&w), static_cast<size_t>(chunk * per_matrix), stream));
+    DPFC_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&w),
+                                    static_cast<size_t>(chunk * per_matrix), stream));
   } else {
-    DPFC_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace) % 16 == 0, "workspace must be 16-byte aligned");
+    DPFC_EXPECTS(reinterpret_cast<std::uintptr_t>(workspace) % 16 == 0,
+                 "workspace must be 16-byte aligned");
     DPFC_EXPECTS(static_cast<int64_t>(workspace_bytes) >= per_matrix,
                  "workspace too small: see cholesky_workspace_bytes");
     chunk = blocked_chunk(fa.batch, fa.d, sizeof(T), workspace_bytes);
@@ -1073,10 +1005,11 @@ void launch_small(const FactorArgs<T>& fa, cudaStream_t stream) {
 
 }  // namespace
 
-size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes) {
+size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes,
+                                const CholeskyOptions& o) {
   DPFC_EXPECTS(dtype_bytes == 4 || dtype_bytes == 8, "dtype_bytes must be 4 or 8");
   DPFC_EXPECTS(batch >= 1 && d >= 1, "batch and d must be >= 1");
-  const Options o = read_options();
+  check_options(o);
   if (d <= o.small_max) return 0;
   return static_cast<size_t>(blocked_chunk(batch, d, dtype_bytes, kWorkspaceBytes) *
                              blocked_bytes_per_matrix(d, dtype_bytes));
@@ -1085,13 +1018,13 @@ size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes) {
 template <typename T>
 void cholesky_batched(const T* a, int64_t a_batch_stride, int64_t lda, const T* shifts, T* l,
                       int32_t* info, int64_t batch, int64_t d, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream) {
+                      size_t workspace_bytes, const CholeskyOptions& o, cudaStream_t stream) {
   DPFC_EXPECTS(batch >= 1 && batch <= 0x7fffffff, "batch must be in [1, 2^31)");
   DPFC_EXPECTS(d >= 1 && d <= 32768, "d must be in [1, 32768]");
   DPFC_EXPECTS(lda >= d, "lda must be >= d");
   DPFC_EXPECTS(a_batch_stride >= 0, "a_batch_stride must be >= 0");
   DPFC_EXPECTS(a != nullptr && l != nullptr && info != nullptr, "null pointer");
-  const Options o = read_options();
+  check_options(o);
   DPFC_CUDA_CHECK(cudaMemsetAsync(info, 0, sizeof(int32_t) * static_cast<size_t>(batch), stream));
   FactorArgs<T> fa{a, a_batch_stride, lda, shifts, l, info, batch, static_cast<int>(d)};
   if (d <= o.small_max) {
@@ -1130,22 +1063,30 @@ void cho_solve_batched(const T* l, int64_t l_batch_stride, const T* b, int64_t b
   DPFC_EXPECTS(l_batch_stride >= 0 && b_batch_stride >= 0, "batch strides must be >= 0");
   DPFC_EXPECTS(l != nullptr && b != nullptr && x != nullptr, "null pointer");
   const size_t smem = sizeof(SolveSmem<T>);
-  DPFC_CUDA_CHECK(cudaFuncSetAttribute(cho_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)));
-  SolveArgs<T> args{l, l_batch_stride, b, b_batch_stride, ldb, x, batch, static_cast<int>(d), static_cast<int>(m)};
+  DPFC_CUDA_CHECK(cudaFuncSetAttribute(
+      cho_solve_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  SolveArgs<T> args{l,
+                    l_batch_stride,
+                    b,
+                    b_batch_stride,
+                    ldb,
+                    x,
+                    batch,
+                    static_cast<int>(d),
+                    static_cast<int>(m)};
   const unsigned gx = static_cast<unsigned>((m + kSolveNC - 1) / kSolveNC);
   cho_solve_kernel<T><<<dim3(gx, grid_y(batch)), kSolveThreads, smem, stream>>>(args);
   DPFC_CUDA_CHECK_LAUNCH();
 }
 
-std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes) {
-  const Options o = read_options();
+std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes, const CholeskyOptions& o) {
+  check_options(o);
   if (d <= o.small_max) {
     const int tier = d <= 32 ? 32 : d <= 64 ? 64 : 128;
     return "small tier=" + std::to_string(tier) + " threads=" +
-           std::to_string(tier == 32 ? RegChol<double, 32>::kThreads
-                                     : tier == 64 ? RegChol<double, 64>::kThreads
-                                                  : RegChol<double, 128>::kThreads);
+           std::to_string(tier == 32   ? RegChol<double, 32>::kThreads
+                          : tier == 64 ? RegChol<double, 64>::kThreads
+                                       : RegChol<double, 128>::kThreads);
   }
   const bool left = use_left_looking(o, batch, d);
   const bool mma = dtype_bytes == 8 && o.mma;
@@ -1153,12 +1094,14 @@ std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes) {
          " gemm=" + (mma ? "mma_f64_m8n8k4" : "simt");
 }
 
-template void cholesky_batched<float>(const float*, int64_t, int64_t, const float*, float*, int32_t*,
-                                      int64_t, int64_t, void*, size_t, cudaStream_t);
+template void cholesky_batched<float>(const float*, int64_t, int64_t, const float*, float*,
+                                      int32_t*, int64_t, int64_t, void*, size_t,
+                                      const CholeskyOptions&, cudaStream_t);
 template void cholesky_batched<double>(const double*, int64_t, int64_t, const double*, double*,
-                                       int32_t*, int64_t, int64_t, void*, size_t, cudaStream_t);
-template void cho_solve_batched<float>(const float*, int64_t, const float*, int64_t, int64_t, float*,
-                                       int64_t, int64_t, int64_t, cudaStream_t);
+                                       int32_t*, int64_t, int64_t, void*, size_t,
+                                       const CholeskyOptions&, cudaStream_t);
+template void cho_solve_batched<float>(const float*, int64_t, const float*, int64_t, int64_t,
+                                       float*, int64_t, int64_t, int64_t, cudaStream_t);
 template void cho_solve_batched<double>(const double*, int64_t, const double*, int64_t, int64_t,
                                         double*, int64_t, int64_t, int64_t, cudaStream_t);
 

@@ -1,6 +1,6 @@
-// Batched Cholesky factorisation and Cholesky solves on the GPU (issue 6).
+// Batched Cholesky factorisation and Cholesky solves on the GPU.
 //
-// Semantics (identical to the CPU path in python/dpfc_native/ops.py):
+// Semantics (identical to the CPU path in python/dpfc_native/_cpu_linalg.py):
 //   * Only the LOWER triangle of each input matrix is read (element (r, c) with c <= r).
 //   * L is lower triangular, zeros strictly above the diagonal, every element written.
 //   * info[b] = 0 on success, else k = 1-based index of the first pivot
@@ -19,11 +19,8 @@
 //     mma.sync.m8n8k4 (tensor cores, sm_80+) or a SIMT fallback. Left-looking (one read
 //     of A, fewest bytes: large batches) or right-looking (most parallel tiles per launch:
 //     small batches) schedule. 2 launches per 64 columns (+ init / finish).
-// Environment (read at each call; for benchmarking and fallbacks):
-//   DPFC_CHOL_KERNEL=mma|simt        float64 update GEMM (default mma; float32 is SIMT)
-//   DPFC_CHOL_SCHEDULE=auto|left|right
-//   DPFC_CHOL_SMALL_MAX=0..128       largest d for the one-block kernel (default 128;
-//                                    0 sends every size to the blocked path: testing aid)
+// Kernel options (CholeskyOptions below; for benchmarking and fallbacks): the float64 update
+// GEMM, the schedule and the largest d for the one-block kernel.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -33,6 +30,14 @@
 
 namespace dpfc {
 namespace cuda {
+
+enum class CholeskySchedule : int { kAuto = 0, kLeft = 1, kRight = 2 };
+
+struct CholeskyOptions {
+  bool mma = true;  // float64 update GEMM on the tensor cores (false: SIMT; float32 is SIMT)
+  CholeskySchedule schedule = CholeskySchedule::kAuto;
+  int small_max = 128;  // largest d for the one-block kernel, 0..128 (0: every size blocked)
+};
 
 // Factor a[b] + shift[b] I (shifts may be null: no shift) for b < batch.
 //   a: input, row stride lda >= d, batch stride a_batch_stride (elements, may be 0).
@@ -46,10 +51,11 @@ namespace cuda {
 template <typename T>
 void cholesky_batched(const T* a, int64_t a_batch_stride, int64_t lda, const T* shifts, T* l,
                       int32_t* info, int64_t batch, int64_t d, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream);
+                      size_t workspace_bytes, const CholeskyOptions& options, cudaStream_t stream);
 
 // Work space the call would like (0 for the one-block kernel; at most 1 GiB).
-size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes);
+size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes,
+                                const CholeskyOptions& options);
 
 // Solve L L^T x = b for each batch entry.
 //   l: (., d, d) lower factor, batch stride l_batch_stride (0: one L for all).
@@ -58,11 +64,11 @@ size_t cholesky_workspace_bytes(int64_t batch, int64_t d, int dtype_bytes);
 // A factor with NaN (a failed factorisation) gives NaN in its solutions.
 template <typename T>
 void cho_solve_batched(const T* l, int64_t l_batch_stride, const T* b, int64_t b_batch_stride,
-                       int64_t ldb, T* x, int64_t batch, int64_t d, int64_t m,
-                       cudaStream_t stream);
+                       int64_t ldb, T* x, int64_t batch, int64_t d, int64_t m, cudaStream_t stream);
 
 // The kernels a call with these extents would use, as a short text (tests, benchmarks).
-std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes);
+std::string cholesky_plan(int64_t batch, int64_t d, int dtype_bytes,
+                          const CholeskyOptions& options);
 
 }  // namespace cuda
 }  // namespace dpfc

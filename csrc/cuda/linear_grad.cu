@@ -1,32 +1,23 @@
 // Clipped linear-layer gradient sum (see linear_grad.cuh): orchestration and the row epilogue.
-// The two GEMM-shaped passes are the kernels of stats.cu (launch_rows_matmul_nt, launch_outer).
+// The two GEMM-shaped passes are the kernels of outer.cu (launch_rows_matmul_nt, launch_outer).
 #include "cuda/linear_grad.cuh"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <string>
+#include <cstddef>
+#include <cstdint>
 
 #include "common/clip.hpp"
 #include "common/errors.hpp"
+#include "cuda/device.cuh"
+#include "cuda/outer.cuh"
+#include "cuda/rows.cuh"
+#include "cuda/runtime.cuh"
 
 namespace dpfc::cuda {
 namespace {
-
-__device__ __forceinline__ double lg_warp_sum(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T lg_warp_max(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 template <typename T>
 __device__ __forceinline__ T sigmoid_t(T z) {
@@ -71,11 +62,12 @@ constexpr double kLgTinySumSq = 1e-280;
 // ||x_i||. A row with r_i = 0 or non-finite residuals gets u_i = 0 and bscale_i = 0.
 // Probabilities in T (float math for float32 input), sums of squares in float64.
 template <typename T>
-__global__ void __launch_bounds__(256, 2) residual_clip_kernel(
-    T* __restrict__ Z, int64_t rows, int64_t K, const int32_t* __restrict__ labels,
-    const double* __restrict__ norms, const double* __restrict__ fscale, double clip_norm,
-    int loss, double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped,
-    const double* __restrict__ zscale, const double* __restrict__ zbias) {
+__global__ void __launch_bounds__(256, 2)
+    residual_clip_kernel(T* __restrict__ Z, int64_t rows, int64_t K,
+                         const int32_t* __restrict__ labels, const double* __restrict__ norms,
+                         const double* __restrict__ fscale, double clip_norm, int loss,
+                         double* __restrict__ bscale, unsigned long long* __restrict__ n_clipped,
+                         const double* __restrict__ zscale, const double* __restrict__ zbias) {
   __shared__ unsigned int block_clipped;
   if (threadIdx.x == 0) block_clipped = 0;
   __syncthreads();
@@ -102,10 +94,10 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
     if (loss != 0) {
       mx = -INFINITY;
       for (int64_t l = lane; l < K; l += 32) mx = max(mx, z[l]);
-      mx = lg_warp_max(mx);
+      mx = warp_max(mx);
       double se = 0.0;
       for (int64_t l = lane; l < K; l += 32) se += static_cast<double>(exp(z[l] - mx));
-      se = lg_warp_sum(se);
+      se = warp_sum(se);
       inv_se = 1.0 / se;
     }
     double ss = 0.0;
@@ -113,7 +105,7 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
       const double r = lg_residual(z[l], l, y, loss, mx, inv_se, inv_k);
       ss += r * r;
     }
-    ss = lg_warp_sum(ss);
+    ss = warp_sum(ss);
     // Overflowing logits (inf - inf) give NaN residuals: such a row contributes nothing
     // and is not counted as clipped (as on the CPU path).
     const bool bad = !isfinite(ss);
@@ -124,14 +116,14 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
       for (int64_t l = lane; l < K; l += 32) {
         m = fmax(m, fabs(lg_residual(z[l], l, y, loss, mx, inv_se, inv_k)));
       }
-      m = lg_warp_max(m);
+      m = warp_max(m);
       if (m > 0.0) {
         double t = 0.0;
         for (int64_t l = lane; l < K; l += 32) {
           const double a = lg_residual(z[l], l, y, loss, mx, inv_se, inv_k) / m;
           t += a * a;
         }
-        t = sqrt(lg_warp_sum(t));
+        t = sqrt(warp_sum(t));
         rn = m * t;
         gnorm = (m * xnorm) * t;
       }
@@ -153,33 +145,13 @@ __global__ void __launch_bounds__(256, 2) residual_clip_kernel(
   }
 }
 
-OuterEngine pass2_engine(int dtype) {
-  const char* env = std::getenv("DPFC_GRAD_KERNEL");
-  const std::string v = env ? std::string(env) : std::string();
-  DPFC_EXPECTS(v.empty() || v == "simt32" || v == "mma" || v == "mma884" || v == "simt" ||
-                   v == "auto",
-               "DPFC_GRAD_KERNEL must be 'simt32', 'mma', 'mma884', 'simt' or 'auto'");
-  if (dtype == kFloat32 && (v.empty() || v == "auto" || v == "simt32")) {
+OuterEngine pass2_engine(int dtype, LinearGradEngine e) {
+  if (dtype == kFloat32 && (e == LinearGradEngine::kAuto || e == LinearGradEngine::kSimt32)) {
     return OuterEngine::kSimtF32;
   }
-  if (v == "simt") return OuterEngine::kSimtF64;
-  if (v == "mma884") return OuterEngine::kMma884F64;
-  return resolve_gram_kernel(GramKernel::kMma) == GramKernel::kMma ? OuterEngine::kMmaF64
-                                                                   : OuterEngine::kSimtF64;
-}
-
-int64_t chunk_rows(int64_t n, int64_t K, int elem) {
-  const char* env = std::getenv("DPFC_LG_CHUNK");
-  int64_t nc = 0;
-  if (env != nullptr && *env != '\0') {
-    nc = std::atoll(env);
-    DPFC_EXPECTS(nc >= 1, "DPFC_LG_CHUNK must be a positive integer");
-  } else {
-    const int64_t budget = int64_t{128} << 20;  // bytes of Z per chunk
-    nc = budget / (K * elem);
-    nc = std::max<int64_t>(128, (nc / 128) * 128);
-  }
-  return std::min(nc, n);
+  if (e == LinearGradEngine::kSimt) return OuterEngine::kSimtF64;
+  if (e == LinearGradEngine::kMma884) return OuterEngine::kMma884F64;
+  return current_cc() >= 80 ? OuterEngine::kMmaF64 : OuterEngine::kSimtF64;  // DMMA from sm_80
 }
 
 }  // namespace
@@ -195,17 +167,16 @@ void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int
   DPFC_EXPECTS(z != nullptr && labels != nullptr && norms != nullptr && bscale != nullptr &&
                    n_clipped != nullptr,
                "residual_clip: null device pointer");
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((rows + 7) / 8, int64_t{current_sm_count()} * 16));
+  const unsigned blocks = capped_grid(rows, 8, 16);
   auto* count = reinterpret_cast<unsigned long long*>(n_clipped);
   if (dtype == kFloat32) {
-    residual_clip_kernel<float><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+    residual_clip_kernel<float><<<blocks, 256, 0, stream>>>(
         static_cast<float*>(z), rows, K, labels, norms, fscale, clip_norm, static_cast<int>(loss),
         bscale, count, zscale, zbias);
   } else {
-    residual_clip_kernel<double><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-        static_cast<double*>(z), rows, K, labels, norms, fscale, clip_norm,
-        static_cast<int>(loss), bscale, count, zscale, zbias);
+    residual_clip_kernel<double><<<blocks, 256, 0, stream>>>(
+        static_cast<double*>(z), rows, K, labels, norms, fscale, clip_norm, static_cast<int>(loss),
+        bscale, count, zscale, zbias);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }
@@ -213,7 +184,8 @@ void launch_residual_clip(void* z, int dtype, int64_t rows, int64_t K, const int
 void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const void* w,
                                 int64_t ldw, const double* bias, int64_t K, double clip_norm,
                                 LinearLoss loss, double feature_clip, double* grad,
-                                int64_t* n_clipped, cudaStream_t stream) {
+                                int64_t* n_clipped, LinearGradEngine engine_choice,
+                                int64_t chunk_rows, cudaStream_t stream) {
   check_rows_view(x, "x");
   DPFC_EXPECTS(x.dtype == kFloat32 || x.dtype == kFloat64, "x must be float32 or float64");
   DPFC_EXPECTS(labels != nullptr, "labels: null device pointer");
@@ -221,9 +193,9 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
   DPFC_EXPECTS(K >= 1 && K < (int64_t{1} << 31), "num_classes must be in [1, 2^31)");
   DPFC_EXPECTS(K == 1 || ldw >= x.d, "w: row stride must be >= d");
   DPFC_EXPECTS(clip_norm > 0.0 && std::isfinite(clip_norm), "clip_norm must be finite and > 0");
-  DPFC_EXPECTS(!(feature_clip > 0.0) || std::isfinite(feature_clip),
-               "feature_clip must be finite");
+  DPFC_EXPECTS(!(feature_clip > 0.0) || std::isfinite(feature_clip), "feature_clip must be finite");
   DPFC_EXPECTS(grad != nullptr && n_clipped != nullptr, "out: null device pointer");
+  DPFC_EXPECTS(chunk_rows >= 1, "chunk_rows must be >= 1");
   const int64_t n = x.n, d = x.d;
   const int elem = dtype_size(x.dtype);
   const bool fclip = feature_clip > 0.0;
@@ -235,8 +207,8 @@ void launch_clipped_linear_grad(const RowsView& x, const int32_t* labels, const 
                    fclip ? fscale.as<double>() : nullptr, stream);
   DPFC_CUDA_CHECK(cudaMemsetAsync(n_clipped, 0, sizeof(int64_t), stream));
 
-  const OuterEngine engine = pass2_engine(x.dtype);
-  const int64_t nc = chunk_rows(n, K, elem);
+  const OuterEngine engine = pass2_engine(x.dtype, engine_choice);
+  const int64_t nc = std::min(chunk_rows, n);
   DeviceBuffer zbuf(static_cast<std::size_t>(nc * K) * elem, stream);
   DeviceBuffer bscale(static_cast<std::size_t>(nc) * sizeof(double), stream);
 

@@ -5,12 +5,12 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "common/errors.hpp"
 #include "common/philox.hpp"
-#include "cuda/stats.cuh"
+#include "cuda/device.cuh"
+#include "cuda/runtime.cuh"
 
 namespace dpfc::cuda {
 namespace {
@@ -18,25 +18,15 @@ namespace {
 constexpr int kNoiseTile = 64;
 constexpr int kNoiseThreads = 256;
 
-// t = tj (tj + 1) / 2 + ti, 0 <= ti <= tj.
-__device__ __forceinline__ void noise_tri_decode(int64_t t, int64_t* ti, int64_t* tj) {
-  int64_t c = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) * 0.5);
-  while (c > 0 && c * (c + 1) / 2 > t) --c;
-  while ((c + 1) * (c + 2) / 2 <= t) ++c;
-  *tj = c;
-  *ti = t - c * (c + 1) / 2;
-}
-
 // Block (b, t): tile (ti, tj), ti <= tj, of matrix b.
 // Row r of the tile (i = i0 + r) needs the normals of columns [jb, je) with
 // jb = max(j0, i) (upper triangle only), a contiguous run of stream indices starting at
 // k0 = b d(d+1)/2 + sym_index(d, i, jb); those lie in Philox blocks k0/2 .. (k0+cnt-1)/2.
 // The (row, block) pairs of all rows form one flattened index space shared by the threads.
 template <typename T>
-__global__ void __launch_bounds__(kNoiseThreads) sym_noise_kernel(T* __restrict__ out, int64_t d,
-                                                                  int64_t tiles_per_matrix,
-                                                                  double std_diag, double std_off,
-                                                                  NoiseKey key, uint64_t block0) {
+__global__ void __launch_bounds__(kNoiseThreads)
+    sym_noise_kernel(T* __restrict__ out, int64_t d, int64_t tiles_per_matrix, double std_diag,
+                     double std_off, NoiseKey key, uint64_t block0) {
   __shared__ T tile[kNoiseTile][kNoiseTile + 1];
   __shared__ int64_t pre[kNoiseTile + 1];
   __shared__ int64_t nblk[kNoiseTile];
@@ -47,7 +37,7 @@ __global__ void __launch_bounds__(kNoiseThreads) sym_noise_kernel(T* __restrict_
   const int64_t b = blockIdx.x / tiles_per_matrix;
   const int64_t t = blockIdx.x - b * tiles_per_matrix;
   int64_t ti, tj;
-  noise_tri_decode(t, &ti, &tj);
+  tri_decode(t, &ti, &tj);
   const int64_t i0 = ti * kNoiseTile, j0 = tj * kNoiseTile;
   const uint64_t ud = static_cast<uint64_t>(d);
   const uint64_t base = static_cast<uint64_t>(b) * (ud * (ud + 1) / 2);
@@ -137,9 +127,9 @@ struct Vec2<double> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(256) gaussian_noise_kernel(T* __restrict__ out, int64_t count,
-                                                             double std, NoiseKey key,
-                                                             uint64_t block0, int vec) {
+__global__ void __launch_bounds__(256)
+    gaussian_noise_kernel(T* __restrict__ out, int64_t count, double std, NoiseKey key,
+                          uint64_t block0, int vec) {
   const int64_t pairs = (count + 1) / 2;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -191,17 +181,15 @@ void launch_gaussian_noise(void* out, int dtype, int64_t count, double std, cons
   DPFC_EXPECTS(count >= 1, "count must be >= 1");
   DPFC_EXPECTS(std >= 0.0 && std::isfinite(std), "std must be finite and non-negative");
   const int64_t pairs = (count + 1) / 2;
-  const int64_t want = (pairs + 255) / 256;
-  const int64_t cap = static_cast<int64_t>(current_sm_count()) * 32;
-  const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, cap)));
+  const unsigned grid = capped_grid(pairs, 256, 32);
   const int elem = dtype == kFloat32 ? 4 : 8;
   const int vec = (reinterpret_cast<std::uintptr_t>(out) % (2 * elem)) == 0 ? 1 : 0;
   if (dtype == kFloat32) {
-    gaussian_noise_kernel<float><<<grid, 256, 0, stream>>>(static_cast<float*>(out), count, std,
-                                                           key, block0, vec);
+    gaussian_noise_kernel<float>
+        <<<grid, 256, 0, stream>>>(static_cast<float*>(out), count, std, key, block0, vec);
   } else {
-    gaussian_noise_kernel<double><<<grid, 256, 0, stream>>>(static_cast<double*>(out), count, std,
-                                                            key, block0, vec);
+    gaussian_noise_kernel<double>
+        <<<grid, 256, 0, stream>>>(static_cast<double*>(out), count, std, key, block0, vec);
   }
   DPFC_CUDA_CHECK_LAUNCH();
 }

@@ -21,7 +21,7 @@
 
 namespace dpfc::cuda {
 
-// out: (batch, d, d) contiguous, dtype code 0 = float32, 1 = float64 (stats.cuh DType).
+// out: (batch, d, d) contiguous, dtype code 0 = float32, 1 = float64 (runtime.cuh DType).
 // Matrix b entry (i <= j) = z[b d(d+1)/2 + sym_index(d, i, j)] * sym_noise_scale(std, i == j),
 // mirrored to (j, i); z[k] = gaussian_at(key, block0, k).
 void launch_sym_gaussian_noise(void* out, int dtype, int64_t batch, int64_t d, double std,

@@ -1,4 +1,5 @@
-// pybind11 entry points of the clipped-statistics family (stats.cuh). Pointers and streams
+// pybind11 entry points of the row operations (rows.cuh) and the clipped-statistics family
+// (stats.cuh), and the workspace probe (runtime.cuh). Pointers and streams
 // arrive as integers (CuPy's .data.ptr and cupy.cuda.get_current_stream().ptr); extents and
 // strides in elements. The GIL is released around the (asynchronous) launches.
 #include <pybind11/pybind11.h>
@@ -8,30 +9,15 @@
 
 #include "common/errors.hpp"
 #include "common/registry.hpp"
+#include "cuda/bind_args.hpp"
+#include "cuda/rows.cuh"
+#include "cuda/runtime.cuh"
 #include "cuda/stats.cuh"
 
 namespace py = pybind11;
 
 namespace dpfc::cuda {
 namespace {
-
-cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-template <typename T>
-T* as_ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-RowsView make_rows(std::uintptr_t ptr, int dtype, int64_t n, int64_t d, int64_t ld) {
-  RowsView v;
-  v.data = as_ptr<const void>(ptr);
-  v.dtype = dtype;
-  v.n = n;
-  v.d = d;
-  v.ld = ld;
-  check_rows_view(v, "x");
-  return v;
-}
 
 GramAccum parse_accum(const std::string& s) {
   if (s == "float64") return GramAccum::kFloat64;
@@ -169,9 +155,8 @@ void register_stats(py::module_& m) {
         py::arg("ldx"), py::arg("clip_norm"), py::arg("out"), py::arg("ldo"), py::arg("scale"),
         py::arg("stream"),
         "out[i] = clip_scale(||x_i||, C) x_i (x's dtype, float32/float64); scale[i] float64.");
-  m.def("cuda_scale_rows", &scale_rows, py::arg("x"), py::arg("dtype"), py::arg("n"),
-        py::arg("d"), py::arg("ldx"), py::arg("scales"), py::arg("out"), py::arg("ldo"),
-        py::arg("stream"),
+  m.def("cuda_scale_rows", &scale_rows, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"),
+        py::arg("ldx"), py::arg("scales"), py::arg("out"), py::arg("ldo"), py::arg("stream"),
         "out[i] = scales[i] x_i (float64 scales, product in double, x's dtype: float32/float64).");
   m.def("cuda_row_norms", &row_norms, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"),
         py::arg("ldx"), py::arg("clip_norm"), py::arg("norms"), py::arg("scales"),
@@ -199,7 +184,7 @@ void register_stats(py::module_& m) {
         py::arg("num_classes"), py::arg("clip_norm"), py::arg("out"), py::arg("stream"),
         py::arg("kernel") = "auto",
         "H (K x d x d float64): H_l = sum_i weights[i, l] xbar_i xbar_i^T (float64 weights).");
-  m.def("cuda_stats_workspace_probe", &workspace_probe, py::arg("bytes"), py::arg("stream"),
+  m.def("cuda_workspace_probe", &workspace_probe, py::arg("bytes"), py::arg("stream"),
         "Testing aid: allocate and free device workspace (raises CudaError when it cannot).");
 }
 

@@ -4,10 +4,12 @@ Called by :mod:`dpfc_native.ops` (and :mod:`dpfc_native.linalg`) with validated 
 arrays. Everything runs on the current CuPy stream of the array's device and nothing
 synchronises: ``info`` stays on the device. Inputs that are not C-contiguous are copied.
 
-Kernel choice can be steered (benchmarks, fallbacks) by environment variables read at
-each call: ``DPFC_CHOL_KERNEL=mma|simt`` (float64 update GEMM on the tensor cores, or the
-SIMT fallback), ``DPFC_CHOL_SCHEDULE=auto|left|right`` and ``DPFC_CHOL_SMALL_MAX`` (the
-largest d for the one-block-per-matrix kernel, default 128). See :func:`plan`.
+Kernel choice can be steered (benchmarks, fallbacks) by the kernel knobs of
+:mod:`dpfc_native._config`, passed to the native calls as arguments: ``chol_kernel``
+(``DPFC_CHOL_KERNEL=mma|simt``: float64 update GEMM on the tensor cores, or the SIMT
+fallback), ``chol_schedule`` (``DPFC_CHOL_SCHEDULE=auto|left|right``) and
+``chol_small_max`` (``DPFC_CHOL_SMALL_MAX``: the largest d for the one-block-per-matrix
+kernel, default 128). See :func:`plan`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 
 import numpy as np
 
-from . import _core
+from . import _config, _core
 
 __all__ = ["cholesky", "cho_solve", "cholesky_shifts", "plan"]
 
@@ -31,21 +33,37 @@ def _stream_ptr() -> int:
     return int(_cupy().cuda.get_current_stream().ptr)
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_code(dtype) -> int:
+    """The DType code of csrc/cuda/runtime.cuh (float32 0, float64 1)."""
     dt = np.dtype(dtype)
     if dt == np.float64:
-        return "float64"
+        return 1
     if dt == np.float32:
-        return "float32"
+        return 0
     raise TypeError(f"expected float32 or float64, got {dt}")
 
 
-def _workspace(cp, batch: int, d: int, dtype):
-    """A work-space buffer from CuPy's (stream-ordered) pool, or None: (array, nbytes)."""
-    nbytes = int(_core.cholesky_workspace_cuda(batch, d, _dtype_name(dtype)))
-    if nbytes == 0:
-        return None, 0
-    return cp.empty((nbytes,), dtype=cp.uint8), nbytes
+def _options() -> dict:
+    """The Cholesky kernel options of the active kernel configuration."""
+    cfg = _config.get()
+    return {"kernel": cfg.chol_kernel, "schedule": cfg.chol_schedule,
+            "small_max": cfg.chol_small_max}
+
+
+def _factor(a_ptr: int, a_batch_stride: int, shifts_ptr: int, L, info, batch: int, d: int,
+            dtype) -> None:
+    """One native factorisation call on the current stream, with a work space from CuPy's
+    (stream-ordered) pool when the blocked path needs one."""
+    cp = _cupy()
+    options = _options()
+    code = _dtype_code(dtype)
+    nbytes = int(_core.cuda_cholesky_workspace_bytes(batch, d, code,
+                                                     small_max=options["small_max"]))
+    ws = cp.empty((nbytes,), dtype=cp.uint8) if nbytes else None
+    _core.cuda_cholesky(
+        a_ptr, a_batch_stride, d, shifts_ptr, L.data.ptr, info.data.ptr, batch, d, code,
+        _stream_ptr(), 0 if ws is None else ws.data.ptr, nbytes, **options,
+    )
 
 
 def cholesky(a):
@@ -65,11 +83,7 @@ def cholesky(a):
         if batch == 0:
             return L.reshape(a.shape), info.reshape(batch_shape)
         flat = cp.ascontiguousarray(a).reshape(batch, d, d)
-        ws, nbytes = _workspace(cp, batch, d, a.dtype)
-        _core.cholesky_cuda(
-            flat.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d,
-            _dtype_name(a.dtype), _stream_ptr(), 0 if ws is None else ws.data.ptr, nbytes,
-        )
+        _factor(flat.data.ptr, d * d, 0, L, info, batch, d, a.dtype)
     return L.reshape(a.shape), info.reshape(batch_shape)
 
 
@@ -95,11 +109,7 @@ def cholesky_shifts(a, shifts):
             return L, info
         src = cp.ascontiguousarray(a)
         sh = cp.ascontiguousarray(shifts, dtype=a.dtype)
-        ws, nbytes = _workspace(cp, m, d, a.dtype)
-        _core.cholesky_cuda(
-            src.data.ptr, 0, d, sh.data.ptr, L.data.ptr, info.data.ptr, m, d,
-            _dtype_name(a.dtype), _stream_ptr(), 0 if ws is None else ws.data.ptr, nbytes,
-        )
+        _factor(src.data.ptr, 0, sh.data.ptr, L, info, m, d, a.dtype)
     return L, info
 
 
@@ -138,14 +148,15 @@ def cho_solve(L, b):
         if batch > 0 and m > 0:
             Lc, l_stride = _batch_operand(L, batch_shape, (d, d), dtype)
             bc, b_stride = _batch_operand(bm, batch_shape, (d, m), dtype)
-            _core.cho_solve_cuda(
+            _core.cuda_cho_solve(
                 Lc.data.ptr, l_stride, bc.data.ptr, b_stride, m, x.data.ptr, batch, d, m,
-                _dtype_name(dtype), _stream_ptr(),
+                _dtype_code(dtype), _stream_ptr(),
             )
     x = x.reshape(batch_shape + (d, m))
     return x[..., 0] if vector else x
 
 
 def plan(batch: int, d: int, dtype="float64") -> str:
-    """The kernels :func:`cholesky` would use for ``batch`` matrices of order ``d``."""
-    return str(_core.cholesky_plan_cuda(int(batch), int(d), _dtype_name(dtype)))
+    """The kernels :func:`cholesky` would use for ``batch`` matrices of order ``d`` (with the
+    active kernel configuration)."""
+    return str(_core.cuda_cholesky_plan(int(batch), int(d), _dtype_code(dtype), **_options()))

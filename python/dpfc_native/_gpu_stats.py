@@ -18,9 +18,9 @@ Accumulation modes (``accumulate``) of the Gram family, with their error per ent
 relative to ``A_ab = sum_i |xbar_ia xbar_ib|`` (worst case; eps32 = 2**-24):
 
 * "float64" (default): float64 products and sums, on the FP64 tensor cores (DMMA:
-  mma.sync m16n8k8 on sm_90, m8n8k4 on sm_80) by default; ``DPFC_GRAM_KERNEL=mma884``
-  forces the m8n8k4 shape, ``DPFC_GRAM_KERNEL=simt`` the FP64 SIMT kernel (read at each
-  call). Error ~ n * 2**-53.
+  mma.sync m16n8k8 on sm_90, m8n8k4 on sm_80) by default; the kernel knob
+  ``gram_kernel="mma884"`` (``DPFC_GRAM_KERNEL``, see :mod:`dpfc_native._config`) forces the
+  m8n8k4 shape, ``"simt"`` the FP64 SIMT kernel. Error ~ n * 2**-53.
 * "float32": xbar rounded to float32, products summed in float32 over blocks of at most
   4096 rows, block sums added in float64: error <= (4096 + 8) eps32 (typically
   sqrt(4096) eps32).
@@ -37,6 +37,8 @@ import os
 
 import numpy as np
 
+from . import _config
+
 __all__ = [
     "clip_rows",
     "clipped_gram",
@@ -49,7 +51,7 @@ __all__ = [
     "clipped_linear_grad",
 ]
 
-# Element type codes of csrc/cuda/stats.cuh (DType).
+# Element type codes of csrc/cuda/runtime.cuh (DType).
 _DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _FLOATS = ("float32", "float64")
 _ALL_FLOATS = ("float32", "float64", "float16", "bfloat16")
@@ -102,6 +104,11 @@ def _check_mode(accumulate: str) -> str:
     return accumulate
 
 
+def _gram_kernel(kernel: str | None) -> str:
+    """The float64 Gram engine: ``kernel``, or the configured one (``DPFC_GRAM_KERNEL``)."""
+    return _config.get().gram_kernel if kernel is None else kernel
+
+
 def _labels32(labels):
     cp = _cupy()
     return cp.ascontiguousarray(labels, dtype=cp.int32)
@@ -135,7 +142,7 @@ def clip_rows(x, clip_norm: float):
         return out, scale
 
 
-def _gram_into(x, clip_norm: float, accumulate: str, out, kernel: str = "auto"):
+def _gram_into(x, clip_norm: float, accumulate: str, out, kernel: str | None = None):
     """Writes the clipped gram of x into ``out`` ((d, d) float64 C-contiguous)."""
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
@@ -144,7 +151,8 @@ def _gram_into(x, clip_norm: float, accumulate: str, out, kernel: str = "auto"):
         out.fill(0.0)
         return out
     _core().cuda_clipped_gram(
-        x.data.ptr, code, n, d, ld, float(clip_norm), accumulate, out.data.ptr, _stream(), kernel
+        x.data.ptr, code, n, d, ld, float(clip_norm), accumulate, out.data.ptr, _stream(),
+        _gram_kernel(kernel),
     )
     return out
 
@@ -194,7 +202,7 @@ def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
 
 
 def _stats_into(x, labels, num_classes: int, clip_norm: float, accumulate: str, g, b, counts,
-                kernel: str = "auto"):
+                kernel: str | None = None):
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
     n, d = x.shape
@@ -218,7 +226,7 @@ def _stats_into(x, labels, num_classes: int, clip_norm: float, accumulate: str, 
         b.data.ptr,
         counts.data.ptr,
         _stream(),
-        kernel,
+        _gram_kernel(kernel),
     )
     return g, b, counts
 
@@ -236,7 +244,7 @@ def clipped_stats(x, labels, num_classes: int, clip_norm: float, accumulate: str
         return _stats_into(x, labels, k, clip_norm, mode, g, b, counts)
 
 
-def _class_grams_into(x, labels, num_classes: int, clip_norm: float, out, kernel: str = "auto"):
+def _class_grams_into(x, labels, num_classes: int, clip_norm: float, out, kernel: str | None = None):
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
     n, d = x.shape
@@ -246,7 +254,7 @@ def _class_grams_into(x, labels, num_classes: int, clip_norm: float, out, kernel
     lab = _labels32(labels)
     _core().cuda_clipped_class_grams(
         x.data.ptr, code, n, d, ld, lab.data.ptr, int(num_classes), float(clip_norm), out.data.ptr,
-        _stream(), kernel,
+        _stream(), _gram_kernel(kernel),
     )
     return out
 
@@ -260,7 +268,7 @@ def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
         return _class_grams_into(x, labels, num_classes, clip_norm, out)
 
 
-def _weighted_grams_into(x, weights, clip_norm: float, out, kernel: str = "auto"):
+def _weighted_grams_into(x, weights, clip_norm: float, out, kernel: str | None = None):
     cp = _cupy()
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
@@ -272,7 +280,7 @@ def _weighted_grams_into(x, weights, clip_norm: float, out, kernel: str = "auto"
     w = cp.ascontiguousarray(weights, dtype=cp.float64)
     _core().cuda_clipped_weighted_grams(
         x.data.ptr, code, n, d, ld, w.data.ptr, k, k, float(clip_norm), out.data.ptr, _stream(),
-        kernel,
+        _gram_kernel(kernel),
     )
     return out
 
@@ -316,7 +324,7 @@ def _sym_noise_into(out, std: float, key_words, block0: int):
 
 def sym_gaussian_noise(d: int, std: float, batch, key_words, block0: int, dtype):
     """Symmetric noise (batch, d, d) (or (d, d) when batch is None), bit-identical to
-    ``dpfc_native._core.sym_gaussian_noise_cpu`` for the same key words and block0."""
+    ``dpfc_native._core.cpu_sym_gaussian_noise`` for the same key words and block0."""
     cp = _cupy()
     nb = 1 if batch is None else int(batch)
     out = cp.empty((nb, int(d), int(d)), dtype=np.dtype(dtype))
@@ -337,7 +345,7 @@ def _gaussian_into(out, std: float, key_words, block0: int):
 
 def gaussian_noise(shape, std: float, key_words, block0: int, dtype):
     """I.i.d. N(0, std^2) of the given shape (C order), bit-identical to
-    ``dpfc_native._core.gaussian_noise_cpu``."""
+    ``dpfc_native._core.cpu_gaussian_noise``."""
     cp = _cupy()
     shape = (int(shape),) if np.isscalar(shape) else tuple(int(v) for v in shape)
     out = cp.empty(shape, dtype=np.dtype(dtype))
@@ -349,11 +357,11 @@ def gaussian_noise(shape, std: float, key_words, block0: int, dtype):
 # --------------------------------------------------------------------------------------
 
 
-# Pass-2 engines: "cublas" (default) forms both GEMM-shaped passes with CuPy's matmul (cuBLAS,
-# float32 or float64 without TF32) around the native row epilogue; the others run the whole
-# gradient in csrc/cuda/linear_grad.cu with the named outer-product engine.
-_GRAD_ENGINES = ("auto", "cublas", "simt32", "mma", "mma884", "simt")
-_LG_BLOCK = 4096             # float32 products summed over at most this many rows
+# Gradient engines (kernel knob grad_kernel, DPFC_GRAD_KERNEL): "cublas" (default) forms both
+# GEMM-shaped passes with CuPy's matmul (cuBLAS, float32 or float64 without TF32) around the
+# native row epilogue; the others run the whole gradient in csrc/cuda/linear_grad.cu with the
+# named outer-product engine.
+_LG_BLOCK = 4096             # chunk sizes are multiples of the default float32 block
 _LG_Z_BYTES = 128 << 20      # logits workspace per chunk
 _LG_X_BYTES = 256 << 20      # scaled-rows workspace per chunk
 
@@ -369,9 +377,8 @@ def _tf32_matmul() -> bool:
 
 
 def _grad_engine(dtype) -> str:
-    v = os.environ.get("DPFC_GRAD_KERNEL", "") or "auto"
-    if v not in _GRAD_ENGINES:
-        raise ValueError(f"DPFC_GRAD_KERNEL must be one of {_GRAD_ENGINES}, got {v!r}")
+    """"cublas" or "native": where the clipped gradient of ``dtype`` features runs."""
+    v = _config.get().grad_kernel
     tf32 = np.dtype(dtype) == np.float32 and _tf32_matmul()
     if v == "cublas" and tf32:
         raise ValueError("DPFC_GRAD_KERNEL=cublas with CUPY_TF32=1: TF32 would round the "
@@ -381,25 +388,23 @@ def _grad_engine(dtype) -> str:
     return v if v == "cublas" else "native"
 
 
-def _lg_block_rows() -> int:
-    env = os.environ.get("DPFC_LG_BLOCK", "")
-    if not env:
-        return _LG_BLOCK
-    blk = int(env)
-    if blk < 1:
-        raise ValueError("DPFC_LG_BLOCK must be a positive integer")
-    return blk
-
-
 def _lg_chunk_rows(n: int, k: int, d: int, item: int) -> int:
-    env = os.environ.get("DPFC_LG_CHUNK", "")
-    if env:
-        nc = int(env)
-        if nc < 1:
-            raise ValueError("DPFC_LG_CHUNK must be a positive integer")
+    """Rows per chunk of the cuBLAS path: the configured ``lg_chunk``, else what fits the
+    logits and scaled-rows budgets (a multiple of the float32 block when possible)."""
+    nc = _config.get().lg_chunk
+    if nc is not None:
         return min(nc, n)
     nc = min(_LG_Z_BYTES // (k * item), _LG_X_BYTES // (d * item))
     nc = (nc // _LG_BLOCK) * _LG_BLOCK if nc >= _LG_BLOCK else max(128, nc)
+    return min(nc, n)
+
+
+def _native_chunk_rows(n: int, k: int, item: int) -> int:
+    """Rows per chunk of the native path: the configured ``lg_chunk``, else what fits the
+    logits budget (a multiple of 128 rows, at least 128)."""
+    nc = _config.get().lg_chunk
+    if nc is None:
+        nc = max(128, (_LG_Z_BYTES // (k * item) // 128) * 128)
     return min(nc, n)
 
 
@@ -407,7 +412,8 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
                         n_clipped):
     """Per chunk: Z = X W^T (cuBLAS), the native epilogue (Z <- r_i / ||r_i||, f_i =
     s_i c_i ||r_i||), X' = f X (native, product in double), grad += Z^T X' (cuBLAS; float32
-    in blocks of _LG_BLOCK rows, or $DPFC_LG_BLOCK, whose sums are added in float64)."""
+    in blocks of ``lg_block`` rows (``DPFC_LG_BLOCK``, 4096), whose sums are added in
+    float64)."""
     cp = _cupy()
     core = _core()
     st = _stream()
@@ -419,7 +425,7 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
     core.cuda_row_norms(x.data.ptr, code, n, d, ld, 0.0 if fs is None else float(feature_clip),
                         norms.data.ptr, 0 if fs is None else fs.data.ptr, st)
     nc = _lg_chunk_rows(n, k, d, item)
-    blk = _lg_block_rows()
+    blk = _config.get().lg_block
     zbuf = cp.empty((nc, k), dtype=x.dtype)
     xbuf = cp.empty((nc, d), dtype=x.dtype)
     fbuf = cp.empty(nc, dtype=cp.float64)
@@ -471,6 +477,7 @@ def _linear_grad_into(x, labels, w, bias, clip_norm, loss, feature_clip, grad, n
         _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad,
                             n_clipped)
         return grad, n_clipped
+    engine = _config.get().grad_kernel  # a native engine name, or "auto"
     _core().cuda_clipped_linear_grad(
         x.data.ptr,
         code,
@@ -488,6 +495,8 @@ def _linear_grad_into(x, labels, w, bias, clip_norm, loss, feature_clip, grad, n
         grad.data.ptr,
         n_clipped.data.ptr,
         _stream(),
+        engine,
+        _native_chunk_rows(n, k, x.itemsize),
     )
     return grad, n_clipped
 
@@ -502,10 +511,11 @@ def clipped_linear_grad(x, labels, w, bias, clip_norm, loss, feature_clip):
 
     By default both GEMM-shaped passes run on cuBLAS through CuPy's matmul and the native
     kernels do the rest: row norms, the fused residual / clip-factor epilogue and the row
-    scaling (``DPFC_GRAD_KERNEL=cublas``). ``DPFC_GRAD_KERNEL=simt32 | mma | mma884 |
-    simt`` runs the whole gradient in the native kernels instead, as does the default when
-    CuPy runs float32 matmuls on TF32 (``CUPY_TF32=1``). ``DPFC_LG_CHUNK`` sets the rows
-    per chunk, ``DPFC_LG_BLOCK`` the rows per float32 product block (cuBLAS path).
+    scaling (kernel knob ``grad_kernel="cublas"``, ``DPFC_GRAD_KERNEL``; see
+    :mod:`dpfc_native._config`). ``grad_kernel="simt32" | "mma" | "mma884" | "simt"`` runs
+    the whole gradient in the native kernels instead, as does the default when CuPy runs
+    float32 matmuls on TF32 (``CUPY_TF32=1``). ``lg_chunk`` sets the rows per chunk,
+    ``lg_block`` the rows per float32 product block (cuBLAS path).
     """
     cp = _cupy()
     with x.device:

@@ -1,7 +1,8 @@
 """Array-generic linear algebra for the estimators: shift batches, repaired Cholesky, SPD solves.
 
-Every function takes NumPy arrays (CPU: LAPACK through :mod:`dpfc_native.ops`) or CuPy
-arrays (GPU: the native batched kernels) and returns arrays of the same kind.
+Every function takes NumPy arrays (CPU: LAPACK) or CuPy arrays (GPU: the native batched
+kernels) and returns arrays of the same kind; all factorisations and solves go through
+:mod:`dpfc_native.ops`.
 
 Privacy: these functions only ever see *released* (already noised) statistics, e.g.
 ``G~ + lambda I``. Whatever they do with them (which matrices to repair, by how much,
@@ -37,12 +38,6 @@ SHIFT_REL: float = 1e-6
 EIG_FLOOR_REL: float = 1e-6
 #: Shift or floor used for an all-zero matrix (absolute; nothing else gives a scale).
 _ZERO_MATRIX_FLOOR: float = 1e-12
-
-
-def _xp(a):
-    from . import ops
-
-    return ops.array_module(a)
 
 
 def _ix(xp, idx: np.ndarray):
@@ -155,35 +150,7 @@ def cholesky_shifts(a, shifts):
     a, xp = _as_array(a, "a")
     if a.ndim != 2:
         raise ValueError(f"a must have shape (d, d), got {tuple(a.shape)}")
-    if xp is np:
-        s = np.asarray(shifts)
-    else:
-        s = xp.asarray(shifts)
-    if s.ndim != 1:
-        raise ValueError(f"shifts must be 1-D, got shape {tuple(s.shape)}")
-    if s.dtype.kind not in "fiu":
-        raise TypeError(f"shifts must be real, got {s.dtype}")
-    if not bool(xp.isfinite(s).all()):
-        raise ValueError("shifts must be finite")
-    d = a.shape[-1]
-    m = s.shape[0]
-    if xp is not np:
-        try:
-            from . import _gpu_linalg
-
-            return _gpu_linalg.cholesky_shifts(a, s)
-        except (ImportError, AttributeError):  # pragma: no cover - older builds
-            eye = xp.eye(d, dtype=a.dtype)
-            stacked = a[None, :, :] + s.astype(a.dtype)[:, None, None] * eye
-            return ops.cholesky(stacked)
-    L = np.empty((m, d, d), dtype=a.dtype)
-    info = np.zeros((m,), dtype=np.int32)
-    idx = np.arange(d)
-    for j in range(m):
-        shifted = np.array(a, copy=True)
-        shifted[idx, idx] += s.astype(a.dtype)[j]
-        L[j], info[j] = ops.cholesky(shifted)
-    return L, info
+    return ops.cholesky_shifts(a, np.asarray(shifts) if xp is np else xp.asarray(shifts))
 
 
 def _lower_finite(xp, mats):

@@ -85,10 +85,6 @@ class NoiseSource:
                                   device=device)
 
 
-def _device_of(stat: Any) -> str:
-    return "cuda" if ops.is_gpu_array(stat) else "cpu"
-
-
 def _check_release_args(stat, sensitivity, noise_multiplier, source, *, symmetric: bool):
     if not hasattr(stat, "ndim") or not hasattr(stat, "dtype"):
         raise TypeError(f"stat must be a NumPy or CuPy array, got {type(stat).__name__}")
@@ -122,7 +118,7 @@ def release_symmetric(stat, sensitivity: float, noise_multiplier: float, source:
     std = noise_multiplier * sensitivity
     batch = None if stat.ndim == 2 else stat.shape[0]
     noise = source.sym(stat.shape[-1], std, batch=batch, dtype=stat.dtype,
-                       device=_device_of(stat), name=name)
+                       device=ops.device_of(stat), name=name)
     return stat + noise, GaussianRelease.from_std(std, sensitivity, name=name)
 
 
@@ -134,6 +130,6 @@ def release_dense(stat, sensitivity: float, noise_multiplier: float, source: Noi
     if noise_multiplier == 0.0:
         return stat, None
     std = noise_multiplier * sensitivity
-    noise = source.normal(tuple(stat.shape), std, dtype=stat.dtype, device=_device_of(stat),
+    noise = source.normal(tuple(stat.shape), std, dtype=stat.dtype, device=ops.device_of(stat),
                           name=name)
     return stat + noise, GaussianRelease.from_std(std, sensitivity, name=name)

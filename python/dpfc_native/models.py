@@ -182,7 +182,7 @@ def resolve_device(device: str = "auto", *arrays) -> str:
                 "device='cuda' but no usable CUDA device: needs a CUDA build of dpfc_native, "
                 "a GPU and CuPy (see dpfc_native.build_info())")
         return "cuda"
-    if any(a is not None and ops.is_gpu_array(a) for a in arrays):
+    if any(ops.device_of(a) == "cuda" for a in arrays):
         return "cuda"
     return "cuda" if usable else "cpu"
 

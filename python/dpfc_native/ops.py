@@ -6,6 +6,11 @@ path: NumPy/SciPy BLAS and LAPACK, plus the native Philox core for noise) or GPU
 is returned as CuPy) and returns arrays of the same kind. Mixing CPU and GPU arrays in one
 call is an error.
 
+Layout: this module validates the arguments and dispatches on the arrays' device
+(:func:`device_of`) to the backend modules, which share one signature per op:
+``_cpu_stats`` / ``_gpu_stats`` (clipping, statistics, gradient, noise) and
+``_cpu_linalg`` / ``_gpu_linalg`` (Cholesky).
+
 Pipeline: features -> clip -> statistics -> noise -> solve -> weights.
 
 Clipping: every op that clips uses the same factor ``s_i = min(1, C' / ||x_i||)`` with
@@ -18,15 +23,12 @@ default.
 from __future__ import annotations
 
 import secrets
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-import scipy.linalg.blas as _blas
-import scipy.linalg.lapack as _lapack
-import scipy.sparse as _sparse
-from scipy.special import expit as _expit
 
-from . import _core
+from . import _core, _cpu_linalg, _cpu_stats
 
 __all__ = [
     "clip_rows",
@@ -41,8 +43,10 @@ __all__ = [
     "sym_noise_blocks",
     "noise_blocks",
     "cholesky",
+    "cholesky_shifts",
     "cho_solve",
     "array_module",
+    "device_of",
     "is_gpu_array",
     "CLIP_MARGIN",
     "ACCUMULATE_MODES",
@@ -53,12 +57,8 @@ CLIP_MARGIN: float = float(_core.clip_margin)
 #: Accumulation modes of the clipped statistics (the GPU may add faster ones).
 ACCUMULATE_MODES = ("float64", "float32")
 
-# Rows processed per chunk on the CPU path: bounded extra memory (about 32 MiB of float64
-# per chunk), never an n x d copy.
+# Rows checked per chunk by the CPU finiteness scan (bounded extra memory).
 _CHUNK_ELEMENTS = 1 << 22
-# The float32 accumulation mode sums this many rows in float32 before a float64 reduction
-# (the same block the GPU kernels use); its rounding error is documented in README.md.
-_F32_BLOCK_ROWS = 4096
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -110,8 +110,9 @@ def _as_cupy(a: Any, name: str):
         raise TypeError(f"{name}: cannot convert {type(a).__name__} to a CuPy array") from exc
 
 
-def array_module(*arrays: Any):
-    """``numpy`` or ``cupy``: the module of the given arrays (None entries ignored).
+def device_of(*arrays: Any) -> str:
+    """``"cpu"`` or ``"cuda"``: where the given arrays live (None entries ignored; no
+    arrays: ``"cpu"``). The one rule every module uses to derive the device from arrays.
 
     Raises
     ------
@@ -121,14 +122,42 @@ def array_module(*arrays: Any):
     kinds = {is_gpu_array(a) for a in arrays if a is not None}
     if len(kinds) > 1:
         raise ValueError("mixed devices: all array arguments must be on the CPU or all on the GPU")
-    if kinds == {True}:
-        return _cupy()
-    return np
+    return "cuda" if kinds == {True} else "cpu"
 
 
-def _coerce(a: Any, name: str, gpu: bool):
-    """The argument as a NumPy or CuPy array of the call's kind (no dtype change)."""
-    if gpu:
+def array_module(*arrays: Any):
+    """``numpy`` or ``cupy``: the module of the given arrays (None entries ignored).
+
+    Raises
+    ------
+    ValueError
+        If CPU and GPU arrays are mixed.
+    """
+    return _cupy() if device_of(*arrays) == "cuda" else np
+
+
+def _backend(family: str, xp) -> ModuleType:
+    """The implementation module of ``family`` ("stats" or "linalg") for arrays of module xp."""
+    if xp is np:
+        return _cpu_stats if family == "stats" else _cpu_linalg
+    if family == "stats":
+        from . import _gpu_stats
+
+        return _gpu_stats
+    from . import _gpu_linalg
+
+    return _gpu_linalg
+
+
+def _dispatch(family: str, *arrays: Any) -> tuple[Any, ModuleType]:
+    """``(xp, backend)`` of a call: the arrays' module and the matching implementation."""
+    xp = array_module(*arrays)
+    return xp, _backend(family, xp)
+
+
+def _coerce(a: Any, name: str, xp):
+    """The argument as an array of module xp, the call's kind (no dtype change)."""
+    if xp is not np:
         if not is_gpu_array(a):
             raise ValueError(f"{name}: expected a GPU array like the other arguments (mixed devices)")
         return _as_cupy(a, name)
@@ -217,100 +246,16 @@ def _check_labels(labels, n: int, num_classes: int, xp):
     return labels
 
 
-def _check_accumulate(accumulate: str, gpu: bool) -> str:
-    modes = ACCUMULATE_MODES + (("tf32", "bf16") if gpu else ())
+def _check_accumulate(accumulate: str, xp) -> str:
+    modes = ACCUMULATE_MODES + (("tf32", "bf16") if xp is not np else ())
     if accumulate not in modes:
         raise ValueError(f"accumulate must be one of {modes}, got {accumulate!r}")
     return accumulate
 
 
-def _row_chunks(n: int, d: int, rows: int | None = None):
-    step = rows or max(1, _CHUNK_ELEMENTS // max(1, d))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
-
-
-# --------------------------------------------------------------------------------------
-# CPU clipping
-# --------------------------------------------------------------------------------------
-
-
-#: Below this sum of squares its terms may have underflowed (2^-900: squares of entries
-#: under ~1e-135 lose bits, under ~1e-162 vanish): such rows are rescaled too.
-_TINY_SUMSQ = 2.0**-900
-
-
-def _row_norms64(xc: np.ndarray) -> np.ndarray:
-    """Float64 row norms, rescaling rows whose sum of squares overflows or underflows."""
-    sq = np.einsum("ij,ij->i", xc, xc)
-    norms = np.sqrt(sq)
-    bad = ~np.isfinite(norms) | (sq < _TINY_SUMSQ)
-    if bad.any() and xc.shape[1] > 0:
-        rows = xc[bad]
-        amax = np.abs(rows).max(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scaled = rows / np.where(amax > 0, amax, 1.0)[:, None]
-            norms[bad] = np.where(amax > 0, amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)), 0.0)
-    return norms
-
-
-def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
-    """The shared clip factor (csrc/common/clip.hpp) for an array of norms."""
-    target = clip_norm * CLIP_MARGIN
-    with np.errstate(divide="ignore"):
-        return np.where(norms <= target, 1.0, target / np.where(norms > 0, norms, 1.0))
-
-
-def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``sl`` of x as a float64 copy (never a view: scaled in place), clipped; scales."""
-    xc = np.array(x[sl], dtype=np.float64)
-    scale = _clip_scale(_row_norms64(xc), clip_norm)
-    xc *= scale[:, None]
-    return xc, scale
-
-
-def _syrk_upper_into(g_f: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """g_f (Fortran order) += rows^T rows, upper triangle only (BLAS ?syrk)."""
-    syrk = _blas.dsyrk if rows.dtype == np.float64 else _blas.ssyrk
-    # rows.T is Fortran-contiguous, so BLAS sees it without a copy: C = A A^T with A = rows^T.
-    return syrk(1.0, rows.T, beta=1.0, c=g_f, trans=0, lower=0, overwrite_c=1)
-
-
-def _mirror_upper(g: np.ndarray) -> np.ndarray:
-    """Full symmetric matrix from the upper triangle (last two axes)."""
-    upper = np.triu(g)
-    return np.ascontiguousarray(upper + np.swapaxes(np.triu(g, 1), -1, -2))
-
-
-def _gram_cpu(x: np.ndarray, clip_norm: float, accumulate: str, labels=None, num_classes=0):
-    n, d = x.shape
-    g = np.zeros((d, d), dtype=np.float64, order="F")
-    b = np.zeros((num_classes, d), dtype=np.float64) if labels is not None else None
-    counts = (
-        np.bincount(labels, minlength=num_classes).astype(np.int64) if labels is not None else None
-    )
-    chunk_rows = _F32_BLOCK_ROWS if accumulate == "float32" else None
-    for sl in _row_chunks(n, d, chunk_rows):
-        xc, scale = _clipped_chunk(x, sl, clip_norm)
-        if accumulate == "float32":
-            # Round the clipped float64 rows once: casting x to float32 first would turn
-            # float64 entries beyond float32's range into inf (inf * 0 = NaN in G).
-            block = xc.astype(np.float32)
-            partial = _syrk_upper_into(np.zeros((d, d), dtype=np.float32, order="F"), block)
-            g += partial
-        else:
-            g = _syrk_upper_into(g, xc)
-        if b is not None:
-            b += _class_sum_matrix(labels[sl], num_classes) @ xc
-    return _mirror_upper(g), b, counts
-
-
-def _class_sum_matrix(labels: np.ndarray, num_classes: int):
-    """Sparse (num_classes, m) one-hot matrix: its product with rows sums them per class."""
-    m = labels.shape[0]
-    return _sparse.csr_matrix(
-        (np.ones(m), (labels.astype(np.int64), np.arange(m))), shape=(num_classes, m)
-    )
+def _features(x, xp, *, allow_half: bool = False):
+    """The feature matrix argument ``x``, coerced to xp and validated."""
+    return _check_features(_coerce(x, "x", xp), "x", xp, allow_half=allow_half)
 
 
 # --------------------------------------------------------------------------------------
@@ -334,21 +279,9 @@ def clip_rows(x, clip_norm: float):
     scale : array (n,), float64
         ``min(1, C (1 - 2^-20) / ||x_i||)``.
     """
-    xp = array_module(x)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp)
-    c = _check_positive(clip_norm, "clip_norm")
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clip_rows(x, c)
-    out = np.empty(x.shape, dtype=x.dtype)
-    scales = np.empty(x.shape[0], dtype=np.float64)
-    for sl in _row_chunks(*x.shape):
-        xc, scale = _clipped_chunk(x, sl, c)
-        out[sl] = xc
-        scales[sl] = scale
-    return out, scales
+    xp, backend = _dispatch("stats", x)
+    x = _features(x, xp)
+    return backend.clip_rows(x, _check_positive(clip_norm, "clip_norm"))
 
 
 def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
@@ -377,17 +310,10 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
     -------
     G : array (d, d), float64, symmetric, every element written.
     """
-    xp = array_module(x)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=True)
+    xp, backend = _dispatch("stats", x)
+    x = _features(x, xp, allow_half=True)
     c = _check_positive(clip_norm, "clip_norm")
-    mode = _check_accumulate(accumulate, gpu)
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clipped_gram(x, c, mode)
-    g, _, _ = _gram_cpu(x, c, mode)
-    return g
+    return backend.clipped_gram(x, c, _check_accumulate(accumulate, xp))
 
 
 def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
@@ -399,21 +325,11 @@ def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
     -------
     B : array (num_classes, d), float64.
     """
-    xp = array_module(x, labels)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    xp, backend = _dispatch("stats", x, labels)
+    x = _features(x, xp)
     k = _check_int(num_classes, "num_classes", 1)
-    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
-    c = _check_positive(clip_norm, "clip_norm")
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clipped_class_sums(x, labels, k, c)
-    b = np.zeros((k, x.shape[1]), dtype=np.float64)
-    for sl in _row_chunks(*x.shape):
-        xc, _ = _clipped_chunk(x, sl, c)
-        b += _class_sum_matrix(labels[sl], k) @ xc
-    return b
+    labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
+    return backend.clipped_class_sums(x, labels, k, _check_positive(clip_norm, "clip_norm"))
 
 
 def clipped_stats(x, labels, num_classes: int, clip_norm: float, *, accumulate: str = "float64"):
@@ -426,18 +342,12 @@ def clipped_stats(x, labels, num_classes: int, clip_norm: float, *, accumulate: 
     counts : (num_classes,) int64, examples per class (not clipped, not private: see the
         README's "Privacy guarantees" before releasing it).
     """
-    xp = array_module(x, labels)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp, allow_half=True)
+    xp, backend = _dispatch("stats", x, labels)
+    x = _features(x, xp, allow_half=True)
     k = _check_int(num_classes, "num_classes", 1)
-    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
+    labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
     c = _check_positive(clip_norm, "clip_norm")
-    mode = _check_accumulate(accumulate, gpu)
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clipped_stats(x, labels, k, c, mode)
-    return _gram_cpu(x, c, mode, labels=labels, num_classes=k)
+    return backend.clipped_stats(x, labels, k, c, _check_accumulate(accumulate, xp))
 
 
 def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
@@ -449,28 +359,11 @@ def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
     -------
     A : array (num_classes, d, d), float64, symmetric.
     """
-    xp = array_module(x, labels)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp)
+    xp, backend = _dispatch("stats", x, labels)
+    x = _features(x, xp)
     k = _check_int(num_classes, "num_classes", 1)
-    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
-    c = _check_positive(clip_norm, "clip_norm")
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clipped_class_grams(x, labels, k, c)
-    n, d = x.shape
-    grams = np.zeros((k, d, d), dtype=np.float64)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[order], np.arange(k + 1))
-    for cls in range(k):
-        idx = order[bounds[cls] : bounds[cls + 1]]
-        g = np.zeros((d, d), dtype=np.float64, order="F")
-        for sl in _row_chunks(idx.shape[0], d):
-            xc, _ = _clipped_chunk(x, idx[sl], c)
-            g = _syrk_upper_into(g, xc)
-        grams[cls] = _mirror_upper(g)
-    return grams
+    labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
+    return backend.clipped_class_grams(x, labels, k, _check_positive(clip_norm, "clip_norm"))
 
 
 def clipped_weighted_grams(x, weights, clip_norm: float):
@@ -487,10 +380,9 @@ def clipped_weighted_grams(x, weights, clip_norm: float):
     H : array (K, d, d), float64, symmetric. Add/remove sensitivity (Frobenius, all K
     together): ``clip_norm**2 * ||w_i||_2`` for the added example's weight row.
     """
-    xp = array_module(x, weights)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp)
-    weights = _coerce(weights, "weights", gpu)
+    xp, backend = _dispatch("stats", x, weights)
+    x = _features(x, xp)
+    weights = _coerce(weights, "weights", xp)
     if weights.ndim != 2 or weights.shape[0] != x.shape[0]:
         raise ValueError(f"weights must have shape ({x.shape[0]}, K), got {tuple(weights.shape)}")
     if weights.dtype not in _FLOAT_DTYPES:
@@ -498,23 +390,7 @@ def clipped_weighted_grams(x, weights, clip_norm: float):
     _check_finite(weights, "weights", xp)
     if bool((weights < 0).any()):
         raise ValueError("weights must be non-negative")
-    c = _check_positive(clip_norm, "clip_norm")
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clipped_weighted_grams(x, weights, c)
-    n, d = x.shape
-    k = weights.shape[1]
-    out = np.zeros((k, d, d), dtype=np.float64, order="C")
-    acc = [np.zeros((d, d), dtype=np.float64, order="F") for _ in range(k)]
-    for sl in _row_chunks(n, d):
-        xc, _ = _clipped_chunk(x, sl, c)
-        root_w = np.sqrt(np.asarray(weights[sl], dtype=np.float64))
-        for cls in range(k):
-            acc[cls] = _syrk_upper_into(acc[cls], xc * root_w[:, cls : cls + 1])
-    for cls in range(k):
-        out[cls] = _mirror_upper(acc[cls])
-    return out
+    return backend.clipped_weighted_grams(x, weights, _check_positive(clip_norm, "clip_norm"))
 
 
 def clipped_linear_grad(
@@ -550,20 +426,19 @@ def clipped_linear_grad(
     grad : array (K, d), float64, ``sum_i min(1, C_g' / ||g_i||) g_i``.
     n_clipped : int, examples whose gradient was scaled down.
     """
-    xp = array_module(x, labels, w, bias if not np.isscalar(bias) else None)
-    gpu = xp is not np
-    x = _check_features(_coerce(x, "x", gpu), "x", xp)
-    w = _coerce(w, "w", gpu)
+    xp, backend = _dispatch("stats", x, labels, w, bias if not np.isscalar(bias) else None)
+    x = _features(x, xp)
+    w = _coerce(w, "w", xp)
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"w must have shape (K, {x.shape[1]}), got {tuple(w.shape)}")
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"w must be float32 or float64, got {w.dtype}")
     _check_finite(w, "w", xp)
     k = w.shape[0]
-    labels = _check_labels(_coerce(labels, "labels", gpu), x.shape[0], k, xp)
+    labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
     if np.isscalar(bias):
         bias = xp.full((k,), _check_real(bias, "bias"), dtype=xp.float64)
-    bias = _coerce(bias, "bias", gpu)
+    bias = _coerce(bias, "bias", xp)
     if bias.shape != (k,):
         raise ValueError(f"bias must be a float or have shape ({k},), got {tuple(bias.shape)}")
     _check_finite(bias, "bias", xp)
@@ -571,45 +446,7 @@ def clipped_linear_grad(
     if loss not in ("sigmoid", "softmax"):
         raise ValueError(f"loss must be 'sigmoid' or 'softmax', got {loss!r}")
     fc = None if feature_clip is None else _check_positive(feature_clip, "feature_clip")
-    if gpu:
-        from . import _gpu_stats
-
-        return _gpu_stats.clipped_linear_grad(x, labels, w, bias, c, loss, fc)
-    n, d = x.shape
-    w64 = np.asarray(w, dtype=np.float64)
-    b64 = np.asarray(bias, dtype=np.float64)
-    grad = np.zeros((k, d), dtype=np.float64)
-    n_clipped = 0
-    step = max(1, _CHUNK_ELEMENTS // max(d, k))
-    for sl in _row_chunks(n, d, step):
-        if fc is not None:
-            xc, _ = _clipped_chunk(x, sl, fc)
-        else:
-            xc = np.asarray(x[sl], dtype=np.float64)
-        logits = xc @ w64.T + b64
-        rows = np.arange(xc.shape[0])
-        if loss == "sigmoid":
-            r = _expit(logits)
-            r[rows, labels[sl]] -= 1.0
-            r /= k
-        else:
-            logits -= logits.max(axis=1, keepdims=True)
-            r = np.exp(logits)
-            r /= r.sum(axis=1, keepdims=True)
-            r[rows, labels[sl]] -= 1.0
-        # Logits that overflow (inf - inf) give NaN residuals: such a row contributes
-        # nothing (norm 0 <= C_g) instead of making the whole sum NaN.
-        r[~np.isfinite(r).all(axis=1)] = 0.0
-        # Both norms rescaled where needed (a residual whose squares underflow must not
-        # hide a row with a huge ||x|| from the clip); a zero residual contributes nothing
-        # whatever ||x|| is, even inf (no 0 * inf).
-        rnorm = _row_norms64(r)
-        with np.errstate(invalid="ignore"):
-            gnorm = np.where(rnorm > 0, rnorm * _row_norms64(xc), 0.0)
-        scale = _clip_scale(gnorm, c)
-        n_clipped += int(np.count_nonzero(scale < 1.0))
-        grad += (r * scale[:, None]).T @ xc
-    return grad, n_clipped
+    return backend.clipped_linear_grad(x, labels, w, bias, c, loss, fc)
 
 
 # --------------------------------------------------------------------------------------
@@ -646,6 +483,11 @@ def _check_noise_args(std, dtype, device):
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     return s, dt
+
+
+def _device_module(device: str):
+    """numpy for "cpu", cupy for "cuda" (a clear error when CuPy or the CUDA build is missing)."""
+    return np if device == "cpu" else _cupy()
 
 
 def sym_noise_blocks(d: int, batch: int = 1) -> int:
@@ -698,14 +540,7 @@ def sym_gaussian_noise(
     s, dt = _check_noise_args(std, dtype, device)
     words = _key_words(key)
     c = _check_counter(counter, sym_noise_blocks(d, nb))
-    if device == "cuda":
-        _cupy()
-        from . import _gpu_stats
-
-        return _gpu_stats.sym_gaussian_noise(d, s, batch, words, c, dt)
-    out = np.empty((nb, d, d), dtype=dt)
-    _core.sym_gaussian_noise_cpu(out, s, words, c)
-    return out[0] if batch is None else out
+    return _backend("stats", _device_module(device)).sym_gaussian_noise(d, s, batch, words, c, dt)
 
 
 def gaussian_noise(
@@ -729,15 +564,7 @@ def gaussian_noise(
     words = _key_words(key)
     count = int(np.prod(shape, dtype=np.int64))
     c = _check_counter(counter, noise_blocks(count))
-    if device == "cuda":
-        _cupy()
-        from . import _gpu_stats
-
-        return _gpu_stats.gaussian_noise(shape, s, words, c, dt)
-    out = np.empty(shape, dtype=dt)
-    if count:
-        _core.gaussian_noise_cpu(out.reshape(-1), s, words, c)
-    return out
+    return _backend("stats", _device_module(device)).gaussian_noise(shape, s, words, c, dt)
 
 
 # --------------------------------------------------------------------------------------
@@ -774,30 +601,39 @@ def cholesky(a):
         the k-th pivot is not > 0 (NaN counts as failure), as LAPACK's potrf reports it.
         On the GPU it stays on the device (no synchronisation).
     """
-    xp = array_module(a)
-    gpu = xp is not np
-    a = _check_square_batch(_coerce(a, "a", gpu), "a")
-    if gpu:
-        from . import _gpu_linalg
+    xp, backend = _dispatch("linalg", a)
+    return backend.cholesky(_check_square_batch(_coerce(a, "a", xp), "a"))
 
-        return _gpu_linalg.cholesky(a)
-    d = a.shape[-1]
-    batch_shape = a.shape[:-2]
-    flat = a.reshape(-1, d, d)
-    potrf = _lapack.dpotrf if a.dtype == np.float64 else _lapack.spotrf
-    out = np.empty_like(flat)
-    info = np.zeros(flat.shape[0], dtype=np.int32)
-    for i in range(flat.shape[0]):
-        lower, code = potrf(flat[i], lower=1, clean=1, overwrite_a=0)
-        diag = np.diagonal(lower)
-        if code == 0 and not (diag > 0).all():
-            # Some LAPACKs let NaN pivots through: NaN is a failure at its first pivot.
-            code = int(np.argmin(diag > 0)) + 1
-        if code != 0:
-            lower = np.full((d, d), np.nan, dtype=a.dtype)
-        out[i] = lower
-        info[i] = code
-    return out.reshape(a.shape), info.reshape(batch_shape)
+
+def cholesky_shifts(a, shifts):
+    """Factor ``a + shifts[j] I`` for every shift in one call (a regularisation sweep).
+
+    Parameters
+    ----------
+    a : array (d, d), float32 or float64. Only the lower triangle is read.
+    shifts : array (m,) of finite reals on the same device (cast to ``a.dtype``).
+
+    Returns
+    -------
+    L : array (m, d, d), same dtype and device as ``a``; all NaN where the factorisation
+        failed.
+    info : int32 array (m,), as :func:`cholesky` reports it.
+
+    On the GPU one batched native call reads ``a`` once per tile (no stacked copy); on the
+    CPU one LAPACK call per shift. No device synchronisation.
+    """
+    xp, backend = _dispatch("linalg", a, shifts)
+    a = _check_square_batch(_coerce(a, "a", xp), "a")
+    if a.ndim != 2:
+        raise ValueError(f"a must have shape (d, d), got {tuple(a.shape)}")
+    s = _coerce(shifts, "shifts", xp)
+    if s.ndim != 1:
+        raise ValueError(f"shifts must be 1-D, got shape {tuple(s.shape)}")
+    if s.dtype.kind not in "fiu":
+        raise TypeError(f"shifts must be real, got {s.dtype}")
+    if not bool(xp.isfinite(s).all()):
+        raise ValueError("shifts must be finite")
+    return backend.cholesky_shifts(a, s)
 
 
 def cho_solve(L, b):
@@ -815,10 +651,9 @@ def cho_solve(L, b):
     -------
     x : array shaped like the broadcast of b, dtype ``result_type(L, b)`` (float).
     """
-    xp = array_module(L, b)
-    gpu = xp is not np
-    L = _check_square_batch(_coerce(L, "L", gpu), "L")
-    b = _coerce(b, "b", gpu)
+    xp, backend = _dispatch("linalg", L, b)
+    L = _check_square_batch(_coerce(L, "L", xp), "L")
+    b = _coerce(b, "b", xp)
     d = L.shape[-1]
     vector = b.ndim == L.ndim - 1
     if b.ndim < 1 or b.shape[-1 if vector else -2] != d or (not vector and b.ndim < 2):
@@ -826,21 +661,4 @@ def cho_solve(L, b):
     if b.dtype.kind not in "fiu":
         raise TypeError(f"b must be a real array, got {b.dtype}")
     _check_finite(b, "b", xp)
-    if gpu:
-        from . import _gpu_linalg
-
-        return _gpu_linalg.cho_solve(L, b)
-    dtype = np.result_type(L.dtype, b.dtype, np.float32)
-    bm = b[..., None] if vector else b
-    batch = np.broadcast_shapes(L.shape[:-2], bm.shape[:-2])
-    Lb = np.broadcast_to(L, batch + (d, d)).reshape(-1, d, d)
-    bb = np.broadcast_to(bm, batch + bm.shape[-2:]).reshape(-1, d, bm.shape[-1])
-    potrs = _lapack.dpotrs if dtype == np.float64 else _lapack.spotrs
-    out = np.empty(bb.shape, dtype=dtype)
-    for i in range(bb.shape[0]):
-        sol, code = potrs(Lb[i].astype(dtype, copy=False), bb[i].astype(dtype), lower=1)
-        if code != 0:  # pragma: no cover - only for invalid arguments
-            raise ValueError(f"cho_solve: LAPACK potrs failed with info={code}")
-        out[i] = sol
-    out = out.reshape(batch + bm.shape[-2:])
-    return out[..., 0] if vector else out
+    return backend.cho_solve(L, b)

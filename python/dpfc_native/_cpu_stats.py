@@ -1,0 +1,255 @@
+"""CPU implementations behind :mod:`dpfc_native.ops` for clipping, the clipped statistics,
+the clipped linear-layer gradient and the Philox Gaussian noise (the GPU ones are in
+:mod:`dpfc_native._gpu_stats`, with the same signatures).
+
+Private: :mod:`dpfc_native.ops` validates the arguments (finite values, shapes, labels in
+range, positive clip norms) and calls these with NumPy arrays. NumPy/SciPy BLAS does the
+products, the native core (``dpfc_native._core``) the noise. Memory: rows are processed in
+chunks of about ``_CHUNK_ELEMENTS`` float64 values (never an n x d copy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg.blas as _blas
+import scipy.sparse as _sparse
+from scipy.special import expit as _expit
+
+from . import _core
+
+__all__ = [
+    "clip_rows",
+    "clipped_gram",
+    "clipped_class_sums",
+    "clipped_stats",
+    "clipped_class_grams",
+    "clipped_weighted_grams",
+    "clipped_linear_grad",
+    "sym_gaussian_noise",
+    "gaussian_noise",
+]
+
+#: The shared clip margin (csrc/common/clip.hpp): rows are clipped to C (1 - 2^-20).
+_CLIP_MARGIN: float = float(_core.clip_margin)
+
+# Rows processed per chunk: bounded extra memory (about 32 MiB of float64 per chunk).
+_CHUNK_ELEMENTS = 1 << 22
+# The float32 accumulation mode sums this many rows in float32 before a float64 reduction
+# (the same block the GPU kernels use); its rounding error is documented in README.md.
+_F32_BLOCK_ROWS = 4096
+
+
+def _row_chunks(n: int, d: int, rows: int | None = None):
+    step = rows or max(1, _CHUNK_ELEMENTS // max(1, d))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+#: Below this sum of squares its terms may have underflowed (2^-900: squares of entries
+#: under ~1e-135 lose bits, under ~1e-162 vanish): such rows are rescaled too.
+_TINY_SUMSQ = 2.0**-900
+
+
+def _row_norms64(xc: np.ndarray) -> np.ndarray:
+    """Float64 row norms, rescaling rows whose sum of squares overflows or underflows."""
+    sq = np.einsum("ij,ij->i", xc, xc)
+    norms = np.sqrt(sq)
+    bad = ~np.isfinite(norms) | (sq < _TINY_SUMSQ)
+    if bad.any() and xc.shape[1] > 0:
+        rows = xc[bad]
+        amax = np.abs(rows).max(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scaled = rows / np.where(amax > 0, amax, 1.0)[:, None]
+            norms[bad] = np.where(amax > 0, amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)), 0.0)
+    return norms
+
+
+def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
+    """The shared clip factor (csrc/common/clip.hpp) for an array of norms."""
+    target = clip_norm * _CLIP_MARGIN
+    with np.errstate(divide="ignore"):
+        return np.where(norms <= target, 1.0, target / np.where(norms > 0, norms, 1.0))
+
+
+def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``sl`` of x as a float64 copy (never a view: scaled in place), clipped; scales."""
+    xc = np.array(x[sl], dtype=np.float64)
+    scale = _clip_scale(_row_norms64(xc), clip_norm)
+    xc *= scale[:, None]
+    return xc, scale
+
+
+def _syrk_upper_into(g_f: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """g_f (Fortran order) += rows^T rows, upper triangle only (BLAS ?syrk)."""
+    syrk = _blas.dsyrk if rows.dtype == np.float64 else _blas.ssyrk
+    # rows.T is Fortran-contiguous, so BLAS sees it without a copy: C = A A^T with A = rows^T.
+    return syrk(1.0, rows.T, beta=1.0, c=g_f, trans=0, lower=0, overwrite_c=1)
+
+
+def _mirror_upper(g: np.ndarray) -> np.ndarray:
+    """Full symmetric matrix from the upper triangle (last two axes)."""
+    upper = np.triu(g)
+    return np.ascontiguousarray(upper + np.swapaxes(np.triu(g, 1), -1, -2))
+
+
+def _gram_cpu(x: np.ndarray, clip_norm: float, accumulate: str, labels=None, num_classes=0):
+    n, d = x.shape
+    g = np.zeros((d, d), dtype=np.float64, order="F")
+    b = np.zeros((num_classes, d), dtype=np.float64) if labels is not None else None
+    counts = (
+        np.bincount(labels, minlength=num_classes).astype(np.int64) if labels is not None else None
+    )
+    chunk_rows = _F32_BLOCK_ROWS if accumulate == "float32" else None
+    for sl in _row_chunks(n, d, chunk_rows):
+        xc, scale = _clipped_chunk(x, sl, clip_norm)
+        if accumulate == "float32":
+            # Round the clipped float64 rows once: casting x to float32 first would turn
+            # float64 entries beyond float32's range into inf (inf * 0 = NaN in G).
+            block = xc.astype(np.float32)
+            partial = _syrk_upper_into(np.zeros((d, d), dtype=np.float32, order="F"), block)
+            g += partial
+        else:
+            g = _syrk_upper_into(g, xc)
+        if b is not None:
+            b += _class_sum_matrix(labels[sl], num_classes) @ xc
+    return _mirror_upper(g), b, counts
+
+
+def _class_sum_matrix(labels: np.ndarray, num_classes: int):
+    """Sparse (num_classes, m) one-hot matrix: its product with rows sums them per class."""
+    m = labels.shape[0]
+    return _sparse.csr_matrix(
+        (np.ones(m), (labels.astype(np.int64), np.arange(m))), shape=(num_classes, m)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Clipping and clipped statistics
+# --------------------------------------------------------------------------------------
+
+
+def clip_rows(x: np.ndarray, c: float):
+    """``(x_i s_i, s_i)`` with ``s_i = clip_scale(||x_i||, c)`` (x's dtype; float64 scales)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    scales = np.empty(x.shape[0], dtype=np.float64)
+    for sl in _row_chunks(*x.shape):
+        xc, scale = _clipped_chunk(x, sl, c)
+        out[sl] = xc
+        scales[sl] = scale
+    return out, scales
+
+
+def clipped_gram(x: np.ndarray, c: float, mode: str):
+    """``G = sum_i xbar_i xbar_i^T`` ((d, d) float64), accumulated as ``mode`` says."""
+    g, _, _ = _gram_cpu(x, c, mode)
+    return g
+
+
+def clipped_class_sums(x: np.ndarray, labels: np.ndarray, k: int, c: float):
+    """``B[l] = sum_{y_i = l} xbar_i`` ((k, d) float64)."""
+    b = np.zeros((k, x.shape[1]), dtype=np.float64)
+    for sl in _row_chunks(*x.shape):
+        xc, _ = _clipped_chunk(x, sl, c)
+        b += _class_sum_matrix(labels[sl], k) @ xc
+    return b
+
+
+def clipped_stats(x: np.ndarray, labels: np.ndarray, k: int, c: float, mode: str):
+    """``(G, B, counts)`` in one pass over x."""
+    return _gram_cpu(x, c, mode, labels=labels, num_classes=k)
+
+
+def clipped_class_grams(x: np.ndarray, labels: np.ndarray, k: int, c: float):
+    """``A_l = sum_{y_i = l} xbar_i xbar_i^T`` ((k, d, d) float64)."""
+    n, d = x.shape
+    grams = np.zeros((k, d, d), dtype=np.float64)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(k + 1))
+    for cls in range(k):
+        idx = order[bounds[cls] : bounds[cls + 1]]
+        g = np.zeros((d, d), dtype=np.float64, order="F")
+        for sl in _row_chunks(idx.shape[0], d):
+            xc, _ = _clipped_chunk(x, idx[sl], c)
+            g = _syrk_upper_into(g, xc)
+        grams[cls] = _mirror_upper(g)
+    return grams
+
+
+def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
+    """``H_l = sum_i weights[i, l] xbar_i xbar_i^T`` ((K, d, d) float64)."""
+    n, d = x.shape
+    k = weights.shape[1]
+    out = np.zeros((k, d, d), dtype=np.float64, order="C")
+    acc = [np.zeros((d, d), dtype=np.float64, order="F") for _ in range(k)]
+    for sl in _row_chunks(n, d):
+        xc, _ = _clipped_chunk(x, sl, c)
+        root_w = np.sqrt(np.asarray(weights[sl], dtype=np.float64))
+        for cls in range(k):
+            acc[cls] = _syrk_upper_into(acc[cls], xc * root_w[:, cls : cls + 1])
+    for cls in range(k):
+        out[cls] = _mirror_upper(acc[cls])
+    return out
+
+
+def clipped_linear_grad(x: np.ndarray, labels: np.ndarray, w: np.ndarray, bias: np.ndarray,
+                        c: float, loss: str, fc: float | None):
+    """``(grad, n_clipped)``: the clipped per-example gradient sum ((K, d) float64) and the
+    number of clipped examples (see :func:`dpfc_native.ops.clipped_linear_grad`)."""
+    k = w.shape[0]
+    n, d = x.shape
+    w64 = np.asarray(w, dtype=np.float64)
+    b64 = np.asarray(bias, dtype=np.float64)
+    grad = np.zeros((k, d), dtype=np.float64)
+    n_clipped = 0
+    step = max(1, _CHUNK_ELEMENTS // max(d, k))
+    for sl in _row_chunks(n, d, step):
+        if fc is not None:
+            xc, _ = _clipped_chunk(x, sl, fc)
+        else:
+            xc = np.asarray(x[sl], dtype=np.float64)
+        logits = xc @ w64.T + b64
+        rows = np.arange(xc.shape[0])
+        if loss == "sigmoid":
+            r = _expit(logits)
+            r[rows, labels[sl]] -= 1.0
+            r /= k
+        else:
+            logits -= logits.max(axis=1, keepdims=True)
+            r = np.exp(logits)
+            r /= r.sum(axis=1, keepdims=True)
+            r[rows, labels[sl]] -= 1.0
+        # Logits that overflow (inf - inf) give NaN residuals: such a row contributes
+        # nothing (norm 0 <= C_g) instead of making the whole sum NaN.
+        r[~np.isfinite(r).all(axis=1)] = 0.0
+        # Both norms rescaled where needed (a residual whose squares underflow must not
+        # hide a row with a huge ||x|| from the clip); a zero residual contributes nothing
+        # whatever ||x|| is, even inf (no 0 * inf).
+        rnorm = _row_norms64(r)
+        with np.errstate(invalid="ignore"):
+            gnorm = np.where(rnorm > 0, rnorm * _row_norms64(xc), 0.0)
+        scale = _clip_scale(gnorm, c)
+        n_clipped += int(np.count_nonzero(scale < 1.0))
+        grad += (r * scale[:, None]).T @ xc
+    return grad, n_clipped
+
+
+# --------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------
+
+
+def sym_gaussian_noise(d: int, s: float, batch: int | None, words, c: int, dt):
+    """Symmetric noise (batch, d, d) (or (d, d) when batch is None) from the Philox stream."""
+    nb = 1 if batch is None else int(batch)
+    out = np.empty((nb, d, d), dtype=dt)
+    _core.cpu_sym_gaussian_noise(out, s, words, c)
+    return out[0] if batch is None else out
+
+
+def gaussian_noise(shape: tuple, s: float, words, c: int, dt):
+    """I.i.d. N(0, s^2) of the given shape (C order) from the Philox stream."""
+    count = int(np.prod(shape, dtype=np.int64))
+    out = np.empty(shape, dtype=dt)
+    if count:
+        _core.cpu_gaussian_noise(out.reshape(-1), s, words, c)
+    return out

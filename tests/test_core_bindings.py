@@ -1,0 +1,100 @@
+"""The private compiled module: its type stub matches it, and the CUDA entry points take their
+kernel choices as validated arguments (checked before any device work, so these run on a
+CUDA build without a GPU too)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+import dpfc_native
+from dpfc_native import _core
+from conftest import requires_cuda_build
+
+STUB = pathlib.Path(dpfc_native.__file__).with_name("_core.pyi")
+
+
+def _stub_functions() -> dict:
+    tree = ast.parse(STUB.read_text())
+    return {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+
+def _module_functions() -> list:
+    return sorted(n for n in dir(_core) if not n.startswith("_") and callable(getattr(_core, n))
+                  and n != "CudaError")
+
+
+def test_stub_lists_every_binding():
+    stub = _stub_functions()
+    funcs = _module_functions()
+    assert set(funcs) <= set(stub)
+    cuda_only = {n for n in stub if n.startswith("cuda_")}
+    if _core.cuda_compiled:
+        assert set(stub) == set(funcs)
+    else:
+        assert set(stub) - set(funcs) == cuda_only
+    # The naming scheme: cpu_/cuda_ prefixes, or a backend-neutral helper.
+    assert all(re.match(r"(cpu|cuda)_", n) or n in ("philox4x32_10", "eval_transform")
+               for n in stub)
+
+
+@pytest.mark.parametrize("name", sorted(_stub_functions()))
+def test_stub_signature_matches_the_binding(name):
+    """Parameter names and defaults of the stub equal pybind11's signature line."""
+    if not hasattr(_core, name):
+        pytest.skip("CUDA entry point: not in this build")
+    f = _stub_functions()[name]
+    assert f.returns is not None and all(a.annotation is not None for a in f.args.args)
+    head = getattr(_core, name).__doc__.splitlines()[0]
+    m = re.match(rf"{name}\((.*)\) -> .*$", head)
+    assert m, head
+    got = []
+    for p in re.split(r",\s*(?![^\[]*\])", m.group(1)):
+        if p.strip():
+            pname = p.split(":")[0].strip()
+            default = ast.literal_eval(p.split("=", 1)[1].strip()) if "=" in p else None
+            got.append((pname, default))
+    args = f.args
+    defaults = [None] * (len(args.args) - len(args.defaults))
+    defaults += [ast.literal_eval(d) for d in args.defaults]
+    assert got == [(a.arg, d) for a, d in zip(args.args, defaults)]
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kernel": "tensor"}, "kernel must be"),
+    ({"schedule": "sideways"}, "schedule must be"),
+    ({"small_max": 129}, "small_max must be"),
+    ({"small_max": -1}, "small_max must be"),
+])
+def test_cholesky_options_are_validated_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _core.cuda_cholesky_plan(1, 10, 1, **kwargs)
+    with pytest.raises(ValueError, match="dtype must be"):
+        _core.cuda_cholesky_plan(1, 10, 5)
+    assert _core.cuda_cholesky_plan(1000, 20, 1).startswith("small tier=32")
+    assert _core.cuda_cholesky_plan(1000, 20, 0, small_max=0, schedule="left",
+                                    kernel="simt") == "blocked nb=64 schedule=left gemm=simt"
+
+
+@requires_cuda_build
+def test_linear_grad_engine_and_chunk_are_validated_arguments():
+    args = (1, 0, 10, 5, 5, 1, 1, 5, 0, 3, 1.0, "sigmoid", -1.0, 1, 1, 0)
+    with pytest.raises(ValueError, match="engine must be"):
+        _core.cuda_clipped_linear_grad(*args, "tensor", 10)
+    with pytest.raises(ValueError, match="chunk_rows must be"):
+        _core.cuda_clipped_linear_grad(*args, "auto", 0)
+
+
+@requires_cuda_build
+def test_blocked_cholesky_plan_reports_a_missing_device():
+    """The schedule depends on the multiprocessor count: without a device that is an error,
+    never a guessed count."""
+    if len(_core.cuda_devices()) > 0:
+        assert _core.cuda_cholesky_plan(1, 1024, 1).startswith("blocked nb=64")
+    else:
+        with pytest.raises(_core.CudaError):
+            _core.cuda_cholesky_plan(1, 1024, 1)
