@@ -79,6 +79,13 @@ _GPU_CHUNK_ELEMENTS = 1 << 26
 #: eigenvalue of the clipped gram: keeps the non-private solve well posed).
 REG_NOISE_FACTOR = 2.0
 REG_FLOOR = 1e-3
+#: The noise-norm factor of the default ridge when the released matrix is denoised by an
+#: eigenvalue shrinker ("soft", "spiked", "rie"): the shrinker already removes the bulk
+#: the noise spreads the spectrum over, so a smaller ridge suffices (see _default_reg).
+REG_DENOISED_FACTOR = 1.0
+#: Default ``denoise`` of the estimators that factor released matrices (chosen by
+#: benchmarks/bench_privacy_utility.py; see the class docstrings).
+DENOISE_DEFAULT = "rie"
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,6 +401,45 @@ def _factor(M, reg: float):
     return L, [int(i) for i in report.indices]
 
 
+def _check_denoise(value) -> str:
+    from . import linalg
+
+    return _choice(value, "denoise", linalg.DENOISE_METHODS)
+
+
+class _RidgeSolver:
+    """Solves ``(M~ + reg I) x = rhs`` for a released M~ (or a batch) and several ridges.
+
+    ``denoise="none"``: today's path, a (repaired) Cholesky of ``M~ + reg I`` per ridge.
+    Otherwise one batched eigendecomposition of M~ whose eigenvalues are shrunk by
+    :func:`dpfc_native.linalg.shrink_eigenvalues` (``noise_std``: the public diagonal
+    std of M~'s noise, 0 without noise), reused by every ridge. Both read only the
+    released matrix and public numbers: post-processing, free.
+    """
+
+    def __init__(self, M, noise_std, denoise: str, xp):
+        from . import linalg
+
+        self.M, self.xp, self.denoise = M, xp, denoise
+        self.eig = None if denoise == "none" else linalg.denoise_eigh(M, noise_std, denoise)
+        self._chol: dict = {}
+
+    def factor(self, reg: float) -> list:
+        """Prepare the ridge ``reg``; returns the batch indices whose Cholesky was repaired."""
+        if self.eig is not None or reg in self._chol:
+            return [] if self.eig is not None else self._chol[reg][1]
+        self._chol[reg] = _factor(_add_ridge(self.M, reg, self.xp), reg)
+        return self._chol[reg][1]
+
+    def solve(self, reg: float, rhs):
+        from . import linalg
+
+        if self.eig is not None:
+            return linalg.eigh_solve(self.eig[0], self.eig[1], reg, rhs)
+        self.factor(reg)
+        return ops.cho_solve(self._chol[reg][0], rhs)
+
+
 def _add_ridge(M, reg: float, xp, copy: bool = True):
     """M + reg I on the last two axes (a copy unless ``copy=False``)."""
     out = M.copy() if copy else M
@@ -662,17 +708,24 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
-def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0) -> float:
-    """Data-independent ridge: REG_NOISE_FACTOR * sqrt(2d) * noise_std + REG_FLOOR * scale * n C^2 / d.
+def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0,
+                 denoise: str = "none") -> float:
+    """Data-independent ridge: ``f * sqrt(2d) * noise_std + REG_FLOOR * scale * n C^2 / d``.
 
     ``sqrt(2d) noise_std`` is the expected spectral norm of the symmetric noise on the
-    factored matrix (a GOE matrix with off-diagonal std s/sqrt(2)); twice that makes
-    noisy + reg I positive definite with high probability, with a margin, and damps the
-    directions the noise swamps. The second is a small fraction of the mean eigenvalue
-    ``n C^2 / d`` of a gram of n rows of norm C (times ``scale``: 1/4 for Hessians),
-    which keeps the non-private solve well posed.
+    factored matrix (a GOE matrix with off-diagonal std s/sqrt(2)). For ``denoise`` "none"
+    and "psd", ``f = REG_NOISE_FACTOR`` (2): twice the noise norm makes noisy + reg I
+    positive definite with high probability, with a margin, and damps the directions
+    the noise swamps. After an eigenvalue shrinker ("soft", "spiked", "rie") the
+    spectrum is non-negative and the bulk the noise made is already pulled to about
+    zero, so no margin against indefiniteness is needed: ``f = REG_DENOISED_FACTOR``
+    (1), chosen on held-out synthetic tasks (the benchmark's presets were not used). The
+    second term is a small fraction of the mean eigenvalue ``n C^2 / d`` of a gram of n
+    rows of norm C (times ``scale``: 1/4 for Hessians), which keeps the non-private solve
+    well posed.
     """
-    return REG_NOISE_FACTOR * _noise_norm(d, noise_std) + REG_FLOOR * scale * n * clip**2 / d
+    factor = REG_NOISE_FACTOR if denoise in ("none", "psd") else REG_DENOISED_FACTOR
+    return factor * _noise_norm(d, noise_std) + REG_FLOOR * scale * n * clip**2 / d
 
 
 # ---------------------------------------------------------------------------------------
@@ -787,7 +840,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
     """
 
     def __init__(self, epsilon=1.0, delta=None, *, variant="global", reg=None, alpha=None,
-                 gram_share=0.5, clip_norm=1.0, normalize=True, center=None, classes=None,
+                 gram_share=0.5, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
                  random_state=None, device="auto", keep_stats=False, verbose=0):
         self.epsilon = epsilon
         self.delta = delta
@@ -795,6 +848,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         self.reg = reg
         self.alpha = alpha
         self.gram_share = gram_share
+        self.denoise = denoise
         self.clip_norm = clip_norm
         self.normalize = normalize
         self.center = center
@@ -815,7 +869,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         if variant == "per_class":
             sweep["alpha"] = alphas or [None]
         return {"variant": variant, "regs": regs, "alphas": alphas, "share": share,
-                "_sweep": sweep}
+                "denoise": _check_denoise(self.denoise), "_sweep": sweep}
 
     def _fit_core(self, ctx, p):
         xp, C, k, d, n = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n
@@ -829,11 +883,12 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             ctx.keep("gram", G)
             ctx.keep("class_sums", B)
             candidates = [(reg, None) for reg in p["regs"]
-                          or [_default_reg(z["gram"] * C**2, d, n, C)]]
+                          or [_default_reg(z["gram"] * C**2, d, n, C, denoise=p["denoise"])]]
+            solver = _RidgeSolver(G, z["gram"] * C**2, p["denoise"], xp)
 
             def solve(reg, _alpha):
-                L, bad = _factor(_add_ridge(G, reg, xp), reg)
-                return ops.cho_solve(L, xp.ascontiguousarray(B.T)).T, bad
+                bad = solver.factor(reg)
+                return solver.solve(reg, xp.ascontiguousarray(B.T)).T, bad
         else:
             z = accounting.calibrate_plan(
                 ctx.epsilon, ctx.delta,
@@ -851,12 +906,17 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             for alpha in p["alphas"] or [1.0]:
                 # Diagonal noise std of A~_l + alpha G~, and mean eigenvalue scale 1/K + alpha.
                 default = _default_reg(math.hypot(s_a, alpha * s_g), d, n, C,
-                                       scale=alpha + 1.0 / k)
+                                       scale=alpha + 1.0 / k, denoise=p["denoise"])
                 candidates += [(reg, alpha) for reg in p["regs"] or [default]]
+            solvers: dict = {}
 
             def solve(reg, alpha):
-                L, bad = _factor(_add_ridge(A + alpha * G[None], reg, xp, copy=False), reg)
-                return ops.cho_solve(L, B), bad
+                if alpha not in solvers:  # one factorisation per alpha serves every ridge
+                    solvers.clear()
+                    solvers[alpha] = _RidgeSolver(A + alpha * G[None], math.hypot(s_a, alpha * s_g),
+                                                  p["denoise"], xp)
+                bad = solvers[alpha].factor(reg)
+                return solvers[alpha].solve(reg, B), bad
 
         results = []
         best = None
@@ -936,7 +996,7 @@ class DPNewtonClassifier(_DPClassifierBase):
     """
 
     def __init__(self, epsilon=1.0, delta=None, *, steps=2, lr=1.0, reg=None, hessian_share=0.5,
-                 bias=0.0, clip_norm=1.0, normalize=True, center=None, classes=None,
+                 bias=0.0, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
                  random_state=None, device="auto", keep_stats=False, verbose=0):
         self.epsilon = epsilon
         self.delta = delta
@@ -945,6 +1005,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         self.reg = reg
         self.hessian_share = hessian_share
         self.bias = bias
+        self.denoise = denoise
         self.clip_norm = clip_norm
         self.normalize = normalize
         self.center = center
@@ -963,6 +1024,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         share = _share(self.hessian_share, "hessian_share")
         bias = _real(self.bias, "bias")
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
+                "denoise": _check_denoise(self.denoise),
                 "_sweep": {"lr": lrs, "reg": regs or [None]}}
 
     def _fit_core(self, ctx, p):
@@ -971,7 +1033,8 @@ class DPNewtonClassifier(_DPClassifierBase):
                                       {"hessians": p["share"], "gradients": 1.0 - p["share"]},
                                       {"hessians": T, "gradients": T})
         sens_h, sens_g = math.sqrt(k) * C**2 / 4.0, math.sqrt(k) * C
-        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25)]
+        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25,
+                                          denoise=p["denoise"])]
         bias = p["bias"]
         W = xp.zeros((k, d), dtype=xp.float64)
         log: list = []
@@ -993,14 +1056,15 @@ class DPNewtonClassifier(_DPClassifierBase):
                 ctx.keep("hessians", H, per_step=True)
                 ctx.keep("gradients", g, per_step=True)
                 candidates = []
+                solver = _RidgeSolver(H, z["hessians"] * sens_h, p["denoise"], xp)
                 for reg in regs:
-                    L, bad = _factor(_add_ridge(H, reg, xp), reg)
+                    bad = solver.factor(reg)
                     ctx.repaired.extend((t, i) for i in bad)
-                    direction = ops.cho_solve(L, g)
-                    del L
+                    direction = solver.solve(reg, g)
+                    solver._chol.clear()
                     for lr in p["lrs"]:
                         candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
-                del H
+                del H, solver
                 W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
                 bar.advance()
         ctx.coef = W
@@ -1073,7 +1137,8 @@ class DPFCClassifier(_DPClassifierBase):
     """
 
     def __init__(self, epsilon=1.0, delta=None, *, steps=10, lr=None, reg=None,
-                 covariance_share=None, bias=None, grad_clip_norm=None, clip_norm=1.0,
+                 covariance_share=None, bias=None, grad_clip_norm=None, denoise=DENOISE_DEFAULT,
+                 clip_norm=1.0,
                  normalize=True, center=None, classes=None, random_state=None, device="auto",
                  keep_stats=False, verbose=0):
         self.epsilon = epsilon
@@ -1084,6 +1149,7 @@ class DPFCClassifier(_DPClassifierBase):
         self.covariance_share = covariance_share
         self.bias = bias
         self.grad_clip_norm = grad_clip_norm
+        self.denoise = denoise
         self.clip_norm = clip_norm
         self.normalize = normalize
         self.center = center
@@ -1103,7 +1169,8 @@ class DPFCClassifier(_DPClassifierBase):
         gclip = None if self.grad_clip_norm is None else _positive(self.grad_clip_norm,
                                                                    "grad_clip_norm")
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
-                "grad_clip": gclip, "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
+                "grad_clip": gclip, "denoise": _check_denoise(self.denoise),
+                "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
 
     def _fit_core(self, ctx, p):
         xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
@@ -1114,15 +1181,14 @@ class DPFCClassifier(_DPClassifierBase):
         bias = -math.log(k - 1) if p["bias"] is None else p["bias"]
         cg = p["grad_clip"] or _default_grad_clip(k, bias, "sigmoid", C)
         lrs = p["lrs"] or [8.0 * k]
-        regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C)]
+        regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C,
+                                          denoise=p["denoise"])]
         G = ops.clipped_gram(ctx.X, C)
         G = ctx.release_sym(G, C**2, z["covariance"], "covariance")
         ctx.keep("covariance", G)
-        factors = []
+        solver = _RidgeSolver(G, z["covariance"] * C**2, p["denoise"], xp)
         for reg in regs:
-            L, bad = _factor(_add_ridge(G, reg, xp), reg)
-            ctx.repaired.extend((reg, i) for i in bad)
-            factors.append((reg, L))
+            ctx.repaired.extend((reg, i) for i in solver.factor(reg))
         del G
         W = xp.zeros((k, d), dtype=xp.float64)
         log: list = []
@@ -1136,8 +1202,8 @@ class DPFCClassifier(_DPClassifierBase):
                 g = ctx.release_dense(g, cg, z["gradient"], "gradient")
                 ctx.keep("gradient", g, per_step=True)
                 candidates = []
-                for reg, L in factors:
-                    direction = ops.cho_solve(L, xp.ascontiguousarray(g.T)).T
+                for reg in regs:
+                    direction = solver.solve(reg, xp.ascontiguousarray(g.T)).T
                     for lr in lrs:
                         candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
                 W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
