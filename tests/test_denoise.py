@@ -250,8 +250,7 @@ def test_default_ridge_moves_with_denoise():
     base = 1e-3 * n / d
     assert _default_reg(s, d, n, 1.0, denoise="none") == pytest.approx(
         2.0 * math.sqrt(2 * d) * s + base)
-    assert _default_reg(s, d, n, 1.0, denoise="psd") == _default_reg(s, d, n, 1.0)
-    for m in ("soft", "spiked", "rie"):
+    for m in SHRINKERS:
         assert _default_reg(s, d, n, 1.0, denoise=m) < _default_reg(s, d, n, 1.0)
     x, y = _data(6, d=8)
     a = DPLeastSquaresClassifier(epsilon=1.0, random_state=0, denoise="none").fit(x, y)
