@@ -822,7 +822,10 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         eigenvalue sits near 0 and the solve blows up noise; held-out synthetic tasks put
         the optimum between 1x and 4x, with 2x the most robust), and the eigen-directions
         the noise swamps are damped; the second is 1e-3 times the mean eigenvalue
-        ``n C^2 / d`` of the gram (well-posedness without noise). A list is swept on the
+        ``n C^2 / d`` of the gram (well-posedness without noise). That is for
+        ``denoise="none"``; for a denoised spectrum (the default) the first term is
+        ``1 sqrt(2 d) s``: no margin against indefiniteness is needed, and 1x was best
+        on held-out tasks (see ``_default_reg``). A list is swept on the
         public validation split, every candidate solved from the SAME released
         statistics (post-processing: the ledger does not change).
     alpha : float >= 0, list, or None
@@ -837,6 +840,21 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         the per-class variant the per-class and global grams split the share equally
         (multipliers sqrt(2) larger than the class sums'). On held-out synthetic tasks
         0.3-0.5 were best; 0.85 lost at every epsilon.
+    denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
+        How the released (noisy) matrix is treated before the solve; every choice reads
+        only the released matrix and the public noise std of its release (as in
+        ``privacy_``), so it is post-processing and the ledger is the same for all.
+        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
+        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
+        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
+        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
+        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
+        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
+        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
+        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
+        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
+        ``epsilon = inf`` every choice gives the same solve as "none". The
+        eigendecomposition costs about 10x a Cholesky (see the README).
     {_ATTR_DOC}
     """
 
@@ -988,11 +1006,28 @@ class DPNewtonClassifier(_DPClassifierBase):
         Ridge added to each noisy Hessian sum. None: ``2 sqrt(2 d) s_H + 1e-3 n C^2/(4 d)``
         with ``s_H = z_H sqrt(K) C^2 / 4`` the Hessian noise std: twice the expected
         spectral norm of that noise (positive definite w.h.p.) plus a small fraction of
-        the mean eigenvalue of the Hessian at 0. A list is chosen per step like ``lr``.
+        the mean eigenvalue of the Hessian at 0; the first factor is 1 instead of 2 for a
+        denoised spectrum (every ``denoise`` but "none"). A list is chosen per step like
+        ``lr``.
     hessian_share : float in (0, 1), default 0.5
         Share of ``mu^2`` for the Hessians (0.5: the paper's equal multipliers).
     bias : float, default 0.0
         Fixed logit offset (ALGORITHMS.md: no bias).
+    denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
+        How the released (noisy) matrix is treated before the solve; every choice reads
+        only the released matrix and the public noise std of its release (as in
+        ``privacy_``), so it is post-processing and the ledger is the same for all.
+        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
+        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
+        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
+        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
+        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
+        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
+        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
+        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
+        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
+        ``epsilon = inf`` every choice gives the same solve as "none". The
+        eigendecomposition costs about 10x a Cholesky (see the README).
     {_ATTR_DOC}
     """
 
@@ -1117,7 +1152,8 @@ class DPFCClassifier(_DPClassifierBase):
     reg : float >= 0, list, or None
         Ridge on the noisy covariance. None: ``2 sqrt(2 d) z_G C^2 + 1e-3 n C^2 / d``
         (twice the expected spectral norm of the covariance noise, plus a small fraction
-        of the mean eigenvalue). A list is chosen per step like ``lr`` (each candidate
+        of the mean eigenvalue; once the noise norm for a denoised spectrum, i.e. every
+        ``denoise`` but "none"). A list is chosen per step like ``lr`` (each candidate
         ridge is factored once; all reuse the one released covariance).
     covariance_share : float in (0, 1) or None
         Share of ``mu^2`` for the covariance. None: the paper's equal multipliers
@@ -1134,6 +1170,9 @@ class DPFCClassifier(_DPClassifierBase):
         ``W = 0`` for a row of norm C, ``||sigmoid(b) 1 - e_y|| C / K``
         (``sqrt((K - 1)/K) C / K`` for the default bias): nothing is clipped at the
         start and no sensitivity is wasted; later only badly misclassified examples are.
+    denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
+        As in :class:`DPLeastSquaresClassifier`, applied to the released covariance once
+        (one eigendecomposition serves every step and every ``reg`` candidate).
     {_ATTR_DOC}
     """
 
