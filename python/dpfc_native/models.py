@@ -82,6 +82,13 @@ _GPU_CHUNK_ELEMENTS = 1 << 26
 #: eigenvalue of the clipped gram: keeps the non-private solve well posed).
 REG_NOISE_FACTOR = 2.0
 REG_FLOOR = 1e-3
+#: The noise-norm factor of the default ridge when the released matrix is denoised
+#: (every ``denoise`` but "none"): the spectrum is non-negative, so no margin against
+#: indefiniteness is needed and a smaller ridge damps less signal (see _default_reg).
+REG_DENOISED_FACTOR = 1.0
+#: Default ``denoise`` of the estimators that factor released matrices (chosen by
+#: benchmarks/bench_privacy_utility.py; see the class docstrings).
+DENOISE_DEFAULT = "soft"
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,6 +522,45 @@ def _factor(M, reg: float):
     return L, [int(i) for i in report.indices]
 
 
+def _check_denoise(value) -> str:
+    from . import linalg
+
+    return _choice(value, "denoise", linalg.DENOISE_METHODS)
+
+
+class _RidgeSolver:
+    """Solves ``(M~ + reg I) x = rhs`` for a released M~ (or a batch) and several ridges.
+
+    ``denoise="none"``: today's path, a (repaired) Cholesky of ``M~ + reg I`` per ridge.
+    Otherwise one batched eigendecomposition of M~ whose eigenvalues are shrunk by
+    :func:`dpfc_native.linalg.shrink_eigenvalues` (``noise_std``: the public diagonal
+    std of M~'s noise, 0 without noise), reused by every ridge. Both read only the
+    released matrix and public numbers: post-processing, free.
+    """
+
+    def __init__(self, M, noise_std, denoise: str, xp):
+        from . import linalg
+
+        self.M, self.xp, self.denoise = M, xp, denoise
+        self.eig = None if denoise == "none" else linalg.denoise_eigh(M, noise_std, denoise)
+        self._chol: dict = {}
+
+    def factor(self, reg: float) -> list:
+        """Prepare the ridge ``reg``; returns the batch indices whose Cholesky was repaired."""
+        if self.eig is not None or reg in self._chol:
+            return [] if self.eig is not None else self._chol[reg][1]
+        self._chol[reg] = _factor(_add_ridge(self.M, reg, self.xp), reg)
+        return self._chol[reg][1]
+
+    def solve(self, reg: float, rhs):
+        from . import linalg
+
+        if self.eig is not None:
+            return linalg.eigh_solve(self.eig[0], self.eig[1], reg, rhs)
+        self.factor(reg)
+        return ops.cho_solve(self._chol[reg][0], rhs)
+
+
 def _add_ridge(M, reg: float, xp, copy: bool = True):
     """M + reg I on the last two axes (a copy unless ``copy=False``)."""
     out = M.copy() if copy else M
@@ -800,17 +846,25 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
-def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0) -> float:
-    """Data-independent ridge: REG_NOISE_FACTOR * sqrt(2d) * noise_std + REG_FLOOR * scale * n C^2 / d.
+def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0,
+                 denoise: str = "none") -> float:
+    """Data-independent ridge: ``f * sqrt(2d) * noise_std + REG_FLOOR * scale * n C^2 / d``.
 
     ``sqrt(2d) noise_std`` is the expected spectral norm of the symmetric noise on the
-    factored matrix (a GOE matrix with off-diagonal std s/sqrt(2)); twice that makes
-    noisy + reg I positive definite with high probability, with a margin, and damps the
-    directions the noise swamps. The second is a small fraction of the mean eigenvalue
-    ``n C^2 / d`` of a gram of n rows of norm C (times ``scale``: 1/4 for Hessians),
-    which keeps the non-private solve well posed.
+    factored matrix (a GOE matrix with off-diagonal std s/sqrt(2)). For ``denoise="none"``,
+    ``f = REG_NOISE_FACTOR`` (2): twice the noise norm makes noisy + reg I positive
+    definite with high probability, with a margin, and damps the directions the noise
+    swamps. A denoised spectrum ("psd" and the shrinkers) is non-negative, so no margin
+    against indefiniteness is needed: ``f = REG_DENOISED_FACTOR`` (1). Both factors were
+    chosen on held-out synthetic tasks (20,000 x 128, K = 20 and 20,000 x 384, K = 50;
+    benchmarks/tune_denoise_heldout.py), not on the presets the benchmark reports: the
+    best factor was 2 for "none" and 1 for every denoised spectrum at every epsilon in
+    0.25..2. The second term is a small fraction of the mean eigenvalue ``n C^2 / d`` of a gram of n
+    rows of norm C (times ``scale``: 1/4 for Hessians), which keeps the non-private solve
+    well posed.
     """
-    return REG_NOISE_FACTOR * _noise_norm(d, noise_std) + REG_FLOOR * scale * n * clip**2 / d
+    factor = REG_NOISE_FACTOR if denoise == "none" else REG_DENOISED_FACTOR
+    return factor * _noise_norm(d, noise_std) + REG_FLOOR * scale * n * clip**2 / d
 
 
 # ---------------------------------------------------------------------------------------
@@ -906,7 +960,10 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         eigenvalue sits near 0 and the solve blows up noise; held-out synthetic tasks put
         the optimum between 1x and 4x, with 2x the most robust), and the eigen-directions
         the noise swamps are damped; the second is 1e-3 times the mean eigenvalue
-        ``n C^2 / d`` of the gram (well-posedness without noise). A list is swept on the
+        ``n C^2 / d`` of the gram (well-posedness without noise). That is for
+        ``denoise="none"``; for a denoised spectrum (the default) the first term is
+        ``1 sqrt(2 d) s``: no margin against indefiniteness is needed, and 1x was best
+        on held-out tasks (see ``_default_reg``). A list is swept on the
         public validation split, every candidate solved from the SAME released
         statistics (post-processing: the ledger does not change).
     alpha : float >= 0, list, or None
@@ -921,11 +978,26 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         the per-class variant the per-class and global grams split the share equally
         (multipliers sqrt(2) larger than the class sums'). On held-out synthetic tasks
         0.3-0.5 were best; 0.85 lost at every epsilon.
+    denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
+        How the released (noisy) matrix is treated before the solve; every choice reads
+        only the released matrix and the public noise std of its release (as in
+        ``privacy_``), so it is post-processing and the ledger is the same for all.
+        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
+        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
+        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
+        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
+        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
+        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
+        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
+        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
+        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
+        ``epsilon = inf`` every choice gives the same solve as "none". The
+        eigendecomposition costs about 10x a Cholesky (see the README).
     {_ATTR_DOC}
     """
 
     def __init__(self, epsilon=1.0, delta=None, *, variant="global", reg=None, alpha=None,
-                 gram_share=0.5, clip_norm=1.0, normalize=True, center=None, classes=None,
+                 gram_share=0.5, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
                  random_state=None, device="auto", keep_stats=False, verbose=0):
         self.epsilon = epsilon
         self.delta = delta
@@ -933,6 +1005,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         self.reg = reg
         self.alpha = alpha
         self.gram_share = gram_share
+        self.denoise = denoise
         self.clip_norm = clip_norm
         self.normalize = normalize
         self.center = center
@@ -953,7 +1026,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         if variant == "per_class":
             sweep["alpha"] = alphas or [None]
         return {"variant": variant, "regs": regs, "alphas": alphas, "share": share,
-                "_sweep": sweep}
+                "denoise": _check_denoise(self.denoise), "_sweep": sweep}
 
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         share = p["share"]
@@ -962,7 +1035,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
                                           {"gram": share, "class_sums": 1.0 - share})
             releases = [_planned("gram", (d, d), C**2, z["gram"], symmetric=True, n=n, clip=C)]
             candidates = [(reg, None) for reg in p["regs"]
-                          or [_default_reg(z["gram"] * C**2, d, n, C)]]
+                          or [_default_reg(z["gram"] * C**2, d, n, C, denoise=p["denoise"])]]
         else:
             z = accounting.calibrate_plan(
                 epsilon, delta,
@@ -977,7 +1050,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             for alpha in p["alphas"] or [1.0]:
                 # Diagonal noise std of A~_l + alpha G~, and mean eigenvalue scale 1/K + alpha.
                 default = _default_reg(math.hypot(s_a, alpha * s_g), d, n, C,
-                                       scale=alpha + 1.0 / k)
+                                       scale=alpha + 1.0 / k, denoise=p["denoise"])
                 candidates += [(reg, alpha) for reg in p["regs"] or [default]]
         releases.append(_planned("class_sums", (k, d), C, z["class_sums"], symmetric=False,
                                  n=n, clip=C))
@@ -995,10 +1068,11 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
             ctx.keep("gram", G)
             ctx.keep("class_sums", B)
+            solver = _RidgeSolver(G, z["gram"] * C**2, p["denoise"], xp)
 
             def solve(reg, _alpha):
-                L, bad = _factor(_add_ridge(G, reg, xp), reg)
-                return ops.cho_solve(L, xp.ascontiguousarray(B.T)).T, bad
+                bad = solver.factor(reg)
+                return solver.solve(reg, xp.ascontiguousarray(B.T)).T, bad
         else:
             A = ops.clipped_class_grams(ctx.X, ctx.y, k, C)
             G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
@@ -1008,10 +1082,16 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             ctx.keep("class_grams", A)
             ctx.keep("gram", G)
             ctx.keep("class_sums", B)
+            s_a, s_g = z["class_grams"] * C**2, z["gram"] * C**2
+            solvers: dict = {}
 
             def solve(reg, alpha):
-                L, bad = _factor(_add_ridge(A + alpha * G[None], reg, xp, copy=False), reg)
-                return ops.cho_solve(L, B), bad
+                if alpha not in solvers:  # one factorisation per alpha serves every ridge
+                    solvers.clear()
+                    solvers[alpha] = _RidgeSolver(A + alpha * G[None], math.hypot(s_a, alpha * s_g),
+                                                  p["denoise"], xp)
+                bad = solvers[alpha].factor(reg)
+                return solvers[alpha].solve(reg, B), bad
 
         results = []
         best = None
@@ -1082,16 +1162,33 @@ class DPNewtonClassifier(_DPClassifierBase):
         Ridge added to each noisy Hessian sum. None: ``2 sqrt(2 d) s_H + 1e-3 n C^2/(4 d)``
         with ``s_H = z_H sqrt(K) C^2 / 4`` the Hessian noise std: twice the expected
         spectral norm of that noise (positive definite w.h.p.) plus a small fraction of
-        the mean eigenvalue of the Hessian at 0. A list is chosen per step like ``lr``.
+        the mean eigenvalue of the Hessian at 0; the first factor is 1 instead of 2 for a
+        denoised spectrum (every ``denoise`` but "none"). A list is chosen per step like
+        ``lr``.
     hessian_share : float in (0, 1), default 0.5
         Share of ``mu^2`` for the Hessians (0.5: the paper's equal multipliers).
     bias : float, default 0.0
         Fixed logit offset (ALGORITHMS.md: no bias).
+    denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
+        How the released (noisy) matrix is treated before the solve; every choice reads
+        only the released matrix and the public noise std of its release (as in
+        ``privacy_``), so it is post-processing and the ledger is the same for all.
+        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
+        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
+        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
+        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
+        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
+        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
+        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
+        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
+        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
+        ``epsilon = inf`` every choice gives the same solve as "none". The
+        eigendecomposition costs about 10x a Cholesky (see the README).
     {_ATTR_DOC}
     """
 
     def __init__(self, epsilon=1.0, delta=None, *, steps=2, lr=1.0, reg=None, hessian_share=0.5,
-                 bias=0.0, clip_norm=1.0, normalize=True, center=None, classes=None,
+                 bias=0.0, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
                  random_state=None, device="auto", keep_stats=False, verbose=0):
         self.epsilon = epsilon
         self.delta = delta
@@ -1100,6 +1197,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         self.reg = reg
         self.hessian_share = hessian_share
         self.bias = bias
+        self.denoise = denoise
         self.clip_norm = clip_norm
         self.normalize = normalize
         self.center = center
@@ -1118,6 +1216,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         share = _share(self.hessian_share, "hessian_share")
         bias = _real(self.bias, "bias")
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
+                "denoise": _check_denoise(self.denoise),
                 "_sweep": {"lr": lrs, "reg": regs or [None]}}
 
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
@@ -1126,7 +1225,8 @@ class DPNewtonClassifier(_DPClassifierBase):
                                       {"hessians": p["share"], "gradients": 1.0 - p["share"]},
                                       {"hessians": T, "gradients": T})
         sens_h, sens_g = math.sqrt(k) * C**2 / 4.0, math.sqrt(k) * C
-        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25)]
+        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25,
+                                          denoise=p["denoise"])]
         # Hessian weights sigmoid' <= 1/4 (exactly 1/4 at W = 0, bias 0).
         releases = [_planned("hessians", (k, d, d), sens_h, z["hessians"], T, symmetric=True,
                              n=n, clip=C, scale=0.25),
@@ -1161,14 +1261,15 @@ class DPNewtonClassifier(_DPClassifierBase):
                 ctx.keep("hessians", H, per_step=True)
                 ctx.keep("gradients", g, per_step=True)
                 candidates = []
+                solver = _RidgeSolver(H, z["hessians"] * sens_h, p["denoise"], xp)
                 for reg in regs:
-                    L, bad = _factor(_add_ridge(H, reg, xp), reg)
+                    bad = solver.factor(reg)
                     ctx.repaired.extend((t, i) for i in bad)
-                    direction = ops.cho_solve(L, g)
-                    del L
+                    direction = solver.solve(reg, g)
+                    solver._chol.clear()
                     for lr in p["lrs"]:
                         candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
-                del H
+                del H, solver
                 W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
                 bar.advance()
         ctx.coef = W
@@ -1220,7 +1321,8 @@ class DPFCClassifier(_DPClassifierBase):
     reg : float >= 0, list, or None
         Ridge on the noisy covariance. None: ``2 sqrt(2 d) z_G C^2 + 1e-3 n C^2 / d``
         (twice the expected spectral norm of the covariance noise, plus a small fraction
-        of the mean eigenvalue). A list is chosen per step like ``lr`` (each candidate
+        of the mean eigenvalue; once the noise norm for a denoised spectrum, i.e. every
+        ``denoise`` but "none"). A list is chosen per step like ``lr`` (each candidate
         ridge is factored once; all reuse the one released covariance).
     covariance_share : float in (0, 1) or None
         Share of ``mu^2`` for the covariance. None: the paper's equal multipliers
@@ -1237,11 +1339,15 @@ class DPFCClassifier(_DPClassifierBase):
         ``W = 0`` for a row of norm C, ``||sigmoid(b) 1 - e_y|| C / K``
         (``sqrt((K - 1)/K) C / K`` for the default bias): nothing is clipped at the
         start and no sensitivity is wasted; later only badly misclassified examples are.
+    denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
+        As in :class:`DPLeastSquaresClassifier`, applied to the released covariance once
+        (one eigendecomposition serves every step and every ``reg`` candidate).
     {_ATTR_DOC}
     """
 
     def __init__(self, epsilon=1.0, delta=None, *, steps=10, lr=None, reg=None,
-                 covariance_share=None, bias=None, grad_clip_norm=None, clip_norm=1.0,
+                 covariance_share=None, bias=None, grad_clip_norm=None, denoise=DENOISE_DEFAULT,
+                 clip_norm=1.0,
                  normalize=True, center=None, classes=None, random_state=None, device="auto",
                  keep_stats=False, verbose=0):
         self.epsilon = epsilon
@@ -1252,6 +1358,7 @@ class DPFCClassifier(_DPClassifierBase):
         self.covariance_share = covariance_share
         self.bias = bias
         self.grad_clip_norm = grad_clip_norm
+        self.denoise = denoise
         self.clip_norm = clip_norm
         self.normalize = normalize
         self.center = center
@@ -1271,7 +1378,8 @@ class DPFCClassifier(_DPClassifierBase):
         gclip = None if self.grad_clip_norm is None else _positive(self.grad_clip_norm,
                                                                    "grad_clip_norm")
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
-                "grad_clip": gclip, "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
+                "grad_clip": gclip, "denoise": _check_denoise(self.denoise),
+                "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
 
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         T = p["steps"]
@@ -1282,7 +1390,8 @@ class DPFCClassifier(_DPClassifierBase):
         bias = -math.log(k - 1) if p["bias"] is None else p["bias"]
         cg = p["grad_clip"] or _default_grad_clip(k, bias, "sigmoid", C)
         lrs = p["lrs"] or [8.0 * k]
-        regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C)]
+        regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C,
+                                          denoise=p["denoise"])]
         releases = [_planned("covariance", (d, d), C**2, z["covariance"], symmetric=True, n=n,
                              clip=C),
                     _planned("gradient", (k, d), cg, z["gradient"], T, symmetric=False, n=n,
@@ -1299,11 +1408,9 @@ class DPFCClassifier(_DPClassifierBase):
         G = ops.clipped_gram(ctx.X, C)
         G = ctx.release_sym(G, C**2, z["covariance"], "covariance")
         ctx.keep("covariance", G)
-        factors = []
+        solver = _RidgeSolver(G, z["covariance"] * C**2, p["denoise"], xp)
         for reg in regs:
-            L, bad = _factor(_add_ridge(G, reg, xp), reg)
-            ctx.repaired.extend((reg, i) for i in bad)
-            factors.append((reg, L))
+            ctx.repaired.extend((reg, i) for i in solver.factor(reg))
         del G
         W = xp.zeros((k, d), dtype=xp.float64)
         log: list = []
@@ -1317,8 +1424,8 @@ class DPFCClassifier(_DPClassifierBase):
                 g = ctx.release_dense(g, cg, z["gradient"], "gradient")
                 ctx.keep("gradient", g, per_step=True)
                 candidates = []
-                for reg, L in factors:
-                    direction = ops.cho_solve(L, xp.ascontiguousarray(g.T)).T
+                for reg in regs:
+                    direction = solver.solve(reg, xp.ascontiguousarray(g.T)).T
                     for lr in lrs:
                         candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
                 W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
