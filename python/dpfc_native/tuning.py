@@ -219,9 +219,15 @@ def selection_rdp(order: float, mu: float, mean: float, shape: float) -> float:
     if not lam > 1.0:
         raise ValueError(f"order must be > 1, got {order!r}")
     eta = _check_shape(shape)
+    return _selection_curve(mu, mean, eta)(lam)
+
+
+def _selection_curve(mu: float, mean: float, eta: float):
+    """``lambda -> eps'(lambda)`` of :func:`selection_rdp` (gamma solved once)."""
     gamma = truncated_negative_binomial_gamma(eta, mean)
     c = (1.0 + eta) * _min_lambda_hat(mu, -math.log(gamma))
-    return lam * mu * mu / 2.0 + c + math.log(mean) / (lam - 1.0)
+    log_mean = math.log(mean)
+    return lambda lam: lam * mu * mu / 2.0 + c + log_mean / (lam - 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +241,11 @@ class RepeatAndSelect:
     name: str = "selection"
 
     def rdp(self, order: float) -> float:
-        return selection_rdp(order, self.mu, self.mean, self.shape)
+        curve = self.__dict__.get("_curve")
+        if curve is None:
+            curve = _selection_curve(self.mu, self.mean, _check_shape(self.shape))
+            object.__setattr__(self, "_curve", curve)
+        return curve(float(order))
 
 
 def selection_epsilon(mu: float, delta: float, mean: float, shape: float = 0.0,
@@ -244,7 +254,7 @@ def selection_epsilon(mu: float, delta: float, mean: float, shape: float = 0.0,
     base algorithm, minimised over the Renyi order (``return_order``: also the order)."""
     delta = accounting._check_delta(delta)
     mu = accounting._check_mu(mu)
-    eps, lam = _min_over_orders(lambda a: selection_rdp(a, mu, mean, shape), delta)
+    eps, lam = _min_over_orders(_selection_curve(mu, mean, _check_shape(shape)), delta)
     return (eps, lam) if return_order else eps
 
 
