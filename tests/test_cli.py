@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -10,8 +11,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dpfc_native import data
+from dpfc_native import data, report
 from dpfc_native.cli import TRAIN_METHODS, app
+
+# The CLI tests pass --seed (replayable) and often no --num-classes on purpose; the
+# PrivacyWarning itself is tested in test_tuning.py.
+pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
 
 runner = CliRunner()
 
@@ -116,6 +121,66 @@ def test_demo_small(tmp_path):
     assert digits["median_accuracy"]["ls"]["inf"] > 0.85
     assert digits["ledgers"]["fc"]["1.0"]["epsilon"] <= 1.0
     assert (out / "results.md").read_text().startswith("digits")
+
+
+def test_demo_estimate_progress_and_defaults(tmp_path):
+    out = tmp_path / "demo"
+    text = _ok(runner.invoke(app, ["demo", "-d", "cifar100", "--n", "300", "--seeds", "1",
+                                   "-e", "1", "--out", str(out)]))
+    # Per-shape defaults: at K = 100 the K d^2 methods are left out, and it says so.
+    assert "ls-per-class, newton, adam left out at K = 100" in text
+    assert "DP-SGD with {'steps': 30}" in text
+    assert "3 fits (ls, fc, sgd), estimated" in text
+    # Not a TTY: plain progress lines.
+    assert "cifar100: 0/3 (0%), started" in text and "cifar100: 3/3 (100%), done" in text
+    res = json.loads((out / "results.json").read_text())["results"][0]
+    assert res["complete"] is True and set(res["median_accuracy"]) == {"ls", "fc", "sgd"}
+    assert res["chance_accuracy"] == pytest.approx(
+        np.bincount(report.load_dataset("cifar100", 300)[1].labels).max() / res["n_test"])
+
+
+def test_demo_keeps_partial_results(tmp_path):
+    """A run stopped part-way (here after the 3rd fit) leaves the finished cells on disk."""
+    stop_after = 3
+
+    def on_fit(m, e, s, dt, count=[0]):
+        count[0] += 1
+        if count[0] == stop_after:
+            raise KeyboardInterrupt
+
+    def on_result(res):
+        report.write_outputs([res], str(tmp_path), plot=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        report.run_demo("digits", seeds=2, epsilons=(1.0, math.inf), methods=("ls", "fc"),
+                        on_fit=on_fit, on_result=on_result)
+    res = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert res["complete"] is False
+    done = sum(len(v) for cells in res["accuracy"].values() for v in cells.values())
+    assert done == stop_after - 1  # the interrupted fit's result was not written
+    assert res["median_accuracy"]["ls"]["1.0"] is not None
+    assert res["median_accuracy"]["fc"]["inf"] is None
+    assert "PARTIAL" in (tmp_path / "results.md").read_text()
+    # The plot of a partial result draws what is there.
+    partial = report.DemoResult(**{**{f: None for f in ()}, **_partial_fields()})
+    assert report.plot_privacy_utility([partial], str(tmp_path / "p.png")).endswith("p.png")
+
+
+def _partial_fields():
+    acc = {"ls": {1.0: [0.5, 0.6], math.inf: []}, "fc": {1.0: [], math.inf: []}}
+    return dict(dataset="x", n_train=10, n_test=5, d=3, k=2, delta=1e-5,
+                epsilons=(1.0, math.inf), methods=("ls", "fc"), seeds=2, accuracy=acc,
+                fit_seconds=acc, ledgers={"ls": {}, "fc": {}}, chance=0.5, complete=False)
+
+
+def test_default_methods_per_shape():
+    assert report.default_methods(10) == tuple(report.METHODS)
+    assert "newton" not in report.default_methods(100)
+    assert "ls-per-class" not in report.default_methods(100)
+    assert report.demo_overrides("sgd", 100) == {"steps": report.LARGE_K_SGD_STEPS}
+    assert report.demo_overrides("sgd", 10) == {}
+    assert report.estimate_seconds(1000, 64, 10, ("ls",), 1, rate=1e9) == pytest.approx(
+        (1000 * 64 * 64 + 2 * 1000 * 64 * 10 + 64**3 / 3 + 9 * 64**3) / 1e9)
 
 
 def test_demo_errors(tmp_path):

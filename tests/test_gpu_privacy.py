@@ -41,7 +41,8 @@ from test_privacy_noise import (
 from test_privacy_replay import adversarial_additions, add_example, f32_widened_sensitivity
 
 
-pytestmark = [pytest.mark.gpu, requires_gpu]
+pytestmark = [pytest.mark.gpu, requires_gpu,
+              pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,10 @@ from dpfc_native.models import (
 
 from conftest import GPU_AVAILABLE, reference_clip64
 
+# These tests fix noise seeds (replayable) and often infer the label set on purpose;
+# the PrivacyWarning for that is tested in test_tuning.py.
+pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
+
 INF = float("inf")
 ESTIMATORS = [DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier]
 

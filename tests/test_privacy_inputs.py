@@ -29,6 +29,10 @@ from hypothesis import strategies as st
 
 from dpfc_native import _core, accounting, data, mechanisms, models, ops
 
+# These tests fix noise seeds (replayable) and often infer the label set on purpose;
+# the PrivacyWarning for that is tested in test_tuning.py.
+pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
+
 COUNTS: collections.Counter = collections.Counter()
 ARG_ERRORS = (TypeError, ValueError)
 _HAVE_CUPY = importlib.util.find_spec("cupy") is not None

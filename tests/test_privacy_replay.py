@@ -30,6 +30,10 @@ import pytest
 
 from dpfc_native import mechanisms, models, ops
 
+# These tests fix noise seeds (replayable) and often infer the label set on purpose;
+# the PrivacyWarning for that is tested in test_tuning.py.
+pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
+
 COUNTS: collections.Counter = collections.Counter()
 
 

@@ -25,10 +25,14 @@ __all__ = [
     "DPNewtonClassifier",
     "DPFCClassifier",
     "DPSGDClassifier",
+    "PrivacyBudget",
+    "PrivacyBudgetExceeded",
+    "PrivateSelector",
 ]
 
 _ESTIMATORS = ("DPLeastSquaresClassifier", "DPNewtonClassifier", "DPFCClassifier",
                "DPSGDClassifier")
+_TUNING = ("PrivacyBudget", "PrivacyBudgetExceeded", "PrivateSelector")
 
 
 def __getattr__(name: str):
@@ -37,6 +41,10 @@ def __getattr__(name: str):
         from . import models
 
         return getattr(models, name)
+    if name in _TUNING:
+        from . import tuning
+
+        return getattr(tuning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CudaError = _core.CudaError

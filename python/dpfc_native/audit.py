@@ -583,14 +583,19 @@ def register_cli(app) -> None:
             typer.echo("Error: --planted-bug must be none, half_noise, no_clip or all, got "
                        f"{planted_bug!r}", err=True)
             raise typer.Exit(2)
+        from ._progress import progress
+
         results = []
         try:
-            for m in mechs:
-                for eps in epsilon:
-                    for bug in bug_names[planted_bug]:
-                        results.append(audit_mechanism(
-                            m, eps, delta, runs=runs, d=d, steps=steps, planted_bug=bug,
-                            seed=seed, backend=backend))
+            with progress(len(mechs) * len(epsilon) * len(bug_names[planted_bug]),
+                          "audit") as bar:
+                for m in mechs:
+                    for eps in epsilon:
+                        for bug in bug_names[planted_bug]:
+                            results.append(audit_mechanism(
+                                m, eps, delta, runs=runs, d=d, steps=steps, planted_bug=bug,
+                                seed=seed, backend=backend))
+                            bar.advance(f"{m} eps={eps:g} bug={bug or 'none'}")
         except (TypeError, ValueError) as exc:
             typer.echo(f"Error: {exc}", err=True)
             raise typer.Exit(2)

@@ -362,38 +362,49 @@ def save_model(est, path, method: str) -> str:
     return path
 
 
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @app.command()
 def demo(
     dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="digits | "
                                                 "cifar10 | cifar100 | imagenet (repeatable). "
-                                                "Default: digits (well under 3 minutes on 2 "
-                                                "CPU cores)."),
+                                                "Default: digits (about a minute on 2 CPU "
+                                                "cores)."),
     seeds: int = typer.Option(5, "--seeds", help="Noise seeds per cell (median reported)."),
     n: Optional[int] = typer.Option(None, "--n", help="Training rows of the synthetic "
                                     "datasets (default: the preset's)."),
     out: Path = typer.Option(Path("dpfc_demo_out"), "--out", help="Output directory."),
     epsilon: Optional[List[float]] = typer.Option(None, "--epsilon", "-e", help="Epsilons "
                                                   "(repeatable; default 0.1 0.5 1 2 8 inf)."),
-    method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods "
-                                               "(repeatable; default all)."),
+    method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods: "
+                                               "ls | ls-per-class | newton | fc | sgd | adam "
+                                               "(repeatable). Default: all; from K = 50 "
+                                               "classes on, newton, ls-per-class and adam "
+                                               "are left out and sgd runs 30 steps."),
     features: Optional[Path] = typer.Option(None, "--features", help="A PUBLIC features "
                                             "file standing in for the private data (split "
                                             "75/25; --n draws that many training rows): "
                                             "its privacy-utility curve."),
 ):
     """Every method on embedded data at eps in {0.1, 0.5, 1, 2, 8} and non-private: a table
-    and a privacy-utility plot (PNG + JSON) in --out. Nothing is downloaded."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    and a privacy-utility plot (PNG + JSON + Markdown) in --out, written as the fits finish
+    (a run stopped part-way keeps what finished). Nothing is downloaded."""
     from . import report
+    from ._progress import progress
 
     datasets = list(dataset) if dataset else ([] if features is not None else ["digits"])
     eps = tuple(epsilon) if epsilon else report.DEMO_EPSILONS
-    methods = tuple(method) if method else tuple(report.METHODS)
+    methods = tuple(method) if method else None
     for ds in datasets:
         if ds not in report.DATASETS:
             _fail(f"--dataset must be one of {', '.join(report.DATASETS)}, got {ds!r}")
-    for m in methods:
+    for m in methods or ():
         if m not in report.METHODS:
             _fail(f"--method must be one of {', '.join(report.METHODS)}, got {m!r}")
     if seeds < 1:
@@ -408,28 +419,55 @@ def demo(
             _fail(f"--epsilon must be > 0 (inf allowed), got {e}")
     console = _console()
     t0 = time.perf_counter()
-    results = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        for ds in datasets:
-            size = n if ds != "digits" else None
-            task = progress.add_task(f"{ds}: loading", total=len(methods) * len(eps) * seeds)
+    out_dir = os.fspath(out)
+    results: list = []
+    console.print(f"results are written to {out_dir}/ as they are computed")
+    for ds in datasets:
+        size = n if ds != "digits" else None
+        try:
+            loaded = report.load_dataset(ds, size)
+        except _USER_ERRORS as exc:
+            _fail(str(exc))
+        train_set = loaded[0]
+        ms = methods or report.default_methods(train_set.num_classes)
+        left_out = [m for m in report.METHODS if m not in ms]
+        if methods is None and left_out:
+            console.print(f"{ds}: {', '.join(left_out)} left out at K = {train_set.num_classes} "
+                          "(cost grows with K; see dpfc_native.report.LARGE_K); name them "
+                          "with -m to include them")
+        for m in ms:
+            if report.demo_overrides(m, train_set.num_classes):
+                console.print(f"{ds}: {report.METHODS[m][0]} with "
+                              f"{report.demo_overrides(m, train_set.num_classes)} at this K")
+        fits = len(ms) * len(eps) * seeds
+        estimate = report.estimate_seconds(train_set.n, train_set.d, train_set.num_classes, ms,
+                                           len(eps) * seeds)
+        console.print(f"{ds}: n={train_set.n}, d={train_set.d}, K={train_set.num_classes}; "
+                      f"{fits} fits ({', '.join(ms)}), estimated {_fmt_duration(estimate)} "
+                      "(rough, from a measured gram rate)")
+        per_method = len(eps) * seeds
+        done = [0]
 
-            def on_fit(m, e, s, dt, task=task, ds=ds):
-                progress.update(task, advance=1, description=f"{ds}: {report.METHODS[m][0]} "
-                                f"eps={e:g} seed={s}")
+        def on_result(res, done=done):
+            done[0] += 1
+            try:  # the plot only when a method's row is complete (it takes ~0.5 s)
+                report.write_outputs(results + [res], out_dir, plot=done[0] % per_method == 0)
+            except OSError as exc:
+                _fail(f"cannot write to {out}: {exc}")
+
+        with progress(fits, ds) as bar:
+            def on_fit(m, e, s, dt, bar=bar):
+                bar.advance(f"{report.METHODS[m][0]} eps={e:g} seed={s} ({dt:.1f} s)")
 
             try:
-                res = report.run_demo(ds, seeds=seeds, n=size, epsilons=eps, methods=methods,
-                                      on_fit=on_fit)
+                res = report.run_demo(ds, seeds=seeds, n=size, epsilons=eps, methods=ms,
+                                      on_fit=on_fit, on_result=on_result, loaded=loaded)
             except _USER_ERRORS as exc:
                 _fail(str(exc))
-            results.append(res)
-            progress.remove_task(task)
-            console.print(report.results_table(res))
+        results.append(res)
+        console.print(report.results_table(res))
     try:
-        paths = report.write_outputs(results, os.fspath(out))
+        paths = report.write_outputs(results, out_dir)
     except OSError as exc:
         _fail(f"cannot write to {out}: {exc}")
     console.print(f"privacy ledgers (per method and epsilon) and accuracies: {paths['json']}")

@@ -51,10 +51,12 @@ import inspect
 import math
 import numbers
 import time
+import warnings
 
 import numpy as np
 
 from . import accounting, mechanisms, ops
+from ._errors import PrivacyWarning
 
 __all__ = [
     "DPLeastSquaresClassifier",
@@ -714,6 +716,10 @@ class _DPClassifierBase:
             val = (_preprocess(Xv, xp, clip, center, normalize),
                    xp.asarray(np.searchsorted(classes, yv)))
         delta = common["delta"] if common["delta"] is not None else default_delta(n)
+        self._warn_privacy(common)
+        from . import tuning
+
+        charge = tuning._begin_fit(self, common["epsilon"], delta)  # raises if over budget
         ctx = _Context(xp=xp, X=Xc, y=xp.asarray(y_idx), k=k, n=n, d=d, clip=clip,
                        epsilon=common["epsilon"], delta=delta,
                        source=mechanisms.NoiseSource(common["random_state"]), val=val,
@@ -731,6 +737,7 @@ class _DPClassifierBase:
         self.center_ = None if center is None else _to_numpy(center)
         self.privacy_ = _ledger(ctx.records, delta, common["epsilon"],
                                 params.get("accountant", "auto"))
+        tuning._end_fit(charge, self.privacy_)
         self.noise_seeded_ = ctx.source.seeded
         self.noise_key_fingerprint_ = ctx.source.key_fingerprint
         self.repaired_ = ctx.repaired
@@ -742,6 +749,24 @@ class _DPClassifierBase:
             del self.stats_
         self.fit_time_ = time.perf_counter() - t0
         return self
+
+    def _warn_privacy(self, common) -> None:
+        """PrivacyWarning for settings that weaken the guarantee (see the class docs)."""
+        if math.isinf(common["epsilon"]):
+            return  # non-private on purpose: there is no guarantee to weaken
+        if self.classes is None:
+            warnings.warn(
+                f"{type(self).__name__}: classes=None, so the label set is read from the "
+                "private labels (np.unique(y)): which classes occur in the data is revealed "
+                "and not covered by the guarantee. Pass the public label set as classes=.",
+                PrivacyWarning, stacklevel=3)
+        if common["random_state"] is not None:
+            warnings.warn(
+                f"{type(self).__name__}: random_state={common['random_state']} fixes the "
+                "noise key, so the noise is reproducible: anyone who knows the seed can "
+                "regenerate and subtract it, and the model has no privacy guarantee against "
+                "them. Use random_state=None (fresh OS entropy) on private data.",
+                PrivacyWarning, stacklevel=3)
 
     # -- inference ----------------------------------------------------------------------
     def _check_fitted(self):
@@ -821,29 +846,11 @@ class _Context:
         return _Progress(total, description, self.verbose > 0)
 
 
-class _Progress:
-    """A rich progress bar over steps when verbose, else nothing."""
+def _Progress(total, description, enabled):
+    """Progress over steps when verbose (a rich bar on a TTY, plain lines in logs)."""
+    from ._progress import progress
 
-    def __init__(self, total, description, enabled):
-        self._bar = None
-        if enabled:
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True)
-            self._task = self._bar.add_task(description, total=total)
-
-    def __enter__(self):
-        if self._bar is not None:
-            self._bar.__enter__()
-        return self
-
-    def advance(self):
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+    return progress(total, description, enabled=enabled)
 
 
 def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0,
@@ -904,7 +911,12 @@ _COMMON_DOC = """
         and tests; per-step statistics as lists). Off by default: per-class grams are
         K d^2 floats per release.
     verbose : int, default 0
-        1: a progress bar over the steps of iterative methods."""
+        1: progress over the steps of iterative methods, on stderr: a bar on a terminal,
+        a plain line every few seconds otherwise (logs).
+    budget : PrivacyBudget or None
+        A :class:`~dpfc_native.tuning.PrivacyBudget` shared across fits: the fit is
+        refused (before any noise is drawn) if its releases would take the total above
+        the budget, and is charged otherwise. Clones (scikit-learn) share it."""
 
 _ATTR_DOC = """
     Attributes
@@ -998,7 +1010,8 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
 
     def __init__(self, epsilon=1.0, delta=None, *, variant="global", reg=None, alpha=None,
                  gram_share=0.5, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
-                 random_state=None, device="auto", keep_stats=False, verbose=0):
+                 random_state=None, device="auto", keep_stats=False, verbose=0,
+                 budget=None):
         self.epsilon = epsilon
         self.delta = delta
         self.variant = variant
@@ -1014,6 +1027,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         self.device = device
         self.keep_stats = keep_stats
         self.verbose = verbose
+        self.budget = budget
 
     def _method_params(self) -> dict:
         variant = _choice(self.variant, "variant", ("global", "per_class"))
@@ -1189,7 +1203,8 @@ class DPNewtonClassifier(_DPClassifierBase):
 
     def __init__(self, epsilon=1.0, delta=None, *, steps=2, lr=1.0, reg=None, hessian_share=0.5,
                  bias=0.0, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
-                 random_state=None, device="auto", keep_stats=False, verbose=0):
+                 random_state=None, device="auto", keep_stats=False, verbose=0,
+                 budget=None):
         self.epsilon = epsilon
         self.delta = delta
         self.steps = steps
@@ -1206,6 +1221,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         self.device = device
         self.keep_stats = keep_stats
         self.verbose = verbose
+        self.budget = budget
 
     def _method_params(self) -> dict:
         steps = _int(self.steps, "steps", 1)
@@ -1349,7 +1365,8 @@ class DPFCClassifier(_DPClassifierBase):
                  covariance_share=None, bias=None, grad_clip_norm=None, denoise=DENOISE_DEFAULT,
                  clip_norm=1.0,
                  normalize=True, center=None, classes=None, random_state=None, device="auto",
-                 keep_stats=False, verbose=0):
+                 keep_stats=False, verbose=0,
+                 budget=None):
         self.epsilon = epsilon
         self.delta = delta
         self.steps = steps
@@ -1367,6 +1384,7 @@ class DPFCClassifier(_DPClassifierBase):
         self.device = device
         self.keep_stats = keep_stats
         self.verbose = verbose
+        self.budget = budget
 
     def _method_params(self) -> dict:
         steps = _int(self.steps, "steps", 1)
@@ -1489,7 +1507,8 @@ class DPSGDClassifier(_DPClassifierBase):
     def __init__(self, epsilon=1.0, delta=None, *, steps=100, lr=None, optimizer="sgd",
                  momentum=0.9, loss="softmax", sample_rate=1.0, bias=0.0, grad_clip_norm=None,
                  accountant="auto", clip_norm=1.0, normalize=True, center=None, classes=None,
-                 random_state=None, device="auto", keep_stats=False, verbose=0):
+                 random_state=None, device="auto", keep_stats=False, verbose=0,
+                 budget=None):
         self.epsilon = epsilon
         self.delta = delta
         self.steps = steps
@@ -1509,6 +1528,7 @@ class DPSGDClassifier(_DPClassifierBase):
         self.device = device
         self.keep_stats = keep_stats
         self.verbose = verbose
+        self.budget = budget
 
     def _method_params(self) -> dict:
         steps = _int(self.steps, "steps", 1)

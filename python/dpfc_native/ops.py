@@ -656,7 +656,7 @@ def cho_solve(L, b):
     b = _coerce(b, "b", xp)
     d = L.shape[-1]
     vector = b.ndim == L.ndim - 1
-    if b.ndim < 1 or b.shape[-1 if vector else -2] != d or (not vector and b.ndim < 2):
+    if b.ndim < (1 if vector else 2) or b.shape[-1 if vector else -2] != d:
         raise ValueError(f"b must have shape (..., {d}, m) or (..., {d}), got {tuple(b.shape)}")
     if b.dtype.kind not in "fiu":
         raise TypeError(f"b must be a real array, got {b.dtype}")

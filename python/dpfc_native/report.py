@@ -18,11 +18,13 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import data
+from ._errors import PrivacyWarning
 from .models import DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier, DPSGDClassifier
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "DEMO_EPSILONS",
     "DATASETS",
     "DemoResult",
+    "default_methods",
+    "estimate_seconds",
     "make_estimator",
     "load_dataset",
     "run_demo",
@@ -69,6 +73,77 @@ def make_estimator(method: str, epsilon: float, seed: int | None = None, **overr
 
 #: Share of a public features file held out as the demo's test set.
 FEATURES_TEST_FRACTION = 0.25
+
+
+#: From this many classes on, the demo leaves out the methods whose cost grows with K
+#: times d^2 unless they are asked for: DP Newton (K Hessians, n d^2 K flops per step: 5.5
+#: minutes per fit at CIFAR-100 shape, n = 20000, on 2 cores) and per-class DP-LS (K noisy
+#: d x d grams, each factored and, when the noise makes it indefinite, repaired by an
+#: eigendecomposition: about 3 minutes per fit there). Both are also at chance accuracy at
+#: that shape: their noise is sqrt(K) (Newton) or K (per class) times larger relative to
+#: the signal than DP-LS's.
+#: DP-Adam is left out there too (the same per-step gradient pass as DP-SGD, which
+#: stays), and DP-SGD runs :data:`LARGE_K_SGD_STEPS` full-batch steps instead of 100: each
+#: step is a pass of 4 n d K flops (1 minute per 10 steps at that shape on 2 cores).
+LARGE_K = 50
+_LARGE_K_SKIPPED = ("newton", "ls-per-class", "adam")
+LARGE_K_SGD_STEPS = 30
+
+
+def default_methods(k: int) -> tuple:
+    """The demo's methods for K classes: all of :data:`METHODS`, without DP Newton,
+    per-class DP-LS and DP-Adam when ``K >= LARGE_K`` (name them with ``-m`` to include
+    them)."""
+    return tuple(m for m in METHODS if not (m in _LARGE_K_SKIPPED and k >= LARGE_K))
+
+
+def demo_overrides(method: str, k: int) -> dict:
+    """Estimator settings of the demo that depend on the shape: fewer DP-SGD / DP-Adam
+    steps when ``K >= LARGE_K`` (the noise is calibrated to the steps actually run)."""
+    if method in ("sgd", "adam") and k >= LARGE_K:
+        return {"steps": LARGE_K_SGD_STEPS}
+    return {}
+
+
+def _fit_flops(method: str, n: int, d: int, k: int) -> float:
+    """Rough flop count of one fit with the demo's defaults (the dominant terms)."""
+    gram = float(n) * d * d
+    # A factorisation that the noise made indefinite is repaired by an eigendecomposition
+    # (about 9 d^3 flops): counted as if every one were repaired.
+    factor = d**3 / 3.0 + 9.0 * d**3
+    if method == "ls":
+        return gram + 2.0 * n * d * k + factor
+    if method == "ls-per-class":
+        return 2.0 * gram + k * factor
+    if method == "newton":
+        steps = DPNewtonClassifier().steps
+        return steps * (gram * k + 4.0 * n * d * k + k * factor)
+    if method == "fc":
+        steps = DPFCClassifier().steps
+        return gram + factor + steps * 4.0 * n * d * k
+    steps = demo_overrides(method, k).get("steps", DPSGDClassifier().steps)
+    return steps * 4.0 * n * d * k
+
+
+def _measured_rate(d: int) -> float:
+    """Flops per second of this machine on the dominant kernel (a clipped gram of
+    4096 x d float32 rows), measured once (about 0.1 s)."""
+    from . import ops
+
+    x = np.random.default_rng(0).standard_normal((4096, d)).astype(np.float32)
+    ops.clipped_gram(x[:256], 1.0)  # warm-up
+    t = time.perf_counter()
+    ops.clipped_gram(x, 1.0)
+    return 4096.0 * d * d / max(time.perf_counter() - t, 1e-6)
+
+
+def estimate_seconds(n: int, d: int, k: int, methods: Sequence[str], n_fits_per_method: int,
+                     rate: float | None = None) -> float:
+    """Rough wall time of ``n_fits_per_method`` fits of every method at shape (n, d, K):
+    a flop count of each method divided by the measured gram rate (within a factor of
+    about 2: the other kernels run at other rates)."""
+    rate = _measured_rate(d) if rate is None else rate
+    return sum(_fit_flops(m, n, d, k) for m in methods) * n_fits_per_method / rate
 
 
 def load_dataset(name: str, n: int | None = None, seed: int = 0):
@@ -117,9 +192,13 @@ class DemoResult:
     fit_seconds: dict
     ledgers: dict
     total_seconds: float = 0.0
+    chance: float = 0.0
+    complete: bool = True
 
     def median(self, method: str, epsilon: float) -> float:
-        return float(np.median(self.accuracy[method][epsilon]))
+        """Median over seeds (nan for a cell not computed yet)."""
+        vals = self.accuracy[method][epsilon]
+        return float(np.median(vals)) if vals else math.nan
 
     def to_dict(self) -> dict:
         def key(e):
@@ -130,7 +209,9 @@ class DemoResult:
             "d": self.d, "k": self.k, "delta": self.delta, "seeds": self.seeds,
             "epsilons": [key(e) for e in self.epsilons],
             "methods": {m: METHODS[m][0] for m in self.methods},
-            "median_accuracy": {m: {key(e): self.median(m, e) for e in self.epsilons}
+            "chance_accuracy": self.chance, "complete": self.complete,
+            "median_accuracy": {m: {key(e): (None if math.isnan(self.median(m, e))
+                                             else self.median(m, e)) for e in self.epsilons}
                                 for m in self.methods},
             "accuracy": {m: {key(e): list(map(float, self.accuracy[m][e]))
                              for e in self.epsilons} for m in self.methods},
@@ -143,8 +224,10 @@ class DemoResult:
 
 
 def run_demo(dataset: str = "digits", *, seeds: int = 1, n: int | None = None,
-             epsilons: Sequence[float] = DEMO_EPSILONS, methods: Sequence[str] = tuple(METHODS),
-             on_fit: Callable[[str, float, int, float], None] | None = None) -> DemoResult:
+             epsilons: Sequence[float] = DEMO_EPSILONS, methods: Sequence[str] | None = None,
+             on_fit: Callable[[str, float, int, float], None] | None = None,
+             on_result: Callable[["DemoResult"], None] | None = None,
+             loaded=None) -> DemoResult:
     """Train every method at every epsilon for ``seeds`` noise seeds on one dataset.
 
     Parameters
@@ -155,45 +238,66 @@ def run_demo(dataset: str = "digits", *, seeds: int = 1, n: int | None = None,
     n : int, optional
         Training rows of a synthetic dataset (default: the preset's).
     epsilons : sequence of float (inf allowed)
-    methods : sequence of keys of :data:`METHODS`
+    methods : sequence of keys of :data:`METHODS`, optional
+        Default: :func:`default_methods` for the dataset's K.
     on_fit : callable(method, epsilon, seed, seconds), optional
         Called after every fit (progress bars).
+    on_result : callable(DemoResult), optional
+        Called after every fit with the result so far (``complete=False`` until the
+        last fit): write it out, and a run stopped part-way keeps what finished.
+    loaded : (train, test) FeatureSets, optional
+        The dataset, if the caller loaded it already.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
-    for m in methods:
+    for m in methods or ():
         if m not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {m!r}")
     for e in epsilons:
         if not (isinstance(e, (int, float)) and e > 0):
             raise ValueError(f"epsilons must be > 0 (inf allowed), got {e!r}")
     t0 = time.perf_counter()
-    train, test = load_dataset(dataset, n)
+    train, test = loaded if loaded is not None else load_dataset(dataset, n)
+    if methods is None:
+        methods = default_methods(train.num_classes)
     x, y, xt, yt = train.features, train.labels, test.features, test.labels
     classes = np.arange(train.num_classes)  # the public label set
-    accuracy = {m: {e: [] for e in epsilons} for m in methods}
-    seconds = {m: {e: [] for e in epsilons} for m in methods}
-    ledgers: dict = {m: {} for m in methods}
-    delta = None
+    from .models import default_delta
+
+    counts = np.bincount(np.asarray(yt, dtype=np.int64), minlength=train.num_classes)
+    result = DemoResult(
+        dataset=train.name.rsplit("-train", 1)[0], n_train=train.n, n_test=test.n, d=train.d,
+        k=train.num_classes, delta=float(default_delta(train.n)), epsilons=tuple(epsilons),
+        methods=tuple(methods), seeds=seeds,
+        accuracy={m: {e: [] for e in epsilons} for m in methods},
+        fit_seconds={m: {e: [] for e in epsilons} for m in methods},
+        ledgers={m: {} for m in methods}, chance=float(counts.max() / counts.sum()),
+        complete=False)
     for m in methods:
         for e in epsilons:
             for s in range(seeds):
-                est = make_estimator(m, e, seed=s, classes=classes)
+                est = make_estimator(m, e, seed=s, classes=classes,
+                                     **demo_overrides(m, train.num_classes))
                 t = time.perf_counter()
-                est.fit(x, y)
+                with warnings.catch_warnings():
+                    # The demo seeds its noise on purpose (a reproducible experiment on
+                    # public data); the warning is for fits on private data.
+                    warnings.simplefilter("ignore", PrivacyWarning)
+                    est.fit(x, y)
                 dt = time.perf_counter() - t
-                accuracy[m][e].append(est.score(xt, yt))
-                seconds[m][e].append(dt)
-                delta = est.delta_
+                result.accuracy[m][e].append(est.score(xt, yt))
+                result.fit_seconds[m][e].append(dt)
+                result.delta = float(est.delta_)
                 if s == 0:
-                    ledgers[m][e] = est.privacy_.to_dict()
+                    result.ledgers[m][e] = est.privacy_.to_dict()
+                result.total_seconds = time.perf_counter() - t0
                 if on_fit is not None:
                     on_fit(m, e, s, dt)
-    return DemoResult(dataset=train.name.rsplit("-train", 1)[0], n_train=train.n, n_test=test.n,
-                      d=train.d, k=train.num_classes, delta=float(delta), epsilons=tuple(epsilons),
-                      methods=tuple(methods), seeds=seeds, accuracy=accuracy,
-                      fit_seconds=seconds, ledgers=ledgers,
-                      total_seconds=time.perf_counter() - t0)
+                if on_result is not None:
+                    on_result(result)
+    result.complete = True
+    result.total_seconds = time.perf_counter() - t0
+    return result
 
 
 def _eps_label(e: float) -> str:
@@ -201,16 +305,26 @@ def _eps_label(e: float) -> str:
 
 
 def _best_per_column(result: DemoResult) -> dict:
-    return {e: max(result.median(m, e) for m in result.methods) for e in result.epsilons}
+    out = {}
+    for e in result.epsilons:
+        vals = [result.median(m, e) for m in result.methods]
+        vals = [v for v in vals if not math.isnan(v)]
+        out[e] = max(vals) if vals else math.nan
+    return out
+
+
+def _seeds_note(result: DemoResult) -> str:
+    return f"median of {result.seeds} seeds" if result.seeds > 1 else "1 seed"
 
 
 def results_table(result: DemoResult):
-    """A rich Table: methods x epsilons, median test accuracy (best per column in bold)."""
+    """A rich Table: methods x epsilons, median test accuracy (best per column in bold;
+    "-" for cells not computed yet)."""
     from rich.table import Table
 
-    seeds = f"median of {result.seeds} seeds" if result.seeds > 1 else "1 seed"
     table = Table(title=f"{result.dataset}: n={result.n_train}, d={result.d}, K={result.k}, "
-                        f"delta={result.delta:.2g}; test accuracy ({seeds})")
+                        f"delta={result.delta:.2g}; test accuracy ({_seeds_note(result)}; "
+                        f"chance {result.chance:.3f})")
     table.add_column("method")
     for e in result.epsilons:
         table.add_column(_eps_label(e), justify="right")
@@ -220,9 +334,10 @@ def results_table(result: DemoResult):
         cells = []
         for e in result.epsilons:
             v = result.median(m, e)
-            cells.append(f"[bold]{v:.3f}[/bold]" if v == best[e] else f"{v:.3f}")
-        fit = np.median([t for e in result.epsilons for t in result.fit_seconds[m][e]])
-        table.add_row(METHODS[m][0], *cells, f"{fit:.2f}")
+            cells.append("-" if math.isnan(v) else
+                         f"[bold]{v:.3f}[/bold]" if v == best[e] else f"{v:.3f}")
+        times = [t for e in result.epsilons for t in result.fit_seconds[m][e]]
+        table.add_row(METHODS[m][0], *cells, f"{np.median(times):.2f}" if times else "-")
     return table
 
 
@@ -235,62 +350,118 @@ def text_table(result: DemoResult) -> str:
         cells = []
         for e in result.epsilons:
             v = result.median(m, e)
-            cells.append(f"{v:.3f}{'*' if v == best[e] else ''}")
+            cells.append("-" if math.isnan(v) else f"{v:.3f}{'*' if v == best[e] else ''}")
         rows.append([METHODS[m][0]] + cells)
+    status = "" if result.complete else " (PARTIAL: the run is not finished)"
     lines = [f"{result.dataset}: n={result.n_train}, d={result.d}, K={result.k}, "
-             f"delta={result.delta:.2g}, median test accuracy over {result.seeds} seed(s)",
+             f"delta={result.delta:.2g}, median test accuracy over {result.seeds} seed(s), "
+             f"chance {result.chance:.3f}{status}",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
+#: One (colour, marker, line style) per method: distinguishable in colour and in grey.
+_STYLES = {
+    "ls": ("#0072B2", "o", "-"),
+    "ls-per-class": ("#56B4E9", "s", "--"),
+    "newton": ("#009E73", "^", "-."),
+    "fc": ("#D55E00", "D", "-"),
+    "sgd": ("#CC79A7", "v", ":"),
+    "adam": ("#E69F00", "P", "--"),
+}
+
+
 def plot_privacy_utility(results: Sequence[DemoResult], path: str) -> str:
-    """Accuracy against epsilon (log axis), one panel per dataset; the non-private
-    accuracy is drawn at the right end. Returns the path written (PNG)."""
+    """Accuracy against epsilon, one panel per dataset. Returns the path written (PNG).
+
+    Each method is a line through the median test accuracy over the noise seeds, with a
+    band from the minimum to the maximum over seeds. The epsilon axis is logarithmic;
+    the non-private accuracy (epsilon = inf) is drawn apart, right of a break, as one
+    marker per method. A dotted line marks the chance level (the majority class share
+    of the test set). Unfinished cells are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.6), squeeze=False)
     for ax, res in zip(axes[0], results):
-        finite = [e for e in res.epsilons if not math.isinf(e)]
-        right = max(finite) * 4 if finite else 1.0
-        xs = [right if math.isinf(e) else e for e in res.epsilons]
-        for m in res.methods:
-            med = [res.median(m, e) for e in res.epsilons]
-            lo = [min(res.accuracy[m][e]) for e in res.epsilons]
-            hi = [max(res.accuracy[m][e]) for e in res.epsilons]
-            line, = ax.plot(xs, med, marker="o", label=METHODS[m][0])
-            if res.seeds > 1:
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        finite = sorted(e for e in res.epsilons if not math.isinf(e))
+        has_inf = any(math.isinf(e) for e in res.epsilons)
+        top = max(finite) if finite else 1.0
+        x_inf = top * 4.0  # where the non-private column sits, right of the break
+        n_m = len(res.methods)
+        for i, m in enumerate(res.methods):
+            color, marker, style = _STYLES.get(m, (None, "o", "-"))
+            xs = [e for e in finite if res.accuracy[m][e]]
+            med = [res.median(m, e) for e in xs]
+            lo = [min(res.accuracy[m][e]) for e in xs]
+            hi = [max(res.accuracy[m][e]) for e in xs]
+            ax.plot(xs, med, marker=marker, linestyle=style, color=color, label=METHODS[m][0],
+                    markersize=6)
+            if res.seeds > 1 and xs:
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+            if has_inf and res.accuracy[m][math.inf]:
+                vals = res.accuracy[m][math.inf]
+                v = float(np.median(vals))
+                # Side by side inside the non-private column, so equal values stay visible.
+                spread = 1.45 ** ((i - (n_m - 1) / 2.0) / max(1.0, (n_m - 1) / 2.0))
+                ax.errorbar([x_inf * spread], [v], yerr=[[v - min(vals)], [max(vals) - v]],
+                            marker=marker, color=color, markersize=7, capsize=3,
+                            linestyle="none", markerfacecolor="white", markeredgewidth=1.5)
+        ax.axhline(res.chance, color="0.4", linestyle=":", linewidth=1.2)
+        ax.text(top if finite else x_inf, res.chance, f"chance ({res.chance:.2f}) ",
+                color="0.3", fontsize=8, ha="right", va="bottom")
         ax.set_xscale("log")
-        ticks = finite + ([right] if any(math.isinf(e) for e in res.epsilons) else [])
+        ticks = list(finite)
+        labels = [f"{e:g}" for e in finite]
+        if has_inf:
+            brk = top * 2.0
+            ax.axvline(brk, color="0.5", linewidth=0.8)
+            ax.axvspan(brk, x_inf * 2.0, color="0.92", zorder=0)
+            ticks.append(x_inf)
+            labels.append("non-\nprivate")
+            ax.set_xlim(min(finite) / 1.6 if finite else x_inf / 2, x_inf * 2.0)
         ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{e:g}" for e in finite] + (["non-\nprivate"] if len(ticks) >
-                                                          len(finite) else []))
+        ax.set_xticklabels(labels)
         ax.minorticks_off()
-        ax.set_xlabel("epsilon")
+        ax.set_xlabel("epsilon (log scale)")
         ax.set_ylabel("test accuracy")
+        ax.set_ylim(bottom=0.0)
+        band = (f"line: median of {res.seeds} seeds, band: min-max" if res.seeds > 1 else
+                "1 seed per point")
+        partial = "" if res.complete else " [partial]"
         ax.set_title(f"{res.dataset} (n={res.n_train}, d={res.d}, K={res.k}, "
-                     f"delta={res.delta:.0e})", fontsize=10)
+                     f"delta={res.delta:.0e}){partial}\n{band}", fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)  # a reader never sees a half-written file
     plt.close(fig)
     return path
 
 
-def write_outputs(results: Sequence[DemoResult], out_dir: str) -> dict:
-    """Write ``privacy_utility.png``, ``results.json`` and ``results.md`` into out_dir."""
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic: an interrupted run leaves the previous version
+
+
+def write_outputs(results: Sequence[DemoResult], out_dir: str, *, plot: bool = True) -> dict:
+    """Write ``results.json``, ``results.md`` and (``plot``) ``privacy_utility.png`` into
+    out_dir; results may be partial (unfinished cells are null / "-")."""
     os.makedirs(out_dir, exist_ok=True)
-    png = plot_privacy_utility(results, os.path.join(out_dir, "privacy_utility.png"))
     js = os.path.join(out_dir, "results.json")
-    with open(js, "w") as f:
-        json.dump({"results": [r.to_dict() for r in results]}, f, indent=1)
+    _write_text(js, json.dumps({"results": [r.to_dict() for r in results]}, indent=1))
     md = os.path.join(out_dir, "results.md")
-    with open(md, "w") as f:
-        f.write("\n\n".join(text_table(r) for r in results) + "\n")
+    _write_text(md, "\n\n".join(text_table(r) for r in results) + "\n")
+    png = os.path.join(out_dir, "privacy_utility.png")
+    if plot:
+        plot_privacy_utility(results, png)
     return {"png": png, "json": js, "markdown": md}

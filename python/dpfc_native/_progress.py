@@ -1,0 +1,148 @@
+"""Progress reporting that works with and without a terminal.
+
+On a TTY: a rich progress bar (transient). Otherwise (logs, CI, ``nohup``, pipes): a plain
+line on the stream every ``interval`` seconds and one at the end, e.g.::
+
+    DP-FC: 4/10 (40%) 12s elapsed, ~18s left
+
+Used by the estimators' ``verbose``, by ``dpfc demo``, ``dpfc train``, ``dpfc audit``
+and by anything else with a loop to report (``progress(total, "extract")``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+__all__ = ["progress", "Progress", "DEFAULT_INTERVAL"]
+
+#: Seconds between two plain lines when the stream is not a terminal.
+DEFAULT_INTERVAL = 5.0
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.1f}min"
+    return f"{s / 3600:.1f}h"
+
+
+class Progress:
+    """A progress reporter over ``total`` units (None: unknown total).
+
+    Parameters
+    ----------
+    total : int or None
+    description : str
+        What is being done (first word of every line).
+    enabled : bool
+        False: report nothing (all methods are no-ops).
+    stream : file-like or None
+        Default ``sys.stderr`` (looked up when entering, so redirections apply).
+    interval : float
+        Seconds between plain lines (non-TTY only).
+    rich : bool or None
+        Force the rich bar (True) or plain lines (False); None: rich iff the stream is a
+        TTY.
+    """
+
+    def __init__(self, total, description: str, *, enabled: bool = True, stream=None,
+                 interval: float = DEFAULT_INTERVAL, rich: bool | None = None):
+        self.total = None if total is None else int(total)
+        self.description = description
+        self.enabled = bool(enabled)
+        self.stream = stream
+        self.interval = float(interval)
+        self.rich = rich
+        self.done = 0
+        self.status = ""
+        self._bar = None
+        self._task = None
+        self._t0 = 0.0
+        self._last = 0.0
+
+    # -- context manager -------------------------------------------------------------
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        if self.stream is None:
+            self.stream = sys.stderr
+        use_rich = self.rich
+        if use_rich is None:
+            isatty = getattr(self.stream, "isatty", None)
+            use_rich = bool(isatty and isatty())
+        self._t0 = self._last = time.monotonic()
+        if use_rich:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn()]
+            if self.total is not None:
+                columns.append(TimeRemainingColumn())
+            self._bar = RichProgress(*columns, console=Console(file=self.stream),
+                                     transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total)
+        else:
+            self._line("started")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.enabled:
+            return False
+        if self._bar is not None:
+            self._bar.__exit__(exc_type, exc, tb)
+            self._bar = None
+        else:
+            self._line("stopped (error)" if exc_type is not None else "done")
+        return False
+
+    # -- reporting ---------------------------------------------------------------------
+    def advance(self, status: str | None = None, n: int = 1) -> None:
+        """``n`` more units done; ``status`` replaces the text after the description."""
+        if not self.enabled:
+            return
+        self.done += n
+        if status is not None:
+            self.status = status
+        if self._bar is not None:
+            desc = self.description + (f": {self.status}" if self.status else "")
+            self._bar.update(self._task, advance=n, description=desc)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._line()
+
+    def _line(self, event: str | None = None) -> None:
+        now = time.monotonic()
+        self._last = now
+        elapsed = now - self._t0
+        if self.total:
+            head = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.0f}%)"
+        else:
+            head = f"{self.done}"
+        parts = [f"{self.description}: {head}"]
+        if event:
+            parts.append(event)
+        parts.append(f"{_fmt_seconds(elapsed)} elapsed")
+        if self.total and 0 < self.done < self.total and event is None:
+            parts.append(f"~{_fmt_seconds(elapsed / self.done * (self.total - self.done))} left")
+        if self.status:
+            parts.append(f"[{self.status}]")
+        print(", ".join(parts), file=self.stream, flush=True)
+
+
+def progress(total, description: str, *, enabled: bool = True, stream=None,
+             interval: float = DEFAULT_INTERVAL, rich: bool | None = None) -> Progress:
+    """A :class:`Progress` to use as a context manager::
+
+        with progress(len(files), "extract") as bar:
+            for f in files:
+                ...
+                bar.advance(f.name)
+    """
+    return Progress(total, description, enabled=enabled, stream=stream, interval=interval,
+                    rich=rich)
