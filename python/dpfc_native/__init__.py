@@ -23,6 +23,7 @@ __all__ = [
     "DPNewtonClassifier",
     "DPFCClassifier",
     "DPSGDClassifier",
+    "load_model",
 ]
 
 _ESTIMATORS = ("DPLeastSquaresClassifier", "DPNewtonClassifier", "DPFCClassifier",
@@ -35,6 +36,10 @@ def __getattr__(name: str):
         from . import models
 
         return getattr(models, name)
+    if name == "load_model":
+        from .model_io import load_model
+
+        return load_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CudaError = _core.CudaError
