@@ -285,8 +285,8 @@ def _frame_to_numpy(X, name: str):
     dtypes = list(X.dtypes) if hasattr(X.dtypes, "__iter__") else [X.dtypes]
     if all(isinstance(t, np.dtype) for t in dtypes):
         if all(t == np.float32 for t in dtypes):
-            return X.to_numpy(dtype=np.float32)
-        return X.to_numpy()
+            return np.ascontiguousarray(X.to_numpy(dtype=np.float32))
+        return np.ascontiguousarray(X.to_numpy())
     # Extension dtypes (Float64, Int64, ...) convert to object arrays by default.
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
@@ -295,7 +295,7 @@ def _frame_to_numpy(X, name: str):
         raise TypeError(f"{name}: columns of dtype {sorted(set(bad))} are not real numbers; "
                         f"convert with {name}.to_numpy(float)")
     # Missing values become NaN, which the finiteness check reports.
-    return X.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.ascontiguousarray(X.to_numpy(dtype=np.float64, na_value=np.nan))
 
 
 def _as_features(X, name: str, device: str, d: int | None = None):
@@ -391,7 +391,8 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
     Returns the clipped block (float64, every row of norm below ``clip``).
     """
     if center is not None:
-        blk -= center
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming center
+            blk -= center
         bad = ~xp.isfinite(blk).all(axis=1)
         if bool(bad.any()):
             row = first_row + int(xp.argmax(bad))
