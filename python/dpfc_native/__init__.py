@@ -28,6 +28,7 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetExceeded",
     "PrivateSelector",
+    "load_model",
 ]
 
 _ESTIMATORS = ("DPLeastSquaresClassifier", "DPNewtonClassifier", "DPFCClassifier",
@@ -45,6 +46,10 @@ def __getattr__(name: str):
         from . import tuning
 
         return getattr(tuning, name)
+    if name == "load_model":
+        from .model_io import load_model
+
+        return load_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CudaError = _core.CudaError

@@ -58,7 +58,8 @@ def _row_norms64(xc: np.ndarray) -> np.ndarray:
     if bad.any() and xc.shape[1] > 0:
         rows = xc[bad]
         amax = np.abs(rows).max(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        # over: a norm beyond the float64 range is inf (its clip factor is then 0).
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             scaled = rows / np.where(amax > 0, amax, 1.0)[:, None]
             norms[bad] = np.where(amax > 0, amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)), 0.0)
     return norms
@@ -67,8 +68,11 @@ def _row_norms64(xc: np.ndarray) -> np.ndarray:
 def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
     """The shared clip factor (csrc/common/clip.hpp) for an array of norms."""
     target = clip_norm * _CLIP_MARGIN
-    with np.errstate(divide="ignore"):
-        return np.where(norms <= target, 1.0, target / np.where(norms > 0, norms, 1.0))
+    # Divide only where the row is clipped (norm > target > 0): target / norm is then
+    # below 1, so no overflow (a tiny norm with a huge C warned from np.where's other
+    # branch) and no division by zero.
+    return np.divide(target, norms, out=np.ones(norms.shape, dtype=np.float64),
+                     where=norms > target)
 
 
 def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:

@@ -109,6 +109,9 @@ __all__ = [
     "LedgerEntry",
     "PrivacyLedger",
     "ledger_for",
+    "sampler_tail_delta",
+    "with_sampler_tail",
+    "MAX_EPSILON",
 ]
 
 #: The adjacency relation every epsilon in this module refers to.
@@ -142,6 +145,20 @@ def _check_epsilon(epsilon, name: str = "epsilon", *, allow_zero: bool = False,
         raise ValueError(f"{name} must be {bound}, got {eps!r}")
     if math.isinf(eps) and not allow_inf:
         raise ValueError(f"{name} must be finite, got {eps!r}")
+    return eps
+
+
+#: Largest finite target epsilon the calibrations accept. Far beyond any meaningful
+#: guarantee (e^eps overflows a double from eps ~ 709 on), it keeps the root finders inside
+#: the range where the GDP curve is computable; ``inf`` asks for no noise at all.
+MAX_EPSILON = 1e6
+
+
+def _check_target_epsilon(epsilon, name: str = "epsilon") -> float:
+    eps = _check_epsilon(epsilon, name)
+    if math.isfinite(eps) and eps > MAX_EPSILON:
+        raise ValueError(f"{name}={eps!r} is too large to calibrate noise for (at most "
+                         f"{MAX_EPSILON:g}); use {name}=inf for the non-private counterpart")
     return eps
 
 
@@ -708,7 +725,7 @@ def paper_calibrate_noise_multiplier(epsilon: float, delta: float, releases: int
     float
         Noise multiplier (std / L2 sensitivity), add/remove adjacency.
     """
-    eps = _check_epsilon(epsilon)
+    eps = _check_target_epsilon(epsilon)
     delta = _check_delta(delta)
     releases = _check_count(releases, "releases")
     if math.isinf(eps):
@@ -866,6 +883,29 @@ def _dp_accounting():
     return dp_accounting
 
 
+#: Most discretisation points of one step's privacy-loss range in the PLD (bounds its work).
+_PLD_MAX_POINTS = 2e4
+#: Tail (in standard deviations) of the Gaussian kept by the PLD's loss range estimate.
+_PLD_TAIL_SIGMAS = 10.0
+
+
+def _pld_loss_width(z: float, q: float) -> float:
+    """Width of the privacy-loss range of one Poisson-subsampled Gaussian step.
+
+    The loss of the mixture ``(1 - q) N(0, z^2) + q N(1, z^2)`` against ``N(0, z^2)`` at
+    ``t`` standard deviations is ``log(1 + q (exp((2 t z + 1) / (2 z^2)) - 1))``; ``t``
+    is taken at :data:`_PLD_TAIL_SIGMAS` on both sides. An estimate of the grid's extent
+    (the interval only needs the right order of magnitude), never used as a bound.
+    """
+    def loss(t: float) -> float:
+        a = (2.0 * t * z + 1.0) / (2.0 * z * z)
+        if a > 700.0:
+            return a + math.log(q)
+        return math.log1p(q * math.expm1(a))
+
+    return loss(_PLD_TAIL_SIGMAS) - loss(-_PLD_TAIL_SIGMAS)
+
+
 class PrivacyAccountant:
     """Composes Gaussian events and reports (epsilon, delta), add/remove adjacency.
 
@@ -990,16 +1030,28 @@ class PrivacyAccountant:
         log_d = _refine_over_orders(self._rdp_at, self.orders, self.rdp(), objective)
         return float(min(1.0, math.exp(min(0.0, log_d))))
 
+    def _pld_interval(self, eps_scale: float) -> float:
+        """The PLD's discretisation interval: the requested (or adaptive) one, coarsened
+        so that one step's loss range has at most _PLD_MAX_POINTS points."""
+        interval = self.pld_discretization
+        if interval is None:
+            interval = min(5e-4, max(1e-6, eps_scale / 3000.0))
+        # The PLD's work grows with its privacy-loss range over the interval; for a tiny
+        # noise multiplier that range is huge (~1 / (2 z^2)) and the PLD ran for minutes.
+        width = max([_pld_loss_width(z, q) for (z, q) in self._mu2_and_subsampled()[1]]
+                    + [0.0])
+        return max(interval, width / _PLD_MAX_POINTS)
+
     def _pld(self, eps_scale: float):
         dpa = _dp_accounting()
         if dpa is None:
             raise ImportError('method="pld" needs the optional dependency dp-accounting '
                               "(pip install dp-accounting)")
-        interval = self.pld_discretization
-        if interval is None:
-            interval = min(5e-4, max(1e-6, eps_scale / 3000.0))
-        acc = dpa.pld.PLDAccountant(value_discretization_interval=interval)
+        # A coarser interval than the default is still pessimistic (an upper bound), only
+        # looser (and "auto" reports the smaller of it and RDP): bounded time for any (z, q).
+        interval = self._pld_interval(eps_scale)
         mu2, sub = self._mu2_and_subsampled()
+        acc = dpa.pld.PLDAccountant(value_discretization_interval=interval)
         if mu2 > 0:
             acc.compose(dpa.GaussianDpEvent(1.0 / math.sqrt(mu2)))
         for (z, q), steps in sub.items():
@@ -1081,7 +1133,7 @@ def calibrate_mu(epsilon: float, delta: float) -> float:
     float
         mu, for add/remove adjacency.
     """
-    eps = _check_epsilon(epsilon)
+    eps = _check_target_epsilon(epsilon)
     delta = _check_delta(delta)
     if math.isinf(eps):
         return math.inf
@@ -1132,7 +1184,7 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, releases: int = 1) 
     float
         Noise multiplier ``z = std / L2 sensitivity`` (add/remove adjacency).
     """
-    eps = _check_epsilon(epsilon)
+    eps = _check_target_epsilon(epsilon)
     delta = _check_delta(delta)
     releases = _check_count(releases, "releases")
     if math.isinf(eps):
@@ -1197,7 +1249,7 @@ def calibrate_plan(epsilon: float, delta: float, shares, counts=None):
         raise ValueError("shares must not be empty")
     if any(not (x > 0 and math.isfinite(x)) for x in s):
         raise ValueError("shares must be finite and > 0")
-    eps = _check_epsilon(epsilon)
+    eps = _check_target_epsilon(epsilon)
     delta = _check_delta(delta)
     if math.isinf(eps):
         zs = [0.0] * len(s)
@@ -1242,6 +1294,10 @@ def calibrate_dpfc_plan(epsilon: float, delta: float, steps: int,
                           {"covariance": 1, "gradient": steps})
 
 
+#: Smallest noise multiplier the DP-SGD calibration searches (see the bracket below).
+_MIN_DPSGD_MULTIPLIER = 0.05
+
+
 def calibrate_dpsgd_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
                                      steps: int, method: str = "auto", orders=None) -> float:
     """Noise multiplier for Poisson-subsampled DP-SGD hitting ``epsilon`` from below.
@@ -1272,7 +1328,7 @@ def calibrate_dpsgd_noise_multiplier(epsilon: float, delta: float, sample_rate: 
     float
         Noise multiplier (std / clipping norm), add/remove adjacency.
     """
-    eps = _check_epsilon(epsilon)
+    eps = _check_target_epsilon(epsilon)
     delta = _check_delta(delta)
     q = _check_sample_rate(sample_rate)
     steps = _check_count(steps, "steps")
@@ -1299,8 +1355,11 @@ def calibrate_dpsgd_noise_multiplier(epsilon: float, delta: float, sample_rate: 
             raise ValueError("epsilon is too small to reach with a finite noise multiplier")
     while f(lo) < 0:
         hi, lo = lo, lo - 1.0
-        if lo < math.log(1e-3):
-            return math.exp(hi)  # this little noise already meets the target
+        if lo < math.log(_MIN_DPSGD_MULTIPLIER):
+            # This little noise already meets the target. Searching further down costs
+            # minutes (the loss range grows as 1 / z^2) and buys nothing: below 0.05 C_g
+            # the noise is negligible next to one clipped gradient.
+            return math.exp(hi)
     z = math.exp(optimize.brentq(f, lo, hi, xtol=2e-5, rtol=1e-9))
     # Verify; never return a multiplier whose epsilon exceeds the target.
     step = 1e-5
@@ -1349,6 +1408,14 @@ class PrivacyLedger:
     mu: float | None
     method: str
     adjacency: str = ADJACENCY
+    #: Delta added by the Gaussian sampler's tail cut (see :func:`sampler_tail_delta`);
+    #: ``delta`` is the accountant's, for the idealised Gaussian mechanism.
+    sampler_delta: float = 0.0
+
+    @property
+    def total_delta(self) -> float:
+        """``delta + sampler_delta``: the delta of the mechanism as implemented."""
+        return min(1.0, self.delta + self.sampler_delta)
 
     def to_dict(self) -> dict:
         def num(x):
@@ -1359,6 +1426,8 @@ class PrivacyLedger:
             "method": self.method,
             "epsilon": num(self.epsilon),
             "delta": float(self.delta),
+            "sampler_delta": float(self.sampler_delta),
+            "total_delta": float(self.total_delta),
             "mu": num(self.mu),
             "releases": [
                 {
@@ -1391,8 +1460,43 @@ class PrivacyLedger:
         out += [line(r) for r in rows]
         mu = "" if self.mu is None else f", mu = {self.mu:.6g}"
         out.append(f"total: epsilon = {self.epsilon:.6g}, delta = {self.delta:.3g}{mu}")
+        if self.sampler_delta:
+            out.append(f"sampler tail cut: + {self.sampler_delta:.3g} to delta (delta of the "
+                       f"implementation: {self.total_delta:.6g})")
         out.append(f"({self.method}; adjacency: {self.adjacency})")
         return "\n".join(out)
+
+
+#: Probability that one Box-Muller pair of the native sampler lands in its tail cut: the
+#: first uniform is the midpoint of one of 2^52 cells, so the cell [0, 2^-52), whose ideal
+#: radii exceed sqrt(-2 log 2^-52) ~ 8.5 standard deviations, gives one radius (8.57).
+SAMPLER_TAIL_PROBABILITY = 2.0**-52
+
+
+def sampler_tail_delta(epsilon: float, normal_pairs: int) -> float:
+    """Delta added to an (epsilon, delta) guarantee by the sampler's tail cut.
+
+    The native sampler's output differs from the ideal Gaussian's only when a pair falls
+    in the cut tail: with ``normal_pairs`` pairs drawn, the two output distributions are
+    within total variation ``eta = normal_pairs * 2^-52`` (union bound over every pair
+    of every release). If the ideal mechanism is (epsilon, delta)-DP, one within TV eta of
+    it on every input is (epsilon, delta + (1 + e^epsilon) eta)-DP. Returns that added
+    term, capped at 1 (0 for no draws).
+    """
+    pairs = _check_count(normal_pairs, "normal_pairs") if normal_pairs else 0
+    if pairs == 0:
+        return 0.0
+    eps = _check_epsilon(epsilon, allow_zero=True)
+    if math.isinf(eps):
+        return 1.0
+    log_d = float(np.logaddexp(0.0, eps)) + math.log(pairs) + math.log(SAMPLER_TAIL_PROBABILITY)
+    return 1.0 if log_d >= 0.0 else math.exp(log_d)
+
+
+def with_sampler_tail(ledger: "PrivacyLedger", normal_pairs: int) -> "PrivacyLedger":
+    """``ledger`` with :attr:`PrivacyLedger.sampler_delta` set for ``normal_pairs`` draws."""
+    return dataclasses.replace(ledger,
+                               sampler_delta=sampler_tail_delta(ledger.epsilon, normal_pairs))
 
 
 def ledger_for(releases: Sequence, delta: float, method: str = "auto") -> PrivacyLedger:

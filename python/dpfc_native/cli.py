@@ -4,16 +4,20 @@
 :data:`app`; other modules add commands to it (``dpfc_native.audit.register_cli(app)``
 is called here when that module is present).
 
-Errors in the input (missing or malformed files, bad parameters) print one line,
-``Error: ...``, and exit with status 2; no traceback.
+Errors in the input (missing or malformed files, bad parameters, out of memory) print
+one line, ``Error: ...``, and exit with status 2; no traceback (``dpfc --debug ...``
+prints it).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
+import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -36,25 +40,78 @@ def _version(value: bool):
         raise typer.Exit()
 
 
-@app.callback()
-def _options(
-    version: bool = typer.Option(False, "--version", callback=_version,
-                                           is_eager=True, help="Print the version and exit."),
-):
-    """Differentially private image classification from features (dpfc_native)."""
-
-
 #: CLI method name -> key of dpfc_native.report.METHODS
 TRAIN_METHODS = ("ls", "ls-per-class", "newton", "fc", "sgd", "adam")
 
-# Errors that mean "bad input": reported in one line, exit status 2.
+# Errors that mean "bad input": reported in one line, exit status 2. ArithmeticError
+# covers OverflowError and ZeroDivisionError; MemoryError is an input too large.
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError,
-                KeyError, RuntimeError, ImportError, OSError)
+                KeyError, RuntimeError, ImportError, OSError, ArithmeticError, MemoryError)
+
+# Set by the --debug option: _fail also prints the traceback of the exception handled.
+_DEBUG = False
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="On an error, also print the Python "
+                               "traceback."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Differentially private image classification from features (dpfc_native)."""
+    global _DEBUG
+    _DEBUG = debug
 
 
 def _fail(message: str, code: int = 2):
+    if _DEBUG and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + text if text else ''} (input too large for this machine?)"
+    if isinstance(exc, (ValueError, TypeError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _user_errors(command):
+    """Whatever user error escapes ``command`` becomes one line and exit status 2."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except _USER_ERRORS as exc:
+            _fail(_message(exc))
+
+    return wrapper
+
+
+def _output_path(path: Path, force: bool, suffix: str = ".npz") -> str:
+    """Check before any budget is spent that ``path`` can be written: refuse an existing
+    file without ``force``, a directory, or a folder that cannot be created or written."""
+    text = os.fspath(path)
+    if suffix and not text.endswith(suffix):
+        text += suffix
+    if os.path.isdir(text):
+        _fail(f"--output {text} is a directory")
+    if os.path.exists(text) and not force:
+        _fail(f"--output {text} exists; pass --force to overwrite it")
+    folder = os.path.dirname(os.path.abspath(text))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dpfc-write-test-"):
+            pass
+    except OSError as exc:
+        _fail(f"cannot write --output {text}: {exc}")
+    return text
 
 
 def _console():
@@ -96,13 +153,22 @@ def _one_or_list(values):
     return values[0] if len(values) == 1 else list(values)
 
 
-def _load(path: Path, labels: Optional[Path], what: str):
+def _load(path: Path, labels: Optional[Path], what: str, num_classes: Optional[int] = None):
     from . import data
 
     try:
-        return data.load_features(path, labels_path=labels)
+        return data.load_features(path, labels_path=labels, num_classes=num_classes)
     except _USER_ERRORS as exc:
-        _fail(f"cannot load {what} {path}: {exc}")
+        _fail(f"cannot load {what} {path}: {_message(exc)}")
+
+
+def _short_list(values) -> str:
+    """A label set for one line: every label up to 8, else the first 3 and the last."""
+    values = list(values)
+    if all(isinstance(c, int) for c in values) and values == list(range(len(values))):
+        return f"0..{len(values) - 1} (K={len(values)})"
+    v = [str(c) for c in values]
+    return "{" + ", ".join(v if len(v) <= 8 else v[:3] + ["...", v[-1]]) + f"}} (K={len(v)})"
 
 
 def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
@@ -192,6 +258,7 @@ def _cli_message(text: str) -> str:
 
 
 @app.command()
+@_user_errors
 def train(
     features: Path = typer.Argument(..., help="Private training features: .npz (features, "
                                     "labels), .npy (+ --labels or <stem>.labels.npy) or "
@@ -238,7 +305,8 @@ def train(
                                        "only; default: OS entropy)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     output: Path = typer.Option(Path("model.npz"), "--output", "-o", help="Where to save the "
-                                "model (.npz)."),
+                                "model (.npz; see dpfc_native.model_io for the format)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --output."),
 ):
     """Train one DP classifier on a features file; print accuracy, time and the ledger."""
     from . import report
@@ -253,6 +321,8 @@ def train(
     if swept and val is None:
         _fail(f"{' and '.join(swept)} given more than once is a sweep: it needs a public "
               "validation split (--val)")
+    # Before anything is spent: a failed write after the fit would make a rerun pay twice.
+    output = _output_path(output, force)
     console = _console()
     keys = (features_key, labels_key)
     x, y = _load_labeled(features, labels, "features", keys)
@@ -295,14 +365,16 @@ def train(
         est = report.make_estimator(method, epsilon, seed=seed)
         est.set_params(**overrides)
     except _USER_ERRORS as exc:
-        _fail(_cli_message(str(exc)))
-    k = len(known)
+        _fail(_cli_message(_message(exc)))
+    # Public facts only: n, d, dtype and the label set when it is given (never counts).
     console.print(f"[bold]dpfc train[/bold] {report.METHODS[method][0]} on {features.name}: "
-                  f"n={x.shape[0]}, d={x.shape[1]}, K={k}", highlight=False)
+                  f"n={x.shape[0]}, d={x.shape[1]}, {x.dtype}"
+                  + (f", label set {_short_list(class_set)} (public)" if class_set is not None
+                     else ""), highlight=False)
     if class_set is None:
-        console.print(f"label set: the {k} labels that occur in {features.name} (which labels "
-                      "occur is NOT covered by the guarantee: name them with --classes or "
-                      "--num-classes)", highlight=False)
+        console.print(f"label set: the {len(known)} labels that occur in {features.name} (which "
+                      "labels occur is NOT covered by the guarantee: name them with --classes "
+                      "or --num-classes)", highlight=False)
     fit_args = {} if val_set is None else {"X_val": val_set[0], "y_val": val_set[1]}
     t0 = time.perf_counter()
     try:
@@ -337,29 +409,35 @@ def train(
     console.print(f"model saved to {path}")
 
 
-def save_model(est, path, method: str) -> str:
-    """Save a fitted estimator's weights, classes, parameters and ledger to ``.npz``."""
-    path = os.fspath(path)
-    if not path.endswith(".npz"):
-        path += ".npz"
-    params = {}
-    for key, value in est.get_params().items():
-        if isinstance(value, float) and not math.isfinite(value):
-            value = str(value)
-        elif isinstance(value, np.ndarray):
-            value = value.tolist()
-        params[key] = value
-    classes = np.asarray(est.classes_)
-    if classes.dtype == object:
-        classes = classes.astype(str)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    np.savez(path, coef=est.coef_, intercept=est.intercept_, classes=classes,
-             method=np.array(method), estimator=np.array(type(est).__name__),
-             params=np.array(json.dumps(params, default=str)),
-             ledger=np.array(json.dumps(est.privacy_.to_dict())),
-             center=est.center_ if est.center_ is not None else np.zeros(0))
-    return path
+def save_model(est, path, method: str = "") -> str:
+    """Save a fitted estimator in the model format (:func:`dpfc_native.model_io.save_model`:
+    only what the guarantee covers; never the seed)."""
+    from .model_io import save_model as _save
+
+    return _save(est, path, method)
+
+
+def _load_unlabelled(path: Path):
+    """(features, labels or None) of a features file whose labels are optional."""
+    from . import data
+
+    text = os.fspath(path)
+    lower = text.lower()
+    try:
+        return data.load_features(text), True
+    except FileNotFoundError:
+        raise
+    except ValueError:
+        if not lower.endswith((".npy", ".npz")):
+            raise
+    # No (valid) labels: the features alone.
+    if lower.endswith(".npy"):
+        return data._load_npy(text, True, "features"), False
+    data._check_npz_members(text, ("features",))
+    with np.load(text, allow_pickle=False) as z:
+        if "features" not in z.files:
+            raise ValueError(f"{text} has no array 'features' (arrays present: {sorted(z.files)})")
+        return z["features"], False
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -371,6 +449,40 @@ def _fmt_duration(seconds: float) -> str:
 
 
 @app.command()
+@_user_errors
+def predict(
+    model: Path = typer.Argument(..., help="A model written by dpfc train / model.save()."),
+    features: Path = typer.Argument(..., help="Features to classify: .npz ('features', "
+                                    "optional 'labels'), .npy or .safetensors."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the predicted "
+                                          "labels here (.npy)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --output."),
+):
+    """Predict labels with a saved model (and print the accuracy when labels are given)."""
+    from .model_io import load_model
+
+    out = _output_path(output, force, ".npy") if output is not None else None
+    try:
+        est = load_model(model)
+    except _USER_ERRORS as exc:
+        _fail(f"cannot load model {model}: {_message(exc)}")
+    try:
+        loaded, labelled = _load_unlabelled(features)
+    except _USER_ERRORS as exc:
+        _fail(f"cannot load features {features}: {_message(exc)}")
+    X = loaded.features if labelled else loaded
+    pred = est.predict(X)
+    typer.echo(f"predicted {pred.shape[0]} rows with {type(est).__name__} "
+               f"(epsilon = {est.privacy_.epsilon:.6g})")
+    if labelled:
+        typer.echo(f"accuracy: {float(np.mean(pred == loaded.labels)):.4f}")
+    if out is not None:
+        np.save(out, pred)
+        typer.echo(f"predictions saved to {out}")
+
+
+@app.command()
+@_user_errors
 def demo(
     dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="digits | "
                                                 "cifar10 | cifar100 | imagenet (repeatable). "

@@ -66,6 +66,11 @@ _FINITE_CHECK_BLOCK_ELEMENTS = 1 << 24
 #: (seed, split, chunk index), so changing this constant changes the data.
 _SYNTH_CHUNK_ROWS = 8192
 
+#: Most classes inferred from the labels (``max(label) + 1``) when no ``num_classes`` is
+#: given, unless there are more examples than that: a stray label of 1e9 would otherwise
+#: make a billion classes (and O(K) arrays).
+MAX_INFERRED_CLASSES = 1 << 16
+
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -249,6 +254,12 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
     max_label = int(y.max())
     if num_classes is None:
         k = max_label + 1
+        if k > max(MAX_INFERRED_CLASSES, y.shape[0]):
+            raise ValueError(f"{labels_key}{where} has label {max_label}: inferring the label "
+                             f"set 0..{max_label} from it would make {k} classes (at most "
+                             f"{max(MAX_INFERRED_CLASSES, y.shape[0])} are inferred); pass "
+                             "the public label set (num_classes=, --num-classes or classes=) "
+                             "if that is really intended, or relabel to 0..K-1")
     else:
         if (isinstance(num_classes, (bool, np.bool_))
                 or not isinstance(num_classes, (int, np.integer))):
@@ -326,10 +337,59 @@ def _require_file(path: str, what: str) -> None:
         raise ValueError(f"{what} path is a directory, not a file: {path}")
 
 
+#: Largest expansion ratio of a deflated zip member (deflate's limit is ~1032:1).
+_DEFLATE_MAX_RATIO = 1100
+
+
+def _npy_header(fp, where: str):
+    """(shape, dtype, header bytes) of the .npy stream at ``fp``'s position."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"cannot read {where} (truncated or corrupted .npy header?): {e}") from e
+    return shape, dtype, fp.tell()
+
+
+def _check_npy_size(shape, dtype, data_bytes: int, where: str) -> None:
+    """Refuse a header whose shape needs more bytes than the file holds (a crafted or
+    corrupted header would otherwise allocate its claimed size: MemoryError)."""
+    need = math.prod(int(s) for s in shape) * dtype.itemsize
+    if dtype.hasobject:
+        raise ValueError(f"{where} holds Python objects (pickled data is not loaded)")
+    if need > data_bytes:
+        raise ValueError(f"{where}: the header claims shape {tuple(shape)} {dtype} "
+                         f"({need} bytes) but the file holds at most {data_bytes} bytes of "
+                         "data (truncated or corrupted file?)")
+
+
+def _check_npy_file(path: str, key: str) -> None:
+    with open(path, "rb") as f:
+        shape, dtype, header = _npy_header(f, f"'{key}' in {path}")
+    _check_npy_size(shape, dtype, os.path.getsize(path) - header, f"'{key}' in {path}")
+
+
+def _check_npz_members(path: str, keys) -> None:
+    """Check each member's .npy header against the member's stored size before loading."""
+    with zipfile.ZipFile(path) as zf:
+        for key in keys:
+            info = zf.getinfo(key + ".npy")
+            with zf.open(info) as f:
+                shape, dtype, header = _npy_header(f, f"{path}['{key}']")
+            available = info.file_size - header
+            if info.compress_type != zipfile.ZIP_STORED:
+                available = min(available, _DEFLATE_MAX_RATIO * info.compress_size)
+            _check_npy_size(shape, dtype, available, f"{path}['{key}']")
+
+
 def _load_npy(path: str, mmap: bool, key: str) -> np.ndarray:
     _require_file(path, key)
     if _read_magic(path, len(_NPY_MAGIC)) != _NPY_MAGIC:
         raise ValueError(f"{path} is not a .npy file (bad magic bytes); cannot read '{key}'")
+    _check_npy_file(path, key)
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -347,6 +407,7 @@ def _load_npz(path: str):
             if missing:
                 raise _MissingKey(f"{path} has no array '{missing[0]}' (arrays present: "
                                   f"{sorted(z.files)})")
+            _check_npz_members(path, ("features", "labels"))
             # Accessing a member decompresses and CRC-checks it.
             x = z["features"]
             y = z["labels"]
@@ -571,12 +632,11 @@ def describe(fs: FeatureSet, norm_sample: int = 4096) -> str:
     Row-norm statistics come from the first ``norm_sample`` rows only, so this stays
     cheap on a memory-mapped ImageNet-sized file (0 disables them).  Printing them
     is for the user's eyes: choosing the clipping norm from private data is not free.
+    No per-class counts: they are private (and O(K) to compute).
     """
-    counts = fs.class_counts()
     storage = "memmap" if isinstance(fs.features, np.memmap) else "in-memory"
     parts = [f"{fs.name or 'unnamed'}: n={fs.n} d={fs.d} {fs.features.dtype}",
-             f"K={fs.num_classes} (per class {int(counts.min())}..{int(counts.max())})",
-             storage]
+             f"K={fs.num_classes}", storage]
     if norm_sample and fs.n:
         head = np.asarray(fs.features[: min(fs.n, norm_sample)], dtype=np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", head, head))

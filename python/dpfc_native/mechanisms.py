@@ -58,10 +58,27 @@ class NoiseSource:
         self._next_block = 0
         self.draws: list[Draw] = []
 
+    #: What :attr:`key_fingerprint` says for a seeded key instead of a hash.
+    SEEDED_FINGERPRINT = "seeded"
+
     @property
     def key_fingerprint(self) -> str:
-        """A short hash of the key, safe to log (the key itself never is)."""
+        """A short hash of an OS-entropy key, safe to log; ``"seeded"`` for a seeded key.
+
+        For a fresh 128-bit key the 64-bit truncated SHA-256 tells two fits' keys apart
+        (key reuse shows as equal fingerprints) and reveals nothing usable about the key.
+        A seeded key has only as much entropy as the seed: a hash of it would let anyone
+        recover a small seed by brute force in seconds, and with it the noise, so none
+        is given.
+        """
+        if self.seeded:
+            return self.SEEDED_FINGERPRINT
         return hashlib.sha256(self._key.to_bytes(16, "little")).hexdigest()[:16]
+
+    @property
+    def normal_pairs_drawn(self) -> int:
+        """Gaussian pairs (Philox blocks) drawn so far under this key, all releases."""
+        return self._next_block
 
     def _take(self, blocks: int, name: str) -> int:
         first = self._next_block

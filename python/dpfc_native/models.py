@@ -142,7 +142,26 @@ def _candidates(value, name: str, check) -> list | None:
 
 
 def _check_epsilon(value) -> float:
-    return _positive(value, "epsilon", allow_inf=True)
+    v = _positive(value, "epsilon", allow_inf=True)
+    if math.isfinite(v) and v > accounting.MAX_EPSILON:
+        raise ValueError(f"epsilon={value!r} is too large to calibrate noise for (at most "
+                         f"{accounting.MAX_EPSILON:g}); use epsilon=float('inf') for the "
+                         "non-private counterpart")
+    return v
+
+
+#: Range of clip norms: C^2 and the noise stds built from it stay normal doubles
+#: (1e300 overflowed C^2, 1e-170 underflowed it to 0 deep inside a release).
+CLIP_RANGE = (1e-100, 1e100)
+
+
+def _check_clip(value, name: str) -> float:
+    v = _positive(value, name)
+    if not CLIP_RANGE[0] <= v <= CLIP_RANGE[1]:
+        raise ValueError(f"{name} must be in [{CLIP_RANGE[0]:g}, {CLIP_RANGE[1]:g}] (its "
+                         f"square enters the sensitivities), got {value!r}; rescale the "
+                         "features instead")
+    return v
 
 
 def _check_delta(value) -> float | None:
@@ -217,10 +236,84 @@ def _row_slices(n: int, d: int, xp=np):
         yield slice(start, min(n, start + step))
 
 
+def _feature_names(X):
+    """A DataFrame's column names as an object array, or None (scikit-learn's rules).
+
+    All names strings: returned. No string among them (e.g. a default RangeIndex): None.
+    Mixed: TypeError, as scikit-learn raises.
+    """
+    columns = getattr(X, "columns", None)
+    if columns is None or not hasattr(X, "dtypes"):
+        return None
+    names = np.asarray(list(columns), dtype=object)
+    is_str = [isinstance(c, str) for c in names]
+    if all(is_str) and names.size:
+        return names
+    if any(is_str):
+        kinds = sorted({type(c).__name__ for c in names})
+        raise TypeError(f"X: feature names are only supported if all columns have string "
+                        f"names, got column names of types {kinds}; convert them with "
+                        "X.columns = X.columns.astype(str)")
+    return None
+
+
+def _check_feature_names(est, X) -> None:
+    """Predict-time check of X's column names against ``feature_names_in_``.
+
+    As scikit-learn: different names or a different order raise ValueError (reordered
+    columns would silently give different answers); names on one side only warn.
+    """
+    fitted = getattr(est, "feature_names_in_", None)
+    names = _feature_names(X)
+    cls = type(est).__name__
+    if fitted is None and names is None:
+        return
+    if fitted is None:
+        warnings.warn(f"X has feature names, but {cls} was fitted without feature names",
+                      UserWarning, stacklevel=3)
+        return
+    if names is None:
+        warnings.warn(f"X does not have valid feature names, but {cls} was fitted with "
+                      "feature names", UserWarning, stacklevel=3)
+        return
+    if len(names) == len(fitted) and (names == fitted).all():
+        return
+    message = "The feature names should match those that were passed during fit.\n"
+    unexpected = sorted(set(names) - set(fitted))
+    missing = sorted(set(fitted) - set(names))
+    if unexpected:
+        message += f"Feature names unseen at fit time: {unexpected[:10]}\n"
+    if missing:
+        message += f"Feature names seen at fit time, yet now missing: {missing[:10]}\n"
+    if not unexpected and not missing:
+        message += "Feature names must be in the same order as they were in fit.\n"
+    raise ValueError(message.rstrip())
+
+
+def _frame_to_numpy(X, name: str):
+    """A pandas DataFrame as a float NumPy array (nullable dtypes included)."""
+    dtypes = list(X.dtypes) if hasattr(X.dtypes, "__iter__") else [X.dtypes]
+    if all(isinstance(t, np.dtype) for t in dtypes):
+        if all(t == np.float32 for t in dtypes):
+            return np.ascontiguousarray(X.to_numpy(dtype=np.float32))
+        return np.ascontiguousarray(X.to_numpy())
+    # Extension dtypes (Float64, Int64, ...) convert to object arrays by default.
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    bad = [str(t) for t in dtypes if not is_numeric_dtype(t) or is_bool_dtype(t)]
+    if bad:
+        raise TypeError(f"{name}: columns of dtype {sorted(set(bad))} are not real numbers; "
+                        f"convert with {name}.to_numpy(float)")
+    # Missing values become NaN, which the finiteness check reports.
+    return np.ascontiguousarray(X.to_numpy(dtype=np.float64, na_value=np.nan))
+
+
 def _as_features(X, name: str, device: str, d: int | None = None):
     """X as a float32/float64 (n, d) array on ``device``; clear errors naming ``name``."""
     if X is None:
         raise TypeError(f"{name} must be an array, got None")
+    if hasattr(X, "to_numpy") and hasattr(X, "dtypes") and not ops.is_gpu_array(X):
+        X = _frame_to_numpy(X, name)
     if hasattr(X, "toarray") and not hasattr(X, "__array_interface__"):
         raise TypeError(f"{name}: sparse matrices are not supported; pass a dense array")
     if ops.is_gpu_array(X):
@@ -267,12 +360,20 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise ValueError(f"{name} contains NaN or Inf")
     if classes_param is None:
-        classes = np.unique(y)
+        try:
+            classes = np.unique(y)
+        except TypeError as exc:
+            kinds = sorted({type(v).__name__ for v in y.tolist()})
+            raise TypeError(f"{name} mixes label types that cannot be ordered ({', '.join(kinds)}"
+                            f"); use one label type throughout (no None)") from exc
     else:
         given = np.asarray(classes_param)
         if given.ndim != 1 or given.size == 0:
             raise ValueError("classes must be a non-empty 1-D sequence of labels")
-        classes = np.unique(given)
+        try:
+            classes = np.unique(given)
+        except TypeError as exc:
+            raise TypeError("classes mixes label types that cannot be ordered") from exc
         if classes.size != given.size:
             raise ValueError("classes must not contain duplicates")
         try:
@@ -285,32 +386,91 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
         raise ValueError(f"need at least 2 classes, got {classes.size} ({name} has a single label "
                          "and no `classes` was given)" if classes_param is None else
                          f"classes must hold at least 2 labels, got {classes.size}")
-    return classes, np.searchsorted(classes, y).astype(np.int64)
+    try:
+        return classes, np.searchsorted(classes, y).astype(np.int64)
+    except TypeError as exc:
+        raise TypeError(f"{name} and classes have incomparable label types") from exc
 
 
-def _preprocess(X, xp, clip: float, center, normalize: bool):
-    """Center (public vector), normalise rows (optional) and clip to ``clip``.
+def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: int = 0):
+    """Center (public vector), normalise (optional) and clip one float64 block, in place.
 
-    All per-example: no data-wide statistic is used, so it costs no privacy budget.
-    Returns a new array of X's dtype (X is never modified); every row has norm below
-    ``clip`` on the stored floats (the shared clip of :func:`dpfc_native.ops.clip_rows`).
+    All per-example: no data-wide statistic is used, so it costs no privacy budget. The
+    work stays in float64 (float32 rows near the float32 maximum minus a public center
+    do not overflow); only float64 rows can overflow, and then the error names center.
+    Returns the clipped block (float64, every row of norm below ``clip``).
     """
+    if center is not None:
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming center
+            blk -= center
+        bad = ~xp.isfinite(blk).all(axis=1)
+        if bool(bad.any()):
+            row = first_row + int(xp.argmax(bad))
+            raise ValueError(f"X - center overflows float64 at row {row}: center must be a "
+                             "public vector on the scale of the features")
+    if normalize:
+        # Scale by the max first: no overflow for huge rows, no underflow for tiny.
+        amax = xp.abs(blk).max(axis=1)
+        blk /= xp.where(amax > 0, amax, 1.0)[:, None]
+        nrm = xp.sqrt((blk * blk).sum(axis=1))
+        blk /= xp.where(nrm > 0, nrm, 1.0)[:, None]
+    return ops.clip_rows(blk, clip)[0]
+
+
+class _PreprocessedRows:
+    """The rows of X, centred, normalised and clipped on demand, a block at a time.
+
+    What the estimators' statistics passes read instead of a preprocessed copy of X: the
+    CPU ops index it by row slices (and DP-SGD by its Poisson sample), so a fit holds at
+    most a few blocks of float64 rows beyond X itself, whatever n (X may be a memmap).
+    Every block it returns is a fresh float64 array whose rows have norm below ``clip``.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float64)
+    #: Tells :mod:`dpfc_native.ops` to read it by rows (it is finite by construction).
+    _dpfc_row_view = True
+
+    def __init__(self, X, clip: float, center, normalize: bool):
+        self.base = X
+        self.shape = tuple(X.shape)
+        self._args = (clip, center, normalize)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, tuple):
+            raise IndexError("_PreprocessedRows is indexed by rows only")
+        first = (rows.start or 0) if isinstance(rows, slice) else 0
+        blk = np.array(self.base[rows], dtype=np.float64)  # always a copy: edited in place
+        if blk.ndim != 2:
+            raise IndexError("_PreprocessedRows is indexed by a slice or an index array")
+        if blk.shape[0] == 0:
+            return blk  # e.g. an empty Poisson batch
+        return _preprocess_block(blk, np, *self._args, first_row=first)
+
+    def __array__(self, dtype=None, copy=None):
+        # Refuses to materialise silently: whatever asks for the whole array must be
+        # changed to read blocks.
+        raise TypeError("a _PreprocessedRows view is read by row blocks, not as one array")
+
+
+def _preprocess(X, xp, clip: float, center, normalize: bool, out_dtype=None):
+    """What the statistics passes read: the centred, normalised, clipped rows of X.
+
+    On the CPU a :class:`_PreprocessedRows` view (no copy of X). On the GPU a device
+    array of ``out_dtype`` (default X's), filled block by block from float64 work.
+    """
+    if xp is np:
+        return _PreprocessedRows(X, clip, center, normalize)
     n, d = X.shape
-    out = xp.empty(X.shape, dtype=X.dtype)
+    out = xp.empty(X.shape, dtype=out_dtype or X.dtype)
     for sl in _row_slices(n, d, xp):
-        blk = X[sl]
-        if center is not None or normalize:
-            blk = blk.astype(xp.float64)  # a copy
-            if center is not None:
-                blk -= center
-            if normalize:
-                # Scale by the max first: no overflow for huge rows, no underflow for tiny.
-                amax = xp.abs(blk).max(axis=1)
-                blk /= xp.where(amax > 0, amax, 1.0)[:, None]
-                nrm = xp.sqrt((blk * blk).sum(axis=1))
-                blk /= xp.where(nrm > 0, nrm, 1.0)[:, None]
-            blk = blk.astype(X.dtype)
-        out[sl] = ops.clip_rows(blk, clip)[0]
+        blk = _preprocess_block(X[sl].astype(xp.float64), xp, clip, center, normalize,
+                                first_row=sl.start)
+        out[sl] = blk if out.dtype == xp.float64 else ops.clip_rows(blk.astype(out.dtype),
+                                                                     clip)[0]
     return out
 
 
@@ -369,14 +529,30 @@ def _merge_releases(records) -> list:
             if isinstance(e, tuple) else e for e in events]
 
 
-def _ledger(records, delta: float, epsilon: float, method: str = "auto") -> accounting.PrivacyLedger:
+def _ledger(records, delta: float, epsilon: float, method: str = "auto",
+            source=None) -> accounting.PrivacyLedger:
     events = _merge_releases(records)
     if not events:
         if not math.isinf(epsilon):  # pragma: no cover - every private fit releases
             raise RuntimeError("a private fit made no release")
         return accounting.PrivacyLedger((), math.inf, delta, math.inf,
                                         "non-private (epsilon=inf): no noise, no guarantee")
-    return accounting.ledger_for(events, delta, method=method)
+    ledger = accounting.ledger_for(events, delta, method=method)
+    if source is not None:
+        ledger = accounting.with_sampler_tail(ledger, source.normal_pairs_drawn)
+    return ledger
+
+
+def _warn_large_delta(delta: float, n: int, epsilon: float) -> None:
+    """PrivacyWarning when delta exceeds 1/n (the default never does)."""
+    if math.isinf(epsilon) or delta <= 1.0 / n:
+        return
+    warnings.warn(
+        f"delta={delta:g} exceeds 1/n = {1.0 / n:.3g} (n={n}): a mechanism that publishes "
+        f"each record in the clear with probability delta is (0, delta)-DP, so with "
+        f"delta > 1/n the guarantee allows about {delta * n:.3g} whole records to leak; "
+        f"use delta well below 1/n (the default is min(1e-5, 1/n))",
+        PrivacyWarning, stacklevel=3)
 
 
 def _noise_norm(d: int, std: float) -> float:
@@ -576,8 +752,48 @@ def _add_ridge(M, reg: float, xp, copy: bool = True):
 # ---------------------------------------------------------------------------------------
 
 
+#: Fitted attributes computed from the private data WITHOUT noise: not covered by the
+#: guarantee, never saved by ``save``, removed by ``strip_non_private``.
+NON_PRIVATE_ATTRIBUTES = ("n_samples_", "diagnostics_", "fit_time_")
+
+
 class _DPClassifierBase:
     """Shared machinery; subclasses implement ``_fit_core``."""
+
+    #: Whether the method releases clipped gradient sums (set below for Newton, DP-FC and
+    #: DP-SGD): on the GPU their float32 rows are read as float64 (see ``fit``).
+    _releases_gradient_sums = False
+
+    # -- release ---------------------------------------------------------------------
+    def save(self, path) -> str:
+        """Write the fitted model to ``path`` (``.npz``) in the documented model format.
+
+        Only what the privacy guarantee covers is written: the weights, the label set,
+        the preprocessing (clip, normalisation, public center), the hyper-parameters
+        without the noise seed (only whether the noise was seeded), the fitted public
+        values (``reg_``, ``lr_``, ...) and the ledger. Not written: ``n_samples_``,
+        ``diagnostics_``, ``fit_time_``, ``random_state``, ``stats_``. No pickle: read it
+        back with :func:`dpfc_native.load_model`. Returns the path written.
+        """
+        from .model_io import save_model
+
+        return save_model(self, path)
+
+    def strip_non_private(self):
+        """Remove, in place, everything the guarantee does not cover; returns self.
+
+        Deletes the attributes in ``NON_PRIVATE_ATTRIBUTES`` (``n_samples_``,
+        ``diagnostics_``, ``fit_time_``) and sets ``random_state`` to None (a seed
+        regenerates the noise; ``noise_seeded_`` still says whether it was seeded). Call
+        it before pickling or otherwise sharing a fitted estimator; the estimator still
+        predicts. The label set ``classes_`` stays: it is covered only when it was given
+        as ``classes=``.
+        """
+        for name in NON_PRIVATE_ATTRIBUTES:
+            if hasattr(self, name):
+                delattr(self, name)
+        self.random_state = None
+        return self
 
     # -- scikit-learn parameter protocol ------------------------------------------------
     @classmethod
@@ -627,7 +843,7 @@ class _DPClassifierBase:
         p = {
             "epsilon": _check_epsilon(self.epsilon),
             "delta": _check_delta(self.delta),
-            "clip_norm": _positive(self.clip_norm, "clip_norm"),
+            "clip_norm": _check_clip(self.clip_norm, "clip_norm"),
             "random_state": _check_random_state(self.random_state),
         }
         if not isinstance(self.normalize, (bool, np.bool_)):
@@ -689,6 +905,7 @@ class _DPClassifierBase:
         common = self._common_params()
         params = self._method_params()
         device = resolve_device(self.device, X)
+        feature_names = _feature_names(X)
         X = _as_features(X, "X", device)
         xp = ops.array_module(X)
         n, d = X.shape
@@ -702,7 +919,11 @@ class _DPClassifierBase:
                              "validation split (fit(..., X_val=..., y_val=...))")
         clip, normalize = common["clip_norm"], bool(self.normalize)
         center = self._check_center(d, xp)
-        Xc = _preprocess(X, xp, clip, center, normalize)
+        # On the GPU, float32 features would have their clipped gradient sums accumulated
+        # in float32 blocks, whose rounding moves with the data beyond C_g: the methods
+        # that release such sums read float64 rows there (float64 sums, as on the CPU).
+        wide = xp is not np and X.dtype == xp.float32 and self._releases_gradient_sums
+        Xc = _preprocess(X, xp, clip, center, normalize, xp.float64 if wide else None)
         val = None
         if X_val is not None:
             Xv = _as_features(X_val, "X_val", device, d=d)
@@ -717,6 +938,7 @@ class _DPClassifierBase:
                    xp.asarray(np.searchsorted(classes, yv)))
         delta = common["delta"] if common["delta"] is not None else default_delta(n)
         self._warn_privacy(common)
+        _warn_large_delta(delta, n, common["epsilon"])
         from . import tuning
 
         charge = tuning._begin_fit(self, common["epsilon"], delta)  # raises if over budget
@@ -736,10 +958,14 @@ class _DPClassifierBase:
         self.normalize_ = normalize
         self.center_ = None if center is None else _to_numpy(center)
         self.privacy_ = _ledger(ctx.records, delta, common["epsilon"],
-                                params.get("accountant", "auto"))
+                                params.get("accountant", "auto"), ctx.source)
         tuning._end_fit(charge, self.privacy_)
         self.noise_seeded_ = ctx.source.seeded
         self.noise_key_fingerprint_ = ctx.source.key_fingerprint
+        if feature_names is not None:
+            self.feature_names_in_ = feature_names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
         self.repaired_ = ctx.repaired
         for name, value in ctx.fitted.items():
             setattr(self, name, value)
@@ -777,7 +1003,8 @@ class _DPClassifierBase:
         """Scores ``x' W^T + b`` (n, K) as NumPy, where ``x'`` is X after the same
         centering, normalisation and clipping as in training."""
         self._check_fitted()
-        X = _as_features(X, "X", self.device_, d=self.n_features_in_)
+        _check_feature_names(self, X)
+        X = _as_features(X, "X", getattr(self, "device_", "cpu"), d=self.n_features_in_)
         xp = ops.array_module(X)
         center = None if self.center_ is None else xp.asarray(self.center_)
         Xc = _preprocess(X, xp, self.clip_norm_, center, self.normalize_)
@@ -903,7 +1130,8 @@ _COMMON_DOC = """
     random_state : int or None
         None (default, the secure choice): a fresh OS-entropy noise key per fit. An int:
         reproducible noise, for experiments only (the noise can be regenerated by anyone
-        who knows it).
+        who knows it). NON-PRIVATE when an int: never saved, removed by
+        ``strip_non_private()``.
     device : {"auto", "cpu", "cuda"}
         Where to compute (see :func:`resolve_device`). Fitted arrays are NumPy.
     keep_stats : bool, default False
@@ -938,12 +1166,22 @@ _ATTR_DOC = """
         Matrices whose noisy Cholesky failed and were repaired (post-processing): batch
         indices (DP-LS), ``(step, class)`` (Newton) or ``(reg, 0)`` (DP-FC).
     diagnostics_ : dict (DP-FC, DP-SGD)
-        Per-step counts computed from the PRIVATE data and NOT covered by the guarantee
-        (DP-FC: examples whose gradient was clipped; DP-SGD: realised Poisson batch
-        sizes). For debugging only: do not publish them.
-    delta_, device_, n_features_in_, n_samples_, fit_time_, noise_seeded_ :
-        The delta used, the device, the data shape, the wall time, whether the noise
-        key came from a user seed."""
+        NON-PRIVATE: not covered by the guarantee. Per-step counts computed from the
+        private data without noise (DP-FC: examples whose gradient was clipped; DP-SGD:
+        realised Poisson batch sizes). For debugging only: do not publish them.
+    n_samples_ : int
+        NON-PRIVATE: n, the number of training examples (exact, no noise).
+    fit_time_ : float
+        NON-PRIVATE: wall time of the fit (a side channel on the data size).
+    feature_names_in_ : ndarray of str (only when X was a DataFrame with string column
+        names). Checked at predict time, as scikit-learn does.
+    delta_, device_, n_features_in_, noise_seeded_, noise_key_fingerprint_ :
+        The delta used, the device, the feature dimension, whether the noise key came
+        from a user seed, and a fingerprint of an OS-entropy key (``"seeded"`` for a
+        seeded one: a hash of a seeded key would reveal the seed).
+
+    ``save(path)`` writes only the covered attributes (not the NON-PRIVATE ones, not
+    ``random_state``); ``strip_non_private()`` removes them before pickling."""
 
 
 class DPLeastSquaresClassifier(_DPClassifierBase):
@@ -1393,8 +1631,8 @@ class DPFCClassifier(_DPClassifierBase):
         share = None if self.covariance_share is None else _share(self.covariance_share,
                                                                    "covariance_share")
         bias = None if self.bias is None else _real(self.bias, "bias")
-        gclip = None if self.grad_clip_norm is None else _positive(self.grad_clip_norm,
-                                                                   "grad_clip_norm")
+        gclip = None if self.grad_clip_norm is None else _check_clip(self.grad_clip_norm,
+                                                                     "grad_clip_norm")
         return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
                 "grad_clip": gclip, "denoise": _check_denoise(self.denoise),
                 "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
@@ -1543,8 +1781,8 @@ class DPSGDClassifier(_DPClassifierBase):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         bias = _real(self.bias, "bias")
-        gclip = None if self.grad_clip_norm is None else _positive(self.grad_clip_norm,
-                                                                   "grad_clip_norm")
+        gclip = None if self.grad_clip_norm is None else _check_clip(self.grad_clip_norm,
+                                                                     "grad_clip_norm")
         return {"steps": steps, "lrs": lrs, "optimizer": opt, "momentum": mom, "loss": loss,
                 "q": q, "bias": bias, "grad_clip": gclip, "accountant": accountant,
                 "_sweep": {"lr": lrs or [None]}}
@@ -1655,3 +1893,9 @@ def _poisson_rng(random_state):
 
     digest = hashlib.sha256(b"dpfc_native/poisson/" + str(int(random_state)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+# The methods that release clipped gradient sums (they read float64 rows on the GPU).
+for _cls in (DPNewtonClassifier, DPFCClassifier, DPSGDClassifier):
+    _cls._releases_gradient_sums = True
+del _cls

@@ -156,7 +156,16 @@ def _dispatch(family: str, *arrays: Any) -> tuple[Any, ModuleType]:
 
 
 def _coerce(a: Any, name: str, xp):
-    """The argument as an array of module xp, the call's kind (no dtype change)."""
+    """The argument as an array of module xp, the call's kind (no dtype change).
+
+    A row view (an object with ``_dpfc_row_view = True``: ``shape``, ``dtype``, ``ndim``
+    and row indexing returning finite NumPy blocks, e.g. the estimators' preprocessed
+    rows) passes through on the CPU: the CPU paths read x by row blocks only.
+    """
+    if getattr(a, "_dpfc_row_view", False):
+        if xp is not np:
+            raise ValueError(f"{name}: a row view is a CPU object (mixed devices)")
+        return a
     if xp is not np:
         if not is_gpu_array(a):
             raise ValueError(f"{name}: expected a GPU array like the other arguments (mixed devices)")
@@ -224,6 +233,8 @@ def _check_features(x, name: str, xp, *, allow_half: bool = False):
 
 def _check_finite(a, name: str, xp) -> None:
     """Raises ValueError if any element is NaN or Inf (chunked over rows on the CPU)."""
+    if getattr(a, "_dpfc_row_view", False):
+        return  # its blocks are checked as they are made
     if xp is np:
         rows = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(a.shape[1:], dtype=np.int64))))
         for start in range(0, a.shape[0], rows):
