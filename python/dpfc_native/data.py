@@ -1017,3 +1017,7 @@ def synthetic_preset(name: str, difficulty: Optional[float] = None, seed: int = 
     if difficulty is None:
         difficulty = SYNTHETIC_PRESET_DIFFICULTY[name]
     return synthetic_features(n, d, k, difficulty=difficulty, seed=seed, **kwargs)
+
+
+# Sharded sources (many files, read a slice at a time) live in their own module.
+from .shards import ShardError, ShardedFeatures, open_sharded  # noqa: E402,F401  (sharded sources)
