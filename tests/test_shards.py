@@ -265,3 +265,17 @@ def test_to_dask_holds_no_data_in_the_graph(tmp_path):
     np.testing.assert_array_equal(y.compute(scheduler="synchronous"),
                                   np.concatenate([b for _, b in expect]))
     assert isinstance(x, da.Array)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "zarr", "npz", "parquet-list"])
+def test_take_reads_the_given_rows(fmt, tmp_path):
+    rng = np.random.default_rng(11 + FORMATS.index(fmt))
+    expect = _arrays(rng)
+    sf = open_sharded(_write(fmt, tmp_path, expect))
+    rows = np.array([0, 3, 4, 19, 36])
+    x, y = sf.take(0, rows)
+    np.testing.assert_array_equal(x, expect[0][0][rows])
+    np.testing.assert_array_equal(y, expect[0][1][rows])
+    assert sf.take(1, np.array([], np.int64))[0].shape == (0, D)
+    with pytest.raises(IndexError):
+        sf.take(0, np.array([3, 2]))

@@ -485,15 +485,48 @@ class ShardedFeatures:
         except Exception as e:
             raise ShardError(f"shard {shard.path}: cannot read rows [{start}, {stop}) (truncated or "
                              f"corrupt?): {type(e).__name__}: {e}") from e
-        m = stop - start
+        return self._checked(shard, x, y, stop - start, f"rows [{start}, {stop})")
+
+    def _checked(self, shard: Shard, x, y, m: int, where: str):
         if x.shape != (m, self.n_features) or y.shape != (m,):
-            raise ShardError(f"shard {shard.path}: rows [{start}, {stop}) read back as shapes "
-                             f"{x.shape} / {y.shape}")
+            raise ShardError(f"shard {shard.path}: {where} read back as shapes {x.shape} / {y.shape}")
         y = y.astype(np.int64, copy=False)
         if m and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ShardError(f"shard {shard.path}: labels outside [0, {self.num_classes}) in rows "
-                             f"[{start}, {stop})")
+            raise ShardError(f"shard {shard.path}: labels outside [0, {self.num_classes}) in {where}")
         return x, y
+
+    def take(self, i: int, rows):
+        """Rows ``rows`` (shard-local, increasing) of shard ``i``, as :meth:`read` returns
+        them. ``.npy`` and zarr shards read only those rows (row-addressable); the other
+        formats read the covering slice and select."""
+        shard = self._check_unchanged(i)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (rows.size and (rows[0] < 0 or rows[-1] >= shard.rows
+                                             or np.any(np.diff(rows) <= 0))):
+            raise IndexError(f"shard {shard.path}: rows must be increasing indices in [0, {shard.rows})")
+        if rows.size == 0:
+            return np.empty((0, self.n_features), self.dtype), np.empty(0, np.int64)
+        try:
+            if shard.format == "npy":
+                x = np.asarray(_npy_open(shard.path)[rows])
+                y = np.asarray(_npy_open(shard.labels_path)[rows])
+            elif shard.format == "zarr":
+                import zarr
+
+                g = zarr.open_group(shard.path, mode="r")
+                x = np.asarray(g[self._opts.features_key].oindex[rows, :])
+                y = np.asarray(g[self._opts.labels_key].oindex[rows])
+            else:
+                x = y = None
+        except Exception as e:
+            raise ShardError(f"shard {shard.path}: cannot read {rows.size} rows in "
+                             f"[{rows[0]}, {rows[-1]}] (truncated or corrupt?): "
+                             f"{type(e).__name__}: {e}") from e
+        if x is None:
+            lo = int(rows[0])
+            x, y = self.read(i, lo, int(rows[-1]) + 1)
+            return x[rows - lo], y[rows - lo]
+        return self._checked(shard, x, y, rows.size, f"{rows.size} rows in [{rows[0]}, {rows[-1]}]")
 
     def read_global(self, start: int, stop: int):
         """Global rows ``[start, stop)`` (may span shards), concatenated."""
