@@ -58,6 +58,12 @@ class NoiseSource:
         self._next_block = 0
         self.draws: list[Draw] = []
 
+    def __reduce_ex__(self, protocol):
+        # Pickling would copy the secret key to wherever the bytes go (a Dask worker, a
+        # cache file): noise is drawn only where the source was created.
+        raise TypeError("a NoiseSource holds a secret noise key and cannot be pickled or "
+                        "copied; add noise on the process that created it (the client)")
+
     @property
     def key_fingerprint(self) -> str:
         """A short hash of the key, safe to log (the key itself never is)."""

@@ -64,6 +64,7 @@ __all__ = [
     "ClassGrams",
     "WeightedGrams",
     "LinearGrad",
+    "NewtonWeights",
     "PoissonSampling",
     "philox4x32_10",
     "leaf_partial",
@@ -685,7 +686,11 @@ class WeightedGrams(_Statistic):
 
     def key(self):
         rng = _class_range(self.classes, self.num_weights)
-        return f"weighted_grams:{self.clip_norm!r}:{self.num_weights}:{self.weight_bound!r}:{rng}:{self.weight_fn_id}"
+        fn_id = self.weight_fn_id or getattr(self.weight_fn, "fingerprint", "")
+        if self.weight_fn is not None and not fn_id:
+            raise ValueError("a weight_fn needs a weight_fn_id (or a .fingerprint) naming its "
+                             "parameters, so partials of different weights never merge")
+        return f"weighted_grams:{self.clip_norm!r}:{self.num_weights}:{self.weight_bound!r}:{rng}:{fn_id}"
 
     def bounds(self, d):
         return {"H": self.weight_bound * self.clip_norm**2}
@@ -708,6 +713,33 @@ class WeightedGrams(_Statistic):
 
     def finish(self, v):
         return v["H"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NewtonWeights:
+    """Newton's per-row weights ``p (1 - p)`` with ``p = sigmoid(W xbar + b)`` on the
+    rows clipped to ``clip_norm`` (at most 1/4): a picklable ``weight_fn`` for
+    :class:`WeightedGrams`, computed on the workers from the rows they read."""
+
+    w: np.ndarray
+    bias: Any
+    clip_norm: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "w", np.asarray(self.w, dtype=np.float64))
+        object.__setattr__(self, "bias", np.broadcast_to(
+            np.asarray(self.bias, np.float64), (self.w.shape[0],)).copy())
+
+    @property
+    def fingerprint(self) -> str:
+        return f"newton:{self.clip_norm!r}:{_hash_arrays(self.w, self.bias)}"
+
+    def __call__(self, x, y):
+        xc, _ = ops.clip_rows(np.asarray(x, dtype=np.float64), self.clip_norm)
+        from scipy.special import expit
+
+        p = expit(xc @ self.w.T + self.bias)
+        return p * (1.0 - p)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
