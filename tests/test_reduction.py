@@ -115,14 +115,16 @@ def test_finish_is_the_correctly_rounded_exact_sum_of_grid_values(rng):
         src, lay, parts = _leaf_partials(stat, x, y)
         got = _merge_all(parts).values(lay.n_leaves)[name]
         e = math.frexp(stat.bounds(D)[name])[1]
+        f = lay.fraction_bits
+        assert f == 62 - 6  # leaves of 64 rows
         total = None
         for g0, a, b in zip(lay.global_start, lay.start, lay.stop):
             rows = slice(g0, g0 + (b - a))
             leaf = stat.leaf(x[rows], y[rows], None)[name]
-            q = np.vectorize(lambda v: round(Fraction(float(v)) * Fraction(2) ** (52 - e)),
+            q = np.vectorize(lambda v: round(Fraction(float(v)) * Fraction(2) ** (f - e)),
                              otypes=[object])(leaf)
             total = q if total is None else total + q
-        expect = np.vectorize(lambda t: float(Fraction(int(t)) * Fraction(2) ** (e - 52)),
+        expect = np.vectorize(lambda t: float(Fraction(int(t)) * Fraction(2) ** (e - f)),
                               otypes=[float])(total)
         assert _bits(got) == _bits(expect), name
 
@@ -388,3 +390,31 @@ def test_sampled_reduction_sums_exactly_the_sampled_rows(sharded):
     assert partial.ranges == ((0, 23),)
     sel = tiny.mask(0, x.shape[0])
     np.testing.assert_allclose(g0, _reference("gram", x[sel], y[sel], 1.0), rtol=0, atol=1e-12)
+
+
+def test_reads_never_exceed_one_leaf(sharded):
+    """Memory stays bounded by the leaf: every read the reduction makes is one leaf (or
+    its sampled rows), whatever the source's size or the task's length."""
+    sf, x, y = sharded
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.sizes = inner, []
+            self.shard_rows, self.n_features = inner.shard_rows, inner.n_features
+            self.shards = inner.shards
+
+        def read(self, i, a, b):
+            self.sizes.append(b - a)
+            return self.inner.read(i, a, b)
+
+        def take(self, i, rows):
+            self.sizes.append(len(rows))
+            return self.inner.take(i, rows)
+
+    src = Counting(sf)
+    lay = R.LeafLayout(sf.shard_rows, LEAF)
+    R.range_partial(R.Stats(1.0, K), src, lay, 0, lay.n_leaves)
+    assert len(src.sizes) == lay.n_leaves and max(src.sizes) == LEAF
+    src.sizes.clear()
+    R.range_partial(R.Gram(1.0), src, lay, 0, lay.n_leaves, sampling=R.PoissonSampling.new(0.5, seed=1))
+    assert max(src.sizes) <= LEAF and sum(src.sizes) < 0.6 * len(x)

@@ -11,14 +11,15 @@ so that one process, many processes or many machines give the same bits:
    :mod:`dpfc_native.ops` (``clipped_gram``, ``clipped_stats``, ...) in float64, on the
    leaf's rows in order: a pure function of those rows.
 3. **Fixed grid.** Each float64 leaf value is converted once to an integer on a fixed
-   grid and stored as two int64 limbs; from then on every merge is integer addition,
-   associative and commutative, so any merge order, partitioning, retry or worker count
-   gives identical bits. The grid of an output whose per-row entries are bounded by
-   ``R`` (``C^2`` for grams, ``C`` for class sums and gradients, ``w_max C^2`` for
-   weighted grams: public facts) is ``delta = 2^(E - 52)`` with ``2^(E-1) <= R < 2^E``.
-   A value ``v`` becomes ``q = rint(v / delta)``, split as ``q = hi 2^32 + lo`` with
-   ``0 <= lo < 2^32``. Range: ``|q| <= rows 2^53``, so ``hi`` (int64) holds sums over
-   up to ``MAX_ROWS = 2^41`` rows (2.2e12) exactly; merges carry ``lo`` into ``hi``.
+   grid; from then on every merge is integer addition, associative and commutative, so
+   any merge order, partitioning, retry or worker count gives identical bits. The grid
+   is set by public facts only: an output whose per-row terms are bounded by ``R``
+   (``C^2`` for grams, ``C`` for class sums and gradients, ``w_max C^2`` for weighted
+   grams), with ``2^(E-1) <= R < 2^E``, and the leaf size ``m``: the grid step is
+   ``delta = 2^(E - F)`` with ``F = 62 - ceil(log2 m)`` fraction bits (F = 50 for
+   m = 4096), so a leaf's value ``q = rint(v / delta)``, ``|q| < m 2^F <= 2^62``, is one
+   int64. Sums are kept as two int64 limbs ``hi 2^32 + lo`` (``0 <= lo < 2^32``), exact
+   for up to ``2^(94 - F)`` rows (2^44 = 1.8e13 at m = 4096).
 4. **Coverage.** Every :class:`Partial` carries the leaf ranges it covers. Merging two
    partials that share a leaf raises :class:`CoverageError`, and so does finishing a
    partial that misses a leaf: double counting and gaps are detected, not assumed away.
@@ -30,8 +31,8 @@ n rows, leaves of m rows and d x d outputs:
 
 * leaf float64 sums: ``sum over leaves of gamma_{m+1} m R ~= (m + 1) n u R``
   (u = 2^-53), against ``gamma_{n+1} n R ~= n^2 u R`` for one float64 pass over all rows;
-* the grid: at most ``delta / 2 <= 2u R`` per entry per leaf, ``<= d (n/m + 1) 2u R``
-  in Frobenius norm over all leaves;
+* the grid: at most ``delta / 2 = 2^(E-F-1) <= 2^-F R`` per entry per leaf (8u R at
+  m = 4096), ``<= sqrt(entries) (n/m + 1) 2^-F R`` in Frobenius norm over all leaves;
 * the final conversion: ``u ||S||_F <= u n R``.
 
 Total: about ``(m + 2) n u R``: 1.4e-4 C^2 at n = 3e8, m = 4096 (one float64 pass:
@@ -52,8 +53,7 @@ from . import ops
 
 __all__ = [
     "LEAF_ROWS",
-    "MAX_ROWS",
-    "FRACTION_BITS",
+    "fraction_bits",
     "CoverageError",
     "LeafLayout",
     "Partial",
@@ -75,13 +75,9 @@ __all__ = [
 
 #: Default leaf size (rows).
 LEAF_ROWS = 4096
-#: Fraction bits of the grid below the per-row bound's power of two.
-FRACTION_BITS = 52
 _LIMB_BITS = 32
 _LIMB = float(1 << _LIMB_BITS)
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
-#: Rows a reduction may cover (hi limbs stay below 2^63 with margin).
-MAX_ROWS = 1 << 41
 
 
 class CoverageError(ValueError):
@@ -121,8 +117,11 @@ class LeafLayout:
         self.leaf_rows = int(leaf_rows)
         self.shard_rows = tuple(rows)
         self.n_rows = sum(rows)
-        if self.n_rows > MAX_ROWS:
-            raise ValueError(f"{self.n_rows} rows exceed the exact reduction's range ({MAX_ROWS})")
+        self.fraction_bits = fraction_bits(self.leaf_rows)
+        # Integer totals stay below n 2^F; the hi limb (total / 2^32) must fit in int64.
+        if self.n_rows >= 1 << (94 - self.fraction_bits):
+            raise ValueError(f"{self.n_rows} rows exceed the exact reduction's range with leaves "
+                             f"of {self.leaf_rows} rows (2^{94 - self.fraction_bits})")
         shard, start, stop, gstart = [], [], [], []
         offset = 0
         for s, r in enumerate(rows):
@@ -224,6 +223,11 @@ def _take(source, i: int, rows: np.ndarray, start: int, stop: int):
 # --------------------------------------------------------------------------------------
 
 
+def fraction_bits(leaf_rows: int) -> int:
+    """F = 62 - ceil(log2 leaf_rows): a leaf's grid integer stays below 2^62."""
+    return 62 - max(0, int(leaf_rows - 1).bit_length())
+
+
 def _grid_exponent(bound: float) -> int:
     """E with 2^(E-1) <= bound < 2^E."""
     if not (bound > 0 and math.isfinite(bound)):
@@ -232,28 +236,77 @@ def _grid_exponent(bound: float) -> int:
     return e
 
 
-def _to_limbs(v: np.ndarray, exponent: int, rows: int, name: str):
-    v = np.asarray(v, dtype=np.float64)
-    if not np.isfinite(v).all():
-        raise ValueError(f"{name}: leaf statistic has NaN or Inf")
-    q = np.rint(np.ldexp(v, FRACTION_BITS - exponent))
-    # A leaf of `rows` rows with per-row entries below 2^E stays below rows * 2^E: beyond
-    # it the grid's range argument (and the declared bound) would not hold.
-    if q.size and float(np.abs(q).max()) > rows * 2.0 ** (FRACTION_BITS + 1):
-        raise ValueError(f"{name}: leaf statistic exceeds its a-priori range "
-                         f"({rows} rows x 2^{exponent})")
-    hi = np.floor(q / _LIMB)
-    lo = q - hi * _LIMB
-    return hi.astype(np.int64), lo.astype(np.int64)
+def _grid_int(v, exponent: int, frac: int, rows: int, name: str) -> np.ndarray:
+    """rint(v 2^(F - E)) as int64: one leaf's value on the grid."""
+    q = np.array(v, dtype=np.float64)  # own copy, scaled in place (power of two: exact)
+    q *= 2.0 ** (frac - exponent)
+    np.rint(q, out=q)
+    if q.size:
+        lo, hi = float(q.min()), float(q.max())
+        # A leaf of `rows` rows with per-row terms below 2^(E-1)... 2^E stays below
+        # rows 2^F: beyond it the range argument (and the declared bound) would not hold.
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name}: leaf statistic has NaN or Inf")
+        if max(hi, -lo) > rows * 2.0**frac:
+            raise ValueError(f"{name}: leaf statistic exceeds its a-priori range "
+                             f"({rows} rows x 2^{exponent})")
+    return q.astype(np.int64)
 
 
-def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int) -> np.ndarray:
-    """Correctly rounded float64 of (hi 2^32 + lo) 2^(E - 52)."""
+def _to_limbs(v, exponent: int, rows: int, name: str, frac: int = 50):
+    """One leaf value as (hi, lo) limbs (see :func:`_grid_int`)."""
+    q = _grid_int(v, exponent, frac, rows, name)
+    return q >> _LIMB_BITS, q & _LIMB_MASK
+
+
+def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int, frac: int) -> np.ndarray:
+    """Correctly rounded float64 of (hi 2^32 + lo) 2^(E - F)."""
     hh = hi >> 20
     hl = hi & ((1 << 20) - 1)
     a = hh.astype(np.float64) * 2.0**52  # |hh| < 2^43: exact
     b = (hl << _LIMB_BITS | lo).astype(np.float64)  # < 2^52: exact
-    return np.ldexp(a + b, exponent - FRACTION_BITS)  # one rounding; the scaling is exact
+    return np.ldexp(a + b, exponent - frac)  # one rounding; the scaling is exact
+
+
+class _Accumulator:
+    """In-place exact sum of leaf values (a task's leaves), then one :class:`Partial`."""
+
+    def __init__(self, key: str, exps: dict, frac: int, fixed_shapes: dict, int_shapes: dict):
+        self.key, self.exps, self.frac = key, exps, frac
+        self.hi = {k: np.zeros(sh, np.int64) for k, sh in fixed_shapes.items()}
+        self.lo = {k: np.zeros(sh, np.int64) for k, sh in fixed_shapes.items()}
+        self.ints = {k: np.zeros(sh, np.int64) for k, sh in int_shapes.items()}
+        self.ranges: list = []
+        self._since_carry = 0
+
+    def add(self, out: Optional[dict], rows: int, leaf: int) -> None:
+        self.ranges.append((leaf, leaf + 1))
+        if out is None:  # an empty (unsampled) leaf: covered, adds zero
+            return
+        for name, e in self.exps.items():
+            q = _grid_int(out[name], e, self.frac, rows, name)
+            hi, lo = self.hi[name], self.lo[name]
+            if hi.shape != q.shape:
+                raise ValueError(f"{name}: leaf statistic has shape {q.shape}, expected {hi.shape}")
+            hi += q >> _LIMB_BITS
+            np.bitwise_and(q, _LIMB_MASK, out=q)
+            lo += q
+        for name, acc in self.ints.items():
+            acc += np.asarray(out[name], np.int64).reshape(acc.shape)
+        self._since_carry += 1
+        if self._since_carry >= 1 << 30:  # lo gains < 2^32 a leaf: carry long before 2^63
+            self._carry()
+
+    def _carry(self) -> None:
+        for name in self.hi:
+            self.hi[name] += self.lo[name] >> _LIMB_BITS
+            self.lo[name] &= _LIMB_MASK
+        self._since_carry = 0
+
+    def partial(self) -> "Partial":
+        self._carry()
+        fixed = {name: (self.hi[name], self.lo[name], self.exps[name], self.frac) for name in self.hi}
+        return Partial(self.key, _normalise_ranges(self.ranges), fixed, self.ints)
 
 
 def _normalise_ranges(ranges) -> tuple[tuple[int, int], ...]:
@@ -280,7 +333,8 @@ class Partial:
         What is summed (statistic, its parameters, the layout, the sampling step):
         partials of different keys never merge.
     ranges : tuple of (first, stop) leaf ranges covered, sorted and disjoint.
-    fixed : dict name -> (hi, lo, exponent): grid outputs as int64 limbs.
+    fixed : dict name -> (hi, lo, exponent, fraction_bits): grid outputs as int64 limbs
+        (value ``(hi 2^32 + lo) 2^(exponent - fraction_bits)``).
     ints : dict name -> int64 array: integer outputs (counts).
     """
 
@@ -304,10 +358,12 @@ class Partial:
                              "layouts or steps")
         ranges = _normalise_ranges(self.ranges + other.ranges)
         fixed = {}
-        for name, (hi, lo, e) in self.fixed.items():
-            ohi, olo, oe = other.fixed[name]
+        for name, (hi, lo, e, f) in self.fixed.items():
+            ohi, olo, oe, of = other.fixed[name]
+            if (oe, of) != (e, f):
+                raise ValueError(f"{name}: partials on different grids")
             s = lo + olo
-            fixed[name] = (hi + ohi + (s >> _LIMB_BITS), s & _LIMB_MASK, e)
+            fixed[name] = (hi + ohi + (s >> _LIMB_BITS), s & _LIMB_MASK, e, f)
         ints = {name: a + other.ints[name] for name, a in self.ints.items()}
         return Partial(self.key, ranges, fixed, ints)
 
@@ -318,7 +374,7 @@ class Partial:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays a partial carries (what a worker ships)."""
-        return (sum(hi.nbytes + lo.nbytes for hi, lo, _ in self.fixed.values())
+        return (sum(hi.nbytes + lo.nbytes for hi, lo, _, _ in self.fixed.values())
                 + sum(a.nbytes for a in self.ints.values()))
 
     def check_complete(self, n_leaves: int) -> None:
@@ -337,7 +393,7 @@ class Partial:
         """float64 arrays of the grid outputs and int64 arrays of the integer ones,
         after :meth:`check_complete`."""
         self.check_complete(n_leaves)
-        out = {name: _from_limbs(hi, lo, e) for name, (hi, lo, e) in self.fixed.items()}
+        out = {name: _from_limbs(hi, lo, e, f) for name, (hi, lo, e, f) in self.fixed.items()}
         out.update({name: a.copy() for name, a in self.ints.items()})
         return out
 
@@ -793,30 +849,22 @@ def _partial_key(stat: _Statistic, layout: LeafLayout, sampling: Optional[Poisso
     return f"{stat.key()}|d={d}|{layout.fingerprint}|{samp}"
 
 
-def _zero_partial(stat, layout, sampling, d, ranges) -> Partial:
-    fixed = {name: (np.zeros(shape, np.int64), np.zeros(shape, np.int64),
-                    _grid_exponent(stat.bounds(d)[name]))
-             for name, shape in stat.fixed_shapes(d).items()}
-    ints = {name: np.zeros(shape, np.int64) for name, shape in stat.int_shapes(d).items()}
-    return Partial(_partial_key(stat, layout, sampling, d), ranges, fixed, ints)
+def _accumulator(stat, layout: LeafLayout, sampling, d: int) -> _Accumulator:
+    exps = {name: _grid_exponent(bound) for name, bound in stat.bounds(d).items()}
+    return _Accumulator(_partial_key(stat, layout, sampling, d), exps, layout.fraction_bits,
+                        stat.fixed_shapes(d), stat.int_shapes(d))
 
 
-def leaf_partial(stat: _Statistic, source, layout: LeafLayout, leaf: int, *,
-                 sampling: Optional[PoissonSampling] = None, weights=None) -> Partial:
-    """The partial of one leaf: read its rows (only the sampled ones under ``sampling``),
-    compute the statistic with the ops in float64, convert it once to the grid.
-
-    ``weights`` (for :class:`WeightedGrams` without ``weight_fn``): the (rows, K) weights
-    of this leaf's rows, or an object with a ``leaf_weights(leaf)`` method.
-    """
-    d = int(source.n_features)
+def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights):
+    """(the leaf's statistic as ops return it, its row count); (None, 0) if no row of
+    the leaf is sampled."""
     s, a, b = int(layout.shard[leaf]), int(layout.start[leaf]), int(layout.stop[leaf])
     g0 = int(layout.global_start[leaf])
     if sampling is not None:
         mask = sampling.mask(g0, g0 + (b - a))
         rows = a + np.flatnonzero(mask)
         if rows.size == 0:
-            return _zero_partial(stat, layout, sampling, d, ((leaf, leaf + 1),))
+            return None, 0
         x, y = _take(source, s, rows, a, b)
     else:
         mask = None
@@ -829,20 +877,25 @@ def leaf_partial(stat: _Statistic, source, layout: LeafLayout, leaf: int, *,
         if mask is not None:
             w = w[mask]
     try:
-        out = stat.leaf(x, y, w)
+        return stat.leaf(x, y, w), int(x.shape[0])
     except ValueError as e:
         where = getattr(source, "shards", None)
         name = where[s].path if where is not None else f"shard {s}"
         raise ValueError(f"{name}: rows [{a}, {b}) (leaf {leaf}): {e}") from e
-    m = int(x.shape[0])
-    fixed = {}
-    for name, bound in stat.bounds(d).items():
-        e = _grid_exponent(bound)
-        hi, lo = _to_limbs(out[name], e, m, name)
-        fixed[name] = (hi, lo, e)
-    ints = {name: np.asarray(out[name], np.int64).reshape(shape)
-            for name, shape in stat.int_shapes(d).items()}
-    return Partial(_partial_key(stat, layout, sampling, d), ((leaf, leaf + 1),), fixed, ints)
+
+
+def leaf_partial(stat: _Statistic, source, layout: LeafLayout, leaf: int, *,
+                 sampling: Optional[PoissonSampling] = None, weights=None) -> Partial:
+    """The partial of one leaf: read its rows (only the sampled ones under ``sampling``),
+    compute the statistic with the ops in float64, convert it once to the grid.
+
+    ``weights`` (for :class:`WeightedGrams` without ``weight_fn``): the (rows, K) weights
+    of this leaf's rows, or an object with a ``leaf_weights(leaf)`` method.
+    """
+    acc = _accumulator(stat, layout, sampling, int(source.n_features))
+    out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
+    acc.add(out, m, leaf)
+    return acc.partial()
 
 
 class _SlicedWeights:
@@ -866,11 +919,11 @@ def range_partial(stat: _Statistic, source, layout: LeafLayout, first: int, stop
         raise ValueError(f"leaf range [{first}, {stop}) outside [0, {layout.n_leaves})")
     if weights is not None and not hasattr(weights, "leaf_weights"):
         weights = _SlicedWeights(weights, layout)
-    acc = None
+    acc = _accumulator(stat, layout, sampling, int(source.n_features))
     for leaf in range(first, stop):
-        p = leaf_partial(stat, source, layout, leaf, sampling=sampling, weights=weights)
-        acc = p if acc is None else acc.merge(p)
-    return acc
+        out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
+        acc.add(out, m, leaf)
+    return acc.partial()
 
 
 def _as_source(x, labels=None, num_classes=None, shard_rows=None):
@@ -921,5 +974,5 @@ def rounding_bound(n: int, leaf_rows: int, per_row_bound: float, entries: int) -
     m = min(int(leaf_rows), int(n))
     leaves = -(-int(n) // int(leaf_rows))
     gamma = (m + 1) * u / (1 - (m + 1) * u)
-    grid = 2.0 ** (_grid_exponent(per_row_bound) - FRACTION_BITS - 1)
+    grid = 2.0 ** (_grid_exponent(per_row_bound) - fraction_bits(leaf_rows) - 1)
     return gamma * n * per_row_bound + math.sqrt(entries) * leaves * grid + u * n * per_row_bound
