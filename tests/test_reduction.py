@@ -297,9 +297,10 @@ def test_float16_leaves_kept_as_stored(rng):
 
 def test_statistic_beyond_its_range_raises():
     with pytest.raises(ValueError, match="a-priori range"):
-        R._to_limbs(np.array([3.0 * 8]), R._grid_exponent(1.0), 4, "G")
+        R._grid_int(np.array([3.0 * 8]), R._grid_exponent(1.0), 50, 4, "G")
+    R._grid_int(np.array([-4.0 * 0.999]), R._grid_exponent(1.0), 50, 4, "G")  # within range
     with pytest.raises(ValueError, match="NaN"):
-        R._to_limbs(np.array([np.nan]), 1, 4, "G")
+        R._grid_int(np.array([np.nan]), 1, 50, 4, "G")
 
 
 # --------------------------------------------------------------------------------------

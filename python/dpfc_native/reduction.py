@@ -243,20 +243,14 @@ def _grid_int(v, exponent: int, frac: int, rows: int, name: str) -> np.ndarray:
     np.rint(q, out=q)
     if q.size:
         lo, hi = float(q.min()), float(q.max())
-        # A leaf of `rows` rows with per-row terms below 2^(E-1)... 2^E stays below
-        # rows 2^F: beyond it the range argument (and the declared bound) would not hold.
+        # A leaf of `rows` rows with per-row terms below 2^E stays below rows 2^F (at most
+        # 2^62): beyond it the range argument (and the declared bound) would not hold.
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name}: leaf statistic has NaN or Inf")
         if max(hi, -lo) > rows * 2.0**frac:
             raise ValueError(f"{name}: leaf statistic exceeds its a-priori range "
                              f"({rows} rows x 2^{exponent})")
     return q.astype(np.int64)
-
-
-def _to_limbs(v, exponent: int, rows: int, name: str, frac: int = 50):
-    """One leaf value as (hi, lo) limbs (see :func:`_grid_int`)."""
-    q = _grid_int(v, exponent, frac, rows, name)
-    return q >> _LIMB_BITS, q & _LIMB_MASK
 
 
 def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int, frac: int) -> np.ndarray:
