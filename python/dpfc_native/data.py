@@ -1210,3 +1210,7 @@ def coerce_labels(labels, name: str = "labels") -> np.ndarray:
     if kind == "U":
         return y.astype(str)
     raise ValueError(f"{name} must hold integers or class names (strings), got dtype {y.dtype}")
+
+
+# Sharded sources (many files, read a slice at a time) live in their own module.
+from .shards import ShardError, ShardedFeatures, open_sharded  # noqa: E402,F401  (sharded sources)

@@ -61,6 +61,12 @@ class NoiseSource:
     #: What :attr:`key_fingerprint` says for a seeded key instead of a hash.
     SEEDED_FINGERPRINT = "seeded"
 
+    def __reduce_ex__(self, protocol):
+        # Pickling would copy the secret key to wherever the bytes go (a Dask worker, a
+        # cache file): noise is drawn only where the source was created.
+        raise TypeError("a NoiseSource holds a secret noise key and cannot be pickled or "
+                        "copied; add noise on the process that created it (the client)")
+
     @property
     def key_fingerprint(self) -> str:
         """A short hash of an OS-entropy key, safe to log; ``"seeded"`` for a seeded key.

@@ -1,0 +1,212 @@
+"""Benchmark of the Dask backend (dpfc_native.distributed) on generated shards.
+
+    python benchmarks/bench_distributed.py                   # 262144 x 512 float32, 8 shards
+    python benchmarks/bench_distributed.py --quick           # small smoke run
+    python benchmarks/bench_distributed.py --rows 8388608 --dim 768 --workers 1,2,4,8,16 \\
+        --out benchmarks/results/bench_distributed_16core.json   # a larger machine
+
+Rows of the table (each configuration repeated --repeats times; min and median reported,
+the machine is shared and noisy):
+  single-process   ops.clipped_gram on the whole array in memory (1 BLAS thread): the
+                   plain path the Dask overhead is measured against.
+  local exact      dpfc_native.reduction.reduce(Gram) over the shards in this process (the
+                   same leaves and exact merge as Dask, no cluster).
+  dask Nw          distributed.compute(Gram) on a LocalCluster of N single-threaded worker
+                   processes; rows/s per worker; the 1-worker time / single-process time is
+                   the Dask overhead (target <= 1.1x).
+  dpfc pass Nw     one clipped-gradient pass (DP-FC / DP-SGD step, K classes) through Dask.
+Also: bytes a partial carries (arrays, and pickled), the exact merge's cost (grid conversion
+and integer merge per leaf) against the leaf statistic's compute (target <= 5%), and the
+SHA-256 manifest's hashing rate when the shards are opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from _common import git_commit, utc_now
+
+
+def _timeit(fn, repeats):
+    times = []
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return {"min_s": min(times), "median_s": statistics.median(times), "runs": times}, out
+
+
+def _write_shards(folder, rows, dim, shards, k, seed):
+    rng = np.random.default_rng(seed)
+    per = [rows // shards + (1 if i < rows % shards else 0) for i in range(shards)]
+    for i, m in enumerate(per):
+        path = os.path.join(folder, f"part-{i:04d}.features.npy")
+        x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(m, dim))
+        for a in range(0, m, 65536):
+            b = min(m, a + 65536)
+            x[a:b] = rng.standard_normal((b - a, dim), dtype=np.float32)
+        x.flush()
+        del x
+        np.save(os.path.join(folder, f"part-{i:04d}.labels.npy"), rng.integers(0, k, m))
+    return per
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=262144)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--leaf-rows", type=int, default=4096)
+    ap.add_argument("--leaves-per-task", type=int, default=8)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where to write the shards (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.dim, args.repeats = 20000, 64, 2
+
+    from threadpoolctl import threadpool_limits
+    from distributed import Client, LocalCluster
+
+    from dpfc_native import distributed as dd
+    from dpfc_native import ops
+    from dpfc_native import reduction as R
+    from dpfc_native.shards import open_sharded
+
+    workers = [int(w) for w in args.workers.split(",") if w]
+    n, d, k, c = args.rows, args.dim, args.classes, 1.0
+    result = {"benchmark": "bench_distributed", "date": utc_now(), "commit": git_commit(),
+              "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0]},
+              "config": {"rows": n, "dim": d, "shards": args.shards, "classes": k, "dtype": "float32",
+                         "leaf_rows": args.leaf_rows, "leaves_per_task": args.leaves_per_task,
+                         "repeats": args.repeats, "workers": workers},
+              "rows": []}
+    table = result["rows"]
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        _write_shards(folder, n, d, args.shards, k, seed=7)
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        t0 = time.perf_counter()
+        sf = open_sharded(os.path.join(folder, "*.npy"), num_classes=k)
+        t_open = time.perf_counter() - t0
+        result["open_sharded"] = {"seconds": t_open, "bytes": size, "MB_per_s": size / t_open / 1e6}
+
+        x_all = np.concatenate([sf.read(i)[0] for i in range(len(sf.shards))])
+        with threadpool_limits(1):
+            tm, _ = _timeit(lambda: ops.clipped_gram(x_all, c), args.repeats)
+            table.append({"config": "single-process ops.clipped_gram", "workers": 1, **tm,
+                          "rows_per_s_per_worker": n / tm["min_s"]})
+            base = tm["min_s"]
+            tm, (g_local, partial) = _timeit(
+                lambda: R.reduce(R.Gram(c), sf, leaf_rows=args.leaf_rows, return_partial=True),
+                args.repeats)
+            table.append({"config": "local exact reduction", "workers": 1, **tm,
+                          "rows_per_s_per_worker": n / tm["min_s"], "vs_single": tm["min_s"] / base})
+            del x_all
+
+            # The exact merge's cost against the leaf compute, per leaf.
+            layout = R.LeafLayout(sf.shard_rows, args.leaf_rows)
+            stat = R.Gram(c)
+            t_leaf = t_grid = 0.0
+            acc = R._accumulator(stat, layout, None, d)  # noqa: SLF001 - what range_partial uses
+            for leaf in range(layout.n_leaves):
+                xs, ys = sf.read(int(layout.shard[leaf]), int(layout.start[leaf]), int(layout.stop[leaf]))
+                t0 = time.perf_counter()
+                out = stat.leaf(xs, ys, None)
+                t1 = time.perf_counter()
+                acc.add(out, xs.shape[0], leaf)  # grid conversion and integer accumulation
+                t2 = time.perf_counter()
+                t_leaf += t1 - t0
+                t_grid += t2 - t1
+            parts = [R.range_partial(stat, sf, layout, a, b) for a, b in layout.tasks(args.leaves_per_task)]
+            t0 = time.perf_counter()
+            total = parts[0]
+            for p in parts[1:]:
+                total = total.merge(p)
+            t_merge = time.perf_counter() - t0
+            result["exact_merge"] = {
+                "leaves": layout.n_leaves, "tasks": len(parts), "leaf_compute_s": t_leaf,
+                "grid_and_accumulate_s": t_grid, "client_merge_s": t_merge,
+                "fraction_of_leaf_compute": (t_grid + t_merge) / t_leaf}
+            result["partial_bytes"] = {"arrays": partial.nbytes, "pickled": len(pickle.dumps(partial)),
+                                       "float64_statistic": d * d * 8}
+
+        w_grad = np.random.default_rng(1).standard_normal((k, d)) * 0.1
+        for nw in workers:
+            with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
+                              dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                    Client(cluster) as client:
+                client.wait_for_workers(nw)
+
+                def run():
+                    return dd.compute(R.Gram(c), sf, client=client, leaf_rows=args.leaf_rows,
+                                      leaves_per_task=args.leaves_per_task)
+
+                assert np.array_equal(run(), g_local), "Dask result differs from the local one"
+                tm, _ = _timeit(run, args.repeats)
+                table.append({"config": f"dask gram {nw}w", "workers": nw, **tm,
+                              "rows_per_s_per_worker": n / tm["min_s"] / nw,
+                              "vs_single": tm["min_s"] / base})
+
+                def grad_pass():
+                    return dd.clipped_linear_grad(sf, w_grad, 0.0, 1.0, client=client,
+                                                  leaf_rows=args.leaf_rows,
+                                                  leaves_per_task=args.leaves_per_task)
+
+                grad_pass()
+                tm, _ = _timeit(grad_pass, args.repeats)
+                table.append({"config": f"dpfc pass {nw}w (K={k})", "workers": nw, **tm,
+                              "rows_per_s_per_worker": n / tm["min_s"] / nw})
+
+    print(f"bench_distributed: {n} x {d} float32 in {args.shards} shards, leaf {args.leaf_rows} rows, "
+          f"{args.leaves_per_task} leaves/task, {result['machine']['cores']} cores ({result['machine']['cpu']})")
+    print(f"{'configuration':34s} {'min s':>8s} {'median s':>9s} {'rows/s/worker':>14s} {'x single':>9s}")
+    for row in table:
+        vs = f"{row['vs_single']:.2f}" if "vs_single" in row else ""
+        print(f"{row['config']:34s} {row['min_s']:8.3f} {row['median_s']:9.3f} "
+              f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s}")
+    em = result["exact_merge"]
+    print(f"exact merge: grid conversion + accumulation {em['grid_and_accumulate_s']:.3f} s, client "
+          f"merge of {em['tasks']} partials {em['client_merge_s']:.3f} s = "
+          f"{100 * em['fraction_of_leaf_compute']:.1f}% of the leaf compute "
+          f"({em['leaf_compute_s']:.3f} s, {em['leaves']} leaves)")
+    pb = result["partial_bytes"]
+    print(f"partial: {pb['arrays']} bytes of arrays, {pb['pickled']} pickled "
+          f"(the float64 statistic: {pb['float64_statistic']})")
+    print(f"open_sharded with SHA-256: {result['open_sharded']['MB_per_s']:.0f} MB/s")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"bench_distributed_{os.cpu_count()}core.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

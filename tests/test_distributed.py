@@ -1,0 +1,304 @@
+"""The Dask backend: the same bits as the local exact reduction, whatever the partitioning,
+the number of workers, or a worker SIGKILLed mid-run; coverage guard; noise only on the
+client (a NoiseSource refuses to be pickled); Poisson masks identical across partitions.
+
+One LocalCluster(n_workers=2, processes=True, threads_per_worker=1) serves the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+da = pytest.importorskip("dask.array")
+cloudpickle = pytest.importorskip("cloudpickle")
+
+from dpfc_native import distributed as dd  # noqa: E402
+from dpfc_native import mechanisms  # noqa: E402
+from dpfc_native import reduction as R  # noqa: E402
+from dpfc_native.shards import open_sharded  # noqa: E402
+
+# Test-only statistics below are shipped to the workers by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SHARDS = (301, 77, 1000, 250)  # unequal, none a multiple of the leaf
+LEAF = 64
+D = 9
+K = 5
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+        with distributed.Client(cluster) as c:
+            c.wait_for_workers(2, timeout=60)
+            yield c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(20261207)
+    tmp = tmp_path_factory.mktemp("shards")
+    n = sum(SHARDS)
+    x = (rng.standard_normal((n, D)) * rng.uniform(0.2, 3.0, size=(n, 1))).astype(np.float32)
+    y = rng.integers(0, K, size=n)
+    a = 0
+    for i, m in enumerate(SHARDS):
+        np.save(tmp / f"part{i}.features.npy", x[a : a + m])
+        np.save(tmp / f"part{i}.labels.npy", y[a : a + m])
+        a += m
+    return open_sharded(str(tmp / "*.npy"), num_classes=K), x, y
+
+
+def _bits(result):
+    if isinstance(result, tuple):
+        return tuple(_bits(r) for r in result)
+    if isinstance(result, (int, np.integer)):
+        return int(result)
+    return np.ascontiguousarray(result).tobytes()
+
+
+def _stat_cases(rng):
+    w = rng.standard_normal((K, D))
+    bias = rng.standard_normal(K)
+    return [
+        ("gram", R.Gram(1.7), {}),
+        ("stats", R.Stats(1.7, K), {}),
+        ("class_sums", R.ClassSums(0.9, K), {}),
+        ("class_grams", R.ClassGrams(1.1, K), {}),
+        ("class_grams_block", R.ClassGrams(1.1, K, classes=(1, 4)), {}),
+        ("newton", R.WeightedGrams(1.1, K, weight_fn=R.NewtonWeights(w, bias, 1.1)), {}),
+        ("weights", R.WeightedGrams(1.1, K), {"weights": rng.uniform(0, 0.25, (sum(SHARDS), K))}),
+        ("grad_sigmoid", R.LinearGrad(0.2, w, bias), {}),
+        ("grad_softmax", R.LinearGrad(0.2, w, bias, loss="softmax", feature_clip=2.0), {}),
+    ]
+
+
+def test_every_statistic_bit_identical_to_local(client, data):
+    sf, x, y = data
+    rng = np.random.default_rng(1)
+    for name, stat, kw in _stat_cases(rng):
+        local = R.reduce(stat, sf, leaf_rows=LEAF, **kw)
+        remote = dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=3, **kw)
+        assert _bits(remote) == _bits(local), name
+        # The same rows as one array cut like the shards: the same leaves, the same bits.
+        arr = R.reduce(stat, x, y, leaf_rows=LEAF, shard_rows=SHARDS, **kw)
+        assert _bits(arr) == _bits(local), name
+
+
+def test_wrappers_match_ops_shapes_and_local(client, data):
+    sf, x, y = data
+    g, b, counts = dd.clipped_stats(sf, 1.0, client=client, leaf_rows=LEAF)
+    assert g.shape == (D, D) and b.shape == (K, D)
+    np.testing.assert_array_equal(counts, np.bincount(y, minlength=K))
+    assert _bits(dd.clipped_gram(sf, 1.0, client=client, leaf_rows=LEAF)) == _bits(g)
+    a = dd.clipped_class_grams(sf, 1.0, client=client, leaf_rows=LEAF, class_block=2)
+    assert _bits(a) == _bits(R.reduce(R.ClassGrams(1.0, K), sf, leaf_rows=LEAF))
+    w = np.random.default_rng(2).standard_normal((K, D))
+    h = dd.clipped_weighted_grams(sf, 1.0, num_weights=K, weight_fn=R.NewtonWeights(w, 0.0, 1.0),
+                                  class_block=3, client=client, leaf_rows=LEAF)
+    assert _bits(h) == _bits(R.reduce(R.WeightedGrams(1.0, K, weight_fn=R.NewtonWeights(w, 0.0, 1.0)),
+                                      sf, leaf_rows=LEAF))
+    grad, n_clipped = dd.clipped_linear_grad(sf, w, 0.5, 0.1, client=client, leaf_rows=LEAF)
+    assert grad.shape == (K, D) and n_clipped > 0
+
+
+def test_partitioning_and_worker_count_invariance(client, data):
+    sf, _, _ = data
+    stat = R.Stats(1.3, K)
+    local = _bits(R.reduce(stat, sf, leaf_rows=LEAF))
+    one_worker = [sorted(client.scheduler_info()["workers"])[0]]
+    for per_task in (1, 4, None):  # one leaf, several, a whole shard
+        for workers in (None, one_worker):
+            got = dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=per_task,
+                             workers=workers)
+            assert _bits(got) == local, (per_task, workers)
+
+
+def test_dask_array_input(client, data):
+    _, x, y = data
+    xd = da.from_array(x, chunks=(333, D))  # row chunks act as shards
+    yd = da.from_array(y, chunks=(333,))
+    for stat in (R.Gram(1.2), R.Stats(1.2, K), R.ClassGrams(1.2, K)):
+        got = dd.compute(stat, xd, yd, client=client, leaf_rows=LEAF, leaves_per_task=2)
+        assert _bits(got) == _bits(R.reduce(stat, x, y, leaf_rows=LEAF, shard_rows=xd.chunks[0]))
+
+
+def test_zarr_float16_shards_as_stored(client, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(3)
+    for i, m in enumerate((129, 70)):
+        g = zarr.open_group(str(tmp_path / f"z{i}.zarr"), mode="w")
+        g.create_array("features", data=rng.standard_normal((m, D)).astype(np.float16), chunks=(50, D))
+        g.create_array("labels", data=rng.integers(0, K, m), chunks=(50,))
+    sf = open_sharded(str(tmp_path / "*.zarr"))
+    assert sf.dtype == np.float16
+    stat = R.Stats(2.0, sf.num_classes)
+    assert _bits(dd.compute(stat, sf, client=client, leaf_rows=32, leaves_per_task=1)) == _bits(
+        R.reduce(stat, sf, leaf_rows=32))
+
+
+def test_coverage_guard_on_duplicated_or_missing_partials(client, data):
+    sf, _, _ = data
+    lay = R.LeafLayout(sf.shard_rows, LEAF)
+    stat = R.Gram(1.0)
+    ranges = lay.tasks(4)
+    with pytest.raises(R.CoverageError, match="counted twice"):
+        dd.compute(stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges + [ranges[3]])
+    with pytest.raises(R.CoverageError, match="missing"):
+        dd.compute(stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges[:2] + ranges[3:])
+    _, partial = dd.compute(stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges[::-1],
+                            return_partial=True)
+    assert partial.ranges == ((0, lay.n_leaves),)
+
+
+def test_poisson_sampling_identical_across_partitions(client, data):
+    sf, x, y = data
+    s = R.PoissonSampling.new(0.2, seed=9).at_step(3)
+    stat = R.LinearGrad(0.5, np.random.default_rng(4).standard_normal((K, D)), 0.0)
+    local = _bits(R.reduce(stat, sf, leaf_rows=LEAF, sampling=s))
+    for per_task in (1, None):
+        assert _bits(dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=per_task,
+                                sampling=s)) == local
+    # The batch is exactly the rows whose mask is set, read whatever the partitioning.
+    g, _, counts = dd.compute(R.Stats(1.0, K), sf, client=client, leaf_rows=LEAF, sampling=s)
+    np.testing.assert_array_equal(counts, np.bincount(y[s.mask(0, len(y))], minlength=K))
+
+
+def test_noise_is_added_once_on_the_client(client, data):
+    sf, _, _ = data
+    g = dd.clipped_gram(sf, 1.0, client=client, leaf_rows=LEAF)
+    outs = []
+    for stat in (g, R.reduce(R.Gram(1.0), sf, leaf_rows=LEAF)):
+        source = mechanisms.NoiseSource(1234)
+        noisy, rec = mechanisms.release_symmetric(stat, 1.0, 2.0, source, "gram")
+        outs.append((noisy, rec, source.draws))
+    assert _bits(outs[0][0]) == _bits(outs[1][0])
+    assert outs[0][1] == outs[1][1] and len(outs[0][2]) == 1 == len(outs[1][2])
+    assert not np.array_equal(outs[0][0], g)
+
+
+def test_noise_source_refuses_pickling(client):
+    source = mechanisms.NoiseSource()
+    for dump in (pickle.dumps, cloudpickle.dumps, copy.deepcopy, copy.copy):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            dump(source)
+    # Through Dask the refusal surfaces wrapped in Dask's serialisation error.
+    with pytest.raises(Exception) as info:
+        client.submit(lambda s: 0, source).result(timeout=30)
+    chain, err = [], info.value
+    while err is not None and len(chain) < 20:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    assert any(isinstance(e, TypeError) and "cannot be pickled" in str(e) for e in chain)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps({"model": [source]})
+
+
+class _SlowLoggedGram(R.Gram):
+    """Gram whose leaves take a while and log each computation (to count recomputes);
+    once armed, the first worker to finish logging a leaf SIGKILLs itself, mid-task."""
+
+    log_path: str = ""
+    arm_path: str = ""
+    killed_path: str = ""
+
+    def leaf(self, x, y, weights):
+        time.sleep(0.02)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{os.getpid()} {float(np.asarray(x[0, 0], np.float64))!r}\n".encode())
+        finally:
+            os.close(fd)
+        if os.path.exists(self.arm_path):
+            try:
+                os.close(os.open(self.killed_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().leaf(x, y, weights)
+
+
+def test_worker_killed_mid_run_gives_same_bits_and_counts_each_leaf_once(client, data, tmp_path):
+    sf, _, _ = data
+    stat = _SlowLoggedGram(1.0)
+    for name in ("log", "arm", "killed"):
+        object.__setattr__(stat, f"{name}_path", str(tmp_path / name))
+    lay = R.LeafLayout(sf.shard_rows, LEAF)
+    local = R.reduce(R.Gram(1.0), sf, leaf_rows=LEAF)
+
+    def arm_after_first(done, total):
+        # Part of the tasks have finished: the next leaf logged kills its worker.
+        if not os.path.exists(stat.arm_path):
+            open(stat.arm_path, "w").close()
+
+    got, partial = dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=2,
+                              progress=arm_after_first, return_partial=True)
+    assert os.path.exists(stat.killed_path), "no worker was killed"
+    assert _bits(got) == _bits(local)
+    assert partial.ranges == ((0, lay.n_leaves),) and partial.n_leaves_covered == lay.n_leaves
+    computed = open(stat.log_path).read().splitlines()
+    # The killed worker's leaf (logged just before the kill) was computed again, elsewhere;
+    # none was counted twice.
+    assert len(computed) > lay.n_leaves
+    print(f"{lay.n_leaves} leaves, {len(computed) - lay.n_leaves} recomputed after the kill")
+    client.wait_for_workers(2, timeout=60)
+
+
+def _write_shards(folder, x, y, sizes):
+    os.makedirs(folder, exist_ok=True)
+    a = 0
+    for i, m in enumerate(sizes):
+        np.save(os.path.join(folder, f"p{i}.features.npy"), x[a : a + m])
+        np.save(os.path.join(folder, f"p{i}.labels.npy"), y[a : a + m])
+        a += m
+    return open_sharded(os.path.join(folder, "*.npy"), num_classes=K, checksum=False)
+
+
+def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_path):
+    """D and D' = D plus one example (adversarial rows, at shard starts, middles and ends;
+    the leaves of that shard shift): before noise, every statistic moves by at most its
+    declared add/remove sensitivity (Frobenius), rounding of the exact reduction included."""
+    rng = np.random.default_rng(5)
+    sizes = [70, 129, 41]
+    x = rng.standard_normal((sum(sizes), D)) * 2.0
+    y = rng.integers(0, K - 1, sum(sizes))  # class K-1 never occurs in D
+    c, cg = 1.5, 0.4
+    w = rng.standard_normal((K, D)) * 3
+    base = _write_shards(str(tmp_path / "d"), x, y, sizes)
+    stats = [
+        (R.Gram(c), c * c), (R.ClassSums(c, K), c), (R.ClassGrams(c, K), c * c),
+        (R.WeightedGrams(c, K, weight_fn=R.NewtonWeights(w, 0.0, c)), c * c * np.sqrt(K) / 4),
+        (R.LinearGrad(cg, w, 0.0, loss="softmax"), cg),
+    ]
+    before = [dd.compute(s, base, client=client, leaf_rows=16, leaves_per_task=2) for s, _ in stats]
+    direction = np.linalg.svd(x, full_matrices=True)[2][-1]  # least present in D
+    rows = [np.full(D, 1e30), direction * c, direction * 1e-3, np.zeros(D)]
+    checked = 0
+    for t, (row, pos) in enumerate(zip(rows, [0, 70 + 64, 70 + 129, 239])):
+        label = (K - 1) if t % 2 else 0
+        x2 = np.insert(x, pos, row, axis=0)
+        y2 = np.insert(y, pos, label)
+        sizes2 = list(sizes)
+        shard = int(np.searchsorted(np.cumsum(sizes), pos, side="right")) if pos < sum(sizes) else 2
+        sizes2[min(shard, 2)] += 1
+        nb = _write_shards(str(tmp_path / f"n{t}"), x2, y2, sizes2)
+        for (stat, sens), s0 in zip(stats, before):
+            s1 = dd.compute(stat, nb, client=client, leaf_rows=16, leaves_per_task=3)
+            v0 = s0[0] if isinstance(s0, tuple) else s0
+            v1 = s1[0] if isinstance(s1, tuple) else s1
+            change = float(np.linalg.norm(np.asarray(v1) - np.asarray(v0)))
+            assert change <= sens, (type(stat).__name__, t, change, sens)
+            checked += 1
+    assert checked == len(rows) * len(stats)

@@ -1,0 +1,421 @@
+"""The exact reduction contract: fixed leaves, integer partials on a fixed grid, coverage.
+
+* Merges in any order or partitioning give identical bits (integer addition).
+* The finished value is the correctly rounded exact sum of the grid-rounded leaf values
+  (checked with Python integers and fractions).
+* Overlapping partials and missing leaves raise.
+* Every statistic matches an independent float64 reference on fresh random data with odd
+  sizes (n not a multiple of the leaf, unequal shards), within the a-priori bound.
+* At n = 2^21 the error against an exact reference is within the leaf bound.
+* Poisson masks: Philox matches the native core; masks do not depend on the partitioning.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from conftest import reference_clip64
+from dpfc_native import _core, ops
+from dpfc_native import reduction as R
+from dpfc_native.shards import open_sharded
+
+SHARDS = (301, 77, 1000)  # unequal, none a multiple of the leaf
+LEAF = 64
+D = 6
+K = 3
+
+
+def _bits(a) -> bytes:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes()
+
+
+def _data(rng, n=sum(SHARDS), d=D, k=K):
+    x = rng.standard_normal((n, d)) * rng.uniform(0.2, 3.0, size=(n, 1))
+    y = rng.integers(0, k, size=n)
+    return x, y
+
+
+# --------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------
+
+
+def test_leaves_never_cross_shards():
+    lay = R.LeafLayout(SHARDS, LEAF)
+    assert lay.n_leaves == 5 + 2 + 16
+    assert lay.n_rows == sum(SHARDS)
+    np.testing.assert_array_equal(lay.stop - lay.start,
+                                  [64] * 4 + [45] + [64, 13] + [64] * 15 + [40])
+    assert set(zip(lay.shard.tolist(), lay.global_start.tolist())) >= {(1, 301), (2, 378)}
+    assert lay.tasks(None) == [(0, 5), (5, 7), (7, 23)]
+    assert lay.tasks(3) == [(0, 3), (3, 5), (5, 7), (7, 10), (10, 13), (13, 16), (16, 19),
+                            (19, 22), (22, 23)]
+    with pytest.raises(ValueError):
+        R.LeafLayout([3, 0], 2)
+    with pytest.raises(ValueError):
+        R.LeafLayout([5], 0)
+
+
+# --------------------------------------------------------------------------------------
+# Merge order and partitioning
+# --------------------------------------------------------------------------------------
+
+
+def _leaf_partials(stat, x, y, leaf=LEAF, **kw):
+    src = R.ArraySource(x, y, shard_rows=SHARDS)
+    lay = R.LeafLayout(src.shard_rows, leaf)
+    return src, lay, [R.leaf_partial(stat, src, lay, i, **kw) for i in range(lay.n_leaves)]
+
+
+def _merge_all(parts):
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = acc.merge(p)
+    return acc
+
+
+def _tree(parts, rng):
+    parts = list(parts)
+    while len(parts) > 1:
+        i, j = sorted(rng.choice(len(parts), size=2, replace=False))
+        merged = parts[i].merge(parts[j])
+        parts = [p for t, p in enumerate(parts) if t not in (i, j)] + [merged]
+    return parts[0]
+
+
+def test_every_merge_order_gives_the_same_bits(rng):
+    x, y = _data(rng)
+    stat = R.Stats(1.3, K)
+    src, lay, parts = _leaf_partials(stat, x, y)
+    results = []
+    orders = [parts, parts[::-1], [parts[i] for i in rng.permutation(len(parts))]]
+    for order in orders:
+        results.append(_merge_all(order).values(lay.n_leaves))
+    for _ in range(3):
+        results.append(_tree(parts, rng).values(lay.n_leaves))
+    for ranges in ([(0, 23)], [(0, 1), (1, 23)], [(0, 5), (5, 7), (7, 23)],
+                   [(0, 11), (11, 12), (12, 23)]):
+        results.append(_merge_all([R.range_partial(stat, src, lay, a, b) for a, b in ranges[::-1]])
+                       .values(lay.n_leaves))
+    for r in results[1:]:
+        for name in ("G", "B", "counts"):
+            assert _bits(r[name]) == _bits(results[0][name])
+
+
+def test_finish_is_the_correctly_rounded_exact_sum_of_grid_values(rng):
+    """Independent of the limb arithmetic: Python integers and fractions."""
+    x, y = _data(rng)
+    w = rng.standard_normal((K, D))
+    for stat, name in ((R.Stats(0.7, K), "G"), (R.Stats(0.7, K), "B"),
+                       (R.LinearGrad(0.05, w, 0.3, loss="softmax"), "grad")):
+        src, lay, parts = _leaf_partials(stat, x, y)
+        got = _merge_all(parts).values(lay.n_leaves)[name]
+        e = math.frexp(stat.bounds(D)[name])[1]
+        f = lay.fraction_bits
+        assert f == 62 - 6  # leaves of 64 rows
+        total = None
+        for g0, a, b in zip(lay.global_start, lay.start, lay.stop):
+            rows = slice(g0, g0 + (b - a))
+            leaf = stat.leaf(x[rows], y[rows], None)[name]
+            q = np.vectorize(lambda v: round(Fraction(float(v)) * Fraction(2) ** (f - e)),
+                             otypes=[object])(leaf)
+            total = q if total is None else total + q
+        expect = np.vectorize(lambda t: float(Fraction(int(t)) * Fraction(2) ** (e - f)),
+                              otypes=[float])(total)
+        assert _bits(got) == _bits(expect), name
+
+
+def test_grid_handles_carries_and_negative_values():
+    lay = R.LeafLayout([4, 4], 4)
+    stat = R.ClassSums(1.0, 1)
+    # Row values chosen so lo limbs carry: v * 2^52 mod 2^32 close to 2^32.
+    x = np.array([[-(1 - 2.0**-21)], [-(2.0**-21)], [0.5 - 2.0**-30], [1e-300]] * 2)
+    src = R.ArraySource(x, np.zeros(8, np.int64), shard_rows=(4, 4))
+    a = R.range_partial(stat, src, lay, 0, 1)
+    b = R.range_partial(stat, src, lay, 1, 2)
+    got = a.merge(b).values(2)["B"]
+    exact = sum(Fraction(float(v)) for v in ops.clip_rows(x, 1.0)[0][:, 0])
+    assert got[0, 0] == float(exact)
+
+
+# --------------------------------------------------------------------------------------
+# Coverage
+# --------------------------------------------------------------------------------------
+
+
+def test_overlapping_partials_raise(rng):
+    x, y = _data(rng)
+    stat = R.Gram(1.0)
+    src, lay, parts = _leaf_partials(stat, x, y)
+    a = R.range_partial(stat, src, lay, 0, 5)
+    b = R.range_partial(stat, src, lay, 4, 9)
+    with pytest.raises(R.CoverageError, match=r"\[4, 5\) would be counted twice"):
+        a.merge(b)
+    with pytest.raises(R.CoverageError):
+        parts[7].merge(parts[7])  # a duplicated (retried) partial
+    whole = R.range_partial(stat, src, lay, 0, lay.n_leaves)
+    with pytest.raises(R.CoverageError):
+        whole.merge(parts[22])
+
+
+def test_missing_leaves_raise_at_finish(rng):
+    x, y = _data(rng)
+    stat = R.Gram(1.0)
+    src, lay, parts = _leaf_partials(stat, x, y)
+    partial = _merge_all(parts[:6] + parts[7:20])
+    with pytest.raises(R.CoverageError, match=r"missing \[6, 7\) \[20, 23\)"):
+        partial.values(lay.n_leaves)
+    full = _merge_all(parts)
+    full.check_complete(lay.n_leaves)
+    assert full.ranges == ((0, lay.n_leaves),)
+    with pytest.raises(R.CoverageError):  # a layout with fewer leaves
+        full.values(lay.n_leaves - 1)
+
+
+def test_partials_of_different_statistics_do_not_merge(rng):
+    x, y = _data(rng)
+    src = R.ArraySource(x, y)
+    lay = R.LeafLayout(src.shard_rows, LEAF)
+    a = R.leaf_partial(R.Gram(1.0), src, lay, 0)
+    for other in (R.Gram(2.0),):
+        with pytest.raises(ValueError, match="different statistics"):
+            a.merge(R.leaf_partial(other, src, lay, 1))
+    lay2 = R.LeafLayout(src.shard_rows, LEAF * 2)
+    with pytest.raises(ValueError, match="different statistics"):
+        a.merge(R.leaf_partial(R.Gram(1.0), src, lay2, 1))
+    s = R.PoissonSampling.new(0.5, seed=3)
+    p0 = R.leaf_partial(R.Gram(1.0), src, lay, 1, sampling=s)
+    with pytest.raises(ValueError, match="different statistics"):
+        p0.merge(R.leaf_partial(R.Gram(1.0), src, lay, 2, sampling=s.at_step(1)))
+
+
+# --------------------------------------------------------------------------------------
+# Against float64 references, every statistic, sharded and in-memory sources
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path, rng):
+    x, y = _data(rng)
+    paths, a = [], 0
+    for i, m in enumerate(SHARDS):
+        np.save(tmp_path / f"s{i}.features.npy", x[a : a + m])
+        np.save(tmp_path / f"s{i}.labels.npy", y[a : a + m])
+        a += m
+    return open_sharded(str(tmp_path / "*.npy"), num_classes=K), x, y
+
+
+def _reference(kind, x, y, c, **kw):
+    xc, _ = reference_clip64(x, c)
+    if kind == "gram":
+        return xc.T @ xc
+    if kind == "sums":
+        return np.stack([xc[y == k].sum(axis=0) for k in range(K)])
+    if kind == "class_grams":
+        return np.stack([xc[y == k].T @ xc[y == k] for k in range(K)])
+    if kind == "weighted":
+        w = kw["w"]
+        return np.einsum("ik,ia,ib->kab", w, xc, xc)
+    raise AssertionError(kind)
+
+
+def _tol(n, r, entries):
+    return R.rounding_bound(n, LEAF, r, entries) + 1e-12 * n * r
+
+
+def test_statistics_match_float64_references(sharded, rng):
+    sf, x, y = sharded
+    n, c = x.shape[0], 1.7
+    for src in (sf, x):
+        lab = None if src is sf else y
+        g = R.reduce(R.Gram(c), src, lab, leaf_rows=LEAF)
+        np.testing.assert_allclose(g, _reference("gram", x, y, c), rtol=0, atol=_tol(n, c * c, D * D))
+        g2, b, counts = R.reduce(R.Stats(c, K), src, lab, leaf_rows=LEAF)
+        assert _bits(g2) == _bits(g)
+        np.testing.assert_allclose(b, _reference("sums", x, y, c), rtol=0, atol=_tol(n, c, K * D))
+        np.testing.assert_array_equal(counts, np.bincount(y, minlength=K))
+        b2 = R.reduce(R.ClassSums(c, K), src, lab, leaf_rows=LEAF)
+        assert _bits(b2) == _bits(b)
+        a = R.reduce(R.ClassGrams(c, K), src, lab, leaf_rows=LEAF)
+        np.testing.assert_allclose(a, _reference("class_grams", x, y, c), rtol=0,
+                                   atol=_tol(n, c * c, K * D * D))
+        # Class blocks are separate reductions giving the same bits, block by block.
+        blocks = [R.reduce(R.ClassGrams(c, K, classes=(0, 2)), src, lab, leaf_rows=LEAF),
+                  R.reduce(R.ClassGrams(c, K, classes=(2, 3)), src, lab, leaf_rows=LEAF)]
+        assert _bits(np.concatenate(blocks)) == _bits(a)
+    # The same rows as an array cut like the files: the same leaves, the same bits.
+    assert _bits(R.reduce(R.Gram(c), x, leaf_rows=LEAF, shard_rows=SHARDS)) == _bits(
+        R.reduce(R.Gram(c), sf, leaf_rows=LEAF))
+
+
+def test_weighted_grams_and_linear_grad(rng):
+    x, y = _data(rng)
+    n, c = x.shape[0], 1.1
+    w = rng.uniform(0.0, 0.25, size=(n, K))
+    h = R.reduce(R.WeightedGrams(c, K), x, y, leaf_rows=LEAF, weights=w)
+    np.testing.assert_allclose(h, _reference("weighted", x, y, c, w=w), rtol=0,
+                               atol=_tol(n, 0.25 * c * c, K * D * D))
+    hb = R.reduce(R.WeightedGrams(c, K, classes=(1, 3)), x, y, leaf_rows=LEAF, weights=w)
+    assert _bits(hb) == _bits(h[1:3])
+    with pytest.raises(ValueError, match="weight_bound"):
+        R.reduce(R.WeightedGrams(c, K, weight_bound=0.1), x, y, leaf_rows=LEAF, weights=w)
+    wk = rng.standard_normal((K, D))
+    bias = rng.standard_normal(K)
+
+    def newton_weights(xr, yr):
+        p = 1 / (1 + np.exp(-(np.asarray(xr, np.float64) @ wk.T + bias)))
+        return p * (1 - p)
+
+    hf = R.reduce(R.WeightedGrams(c, K, weight_fn=newton_weights, weight_fn_id="t"), x, y,
+                  leaf_rows=LEAF)
+    np.testing.assert_allclose(hf, _reference("weighted", x, y, c, w=newton_weights(x, y)),
+                               rtol=0, atol=_tol(n, 0.25 * c * c, K * D * D))
+    for loss in ("sigmoid", "softmax"):
+        for fc in (None, 2.0):
+            grad, nclip = R.reduce(R.LinearGrad(0.3, wk, bias, loss=loss, feature_clip=fc), x, y,
+                                   leaf_rows=LEAF)
+            ref, ref_n = ops.clipped_linear_grad(x, y, wk, bias, 0.3, loss=loss, feature_clip=fc)
+            assert nclip == ref_n and nclip > 0
+            np.testing.assert_allclose(grad, ref, rtol=0, atol=_tol(n, 0.3, K * D))
+            assert np.abs(grad).max() > 0.1
+
+
+def test_float16_leaves_kept_as_stored(rng):
+    x, y = _data(rng)
+    x16 = x.astype(np.float16)
+    g = R.reduce(R.Gram(2.0), x16, y, leaf_rows=LEAF)
+    np.testing.assert_allclose(g, _reference("gram", x16.astype(np.float64), y, 2.0), rtol=0,
+                               atol=_tol(len(x), 4.0, D * D))
+    b = R.reduce(R.ClassSums(2.0, K), x16, y, leaf_rows=LEAF)
+    np.testing.assert_allclose(b, _reference("sums", x16.astype(np.float64), y, 2.0), rtol=0,
+                               atol=_tol(len(x), 2.0, K * D))
+
+
+def test_statistic_beyond_its_range_raises():
+    with pytest.raises(ValueError, match="a-priori range"):
+        R._grid_int(np.array([3.0 * 8]), R._grid_exponent(1.0), 50, 4, "G")
+    R._grid_int(np.array([-4.0 * 0.999]), R._grid_exponent(1.0), 50, 4, "G")  # within range
+    with pytest.raises(ValueError, match="NaN"):
+        R._grid_int(np.array([np.nan]), 1, 50, 4, "G")
+
+
+# --------------------------------------------------------------------------------------
+# Large n: the rounding bound
+# --------------------------------------------------------------------------------------
+
+
+def _two_product(a, b):
+    p = a * b
+
+    def split(v):
+        t = 134217729.0 * v
+        hi = t - (t - v)
+        return hi, v - hi
+
+    ah, al = split(a)
+    bh, bl = split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def test_large_n_rounding_within_the_leaf_bound():
+    n, d, c, m = 1 << 21, 2, 1.0, 4096
+    rng = np.random.default_rng(20261207)
+    # Positive entries (no cancellation) and every row longer than C: all clipped.
+    x = np.abs(rng.standard_normal((n, d))) * 3.0 + 0.5
+    g = R.reduce(R.Gram(c), x, leaf_rows=m)
+    xc = ops.clip_rows(x, c)[0]
+    exact = np.zeros((d, d))
+    for a in range(d):
+        for b in range(d):
+            p, e = _two_product(xc[:, a], xc[:, b])
+            exact[a, b] = math.fsum(np.concatenate([p, e]))
+    err = np.linalg.norm(g - exact)
+    bound = R.rounding_bound(n, m, c * c, d * d)
+    one_pass_bound = (n + 1) * 2.0**-53 * n * c * c
+    print(f"n={n}: |err|_F = {err:.3g} C^2, leaf bound {bound:.3g} C^2, "
+          f"one-pass bound {one_pass_bound:.3g} C^2")
+    assert err <= bound
+    assert bound < one_pass_bound / 400  # m / n of the one-pass bound, about
+
+
+# --------------------------------------------------------------------------------------
+# Poisson sampling
+# --------------------------------------------------------------------------------------
+
+
+def test_philox_matches_the_native_core(rng):
+    for _ in range(20):
+        c = [int(v) for v in rng.integers(0, 2**32, size=4, dtype=np.uint64)]
+        k = [int(v) for v in rng.integers(0, 2**32, size=2, dtype=np.uint64)]
+        got = R.philox4x32_10(*[[v] for v in c], k[0], k[1])
+        assert tuple(int(w[0]) for w in got) == tuple(_core.philox4x32_10(tuple(c), tuple(k)))
+
+
+def test_poisson_masks_do_not_depend_on_partitioning(rng):
+    s = R.PoissonSampling.new(0.25, seed=11).at_step(5)
+    n = 10_001
+    full = s.mask(0, n)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=40, replace=False))
+    pieces = np.concatenate([s.mask(a, b) for a, b in zip([0, *cuts], [*cuts, n])])
+    np.testing.assert_array_equal(pieces, full)
+    np.testing.assert_array_equal(s.mask(7, 8), full[7:8])
+    # Bernoulli(q): the count is within 5 sigma; steps and keys give other batches.
+    sd = math.sqrt(n * 0.25 * 0.75)
+    assert abs(full.sum() - 0.25 * n) < 5 * sd
+    assert not np.array_equal(full, s.at_step(6).mask(0, n))
+    assert not np.array_equal(full, R.PoissonSampling.new(0.25, seed=12).at_step(5).mask(0, n))
+    assert str(s.key) not in repr(s)
+    with pytest.raises(ValueError):
+        R.PoissonSampling(0.0, 1)
+    with pytest.raises(ValueError):
+        R.PoissonSampling(0.5, 1, step=1 << 24)
+
+
+def test_sampled_reduction_sums_exactly_the_sampled_rows(sharded):
+    sf, x, y = sharded
+    s = R.PoissonSampling.new(0.3, seed=5).at_step(2)
+    mask = s.mask(0, x.shape[0])
+    g, b, counts = R.reduce(R.Stats(1.0, K), sf, leaf_rows=LEAF, sampling=s)
+    g_arr, _, _ = R.reduce(R.Stats(1.0, K), x, y, leaf_rows=sum(SHARDS), sampling=s)
+    np.testing.assert_array_equal(counts, np.bincount(y[mask], minlength=K))
+    np.testing.assert_allclose(g, _reference("gram", x[mask], y[mask], 1.0), rtol=0,
+                               atol=_tol(len(x), 1.0, D * D))
+    np.testing.assert_allclose(g_arr, g, rtol=0, atol=_tol(len(x), 1.0, D * D))
+    # A rate so small most leaves sample nothing: zero partials still count as covered.
+    tiny = R.PoissonSampling.new(1e-3, seed=6)
+    g0, partial = R.reduce(R.Gram(1.0), sf, leaf_rows=LEAF, sampling=tiny, return_partial=True)
+    assert partial.ranges == ((0, 23),)
+    sel = tiny.mask(0, x.shape[0])
+    np.testing.assert_allclose(g0, _reference("gram", x[sel], y[sel], 1.0), rtol=0, atol=1e-12)
+
+
+def test_reads_never_exceed_one_leaf(sharded):
+    """Memory stays bounded by the leaf: every read the reduction makes is one leaf (or
+    its sampled rows), whatever the source's size or the task's length."""
+    sf, x, y = sharded
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.sizes = inner, []
+            self.shard_rows, self.n_features = inner.shard_rows, inner.n_features
+            self.shards = inner.shards
+
+        def read(self, i, a, b):
+            self.sizes.append(b - a)
+            return self.inner.read(i, a, b)
+
+        def take(self, i, rows):
+            self.sizes.append(len(rows))
+            return self.inner.take(i, rows)
+
+    src = Counting(sf)
+    lay = R.LeafLayout(sf.shard_rows, LEAF)
+    R.range_partial(R.Stats(1.0, K), src, lay, 0, lay.n_leaves)
+    assert len(src.sizes) == lay.n_leaves and max(src.sizes) == LEAF
+    src.sizes.clear()
+    R.range_partial(R.Gram(1.0), src, lay, 0, lay.n_leaves, sampling=R.PoissonSampling.new(0.5, seed=1))
+    assert max(src.sizes) <= LEAF and sum(src.sizes) < 0.6 * len(x)
