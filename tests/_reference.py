@@ -24,7 +24,8 @@ from dpfc_native import _core, ops
 MARGIN = float(_core.clip_margin)  # 1 - 2^-20
 EPS32 = 2.0**-24
 F32_BLOCK = 4096  # rows summed in float32 per block by accumulate="float32"
-EPS = {np.dtype(np.float64): np.finfo(np.float64).eps, np.dtype(np.float32): np.finfo(np.float32).eps}
+EPS = {t: np.finfo(t).eps for t in (np.float64, np.float32)}
+EPS.update({np.dtype(t): e for t, e in list(EPS.items())})
 
 # Rows, examples and normals tried by the adversarial and statistical tests; printed in
 # pytest's terminal summary (tests/conftest.py), whatever order the tests ran in.

@@ -70,6 +70,38 @@ def test_clip_rows_matches_reference(poisoned, xp, rng, dtype, n, d):
         assert 0 < np.count_nonzero(scale_h < 1) < n
 
 
+@pytest.mark.parametrize("xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_clipping_soundness_adversarial_rows(xp, dtype, rng):
+    d = 257
+    clip_norm = 1.7
+    rows = []
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    rows.append(u * clip_norm)                              # norm exactly C (as stored)
+    rows.append(u * clip_norm * (1 + 1e-7))                  # just above C
+    rows.append(u * clip_norm * (1 - 1e-7))                  # just below C
+    rows.append(np.full(d, clip_norm / np.sqrt(d)))          # constant row of norm C
+    rows.append(u * 1e30)                                   # huge (float32 max ~3e38)
+    rows.append(np.full(d, 1e-40 if dtype == F32 else 5e-324))  # denormals
+    rows.append(np.zeros(d))                                # zero row: scale 1
+    rows.append(rng.standard_normal(d) * 1e3)
+    if dtype == F64:
+        rows.append(u * 1e200)                              # sum of squares overflows
+        rows.append(np.full(d, 1e300))
+    x = np.array(rows).astype(dtype)
+    out, scale = ops.clip_rows(xp.asarray(x), clip_norm)
+    out_h, scale_h = to_host(out).astype(np.float64), to_host(scale)
+    assert np.isfinite(out_h).all() and np.isfinite(scale_h).all()
+    norms = ref_norms(out_h)
+    assert (norms < clip_norm).all(), f"clipped norms {norms.max()} >= C = {clip_norm}"
+    assert scale_h[6] == 1.0 and scale_h[5] == 1.0
+    # The Gram of the same rows is finite and its trace (sum of squared norms) < n C^2.
+    g = to_host(ops.clipped_gram(xp.asarray(x), clip_norm))
+    assert np.isfinite(g).all()
+    assert np.trace(g) < x.shape[0] * clip_norm**2
+
+
 # --------------------------------------------------------------------------------------
 # clipped_gram
 # --------------------------------------------------------------------------------------
