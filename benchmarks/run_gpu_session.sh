@@ -11,7 +11,7 @@
 #   bash benchmarks/run_gpu_session.sh e2e              #   (each a few minutes)
 # "bench" is stats + cholesky + e2e at full size; QUICK=1 makes those three --quick.
 # Extra pytest arguments for the tests stage (split on spaces, so a -k expression must be
-# one word): PYTEST_ARGS="-k cholesky" or PYTEST_ARGS="tests/test_gpu_stats.py"; extra arguments
+# one word): PYTEST_ARGS="-k cholesky" or PYTEST_ARGS="tests/test_gpu_only.py"; extra arguments
 # of one benchmark: BENCH_ARGS_stats="--only linear_grad" (likewise _cholesky, _e2e).
 # Time knobs (seconds): BUDGET caps the whole run (each stage gets what is left of it, so
 # a 10-minute device call still returns every log), TESTS_TIMEOUT and BENCH_TIMEOUT cap

@@ -1,5 +1,7 @@
-"""Shared test helpers: GPU availability (build capability and device presence are
-separate facts) and a float64 reference for the clipped statistics."""
+"""Fixtures: GPU availability (build capability and device presence are separate facts),
+the ``xp`` backend (NumPy always, CuPy where it can run), outputs poisoned before the ops
+write them, kernel environment variables, and per-test random generators. Shared
+references and data live in tests/_reference.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import zlib
 import numpy as np
 import pytest
 
-import dpfc_native
+pytest.register_assert_rewrite("_reference")
+
+import dpfc_native  # noqa: E402
+from _reference import COUNTS, reference_clip64  # noqa: E402,F401  (re-exported)
 
 
 def _gpu_available() -> bool:
@@ -35,15 +40,46 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="no CUDA device (or no CuPy)"))
 
 
-def reference_clip64(x: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 clipped rows and scales, written independently of dpfc_native.ops."""
-    x64 = np.asarray(x, dtype=np.float64)
-    norms = np.sqrt((x64 * x64).sum(axis=1))
-    target = clip_norm * dpfc_native._core.clip_margin
-    scale = np.ones_like(norms)
-    over = norms > target
-    scale[over] = target / norms[over]
-    return x64 * scale[:, None], scale
+def pytest_terminal_summary(terminalreporter):
+    """The rows, examples and normals the adversarial and statistical tests tried."""
+    if COUNTS:
+        terminalreporter.write_sep("-", "adversarial and statistical cases tried")
+        for key, v in sorted(COUNTS.items()):
+            terminalreporter.write_line(f"  {key}: {v}")
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module of the backend under test: NumPy, or CuPy (``-m gpu``; skipped
+    without a CUDA device, a CUDA build and CuPy). Tests with per-backend cases
+    parametrise it indirectly (tests/_reference.py: xp_cases)."""
+    if request.param == "numpy":
+        return np
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture
+def poisoned(xp, monkeypatch):
+    """Makes ``xp.empty`` / ``xp.empty_like`` return NaN-filled float arrays (and a
+    sentinel in integer arrays) for the test, so an op's output element it forgot to
+    write is NaN (assert_all_written), not whatever memory held."""
+
+    def poison(make):
+        def made(*args, **kwargs):
+            a = make(*args, **kwargs)
+            if a.dtype.kind in "fc":
+                a.fill(np.nan)
+            elif a.dtype.kind == "i":
+                a.fill(-12345)
+            return a
+
+        return made
+
+    monkeypatch.setattr(xp, "empty", poison(xp.empty))
+    monkeypatch.setattr(xp, "empty_like", poison(xp.empty_like))
+    return xp
 
 
 @pytest.fixture

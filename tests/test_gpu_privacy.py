@@ -5,7 +5,7 @@
   are those of N(0, s^2) and N(0, s^2 / 2).
 * Clipping soundness of the GPU kernels (clip_rows, the Gram family in every accumulation
   mode, class sums, per-class and weighted grams, the clipped linear gradient) on the
-  adversarial rows of ``test_privacy_clipping``, checked exactly on the stored floats.
+  adversarial rows of tests/_reference.py, checked exactly on the stored floats.
 * Sensitivity replay of the GPU statistics on adversarial neighbours.
 * (key, counter) never reused by the estimators on the GPU.
 
@@ -22,23 +22,13 @@ import pytest
 
 from dpfc_native import models, ops
 
+from _reference import (CLIP_NORMS, NoiseCallRecorder, add_example, adversarial_additions,
+                        adversarial_rows, assert_no_block_reuse, assert_norm_le,
+                        assert_sym_noise_calibrated, confident_rows, exact_sq_norm,
+                        f32_widened_sensitivity, overflow_logit_rows)
+from _reference import ks_ok as _ks_ok
+from _reference import moments_ok as _moments_ok
 from conftest import requires_gpu
-from test_privacy_clipping import (
-    CLIP_NORMS,
-    adversarial_rows,
-    assert_norm_le,
-    confident_rows,
-    exact_sq_norm,
-    overflow_logit_rows,
-)
-from test_privacy_noise import (
-    NoiseCallRecorder,
-    _ks_ok,
-    _moments_ok,
-    assert_no_block_reuse,
-    assert_sym_noise_calibrated,
-)
-from test_privacy_replay import adversarial_additions, add_example, f32_widened_sensitivity
 
 
 pytestmark = [pytest.mark.gpu, requires_gpu,

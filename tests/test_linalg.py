@@ -1,6 +1,6 @@
 """CPU tests of dpfc_native.linalg: shift batches, repaired Cholesky, SPD solves.
 
-The GPU versions of the same functions are exercised in test_gpu_cholesky.py.
+Their GPU agreement with this path is checked in test_gpu_only.py.
 """
 
 from __future__ import annotations

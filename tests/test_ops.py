@@ -1,210 +1,331 @@
-"""The CPU ops against float64 references on random data of odd sizes."""
+"""The clipping and clipped-statistics ops (dpfc_native.ops; CPU bodies in _cpu_stats,
+GPU glue in _gpu_stats) against float64 references, one body per op on every backend.
+
+Each test runs on NumPy and, with ``-m gpu`` on a machine with a device, on CuPy
+(``xp``; cases from tests/_reference.py: xp_cases, the CPU cases first, then the GPU's,
+whose sizes reach the kernels' tiles and blocks). Data are fresh random draws (never
+zeros) of odd sizes, outputs are NaN-poisoned before the ops write them (``poisoned``),
+and errors are measured against float64 references relative to the matching sum of
+absolute products (so cancellation cannot hide or fake an error):
+
+  float64 accumulation: 1e-12; float32: 1e-5 plus the documented elementwise bound;
+  tf32 / bf16 (GPU): the documented bound (tests/_reference.py: check_gram).
+  clipped linear gradient: 1e-11 (float64, and float32 features on the CPU, which
+  computes in float64); 5e-4 for float32 on the GPU (float32 logits), clipped-row counts
+  exact, or within max(1, n / 1000) for float32 on the GPU.
+
+Engine agreement, raw kernel calls, bfloat16 bit patterns and streams are GPU-only facts:
+tests/test_gpu_only.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 
 from dpfc_native import ops
 
-from conftest import reference_clip64
+from _reference import (EPS32, check_gram, draw_features, draw_labels, ref_class_sums, ref_gram,
+                        ref_linear_grad, ref_norms, reference_clip64, rel_err, to_host, xp_cases,
+                        assert_all_written)
 
-DIMS = [1, 7, 64, 130]
-NS = [1, 5, 1001, 4099]  # 4099 > the float32 block of 4096 rows
-
-
-def _features(rng, n, d, dtype, spread=3.0):
-    # Row norms spread around C = 1 so that some rows are clipped and some are not.
-    x = rng.standard_normal((n, d)) * np.exp(rng.uniform(-spread, spread, size=(n, 1))) / np.sqrt(d)
-    return x.astype(dtype)
+F32, F64, F16 = "float32", "float64", "float16"
+CPU_DIMS = [1, 7, 64, 130]
+CPU_NS = [1, 5, 1001, 4099]  # 4099 > the float32 block of 4096 rows
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("d", DIMS)
-def test_clip_rows_matches_reference(rng, dtype, d):
-    x = _features(rng, 1001, d, dtype)
-    before = x.copy()
-    out, scale = ops.clip_rows(x, 1.0)
-    np.testing.assert_array_equal(x, before)  # the input is never modified
-    ref, ref_scale = reference_clip64(x, 1.0)
-    assert out.dtype == dtype and out.shape == x.shape
-    np.testing.assert_allclose(scale, ref_scale, rtol=1e-14)
-    np.testing.assert_allclose(out, ref, rtol=np.finfo(dtype).eps * 4, atol=0)
-    assert np.all(np.linalg.norm(out.astype(np.float64), axis=1) <= 1.0)
-    assert 0 < np.count_nonzero(scale < 1) < x.shape[0]
+def _on_gpu(xp) -> bool:
+    return xp is not np
 
 
-@pytest.mark.parametrize("accumulate", ["float64", "float32"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("n", NS)
-def test_clipped_gram_matches_reference(rng, accumulate, dtype, d, n):
-    x = _features(rng, n, d, dtype)
-    c = 0.7
-    g = ops.clipped_gram(x, c, accumulate=accumulate)
-    xb, _ = reference_clip64(x, c)
-    ref = xb.T @ xb
-    assert g.dtype == np.float64 and g.shape == (d, d)
-    assert np.isfinite(g).all()
-    np.testing.assert_array_equal(g, g.T)
-    # Error relative to the sensitivity scale n C^2: float64 ~ eps64, float32 blocks ~ eps32.
-    tol = (1e-13 if accumulate == "float64" else 1e-5) * max(1, n) * c**2
-    assert np.abs(g - ref).max() <= tol
+# --------------------------------------------------------------------------------------
+# clip_rows
+# --------------------------------------------------------------------------------------
+
+CLIP_CASES = xp_cases(
+    cpu=[(dt, 1001, d) for dt in (F32, F64) for d in CPU_DIMS],
+    gpu=[(dt, n, d) for dt in (F32, F64) for n, d in [(1, 1), (1, 257), (31, 7), (31, 1000), (100003, 64)]],
+)
 
 
-@pytest.mark.parametrize("accumulate", ["float64", "float32"])
-@pytest.mark.parametrize("d", [1, 7, 130])
-def test_half_precision_features(rng, accumulate, d):
-    """float16 rows are read exactly (every float16 is a float32 and a float64)."""
-    n = 4099
-    x = _features(rng, n, d, np.float16, spread=1.0)
-    y = rng.integers(0, 3, size=n)
-    xb, _ = reference_clip64(x.astype(np.float64), 0.7)
-    tol = (1e-13 if accumulate == "float64" else 1e-5) * n * 0.7**2
-    g = ops.clipped_gram(x, 0.7, accumulate=accumulate)
-    assert g.dtype == np.float64 and np.abs(g - xb.T @ xb).max() <= tol
-    g2, b, counts = ops.clipped_stats(x, y, 3, 0.7, accumulate=accumulate)
-    np.testing.assert_array_equal(g2, g)
-    ref_b = np.zeros((3, d))
-    np.add.at(ref_b, y, xb)
-    np.testing.assert_allclose(b, ref_b, rtol=0, atol=1e-12 * n)
-    np.testing.assert_array_equal(counts, np.bincount(y, minlength=3))
-
-
-@pytest.mark.parametrize("k", [1, 3, 10])
-@pytest.mark.parametrize("d", DIMS)
-def test_clipped_stats_and_class_sums(rng, k, d):
-    n = 1003
-    x = _features(rng, n, d, np.float32)
-    y = rng.integers(0, k, size=n)
-    xb, _ = reference_clip64(x, 1.0)
-    ref_b = np.zeros((k, d))
-    np.add.at(ref_b, y, xb)
-    g, b, counts = ops.clipped_stats(x, y, k, 1.0)
-    np.testing.assert_allclose(g, xb.T @ xb, rtol=0, atol=1e-12 * n)
-    np.testing.assert_allclose(b, ref_b, rtol=0, atol=1e-12 * n)
-    np.testing.assert_array_equal(counts, np.bincount(y, minlength=k))
-    assert counts.dtype == np.int64
-    np.testing.assert_allclose(ops.clipped_class_sums(x, y, k, 1.0), ref_b, rtol=0, atol=1e-12 * n)
-
-
-def test_class_that_never_occurs_gives_zero_rows(rng):
-    x = _features(rng, 50, 5, np.float64)
-    y = rng.integers(0, 2, size=50)  # class 2 of 3 never occurs
-    g, b, counts = ops.clipped_stats(x, y, 3, 1.0)
-    assert counts[2] == 0 and np.all(b[2] == 0)
-    grams = ops.clipped_class_grams(x, y, 3, 1.0)
-    assert np.all(grams[2] == 0)
-
-
-@pytest.mark.parametrize("d", [1, 7, 33])
-def test_class_grams_and_weighted_grams(rng, d):
-    n, k = 517, 4
-    x = _features(rng, n, d, np.float64)
-    y = rng.integers(0, k, size=n)
-    xb, _ = reference_clip64(x, 1.0)
-    ref = np.stack([xb[y == c].T @ xb[y == c] for c in range(k)])
-    np.testing.assert_allclose(ops.clipped_class_grams(x, y, k, 1.0), ref, rtol=0, atol=1e-12 * n)
-    w = rng.uniform(0, 0.25, size=(n, k))
-    ref_w = np.einsum("ik,ia,ib->kab", w, xb, xb)
-    h = ops.clipped_weighted_grams(x, w, 1.0)
-    assert h.shape == (k, d, d)
-    np.testing.assert_allclose(h, ref_w, rtol=0, atol=1e-12 * n)
-
-
-def _reference_linear_grad(x, y, w, bias, cg, loss, feature_clip):
-    x64 = reference_clip64(x, feature_clip)[0] if feature_clip else np.asarray(x, np.float64)
-    k = w.shape[0]
-    z = x64 @ w.T + bias
-    onehot = np.eye(k)[y]
-    if loss == "sigmoid":
-        r = (1 / (1 + np.exp(-z)) - onehot) / k
+@pytest.mark.parametrize("xp,dtype,n,d", CLIP_CASES, indirect=["xp"])
+def test_clip_rows_matches_reference(poisoned, xp, rng, dtype, n, d):
+    clip_norm = float(rng.uniform(0.5, 2.0))
+    x = draw_features(rng, n, d, clip_norm, dtype)
+    xd = xp.asarray(x)
+    out, scale = ops.clip_rows(xd, clip_norm)
+    np.testing.assert_array_equal(to_host(xd), x)  # the input is never modified
+    out_h, scale_h = to_host(out), to_host(scale)
+    assert out_h.dtype == np.dtype(dtype) and out_h.shape == x.shape and scale_h.dtype == np.float64
+    assert_all_written(out_h, "clipped rows")
+    ref, ref_s = reference_clip64(x, clip_norm)
+    np.testing.assert_allclose(scale_h, ref_s, rtol=5e-14 if _on_gpu(xp) else 1e-14, atol=0)
+    if _on_gpu(xp):
+        tol = 2 * EPS32 if dtype == F32 else 5e-14
     else:
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        r = p / p.sum(axis=1, keepdims=True) - onehot
-    per_example = np.einsum("ik,id->ikd", r, x64)  # materialised on purpose: the reference
-    norms = np.sqrt((per_example**2).sum(axis=(1, 2)))
-    target = cg * ops.CLIP_MARGIN
-    scale = np.where(norms <= target, 1.0, target / np.maximum(norms, 1e-300))
-    return (per_example * scale[:, None, None]).sum(axis=0), int((scale < 1).sum())
+        tol = 4 * np.finfo(dtype).eps
+    np.testing.assert_allclose(out_h.astype(np.float64), ref, rtol=tol, atol=1e-300)
+    assert (ref_norms(out_h.astype(np.float64)) < clip_norm).all()
+    if n > 30:
+        assert 0 < np.count_nonzero(scale_h < 1) < n
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("feature_clip", [None, 1.0])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("d,k", [(1, 1), (7, 3), (64, 10), (130, 5)])
-def test_clipped_linear_grad_matches_materialised_reference(rng, loss, feature_clip, dtype, d, k):
-    n = 301
-    x = _features(rng, n, d, dtype)
-    y = rng.integers(0, k, size=n)
-    w = rng.standard_normal((k, d))
-    bias = rng.standard_normal(k)
-    cg = 0.05
-    grad, n_clipped = ops.clipped_linear_grad(x, y, w, bias, cg, loss=loss, feature_clip=feature_clip)
-    ref, ref_clipped = _reference_linear_grad(x, y, w, bias, cg, loss, feature_clip)
-    assert grad.shape == (k, d) and grad.dtype == np.float64
-    np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-13)
-    assert n_clipped == ref_clipped
+@pytest.mark.parametrize("xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_clipping_soundness_adversarial_rows(xp, dtype, rng):
+    d = 257
+    clip_norm = 1.7
+    rows = []
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    rows.append(u * clip_norm)                              # norm exactly C (as stored)
+    rows.append(u * clip_norm * (1 + 1e-7))                  # just above C
+    rows.append(u * clip_norm * (1 - 1e-7))                  # just below C
+    rows.append(np.full(d, clip_norm / np.sqrt(d)))          # constant row of norm C
+    rows.append(u * 1e30)                                   # huge (float32 max ~3e38)
+    rows.append(np.full(d, 1e-40 if dtype == F32 else 5e-324))  # denormals
+    rows.append(np.zeros(d))                                # zero row: scale 1
+    rows.append(rng.standard_normal(d) * 1e3)
+    if dtype == F64:
+        rows.append(u * 1e200)                              # sum of squares overflows
+        rows.append(np.full(d, 1e300))
+    x = np.array(rows).astype(dtype)
+    out, scale = ops.clip_rows(xp.asarray(x), clip_norm)
+    out_h, scale_h = to_host(out).astype(np.float64), to_host(scale)
+    assert np.isfinite(out_h).all() and np.isfinite(scale_h).all()
+    norms = ref_norms(out_h)
+    assert (norms < clip_norm).all(), f"clipped norms {norms.max()} >= C = {clip_norm}"
+    assert scale_h[6] == 1.0 and scale_h[5] == 1.0
+    # The Gram of the same rows is finite and its trace (sum of squared norms) < n C^2.
+    g = to_host(ops.clipped_gram(xp.asarray(x), clip_norm))
+    assert np.isfinite(g).all()
+    assert np.trace(g) < x.shape[0] * clip_norm**2
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("d", [1, 2, 31, 130])
-def test_cholesky_matches_lapack_and_reconstructs(rng, dtype, d):
-    m = rng.standard_normal((5, d, d))
-    a = (m @ np.swapaxes(m, 1, 2) + d * np.eye(d)).astype(dtype)
-    L, info = ops.cholesky(a)
-    assert info.shape == (5,) and info.dtype == np.int32 and np.all(info == 0)
-    assert L.dtype == dtype
-    assert np.all(np.triu(L, 1) == 0)
-    for i in range(5):
-        ref = scipy.linalg.cholesky(a[i].astype(np.float64), lower=True)
-        np.testing.assert_allclose(L[i], ref, rtol=0, atol=np.finfo(dtype).eps * 50 * np.abs(ref).max())
-    rec = np.linalg.norm(L @ np.swapaxes(L, 1, 2) - a) / np.linalg.norm(a)
-    assert rec < np.finfo(dtype).eps * 10 * d
+# --------------------------------------------------------------------------------------
+# clipped_gram
+# --------------------------------------------------------------------------------------
+
+GPU_GRAM_SHAPES = [(1, 1), (1, 257), (31, 7), (31, 130), (31, 1000), (2000, 257), (100003, 64),
+                   (100003, 130)]
+GRAM_CASES = xp_cases(
+    cpu=[(n, d, dt, mode) for n in CPU_NS for d in CPU_DIMS for dt in (F32, F64)
+         for mode in ("float64", "float32")]
+    + [(4099, d, F16, mode) for d in (1, 7, 130) for mode in ("float64", "float32")],
+    gpu=[(n, d, dt, mode) for n, d in GPU_GRAM_SHAPES for dt in (F32, F64, F16)
+         for mode in ("float64", "float32", "tf32", "bf16")],
+)
 
 
-@pytest.mark.parametrize("d", [3, 8, 31])
-def test_cholesky_info_on_indefinite_and_nan(rng, d):
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    a = q @ np.diag(rng.uniform(1, 2, d)) @ q.T
-    bad = a.copy()
-    j = d // 2  # make the leading minor of order j + 1 singular-negative
-    bad[j, j] = bad[j, :j] @ np.linalg.solve(bad[:j, :j], bad[:j, j]) - 0.5 if j else -1.0
-    nan = a.copy()
-    nan[d - 1, 0] = np.nan
-    nan[0, d - 1] = np.nan
-    L, info = ops.cholesky(np.stack([a, bad, nan, np.zeros((d, d))]))
-    lapack_info = scipy.linalg.lapack.dpotrf(bad, lower=1)[1]
-    assert info[0] == 0
-    assert info[1] == lapack_info == j + 1
-    assert info[2] == (d if d > 1 else 1)
-    assert info[3] == 1
-    assert np.isnan(L[1]).all() and np.isnan(L[2]).all() and np.isnan(L[3]).all()
-    assert np.isfinite(L[0]).all()
+@pytest.mark.parametrize("xp,n,d,dtype,mode", GRAM_CASES, indirect=["xp"])
+def test_clipped_gram(poisoned, xp, rng, n, d, dtype, mode):
+    clip_norm = float(rng.uniform(0.5, 2.0))
+    x = draw_features(rng, n, d, clip_norm, dtype)
+    g = to_host(ops.clipped_gram(xp.asarray(x), clip_norm, accumulate=mode))
+    ref, absref = ref_gram(reference_clip64(x, clip_norm)[0])
+    check_gram(g, ref, absref, mode)
+    if not _on_gpu(xp):  # the CPU's own bound: float64 dot / float32 blocks, vs n C^2
+        assert np.abs(g - ref).max() <= (1e-13 if mode == "float64" else 1e-5) * n * clip_norm**2
 
 
-def test_cholesky_batch_shape_preserved(rng):
-    a = np.broadcast_to(np.eye(4) * 2, (2, 3, 4, 4)).copy()
-    L, info = ops.cholesky(a)
-    assert L.shape == (2, 3, 4, 4) and info.shape == (2, 3)
-    np.testing.assert_allclose(L, np.sqrt(2) * np.broadcast_to(np.eye(4), (2, 3, 4, 4)))
+@pytest.mark.parametrize("xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True)
+def test_gram_strided_and_noncontiguous_inputs(xp, rng):
+    n, d = 3001, 130
+    clip_norm = 1.3
+    x = draw_features(rng, n, d, clip_norm, F64)
+    ref, absref = ref_gram(reference_clip64(x, clip_norm)[0])
+    # Row stride > d, used in place.
+    wide = xp.full((n, d + 13), np.nan)
+    wide[:, :d] = xp.asarray(x)
+    view = wide[:, :d]
+    assert view.strides[0] == (d + 13) * 8
+    assert rel_err(ops.clipped_gram(view, clip_norm), ref, absref) <= 1e-12
+    # Every other row of a taller array.
+    tall = xp.full((2 * n, d), np.nan)
+    tall[::2] = xp.asarray(x)
+    assert rel_err(ops.clipped_gram(tall[::2], clip_norm), ref, absref) <= 1e-12
+    # Element stride != 1 (Fortran order; and strided in both dimensions).
+    xt = xp.asfortranarray(xp.asarray(x))
+    assert xt.strides[1] != 8
+    assert rel_err(ops.clipped_gram(xt, clip_norm), ref, absref) <= 1e-12
+    both = xp.asarray(x)[::2, ::3]
+    ref2, absref2 = ref_gram(reference_clip64(x[::2, ::3], clip_norm)[0])
+    assert rel_err(ops.clipped_gram(both, clip_norm), ref2, absref2) <= 1e-12
 
 
-@pytest.mark.parametrize("d,m", [(1, 1), (7, 3), (130, 11)])
-def test_cho_solve_shapes_and_values(rng, d, m):
-    mats = rng.standard_normal((3, d, d))
-    a = mats @ np.swapaxes(mats, 1, 2) + d * np.eye(d)
-    L, info = ops.cholesky(a)
-    assert np.all(info == 0)
-    b = rng.standard_normal((3, d, m))
-    x = ops.cho_solve(L, b)
-    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-9, atol=1e-12)
-    v = rng.standard_normal((3, d))
-    np.testing.assert_allclose(ops.cho_solve(L, v), np.linalg.solve(a, v[..., None])[..., 0], rtol=1e-9, atol=1e-12)
-    # One factor, a batch of right-hand sides; and one block for every factor.
-    np.testing.assert_allclose(ops.cho_solve(L[0], b), np.linalg.solve(a[0], b), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(ops.cho_solve(L, b[:1]), np.linalg.solve(a, b[:1]), rtol=1e-9, atol=1e-12)
+# --------------------------------------------------------------------------------------
+# Class sums and one-pass statistics
+# --------------------------------------------------------------------------------------
+
+GPU_CLASS_CASES = [(1, 7, 1), (31, 7, 3), (31, 130, 10), (31, 1000, 100), (3001, 130, 100),
+                   (100003, 64, 1), (100003, 130, 10), (20011, 257, 3)]
+CLASS_SUM_CASES = xp_cases(
+    cpu=[(1003, d, k, F32) for d in CPU_DIMS for k in (1, 3, 10)],
+    gpu=[(n, d, k, dt) for n, d, k in GPU_CLASS_CASES for dt in (F32, F64)],
+)  # float16 rows: the public op takes float32/float64; clipped_stats' B covers float16
+
+
+@pytest.mark.parametrize("xp,n,d,k,dtype", CLASS_SUM_CASES, indirect=["xp"])
+def test_clipped_class_sums(poisoned, xp, rng, n, d, k, dtype):
+    clip_norm = float(rng.uniform(0.5, 2.0))
+    x = draw_features(rng, n, d, clip_norm, dtype)
+    labels = draw_labels(rng, n, k)
+    b = to_host(ops.clipped_class_sums(xp.asarray(x), xp.asarray(labels), k, clip_norm))
+    assert b.shape == (k, d) and b.dtype == np.float64
+    assert_all_written(b, "B")
+    ref, absref = ref_class_sums(reference_clip64(x, clip_norm)[0], labels, k)
+    assert rel_err(b, ref, absref) <= 1e-12
+    np.testing.assert_allclose(b, ref, rtol=0, atol=1e-12 * n * clip_norm)
+    absent = np.bincount(labels, minlength=k) == 0
+    assert (b[absent] == 0).all(), "a class that never occurs has an exactly zero sum"
+
+
+STATS_CASES = xp_cases(
+    cpu=[(1003, d, k, F32, "float64") for d in CPU_DIMS for k in (1, 3, 10)]
+    + [(4099, d, 3, F16, mode) for d in (1, 7, 130) for mode in ("float64", "float32")],
+    gpu=[(n, d, k, dt, mode) for n, d, k in GPU_CLASS_CASES for dt in (F32, F64, F16)
+         for mode in ("float64", "float32", "tf32")],
+)
+
+
+@pytest.mark.parametrize("xp,n,d,k,dtype,mode", STATS_CASES, indirect=["xp"])
+def test_clipped_stats(poisoned, xp, rng, n, d, k, dtype, mode):
+    clip_norm = float(rng.uniform(0.5, 2.0))
+    x = draw_features(rng, n, d, clip_norm, dtype)
+    labels = draw_labels(rng, n, k)
+    xd, ld = xp.asarray(x), xp.asarray(labels)
+    g, b, counts = ops.clipped_stats(xd, ld, k, clip_norm, accumulate=mode)
+    g, b, counts = to_host(g), to_host(b), to_host(counts)
+    xb = reference_clip64(x, clip_norm)[0]
+    ref, absref = ref_gram(xb)
+    check_gram(g, ref, absref, mode)
+    assert_all_written(b, "B")
+    ref_b, abs_b = ref_class_sums(xb, labels, k)
+    assert rel_err(b, ref_b, abs_b) <= 1e-12
+    np.testing.assert_allclose(b, ref_b, rtol=0, atol=1e-12 * n * clip_norm)
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+    # The one pass agrees with the separate ops (same scales, same arithmetic).
+    g_sep = to_host(ops.clipped_gram(xd, clip_norm, accumulate=mode))
+    if _on_gpu(xp):
+        assert rel_err(g, g_sep, absref) <= (1e-14 if mode == "float64" else 1e-3)
+    else:
+        np.testing.assert_array_equal(g, g_sep)
+    if dtype != F16:  # clipped_class_sums takes float32/float64 rows
+        b_sep = to_host(ops.clipped_class_sums(xd, ld, k, clip_norm))
+        assert rel_err(b, b_sep, abs_b) <= 1e-14
+
+
+# --------------------------------------------------------------------------------------
+# Per-class and weighted grams (the GPU cases also force each Gram engine)
+# --------------------------------------------------------------------------------------
+
+CLASS_GRAM_CASES = xp_cases(
+    cpu=[(n, d, k, F64, "auto") for n, d, k in [(517, 1, 4), (517, 7, 4), (517, 33, 4), (50, 5, 3)]],
+    gpu=[(n, d, k, dt, kernel)
+         for n, d, k in [(1, 7, 1), (31, 7, 3), (31, 130, 10), (3001, 130, 3), (3001, 257, 10),
+                         (20011, 64, 100), (100003, 64, 1)]
+         for dt in (F32, F64) for kernel in ("mma", "simt")],
+)
+
+
+@pytest.mark.parametrize("xp,n,d,k,dtype,kernel", CLASS_GRAM_CASES, indirect=["xp"])
+def test_clipped_class_grams(poisoned, xp, rng, kernel_env, n, d, k, dtype, kernel):
+    if kernel != "auto":
+        kernel_env(DPFC_GRAM_KERNEL=kernel)
+    clip_norm = float(rng.uniform(0.5, 2.0))
+    x = draw_features(rng, n, d, clip_norm, dtype)
+    labels = draw_labels(rng, n, k)  # the last class is empty when k > 2
+    got = to_host(ops.clipped_class_grams(xp.asarray(x), xp.asarray(labels), k, clip_norm))
+    assert got.shape == (k, d, d) and got.dtype == np.float64
+    assert_all_written(got, "A")
+    xb = reference_clip64(x, clip_norm)[0]
+    for cls in range(k):
+        rows = xb[labels == cls]
+        if rows.shape[0] == 0:
+            np.testing.assert_array_equal(got[cls], 0.0)
+        else:
+            ref, absref = ref_gram(rows)
+            assert rel_err(got[cls], ref, absref) <= 1e-12, f"class {cls}"
+            np.testing.assert_allclose(got[cls], ref, rtol=0, atol=1e-12 * n * clip_norm**2)
+        np.testing.assert_array_equal(got[cls], got[cls].T)
+
+
+WEIGHTED_CASES = xp_cases(
+    cpu=[(517, d, 4, F64, F64, "auto") for d in (1, 7, 33)],
+    gpu=[(n, d, k, F32, wdt, kernel)
+         for n, d, k in [(1, 7, 1), (31, 7, 3), (31, 130, 10), (2001, 130, 3), (2001, 257, 10),
+                         (50003, 64, 4)]
+         for kernel in ("mma", "simt") for wdt in (F32, F64)],
+)
+
+
+@pytest.mark.parametrize("xp,n,d,k,dtype,wdtype,kernel", WEIGHTED_CASES, indirect=["xp"])
+def test_clipped_weighted_grams(poisoned, xp, rng, kernel_env, n, d, k, dtype, wdtype, kernel):
+    if kernel != "auto":
+        kernel_env(DPFC_GRAM_KERNEL=kernel)
+    clip_norm = float(rng.uniform(0.5, 2.0))
+    x = draw_features(rng, n, d, clip_norm, dtype)
+    w = rng.uniform(0.0, 0.25, size=(n, k)).astype(wdtype)
+    got = to_host(ops.clipped_weighted_grams(xp.asarray(x), xp.asarray(w), clip_norm))
+    assert got.shape == (k, d, d) and got.dtype == np.float64
+    assert_all_written(got, "H")
+    xb = reference_clip64(x, clip_norm)[0]
+    w64 = w.astype(np.float64)
+    for cls in range(k):
+        ref = (xb * w64[:, cls : cls + 1]).T @ xb
+        absref = (np.abs(xb) * w64[:, cls : cls + 1]).T @ np.abs(xb)
+        assert rel_err(got[cls], ref, absref) <= 1e-12, f"class {cls}"
+        np.testing.assert_allclose(got[cls], ref, rtol=0, atol=1e-12 * n * clip_norm**2)
+
+
+# --------------------------------------------------------------------------------------
+# Clipped linear gradient
+# --------------------------------------------------------------------------------------
+
+LINEAR_GRAD_CASES = xp_cases(
+    cpu=[(301, d, k, dt, loss, fc) for d, k in [(1, 1), (7, 3), (64, 10), (130, 5)]
+         for dt in (F32, F64) for loss in ("sigmoid", "softmax") for fc in (None, 0.8)],
+    gpu=[(n, d, k, dt, loss, fc)
+         for n, d, k in [(1, 7, 1), (31, 7, 3), (31, 130, 10), (5003, 130, 100), (20011, 257, 10),
+                         (3001, 1000, 3)]
+         for dt in (F32, F64) for loss in ("sigmoid", "softmax") for fc in (None, 0.8)],
+)
+
+
+@pytest.mark.parametrize("xp,n,d,k,dtype,loss,feature_clip", LINEAR_GRAD_CASES, indirect=["xp"])
+def test_clipped_linear_grad(poisoned, xp, rng, n, d, k, dtype, loss, feature_clip):
+    x = draw_features(rng, n, d, float(rng.uniform(0.5, 2.0)), dtype)
+    x64 = x.astype(np.float64)
+    labels = rng.integers(0, k, size=n)
+    w = (rng.standard_normal((k, d)) * 0.5).astype(dtype)
+    bias = rng.uniform(-2, 2, size=k)
+    # Clip bound near the median gradient norm: about half the rows are clipped.
+    ratio = ref_linear_grad(x64, labels, w.astype(np.float64), bias, 1.0, loss, feature_clip)[3]
+    # (1 + 1e-7): no row sits within rounding of the bound, so float64 counts are exact.
+    clip_norm = (float(np.median(ratio)) if n > 1 else float(ratio[0]) * 0.5) * (1 + 1e-7)
+    if not clip_norm > 0:  # softmax with K = 1: every residual is 0
+        clip_norm = 1.0
+    ref, absref, ref_clipped, _ = ref_linear_grad(x64, labels, w.astype(np.float64), bias,
+                                                  clip_norm, loss, feature_clip)
+    grad, n_clipped = ops.clipped_linear_grad(xp.asarray(x), xp.asarray(labels), xp.asarray(w),
+                                              xp.asarray(bias), clip_norm, loss=loss,
+                                              feature_clip=feature_clip)
+    got = to_host(grad)
+    assert got.shape == (k, d) and got.dtype == np.float64
+    assert_all_written(got, "grad")
+    err = rel_err(got, ref, absref)
+    if dtype == F32 and _on_gpu(xp):  # float32 logits on the GPU
+        assert err <= 5e-4, f"float32 relative error {err:.3e}"
+        assert abs(int(n_clipped) - ref_clipped) <= max(1, n // 1000)
+    else:
+        assert err <= 1e-11, f"relative error {err:.3e}"
+        assert int(n_clipped) == ref_clipped
+
+
+# --------------------------------------------------------------------------------------
+# Validation, device rules, chunking (backend-independent Python)
+# --------------------------------------------------------------------------------------
 
 
 def test_validation_names_the_argument(rng):
@@ -236,14 +357,6 @@ def test_validation_names_the_argument(rng):
         ops.cholesky(np.zeros((3, 4)))
 
 
-def test_non_contiguous_input_is_handled(rng):
-    base = rng.standard_normal((40, 10))
-    view = base[::2, ::3]  # strided in both dimensions
-    xb, _ = reference_clip64(np.ascontiguousarray(view), 1.0)
-    np.testing.assert_allclose(ops.clipped_gram(view, 1.0), xb.T @ xb, atol=1e-13)
-    np.testing.assert_allclose(ops.clipped_gram(np.asfortranarray(view), 1.0), xb.T @ xb, atol=1e-13)
-
-
 def test_mixed_devices_rejected():
     class FakeDeviceArray:
         __cuda_array_interface__ = {"shape": (2, 2), "typestr": "<f8", "data": (0, False), "version": 3}
@@ -266,22 +379,6 @@ def test_device_of_is_the_one_device_rule():
         ops.device_of(np.zeros(2), FakeDeviceArray())
     assert not hasattr(mechanisms, "_device_of")
     assert models.resolve_device("cpu", FakeDeviceArray()) == "cpu"
-
-
-def test_cholesky_shifts_matches_shifted_factors(rng):
-    d, shifts = 7, np.array([-50.0, 0.0, 0.5, 3.0])
-    m = rng.standard_normal((d, d))
-    a = m @ m.T + 0.1 * np.eye(d)
-    L, info = ops.cholesky_shifts(a, shifts)
-    for j, s in enumerate(shifts):
-        Lj, ij = ops.cholesky(a + s * np.eye(d))
-        np.testing.assert_array_equal(info[j], ij)
-        np.testing.assert_array_equal(L[j], Lj)
-    assert info[0] > 0 and np.isnan(L[0]).all() and (info[1:] == 0).all()
-    with pytest.raises(ValueError, match="shifts must be finite"):
-        ops.cholesky_shifts(a, np.array([np.nan]))
-    with pytest.raises(ValueError, match=r"shape \(d, d\)"):
-        ops.cholesky_shifts(np.stack([a, a]), shifts)
 
 
 def test_memory_is_chunked(monkeypatch, rng):

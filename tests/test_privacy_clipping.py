@@ -13,12 +13,11 @@ C (and just above, and exactly at the clip target C(1 - 2^-20)), all-zero rows, 
 Gram. A single adversarial example must also never make a statistic NaN (a NaN release
 tells an observer, with certainty, that the example is present).
 
-The count of rows tried is deterministic; ``test_zz_report_counts`` prints it (pytest -rA).
+The count of rows tried is deterministic; pytest's terminal summary prints it.
 """
 
 from __future__ import annotations
 
-import collections
 from fractions import Fraction
 
 import numpy as np
@@ -29,15 +28,11 @@ from hypothesis.extra import numpy as hnp
 
 from dpfc_native import ops
 
-COUNTS: collections.Counter = collections.Counter()
+from _reference import (CLIP_NORMS, COUNTS, adversarial_rows, assert_norm_le, confident_rows,
+                        exact_sq_norm, overflow_logit_rows)
+from _reference import group_by_length as _group_by_length
 
 MARGIN = ops.CLIP_MARGIN  # 1 - 2^-20
-# Clip norms tried by the adversarial suite. Known limits (see the two xfail tests at the
-# end): the float32 *output* of clip_rows is sound for C >= sqrt(d) 2^-129 (one rounding to
-# the float32 grid, denormals included, stays inside the 2^-20 margin), and the clip factor
-# C'/||x|| must not be subnormal (it loses the relative precision the margin relies on):
-# with float64 rows up to the float64 maximum that needs C >~ 1e-5.
-CLIP_NORMS = [1.0, 0.1, 1e-3, 3.0, 1e3, 1e-5, 1e30]
 
 
 # --------------------------------------------------------------------------------------
@@ -45,134 +40,9 @@ CLIP_NORMS = [1.0, 0.1, 1e-3, 3.0, 1e3, 1e-5, 1e30]
 # --------------------------------------------------------------------------------------
 
 
-def exact_sq_norm(v) -> Fraction:
-    """The exact sum of squares of the float entries of v (any shape), as a Fraction."""
-    a = np.asarray(v, dtype=np.float64).ravel()  # float32 -> float64 is exact
-    assert np.isfinite(a).all(), "a clipped value is not finite"
-    a = a[a != 0]
-    if a.size == 0:
-        return Fraction(0)
-    mant, exp = np.frexp(a)  # a = mant * 2**exp, 0.5 <= |mant| < 1 (denormals included)
-    m = (mant * 2.0**53).astype(np.int64)  # exact: 53 significant bits
-    e = exp.astype(np.int64) - 53
-    emin = int(e.min())
-    total = 0
-    for mi, ei in zip(m.tolist(), e.tolist()):
-        total += (mi * mi) << (2 * (ei - emin))
-    return Fraction(total) * Fraction(2) ** (2 * emin)
-
-
-def _float_decides(v: np.ndarray, bound_sq: Fraction) -> bool | None:
-    """A rigorous float64 shortcut: True/False when a float sum of squares with its
-    worst-case rounding bound decides ``||v||^2 <= bound_sq``; None to fall back to exact."""
-    a = np.abs(np.asarray(v, dtype=np.float64).ravel())
-    nz = a[a != 0]
-    if nz.size == 0:
-        return True
-    if not nz.max() < 2.0**500:
-        return None
-    if not (Fraction(2.0**-900) < bound_sq < Fraction(2.0**1000)):
-        return None
-    big = nz[nz >= 2.0**-500]  # squares of these are normal floats
-    small_bound = (nz.size - big.size) * 2.0**-1000  # each tiny square is < 2^-1000
-    s = float(np.dot(big, big))
-    gamma = 2 * (nz.size + 2) * 2.0**-53
-    b = float(bound_sq)
-    if s * (1 + gamma) + small_bound < b * (1 - 2.0**-50):
-        return True
-    if s * (1 - gamma) > b * (1 + 2.0**-50):
-        return False
-    return None
-
-
-def assert_norm_le(v, bound_sq: Fraction, what: str) -> None:
-    assert np.isfinite(np.asarray(v, dtype=np.float64)).all(), f"{what}: not finite"
-    if _float_decides(v, bound_sq):
-        return
-    s = exact_sq_norm(v)
-    assert s <= bound_sq, f"{what}: exact squared norm {float(s)!r} > bound {float(bound_sq)!r}"
-
-
 # --------------------------------------------------------------------------------------
 # Adversarial rows
 # --------------------------------------------------------------------------------------
-
-
-def _nudge_to_float_norm(row: np.ndarray, c: float) -> np.ndarray:
-    """Adjust one entry by ulps until the float64 norm of the row (as computed by
-    np.linalg.norm) equals c, when reachable; returns the row either way."""
-    row = row.copy()
-    j = int(np.argmax(np.abs(row)))
-    for _ in range(64):
-        nrm = float(np.linalg.norm(row.astype(np.float64)))
-        if nrm == c:
-            break
-        toward = np.inf if nrm < c else -np.inf
-        row[j] = np.nextafter(row[j], row.dtype.type(toward if row[j] > 0 else -toward))
-    return row
-
-
-def adversarial_rows(dtype, c: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Rows (1-D arrays of dtype) chosen to break a clip at norm c."""
-    dt = np.dtype(dtype)
-    fi = np.finfo(dt)
-    big, tiny = dt.type(fi.max), dt.type(fi.smallest_subnormal)
-    rows: list[np.ndarray] = []
-
-    def add(r):
-        r = np.asarray(r, dtype=dt)
-        if np.isfinite(r).all():
-            rows.append(r)
-
-    # All-zero rows.
-    for d in (1, 3, 64):
-        add(np.zeros(d))
-    # Entries at and near the maximum, with mixed signs, alone or with tiny entries.
-    for d in (1, 2, 7, 64):
-        add(np.full(d, big))
-        add(np.where(np.arange(d) % 2, big, -big))
-        add(np.full(d, big / dt.type(3)))
-        r = np.full(d, tiny)
-        r[0] = big
-        add(r)
-    # Denormals: alone, many of them, mixed with normal entries.
-    for d in (1, 5, 64):
-        add(np.full(d, tiny))
-        add(tiny * rng.integers(1, 1 << 20, size=d))
-        r = tiny * rng.integers(1, 1000, size=d)
-        r[0] = dt.type(c)
-        add(r)
-        add(np.full(d, fi.tiny))  # smallest normal
-    # Rows whose norm is exactly C, or whose float norm is C, or sits at the clip target.
-    for d in (1, 2, 4, 16, 33):
-        e = np.zeros(d)
-        e[d // 2] = c
-        add(e)  # exactly C when C is representable in dtype; else the nearest float
-        if d == 4:
-            add(np.full(4, c / 2))  # exactly C for powers of two (C/2 * 2)
-        direction = rng.standard_normal(d)
-        direction /= np.linalg.norm(direction)
-        add(_nudge_to_float_norm((direction * c).astype(dt), c))
-        for factor in (MARGIN, 1.0):
-            target = c * factor
-            for v in (target, np.nextafter(target, np.inf), np.nextafter(target, 0)):
-                add(direction * v)
-    # Just above C: relative excess 2^-k for k = 1..55.
-    direction = rng.standard_normal(8)
-    direction /= np.linalg.norm(direction)
-    for k in range(1, 56):
-        add(direction * (c * (1.0 + 2.0**-k)))
-    # Mixed magnitudes over the whole exponent range of the dtype.
-    lo, hi = (-320, 306) if dt == np.float64 else (-44, 36)
-    for _ in range(120):
-        d = int(rng.integers(1, 65))
-        mags = 10.0 ** rng.uniform(lo, hi, size=d)
-        add(rng.choice([-1.0, 1.0], size=d) * mags)
-    # Random rows at scales around C.
-    for scale in (1e-6, 0.5, 0.999, 1.001, 2.0, 1e6):
-        for d in (3, 50):
-            add(rng.standard_normal(d) * (c * scale / np.sqrt(d)))
-    return rows
 
 
 def _cases(clip_norms=CLIP_NORMS):
@@ -181,13 +51,6 @@ def _cases(clip_norms=CLIP_NORMS):
         for c in clip_norms:
             out.append(pytest.param(dtype, c, id=f"{np.dtype(dtype).name}-C{c:g}"))
     return out
-
-
-def _group_by_length(rows):
-    groups: dict[int, list] = collections.defaultdict(list)
-    for r in rows:
-        groups[r.shape[0]].append(r)
-    return {d: np.stack(rs) for d, rs in groups.items()}
 
 
 @pytest.mark.parametrize("dtype,c", _cases())
@@ -269,18 +132,6 @@ def test_linear_grad_per_example_adversarial(dtype, c):
         COUNTS["clipped_linear_grad (n=1)"] += 1
 
 
-def overflow_logit_rows():
-    """(x, labels, w): row 0 of 1e308 overflows the logits (inf - inf = NaN on blocked
-    BLAS); the other two rows are ordinary. The clipped sum must stay finite, <= 3 C_g."""
-    d = 64
-    x = np.ones((3, d))
-    x[0] = 1e308
-    w = np.full((2, d), 2.0)
-    w[0, 1::4] = -2.0
-    w[0, 2::4] = -2.0
-    return x, np.array([0, 1, 0]), w
-
-
 def test_overflowing_logits_do_not_poison_the_gradient_sum():
     x, labels, w = overflow_logit_rows()
     for loss in ("sigmoid", "softmax"):
@@ -289,23 +140,6 @@ def test_overflowing_logits_do_not_poison_the_gradient_sum():
         assert np.isfinite(grad).all(), loss
         assert np.linalg.norm(grad) <= 3.0
     COUNTS["clipped_linear_grad (overflow rows)"] += 2
-
-
-def confident_rows(scales=(1e150, 1e300)):
-    """Rows the model is sure of: the true label's logit +gap, the others -gap, so every
-    residual entry is ~e^-gap (or exactly 0). For gap ~ 375 their squares underflow to 0,
-    and a naive sqrt(r . r) ||x|| = 0 would pass a huge ||x|| unclipped (norm ~1e137).
-    Yields (x (1, 5), w (k, 5), label, description)."""
-    for gap in (360.0, 375.0, 380.0, 700.0):
-        for scale in scales:
-            for k in (2, 3, 7):
-                x = np.zeros((1, 5))
-                x[0, 0] = scale
-                x[0, 3] = -scale / 3
-                w = np.full((k, 5), -gap / scale)
-                w[:, 3] = 0.0
-                w[1] = gap / scale
-                yield x, w, 1, f"gap={gap} scale={scale} k={k}"
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
@@ -460,12 +294,3 @@ def test_subnormal_clip_norm_float32_output():
 def test_float32_mode_huge_clip_norm():
     g = ops.clipped_gram(np.full((1, 2), 1e30), 1e30, accumulate="float32")
     assert np.isfinite(g).all()
-
-
-def test_zz_report_counts():
-    """Prints the number of rows tried (run with -rA or -s to see it)."""
-    total = sum(COUNTS.values())
-    print("\nclipping soundness, rows/examples tried:")
-    for key, v in sorted(COUNTS.items()):
-        print(f"  {key}: {v}")
-    print(f"  total: {total}")

@@ -17,7 +17,6 @@ with the reason; they are reported to the owners (an XPASS means one was fixed).
 
 from __future__ import annotations
 
-import collections
 import importlib.util
 import math
 import os
@@ -29,11 +28,12 @@ from hypothesis import strategies as st
 
 from dpfc_native import _core, accounting, data, mechanisms, models, ops
 
+from _reference import COUNTS
+
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
 
-COUNTS: collections.Counter = collections.Counter()
 ARG_ERRORS = (TypeError, ValueError)
 _HAVE_CUPY = importlib.util.find_spec("cupy") is not None
 _GPU_USABLE = models.resolve_device("auto") == "cuda"
@@ -956,10 +956,3 @@ def test_fuzz_ops_noise(d, std, batch, key, counter, dtype):
         except (TypeError, ValueError, MemoryError):
             pass
         COUNTS["fuzz examples (ops noise)"] += 1
-
-
-def test_zz_report_counts():
-    print("\nbad inputs and fuzzing:")
-    for key, v in sorted(COUNTS.items()):
-        print(f"  {key}: {v}")
-    print(f"  table cases registered: {len(CASES)}")

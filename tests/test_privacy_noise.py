@@ -15,53 +15,19 @@
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import pytest
 import scipy.stats
 
 from dpfc_native import mechanisms, models, ops
 
+from _reference import COUNTS, NoiseCallRecorder, assert_no_block_reuse, assert_sym_noise_calibrated
+from _reference import ks_ok as _ks_ok
+from _reference import moments_ok as _moments_ok
+
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
-
-COUNTS: collections.Counter = collections.Counter()
-
-
-def _moments_ok(z: np.ndarray, std: float, what: str, k: float = 5.0) -> None:
-    """Sample mean, variance, skewness and excess kurtosis of N(0, std^2) draws, each
-    within k standard errors of its expectation."""
-    n = z.size
-    x = z.astype(np.float64).ravel() / std
-    mean, var = x.mean(), x.var()
-    skew = scipy.stats.skew(x)
-    kurt = scipy.stats.kurtosis(x)  # excess
-    assert abs(mean) < k / np.sqrt(n), (what, "mean", mean)
-    assert abs(var - 1) < k * np.sqrt(2.0 / n), (what, "variance", var)
-    assert abs(skew) < k * np.sqrt(6.0 / n), (what, "skew", skew)
-    assert abs(kurt) < k * np.sqrt(24.0 / n), (what, "kurtosis", kurt)
-
-
-def _ks_ok(z: np.ndarray, std: float, what: str) -> None:
-    p = scipy.stats.kstest(z.astype(np.float64).ravel() / std, "norm").pvalue
-    assert p > 1e-4, (what, "KS p-value", p)
-
-
-def assert_sym_noise_calibrated(m, std: float, where: str):
-    """A batch of symmetric noise matrices (host array): exactly symmetric, diagonal
-    N(0, std^2) and off-diagonal N(0, std^2 / 2) by moments and KS. Returns (diag, off)."""
-    np.testing.assert_array_equal(m, np.swapaxes(m, 1, 2))  # exactly symmetric
-    iu = np.triu_indices(m.shape[-1], 1)
-    diag = np.diagonal(m, axis1=1, axis2=2)
-    off = m[:, iu[0], iu[1]]
-    _moments_ok(diag, std, f"{where} diagonal")
-    _ks_ok(diag, std, f"{where} diagonal")
-    _moments_ok(off, std / np.sqrt(2), f"{where} off-diagonal")
-    _ks_ok(off, std / np.sqrt(2), f"{where} off-diagonal")
-    return diag, off
-
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("key", [0x1234, (1 << 127) + 987654321])
@@ -152,42 +118,6 @@ def test_user_seed_is_reproducible_and_flagged():
 # --------------------------------------------------------------------------------------
 
 
-_ORIGINAL_SYM, _ORIGINAL_DENSE = ops.sym_gaussian_noise, ops.gaussian_noise
-
-
-class NoiseCallRecorder:
-    """Records (key, first block, blocks) of every ops noise call made by anyone."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[tuple[int, int, int]] = []
-        sym, dense = _ORIGINAL_SYM, _ORIGINAL_DENSE
-
-        def rec_sym(d, std, *, batch=None, key=None, counter=0, **kw):
-            assert key is not None, "a release drew noise without an explicit managed key"
-            self.calls.append((key, counter, ops.sym_noise_blocks(d, 1 if batch is None else batch)))
-            return sym(d, std, batch=batch, key=key, counter=counter, **kw)
-
-        def rec_dense(shape, std, *, key=None, counter=0, **kw):
-            assert key is not None, "a release drew noise without an explicit managed key"
-            count = int(np.prod((shape,) if isinstance(shape, int) else shape))
-            self.calls.append((key, counter, ops.noise_blocks(count)))
-            return dense(shape, std, key=key, counter=counter, **kw)
-
-        monkeypatch.setattr(ops, "sym_gaussian_noise", rec_sym)
-        monkeypatch.setattr(ops, "gaussian_noise", rec_dense)
-
-
-def assert_no_block_reuse(calls) -> None:
-    by_key = collections.defaultdict(list)
-    for key, first, blocks in calls:
-        assert blocks >= 1
-        by_key[key].append((first, first + blocks))
-    for key, ranges in by_key.items():
-        ranges.sort()
-        for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
-            assert a1 <= b0, f"blocks [{a0}, {a1}) and [{b0}, {b1}) overlap under one key"
-
-
 def test_noise_source_hands_out_disjoint_blocks(monkeypatch):
     rec = NoiseCallRecorder(monkeypatch)
     src = mechanisms.NoiseSource()
@@ -252,9 +182,3 @@ def test_estimators_never_reuse_key_counter(monkeypatch, name, cls, kw):
         assert est.noise_seeded_ is True
         seeded.append(rec.calls)
     assert seeded[0] == seeded[1]
-
-
-def test_zz_report_counts():
-    print("\nnoise tests:")
-    for key, v in sorted(COUNTS.items()):
-        print(f"  {key}: {v}")

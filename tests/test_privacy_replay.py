@@ -21,7 +21,6 @@ without the sqrt(K) factor) must make the replay check fail.
 
 from __future__ import annotations
 
-import collections
 import math
 import zlib
 
@@ -30,12 +29,11 @@ import pytest
 
 from dpfc_native import mechanisms, models, ops
 
+from _reference import COUNTS, add_example, adversarial_additions, f32_widened_sensitivity
+
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
-
-COUNTS: collections.Counter = collections.Counter()
-
 
 def _sigmoid(z):
     return 0.5 + 0.5 * np.tanh(0.5 * z)
@@ -112,45 +110,6 @@ MECHANISMS = {
 # --------------------------------------------------------------------------------------
 # Neighbouring datasets
 # --------------------------------------------------------------------------------------
-
-
-def adversarial_additions(X, k, C, rng):
-    """(row, label) candidates for the added example, adversarial and random."""
-    n, d = X.shape
-    x64 = X.astype(np.float64)
-    # The direction least present in D (smallest eigenvector of X^T X) and the most.
-    _, vecs = np.linalg.eigh(x64.T @ x64)
-    least, most = vecs[:, 0], vecs[:, -1]
-    dt = X.dtype.type
-    big = 1e30 if X.dtype == np.float32 else 1e200
-    rows = [
-        least * C,  # exactly along the least present direction, norm C
-        least * C * 1e6,  # far outside the clip ball
-        least * big,
-        most * C * 3,
-        -most * C * 3,
-        np.zeros(d),
-        np.full(d, C / math.sqrt(d)),  # norm C (up to rounding)
-        np.eye(d)[0] * C,  # exactly norm C
-        np.eye(d)[0] * np.nextafter(C, np.inf),  # just above C
-        X[int(rng.integers(0, n))].astype(np.float64),  # a duplicate of an example
-        X[int(rng.integers(0, n))].astype(np.float64) * 1e4,
-    ]
-    rows += [rng.standard_normal(d) * C * float(rng.choice([0.1, 1.0, 10.0])) for _ in range(6)]
-    out = []
-    for i, r in enumerate(rows):
-        label = i % k
-        out.append((np.asarray(r).astype(dt), label))
-    # Every label for the worst rows, including classes that never occur in D.
-    for label in range(k):
-        out.append(((least * C * 10).astype(dt), label))
-    return out
-
-
-def add_example(X, y, row, label, pos):
-    X2 = np.concatenate([X[:pos], row[None, :], X[pos:]])
-    y2 = np.concatenate([y[:pos], [label], y[pos:]]).astype(y.dtype)
-    return X2, y2
 
 
 def replay_ratio(fn, declared, X, y, k, C, W, rng, *, removals=3) -> tuple[float, int]:
@@ -231,17 +190,6 @@ def test_replay_large_n_float64_mode():
             moved = ops.clipped_gram(X2, C) - base
             assert np.linalg.norm(moved) <= C**2
             COUNTS["ops:gram large n"] += 1
-
-
-def f32_widened_sensitivity(n: int, C: float) -> float:
-    """Sensitivity of accumulate='float32' including its rounding: the change between
-    fl(G(D')) and fl(G(D)) is at most C^2 plus both rounding errors, each at most
-    (m + 2) u32 n C^2 + (n / m) u64 n C^2 in Frobenius norm (blocks of m = min(4096, n)
-    rows summed in float32 from float32-rounded rows, block partials in float64)."""
-    m = min(4096, n)
-    u32, u64 = 2.0**-24, 2.0**-53
-    per_fit = ((m + 2) * u32 + (n / m + 1) * u64) * n * C**2
-    return C**2 + 2 * per_fit
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -413,10 +361,3 @@ def test_replay_through_estimators(monkeypatch, name, cls, kw, normalize):
                 moved = np.linalg.norm((r1["stat"] - r0["stat"]).ravel())
                 assert moved <= r0["sens"], (name, r0["name"], moved, r0["sens"])
                 COUNTS[f"estimator:{name}:{r0['name']}"] += 1
-
-
-def test_zz_report_counts():
-    print("\nsensitivity replay, neighbouring pairs tried:")
-    for key, v in sorted(COUNTS.items()):
-        print(f"  {key}: {v}")
-    print(f"  total: {sum(COUNTS.values())}")
