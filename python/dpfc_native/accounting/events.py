@@ -9,7 +9,7 @@ from typing import Union
 
 from ._checks import _as_list, _check_count, _check_multiplier, _check_sample_rate, _real
 
-#: The adjacency relation every epsilon in this module refers to.
+#: The adjacency relation every epsilon of the accounting package refers to.
 ADJACENCY = "add/remove one example"
 
 
