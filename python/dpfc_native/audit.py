@@ -18,8 +18,11 @@ What is audited is the implementation: the statistics are computed by
 :mod:`dpfc_native.ops` (the estimators' code path), the noise is drawn by
 :func:`dpfc_native.mechanisms.release_symmetric` / :func:`~dpfc_native.mechanisms.release_dense`
 through a :class:`~dpfc_native.mechanisms.NoiseSource` (batched: one call releases all
-``runs`` copies), and the noise multipliers come from the same calibration functions as
-the estimators (:mod:`dpfc_native.accounting`).
+``runs`` copies), and every release (name, shape, sensitivity, noise multiplier, count)
+with the defaults it uses (bias, gradient clip) comes from the estimator's own release
+plan (its ``noise_plan``: the code its ``fit`` runs), so the audit cannot certify a plan
+the estimators no longer follow. The records of the releases made give the audit's
+privacy ledger, built like a fitted estimator's ``privacy_``.
 
 The canary
     A row along the direction least present in ``D`` (smallest eigenvector of ``X^T X``)
