@@ -85,18 +85,29 @@ Every public name is importable from ``dpfc_native.accounting`` itself.
 
 from __future__ import annotations
 
+# The argument checks other modules of dpfc_native share (errors name the argument).
+from ._checks import _check_delta, _check_epsilon, _check_mu, _real  # noqa: F401
 from .accountant import PrivacyAccountant, dpsgd_epsilon
-from .calibration import (MAX_EPSILON, calibrate_dpfc_plan, calibrate_dpsgd_noise_multiplier,
-                          calibrate_mu, calibrate_noise_multiplier, calibrate_plan)
+from .calibration import (
+    MAX_EPSILON,
+    calibrate_dpfc_plan,
+    calibrate_dpsgd_noise_multiplier,
+    calibrate_mu,
+    calibrate_noise_multiplier,
+    calibrate_plan,
+)
 from .events import ADJACENCY, Composition, Event, GaussianRelease, SubsampledGaussian
 from .gdp import gaussian_delta, gaussian_epsilon, gaussian_mu, gdp_delta, gdp_epsilon
-from .ledger import (SAMPLER_TAIL_PROBABILITY, LedgerEntry, PrivacyLedger, ledger_for,
-                     sampler_tail_delta, with_sampler_tail)
+from .ledger import (
+    SAMPLER_TAIL_PROBABILITY,
+    LedgerEntry,
+    PrivacyLedger,
+    ledger_for,
+    sampler_tail_delta,
+    with_sampler_tail,
+)
 from .paper import paper_calibrate_noise_multiplier, paper_rdp_epsilon
 from .rdp import DEFAULT_RDP_ORDERS, rdp_to_delta, rdp_to_epsilon, subsampled_gaussian_rdp
-
-# The argument checks other modules of dpfc_native share (errors name the argument).
-from ._checks import _check_delta, _check_epsilon, _check_mu, _real  # noqa: E402,F401
 
 __all__ = [
     "ADJACENCY",

@@ -13,7 +13,6 @@ from ._checks import _as_list, _check_count, _check_delta, _check_epsilon, _chec
 from .accountant import PrivacyAccountant, dpsgd_epsilon
 from .gdp import _log_gdp_delta, gaussian_epsilon, gdp_delta, gdp_epsilon
 
-
 #: Largest finite target epsilon the calibrations accept. Far beyond any meaningful
 #: guarantee (e^eps overflows a double from eps ~ 709 on), it keeps the root finders inside
 #: the range where the GDP curve is computable; ``inf`` asks for no noise at all.

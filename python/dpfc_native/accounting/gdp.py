@@ -8,8 +8,14 @@ import math
 import numpy as np
 from scipy import optimize, special
 
-from ._checks import (_as_list, _check_count, _check_delta, _check_epsilon, _check_multiplier,
-                      _check_mu)
+from ._checks import (
+    _as_list,
+    _check_count,
+    _check_delta,
+    _check_epsilon,
+    _check_mu,
+    _check_multiplier,
+)
 
 
 def _log1mexp(x: float) -> float:

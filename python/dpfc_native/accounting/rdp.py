@@ -9,8 +9,15 @@ import math
 import numpy as np
 from scipy import optimize, special
 
-from ._checks import (_as_list, _check_count, _check_delta, _check_epsilon, _check_multiplier,
-                      _check_sample_rate, _real)
+from ._checks import (
+    _as_list,
+    _check_count,
+    _check_delta,
+    _check_epsilon,
+    _check_multiplier,
+    _check_sample_rate,
+    _real,
+)
 from .gdp import _log1mexp
 
 
