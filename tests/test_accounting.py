@@ -354,14 +354,14 @@ def test_mixture_of_gdp_and_subsampled_is_sound():
     assert eps > acc.dpsgd_epsilon(1.0, 0.01, 1000, 1e-5, method="rdp")
     auto = acc.PrivacyAccountant().compose(a.events[0]).compose(a.events[1])
     assert auto.get_epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=1e-2)
-    assert auto.effective_method == "pld"
+    assert auto.get_epsilon_and_method(1e-5) == (auto.get_epsilon(1e-5), "pld")
 
 
 def test_without_dp_accounting_falls_back_to_rdp(monkeypatch):
-    monkeypatch.setattr(acc, "_dp_accounting", lambda: None)
+    monkeypatch.setattr(acc.accountant, "_dp_accounting", lambda: None)
     a = acc.PrivacyAccountant().compose(acc.SubsampledGaussian(1.5, 0.04, 2250))
     assert a.get_epsilon(1e-5) == acc.dpsgd_epsilon(1.5, 0.04, 2250, 1e-5, method="rdp")
-    assert a.effective_method == "rdp"
+    assert a.get_epsilon_and_method(1e-5)[1] == "rdp"
     with pytest.raises(ImportError, match="dp-accounting"):
         acc.dpsgd_epsilon(1.5, 0.04, 2250, 1e-5, method="pld")
     # the exact GDP path never needed it
@@ -575,7 +575,7 @@ def test_accountant_compose_chains_and_matches_functions():
     assert a.is_exact_gdp and a.mu == pytest.approx(math.sqrt(11) / 4)
     assert a.get_epsilon(1e-5) == acc.gaussian_epsilon(4.0, 1e-5, 11)
     assert a.get_delta(2.0) == acc.gaussian_delta(4.0, 2.0, 11)
-    assert a.effective_method == "gdp"
+    assert a.get_epsilon_and_method(1e-5)[1] == "gdp"
     b = acc.PrivacyAccountant().compose(acc.GaussianRelease(4.0), count=11)
     assert b.get_epsilon(1e-5) == a.get_epsilon(1e-5)
 
@@ -602,3 +602,87 @@ def test_ledger_table_and_dict():
                            1e-5, method="rdp")
     assert mixed.mu is None and "sgd" in str(mixed)
     json.dumps(mixed.to_dict(), allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------
+# The package layout: old names, supports(), side-effect-free getters
+# --------------------------------------------------------------------------------------
+
+#: Every public name of ``dpfc_native.accounting`` when it was a single module.
+_OLD_PUBLIC_NAMES = (
+    "ADJACENCY", "Composition", "DEFAULT_RDP_ORDERS", "Event", "GaussianRelease", "LedgerEntry",
+    "MAX_EPSILON", "PrivacyAccountant", "PrivacyLedger", "SAMPLER_TAIL_PROBABILITY",
+    "SubsampledGaussian", "calibrate_dpfc_plan", "calibrate_dpsgd_noise_multiplier",
+    "calibrate_mu", "calibrate_noise_multiplier", "calibrate_plan", "dpsgd_epsilon",
+    "gaussian_delta", "gaussian_epsilon", "gaussian_mu", "gdp_delta", "gdp_epsilon",
+    "ledger_for", "paper_calibrate_noise_multiplier", "paper_rdp_epsilon", "rdp_to_delta",
+    "rdp_to_epsilon", "sampler_tail_delta", "subsampled_gaussian_rdp", "with_sampler_tail",
+)
+#: Its ``__all__``.
+_OLD_ALL = (
+    "ADJACENCY", "DEFAULT_RDP_ORDERS", "gdp_delta", "gdp_epsilon", "gaussian_mu",
+    "gaussian_epsilon", "gaussian_delta", "subsampled_gaussian_rdp", "rdp_to_epsilon",
+    "rdp_to_delta", "dpsgd_epsilon", "paper_rdp_epsilon", "paper_calibrate_noise_multiplier",
+    "GaussianRelease", "SubsampledGaussian", "Composition", "PrivacyAccountant", "calibrate_mu",
+    "calibrate_noise_multiplier", "calibrate_plan", "calibrate_dpfc_plan",
+    "calibrate_dpsgd_noise_multiplier", "LedgerEntry", "PrivacyLedger", "ledger_for",
+    "sampler_tail_delta", "with_sampler_tail", "MAX_EPSILON",
+)
+
+
+@pytest.mark.parametrize("name", _OLD_PUBLIC_NAMES)
+def test_old_public_names_import_from_the_package(name):
+    namespace: dict = {}
+    exec(f"from dpfc_native.accounting import {name}", namespace)
+    obj = namespace[name]
+    # One object, defined once in a submodule (no copies that could drift).
+    owners = [m for m in ("gdp", "rdp", "paper", "events", "accountant", "calibration", "ledger")
+              if getattr(getattr(acc, m), name, None) is obj
+              and name in vars(getattr(acc, m))]
+    assert owners, name
+
+
+def test_old_star_import_list_is_kept():
+    assert set(_OLD_ALL) <= set(acc.__all__)
+    namespace: dict = {}
+    exec("from dpfc_native.accounting import *", namespace)
+    assert set(_OLD_ALL) <= set(namespace)
+
+
+def test_supports_matches_what_compose_accepts():
+    g = acc.GaussianRelease(3.0, name="g")
+    s = acc.SubsampledGaussian(1.0, 0.1, 5, name="s")
+    for event in (g, s, acc.Composition([g, s]), acc.Composition(())):
+        assert acc.PrivacyAccountant.supports(event) is True
+        acc.PrivacyAccountant().compose(event)
+    for event in (3.0, "gaussian", None, (g,), [g], {"z": 3.0}):
+        assert acc.PrivacyAccountant().supports(event) is False
+        with pytest.raises(TypeError, match="event"):
+            acc.PrivacyAccountant().compose(event)
+
+
+def _state(a) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else
+                list(v) if isinstance(v, list) else v) for k, v in vars(a).items()}
+
+
+@pytest.mark.parametrize("method", ["auto", "rdp"])
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_getters_have_no_side_effects(method, subsampled):
+    a = acc.PrivacyAccountant(method=method).compose(acc.GaussianRelease(3.0), count=2)
+    if subsampled:
+        a.compose(acc.SubsampledGaussian(1.2, 0.05, 40))
+    before = _state(a)
+    e1, m1 = a.get_epsilon_and_method(1e-5)
+    d1, n1 = a.get_delta_and_method(e1)
+    answers = (a.get_epsilon(1e-6), a.get_delta(0.5), a.mu, a.is_exact_gdp, a.rdp()[:3].tolist())
+    # Same state, and the same answers whatever was asked in between.
+    assert _state(a) == before and not hasattr(a, "effective_method")
+    assert a.get_epsilon_and_method(1e-5) == (e1, m1) and a.get_epsilon(1e-5) == e1
+    assert a.get_delta_and_method(e1) == (d1, n1) and a.get_delta(e1) == d1
+    assert (a.get_epsilon(1e-6), a.get_delta(0.5), a.mu, a.is_exact_gdp,
+            a.rdp()[:3].tolist()) == answers
+    assert _state(a) == before
+    expected = ("gdp" if method == "auto" and not subsampled else
+                ("rdp", "pld") if method == "auto" else "rdp")
+    assert m1 in expected and n1 in expected

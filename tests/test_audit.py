@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from dpfc_native import audit, ops
+from dpfc_native import accounting, audit, models, ops
 
 RUNS = 100_000
 D = 4
@@ -184,6 +184,86 @@ def test_dpfc_cli_has_audit_command():
     res = CliRunner().invoke(cli.app, ["audit", "-m", "class_sums", "-e", "4", "--runs", "20000",
                                        "--dim", "4", "--seed", "2"])
     assert res.exit_code == 0, res.output
+
+
+# The estimator each named mechanism follows, and the releases it audits alone (None: all).
+_FITS = {
+    "ls_statistics": (models.DPLeastSquaresClassifier, None),
+    "fc_statistics": (models.DPFCClassifier, None),
+    "newton_statistics": (models.DPNewtonClassifier, None),
+    "gram": (models.DPLeastSquaresClassifier, "gram"),
+    "class_sums": (models.DPLeastSquaresClassifier, "class_sums"),
+    "fc_gradient": (models.DPFCClassifier, "gradient"),
+}
+
+
+def _releases_made(names, shapes):
+    """{name: (shape, count)} of a sequence of releases."""
+    out: dict = {}
+    for name, shape in zip(names, shapes):
+        prev = out.get(name, (tuple(shape), 0))
+        assert prev[0] == tuple(shape), name
+        out[name] = (tuple(shape), prev[1] + 1)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+@pytest.mark.parametrize("mech", list(_FITS))
+def test_audit_makes_the_estimators_releases(mech, backend):
+    """The audit's mechanism makes the releases a fit makes: the same names, shapes,
+    sensitivities, noise multipliers and counts, compared between the fit's ledger
+    (privacy_) and the audit's (records of the releases it made), for odd sizes, a
+    non-default clip norm and each method's iterations."""
+    cls, alone = _FITS[mech]
+    n, d, k, steps, C, eps, delta = 37, 5, 3, 3, 1.7, 1.3, 1e-4
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((n, d)) * 2.0
+    y = rng.permutation(np.arange(n) % k)
+    params = {"steps": steps} if "steps" in cls().get_params() else {}
+    est = cls(epsilon=eps, delta=delta, clip_norm=C, classes=list(range(k)), keep_stats=True,
+              **params).fit(X, y)
+    r = audit.audit_mechanism(mech, eps, delta, runs=200, d=d, num_classes=k, n=n, steps=steps,
+                              clip_norm=C, seed=4, backend=backend)
+
+    def rows(ledger):
+        return [(e.name, e.sensitivity, e.noise_multiplier, e.count, e.sample_rate)
+                for e in ledger.entries]
+
+    fit_rows = rows(est.privacy_)
+    fit_made = {name: ((v[0] if isinstance(v, list) else v).shape,
+                       len(v) if isinstance(v, list) else 1) for name, v in est.stats_.items()}
+    made = _releases_made(r.release_names, r.release_shapes)
+    if alone is None:
+        # Bit for bit: both ledgers come from the records of the releases as made.
+        assert rows(r.ledger) == fit_rows
+        assert r.ledger.epsilon == est.privacy_.epsilon
+        assert made == fit_made
+    else:
+        # One release of the fit, alone with the whole budget: its name, shape and
+        # sensitivity are the fit's; its multiplier is calibrated for it alone.
+        [row] = [row for row in fit_rows if row[0] == alone]
+        z = accounting.calibrate_noise_multiplier(eps, delta, 1)
+        assert rows(r.ledger) == [(alone, row[1], z * row[1] / row[1], 1, 1.0)]
+        assert made == {alone: (fit_made[alone][0], 1)}
+    # The declared releases (what the adversary's score uses) are the ones recorded.
+    declared = {(name, s): z for name, s, z in zip(r.release_names, r.sensitivities,
+                                                   r.noise_multipliers)}
+    recorded = {(e.name, e.sensitivity): e.noise_multiplier for e in r.ledger.entries}
+    assert declared.keys() == recorded.keys()
+    for key, z in declared.items():  # a record holds std / sensitivity: one rounding apart
+        assert z == pytest.approx(recorded[key], rel=1e-15), key
+    # The claim audited is the accountant's epsilon for these releases (from below).
+    assert 0.998 * eps <= r.ledger.epsilon <= eps
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_audit_ledger_shows_a_planted_half_noise():
+    ok = audit.audit_mechanism("fc_statistics", 2.0, runs=200, d=3, steps=2, seed=1)
+    bad = audit.audit_mechanism("fc_statistics", 2.0, runs=200, d=3, steps=2, seed=1,
+                                planted_bug="half_noise")
+    assert [e.noise_multiplier for e in bad.ledger.entries] == pytest.approx(
+        [0.5 * e.noise_multiplier for e in ok.ledger.entries], rel=1e-15)
+    assert bad.ledger.epsilon > 2.0 >= ok.ledger.epsilon
 
 
 def test_zz_report_audit_results():

@@ -56,7 +56,7 @@ def test_tiny_sample_rate_calibration_does_bounded_work(monkeypatch, q):
     def pld(self, eps_scale):
         acc = real_pld(self, eps_scale)
         interval = acc._value_discretization_interval
-        width = max(accounting._pld_loss_width(z, q_) for (z, q_) in
+        width = max(accounting.accountant._pld_loss_width(z, q_) for (z, q_) in
                     self._mu2_and_subsampled()[1])
         grids.append(width / interval)
         return acc
@@ -66,10 +66,10 @@ def test_tiny_sample_rate_calibration_does_bounded_work(monkeypatch, q):
         return real_eps(z, *args, **kwargs)
 
     monkeypatch.setattr(accounting.PrivacyAccountant, "_pld", pld)
-    monkeypatch.setattr(accounting, "dpsgd_epsilon", eps_of)
+    monkeypatch.setattr(accounting.calibration, "dpsgd_epsilon", eps_of)
     z = accounting.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, q, 5)
-    assert grids and max(grids) <= accounting._PLD_MAX_POINTS * (1 + 1e-9)
-    assert min(multipliers) >= accounting._MIN_DPSGD_MULTIPLIER / math.e
+    assert grids and max(grids) <= accounting.accountant._PLD_MAX_POINTS * (1 + 1e-9)
+    assert min(multipliers) >= accounting.calibration._MIN_DPSGD_MULTIPLIER / math.e
     # Still sound: every accountant bounds the result by the target.
     assert real_eps(z, q, 5, 1e-5, method="auto") <= 1.0
     assert real_eps(z, q, 5, 1e-5, method="pld") <= 1.0
@@ -81,9 +81,9 @@ def test_pld_interval_coarsened_only_when_the_grid_is_huge():
     assert acct._pld_interval(1.0) == pytest.approx(1.0 / 3000)  # a typical case: unchanged
     tiny = accounting.PrivacyAccountant(method="pld")
     tiny.compose(accounting.SubsampledGaussian(0.002, 1e-9, 5))
-    width = accounting._pld_loss_width(0.002, 1e-9)
-    assert width * 3000 > accounting._PLD_MAX_POINTS  # the default grid would be huge
-    assert tiny._pld_interval(1.0) == pytest.approx(width / accounting._PLD_MAX_POINTS)
+    width = accounting.accountant._pld_loss_width(0.002, 1e-9)
+    assert width * 3000 > accounting.accountant._PLD_MAX_POINTS  # the default grid would be huge
+    assert tiny._pld_interval(1.0) == pytest.approx(width / accounting.accountant._PLD_MAX_POINTS)
 
 
 # --------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ What is audited is the implementation: the statistics are computed by
 :mod:`dpfc_native.ops` (the estimators' code path), the noise is drawn by
 :func:`dpfc_native.mechanisms.release_symmetric` / :func:`~dpfc_native.mechanisms.release_dense`
 through a :class:`~dpfc_native.mechanisms.NoiseSource` (batched: one call releases all
-``runs`` copies), and the noise multipliers come from the same calibration functions as
-the estimators (:mod:`dpfc_native.accounting`).
+``runs`` copies), and every release (name, shape, sensitivity, noise multiplier, count)
+with the defaults it uses (bias, gradient clip) comes from the estimator's own release
+plan (its ``noise_plan``: the code its ``fit`` runs), so the audit cannot certify a plan
+the estimators no longer follow. The records of the releases made give the audit's
+privacy ledger, built like a fitted estimator's ``privacy_``.
 
 The canary
     A row along the direction least present in ``D`` (smallest eigenvector of ``X^T X``)
@@ -54,7 +57,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import special as _special
 
-from . import accounting, mechanisms, ops
+from . import accounting, mechanisms, models, ops
 
 __all__ = ["AuditResult", "audit_mechanism", "audit_all", "MECHANISMS", "PLANTED_BUGS",
            "clopper_pearson", "register_cli"]
@@ -70,10 +73,18 @@ MECHANISMS = (
 )
 #: Deliberate bugs the audit must detect.
 PLANTED_BUGS = (None, "half_noise", "no_clip")
-
-def _fc_bias(k: int) -> float:
-    """DPFCClassifier's default fixed bias: sigmoid(bias) = 1/K."""
-    return -math.log(k - 1) if k > 2 else 0.0
+#: Per mechanism: the estimator whose release plan (its ``noise_plan``, the code its
+#: ``fit`` runs) gives the releases, and the one release audited alone (None: every
+#: release of the plan, as a fit makes them).
+_PLANS = {
+    "gram": (models.DPLeastSquaresClassifier, "gram"),
+    "class_sums": (models.DPLeastSquaresClassifier, "class_sums"),
+    "ls_statistics": (models.DPLeastSquaresClassifier, None),
+    "fc_gradient": (models.DPFCClassifier, "gradient"),
+    "fc_statistics": (models.DPFCClassifier, None),
+    "newton_statistics": (models.DPNewtonClassifier, None),
+}
+assert tuple(_PLANS) == MECHANISMS
 _CALIBRATION_FRACTION = 0.25  # runs used to choose the threshold (the rest are held out)
 
 
@@ -101,6 +112,12 @@ class AuditResult:
     planted_bug : str or None
     noise_multipliers, sensitivities : tuple of float
         Per release, as calibrated and declared (before any planted bug).
+    release_names, release_shapes : tuple
+        Per release: its name and the shape of the released array.
+    ledger : PrivacyLedger or None
+        The privacy ledger of one run of the mechanism, built from the records of the
+        releases as made (a planted ``half_noise`` shows as halved multipliers), by the
+        code that builds a fitted estimator's ``privacy_``; None for a callable.
     canary_norm : float
     backend : str
         ``"native"`` (the mechanisms' Philox noise) or ``"numpy"`` (NumPy's generator).
@@ -126,9 +143,14 @@ class AuditResult:
     canary_norm: float
     backend: str
     passed: bool
+    release_names: tuple = ()
+    release_shapes: tuple = ()
+    ledger: accounting.PrivacyLedger | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["ledger"] = None if self.ledger is None else self.ledger.to_dict()
+        return out
 
     def __str__(self) -> str:
         bug = f", planted bug {self.planted_bug}" if self.planted_bug else ""
@@ -236,15 +258,10 @@ class _Release:
     sensitivity: float
     noise_multiplier: float
     kind: str  # "sym" or "dense"
+    shape: tuple
 
 
-def _fc_grad_clip(k: int, clip: float) -> float:
-    # DPFCClassifier's default C_g: the per-example gradient norm at W = 0 for a row of norm C.
-    s = 0.5 + 0.5 * math.tanh(0.5 * _fc_bias(k))
-    return math.sqrt((1.0 - s) ** 2 + (k - 1) * s**2) * clip / k
-
-
-def _unclipped_gram(X, y, k):
+def _unclipped_gram(X):
     x = np.asarray(X, dtype=np.float64)
     return x.T @ x
 
@@ -255,68 +272,75 @@ def _unclipped_sums(X, y, k):
     return out
 
 
-def _releases(mechanism: str, epsilon: float, delta: float, k: int, C: float, steps: int,
-              bug: str | None) -> list[_Release]:
-    no_clip = bug == "no_clip"
+def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool):
+    """The statistic a fit releases under ``name``, at ``W = 0`` (the first step), with
+    the plan's bias and gradient clip; ``no_clip``: every clip skipped (a planted bug)."""
+    bias = float(defaults.get("bias", 0.0))
+    if name in ("gram", "covariance"):
+        return (lambda X, y: _unclipped_gram(X)) if no_clip else (
+            lambda X, y: ops.clipped_gram(X, C))
+    if name == "class_sums":
+        return (lambda X, y: _unclipped_sums(X, y, k)) if no_clip else (
+            lambda X, y: ops.clipped_class_sums(X, y, k, C))
+    if name == "hessians":  # DP Newton's per-class weighted grams, weights sigmoid'(bias)
+        s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+        w = min(s * (1.0 - s), 0.25)
 
-    def gram(X, y):
-        return _unclipped_gram(X, y, k) if no_clip else ops.clipped_gram(X, C)
+        def hessians(X, y):
+            weights = np.full((X.shape[0], k), w)
+            if no_clip:
+                x = np.asarray(X, dtype=np.float64)
+                return np.stack([x.T @ (x * weights[:, [c]]) for c in range(k)])
+            return ops.clipped_weighted_grams(X, weights, C)
 
-    def sums(X, y):
-        return _unclipped_sums(X, y, k) if no_clip else ops.clipped_class_sums(X, y, k, C)
+        return hessians
+    if name in ("gradient", "gradients"):
+        cg = float(defaults["grad_clip_norm"])
+        # DP-FC clips the rows to C inside the gradient; DP Newton's rows are already
+        # clipped and it releases K times the K-averaged loss's gradient.
+        feature_clip, scale = (C, 1.0) if name == "gradient" else (None, float(k))
 
-    cg = _fc_grad_clip(k, C)
+        def gradient(X, y):
+            w = np.zeros((k, X.shape[1]))
+            if no_clip:  # neither the feature clip nor the gradient clip
+                g, _ = ops.clipped_linear_grad(X, y, w, bias, 1e300, loss="sigmoid")
+            else:
+                g, _ = ops.clipped_linear_grad(X, y, w, bias, cg, loss="sigmoid",
+                                               feature_clip=feature_clip)
+            return g * scale if scale != 1.0 else g
 
-    def fc_grad(X, y):
-        w = np.zeros((k, X.shape[1]))
-        if no_clip:  # neither the feature clip nor the gradient clip
-            g, _ = ops.clipped_linear_grad(X, y, w, _fc_bias(k), 1e300, loss="sigmoid")
-            return g
-        g, _ = ops.clipped_linear_grad(X, y, w, _fc_bias(k), cg, loss="sigmoid",
-                                       feature_clip=C)
-        return g
+        return gradient
+    raise AssertionError(f"no audit statistic for the release {name!r}")  # pragma: no cover
 
-    def newton_hess(X, y):
-        weights = np.full((X.shape[0], k), 0.25)  # sigmoid'(0) at W = 0
-        if no_clip:
-            x = np.asarray(X, dtype=np.float64)
-            return np.stack([x.T @ (x * weights[:, [c]]) for c in range(k)])
-        return ops.clipped_weighted_grams(X, weights, C)
 
-    def newton_grad(X, y):
-        w = np.zeros((k, X.shape[1]))
-        if no_clip:
-            g, _ = ops.clipped_linear_grad(X, y, w, 0.0, 1e300, loss="sigmoid")
-        else:
-            g, _ = ops.clipped_linear_grad(X, y, w, 0.0, C / math.sqrt(k), loss="sigmoid")
-        return g * k
+def _releases(mechanism: str, epsilon: float, delta: float, n: int, d: int, k: int, C: float,
+              steps: int, bug: str | None) -> list[_Release]:
+    """The mechanism's releases in the order a fit makes them, from the estimator's plan.
 
-    if mechanism in ("gram", "class_sums", "fc_gradient"):
-        z = accounting.calibrate_noise_multiplier(epsilon, delta, 1)
-        return [{
-            "gram": _Release("gram", gram, C**2, z, "sym"),
-            "class_sums": _Release("class_sums", sums, C, z, "dense"),
-            "fc_gradient": _Release("gradient", fc_grad, cg, z, "dense"),
-        }[mechanism]]
-    if mechanism == "ls_statistics":  # DPLeastSquaresClassifier(variant="global") defaults
-        z = accounting.calibrate_plan(epsilon, delta, {"gram": 0.5, "class_sums": 0.5})
-        return [_Release("gram", gram, C**2, z["gram"], "sym"),
-                _Release("class_sums", sums, C, z["class_sums"], "dense")]
-    if mechanism == "fc_statistics":  # DPFCClassifier defaults (equal multipliers)
-        z = accounting.calibrate_dpfc_plan(epsilon, delta, steps, None)
-        return ([_Release("covariance", gram, C**2, z["covariance"], "sym")]
-                + [_Release("gradient", fc_grad, cg, z["gradient"], "dense")] * steps)
-    if mechanism == "newton_statistics":  # DPNewtonClassifier defaults
-        z = accounting.calibrate_plan(epsilon, delta, {"hessians": 0.5, "gradients": 0.5},
-                                      {"hessians": steps, "gradients": steps})
-        out = []
-        for _ in range(steps):
-            out.append(_Release("hessians", newton_hess, math.sqrt(k) * C**2 / 4,
-                                z["hessians"], "sym"))
-            out.append(_Release("gradients", newton_grad, math.sqrt(k) * C, z["gradients"],
-                                "dense"))
-        return out
-    raise ValueError(f"mechanism must be one of {MECHANISMS} or a callable, got {mechanism!r}")
+    Names, shapes, sensitivities, multipliers, counts, the bias and the gradient clip all
+    come from the plan; only the statistics are computed here (by :mod:`dpfc_native.ops`).
+    """
+    if mechanism not in _PLANS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS} or a callable, got {mechanism!r}")
+    cls, alone = _PLANS[mechanism]
+    params = {"epsilon": epsilon, "delta": delta, "clip_norm": C}
+    if "steps" in cls().get_params():
+        params["steps"] = steps
+    plan = cls(**params).noise_plan(n, d, k)
+    planned = list(plan.releases)
+    if alone is not None:
+        # One release spending the whole budget alone.
+        planned = [dataclasses.replace(r, count=1, noise_multiplier=(
+            accounting.calibrate_noise_multiplier(epsilon, delta, 1)))
+            for r in planned if r.name == alone]
+    made = {r.name: _Release(r.name, _statistic(r.name, plan.defaults, k, C, bug == "no_clip"),
+                             r.sensitivity, r.noise_multiplier,
+                             "sym" if r.symmetric else "dense", r.shape)
+            for r in planned}
+    # A fit makes its one-off releases first, then the per-step ones step by step.
+    steps_made = max(r.count for r in planned)
+    return ([made[r.name] for r in planned if r.count == 1]
+            + [made[r.name] for t in range(steps_made) for r in planned if t < r.count > 1])
 
 
 def _audit_dataset(n: int, d: int, k: int, C: float, canary_norm: float):
@@ -331,8 +355,9 @@ def _audit_dataset(n: int, d: int, k: int, C: float, canary_norm: float):
 
 
 def _noisy_runs(stat: np.ndarray, release: _Release, std_factor: float, runs: int,
-                source, backend: str, rng) -> np.ndarray:
-    """`runs` noisy copies of `stat` through the mechanism's release path."""
+                source, backend: str, rng):
+    """`runs` noisy copies of `stat` through the mechanism's release path, and the ledger
+    record of one copy."""
     stacked = np.broadcast_to(stat, (runs,) + stat.shape).copy()
     z = release.noise_multiplier * std_factor
     if backend == "native":
@@ -340,17 +365,19 @@ def _noisy_runs(stat: np.ndarray, release: _Release, std_factor: float, runs: in
         # A (runs, ...) statistic is released as a batch: every copy gets fresh noise
         # from disjoint counter blocks of the source's key.
         flat = stacked.reshape((-1,) + stat.shape[-2:]) if release.kind == "sym" else stacked
-        noisy, _ = fn(flat, release.sensitivity, z, source, release.name)
-        return noisy.reshape(stacked.shape)
+        noisy, record = fn(flat, release.sensitivity, z, source, release.name)
+        return noisy.reshape(stacked.shape), record
     std = z * release.sensitivity
+    record = accounting.GaussianRelease.from_std(std, release.sensitivity, name=release.name)
     if release.kind == "sym":
         d = stat.shape[-1]
         noise = rng.standard_normal(stacked.shape) * (std / math.sqrt(2.0))
         noise = noise + np.swapaxes(noise, -1, -2)  # off-diagonal var std^2/2 ...
         idx = np.arange(d)
-        noise[..., idx, idx] = rng.standard_normal((runs, d)) * std  # ... diagonal std^2
-        return stacked + noise
-    return stacked + rng.standard_normal(stacked.shape) * std
+        # ... diagonal std^2 (every matrix of a batch: (runs, d) or (runs, K, d) draws)
+        noise[..., idx, idx] = rng.standard_normal(stacked.shape[:-1]) * std
+        return stacked + noise, record
+    return stacked + rng.standard_normal(stacked.shape) * std, record
 
 
 # --------------------------------------------------------------------------------------
@@ -484,15 +511,16 @@ def audit_mechanism(
         var = 0.5 * (out0[:cal].var(axis=0) + out1[:cal].var(axis=0))
         w = (m1 - m0) / np.where(var > 0, var, 1.0)
         s0, s1 = (out0 - m0) @ w, (out1 - m0) @ w
-        zs, sens = (), ()
+        zs, sens, names, shapes, ledger = (), (), (), (), None
     else:
         if not isinstance(mechanism, str):
             raise TypeError(f"mechanism must be a name or a callable, got {type(mechanism).__name__}")
         name = mechanism
-        rels = _releases(mechanism, eps, dl, k, C, steps, planted_bug)
+        rels = _releases(mechanism, eps, dl, n, d, k, C, steps, planted_bug)
         std_factor = 0.5 if planted_bug == "half_noise" else 1.0
         s0 = np.zeros(runs)
         s1 = np.zeros(runs)
+        records = []
         for rel in rels:
             f0 = np.asarray(rel.stat(X, y), dtype=np.float64)
             f1 = np.asarray(rel.stat(X1, y1), dtype=np.float64)
@@ -501,10 +529,14 @@ def audit_mechanism(
             std2 = (rel.noise_multiplier * rel.sensitivity) ** 2
             axes = tuple(range(1, f0.ndim + 1))
             for f, s in ((f0, s0), (f1, s1)):
-                noisy = _noisy_runs(f, rel, std_factor, runs, source, backend, rng)
+                noisy, record = _noisy_runs(f, rel, std_factor, runs, source, backend, rng)
                 s += np.sum((noisy - f0) * shift, axis=axes) / std2
+            records.append(record)  # one record per release of one run (either world)
         zs = tuple(float(r.noise_multiplier) for r in rels)
         sens = tuple(float(r.sensitivity) for r in rels)
+        names = tuple(r.name for r in rels)
+        shapes = tuple(r.shape for r in rels)
+        ledger = models._ledger(records, dl, eps)
 
     # Threshold and direction on the first quarter of the (i.i.d.) runs, bounds on the
     # rest (held out): one test is evaluated, on data it was not chosen on.
@@ -518,6 +550,7 @@ def audit_mechanism(
         threshold=float(threshold), direction=direction, runs=runs, confidence=conf,
         planted_bug=planted_bug, noise_multipliers=zs, sensitivities=sens,
         canary_norm=float(cn), backend=backend, passed=bool(eps_lower <= eps),
+        release_names=names, release_shapes=shapes, ledger=ledger,
     )
 
 

@@ -1486,15 +1486,17 @@ class DPNewtonClassifier(_DPClassifierBase):
                              n=n, clip=C, scale=0.25),
                     _planned("gradients", (k, d), sens_g, z["gradients"], T, symmetric=False,
                              n=n, clip=C)]
+        # The gradients are K times a clipped sum with clip C / sqrt(K) (sensitivity sqrt(K) C).
         return self._plan_of(p, epsilon, delta, n, d, k, releases,
-                             {"reg": regs, "lr": p["lrs"], "sensitivity": (sens_h, sens_g)})
+                             {"reg": regs, "lr": p["lrs"], "sensitivity": (sens_h, sens_g),
+                              "bias": p["bias"], "grad_clip_norm": C / math.sqrt(k)})
 
     def _fit_core(self, ctx, p):
         xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
         plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
         z, regs = plan.z, plan.defaults["reg"]
         sens_h, sens_g = plan.defaults["sensitivity"]
-        bias = p["bias"]
+        bias, g_clip = plan.defaults["bias"], plan.defaults["grad_clip_norm"]
         W = xp.zeros((k, d), dtype=xp.float64)
         log: list = []
         chosen = {"reg": regs[0], "lr": p["lrs"][0]}
@@ -1507,8 +1509,7 @@ class DPNewtonClassifier(_DPClassifierBase):
                 del weights
                 # Unclipped in exact arithmetic: ||r_i|| <= 1/sqrt(K) and ||x_i|| < C, so
                 # clip_norm = C / sqrt(K) only guards the bound on the stored floats.
-                g, _ = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, C / math.sqrt(k),
-                                               loss="sigmoid")
+                g, _ = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, g_clip, loss="sigmoid")
                 g *= k
                 H = ctx.release_sym(H, sens_h, z["hessians"], "hessians")
                 g = ctx.release_dense(g, sens_g, z["gradients"], "gradients")
@@ -1529,7 +1530,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         ctx.coef = W
         ctx.intercept = bias
         ctx.fitted.update(reg_=float(chosen["reg"]), lr_=float(chosen["lr"]),
-                          sweep_results_=log, n_iter_=T)
+                          grad_clip_norm_=float(g_clip), sweep_results_=log, n_iter_=T)
 
 
 def _default_grad_clip(k: int, bias: float, loss: str, clip: float) -> float:

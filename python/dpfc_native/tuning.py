@@ -427,8 +427,7 @@ class PrivacyBudget:
         for e in events:
             acct.compose(e)
         if not selections:
-            eps = acct.get_epsilon(self.delta)
-            return eps, acct.effective_method
+            return acct.get_epsilon_and_method(self.delta)
         # Renyi DP composes by addition at every order; the plain and subsampled
         # Gaussian releases enter with their own RDP (exact for plain Gaussians).
 
