@@ -41,7 +41,7 @@ Devices
 and CuPy is importable, else on the CPU; ``"cuda"`` requires it. All array math goes
 through :mod:`dpfc_native.ops` or the array module of the data (``xp``), so the same code
 runs on NumPy and CuPy arrays. Fitted arrays (``coef_``, ``intercept_``, ``stats_``) are
-always NumPy; ``predict``/``decision_function`` return NumPy.
+always NumPy; ``predict``/``decision_function``/``predict_proba`` return NumPy.
 """
 
 from __future__ import annotations
@@ -272,6 +272,12 @@ def _as_features(X, name: str, device: str, d: int | None = None):
             X = np.asarray(X)
         except Exception as exc:
             raise TypeError(f"{name}: cannot convert {type(X).__name__} to an array") from exc
+        if X.dtype.kind == "O":
+            # Numbers stored as Python objects (e.g. from a mixed-type table), as scikit-learn.
+            try:
+                X = X.astype(np.float64)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name}: an object array must hold real numbers ({exc})") from exc
         if device == "cuda":
             X = _to_device(X, device)
     xp = ops.array_module(X)
@@ -286,13 +292,7 @@ def _as_features(X, name: str, device: str, d: int | None = None):
     if d is not None and X.shape[1] != d:
         raise ValueError(f"{name} has {X.shape[1]} features, but the model was fitted with {d}")
     kind = X.dtype.kind
-    if kind == "O":
-        # Numbers stored as Python objects (e.g. from a mixed-type table), as scikit-learn.
-        try:
-            X = X.astype(np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name}: an object array must hold real numbers ({exc})") from exc
-    elif kind in "biu":
+    if kind in "biu":
         X = X.astype(xp.float64)
     elif kind == "f":
         if X.dtype.itemsize < 4:
@@ -311,9 +311,7 @@ def _as_features(X, name: str, device: str, d: int | None = None):
 
 
 def _encode_labels(y, n: int, classes_param, name: str = "y"):
-    """(classes_, indices in 0..K-1 as int64 NumPy)."""
-    if y is None:
-        raise TypeError(f"{name} must be an array of labels, got None")
+    """(classes_, indices in 0..K-1 as int64 NumPy); ``y`` is not None (``fit`` checks)."""
     y = _to_numpy(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = column_or_1d(y, warn=True)  # DataConversionWarning, as scikit-learn
