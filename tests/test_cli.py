@@ -195,3 +195,19 @@ def test_python_dash_m():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "demo" in result.stdout
+
+
+def test_train_methods_are_the_demos():
+    """One method list: ``dpfc train`` offers exactly the demo's methods, with the demo's
+    estimators, and both commands' help lists them."""
+    assert TRAIN_METHODS == tuple(report.METHODS)
+    for m in TRAIN_METHODS:
+        label, cls, fixed = report.METHODS[m]
+        est = report.make_estimator(m, 1.0)
+        assert type(est) is cls and all(est.get_params()[k] == v for k, v in fixed.items())
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    for command in ("train", "demo"):
+        (option,) = [p for p in commands[command].params if p.name == "method"]
+        assert " | ".join(TRAIN_METHODS) in option.help, option.help

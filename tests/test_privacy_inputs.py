@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sklearn.exceptions import NotFittedError
 
 from dpfc_native import _core, accounting, data, mechanisms, models, ops
 
@@ -475,16 +476,18 @@ FIT_BAD = {
     "X-empty-cols": (XF[:, :0], YF, {}, ValueError, "X"),
     "X-nan": (np.where(np.eye(40, 5) > 0, np.nan, XF), YF, {}, ValueError, "X"),
     "X-inf": (np.where(np.eye(40, 5) > 0, np.inf, XF), YF, {}, ValueError, "X"),
-    "X-complex": (XF.astype(complex), YF, {}, TypeError, "X"),
-    "X-object": (XF.astype(object), YF, {}, TypeError, "X"),
+    # scikit-learn's rules: complex X is a ValueError; an object array of numbers is
+    # accepted (converted to float), one holding anything else is refused.
+    "X-complex": (XF.astype(complex), YF, {}, ValueError, "X"),
+    "X-object": (np.where(np.eye(40, 5) > 0, {"a": 1}, XF.astype(object)), YF, {}, TypeError, "X"),
     "X-str": (np.full((40, 5), "a"), YF, {}, TypeError, "X"),
     "X-ragged": ([[1.0, 2.0], [3.0]], [0, 1], {}, TypeError, "X"),
     "X-none": (None, YF, {}, TypeError, "X"),
     "X-sparse": (None, YF, {"_sparse": True}, TypeError, "X"),
-    "y-2d": (XF, YF[:, None], {}, ValueError, "y"),
+    "y-2d": (XF, np.c_[YF, YF], {}, ValueError, "y"),  # a column vector is accepted
     "y-short": (XF, YF[:-1], {}, ValueError, "y"),
     "y-nan": (XF, np.where(np.arange(40) == 3, np.nan, YF * 1.0), {}, ValueError, "y"),
-    "y-none": (XF, None, {}, TypeError, "y"),
+    "y-none": (XF, None, {}, ValueError, "y"),  # scikit-learn's check_requires_y_none
     "y-single-class": (XF, np.zeros(40, int), {}, ValueError, "class"),
     "y-outside-classes": (XF, YF, {"classes": [0, 1]}, ValueError, "y|classes"),
     "classes-empty": (XF, YF, {"classes": []}, ValueError, "classes"),
@@ -595,24 +598,24 @@ def test_set_params_and_predict_bad_input():
 
     for name, cls, kw in ESTIMATORS:
         est = cls(device="cpu", **kw)
-        for method in (est.decision_function, est.predict):
-            with pytest.raises(RuntimeError, match="fit"):
+        for method in (est.decision_function, est.predict, est.predict_proba):
+            with pytest.raises(NotFittedError, match="fit"):
                 method(XF)
         with pytest.raises(ValueError, match="nope"):
             est.set_params(nope=1)
         est.fit(XF, YF)
         for Xv, exc, word in ((XF[:, :3], ValueError, "X"), (XF[0], ValueError, "X"),
                               (np.full((2, 5), np.nan), ValueError, "X"),
-                              (XF.astype(complex), TypeError, "X"), (XF[:0], ValueError, "X")):
+                              (XF.astype(complex), ValueError, "X"), (XF[:0], ValueError, "X")):
             with pytest.raises(exc) as info:
                 est.predict(Xv)
             assert re.search(word, str(info.value)), str(info.value)
             COUNTS["bad inputs (predict)"] += 1
-        COUNTS["bad inputs (predict)"] += 2
+        COUNTS["bad inputs (predict)"] += 3
 
 
 def test_predict_before_fit_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="fit"):
+    with pytest.raises(NotFittedError, match="fit"):
         models.DPFCClassifier(device="cpu").predict(XF)
 
 

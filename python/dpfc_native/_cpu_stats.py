@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg.blas as _blas
 import scipy.sparse as _sparse
-from scipy.special import expit as _expit
+from ._special import sigmoid as _sigmoid
 
 from . import _core
 
@@ -214,7 +214,7 @@ def clipped_linear_grad(x: np.ndarray, labels: np.ndarray, w: np.ndarray, bias: 
         logits = xc @ w64.T + b64
         rows = np.arange(xc.shape[0])
         if loss == "sigmoid":
-            r = _expit(logits)
+            r = _sigmoid(logits)
             r[rows, labels[sl]] -= 1.0
             r /= k
         else:

@@ -24,6 +24,8 @@ from typing import List, Optional
 import numpy as np
 import typer
 
+from ._methods import METHOD_TABLE
+
 app = typer.Typer(
     name="dpfc",
     help="Differentially private image classification from features (dpfc_native).",
@@ -40,8 +42,8 @@ def _version(value: bool):
         raise typer.Exit()
 
 
-#: CLI method name -> key of dpfc_native.report.METHODS
-TRAIN_METHODS = ("ls", "ls-per-class", "newton", "fc", "sgd", "adam")
+#: The methods of ``dpfc train``: the demo's (keys of dpfc_native.report.METHODS).
+TRAIN_METHODS = tuple(METHOD_TABLE)
 
 # Errors that mean "bad input": reported in one line, exit status 2. ArithmeticError
 # covers OverflowError and ZeroDivisionError; MemoryError is an input too large.
@@ -276,7 +278,7 @@ def train(
                                    "in .npz / .safetensors files (integers, float-coded "
                                    "integers or class names)."),
     method: str = typer.Option("fc", "--method", "-m",
-                               help="ls | ls-per-class | newton | fc | sgd | adam"),
+                               help=" | ".join(TRAIN_METHODS)),
     epsilon: float = typer.Option(1.0, "--epsilon", "-e", help="Target epsilon ('inf': "
                                   "non-private counterpart)."),
     delta: Optional[float] = typer.Option(None, "--delta", help="Target delta (default "
@@ -495,7 +497,7 @@ def demo(
     epsilon: Optional[List[float]] = typer.Option(None, "--epsilon", "-e", help="Epsilons "
                                                   "(repeatable; default 0.1 0.5 1 2 8 inf)."),
     method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods: "
-                                               "ls | ls-per-class | newton | fc | sgd | adam "
+                                               f"{' | '.join(TRAIN_METHODS)} "
                                                "(repeatable). Default: all; from K = 50 "
                                                "classes on, newton, ls-per-class and adam "
                                                "are left out and sgd runs 30 steps."),

@@ -41,22 +41,25 @@ Devices
 and CuPy is importable, else on the CPU; ``"cuda"`` requires it. All array math goes
 through :mod:`dpfc_native.ops` or the array module of the data (``xp``), so the same code
 runs on NumPy and CuPy arrays. Fitted arrays (``coef_``, ``intercept_``, ``stats_``) are
-always NumPy; ``predict``/``decision_function`` return NumPy.
+always NumPy; ``predict``/``decision_function``/``predict_proba`` return NumPy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 import time
 import warnings
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from . import accounting, mechanisms, ops
 from ._errors import PrivacyWarning
+from ._special import log_sigmoid, sigmoid
 
 __all__ = [
     "DPLeastSquaresClassifier",
@@ -236,60 +239,6 @@ def _row_slices(n: int, d: int, xp=np):
         yield slice(start, min(n, start + step))
 
 
-def _feature_names(X):
-    """A DataFrame's column names as an object array, or None (scikit-learn's rules).
-
-    All names strings: returned. No string among them (e.g. a default RangeIndex): None.
-    Mixed: TypeError, as scikit-learn raises.
-    """
-    columns = getattr(X, "columns", None)
-    if columns is None or not hasattr(X, "dtypes"):
-        return None
-    names = np.asarray(list(columns), dtype=object)
-    is_str = [isinstance(c, str) for c in names]
-    if all(is_str) and names.size:
-        return names
-    if any(is_str):
-        kinds = sorted({type(c).__name__ for c in names})
-        raise TypeError(f"X: feature names are only supported if all columns have string "
-                        f"names, got column names of types {kinds}; convert them with "
-                        "X.columns = X.columns.astype(str)")
-    return None
-
-
-def _check_feature_names(est, X) -> None:
-    """Predict-time check of X's column names against ``feature_names_in_``.
-
-    As scikit-learn: different names or a different order raise ValueError (reordered
-    columns would silently give different answers); names on one side only warn.
-    """
-    fitted = getattr(est, "feature_names_in_", None)
-    names = _feature_names(X)
-    cls = type(est).__name__
-    if fitted is None and names is None:
-        return
-    if fitted is None:
-        warnings.warn(f"X has feature names, but {cls} was fitted without feature names",
-                      UserWarning, stacklevel=3)
-        return
-    if names is None:
-        warnings.warn(f"X does not have valid feature names, but {cls} was fitted with "
-                      "feature names", UserWarning, stacklevel=3)
-        return
-    if len(names) == len(fitted) and (names == fitted).all():
-        return
-    message = "The feature names should match those that were passed during fit.\n"
-    unexpected = sorted(set(names) - set(fitted))
-    missing = sorted(set(fitted) - set(names))
-    if unexpected:
-        message += f"Feature names unseen at fit time: {unexpected[:10]}\n"
-    if missing:
-        message += f"Feature names seen at fit time, yet now missing: {missing[:10]}\n"
-    if not unexpected and not missing:
-        message += "Feature names must be in the same order as they were in fit.\n"
-    raise ValueError(message.rstrip())
-
-
 def _frame_to_numpy(X, name: str):
     """A pandas DataFrame as a float NumPy array (nullable dtypes included)."""
     dtypes = list(X.dtypes) if hasattr(X.dtypes, "__iter__") else [X.dtypes]
@@ -323,13 +272,23 @@ def _as_features(X, name: str, device: str, d: int | None = None):
             X = np.asarray(X)
         except Exception as exc:
             raise TypeError(f"{name}: cannot convert {type(X).__name__} to an array") from exc
+        if X.dtype.kind == "O":
+            # Numbers stored as Python objects (e.g. from a mixed-type table), as scikit-learn.
+            try:
+                X = X.astype(np.float64)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name}: an object array must hold real numbers ({exc})") from exc
         if device == "cuda":
             X = _to_device(X, device)
     xp = ops.array_module(X)
     if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(X.shape)}")
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape "
+                         f"{tuple(X.shape)}. Reshape your data with {name}.reshape(-1, 1) if it "
+                         f"has a single feature or {name}.reshape(1, -1) if it is a single sample")
+    for axis, what in ((0, "sample"), (1, "feature")):
+        if X.shape[axis] == 0:  # scikit-learn's wording
+            raise ValueError(f"{name} is empty: found array with 0 {what}(s) (shape="
+                             f"{tuple(X.shape)}) while a minimum of 1 is required.")
     if d is not None and X.shape[1] != d:
         raise ValueError(f"{name} has {X.shape[1]} features, but the model was fitted with {d}")
     kind = X.dtype.kind
@@ -340,6 +299,9 @@ def _as_features(X, name: str, device: str, d: int | None = None):
             X = X.astype(xp.float32)
         elif X.dtype.itemsize > 8:
             X = X.astype(xp.float64)
+    elif kind == "c":
+        raise ValueError(f"{name}: Complex data not supported (dtype {X.dtype}); the features "
+                         "must be real numbers")
     else:
         raise TypeError(f"{name} must have a real numeric dtype, got {X.dtype}")
     for sl in _row_slices(*X.shape, xp):
@@ -349,16 +311,19 @@ def _as_features(X, name: str, device: str, d: int | None = None):
 
 
 def _encode_labels(y, n: int, classes_param, name: str = "y"):
-    """(classes_, indices in 0..K-1 as int64 NumPy)."""
-    if y is None:
-        raise TypeError(f"{name} must be an array of labels, got None")
+    """(classes_, indices in 0..K-1 as int64 NumPy); ``y`` is not None (``fit`` checks)."""
     y = _to_numpy(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = column_or_1d(y, warn=True)  # DataConversionWarning, as scikit-learn
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D (n_samples,), got shape {y.shape}")
     if y.shape[0] != n:
         raise ValueError(f"{name} has {y.shape[0]} labels but X has {n} rows")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise ValueError(f"{name} contains NaN or Inf")
+    if y.dtype.kind in "fc":
+        # A regression target would otherwise become one class per distinct value.
+        check_classification_targets(y)
     if classes_param is None:
         try:
             classes = np.unique(y)
@@ -383,7 +348,7 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
         if unknown.any():
             raise ValueError(f"{name} contains labels not in classes, e.g. {y[np.argmax(unknown)]!r}")
     if classes.size < 2:
-        raise ValueError(f"need at least 2 classes, got {classes.size} ({name} has a single label "
+        raise ValueError(f"need at least 2 classes, got 1 class ({name} has a single label "
                          "and no `classes` was given)" if classes_param is None else
                          f"classes must hold at least 2 labels, got {classes.size}")
     try:
@@ -472,11 +437,6 @@ def _preprocess(X, xp, clip: float, center, normalize: bool, out_dtype=None):
         out[sl] = blk if out.dtype == xp.float64 else ops.clip_rows(blk.astype(out.dtype),
                                                                      clip)[0]
     return out
-
-
-def _sigmoid(z, xp):
-    # tanh form: overflow-free on every backend.
-    return 0.5 + 0.5 * xp.tanh(0.5 * z)
 
 
 def _scores(xp, Xc, W, bias):
@@ -757,8 +717,16 @@ def _add_ridge(M, reg: float, xp, copy: bool = True):
 NON_PRIVATE_ATTRIBUTES = ("n_samples_", "diagnostics_", "fit_time_")
 
 
-class _DPClassifierBase:
-    """Shared machinery; subclasses implement ``_fit_core``."""
+class _DPClassifierBase(ClassifierMixin, BaseEstimator):
+    """Shared machinery; subclasses implement ``_fit_core``.
+
+    ``get_params``/``set_params``/``clone``/``repr`` and the estimator tags come from
+    scikit-learn's ``BaseEstimator`` and ``ClassifierMixin``.
+    """
+
+    #: How ``predict_proba`` maps the scores of the released weights to probabilities:
+    #: "sigmoid" (one-vs-all sigmoid loss) or "softmax" (softmax loss; least squares).
+    _proba_link = "sigmoid"
 
     #: Whether the method releases clipped gradient sums (set below for Newton, DP-FC and
     #: DP-SGD): on the GPU their float32 rows are read as float64 (see ``fit``).
@@ -794,49 +762,6 @@ class _DPClassifierBase:
                 delattr(self, name)
         self.random_state = None
         return self
-
-    # -- scikit-learn parameter protocol ------------------------------------------------
-    @classmethod
-    def _get_param_names(cls) -> list:
-        sig = inspect.signature(cls.__init__)
-        return sorted(p.name for p in sig.parameters.values()
-                      if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Parameters of this estimator (scikit-learn convention)."""
-        return {name: getattr(self, name) for name in self._get_param_names()}
-
-    def set_params(self, **params):
-        """Set parameters (scikit-learn convention); unknown names raise ValueError."""
-        valid = set(self._get_param_names())
-        for key, value in params.items():
-            if key not in valid:
-                raise ValueError(f"invalid parameter {key!r} for {type(self).__name__}; "
-                                 f"valid parameters: {sorted(valid)}")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self) -> str:
-        sig = inspect.signature(type(self).__init__)
-        parts = []
-        for name in self._get_param_names():
-            default = sig.parameters[name].default
-            value = getattr(self, name)
-            try:
-                same = value is default or (not isinstance(value, np.ndarray) and value == default)
-            except Exception:
-                same = False
-            if not same:
-                parts.append(f"{name}={value!r}")
-        return f"{type(self).__name__}({', '.join(parts)})"
-
-    def __sklearn_tags__(self):  # pragma: no cover - only used by scikit-learn utilities
-        from sklearn.utils import ClassifierTags, Tags, TargetTags
-
-        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
-                    classifier_tags=ClassifierTags())
-
-    _estimator_type = "classifier"
 
     # -- validation of the common parameters ---------------------------------------------
     def _common_params(self) -> dict:
@@ -905,10 +830,13 @@ class _DPClassifierBase:
         common = self._common_params()
         params = self._method_params()
         device = resolve_device(self.device, X)
-        feature_names = _feature_names(X)
+        X_in = X
         X = _as_features(X, "X", device)
         xp = ops.array_module(X)
         n, d = X.shape
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
+                             "is None (the private labels)")
         classes, y_idx = _encode_labels(y, n, self.classes)
         k = classes.size
         if (X_val is None) != (y_val is None):
@@ -937,6 +865,10 @@ class _DPClassifierBase:
             val = (_preprocess(Xv, xp, clip, center, normalize),
                    xp.asarray(np.searchsorted(classes, yv)))
         delta = common["delta"] if common["delta"] is not None else default_delta(n)
+        # n_features_in_ and feature_names_in_ (a DataFrame's string column names; mixed
+        # names raise) by scikit-learn's rules, before any noise is drawn.
+        validate_data(self, X_in, reset=True, skip_check_array=True)
+        del X_in
         self._warn_privacy(common)
         _warn_large_delta(delta, n, common["epsilon"])
         from . import tuning
@@ -950,7 +882,6 @@ class _DPClassifierBase:
         self.coef_ = _to_numpy(ctx.coef).astype(np.float64)
         self.intercept_ = np.full(k, float(ctx.intercept))
         self.classes_ = classes
-        self.n_features_in_ = d
         self.n_samples_ = n
         self.delta_ = delta
         self.device_ = device
@@ -962,10 +893,6 @@ class _DPClassifierBase:
         tuning._end_fit(charge, self.privacy_)
         self.noise_seeded_ = ctx.source.seeded
         self.noise_key_fingerprint_ = ctx.source.key_fingerprint
-        if feature_names is not None:
-            self.feature_names_in_ = feature_names
-        elif hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
         self.repaired_ = ctx.repaired
         for name, value in ctx.fitted.items():
             setattr(self, name, value)
@@ -995,30 +922,67 @@ class _DPClassifierBase:
                 PrivacyWarning, stacklevel=3)
 
     # -- inference ----------------------------------------------------------------------
-    def _check_fitted(self):
-        if not hasattr(self, "coef_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit first")
+    def _released_scores(self, X):
+        """(n, K) float64 scores ``x' W^T + b`` as NumPy, after scikit-learn's checks."""
+        check_is_fitted(self)
+        Xa = _as_features(X, "X", getattr(self, "device_", "cpu"))
+        # Names and width against feature_names_in_ / n_features_in_, scikit-learn's rules
+        # and messages (reordered columns would silently give different answers).
+        validate_data(self, X, reset=False, skip_check_array=True)
+        xp = ops.array_module(Xa)
+        center = None if self.center_ is None else xp.asarray(self.center_)
+        Xc = _preprocess(Xa, xp, self.clip_norm_, center, self.normalize_)
+        return _to_numpy(_scores(xp, Xc, xp.asarray(self.coef_), xp.asarray(self.intercept_)))
+
+    def _class_log_weights(self, scores):
+        """Per-class log-weights whose softmax is ``predict_proba`` (see there)."""
+        return log_sigmoid(scores) if self._proba_link == "sigmoid" else scores
 
     def decision_function(self, X):
-        """Scores ``x' W^T + b`` (n, K) as NumPy, where ``x'`` is X after the same
-        centering, normalisation and clipping as in training."""
-        self._check_fitted()
-        _check_feature_names(self, X)
-        X = _as_features(X, "X", getattr(self, "device_", "cpu"), d=self.n_features_in_)
-        xp = ops.array_module(X)
-        center = None if self.center_ is None else xp.asarray(self.center_)
-        Xc = _preprocess(X, xp, self.clip_norm_, center, self.normalize_)
-        return _to_numpy(_scores(xp, Xc, xp.asarray(self.coef_), xp.asarray(self.intercept_)))
+        """Scores of the released weights, as NumPy.
+
+        ``x' W^T + b`` (n, K), where ``x'`` is X after the same centering, normalisation
+        and clipping as in training. For two classes, scikit-learn's binary convention:
+        one score per example (n,), positive for ``classes_[1]``, the log-odds
+        ``log(p_1 / p_0)`` of :meth:`predict_proba` (``s_1 - s_0`` for softmax scores).
+        """
+        scores = self._released_scores(X)
+        if scores.shape[1] == 2:
+            w = self._class_log_weights(scores)
+            return w[:, 1] - w[:, 0]
+        return scores
+
+    def predict_proba(self, X):
+        """Class probabilities (n, K), columns in the order of ``classes_``, as NumPy.
+
+        Post-processing of the released weights only (no privacy cost). For the
+        one-vs-all sigmoid loss (DP Newton, DP-FC, DP-SGD with ``loss="sigmoid"``): each
+        class's ``sigmoid(s_l)`` normalised to sum to one, as scikit-learn's one-vs-rest
+        logistic regression. For the softmax loss (DP-SGD's default): ``softmax(s)``.
+        DP least squares fits one-hot targets, not a likelihood, so its scores are not
+        log-odds: it returns ``softmax(s)``, a distribution with the argmax and the
+        ranking of its scores but not calibrated (the scores of one example differ by
+        about 1 at most, so the probabilities stay close to uniform); calibrate it on
+        public data (e.g. ``CalibratedClassifierCV``) when probabilities matter.
+        """
+        from scipy.special import softmax
+
+        return softmax(self._class_log_weights(self._released_scores(X)), axis=1)
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba` (n, K), computed without underflow."""
+        from scipy.special import log_softmax
+
+        return log_softmax(self._class_log_weights(self._released_scores(X)), axis=1)
 
     def predict(self, X):
         """Predicted labels (from ``classes_``), as NumPy."""
-        self._check_fitted()
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        scores = self._released_scores(X)  # first: NotFittedError before classes_ is read
+        return self.classes_[np.argmax(scores, axis=1)]
 
-    def score(self, X, y) -> float:
-        """Mean accuracy on (X, y)."""
-        y = _to_numpy(y)
-        return float(np.mean(self.predict(X) == y))
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean accuracy on (X, y) (scikit-learn's ``ClassifierMixin.score``)."""
+        return float(super().score(X, _to_numpy(y), sample_weight=_to_numpy(sample_weight)))
 
     # -- helpers for subclasses ----------------------------------------------------------
     def _method_params(self) -> dict:  # pragma: no cover - abstract
@@ -1267,6 +1231,8 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         self.verbose = verbose
         self.budget = budget
 
+    _proba_link = "softmax"  # least squares: see predict_proba
+
     def _method_params(self) -> dict:
         variant = _choice(self.variant, "variant", ("global", "per_class"))
         regs = _candidates(self.reg, "reg", _nonneg)
@@ -1502,7 +1468,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         chosen = {"reg": regs[0], "lr": p["lrs"][0]}
         with ctx.progress(T, "DP Newton") as bar:
             for t in range(T):
-                s = _sigmoid(_scores(xp, ctx.X, W, bias), xp)
+                s = sigmoid(_scores(xp, ctx.X, W, bias))
                 weights = xp.minimum(s * (1.0 - s), 0.25)
                 del s
                 H = ops.clipped_weighted_grams(ctx.X, weights, C)
@@ -1543,7 +1509,7 @@ def _default_grad_clip(k: int, bias: float, loss: str, clip: float) -> float:
     """
     if loss == "softmax":
         return math.sqrt(1.0 - 1.0 / k) * clip
-    s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+    s = sigmoid(bias)
     return math.sqrt((1.0 - s) ** 2 + (k - 1) * s**2) * clip / k
 
 
@@ -1788,6 +1754,10 @@ class DPSGDClassifier(_DPClassifierBase):
                 "q": q, "bias": bias, "grad_clip": gclip, "accountant": accountant,
                 "_sweep": {"lr": lrs or [None]}}
 
+    @property
+    def _proba_link(self) -> str:
+        return "softmax" if self.loss == "softmax" else "sigmoid"
+
     def _val_loss(self, ctx, W, bias):
         Xv, yv = ctx.val
         s = _scores(ctx.xp, Xv, W, bias)
@@ -1879,7 +1849,7 @@ def _default_sgd_lr(optimizer: str, momentum: float, loss: str, k: int, d: int, 
     if loss == "softmax":
         l_init = 1.0 / k
     else:
-        s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+        s = sigmoid(bias)
         l_init = s * (1.0 - s) / k
     effective = d / (steps * l_init)
     return min((1.0 - momentum) * effective, (1.0 + momentum) / l_init) / clip**2

@@ -786,9 +786,9 @@ class NewtonWeights:
 
     def __call__(self, x, y):
         xc, _ = ops.clip_rows(np.asarray(x, dtype=np.float64), self.clip_norm)
-        from scipy.special import expit
+        from ._special import sigmoid
 
-        p = expit(xc @ self.w.T + self.bias)
+        p = sigmoid(xc @ self.w.T + self.bias)
         return p * (1.0 - p)
 
 

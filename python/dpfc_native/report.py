@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import data
+from . import _methods, data
 from ._errors import PrivacyWarning
 from .models import DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier, DPSGDClassifier
 
@@ -48,15 +48,13 @@ INF = float("inf")
 #: The epsilons of the demo (inf = the non-private counterpart, same code path).
 DEMO_EPSILONS = (0.1, 0.5, 1.0, 2.0, 8.0, INF)
 
-#: method key -> (label, estimator class, fixed keyword arguments)
-METHODS = {
-    "ls": ("DP-LS", DPLeastSquaresClassifier, {}),
-    "ls-per-class": ("DP-LS per class", DPLeastSquaresClassifier, {"variant": "per_class"}),
-    "newton": ("DP Newton", DPNewtonClassifier, {}),
-    "fc": ("DP-FC", DPFCClassifier, {}),
-    "sgd": ("DP-SGD", DPSGDClassifier, {}),
-    "adam": ("DP-Adam", DPSGDClassifier, {"optimizer": "adam"}),
-}
+_CLASSES = {cls.__name__: cls for cls in (DPLeastSquaresClassifier, DPNewtonClassifier,
+                                           DPFCClassifier, DPSGDClassifier)}
+
+#: method key -> (label, estimator class, fixed keyword arguments); the command line's
+#: methods are the same (both come from ``_methods.METHOD_TABLE``).
+METHODS = {key: (label, _CLASSES[name], fixed)
+           for key, (label, name, fixed) in _methods.METHOD_TABLE.items()}
 
 #: Datasets of the demo: "digits" (real 8x8 images, sklearn's bundled copy) and the
 #: synthetic presets of :data:`dpfc_native.data.SYNTHETIC_PRESETS`.
