@@ -1126,6 +1126,8 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
                 if missing:
                     raise _MissingKey(f"{path} has no array '{missing[0]}' (arrays present: "
                                       f"{sorted(z.files)})")
+                # A header claiming more than the file holds fails before any allocation.
+                _check_npz_members(path, (features_key, labels_key))
                 x, y = z[features_key], z[labels_key]
         except _MissingKey as e:
             raise ValueError(str(e)) from None
