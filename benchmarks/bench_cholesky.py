@@ -1,6 +1,6 @@
 """Benchmark: dpfc_native batched Cholesky / cho_solve vs CuPy (cuSOLVER / cuBLAS).
 
-Issue 6 targets, each printed with its ratio and met yes/no:
+The kernel targets, each printed with its ratio and met yes/no:
   * small:  d <= 128, batch >= 1000: >= 3x faster than cupy.linalg.cholesky on the stacked
             batch (cuSOLVER potrfBatched);
   * mid:    d in {256, 512, 768, 1024, 1664}, batch in {16, 100, 1000 where it fits}:

@@ -30,6 +30,9 @@ EPS.update({np.dtype(t): e for t, e in list(EPS.items())})
 # Rows, examples and normals tried by the adversarial and statistical tests; printed in
 # pytest's terminal summary (tests/conftest.py), whatever order the tests ran in.
 COUNTS: collections.Counter = collections.Counter()
+# The audit's lower bounds, (mechanism, epsilon, planted bug, backend) -> eps_lower, printed
+# in the same summary.
+AUDIT_RESULTS: dict = {}
 
 
 # --------------------------------------------------------------------------------------

@@ -535,7 +535,7 @@ def test_dpfc_plan_same_multiplier_and_split():
 
 
 @pytest.mark.parametrize("delta, eps, lo, hi", [
-    # ALGORITHMS.md: the paper's conversion needs 13% (eps 8) to 44% (eps 0.1) more noise
+    # The paper's conversion needs 13% (eps 8) to 44% (eps 0.1) more noise
     (8e-7, 8.0, 1.12, 1.15),
     (8e-7, 0.1, 1.42, 1.46),
     (1e-5, 1.0, 1.25, 1.40),

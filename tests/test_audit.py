@@ -1,4 +1,4 @@
-"""The empirical privacy audit (issue 7, point 5).
+"""The empirical privacy audit.
 
 For the DP-LS statistics (Gram and class sums, the estimator's budget split) and the
 DP-FC statistics (covariance plus gradient releases) at epsilon 1 and 4, the audit's
@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from _reference import AUDIT_RESULTS
+
 from dpfc_native import accounting, audit, models, ops
 
 RUNS = 100_000
 D = 4
-RESULTS: dict = {}
+RESULTS = AUDIT_RESULTS  # printed in pytest's terminal summary (tests/conftest.py)
 
 
 def _run(mech, eps, bug=None, **kw):
@@ -265,9 +267,3 @@ def test_audit_ledger_shows_a_planted_half_noise():
         [0.5 * e.noise_multiplier for e in ok.ledger.entries], rel=1e-15)
     assert bad.ledger.epsilon > 2.0 >= ok.ledger.epsilon
 
-
-def test_zz_report_audit_results():
-    print("\naudit eps_lower (runs per world = %d, d = %d, delta = 1e-5, 95%% CP):" % (RUNS, D))
-    for (mech, eps, bug, backend), value in sorted(RESULTS.items(), key=str):
-        print(f"  {mech:15s} eps={eps:g} bug={bug or '-':10s} backend={backend:6s} "
-              f"eps_lower={value:.3f}")

@@ -1,4 +1,4 @@
-"""Clipping soundness on the stored floats (issue 7, point 1).
+"""Clipping soundness on the stored floats.
 
 Every clipped row (clip_rows), every clipped row inside a statistic (clipped_gram,
 clipped_stats, clipped_class_sums, clipped_class_grams, clipped_weighted_grams) and every

@@ -1,4 +1,4 @@
-"""Bad input (issue 7, point 6): never a crash, never NaN weights, always a clear error.
+"""Bad input: never a crash, never NaN weights, always a clear error.
 
 Every public function of ops, accounting, mechanisms, data, linalg, models (fit/predict)
 and the CLI is given wrong shapes, dtypes, NaN/Inf, labels outside 0..K-1, empty arrays,

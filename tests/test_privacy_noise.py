@@ -1,4 +1,4 @@
-"""The noise (issue 7, point 4): distribution, keys, and (key, counter) bookkeeping.
+"""The noise: distribution, keys, and (key, counter) bookkeeping.
 
 * Moments and Kolmogorov-Smirnov tests of the normals, diagonal and off-diagonal entries
   of the symmetric noise separately (N(0, s^2) and N(0, s^2 / 2)), float64 and float32,

@@ -1,4 +1,4 @@
-"""Sensitivity replay (issue 7, point 2): neighbouring datasets, same key, before noise.
+"""Sensitivity replay: neighbouring datasets, same key, before noise.
 
 For every mechanism (gram, class sums, per-class grams, Newton gradients and Hessians,
 DP-FC / DP-SGD clipped gradient sums) the statistic is computed on D and on D' = D with
@@ -40,7 +40,7 @@ def _sigmoid(z):
 
 
 # --------------------------------------------------------------------------------------
-# The statistics as the estimators compute them (ALGORITHMS.md), with the declared
+# The statistics as the estimators compute them (the paper's algorithms), with the declared
 # add/remove sensitivities (Frobenius norm, all K classes jointly).
 # --------------------------------------------------------------------------------------
 

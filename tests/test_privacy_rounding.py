@@ -1,4 +1,4 @@
-"""Rounding of the accumulated statistics (issue 7, point 3).
+"""Rounding of the accumulated statistics.
 
 The noised statistics are float sums; their rounding error depends on the data, so it is
 part of what one example can move. The error of each accumulation mode is measured for

@@ -13,7 +13,8 @@ Four estimators, one pipeline (features -> clip -> statistics -> noise -> solve 
 * :class:`DPSGDClassifier` -- DP-SGD / DP-Adam on the last layer (full batch or real
   Poisson subsampling).
 
-The math, sensitivities and accounting follow ``ALGORITHMS.md`` (Mehta et al., TMLR 2023).
+The math, sensitivities and accounting follow Mehta et al., "Differentially Private Image
+Classification from Features" (TMLR 2023).
 
 Privacy model
 -------------
@@ -1386,7 +1387,7 @@ class DPNewtonClassifier(_DPClassifierBase):
     hessian_share : float in (0, 1), default 0.5
         Share of ``mu^2`` for the Hessians (0.5: the paper's equal multipliers).
     bias : float, default 0.0
-        Fixed logit offset (ALGORITHMS.md: no bias).
+        Fixed logit offset (the paper uses no bias).
     denoise : {{"soft", "none", "psd", "spiked", "rie"}}, default "soft"
         How the released (noisy) matrix is treated before the solve; every choice reads
         only the released matrix and the public noise std of its release (as in
