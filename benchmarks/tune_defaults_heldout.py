@@ -4,6 +4,7 @@ A = 20,000 x 128, K = 20 (seed 101) and B = 20,000 x 384, K = 50 (seed 102), tes
 accuracy on each task's own test split.
 
     python benchmarks/tune_defaults_heldout.py sgd [--out sgd.json]
+    python benchmarks/tune_defaults_heldout.py sgd_rule [--out sgd_rule.json]
     python benchmarks/tune_defaults_heldout.py per_class [--out per_class.json]
 
 "sgd": full-batch DP-GD with heavy-ball momentum 0.9 on the softmax loss, exactly the
@@ -75,6 +76,37 @@ def sgd(out):
     return rows
 
 
+def sgd_rule(out):
+    """The re-derived default (``_default_sgd_lr``) at noise horizons 0.75, 1.5 and 3."""
+    from dpfc_native import models
+
+    rows = []
+    cases = [(0, 1.5, (0.25, 0.5, 1.0, 2.0)), (0, 0.75, (0.25, 1.0)), (0, 3.0, (0.25, 1.0)),
+             (1, 1.5, (1.0, INF)), (1, "old", (1.0,))]
+    tasks = {}
+    for ti, c, eps_list in cases:
+        n, d, k, tseed = TASKS[ti]
+        if ti not in tasks:
+            tasks[ti] = _task(n, d, k, tseed)
+        train, test, x, xt = tasks[ti]
+        for eps in eps_list:
+            delta = min(1e-5, 1.0 / n)
+            z = accounting.calibrate_dpsgd_noise_multiplier(eps, delta, 1.0, 100) \
+                if eps != INF else 0.0
+            if c == "old":
+                lr = 0.1 * d * k / 100
+            else:
+                models.SGD_NOISE_HORIZON = c
+                lr = models._default_sgd_lr("sgd", 0.9, "softmax", k, d, 100, 0.0, 1.0, n=n,
+                                            z=z, grad_clip=_default_grad_clip(k, 0.0,
+                                                                              "softmax", 1.0))
+            W = dp_gd(x, train.labels, k, eps, 100, lr, seed=0)
+            acc = float((np.argmax(xt @ W.T, 1) == test.labels).mean())
+            rows.append(dict(task=f"{n}x{d}/K{k}", horizon=c, eps=eps, lr=lr, acc=acc))
+            print(f"{n}x{d}/K{k} horizon {c} eps {eps}: lr {lr:.3f} acc {acc:.4f}", flush=True)
+    return rows
+
+
 def per_class(out):
     rows = []
     eps_list = [0.25, 0.5, 1.0, 2.0, INF]
@@ -98,10 +130,10 @@ def per_class(out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["sgd", "per_class"])
+    ap.add_argument("which", choices=["sgd", "sgd_rule", "per_class"])
     ap.add_argument("--out")
     args = ap.parse_args()
-    rows = sgd(args.out) if args.which == "sgd" else per_class(args.out)
+    rows = {"sgd": sgd, "sgd_rule": sgd_rule, "per_class": per_class}[args.which](args.out)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump([{k: (v if v != INF else "inf") for k, v in r.items()} for r in rows],
