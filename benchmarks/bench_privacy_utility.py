@@ -257,7 +257,10 @@ def readme_table(result) -> str:
     lines = ["| data (n x d, K) | estimator | defaults | " + " | ".join(
         "non-private" if e == "inf" else f"eps {e}" for e in eps) + " |",
         "|" + " --- |" * (3 + len(eps))]
-    for (ds, est, cfg), by in med.items():
+    order = {name: i for i, name in enumerate(PLAN)}
+    ests = ["ls_global", "ls_per_class", "newton", "dpfc", "dpsgd"]
+    for (ds, est, cfg), by in sorted(med.items(), key=lambda kv: (order.get(kv[0][0], 99),
+                                                                 ests.index(kv[0][1]))):
         if cfg != "today":
             continue
         new = med.get((ds, est, new_cfg)) or med.get((ds, est, "default"))
