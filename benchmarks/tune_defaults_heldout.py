@@ -6,6 +6,7 @@ accuracy on each task's own test split.
     python benchmarks/tune_defaults_heldout.py sgd [--out sgd.json]
     python benchmarks/tune_defaults_heldout.py sgd_rule [--out sgd_rule.json]
     python benchmarks/tune_defaults_heldout.py per_class [--out per_class.json]
+    python benchmarks/tune_defaults_heldout.py per_class --eps 0.1 --seeds 3
 
 "sgd": full-batch DP-GD with heavy-ball momentum 0.9 on the softmax loss, exactly the
 estimator's update (rows preprocessed once, the same clip ``sqrt(1 - 1/K) C``, the same
@@ -107,23 +108,25 @@ def sgd_rule(out):
     return rows
 
 
-def per_class(out):
+def per_class(out, eps_list=None, seeds=2):
     rows = []
-    eps_list = [0.25, 0.5, 1.0, 2.0, INF]
+    eps_list = eps_list or [0.25, 0.5, 1.0, 2.0, INF]
     for n, d, k, tseed in TASKS:
         train, test = data.synthetic_features(n, d, k, seed=tseed, test_size=5000, workers=1)
         grid = [(f"alpha={a}", dict(variant="per_class", alpha=a)) for a in (1.0, 3.0, 10.0, 30.0)]
-        grid += [("default", dict(variant="per_class")), ("global", {})]
+        grid += [("today", dict(variant="per_class", alpha=1.0, denoise="none")),
+                 ("default", dict(variant="per_class")), ("global today", dict(denoise="none")),
+                 ("global", {})]
         for name, kw in grid:
             accs = []
             for eps in eps_list:
-                seeds = 2 if eps != INF else 1
+                n_seeds = seeds if eps != INF else 1
                 accs.append(float(np.mean([
                     DPLeastSquaresClassifier(epsilon=eps, random_state=s, classes=np.arange(k),
                                              **kw).fit(train.features, train.labels)
-                    .score(test.features, test.labels) for s in range(seeds)])))
+                    .score(test.features, test.labels) for s in range(n_seeds)])))
                 rows.append(dict(task=f"{n}x{d}/K{k}", config=name, eps=eps, acc=accs[-1]))
-            print(f"{n}x{d}/K{k} {name:>10} eps .25/.5/1/2/inf: "
+            print(f"{n}x{d}/K{k} {name:>12} eps {'/'.join(map(str, eps_list))}: "
                   + " ".join(f"{a:.4f}" for a in accs), flush=True)
     return rows
 
@@ -132,8 +135,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("which", choices=["sgd", "sgd_rule", "per_class"])
     ap.add_argument("--out")
+    ap.add_argument("--eps", default="", help="per_class: comma list of epsilons")
+    ap.add_argument("--seeds", type=int, default=2, help="per_class: noise seeds")
     args = ap.parse_args()
-    rows = {"sgd": sgd, "sgd_rule": sgd_rule, "per_class": per_class}[args.which](args.out)
+    if args.which == "per_class":
+        eps = [float(e) for e in args.eps.split(",") if e] or None
+        rows = per_class(args.out, eps, args.seeds)
+    else:
+        rows = {"sgd": sgd, "sgd_rule": sgd_rule}[args.which](args.out)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump([{k: (v if v != INF else "inf") for k, v in r.items()} for r in rows],
