@@ -313,13 +313,16 @@ def plot(result, path):
         return
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     default = f"denoise={result['denoise_default']}"
+    # One colour per estimator in every panel; dashed: today's defaults, solid: new.
+    colors = dict(zip(["ls_global", "ls_per_class", "newton", "dpfc", "dpsgd"],
+                      ["C0", "C1", "C2", "C3", "C4"]))
     for ax, ds in zip(axes[0], datasets):
         for (d2, est, cfg), by in med.items():
             if d2 != ds or cfg not in ("today", default, "default"):
                 continue
-            es = [e for e in by if e != "inf"]
+            es = sorted((e for e in by if e != "inf"), key=_eps_key)
             xs = [_eps_key(e) for e in es]
-            ax.plot(xs, [by[e] for e in es], marker="o", ms=3,
+            ax.plot(xs, [by[e] for e in es], marker="o", ms=3, color=colors[est],
                     ls="--" if cfg == "today" else "-",
                     label=f"{est} ({'today' if cfg == 'today' else 'new default'})")
         ax.set_xscale("log")
@@ -328,7 +331,7 @@ def plot(result, path):
         ax.set_xlabel("epsilon")
         ax.set_ylabel("test accuracy (median of seeds)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
