@@ -4,6 +4,9 @@ test data), and today's defaults against the new ones.
     python benchmarks/bench_privacy_utility.py                       # full CPU run (long)
     python benchmarks/bench_privacy_utility.py --quick               # digits only, 1 seed
     python benchmarks/bench_privacy_utility.py --datasets digits,cifar10 --seeds 3
+    python benchmarks/bench_privacy_utility.py --datasets cifar100 --estimators dpfc \
+        --epsilons 0.1,0.25,0.5,inf                                  # a part of the grid
+    python benchmarks/bench_privacy_utility.py --from-json a.json,b.json --merged-out all.json
 
 Datasets: scikit-learn's digits (pixels, 1,347 train / 450 test) and the synthetic
 pre-trained-like presets of :func:`dpfc_native.data.synthetic_preset` at the CIFAR-10,

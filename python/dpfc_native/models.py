@@ -1769,8 +1769,9 @@ class DPSGDClassifier(_DPClassifierBase):
     steps : int >= 1, default 100
         Full-batch steps: the noise multiplier grows as sqrt(T) (exact composition), so
         more steps buy optimisation progress at a higher per-step noise; with the default
-        lr, 100 full-batch steps with momentum reach the model's non-private ceiling on
-        the held-out tasks.
+        lr, 100 full-batch steps with momentum reach the non-private ceiling on the
+        20-class held-out task (83.9% against DP-FC's 84.4%; 76.8% against DP-LS per
+        class's 79.6% on the 50-class one).
     lr : float > 0, list, or None
         None: see :func:`_default_sgd_lr`: for "sgd", the smaller of half of heavy-ball's
         stability limit ``(1 + momentum) / (L_init C^2)`` (``L_init`` = 1/K for softmax at
