@@ -12,11 +12,15 @@ import scipy.linalg
 
 from dpfc_native import linalg
 from dpfc_native.models import (
+    ALPHA_MAX,
+    DENOISE_AUTO,
     DENOISE_DEFAULT,
     DPFCClassifier,
     DPLeastSquaresClassifier,
     DPNewtonClassifier,
+    _default_alpha,
     _default_reg,
+    _resolve_denoise,
 )
 
 INF = float("inf")
@@ -181,6 +185,62 @@ def test_finite_solutions_on_hard_inputs(rng, case, method):
         assert np.isfinite(linalg.eigh_solve(w, v, reg, b)).all(), (case, method, reg)
 
 
+@pytest.mark.parametrize("batch,d", [(1, 1), (1, 9), (4, 32), (3, 33), (2, 130)])
+def test_batched_eigh_matches_float64_reference(rng, batch, d):
+    a = _goe(rng, d, 1.0, (batch,)) + _planted(rng, d, min(d, 3), 10.0)
+    junk = np.tril(a) + np.triu(rng.standard_normal((batch, d, d)) * 50, 1)
+    w, v = linalg.batched_eigh(junk)
+    assert w.shape == (batch, d) and v.shape == (batch, d, d) and np.isfinite(v).all()
+    for i in range(batch):
+        ref = scipy.linalg.eigh(a[i], eigvals_only=True)
+        np.testing.assert_allclose(w[i], ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+        # Reconstruction from the lower triangle only.
+        np.testing.assert_allclose((v[i] * w[i]) @ v[i].T, a[i], rtol=1e-10, atol=1e-9)
+
+
+def test_auto_denoise_resolves_per_shape():
+    assert DENOISE_DEFAULT == "auto" and DENOISE_AUTO == "soft"
+    # One gram (or one step's Hessians): the eigendecomposition pays unless d > n.
+    assert _resolve_denoise("auto", 1, 768, 50_000) == "soft"
+    assert _resolve_denoise("auto", 1, 1664, 1_000) == "none"
+    # Per-class grams: K eigendecompositions against one pass over n rows.
+    assert _resolve_denoise("auto", 10, 768, 50_000) == "soft"
+    assert _resolve_denoise("auto", 1000, 1664, 1_281_167) == "none"
+    for m in METHODS:
+        assert _resolve_denoise(m, 1000, 1664, 10) == m
+    est = DPLeastSquaresClassifier(epsilon=1.0, variant="per_class")
+    assert est.noise_plan(50_000, 768, 10).defaults["denoise"] == "soft"
+    assert est.noise_plan(50_000, 768, 100).defaults["denoise"] == "none"
+    assert DPFCClassifier().noise_plan(100, 64, 10).defaults["denoise"] == "soft"
+    assert DPNewtonClassifier().noise_plan(100, 64, 10).defaults["denoise"] == "soft"
+    # The resolved choice is what fit uses: same weights as passing it explicitly.
+    x, y = _data(12, n=300, d=9, k=4)
+    for variant in ("global", "per_class"):
+        auto = DPLeastSquaresClassifier(epsilon=0.5, random_state=1, variant=variant).fit(x, y)
+        soft = DPLeastSquaresClassifier(epsilon=0.5, random_state=1, variant=variant,
+                                        denoise="soft").fit(x, y)
+        np.testing.assert_array_equal(auto.coef_, soft.coef_)
+
+
+def test_default_alpha_grows_with_the_class_grams_noise():
+    d, n, k = 128, 20_000, 20
+    assert _default_alpha(0.0, d, n, k, 1.0) == 1.0
+    alphas = [_default_alpha(s, d, n, k, 1.0) for s in (1.0, 10.0, 50.0, 200.0, 1e4)]
+    assert alphas == sorted(alphas) and alphas[0] == 1.0 and alphas[-1] == ALPHA_MAX
+    # r = sqrt(2 d) s K d / (n C^2); alpha = r / 20 between the bounds.
+    s = 60.0
+    r = math.sqrt(2 * d) * s * k * d / n
+    assert _default_alpha(s, d, n, k, 1.0) == pytest.approx(r / 20.0)
+    # The clip norm only rescales: the same ratio at C = 2 with 4x the noise std.
+    assert _default_alpha(4 * s, d, n, k, 2.0) == pytest.approx(r / 20.0)
+    x, y = _data(13, n=400, d=8, k=4)
+    for eps in (0.03, INF):
+        est = DPLeastSquaresClassifier(epsilon=eps, random_state=0, variant="per_class").fit(x, y)
+        s_a = est.noise_plan(400, 8, 4).z["class_grams"]
+        assert est.alpha_ == pytest.approx(_default_alpha(s_a, 8, 400, 4, 1.0))
+        assert (est.alpha_ > 1.0) == (eps != INF)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method"):
         linalg.shrink_eigenvalues(np.zeros(3), 1.0, 3, "none")
@@ -296,6 +356,27 @@ def test_gpu_denoise_matches_cpu(rng, method, batch, d):
     x = linalg.eigh_solve(w, v, 0.5, b)
     xg = linalg.eigh_solve(wg, vg, 0.5, cupy.asarray(b))
     np.testing.assert_allclose(cupy.asnumpy(xg), x, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,d", [(5, 32), (5, 33), (1, 200)])
+def test_gpu_batched_eigh_both_paths_match_cpu(rng, batch, d):
+    """The batched Jacobi path (d <= 32) and the per-matrix syevd loop (d > 32, or one
+    matrix) against LAPACK: eigenvalues, and the matrix rebuilt from the factors."""
+    import cupy
+
+    from dpfc_native import _gpu_linalg
+
+    a = _goe(rng, d, 1.0, (batch,)) + _planted(rng, d, 3, 20.0)
+    junk = np.tril(a) + np.triu(rng.standard_normal((batch, d, d)) * 50, 1)
+    wg, vg = linalg.batched_eigh(cupy.asarray(junk))
+    assert isinstance(wg, cupy.ndarray) and wg.dtype == np.float64
+    assert (d <= _gpu_linalg.EIGH_BATCHED_MAX_D) == (d == 32)
+    w, _ = linalg.batched_eigh(junk)
+    wg, vg = cupy.asnumpy(wg), cupy.asnumpy(vg)
+    np.testing.assert_allclose(wg, w, rtol=1e-9, atol=1e-9 * np.abs(w).max())
+    rebuilt = (vg * wg[:, None, :]) @ np.swapaxes(vg, -1, -2)
+    np.testing.assert_allclose(rebuilt, a, rtol=1e-9, atol=1e-8)
 
 
 @pytest.mark.gpu

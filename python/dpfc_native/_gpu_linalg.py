@@ -20,7 +20,13 @@ import numpy as np
 
 from . import _config, _core
 
-__all__ = ["cholesky", "cho_solve", "cholesky_shifts", "plan"]
+__all__ = ["cholesky", "cho_solve", "cholesky_shifts", "eigh", "plan", "EIGH_BATCHED_MAX_D"]
+
+#: Largest order d whose batches go to cuSOLVER's batched Jacobi solver (``syevjBatched``,
+#: through ``cupy.linalg.eigh`` of the whole stack: one launch for the batch). Above it the
+#: Jacobi sweeps cost more than one divide-and-conquer ``syevd`` call per matrix (cuSOLVER
+#: documents the batched Jacobi solver for small matrices), so larger batches loop.
+EIGH_BATCHED_MAX_D = 32
 
 
 def _cupy():
@@ -154,6 +160,26 @@ def cho_solve(L, b):
             )
     x = x.reshape(batch_shape + (d, m))
     return x[..., 0] if vector else x
+
+
+def eigh(a):
+    """Symmetric eigendecomposition of a CuPy batch ``a`` (b, d, d): ``(w (b, d), v (b, d, d))``.
+
+    Only the lower triangle is read; eigenvalues ascending, eigenvectors in the columns,
+    in ``a``'s dtype, on the current stream (no synchronisation beyond cuSOLVER's own).
+    ``d <= EIGH_BATCHED_MAX_D`` with several matrices: one batched Jacobi call
+    (``syevjBatched``); otherwise one ``syevd`` (divide and conquer) per matrix.
+    """
+    cp = _cupy()
+    b, d = int(a.shape[0]), int(a.shape[-1])
+    with a.device:
+        if b > 1 and d <= EIGH_BATCHED_MAX_D:
+            return cp.linalg.eigh(a, UPLO="L")
+        w = cp.empty((b, d), dtype=a.dtype)
+        v = cp.empty((b, d, d), dtype=a.dtype)
+        for i in range(b):
+            w[i], v[i] = cp.linalg.eigh(a[i], UPLO="L")
+    return w, v
 
 
 def plan(batch: int, d: int, dtype="float64") -> str:

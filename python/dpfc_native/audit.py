@@ -58,6 +58,7 @@ import numpy as np
 from scipy import special as _special
 
 from . import accounting, mechanisms, models, ops
+from ._special import sigmoid
 
 __all__ = ["AuditResult", "audit_mechanism", "audit_all", "MECHANISMS", "PLANTED_BUGS",
            "clopper_pearson", "register_cli"]
@@ -283,7 +284,7 @@ def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool):
         return (lambda X, y: _unclipped_sums(X, y, k)) if no_clip else (
             lambda X, y: ops.clipped_class_sums(X, y, k, C))
     if name == "hessians":  # DP Newton's per-class weighted grams, weights sigmoid'(bias)
-        s = 0.5 + 0.5 * math.tanh(0.5 * bias)
+        s = float(sigmoid(bias))
         w = min(s * (1.0 - s), 0.25)
 
         def hessians(X, y):
