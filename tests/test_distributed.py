@@ -125,6 +125,19 @@ def test_partitioning_and_worker_count_invariance(client, data):
             assert _bits(got) == local, (per_task, workers)
 
 
+def test_large_statistic_parameters_are_scattered_once(client, data, monkeypatch):
+    sf, x, y = data
+    monkeypatch.setattr(dd, "_SCATTER_BYTES", 0)  # every W counts as large
+    w = np.random.default_rng(8).standard_normal((K, D))
+    stat = R.LinearGrad(0.3, w, 0.1)
+    assert _bits(dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=5)) == _bits(
+        R.reduce(stat, sf, leaf_rows=LEAF))
+    with pytest.raises(TypeError, match="ArraySource"):
+        dd.compute(stat, R.ArraySource(x, y), client=client)
+    with pytest.raises(TypeError, match="dask array"):
+        dd.compute(stat, x, y, client=client)
+
+
 def test_dask_array_input(client, data):
     _, x, y = data
     xd = da.from_array(x, chunks=(333, D))  # row chunks act as shards

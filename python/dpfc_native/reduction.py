@@ -58,6 +58,7 @@ __all__ = [
     "LeafLayout",
     "Partial",
     "ArraySource",
+    "TransformedSource",
     "Gram",
     "Stats",
     "ClassSums",
@@ -202,6 +203,44 @@ class ArraySource:
     def take(self, i: int, rows: np.ndarray):
         o = self._base(i)
         return self.x[o + rows], self.labels[o + rows]
+
+
+class TransformedSource:
+    """A source whose rows pass through ``transform`` (a picklable per-row map, e.g. the
+    estimators' centring, normalisation and clipping) as they are read: each leaf is
+    transformed on whichever process reads it, so nothing but the leaf is ever held.
+
+    Parameters
+    ----------
+    source : a source (``shard_rows``, ``n_features``, ``read``, optionally ``take``)
+    transform : callable (rows, first_row) -> float64 rows of the same shape
+        A pure function of each row; its ``fingerprint`` (when present) names it in task
+        keys, so results for different transforms are never confused.
+    """
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+        self.shard_rows = _shard_rows_of(source)
+        self.n_features = int(source.n_features)
+        if hasattr(source, "num_classes"):
+            self.num_classes = int(source.num_classes)
+        if hasattr(source, "shards"):
+            self.shards = source.shards
+
+    def manifest(self):
+        """The inner source's manifest (and options) with the transform's fingerprint."""
+        inner = self.source.manifest() if hasattr(self.source, "manifest") else repr(self.source)
+        return [inner, repr(getattr(self.source, "_opts", "")),
+                getattr(self.transform, "fingerprint", repr(self.transform))]
+
+    def read(self, i: int, start: int, stop: int):
+        x, y = self.source.read(i, start, stop)
+        return self.transform(x, start), y
+
+    def take(self, i: int, rows: np.ndarray):
+        x, y = _take(self.source, i, np.asarray(rows), int(rows[0]) if len(rows) else 0,
+                     int(rows[-1]) + 1 if len(rows) else 0)
+        return self.transform(x, int(rows[0]) if len(rows) else 0), y
 
 
 def _shard_rows_of(source) -> tuple[int, ...]:
