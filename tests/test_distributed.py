@@ -315,3 +315,61 @@ def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_
             assert change <= sens, (type(stat).__name__, t, change, sens)
             checked += 1
     assert checked == len(rows) * len(stats)
+
+
+# --------------------------------------------------------------------------------------
+# Estimators: a fit through Dask is the local fit, bit for bit
+# --------------------------------------------------------------------------------------
+
+from dpfc_native import _fitstats  # noqa: E402
+from dpfc_native import models  # noqa: E402
+
+FIT_CASES = [
+    ("ls_global", models.DPLeastSquaresClassifier, {"reg": 5.0}),
+    ("ls_per_class", models.DPLeastSquaresClassifier, {"variant": "per_class", "reg": 5.0}),
+    ("newton", models.DPNewtonClassifier, {"steps": 2, "reg": 5.0}),
+    ("fc", models.DPFCClassifier, {"steps": 3, "reg": 5.0}),
+    ("sgd_full", models.DPSGDClassifier, {"steps": 2}),
+    ("sgd_poisson", models.DPSGDClassifier, {"steps": 3, "sample_rate": 0.3, "loss": "sigmoid",
+                                             "optimizer": "adam"}),
+]
+
+
+def _fit(cls, kw, X, y=None, **fit_kw):
+    import warnings
+
+    est = cls(epsilon=2.0, delta=1e-5, clip_norm=1.3, classes=np.arange(K), random_state=77,
+              keep_stats=True, device="cpu", center=np.full(D, 0.1), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random_state=int: PrivacyWarning, on purpose
+        return est.fit(X, y, **fit_kw)
+
+
+def _same_fit(a, b):
+    assert a.coef_.tobytes() == b.coef_.tobytes()
+    assert a.intercept_.tobytes() == b.intercept_.tobytes()
+    assert a.privacy_ == b.privacy_
+    assert a.stats_.keys() == b.stats_.keys()
+    for key in a.stats_:
+        assert _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(a.stats_[key]))) == \
+            _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(b.stats_[key]))), key
+    assert getattr(a, "diagnostics_", None) == getattr(b, "diagnostics_", None)
+
+
+@pytest.mark.parametrize("name,cls,kw", FIT_CASES, ids=[c[0] for c in FIT_CASES])
+def test_fit_through_dask_equals_local_fit(client, data, monkeypatch, name, cls, kw):
+    """coef_, released statistics and ledger: the same bits from the local path (NumPy
+    array, one shard; ShardedFeatures in this process) and through Dask (shards of
+    unequal length, a dask array), for every estimator."""
+    monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", LEAF)  # many leaves, ragged last ones
+    sf, x, y = data
+    one = open_sharded(os.path.join(os.path.dirname(sf.shards[0].path), "part2.*.npy"),
+                       num_classes=K)
+    a, b = sum(SHARDS[:2]), sum(SHARDS[:3])
+    local_np = _fit(cls, kw, x[a:b], y[a:b])
+    _same_fit(local_np, _fit(cls, kw, one, client=client))
+    local_sf = _fit(cls, kw, sf, client=False)
+    _same_fit(local_sf, _fit(cls, kw, sf))  # client=None: the default (module) client
+    _same_fit(local_sf, _fit(cls, kw, da.from_array(x, chunks=(SHARDS, D)), y, client=client))
+    assert local_sf.n_samples_ == len(y) and local_sf.coef_.shape == (K, D)
+    assert np.isfinite(local_sf.coef_).all() and np.any(local_sf.coef_ != 0)

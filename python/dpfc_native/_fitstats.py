@@ -151,7 +151,10 @@ def scaled_input(X) -> bool:
 
 
 def resolve_client(client):
-    """``client`` itself; None: the current default Dask client, if there is one."""
+    """``client`` itself; None: the current default Dask client, if there is one;
+    False: none (this process)."""
+    if client is False:
+        return None
     if client is not None:
         return client
     try:

@@ -901,10 +901,10 @@ class _DPClassifierBase:
             (and ``lr``/``alpha``) values computed from the same released statistics.
             Selecting on it is post-processing only because it is public: never pass
             private data here.
-        client : distributed.Client or None
+        client : distributed.Client, None or False
             For a ShardedFeatures or dask array ``X``: the Dask cluster that computes the
             statistics (None: the current default client if one exists, else this
-            process). Noise is added here, on the client, from the fit's noise key.
+            process; False: this process). Noise is added here, on the client, from the fit's noise key.
 
         Returns
         -------
