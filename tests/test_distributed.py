@@ -331,6 +331,7 @@ FIT_CASES = [
     ("fc", models.DPFCClassifier, {"steps": 3, "reg": 5.0}),
     ("sgd_full", models.DPSGDClassifier, {"steps": 2}),
     ("sgd_poisson", models.DPSGDClassifier, {"steps": 3, "sample_rate": 0.3, "loss": "sigmoid",
+                                             "accountant": "rdp",
                                              "optimizer": "adam"}),
 ]
 
@@ -373,3 +374,25 @@ def test_fit_through_dask_equals_local_fit(client, data, monkeypatch, name, cls,
     _same_fit(local_sf, _fit(cls, kw, da.from_array(x, chunks=(SHARDS, D)), y, client=client))
     assert local_sf.n_samples_ == len(y) and local_sf.coef_.shape == (K, D)
     assert np.isfinite(local_sf.coef_).all() and np.any(local_sf.coef_ != 0)
+
+
+def test_cli_train_on_shards_with_workers_matches_this_process(tmp_path, data):
+    """``dpfc train "shards/*.npy" --workers 2`` (a LocalCluster of its own) saves the same
+    model as the same command in this process, and reports progress over leaves."""
+    from typer.testing import CliRunner
+
+    from dpfc_native.cli import app
+
+    sf, _, _ = data
+    pattern = os.path.join(os.path.dirname(sf.shards[0].path), "*.npy")
+    runner = CliRunner()
+    outs = []
+    for extra in (["--workers", "2"], []):
+        out = tmp_path / f"m{len(outs)}.npz"
+        res = runner.invoke(app, ["train", pattern, "--num-classes", str(K), "--method", "ls",
+                                  "--seed", "5", "--reg", "3", "-o", str(out)] + extra)
+        assert res.exit_code == 0, res.output
+        assert "leaves, done" in res.output and "4 shard(s)" in res.output
+        outs.append(np.load(out))
+    assert outs[0]["coef"].tobytes() == outs[1]["coef"].tobytes()
+    assert np.isfinite(outs[0]["coef"]).all() and outs[0]["coef"].shape == (K, D)
