@@ -396,3 +396,50 @@ def test_cli_train_on_shards_with_workers_matches_this_process(tmp_path, data):
         outs.append(np.load(out))
     assert outs[0]["coef"].tobytes() == outs[1]["coef"].tobytes()
     assert np.isfinite(outs[0]["coef"]).all() and outs[0]["coef"].shape == (K, D)
+
+
+def test_parameters_arriving_unaligned_through_dask_give_the_same_bits(client, tmp_path):
+    """Arrays shipped inside a task's arguments can sit at any byte offset of Dask's
+    message frame (W arrived at offset 19, and NumPy then multiplied without BLAS, in
+    another summation order): leaves align them, so a worker's leaf is the client's."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3001, 16)) * 0.3  # sizes where NumPy's loops and BLAS differ
+    y = rng.integers(0, K, 3001)
+    w = rng.standard_normal((K, 16))
+    src = _write_shards(str(tmp_path), x, y, [3001])  # the task carries a manifest, no data
+    lay = R.LeafLayout(src.shard_rows)
+    for stat in (R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
+                 R.WeightedGrams(1.1, K, weight_fn=R.NewtonWeights(w, 0.5, 1.1))):
+        ref = R.leaf_partial(stat, src, lay, 0).values(1)
+        for _ in range(3):
+            got = client.submit(R.leaf_partial, stat, src, lay, 0, pure=False).result().values(1)
+            assert _bits(tuple(got.values())) == _bits(tuple(ref.values()))
+
+
+def _unaligned(a, offset=3):
+    buf = np.zeros(a.nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+def test_unaligned_parameters_give_the_same_bits():
+    """The same statistic with W at byte offset 3 (as Dask may deliver it) and aligned:
+    the leaves align their inputs, so no bit changes."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3001, 16)) + rng.integers(0, 4, (3001, 1)) * 0.5).astype(np.float32)
+    x = x.astype(np.float64)
+    y = rng.integers(0, 4, 3001)
+    w = np.random.default_rng(12).standard_normal((4, 16))
+    for stat in (R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
+                 R.WeightedGrams(1.1, 4, weight_fn=R.NewtonWeights(w, 0.5, 1.1))):
+        ref = R.reduce(stat, x, y)
+        moved = copy.copy(stat)
+        if isinstance(stat, R.LinearGrad):
+            object.__setattr__(moved, "w", _unaligned(w))
+        else:
+            object.__setattr__(moved, "weight_fn", copy.copy(stat.weight_fn))
+            object.__setattr__(moved.weight_fn, "w", _unaligned(w))
+        assert _bits(R.reduce(moved, x, y)) == _bits(ref)

@@ -99,7 +99,7 @@ class RowTransform:
         blk = np.array(x, dtype=np.float64)  # a fresh copy: edited in place
         if blk.shape[0] == 0:
             return blk
-        center = None if self.center is None else np.asarray(self.center, np.float64)
+        center = None if self.center is None else _red._aligned(np.asarray(self.center, np.float64))
         return _preprocess_block(blk, np, float(self.clip), center, bool(self.normalize),
                                  first_row=first_row)
 
@@ -117,7 +117,7 @@ class NewtonRowWeights:
         return "newton:" + _fingerprint(np.asarray(self.w), np.asarray(self.bias, np.float64))
 
     def __call__(self, x, y):
-        z = np.asarray(x, np.float64) @ np.asarray(self.w, np.float64).T + self.bias
+        z = np.asarray(x, np.float64) @ _red._aligned(np.asarray(self.w, np.float64)).T + self.bias
         s = 0.5 + 0.5 * np.tanh(0.5 * z)
         return np.minimum(s * (1.0 - s), 0.25)
 

@@ -569,6 +569,16 @@ def _hash_arrays(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
+def _aligned(a):
+    """``a`` in aligned, C-contiguous memory (a copy only when it is not). Arrays that
+    arrive through Dask may sit at any byte offset of a message frame; NumPy then
+    multiplies them without BLAS, in another summation order (measured: a worker's
+    gradient leaf differed from the client's in its last bits, with W at offset 19)."""
+    if not isinstance(a, np.ndarray):
+        return a
+    return np.require(a, requirements=["C", "A"])
+
+
 def _as_ops_float(x):
     """Leaf rows as ops accept them: half precision widened exactly to float32."""
     x = np.asarray(x)
@@ -827,7 +837,7 @@ class NewtonWeights:
         xc, _ = ops.clip_rows(np.asarray(x, dtype=np.float64), self.clip_norm)
         from scipy.special import expit
 
-        p = expit(xc @ self.w.T + self.bias)
+        p = expit(xc @ _aligned(self.w).T + _aligned(self.bias))
         return p * (1.0 - p)
 
 
@@ -863,7 +873,8 @@ class LinearGrad(_Statistic):
         return {"n_clipped": ()}
 
     def leaf(self, x, y, weights):
-        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, self.w, self.bias, self.clip_norm,
+        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, _aligned(self.w),
+                                                  _aligned(self.bias), self.clip_norm,
                                                   loss=self.loss, feature_clip=self.feature_clip)
         return {"grad": grad, "n_clipped": np.asarray(n_clipped, np.int64)}
 
@@ -909,6 +920,9 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         w = weights.leaf_weights(leaf) if hasattr(weights, "leaf_weights") else np.asarray(weights)
         if mask is not None:
             w = w[mask]
+    x, y = _aligned(np.asarray(x)), _aligned(np.asarray(y))
+    if w is not None:
+        w = _aligned(np.asarray(w))
     try:
         return stat.leaf(x, y, w), int(x.shape[0])
     except ValueError as e:
