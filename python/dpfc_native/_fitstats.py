@@ -87,11 +87,14 @@ class RowTransform:
     clip: float
     center: Optional[np.ndarray] = None
     normalize: bool = False
+    #: "cuda": the rows leave as CuPy arrays, so the leaf statistic runs on the GPU of
+    #: the process reading the leaf (one dask_cuda worker per GPU).
+    device: str = "cpu"
 
     @property
     def fingerprint(self) -> str:
         c = None if self.center is None else np.asarray(self.center, np.float64)
-        return "rows:" + _fingerprint(float(self.clip), c, bool(self.normalize))
+        return "rows:" + _fingerprint(float(self.clip), c, bool(self.normalize), self.device)
 
     def __call__(self, x, first_row: int = 0):
         from .models import _preprocess_block
@@ -100,8 +103,11 @@ class RowTransform:
         if blk.shape[0] == 0:
             return blk
         center = None if self.center is None else _red._aligned(np.asarray(self.center, np.float64))
-        return _preprocess_block(blk, np, float(self.clip), center, bool(self.normalize),
-                                 first_row=first_row)
+        out = _preprocess_block(blk, np, float(self.clip), center, bool(self.normalize),
+                                first_row=first_row)
+        if self.device == "cuda":
+            return ops._cupy().asarray(out)  # noqa: SLF001 - the package's CuPy accessor
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,9 +123,11 @@ class NewtonRowWeights:
         return "newton:" + _fingerprint(np.asarray(self.w), np.asarray(self.bias, np.float64))
 
     def __call__(self, x, y):
-        z = np.asarray(x, np.float64) @ _red._aligned(np.asarray(self.w, np.float64)).T + self.bias
-        s = 0.5 + 0.5 * np.tanh(0.5 * z)
-        return np.minimum(s * (1.0 - s), 0.25)
+        xp = ops.array_module(x)
+        w = _red._on_device_of(x, _red._aligned(np.asarray(self.w, np.float64)))
+        z = xp.asarray(x, xp.float64) @ w.T + self.bias
+        s = 0.5 + 0.5 * xp.tanh(0.5 * z)
+        return xp.minimum(s * (1.0 - s), 0.25)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,7 +143,7 @@ class CountedLinearGrad(_red.LinearGrad):
 
     def leaf(self, x, y, weights):
         out = super().leaf(x, y, weights)
-        out["rows"] = np.asarray(x.shape[0], np.int64)
+        out["rows"] = np.asarray(int(x.shape[0]), np.int64)
         return out
 
     def finish(self, v):

@@ -55,6 +55,7 @@ __all__ = [
     "clipped_weighted_grams",
     "clipped_linear_grad",
     "DEFAULT_LEAVES_PER_TASK",
+    "local_cuda_cluster",
 ]
 
 #: Leaves per task by default: 8 leaves of 4096 rows (32768 rows) keep the per-task
@@ -339,3 +340,26 @@ def clipped_linear_grad(x, w, bias, clip_norm: float, *, labels=None, loss: str 
     cluster: one pass, ``w`` sent to the workers once (scattered when large)."""
     stat = LinearGrad(clip_norm, np.asarray(w), bias, loss=loss, feature_clip=feature_clip)
     return compute(stat, x, labels, client=client, **options)
+
+
+def local_cuda_cluster(**kwargs):
+    """A ``dask_cuda.LocalCUDACluster``: one worker process per visible GPU (``kwargs`` go
+    to it, e.g. ``CUDA_VISIBLE_DEVICES="0,1"``).
+
+    Fit an estimator with ``device="cuda"`` on a ShardedFeatures through a client of this
+    cluster: each worker reads its leaves, preprocesses them on the host and computes the
+    leaf statistic with the native CUDA kernels on its GPU (CuPy arrays); partials come
+    back as integer limbs and merge exactly, so any number of GPUs gives the same bits as
+    one (GPU leaves round differently from CPU leaves: compare GPU with GPU).
+
+    Raises
+    ------
+    ImportError
+        Without dask-cuda (``pip install "dpfc_native[multigpu]"``).
+    """
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as e:
+        raise ImportError('multi-GPU workers need dask-cuda: pip install "dpfc_native[multigpu]"') from e
+    kwargs.setdefault("threads_per_worker", 1)
+    return LocalCUDACluster(**kwargs)

@@ -915,7 +915,9 @@ class _DPClassifierBase:
         params = self._method_params()
         scaled = _fitstats.scaled_input(X)
         if scaled:
-            device, feature_names = "cpu", None
+            # device="cuda": leaves go to the GPU of whichever process reads them (one
+            # dask_cuda worker per GPU); otherwise the workers' CPUs.
+            device, feature_names = ("cuda" if self.device == "cuda" else "cpu"), None
             X, y_idx, classes, n, d = _fitstats.scaled_fit_data(X, y, self.classes)
             xp = np
         else:
@@ -938,7 +940,7 @@ class _DPClassifierBase:
             # Every statistic by the exact leaf reduction, rows preprocessed a leaf at a
             # time where they are read (this process, or the Dask workers).
             data = _fitstats.ReducedStatistics(
-                X, y_idx, _fitstats.RowTransform(clip, center, normalize),
+                X, y_idx, _fitstats.RowTransform(clip, center, normalize, device),
                 client=_fitstats.resolve_client(client) if scaled else None)
         else:
             # On the GPU, float32 features would have their clipped gradient sums

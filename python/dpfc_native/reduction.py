@@ -275,9 +275,16 @@ def _grid_exponent(bound: float) -> int:
     return e
 
 
+def _host(v):
+    """A leaf output on the host (CuPy arrays from GPU leaves are copied back)."""
+    if ops.is_gpu_array(v):
+        return ops._cupy().asnumpy(v)  # noqa: SLF001 - the package's CuPy accessor
+    return v
+
+
 def _grid_int(v, exponent: int, frac: int, rows: int, name: str) -> np.ndarray:
     """rint(v 2^(F - E)) as int64: one leaf's value on the grid."""
-    q = np.array(v, dtype=np.float64)  # own copy, scaled in place (power of two: exact)
+    q = np.array(_host(v), dtype=np.float64)  # own copy, scaled in place (power of two: exact)
     q *= 2.0 ** (frac - exponent)
     np.rint(q, out=q)
     if q.size:
@@ -325,7 +332,7 @@ class _Accumulator:
             np.bitwise_and(q, _LIMB_MASK, out=q)
             lo += q
         for name, acc in self.ints.items():
-            acc += np.asarray(out[name], np.int64).reshape(acc.shape)
+            acc += np.asarray(_host(out[name]), np.int64).reshape(acc.shape)
         self._since_carry += 1
         if self._since_carry >= 1 << 30:  # lo gains < 2^32 a leaf: carry long before 2^63
             self._carry()
@@ -579,9 +586,18 @@ def _aligned(a):
     return np.require(a, requirements=["C", "A"])
 
 
+def _on_device_of(x, a):
+    """``a`` (a parameter or the labels) on the device of the rows ``x``: GPU leaves (CuPy
+    rows, e.g. on a dask_cuda worker) take their parameters as CuPy arrays."""
+    if ops.is_gpu_array(x) and isinstance(a, np.ndarray):
+        return ops._cupy().asarray(a)  # noqa: SLF001
+    return a
+
+
 def _as_ops_float(x):
     """Leaf rows as ops accept them: half precision widened exactly to float32."""
-    x = np.asarray(x)
+    if not ops.is_gpu_array(x):
+        x = np.asarray(x)
     if x.dtype.kind != "f" or x.dtype.itemsize < 4:
         return x.astype(np.float32)
     return x
@@ -637,7 +653,7 @@ class Gram(_Statistic):
         return {"G": (d, d)}
 
     def leaf(self, x, y, weights):
-        x = x if np.asarray(x).dtype == np.float16 else _as_ops_float(x)
+        x = x if x.dtype == np.float16 else _as_ops_float(x)
         return {"G": ops.clipped_gram(x, self.clip_norm)}
 
     def finish(self, v):
@@ -667,7 +683,7 @@ class Stats(_Statistic):
         return {"counts": (self.num_classes,)}
 
     def leaf(self, x, y, weights):
-        x = x if np.asarray(x).dtype == np.float16 else _as_ops_float(x)
+        x = x if x.dtype == np.float16 else _as_ops_float(x)
         g, b, counts = ops.clipped_stats(x, y, self.num_classes, self.clip_norm)
         return {"G": g, "B": b, "counts": np.asarray(counts, np.int64)}
 
@@ -735,7 +751,6 @@ class ClassGrams(_Statistic):
     def leaf(self, x, y, weights):
         lo, hi = _class_range(self.classes, self.num_classes)
         d = x.shape[1]
-        y = np.asarray(y)
         if (lo, hi) != (0, self.num_classes):
             sel = (y >= lo) & (y < hi)
             x, y = x[sel], y[sel] - lo
@@ -801,13 +816,14 @@ class WeightedGrams(_Statistic):
     def leaf(self, x, y, weights):
         if self.weight_fn is not None:
             weights = self.weight_fn(x, y)
-        w = np.asarray(weights, dtype=np.float64)
+        xp = ops.array_module(x)
+        w = xp.asarray(weights, dtype=xp.float64)
         if w.shape != (x.shape[0], self.num_weights):
             raise ValueError(f"weights must have shape ({x.shape[0]}, {self.num_weights}), got {w.shape}")
         if w.size and float(w.max()) > self.weight_bound:
             raise ValueError(f"a weight ({float(w.max())!r}) exceeds weight_bound={self.weight_bound!r}")
         lo, hi = _class_range(self.classes, self.num_weights)
-        return {"H": ops.clipped_weighted_grams(_as_ops_float(x), np.ascontiguousarray(w[:, lo:hi]),
+        return {"H": ops.clipped_weighted_grams(_as_ops_float(x), xp.ascontiguousarray(w[:, lo:hi]),
                                                 self.clip_norm)}
 
     def finish(self, v):
@@ -834,10 +850,16 @@ class NewtonWeights:
         return f"newton:{self.clip_norm!r}:{_hash_arrays(self.w, self.bias)}"
 
     def __call__(self, x, y):
-        xc, _ = ops.clip_rows(np.asarray(x, dtype=np.float64), self.clip_norm)
-        from scipy.special import expit
+        xp = ops.array_module(x)
+        xc, _ = ops.clip_rows(xp.asarray(x, dtype=xp.float64), self.clip_norm)
+        w, bias = _on_device_of(x, _aligned(self.w)), _on_device_of(x, _aligned(self.bias))
+        z = xc @ w.T + bias
+        if xp is np:
+            from scipy.special import expit
 
-        p = expit(xc @ _aligned(self.w).T + _aligned(self.bias))
+            p = expit(z)
+        else:
+            p = 0.5 + 0.5 * xp.tanh(0.5 * z)
         return p * (1.0 - p)
 
 
@@ -873,8 +895,8 @@ class LinearGrad(_Statistic):
         return {"n_clipped": ()}
 
     def leaf(self, x, y, weights):
-        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, _aligned(self.w),
-                                                  _aligned(self.bias), self.clip_norm,
+        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, _on_device_of(x, _aligned(self.w)),
+                                                  _on_device_of(x, _aligned(self.bias)), self.clip_norm,
                                                   loss=self.loss, feature_clip=self.feature_clip)
         return {"grad": grad, "n_clipped": np.asarray(n_clipped, np.int64)}
 
@@ -920,9 +942,12 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         w = weights.leaf_weights(leaf) if hasattr(weights, "leaf_weights") else np.asarray(weights)
         if mask is not None:
             w = w[mask]
-    x, y = _aligned(np.asarray(x)), _aligned(np.asarray(y))
-    if w is not None:
-        w = _aligned(np.asarray(w))
+    if ops.is_gpu_array(x):  # a GPU leaf: labels and weights join it on the device
+        y, w = _on_device_of(x, np.asarray(_host(y))), (None if w is None else _on_device_of(x, np.asarray(w)))
+    else:
+        x, y = _aligned(np.asarray(x)), _aligned(np.asarray(y))
+        if w is not None:
+            w = _aligned(np.asarray(w))
     try:
         return stat.leaf(x, y, w), int(x.shape[0])
     except ValueError as e:
