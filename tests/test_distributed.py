@@ -342,7 +342,7 @@ def _fit(cls, kw, X, y=None, **fit_kw):
     kw = dict(kw)
     device = kw.pop("device", "cpu")
     est = cls(epsilon=2.0, delta=1e-5, clip_norm=1.3, classes=np.arange(K), random_state=77,
-              keep_stats=True, device=device, center=np.full(D, 0.1), **kw)
+              keep_stats=True, device=device, center=np.full(X.shape[1], 0.1), **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random_state=int: PrivacyWarning, on purpose
         return est.fit(X, y, **fit_kw)
@@ -462,3 +462,34 @@ def test_multi_gpu_workers_match_the_local_gpu_fit(data):
                 remote = _fit(cls, kw, sf, client=gpu_client)
                 _same_fit(local, remote)
                 assert local.device_ == "cuda"
+
+
+def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
+    """A worker limited to 200 MB (Dask pauses it at 80% and kills it at 95%; the bare
+    worker takes ~125 MB) fits on 260 MB of shards: tasks read one leaf at a time and
+    ship only partials."""
+    n_shards, rows, d = 5, 203_000, 64
+    rng = np.random.default_rng(31)
+    for i in range(n_shards):
+        x = np.lib.format.open_memmap(str(tmp_path / f"s{i}.features.npy"), mode="w+",
+                                      dtype=np.float32, shape=(rows + 7 * i, d))
+        for a in range(0, x.shape[0], 65536):
+            b = min(x.shape[0], a + 65536)
+            x[a:b] = rng.standard_normal((b - a, d), dtype=np.float32)
+        x.flush()
+        del x
+        np.save(tmp_path / f"s{i}.labels.npy", rng.integers(0, K, rows + 7 * i))
+    sf = open_sharded(str(tmp_path / "*.npy"), num_classes=K, checksum=False)
+    data_bytes = sf.n_rows * d * 4
+    limit = 200 * 1000**2
+    assert data_bytes > limit * 1.25
+    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
+                                  memory_limit=limit, dashboard_address=None,
+                                  silence_logs=logging.CRITICAL) as cluster:
+        with distributed.Client(cluster) as c:
+            est = _fit(models.DPLeastSquaresClassifier, {"reg": 5.0}, sf, client=c)
+            after = max(c.run(lambda dask_worker: dask_worker.monitor.get_process_memory()).values())
+    assert np.isfinite(est.coef_).all() and est.n_samples_ == sf.n_rows
+    assert after < limit, after
+    print(f"dataset {data_bytes / 1e6:.0f} MB, worker limit {limit / 1e6:.0f} MB, "
+          f"worker memory after the fit {after / 1e6:.0f} MB")
