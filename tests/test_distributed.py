@@ -493,3 +493,18 @@ def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
     assert after < limit, after
     print(f"dataset {data_bytes / 1e6:.0f} MB, worker limit {limit / 1e6:.0f} MB, "
           f"worker memory after the fit {after / 1e6:.0f} MB")
+
+
+@pytest.mark.parametrize("name", ["ls_per_class", "newton"])
+def test_class_blocks_give_the_same_fit(client, data, monkeypatch, name):
+    """K x d x d statistics split into blocks of 2 classes (each its own reduction, locally
+    and through Dask) give the unsplit fit's bits."""
+    _, cls, kw = next(c for c in FIT_CASES if c[0] == name)
+    monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", LEAF)
+    sf, _, _ = data
+    whole = _fit(cls, kw, sf, client=False)
+    assert _fitstats.class_block(K, D) is None
+    monkeypatch.setattr(_fitstats, "CLASS_BLOCK_BYTES", 2 * 16 * D * D)
+    assert _fitstats.class_block(K, D) == 2
+    _same_fit(whole, _fit(cls, kw, sf, client=False))
+    _same_fit(whole, _fit(cls, kw, sf, client=client))
