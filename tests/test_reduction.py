@@ -457,3 +457,20 @@ def test_reads_never_exceed_one_leaf(sharded):
     src.sizes.clear()
     R.range_partial(R.Gram(1.0), src, lay, 0, lay.n_leaves, sampling=R.PoissonSampling.new(0.5, seed=1))
     assert max(src.sizes) <= LEAF and sum(src.sizes) < 0.6 * len(x)
+
+
+def test_leaves_do_not_depend_on_blas_threads_or_local_threads(rng):
+    """A 1808 x 512 gradient leaf rounds differently on one and two OpenBLAS threads:
+    leaves are computed on one BLAS thread whatever the process's setting, and leaves
+    computed side by side (``threads``) merge to the same bits."""
+    from threadpoolctl import threadpool_limits
+
+    x = rng.standard_normal((4096 + 4096 + 1808, 512)).astype(np.float32)
+    y = rng.integers(0, 10, x.shape[0])
+    stat = R.LinearGrad(0.09, np.zeros((10, 512)), -2.2, feature_clip=1.0)
+    results = []
+    for blas in (2, 1):
+        with threadpool_limits(limits=blas, user_api="blas"):
+            for threads in (1, 3):
+                results.append(_bits(R.reduce(stat, x, y, threads=threads)[0]))
+    assert len(set(results)) == 1
