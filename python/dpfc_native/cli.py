@@ -390,7 +390,9 @@ def train(
     console = _console()
     keys = (features_key, labels_key)
     text = str(features)
-    sharded = (any(c in text for c in "*?[") or features.is_dir()
+    # Shards: a glob, a zarr directory, or any path with --scheduler / --workers (a
+    # directory is then read as all the shards in it).
+    sharded = (any(c in text for c in "*?[") or text.rstrip("/").endswith(".zarr")
                or scheduler is not None or workers is not None)
     if sharded:
         # Shards carry class indices: --classes names them, --num-classes counts them.
