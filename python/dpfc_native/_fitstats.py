@@ -234,8 +234,10 @@ class ReducedStatistics:
         source = self.x
         if self.is_dask:
             source = _DaskArraySource(self.x, self.labels)
+        # GPU leaves: one thread (the device serialises them anyway).
+        threads = 1 if getattr(self.transform, "device", "cpu") == "cuda" else None
         out = _red.reduce(stat, _red.TransformedSource(source, self.transform),
-                          leaf_rows=self.leaf_rows, sampling=sampling)
+                          leaf_rows=self.leaf_rows, sampling=sampling, threads=threads)
         if self.progress_cb is not None:
             n_leaves = _red.LeafLayout(source.shard_rows, self.leaf_rows).n_leaves
             self.progress_cb(n_leaves, n_leaves, what)
