@@ -15,6 +15,9 @@ the machine is shared and noisy):
                    processes; rows/s per worker; the 1-worker time / single-process time is
                    the Dask overhead (target <= 1.1x).
   dpfc pass Nw     one clipped-gradient pass (DP-FC / DP-SGD step, K classes) through Dask.
+  fit dpfc local   DPFCClassifier(steps=--fit-steps).fit on the shards in this process
+                   (client=False); "fit dpfc Nw": the same fit through Dask (same coef_ bits,
+                   asserted), noise on the client.
 Also: bytes a partial carries (arrays, and pickled), the exact merge's cost (grid conversion
 and integer merge per leaf) against the leaf statistic's compute (target <= 5%), and the
 SHA-256 manifest's hashing rate when the shards are opened.
@@ -87,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--dir", default=None, help="where to write the shards (default: a temp dir)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fit-steps", type=int, default=3)
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.dim, args.repeats = 20000, 64, 2
@@ -94,8 +98,10 @@ def main(argv=None):
     from threadpoolctl import threadpool_limits
     from distributed import Client, LocalCluster
 
+    import warnings
+
     from dpfc_native import distributed as dd
-    from dpfc_native import ops
+    from dpfc_native import models, ops
     from dpfc_native import reduction as R
     from dpfc_native.shards import open_sharded
 
@@ -157,6 +163,19 @@ def main(argv=None):
             result["partial_bytes"] = {"arrays": partial.nbytes, "pickled": len(pickle.dumps(partial)),
                                        "float64_statistic": d * d * 8}
 
+        def fit(client):
+            est = models.DPFCClassifier(epsilon=1.0, steps=args.fit_steps, reg=10.0,
+                                        classes=np.arange(k), random_state=3)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # random_state=int: a PrivacyWarning
+                return est.fit(sf, client=client)
+
+        # No outer thread limit: the local path computes leaves side by side on threads
+        # (each on one BLAS thread) and the client's solves use this process's BLAS
+        # threads, as in the Dask fits below (a limit here would change the solves' bits).
+        tm, fit_local = _timeit(lambda: fit(False), max(2, args.repeats // 2))
+        table.append({"config": f"fit dpfc local ({args.fit_steps} steps)", "workers": 1, **tm,
+                      "rows_per_s_per_worker": n * (args.fit_steps + 1) / tm["min_s"]})
         w_grad = np.random.default_rng(1).standard_normal((k, d)) * 0.1
         for nw in workers:
             with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
@@ -183,6 +202,11 @@ def main(argv=None):
                 tm, _ = _timeit(grad_pass, args.repeats)
                 table.append({"config": f"dpfc pass {nw}w (K={k})", "workers": nw, **tm,
                               "rows_per_s_per_worker": n / tm["min_s"] / nw})
+
+                tm, est = _timeit(lambda: fit(client), max(2, args.repeats // 2))
+                assert est.coef_.tobytes() == fit_local.coef_.tobytes(), "Dask fit differs"
+                table.append({"config": f"fit dpfc {nw}w ({args.fit_steps} steps)", "workers": nw,
+                              **tm, "rows_per_s_per_worker": n * (args.fit_steps + 1) / tm["min_s"] / nw})
 
     print(f"bench_distributed: {n} x {d} float32 in {args.shards} shards, leaf {args.leaf_rows} rows, "
           f"{args.leaves_per_task} leaves/task, {result['machine']['cores']} cores ({result['machine']['cpu']})")

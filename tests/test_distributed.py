@@ -125,6 +125,19 @@ def test_partitioning_and_worker_count_invariance(client, data):
             assert _bits(got) == local, (per_task, workers)
 
 
+def test_large_statistic_parameters_are_scattered_once(client, data, monkeypatch):
+    sf, x, y = data
+    monkeypatch.setattr(dd, "_SCATTER_BYTES", 0)  # every W counts as large
+    w = np.random.default_rng(8).standard_normal((K, D))
+    stat = R.LinearGrad(0.3, w, 0.1)
+    assert _bits(dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=5)) == _bits(
+        R.reduce(stat, sf, leaf_rows=LEAF))
+    with pytest.raises(TypeError, match="ArraySource"):
+        dd.compute(stat, R.ArraySource(x, y), client=client)
+    with pytest.raises(TypeError, match="dask array"):
+        dd.compute(stat, x, y, client=client)
+
+
 def test_dask_array_input(client, data):
     _, x, y = data
     xd = da.from_array(x, chunks=(333, D))  # row chunks act as shards
@@ -302,3 +315,266 @@ def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_
             assert change <= sens, (type(stat).__name__, t, change, sens)
             checked += 1
     assert checked == len(rows) * len(stats)
+
+
+# --------------------------------------------------------------------------------------
+# Estimators: a fit through Dask is the local fit, bit for bit
+# --------------------------------------------------------------------------------------
+
+from dpfc_native import _fitstats  # noqa: E402
+from dpfc_native import models  # noqa: E402
+
+FIT_CASES = [
+    ("ls_global", models.DPLeastSquaresClassifier, {"reg": 5.0}),
+    ("ls_per_class", models.DPLeastSquaresClassifier, {"variant": "per_class", "reg": 5.0}),
+    ("newton", models.DPNewtonClassifier, {"steps": 2, "reg": 5.0}),
+    ("fc", models.DPFCClassifier, {"steps": 3, "reg": 5.0}),
+    ("sgd_full", models.DPSGDClassifier, {"steps": 2}),
+    ("sgd_poisson", models.DPSGDClassifier, {"steps": 3, "sample_rate": 0.3, "loss": "sigmoid",
+                                             "accountant": "rdp",
+                                             "optimizer": "adam"}),
+]
+
+
+def _fit(cls, kw, X, y=None, **fit_kw):
+    import warnings
+
+    kw = dict(kw)
+    device = kw.pop("device", "cpu")
+    est = cls(epsilon=2.0, delta=1e-5, clip_norm=1.3, classes=np.arange(K), random_state=77,
+              keep_stats=True, device=device, center=np.full(X.shape[1], 0.1), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random_state=int: PrivacyWarning, on purpose
+        return est.fit(X, y, **fit_kw)
+
+
+def _same_fit(a, b):
+    assert a.coef_.tobytes() == b.coef_.tobytes()
+    assert a.intercept_.tobytes() == b.intercept_.tobytes()
+    assert a.privacy_ == b.privacy_
+    assert a.stats_.keys() == b.stats_.keys()
+    for key in a.stats_:
+        assert _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(a.stats_[key]))) == \
+            _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(b.stats_[key]))), key
+    assert getattr(a, "diagnostics_", None) == getattr(b, "diagnostics_", None)
+
+
+@pytest.mark.parametrize("name,cls,kw", FIT_CASES, ids=[c[0] for c in FIT_CASES])
+def test_fit_through_dask_equals_local_fit(client, data, monkeypatch, name, cls, kw):
+    """coef_, released statistics and ledger: the same bits from the local path (NumPy
+    array, one shard; ShardedFeatures in this process) and through Dask (shards of
+    unequal length, a dask array), for every estimator."""
+    monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", LEAF)  # many leaves, ragged last ones
+    sf, x, y = data
+    one = open_sharded(os.path.join(os.path.dirname(sf.shards[0].path), "part2.*.npy"),
+                       num_classes=K)
+    a, b = sum(SHARDS[:2]), sum(SHARDS[:3])
+    local_np = _fit(cls, kw, x[a:b], y[a:b])
+    _same_fit(local_np, _fit(cls, kw, one, client=client))
+    local_sf = _fit(cls, kw, sf, client=False)
+    _same_fit(local_sf, _fit(cls, kw, sf))  # client=None: the default (module) client
+    _same_fit(local_sf, _fit(cls, kw, da.from_array(x, chunks=(SHARDS, D)), y, client=client))
+    assert local_sf.n_samples_ == len(y) and local_sf.coef_.shape == (K, D)
+    assert np.isfinite(local_sf.coef_).all() and np.any(local_sf.coef_ != 0)
+
+
+def test_cli_train_on_shards_with_workers_matches_this_process(tmp_path, data):
+    """``dpfc train "shards/*.npy" --workers 2`` (a LocalCluster of its own) saves the same
+    model as the same command in this process, and reports progress over leaves."""
+    from typer.testing import CliRunner
+
+    from dpfc_native.cli import app
+
+    sf, _, _ = data
+    pattern = os.path.join(os.path.dirname(sf.shards[0].path), "*.npy")
+    runner = CliRunner()
+    outs = []
+    for extra in (["--workers", "2"], []):
+        out = tmp_path / f"m{len(outs)}.npz"
+        res = runner.invoke(app, ["train", pattern, "--num-classes", str(K), "--method", "ls",
+                                  "--seed", "5", "--reg", "3", "-o", str(out)] + extra)
+        assert res.exit_code == 0, res.output
+        assert "leaves, done" in res.output and "4 shard(s)" in res.output
+        outs.append(np.load(out))
+    assert outs[0]["coef"].tobytes() == outs[1]["coef"].tobytes()
+    assert np.isfinite(outs[0]["coef"]).all() and outs[0]["coef"].shape == (K, D)
+
+
+def test_parameters_arriving_unaligned_through_dask_give_the_same_bits(client, tmp_path):
+    """Arrays shipped inside a task's arguments can sit at any byte offset of Dask's
+    message frame (W arrived at offset 19, and NumPy then multiplied without BLAS, in
+    another summation order): leaves align them, so a worker's leaf is the client's."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3001, 16)) * 0.3  # sizes where NumPy's loops and BLAS differ
+    y = rng.integers(0, K, 3001)
+    w = rng.standard_normal((K, 16))
+    src = _write_shards(str(tmp_path), x, y, [3001])  # the task carries a manifest, no data
+    lay = R.LeafLayout(src.shard_rows)
+    for stat in (R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
+                 R.WeightedGrams(1.1, K, weight_fn=R.NewtonWeights(w, 0.5, 1.1))):
+        ref = R.leaf_partial(stat, src, lay, 0).values(1)
+        for _ in range(3):
+            got = client.submit(R.leaf_partial, stat, src, lay, 0, pure=False).result().values(1)
+            assert _bits(tuple(got.values())) == _bits(tuple(ref.values()))
+
+
+def _unaligned(a, offset=3):
+    buf = np.zeros(a.nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+def test_unaligned_parameters_give_the_same_bits():
+    """The same statistic with W at byte offset 3 (as Dask may deliver it) and aligned:
+    the leaves align their inputs, so no bit changes."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3001, 16)) + rng.integers(0, 4, (3001, 1)) * 0.5).astype(np.float32)
+    x = x.astype(np.float64)
+    y = rng.integers(0, 4, 3001)
+    w = np.random.default_rng(12).standard_normal((4, 16))
+    for stat in (R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
+                 R.WeightedGrams(1.1, 4, weight_fn=R.NewtonWeights(w, 0.5, 1.1))):
+        ref = R.reduce(stat, x, y)
+        moved = copy.copy(stat)
+        if isinstance(stat, R.LinearGrad):
+            object.__setattr__(moved, "w", _unaligned(w))
+        else:
+            object.__setattr__(moved, "weight_fn", copy.copy(stat.weight_fn))
+            object.__setattr__(moved.weight_fn, "w", _unaligned(w))
+        assert _bits(R.reduce(moved, x, y)) == _bits(ref)
+
+
+@pytest.mark.gpu
+def test_multi_gpu_workers_match_the_local_gpu_fit(data):
+    """One dask_cuda worker per GPU (here: every visible GPU, at least one): leaves as CuPy
+    arrays through the native kernels, partials merged exactly; the fit equals the same
+    GPU-leaf fit in this process bit for bit."""
+    pytest.importorskip("dask_cuda")
+    sf, _, _ = data
+    with dd.local_cuda_cluster(dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+        with distributed.Client(cluster) as gpu_client:
+            for name, cls, kw in FIT_CASES:
+                kw = dict(kw, device="cuda")
+                local = _fit(cls, kw, sf, client=False)
+                remote = _fit(cls, kw, sf, client=gpu_client)
+                _same_fit(local, remote)
+                assert local.device_ == "cuda"
+
+
+def _worker_memory_with_the_package():
+    """Bytes held by a fresh worker once it has imported what a fit task imports."""
+
+    def imported(dask_worker):
+        import dpfc_native._fitstats  # noqa: F401  (what the fit's tasks import)
+        import dpfc_native.models  # noqa: F401
+
+        return dask_worker.monitor.get_process_memory()
+
+    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
+                                  dashboard_address=None,
+                                  silence_logs=logging.CRITICAL) as cluster:
+        with distributed.Client(cluster) as c:
+            return max(c.run(imported).values())
+
+
+def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
+    """A worker whose memory limit is its own footprint (after importing the package) plus
+    100 MB (Dask pauses it at 80% and kills it at 95%) fits on shards 1.3 times that
+    limit: tasks read one leaf at a time and ship only partials."""
+    limit = _worker_memory_with_the_package() + 100 * 1000**2
+    n_shards, d = 5, 64
+    rows = int(1.3 * limit / (n_shards * d * 4)) + 1
+    rng = np.random.default_rng(31)
+    for i in range(n_shards):
+        x = np.lib.format.open_memmap(str(tmp_path / f"s{i}.features.npy"), mode="w+",
+                                      dtype=np.float32, shape=(rows + 7 * i, d))
+        for a in range(0, x.shape[0], 65536):
+            b = min(x.shape[0], a + 65536)
+            x[a:b] = rng.standard_normal((b - a, d), dtype=np.float32)
+        x.flush()
+        del x
+        np.save(tmp_path / f"s{i}.labels.npy", rng.integers(0, K, rows + 7 * i))
+    sf = open_sharded(str(tmp_path / "*.npy"), num_classes=K, checksum=False)
+    data_bytes = sf.n_rows * d * 4
+    assert data_bytes > limit * 1.25
+    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
+                                  memory_limit=limit, dashboard_address=None,
+                                  silence_logs=logging.CRITICAL) as cluster:
+        with distributed.Client(cluster) as c:
+            est = _fit(models.DPLeastSquaresClassifier, {"reg": 5.0}, sf, client=c)
+            after = max(c.run(lambda dask_worker: dask_worker.monitor.get_process_memory()).values())
+    assert np.isfinite(est.coef_).all() and est.n_samples_ == sf.n_rows
+    assert after < limit, after
+    print(f"dataset {data_bytes / 1e6:.0f} MB, worker limit {limit / 1e6:.0f} MB, "
+          f"worker memory after the fit {after / 1e6:.0f} MB")
+
+
+@pytest.mark.parametrize("name", ["ls_per_class", "newton"])
+def test_class_blocks_give_the_same_fit(client, data, monkeypatch, name):
+    """K x d x d statistics split into blocks of 2 classes (each its own reduction, locally
+    and through Dask) give the unsplit fit's bits."""
+    _, cls, kw = next(c for c in FIT_CASES if c[0] == name)
+    monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", LEAF)
+    sf, _, _ = data
+    whole = _fit(cls, kw, sf, client=False)
+    assert _fitstats.class_block(K, D) is None
+    monkeypatch.setattr(_fitstats, "CLASS_BLOCK_BYTES", 2 * 16 * D * D)
+    assert _fitstats.class_block(K, D) == 2
+    _same_fit(whole, _fit(cls, kw, sf, client=False))
+    _same_fit(whole, _fit(cls, kw, sf, client=client))
+
+
+def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_path, monkeypatch):
+    """The estimators' replay test through the Dask backend at small n: D in three shards,
+    D' = D plus one adversarial example at a shard's start or end (the leaves after it
+    shift); with the releases of D replayed on D' (same trajectory), every released
+    statistic moves, before noise, by at most its declared sensitivity."""
+    from test_privacy_replay import ESTIMATORS, ReleaseRecorder, _expected_sensitivity
+
+    monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", 16)
+    rng = np.random.default_rng(23)
+    sizes, d, k, c = [20, 17, 13], 5, 4, 0.8
+    x = rng.standard_normal((sum(sizes), d)) * np.exp(rng.uniform(-2, 2, (sum(sizes), 1)))
+    y = rng.integers(0, k - 1, sum(sizes))
+    y[:k - 1] = np.arange(k - 1)
+    direction = np.linalg.eigh(x.T @ x)[1][:, 0]
+    neighbours = [(direction * 1e30, k - 1, 0, 0), (direction * c, 0, sum(sizes), 2)]
+    folders = {}
+    for t, (row, label, pos, shard) in enumerate(neighbours):
+        sizes2 = list(sizes)
+        sizes2[shard] += 1
+        x2, y2 = np.insert(x, pos, row, axis=0), np.insert(y, pos, label)
+        folders[t] = _write_shards_k(str(tmp_path / f"n{t}"), x2, y2, sizes2, k)
+    base_sf = _write_shards_k(str(tmp_path / "d"), x, y, sizes, k)
+    checked = 0
+    for name, cls, kw in ESTIMATORS:
+        common = dict(epsilon=2.0, delta=1e-5, clip_norm=c, normalize=False, classes=np.arange(k),
+                      random_state=1234, device="cpu", **kw)
+        base = ReleaseRecorder(monkeypatch)
+        with pytest.warns(Warning):
+            est = cls(**common).fit(base_sf, client=client)
+        for t in folders:
+            rec = ReleaseRecorder(monkeypatch, replay=base.records)
+            with pytest.warns(Warning):
+                cls(**common).fit(folders[t], client=client)
+            for step, (r0, r1) in enumerate(zip(base.records, rec.records)):
+                if name.startswith("sgd") and step > 0:
+                    break  # the expected batch size q n differs between D and D'
+                sens = _expected_sensitivity(r0["name"], k, c, est)
+                moved = float(np.linalg.norm((r1["stat"] - r0["stat"]).ravel()))
+                assert moved <= sens, (name, t, r0["name"], moved, sens)
+                checked += 1
+    assert checked >= 2 * len(ESTIMATORS)
+
+
+def _write_shards_k(folder, x, y, sizes, k):
+    os.makedirs(folder, exist_ok=True)
+    a = 0
+    for i, m in enumerate(sizes):
+        np.save(os.path.join(folder, f"p{i}.features.npy"), x[a : a + m])
+        np.save(os.path.join(folder, f"p{i}.labels.npy"), y[a : a + m])
+        a += m
+    return open_sharded(os.path.join(folder, "*.npy"), num_classes=k, checksum=False)

@@ -342,6 +342,44 @@ def test_large_n_rounding_within_the_leaf_bound():
     assert bound < one_pass_bound / 400  # m / n of the one-pass bound, about
 
 
+def test_merge_rounding_at_three_hundred_million_rows_by_construction():
+    """n = 3e8 rows in leaves of m = 4096 (73,243 leaf partials, built directly: each
+    leaf's float64 value is what a leaf of m rows of norm C could give, placed 0.4999 grid
+    steps above a grid point so every conversion rounds the same way and the errors add
+    up). The finished sum is within the grid and final-conversion terms of the exact sum
+    of the leaf values, and the whole a-priori bound (leaf float sums included) is about
+    m n u C^2 = 1.4e-4 C^2, against one float64 pass's n^2 u C^2 (about 10 C^2)."""
+    n, m, c2 = 300_000_000, 4096, 1.0
+    layout = R.LeafLayout([n], m)
+    leaves = layout.n_leaves
+    rows = (layout.stop - layout.start).astype(np.float64)
+    e = R._grid_exponent(c2)  # noqa: SLF001 - the grid under test
+    step = 2.0 ** (e - layout.fraction_bits)
+    rng = np.random.default_rng(300)
+    # Leaf values near zero (rows that cancel), so the final conversion's rounding does
+    # not hide the grid's: a grid point plus 0.4999 steps, exact in float64.
+    k = rng.integers(-1000, 1000, (leaves, 2, 2)).astype(np.float64)
+    values = (k + 0.4999) * step
+    assert np.all(np.abs(values) <= rows[:, None, None] * c2)
+    acc = R._accumulator(R.Gram(1.0), layout, None, 2)  # noqa: SLF001
+    for i in range(leaves):
+        acc.add({"G": values[i]}, int(rows[i]), i)
+    got = acc.partial().values(leaves)["G"]
+    exact = np.array([[math.fsum(values[:, a, b]) for b in range(2)] for a in range(2)])
+    err = float(np.linalg.norm(got - exact))
+    merge_bound = 2 * leaves * step / 2 + 2.0**-53 * float(np.linalg.norm(exact)) * 1.01
+    assert err <= merge_bound
+    assert err >= 0.5 * 2 * leaves * 0.4999 * step  # the construction did accumulate
+    naive = values.sum(axis=0)  # float64 pairwise sum of the same leaf values, for scale
+    bound = R.rounding_bound(n, m, c2, 4)
+    one_pass = (n + 1) * 2.0**-53 * n * c2
+    print(f"n = 3e8: merge error {err:.3g} C^2 (grid + final bound {merge_bound:.3g}); "
+          f"float sum of the leaves off by {np.linalg.norm(naive - exact):.3g}; a-priori "
+          f"bound {bound:.3g} C^2 vs one float64 pass {one_pass:.3g} C^2")
+    assert err <= bound
+    assert 1.0e-4 < bound < 2.0e-4 and 9.0 < one_pass < 11.0
+
+
 # --------------------------------------------------------------------------------------
 # Poisson sampling
 # --------------------------------------------------------------------------------------
@@ -419,3 +457,20 @@ def test_reads_never_exceed_one_leaf(sharded):
     src.sizes.clear()
     R.range_partial(R.Gram(1.0), src, lay, 0, lay.n_leaves, sampling=R.PoissonSampling.new(0.5, seed=1))
     assert max(src.sizes) <= LEAF and sum(src.sizes) < 0.6 * len(x)
+
+
+def test_leaves_do_not_depend_on_blas_threads_or_local_threads(rng):
+    """A 1808 x 512 gradient leaf rounds differently on one and two OpenBLAS threads:
+    leaves are computed on one BLAS thread whatever the process's setting, and leaves
+    computed side by side (``threads``) merge to the same bits."""
+    from threadpoolctl import threadpool_limits
+
+    x = rng.standard_normal((4096 + 4096 + 1808, 512)).astype(np.float32)
+    y = rng.integers(0, 10, x.shape[0])
+    stat = R.LinearGrad(0.09, np.zeros((10, 512)), -2.2, feature_clip=1.0)
+    results = []
+    for blas in (2, 1):
+        with threadpool_limits(limits=blas, user_api="blas"):
+            for threads in (1, 3):
+                results.append(_bits(R.reduce(stat, x, y, threads=threads)[0]))
+    assert len(set(results)) == 1

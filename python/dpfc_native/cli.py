@@ -184,6 +184,62 @@ def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
         _fail(f"cannot load {what} {path}: {exc}")
 
 
+def _open_shards(pattern: str, num_classes: Optional[int]):
+    """A ShardedFeatures for a glob, a directory of shards or one shard, or a one-line error."""
+    from .shards import open_sharded
+
+    target = pattern
+    if os.path.isdir(pattern) and not pattern.rstrip("/").endswith(".zarr"):
+        target = os.path.join(pattern, "*")
+    try:
+        return open_sharded(target, num_classes=num_classes)
+    except _USER_ERRORS as exc:
+        _fail(f"cannot open shards {pattern}: {_message(exc)}")
+
+
+class _LeafLines:
+    """Progress over leaves as plain lines on stderr: one per finished pass, and one every
+    ``interval`` seconds during a long pass."""
+
+    def __init__(self, interval: float = 5.0):
+        self.interval, self.passes, self._last = float(interval), 0, time.monotonic()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        now = time.monotonic()
+        if done >= total:
+            self.passes += 1
+        elif now - self._last < self.interval:
+            return
+        self._last = now
+        status = "done" if done >= total else f"{100.0 * done / total:.0f}%"
+        print(f"pass {self.passes + (done < total)} ({what}): {done}/{total} leaves, {status}",
+              file=sys.stderr, flush=True)
+
+
+def _dask_client(scheduler: Optional[str], workers: Optional[int]):
+    """(client, cluster) for --scheduler / --workers, or (None, None)."""
+    if scheduler is None and workers is None:
+        return None, None
+    if scheduler is not None and workers is not None:
+        _fail("give --scheduler or --workers, not both")
+    try:
+        import distributed
+    except ImportError:
+        _fail('--scheduler / --workers need the Dask extra: pip install "dpfc_native[distributed]"')
+    if workers is not None:
+        if workers < 1:
+            _fail(f"--workers must be >= 1, got {workers}")
+        import logging
+
+        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR)
+        return distributed.Client(cluster), cluster
+    try:
+        return distributed.Client(scheduler, timeout="30s"), None
+    except (OSError, TimeoutError) as exc:
+        _fail(f"cannot connect to the Dask scheduler {scheduler}: {exc}")
+
+
 def _class_set(classes: Optional[str], num_classes: Optional[int], y: np.ndarray):
     """The public label set from --classes / --num-classes, in the labels' type (or None)."""
     if classes is not None and num_classes is not None:
@@ -264,7 +320,9 @@ def _cli_message(text: str) -> str:
 def train(
     features: Path = typer.Argument(..., help="Private training features: .npz (features, "
                                     "labels), .npy (+ --labels or <stem>.labels.npy) or "
-                                    ".safetensors."),
+                                    ".safetensors; or shards: a quoted glob such as "
+                                    "\"shards/*.npy\" (see dpfc_native.shards), read a "
+                                    "leaf at a time."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels .npy for a .npy "
                                           "features file."),
     test: Optional[Path] = typer.Option(None, "--test", help="Test features (same formats)."),
@@ -309,8 +367,14 @@ def train(
     output: Path = typer.Option(Path("model.npz"), "--output", "-o", help="Where to save the "
                                 "model (.npz; see dpfc_native.model_io for the format)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address "
+                                            "(tcp://host:8786): the statistics are computed "
+                                            "on that cluster; noise is added here."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Start a local Dask "
+                                          "cluster of N worker processes for the statistics."),
 ):
-    """Train one DP classifier on a features file; print accuracy, time and the ledger."""
+    """Train one DP classifier on a features file (or shards); print accuracy, time and the
+    ledger."""
     from . import report
 
     if method not in TRAIN_METHODS:
@@ -327,11 +391,27 @@ def train(
     output = _output_path(output, force)
     console = _console()
     keys = (features_key, labels_key)
-    x, y = _load_labeled(features, labels, "features", keys)
-    class_set = _class_set(classes, num_classes, y)
-    known = np.unique(y) if class_set is None else np.asarray(class_set)
+    text = str(features)
+    # Shards: a glob, a zarr directory, or any path with --scheduler / --workers (a
+    # directory is then read as all the shards in it).
+    sharded = (any(c in text for c in "*?[") or text.rstrip("/").endswith(".zarr")
+               or scheduler is not None or workers is not None)
+    if sharded:
+        # Shards carry class indices: --classes names them, --num-classes counts them.
+        x, y = _open_shards(text, num_classes), None
+        names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+        numeric = all(c.lstrip("-").isdigit() for c in names)
+        class_set = _class_set(classes, num_classes, np.zeros(0, np.int64 if numeric else "U1"))
+        known = np.arange(x.num_classes) if class_set is None else np.asarray(class_set)
+        if class_set is not None and len(class_set) < x.num_classes:
+            _fail(f"the shards' labels index {x.num_classes} classes but --classes lists "
+                  f"{len(class_set)}")
+    else:
+        x, y = _load_labeled(features, labels, "features", keys)
+        class_set = _class_set(classes, num_classes, y)
+        known = np.unique(y) if class_set is None else np.asarray(class_set)
     where = "the training labels" if class_set is None else "--classes"
-    if class_set is not None:
+    if class_set is not None and not sharded:
         _check_split(x, y, x.shape[1], known, f"{features}", "", where)
     test_set = val_set = None
     if test is not None:
@@ -378,15 +458,35 @@ def train(
                       "labels occur is NOT covered by the guarantee: name them with --classes "
                       "or --num-classes)", highlight=False)
     fit_args = {} if val_set is None else {"X_val": val_set[0], "y_val": val_set[1]}
+    client, cluster = _dask_client(scheduler, workers)
+    if sharded:
+        from . import _fitstats
+
+        fit_args["client"] = client if client is not None else False
+        where_run = ("this process" if client is None else
+                     f"{len(client.scheduler_info().get('workers', {}))} Dask worker(s)")
+        console.print(f"{len(x.shard_rows)} shard(s), statistics on {where_run}; noise added "
+                      "here", highlight=False)
+        leaf_lines = _fitstats.leaf_progress(_LeafLines())
+    else:
+        import contextlib
+
+        leaf_lines = contextlib.nullcontext()
     t0 = time.perf_counter()
     try:
-        if iterative:
-            est.fit(x, y, **fit_args)
-        else:
-            with console.status("statistics, noise, solve ..."):
+        with leaf_lines:
+            if iterative or sharded:
                 est.fit(x, y, **fit_args)
+            else:
+                with console.status("statistics, noise, solve ..."):
+                    est.fit(x, y, **fit_args)
     except _USER_ERRORS as exc:
         _fail(_cli_message(_message(exc)))
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     seconds = time.perf_counter() - t0
     if test_set is not None:
         try:
@@ -394,10 +494,12 @@ def train(
         except _USER_ERRORS as exc:
             _fail(f"--test: {_cli_message(_message(exc))}")
         console.print(f"test accuracy: [bold]{acc:.4f}[/bold] ({test_set[0].shape[0]} examples)")
-    else:
+    elif not sharded:
         acc = est.score(x, y)
         console.print(f"training accuracy: {acc:.4f} (on the private training data: this number "
                       "is NOT covered by the privacy guarantee; pass --test)")
+    else:
+        acc = None
     console.print(f"fit time: {seconds:.2f} s on {est.device_}")
     if getattr(est, "sweep_results_", None):
         console.print(f"sweep on the public validation split: reg_={getattr(est, 'reg_', None)}"

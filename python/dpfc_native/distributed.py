@@ -55,10 +55,11 @@ __all__ = [
     "clipped_weighted_grams",
     "clipped_linear_grad",
     "DEFAULT_LEAVES_PER_TASK",
+    "local_cuda_cluster",
 ]
 
-#: Leaves per task by default: 8 leaves of 4096 rows (32768 rows, ~100 MB of float32 at
-#: d = 768) keep per-task overhead small next to the compute.
+#: Leaves per task by default: 8 leaves of 4096 rows (32768 rows) keep the per-task
+#: overhead small next to the compute; a task holds one leaf's rows at a time.
 DEFAULT_LEAVES_PER_TASK = 8
 # Statistics whose pickle is larger than this (a LinearGrad's W) are scattered to every
 # worker once instead of travelling inside each task.
@@ -96,10 +97,13 @@ def _range_task(stat, source, layout, first, stop, sampling, weights):
     return _red.range_partial(stat, source, layout, first, stop, sampling=sampling, weights=weights)
 
 
-def _chunk_task(stat, index, x, y, shard_rows, layout, first, stop, sampling, weights):
+def _chunk_task(stat, index, x, y, shard_rows, layout, first, stop, sampling, weights,
+                transform=None):
     x = np.asarray(x)
     y = np.asarray(y)
     source = _DaskChunkSource(index, x, y, shard_rows)
+    if transform is not None:
+        source = _red.TransformedSource(source, transform)
     return _red.range_partial(stat, source, layout, first, stop, sampling=sampling, weights=weights)
 
 
@@ -127,7 +131,7 @@ def _source_token(source) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _dask_inputs(x, labels, num_classes):
+def _dask_inputs(x, labels):
     import dask.array as da
 
     if not isinstance(x, da.Array):
@@ -151,7 +155,8 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
             leaves_per_task: Optional[int] = DEFAULT_LEAVES_PER_TASK,
             sampling: Optional[PoissonSampling] = None, weights=None,
             progress: Optional[Callable[[int, int], None]] = None, workers=None,
-            task_ranges: Optional[Sequence[tuple]] = None, return_partial: bool = False):
+            task_ranges: Optional[Sequence[tuple]] = None, return_partial: bool = False,
+            transform: Optional[Callable] = None):
     """A statistic of :mod:`dpfc_native.reduction` over a cluster.
 
     Parameters
@@ -182,6 +187,10 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
     return_partial : bool
         Also return the merged :class:`~dpfc_native.reduction.Partial`, whose ``ranges``
         record the leaves covered (each exactly once).
+    transform : callable or None
+        A picklable per-row map applied on the workers as leaves are read (see
+        :class:`~dpfc_native.reduction.TransformedSource`); the local equivalent is
+        ``reduce(stat, TransformedSource(source, transform))``.
 
     Returns
     -------
@@ -190,15 +199,20 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
     from distributed import as_completed
 
     client = _get_client(client)
+    if isinstance(x, _red.ArraySource):
+        raise TypeError("an in-memory ArraySource would travel inside every task: pass a "
+                        "dask array (da.from_array / da.from_zarr) or a ShardedFeatures")
     if hasattr(x, "shard_rows") and hasattr(x, "read"):
         source, chunked = x, False
+        if transform is not None:
+            source = _red.TransformedSource(source, transform)
         shard_rows = tuple(source.shard_rows)
         token = _source_token(source)
     else:
-        x, labels = _dask_inputs(x, labels, None)
+        x, labels = _dask_inputs(x, labels)
         shard_rows = tuple(int(c) for c in x.chunks[0])
         chunked = True
-        token = f"{x.name}-{labels.name}"
+        token = f"{x.name}-{labels.name}-{getattr(transform, 'fingerprint', repr(transform))}"
     layout = LeafLayout(shard_rows, leaf_rows)
     if stat.needs_weights and weights is None:
         raise ValueError("this statistic needs weights (n, K) or a weight_fn")
@@ -225,7 +239,8 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
                 w = None if weights is None else _TaskWeights(weights, layout, first, stop)
                 parts.append(dask.delayed(_chunk_task, pure=True,
                                           name=f"dpfc-partial-{tag}-{first}-{stop}")(
-                    stat_arg, s, xd[s], yd[s], shard_rows, layout, first, stop, sampling, w))
+                    stat_arg, s, xd[s], yd[s], shard_rows, layout, first, stop, sampling, w,
+                    transform))
         futures = client.compute(parts, workers=workers)
     else:
         ranges = layout.tasks(leaves_per_task) if task_ranges is None else \
@@ -325,3 +340,26 @@ def clipped_linear_grad(x, w, bias, clip_norm: float, *, labels=None, loss: str 
     cluster: one pass, ``w`` sent to the workers once (scattered when large)."""
     stat = LinearGrad(clip_norm, np.asarray(w), bias, loss=loss, feature_clip=feature_clip)
     return compute(stat, x, labels, client=client, **options)
+
+
+def local_cuda_cluster(**kwargs):
+    """A ``dask_cuda.LocalCUDACluster``: one worker process per visible GPU (``kwargs`` go
+    to it, e.g. ``CUDA_VISIBLE_DEVICES="0,1"``).
+
+    Fit an estimator with ``device="cuda"`` on a ShardedFeatures through a client of this
+    cluster: each worker reads its leaves, preprocesses them on the host and computes the
+    leaf statistic with the native CUDA kernels on its GPU (CuPy arrays); partials come
+    back as integer limbs and merge exactly, so any number of GPUs gives the same bits as
+    one (GPU leaves round differently from CPU leaves: compare GPU with GPU).
+
+    Raises
+    ------
+    ImportError
+        Without dask-cuda (``pip install "dpfc_native[multigpu]"``).
+    """
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as e:
+        raise ImportError('multi-GPU workers need dask-cuda: pip install "dpfc_native[multigpu]"') from e
+    kwargs.setdefault("threads_per_worker", 1)
+    return LocalCUDACluster(**kwargs)

@@ -58,7 +58,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from . import accounting, mechanisms, ops
+from . import _fitstats, accounting, mechanisms, ops
 from ._errors import PrivacyWarning
 from ._special import log_sigmoid, sigmoid
 
@@ -834,20 +834,29 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         return xp.asarray(c)
 
     # -- fit --------------------------------------------------------------------------
-    def fit(self, X, y, *, X_val=None, y_val=None):
+    def fit(self, X, y=None, *, X_val=None, y_val=None, client=None):
         """Train on private features ``X`` (n, d) and labels ``y`` (n,).
 
         Parameters
         ----------
-        X : array (n, d), float (NumPy, or CuPy for ``device="cuda"``)
-            Private features.
+        X : array (n, d), float (NumPy or a memory map, CuPy for ``device="cuda"``), or
+            a :class:`~dpfc_native.shards.ShardedFeatures`, or a dask array
+            Private features. NumPy arrays, memory maps, shards and dask arrays are read
+            a leaf of rows at a time by the exact reduction (same bits however the rows
+            are split across files, tasks or workers).
         y : array (n,)
-            Private labels (any sortable labels; mapped to ``classes_``).
+            Private labels (any sortable labels; mapped to ``classes_``). None for a
+            ShardedFeatures, whose labels are indices into ``classes`` (or
+            ``0..num_classes - 1``).
         X_val, y_val : arrays, optional
             A **public** validation split, used only to choose among candidate ``reg``
             (and ``lr``/``alpha``) values computed from the same released statistics.
             Selecting on it is post-processing only because it is public: never pass
             private data here.
+        client : distributed.Client, None or False
+            For a ShardedFeatures or dask array ``X``: the Dask cluster that computes the
+            statistics (None: the current default client if one exists, else this
+            process; False: this process). Noise is added here, on the client, from the fit's noise key.
 
         Returns
         -------
@@ -856,15 +865,24 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         t0 = time.perf_counter()
         common = self._common_params()
         params = self._method_params()
-        device = resolve_device(self.device, X)
-        X_in = X
-        X = _as_features(X, "X", device)
-        xp = ops.array_module(X)
-        n, d = X.shape
-        if y is None:
-            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
-                             "is None (the private labels)")
-        classes, y_idx = _encode_labels(y, n, self.classes)
+        scaled = _fitstats.scaled_input(X)
+        if scaled:
+            # device="cuda": leaves go to the GPU of whichever process reads them (one
+            # dask_cuda worker per GPU); otherwise the workers' CPUs.
+            device = "cuda" if self.device == "cuda" else "cpu"
+            X_in = None
+            X, y_idx, classes, n, d = _fitstats.scaled_fit_data(X, y, self.classes)
+            xp = np
+        else:
+            device = resolve_device(self.device, X)
+            X_in = X
+            X = _as_features(X, "X", device)
+            xp = ops.array_module(X)
+            n, d = X.shape
+            if y is None:
+                raise ValueError(f"{type(self).__name__} requires y to be passed, but the "
+                                 "target y is None (the private labels)")
+            classes, y_idx = _encode_labels(y, n, self.classes)
         k = classes.size
         if (X_val is None) != (y_val is None):
             raise ValueError("X_val and y_val must be given together")
@@ -874,11 +892,19 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
                              "validation split (fit(..., X_val=..., y_val=...))")
         clip, normalize = common["clip_norm"], bool(self.normalize)
         center = self._check_center(d, xp)
-        # On the GPU, float32 features would have their clipped gradient sums accumulated
-        # in float32 blocks, whose rounding moves with the data beyond C_g: the methods
-        # that release such sums read float64 rows there (float64 sums, as on the CPU).
-        wide = xp is not np and X.dtype == xp.float32 and self._releases_gradient_sums
-        Xc = _preprocess(X, xp, clip, center, normalize, xp.float64 if wide else None)
+        if xp is np:
+            # Every statistic by the exact leaf reduction, rows preprocessed a leaf at a
+            # time where they are read (this process, or the Dask workers).
+            data = _fitstats.ReducedStatistics(
+                X, y_idx, _fitstats.RowTransform(clip, center, normalize, device),
+                client=_fitstats.resolve_client(client) if scaled else None)
+        else:
+            # On the GPU, float32 features would have their clipped gradient sums
+            # accumulated in float32 blocks, whose rounding moves with the data beyond
+            # C_g: the methods that release such sums read float64 rows there.
+            wide = X.dtype == xp.float32 and self._releases_gradient_sums
+            Xc = _preprocess(X, xp, clip, center, normalize, xp.float64 if wide else None)
+            data = _fitstats.DeviceStatistics(Xc, xp.asarray(y_idx), xp)
         val = None
         if X_val is not None:
             Xv = _as_features(X_val, "X_val", device, d=d)
@@ -894,14 +920,18 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         delta = common["delta"] if common["delta"] is not None else default_delta(n)
         # n_features_in_ and feature_names_in_ (a DataFrame's string column names; mixed
         # names raise) by scikit-learn's rules, before any noise is drawn.
-        validate_data(self, X_in, reset=True, skip_check_array=True)
+        if X_in is not None:
+            validate_data(self, X_in, reset=True, skip_check_array=True)
+        else:  # sharded or dask input: no column names
+            self.n_features_in_ = d
+            self.__dict__.pop("feature_names_in_", None)
         del X_in
         self._warn_privacy(common)
         _warn_large_delta(delta, n, common["epsilon"])
         from . import tuning
 
         charge = tuning._begin_fit(self, common["epsilon"], delta)  # raises if over budget
-        ctx = _Context(xp=xp, X=Xc, y=xp.asarray(y_idx), k=k, n=n, d=d, clip=clip,
+        ctx = _Context(xp=xp, data=data, k=k, n=n, d=d, clip=clip,
                        epsilon=common["epsilon"], delta=delta,
                        source=mechanisms.NoiseSource(common["random_state"]), val=val,
                        keep_stats=bool(self.keep_stats), verbose=int(self.verbose))
@@ -1332,7 +1362,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
         z, candidates, den = plan.z, plan.defaults["candidates"], plan.defaults["denoise"]
         if p["variant"] == "global":
-            G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
+            G, B, _ = ctx.data.stats(k, C)
             G = ctx.release_sym(G, C**2, z["gram"], "gram")
             B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
             ctx.keep("gram", G)
@@ -1343,8 +1373,8 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
                 bad = solver.factor(reg)
                 return solver.solve(reg, xp.ascontiguousarray(B.T)).T, bad
         else:
-            A = ops.clipped_class_grams(ctx.X, ctx.y, k, C)
-            G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
+            A = ctx.data.class_grams(k, C)
+            G, B, _ = ctx.data.stats(k, C)
             A = ctx.release_sym(A, C**2, z["class_grams"], "class_grams")
             G = ctx.release_sym(G, C**2, z["gram"], "gram")
             B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
@@ -1526,14 +1556,10 @@ class DPNewtonClassifier(_DPClassifierBase):
         chosen = {"reg": regs[0], "lr": p["lrs"][0]}
         with ctx.progress(T, "DP Newton") as bar:
             for t in range(T):
-                s = sigmoid(_scores(xp, ctx.X, W, bias))
-                weights = xp.minimum(s * (1.0 - s), 0.25)
-                del s
-                H = ops.clipped_weighted_grams(ctx.X, weights, C)
-                del weights
+                H = ctx.data.newton_hessians(W, bias, C)
                 # Unclipped in exact arithmetic: ||r_i|| <= 1/sqrt(K) and ||x_i|| < C, so
                 # clip_norm = C / sqrt(K) only guards the bound on the stored floats.
-                g, _ = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, g_clip, loss="sigmoid")
+                g, _, _ = ctx.data.linear_grad(W, bias, g_clip, loss="sigmoid")
                 g *= k
                 H = ctx.release_sym(H, sens_h, z["hessians"], "hessians")
                 g = ctx.release_dense(g, sens_g, z["gradients"], "gradients")
@@ -1687,7 +1713,7 @@ class DPFCClassifier(_DPClassifierBase):
         z, defaults = plan.z, plan.defaults
         bias, cg = defaults["bias"], defaults["grad_clip_norm"]
         lrs, regs = defaults["lr"], defaults["reg"]
-        G = ops.clipped_gram(ctx.X, C)
+        G = ctx.data.gram(C)
         G = ctx.release_sym(G, C**2, z["covariance"], "covariance")
         ctx.keep("covariance", G)
         solver = _RidgeSolver(G, z["covariance"] * C**2, defaults["denoise"], xp)
@@ -1700,8 +1726,7 @@ class DPFCClassifier(_DPClassifierBase):
         clipped = []
         with ctx.progress(T, "DP-FC") as bar:
             for t in range(T):
-                g, n_clip = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, cg, loss="sigmoid",
-                                                    feature_clip=C)
+                g, n_clip, _ = ctx.data.linear_grad(W, bias, cg, loss="sigmoid", feature_clip=C)
                 clipped.append(int(n_clip))
                 g = ctx.release_dense(g, cg, z["gradient"], "gradient")
                 ctx.keep("gradient", g, per_step=True)
@@ -1842,7 +1867,7 @@ class DPSGDClassifier(_DPClassifierBase):
         plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
         z = plan.z["gradient"]
         bias, cg, lrs = plan.defaults["bias"], plan.defaults["grad_clip_norm"], plan.defaults["lr"]
-        rng = _poisson_rng(self.random_state) if q < 1.0 else None
+        sampling = _fitstats.sampling_for(q, self.random_state) if q < 1.0 else None
         expected_batch = q * n
         W = xp.zeros((k, d), dtype=xp.float64)
         m = xp.zeros_like(W)
@@ -1853,17 +1878,12 @@ class DPSGDClassifier(_DPClassifierBase):
         batch_sizes = []
         with ctx.progress(T, "DP-SGD") as bar:
             for t in range(T):
-                if rng is None:
-                    Xb, yb = ctx.X, ctx.y
-                else:
-                    idx = np.flatnonzero(rng.random(n) < q)
-                    Xb, yb = ctx.X[xp.asarray(idx)], ctx.y[xp.asarray(idx)]
-                batch_sizes.append(int(Xb.shape[0]))
-                if Xb.shape[0] == 0:
-                    g = xp.zeros((k, d), dtype=xp.float64)
-                else:
-                    g, _ = ops.clipped_linear_grad(Xb, yb, W, bias, cg, loss=p["loss"],
-                                                   feature_clip=C)
+                # Poisson batch: row i drawn by the keyed mask of step t (any leaf or
+                # worker redraws the same rows); an empty batch sums to zero.
+                g, _, rows = ctx.data.linear_grad(
+                    W, bias, cg, loss=p["loss"], feature_clip=C,
+                    sampling=None if sampling is None else sampling.at_step(t))
+                batch_sizes.append(int(rows))
                 # q < 1: the record is replaced by one SubsampledGaussian event below.
                 noisy, rec = mechanisms.release_dense(g, cg, z, ctx.source, "gradient")
                 if q == 1.0:
@@ -1926,17 +1946,6 @@ def _default_sgd_lr(optimizer: str, momentum: float, loss: str, k: int, d: int, 
         horizon = SGD_NOISE_HORIZON * q * n / (clip * grad_clip * z * math.sqrt(steps))
         lr = min(lr, (1.0 - momentum) * horizon)
     return lr
-
-
-def _poisson_rng(random_state):
-    """Generator for Poisson sampling: OS entropy, or derived from the user seed (kept
-    apart from the noise key's derivation so the two streams are unrelated)."""
-    if random_state is None:
-        return np.random.default_rng()  # SeedSequence() draws OS entropy
-    import hashlib
-
-    digest = hashlib.sha256(b"dpfc_native/poisson/" + str(int(random_state)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
 # The methods that release clipped gradient sums (they read float64 rows on the GPU).

@@ -58,6 +58,7 @@ __all__ = [
     "LeafLayout",
     "Partial",
     "ArraySource",
+    "TransformedSource",
     "Gram",
     "Stats",
     "ClassSums",
@@ -204,6 +205,44 @@ class ArraySource:
         return self.x[o + rows], self.labels[o + rows]
 
 
+class TransformedSource:
+    """A source whose rows pass through ``transform`` (a picklable per-row map, e.g. the
+    estimators' centring, normalisation and clipping) as they are read: each leaf is
+    transformed on whichever process reads it, so nothing but the leaf is ever held.
+
+    Parameters
+    ----------
+    source : a source (``shard_rows``, ``n_features``, ``read``, optionally ``take``)
+    transform : callable (rows, first_row) -> float64 rows of the same shape
+        A pure function of each row; its ``fingerprint`` (when present) names it in task
+        keys, so results for different transforms are never confused.
+    """
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+        self.shard_rows = _shard_rows_of(source)
+        self.n_features = int(source.n_features)
+        if hasattr(source, "num_classes"):
+            self.num_classes = int(source.num_classes)
+        if hasattr(source, "shards"):
+            self.shards = source.shards
+
+    def manifest(self):
+        """The inner source's manifest (and options) with the transform's fingerprint."""
+        inner = self.source.manifest() if hasattr(self.source, "manifest") else repr(self.source)
+        return [inner, repr(getattr(self.source, "_opts", "")),
+                getattr(self.transform, "fingerprint", repr(self.transform))]
+
+    def read(self, i: int, start: int, stop: int):
+        x, y = self.source.read(i, start, stop)
+        return self.transform(x, start), y
+
+    def take(self, i: int, rows: np.ndarray):
+        x, y = _take(self.source, i, np.asarray(rows), int(rows[0]) if len(rows) else 0,
+                     int(rows[-1]) + 1 if len(rows) else 0)
+        return self.transform(x, int(rows[0]) if len(rows) else 0), y
+
+
 def _shard_rows_of(source) -> tuple[int, ...]:
     return tuple(int(r) for r in source.shard_rows)
 
@@ -236,9 +275,16 @@ def _grid_exponent(bound: float) -> int:
     return e
 
 
+def _host(v):
+    """A leaf output on the host (CuPy arrays from GPU leaves are copied back)."""
+    if ops.is_gpu_array(v):
+        return ops._cupy().asnumpy(v)  # noqa: SLF001 - the package's CuPy accessor
+    return v
+
+
 def _grid_int(v, exponent: int, frac: int, rows: int, name: str) -> np.ndarray:
     """rint(v 2^(F - E)) as int64: one leaf's value on the grid."""
-    q = np.array(v, dtype=np.float64)  # own copy, scaled in place (power of two: exact)
+    q = np.array(_host(v), dtype=np.float64)  # own copy, scaled in place (power of two: exact)
     q *= 2.0 ** (frac - exponent)
     np.rint(q, out=q)
     if q.size:
@@ -286,7 +332,7 @@ class _Accumulator:
             np.bitwise_and(q, _LIMB_MASK, out=q)
             lo += q
         for name, acc in self.ints.items():
-            acc += np.asarray(out[name], np.int64).reshape(acc.shape)
+            acc += np.asarray(_host(out[name]), np.int64).reshape(acc.shape)
         self._since_carry += 1
         if self._since_carry >= 1 << 30:  # lo gains < 2^32 a leaf: carry long before 2^63
             self._carry()
@@ -530,9 +576,28 @@ def _hash_arrays(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
+def _aligned(a):
+    """``a`` in aligned, C-contiguous memory (a copy only when it is not). Arrays that
+    arrive through Dask may sit at any byte offset of a message frame; NumPy then
+    multiplies them without BLAS, in another summation order (measured: a worker's
+    gradient leaf differed from the client's in its last bits, with W at offset 19)."""
+    if not isinstance(a, np.ndarray):
+        return a
+    return np.require(a, requirements=["C", "A"])
+
+
+def _on_device_of(x, a):
+    """``a`` (a parameter or the labels) on the device of the rows ``x``: GPU leaves (CuPy
+    rows, e.g. on a dask_cuda worker) take their parameters as CuPy arrays."""
+    if ops.is_gpu_array(x) and isinstance(a, np.ndarray):
+        return ops._cupy().asarray(a)  # noqa: SLF001
+    return a
+
+
 def _as_ops_float(x):
     """Leaf rows as ops accept them: half precision widened exactly to float32."""
-    x = np.asarray(x)
+    if not ops.is_gpu_array(x):
+        x = np.asarray(x)
     if x.dtype.kind != "f" or x.dtype.itemsize < 4:
         return x.astype(np.float32)
     return x
@@ -588,7 +653,7 @@ class Gram(_Statistic):
         return {"G": (d, d)}
 
     def leaf(self, x, y, weights):
-        x = x if np.asarray(x).dtype == np.float16 else _as_ops_float(x)
+        x = x if x.dtype == np.float16 else _as_ops_float(x)
         return {"G": ops.clipped_gram(x, self.clip_norm)}
 
     def finish(self, v):
@@ -618,7 +683,7 @@ class Stats(_Statistic):
         return {"counts": (self.num_classes,)}
 
     def leaf(self, x, y, weights):
-        x = x if np.asarray(x).dtype == np.float16 else _as_ops_float(x)
+        x = x if x.dtype == np.float16 else _as_ops_float(x)
         g, b, counts = ops.clipped_stats(x, y, self.num_classes, self.clip_norm)
         return {"G": g, "B": b, "counts": np.asarray(counts, np.int64)}
 
@@ -686,7 +751,6 @@ class ClassGrams(_Statistic):
     def leaf(self, x, y, weights):
         lo, hi = _class_range(self.classes, self.num_classes)
         d = x.shape[1]
-        y = np.asarray(y)
         if (lo, hi) != (0, self.num_classes):
             sel = (y >= lo) & (y < hi)
             x, y = x[sel], y[sel] - lo
@@ -752,13 +816,14 @@ class WeightedGrams(_Statistic):
     def leaf(self, x, y, weights):
         if self.weight_fn is not None:
             weights = self.weight_fn(x, y)
-        w = np.asarray(weights, dtype=np.float64)
+        xp = ops.array_module(x)
+        w = xp.asarray(weights, dtype=xp.float64)
         if w.shape != (x.shape[0], self.num_weights):
             raise ValueError(f"weights must have shape ({x.shape[0]}, {self.num_weights}), got {w.shape}")
         if w.size and float(w.max()) > self.weight_bound:
             raise ValueError(f"a weight ({float(w.max())!r}) exceeds weight_bound={self.weight_bound!r}")
         lo, hi = _class_range(self.classes, self.num_weights)
-        return {"H": ops.clipped_weighted_grams(_as_ops_float(x), np.ascontiguousarray(w[:, lo:hi]),
+        return {"H": ops.clipped_weighted_grams(_as_ops_float(x), xp.ascontiguousarray(w[:, lo:hi]),
                                                 self.clip_norm)}
 
     def finish(self, v):
@@ -785,10 +850,12 @@ class NewtonWeights:
         return f"newton:{self.clip_norm!r}:{_hash_arrays(self.w, self.bias)}"
 
     def __call__(self, x, y):
-        xc, _ = ops.clip_rows(np.asarray(x, dtype=np.float64), self.clip_norm)
+        xp = ops.array_module(x)
+        xc, _ = ops.clip_rows(xp.asarray(x, dtype=xp.float64), self.clip_norm)
+        w, bias = _on_device_of(x, _aligned(self.w)), _on_device_of(x, _aligned(self.bias))
         from ._special import sigmoid
 
-        p = sigmoid(xc @ self.w.T + self.bias)
+        p = sigmoid(xc @ w.T + bias)
         return p * (1.0 - p)
 
 
@@ -824,7 +891,8 @@ class LinearGrad(_Statistic):
         return {"n_clipped": ()}
 
     def leaf(self, x, y, weights):
-        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, self.w, self.bias, self.clip_norm,
+        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, _on_device_of(x, _aligned(self.w)),
+                                                  _on_device_of(x, _aligned(self.bias)), self.clip_norm,
                                                   loss=self.loss, feature_clip=self.feature_clip)
         return {"grad": grad, "n_clipped": np.asarray(n_clipped, np.int64)}
 
@@ -870,12 +938,38 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         w = weights.leaf_weights(leaf) if hasattr(weights, "leaf_weights") else np.asarray(weights)
         if mask is not None:
             w = w[mask]
+    if ops.is_gpu_array(x):  # a GPU leaf: labels and weights join it on the device
+        y, w = _on_device_of(x, np.asarray(_host(y))), (None if w is None else _on_device_of(x, np.asarray(w)))
+    else:
+        x, y = _aligned(np.asarray(x)), _aligned(np.asarray(y))
+        if w is not None:
+            w = _aligned(np.asarray(w))
     try:
         return stat.leaf(x, y, w), int(x.shape[0])
     except ValueError as e:
         where = getattr(source, "shards", None)
         name = where[s].path if where is not None else f"shard {s}"
         raise ValueError(f"{name}: rows [{a}, {b}) (leaf {leaf}): {e}") from e
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread, as a leaf must be computed.
+
+    OpenBLAS's float64 products round differently with another thread count (measured: a
+    1808 x 512 gradient leaf differed between one and two threads), so a leaf is a pure
+    function of its rows only at a fixed count: one, which is also what a Dask worker's
+    nanny sets. Parallelism comes from computing leaves side by side instead (threads in
+    :func:`reduce`, processes on a cluster). Every BLAS the ops use is loaded before the
+    limit is set: a library loaded inside the block would escape it. Nested blocks are
+    harmless (each restores the count of one).
+    """
+    import scipy.linalg.blas  # noqa: F401 - loads SciPy's BLAS before the limit
+    import scipy.special  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    from . import _cpu_stats  # noqa: F401
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def leaf_partial(stat: _Statistic, source, layout: LeafLayout, leaf: int, *,
@@ -887,7 +981,8 @@ def leaf_partial(stat: _Statistic, source, layout: LeafLayout, leaf: int, *,
     of this leaf's rows, or an object with a ``leaf_weights(leaf)`` method.
     """
     acc = _accumulator(stat, layout, sampling, int(source.n_features))
-    out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
+    with one_blas_thread():
+        out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
     acc.add(out, m, leaf)
     return acc.partial()
 
@@ -914,9 +1009,10 @@ def range_partial(stat: _Statistic, source, layout: LeafLayout, first: int, stop
     if weights is not None and not hasattr(weights, "leaf_weights"):
         weights = _SlicedWeights(weights, layout)
     acc = _accumulator(stat, layout, sampling, int(source.n_features))
-    for leaf in range(first, stop):
-        out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
-        acc.add(out, m, leaf)
+    with one_blas_thread():
+        for leaf in range(first, stop):
+            out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
+            acc.add(out, m, leaf)
     return acc.partial()
 
 
@@ -928,7 +1024,7 @@ def _as_source(x, labels=None, num_classes=None, shard_rows=None):
 
 def reduce(stat: _Statistic, x, labels=None, *, leaf_rows: int = LEAF_ROWS,
            sampling: Optional[PoissonSampling] = None, weights=None, shard_rows=None,
-           return_partial: bool = False):
+           return_partial: bool = False, threads: Optional[int] = None):
     """The statistic over all rows by the exact reduction, in this process (the local
     path): the same leaves, grid and finish as the distributed backend, hence the same
     bits.
@@ -947,6 +1043,9 @@ def reduce(stat: _Statistic, x, labels=None, *, leaf_rows: int = LEAF_ROWS,
         rows stored as shards of these lengths). None: one shard.
     return_partial : bool
         Also return the complete :class:`Partial` (its coverage record).
+    threads : int or None
+        Threads computing leaves side by side (each leaf on one BLAS thread; the result
+        does not depend on it). None: ``DPFC_REDUCE_THREADS`` or the CPU count.
 
     Returns
     -------
@@ -955,9 +1054,37 @@ def reduce(stat: _Statistic, x, labels=None, *, leaf_rows: int = LEAF_ROWS,
     """
     source = _as_source(x, labels, shard_rows=shard_rows)
     layout = LeafLayout(_shard_rows_of(source), leaf_rows)
-    total = range_partial(stat, source, layout, 0, layout.n_leaves, sampling=sampling, weights=weights)
+    threads = min(_local_threads(threads), layout.n_leaves)
+    if threads <= 1:
+        total = range_partial(stat, source, layout, 0, layout.n_leaves, sampling=sampling,
+                              weights=weights)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        cuts = np.linspace(0, layout.n_leaves, threads + 1).round().astype(int)
+        ranges = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        # One limit held around the pool: the workers' own (nested) limits then restore
+        # one thread, never the process's default, while another leaf is computing.
+        with one_blas_thread(), ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda r: range_partial(stat, source, layout, r[0], r[1],
+                                                          sampling=sampling, weights=weights),
+                                  ranges))
+        total = parts[0]
+        for part in parts[1:]:
+            total = total.merge(part)
     result = stat.finish(total.values(layout.n_leaves))
     return (result, total) if return_partial else result
+
+
+def _local_threads(threads: Optional[int]) -> int:
+    if threads is None:
+        import os
+
+        env = os.environ.get("DPFC_REDUCE_THREADS", "")
+        threads = int(env) if env.strip() else (os.cpu_count() or 1)
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+    return int(threads)
 
 
 def rounding_bound(n: int, leaf_rows: int, per_row_bound: float, entries: int) -> float:
