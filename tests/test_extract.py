@@ -330,3 +330,30 @@ def test_worked_example_data_gives_the_digits_pixels(tmp_path):
         assert got["features"].shape == ref.features.shape
         np.testing.assert_allclose(np.sort(got["features"].sum(1)),
                                    np.sort(ref.features.sum(1)), atol=64 * 0.5 / 255 + 1e-5)
+
+
+def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
+    # No TTY (CliRunner, a log): plain lines, here one per batch (interval 0).
+    from dpfc_native import _progress
+
+    monkeypatch.setattr(_progress, "DEFAULT_INTERVAL", 0.0)
+    tmp, _, _ = setup
+    total = sum(COUNTS)
+    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
+                                 str(tmp / "cli.npz"), "--device", "cpu", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("extract: ")]
+    counts = [ln.split(",")[0] for ln in lines]
+    assert counts[0] == f"extract: 0/{total} (0%)" and "started" in lines[0]
+    for done in (4, 8, 12, total):
+        assert any(c.startswith(f"extract: {done}/{total} (") for c in counts), lines
+    assert lines[-1].startswith(f"extract: {total}/{total} (100%), done")
+    assert "\x1b[" not in result.output
+    extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "py.npz", device="cpu", batch_size=5,
+            verbose=1)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("extract: ")]
+    assert err[0].startswith(f"extract: 0/{total} (0%), started")
+    assert any(ln.startswith(f"extract: 10/{total} (") for ln in err), err
+    assert err[-1].startswith(f"extract: {total}/{total} (100%), done")
+    extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "quiet.npz", device="cpu")
+    assert "extract:" not in capsys.readouterr().err

@@ -338,9 +338,9 @@ def train(
     if val is not None:
         val_set = _load_labeled(val, val_labels, "--val file", keys)
         _check_split(*val_set, x.shape[1], known, f"{val}", "--val", where)
-    iterative = method not in ("ls", "ls-per-class")
+    # Progress on stderr: a bar on a terminal, a plain line every few seconds in logs.
     overrides = {"clip_norm": clip_norm, "normalize": normalize, "device": device,
-                 "verbose": int(iterative)}  # iterative methods show a bar over their steps
+                 "verbose": 1}
     if delta is not None:
         overrides["delta"] = delta
     if reg:
@@ -378,11 +378,7 @@ def train(
     fit_args = {} if val_set is None else {"X_val": val_set[0], "y_val": val_set[1]}
     t0 = time.perf_counter()
     try:
-        if iterative:
-            est.fit(x, y, **fit_args)
-        else:
-            with console.status("statistics, noise, solve ..."):
-                est.fit(x, y, **fit_args)
+        est.fit(x, y, **fit_args)
     except _USER_ERRORS as exc:
         _fail(_cli_message(str(exc)))
     seconds = time.perf_counter() - t0
