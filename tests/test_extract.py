@@ -357,3 +357,24 @@ def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
     assert err[-1].startswith(f"extract: {total}/{total} (100%), done")
     extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "quiet.npz", device="cpu")
     assert "extract:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_shards_open_with_the_scale_out_reader(setup, suffix):
+    # The shards dpfc extract writes are the sharded sources of dpfc_native.shards (the
+    # distributed fit's input): the same rows and labels, in order, as one unsharded file.
+    from dpfc_native.shards import open_sharded
+
+    tmp, _, _ = setup
+    whole = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "whole.npz", device="cpu")
+    ref = np.load(whole.files[0])
+    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "sh" / f"part{suffix}", device="cpu",
+                  shard_size=4, batch_size=3)
+    total = sum(COUNTS)
+    assert len(res.files) == -(-total // 4)
+    sharded = open_sharded(str(tmp / "sh" / f"part-*{suffix}"), num_classes=len(CLASSES))
+    assert sharded.shard_rows == (4, 4, 4, total - 12)
+    assert sharded.shape == (total, ref["features"].shape[1])
+    x, y = sharded.read_global(0, total)
+    np.testing.assert_array_equal(x, ref["features"])
+    np.testing.assert_array_equal(y, ref["labels"])
