@@ -69,7 +69,7 @@ def load(name: str, n: int, n_val: int):
             train.num_classes)
 
 
-def run(datasets, epsilons, seeds, n, n_val, mean_reps, shape):
+def run(datasets, epsilons, seeds, n, n_val, mean_reps, shape, on_cell=None):
     rows = []
     for name in datasets:
         X, y, Xv, yv, Xt, yt, k = load(name, n, n_val)
@@ -119,6 +119,8 @@ def run(datasets, epsilons, seeds, n, n_val, mean_reps, shape):
                 })
                 print(f"{name} eps={eps:g} {approach}: median {np.median(vals):.3f} "
                       f"(min {np.min(vals):.3f})", flush=True)
+            if on_cell is not None:
+                on_cell(rows)
     return rows
 
 
@@ -157,18 +159,25 @@ def main(argv=None):
         ap.error("--seeds must be >= 3 (min and median over seeds)")
     t0, cpu0 = time.perf_counter(), time.process_time()
     load = os.getloadavg()
-    rows = run(args.datasets, args.epsilons, args.seeds, args.n, args.n_val,
-               args.mean_repetitions, args.shape)
-    md = table(rows)
-    print(md)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"benchmark": "private_selection", "commit": git_commit(), "date": utc_now(),
-                   "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                   "args": vars(args), "grids": GRIDS, "rows": rows, "table": md,
-                   "total_seconds": time.perf_counter() - t0,
-                   "cpu_seconds": time.process_time() - cpu0,
-                   "load_average_at_start": load}, f, indent=1)
+
+    def write(rows, complete=False):
+        # After every (dataset, epsilon) cell, so a run stopped part-way keeps its cells.
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"benchmark": "private_selection", "commit": git_commit(),
+                       "date": utc_now(), "machine": platform.platform(),
+                       "cpu_count": os.cpu_count(), "args": vars(args), "grids": GRIDS,
+                       "complete": complete, "rows": rows, "table": table(rows),
+                       "total_seconds": time.perf_counter() - t0,
+                       "cpu_seconds": time.process_time() - cpu0,
+                       "load_average_at_start": load}, f, indent=1)
+        os.replace(tmp, args.out)
+
+    rows = run(args.datasets, args.epsilons, args.seeds, args.n, args.n_val,
+               args.mean_repetitions, args.shape, on_cell=write)
+    write(rows, complete=True)
+    print(table(rows))
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s wall, "
           f"{time.process_time() - cpu0:.0f} s CPU)")
 
