@@ -21,7 +21,7 @@ Usage::
 
 Cost: every fit of the synthetic preset (d = 768) factors a noisy 768 x 768 gram (an
 eigendecomposition, ~2 s of CPU), and a selection makes about ``--mean-repetitions`` fits,
-so the full run takes about 8 CPU minutes (``--quick``: well under one); the wall-clock
+so the full run takes about 12 CPU minutes (``--quick``: well under one); the wall-clock
 time on a shared machine is in the JSON (``total_seconds``).
 
 Writes ``benchmarks/results/private_selection.json`` and prints a Markdown table.
