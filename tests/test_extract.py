@@ -330,3 +330,51 @@ def test_worked_example_data_gives_the_digits_pixels(tmp_path):
         assert got["features"].shape == ref.features.shape
         np.testing.assert_allclose(np.sort(got["features"].sum(1)),
                                    np.sort(ref.features.sum(1)), atol=64 * 0.5 / 255 + 1e-5)
+
+
+def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
+    # No TTY (CliRunner, a log): plain lines, here one per batch (interval 0).
+    from dpfc_native import _progress
+
+    monkeypatch.setattr(_progress, "DEFAULT_INTERVAL", 0.0)
+    tmp, _, _ = setup
+    total = sum(COUNTS)
+    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
+                                 str(tmp / "cli.npz"), "--device", "cpu", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("extract: ")]
+    counts = [ln.split(",")[0] for ln in lines]
+    assert counts[0] == f"extract: 0/{total} (0%)" and "started" in lines[0]
+    for done in (4, 8, 12, total):
+        assert any(c.startswith(f"extract: {done}/{total} (") for c in counts), lines
+    assert lines[-1].startswith(f"extract: {total}/{total} (100%), done")
+    assert "\x1b[" not in result.output
+    extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "py.npz", device="cpu", batch_size=5,
+            verbose=1)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("extract: ")]
+    assert err[0].startswith(f"extract: 0/{total} (0%), started")
+    assert any(ln.startswith(f"extract: 10/{total} (") for ln in err), err
+    assert err[-1].startswith(f"extract: {total}/{total} (100%), done")
+    extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "quiet.npz", device="cpu")
+    assert "extract:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_shards_open_with_the_scale_out_reader(setup, suffix):
+    # The shards dpfc extract writes are the sharded sources of dpfc_native.shards (the
+    # distributed fit's input): the same rows and labels, in order, as one unsharded file.
+    from dpfc_native.shards import open_sharded
+
+    tmp, _, _ = setup
+    whole = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "whole.npz", device="cpu")
+    ref = np.load(whole.files[0])
+    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "sh" / f"part{suffix}", device="cpu",
+                  shard_size=4, batch_size=3)
+    total = sum(COUNTS)
+    assert len(res.files) == -(-total // 4)
+    sharded = open_sharded(str(tmp / "sh" / f"part-*{suffix}"), num_classes=len(CLASSES))
+    assert sharded.shard_rows == (4, 4, 4, total - 12)
+    assert sharded.shape == (total, ref["features"].shape[1])
+    x, y = sharded.read_global(0, total)
+    np.testing.assert_array_equal(x, ref["features"])
+    np.testing.assert_array_equal(y, ref["labels"])

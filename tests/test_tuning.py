@@ -384,6 +384,31 @@ def test_privacy_warnings_at_fit(rng):
     assert issubclass(dpfc_native.PrivacyWarning, UserWarning)
 
 
+def test_cli_train_states_privacy_warnings_in_option_words(rng, tmp_path):
+    from typer.testing import CliRunner
+
+    from dpfc_native.cli import app
+
+    X, y = _data(rng)
+    np.savez(tmp_path / "t.npz", features=X.astype(np.float32), labels=y)
+    args = ["train", str(tmp_path / "t.npz"), "-m", "ls", "-e", "1"]
+    res = CliRunner().invoke(app, args + ["--delta", "0.5", "--seed", "3",
+                                          "-o", str(tmp_path / "a.npz")])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("privacy warning: ")]
+    assert len(lines) == 3, res.output
+    assert lines[0].startswith("privacy warning: no --classes or --num-classes, so the label")
+    assert lines[0].endswith("Name the public label set with --classes or --num-classes.")
+    assert lines[1].startswith("privacy warning: --seed 3 fixes the noise key")
+    assert "Leave out --seed" in lines[1]
+    assert lines[2].startswith(f"privacy warning: --delta 0.5 exceeds 1/n = {1 / X.shape[0]:.3g}")
+    assert "random_state" not in res.output and "classes=" not in res.output
+    assert "PrivacyWarning" not in res.output  # not Python's file:line form
+    res = CliRunner().invoke(app, args + ["--num-classes", str(K), "-o", str(tmp_path / "b.npz")])
+    assert res.exit_code == 0, res.output
+    assert "privacy warning" not in res.output
+
+
 # ---------------------------------------------------------------------------------------
 # Progress without a terminal
 # ---------------------------------------------------------------------------------------

@@ -306,6 +306,39 @@ _CLI_WORDS = (
 )
 
 
+_CLI_PRIVACY_WORDS = (
+    (r"^\w+: classes=None, so", "no --classes or --num-classes, so"),
+    (r" \(np\.unique\(y\)\)", ""),
+    (r"Pass the public label set as classes=\.", "Name the public label set with --classes "
+     "or --num-classes."),
+    (r"^\w+: random_state=(\S+) fixes", r"--seed \1 fixes"),
+    (r"Use random_state=None \(fresh OS entropy\)", "Leave out --seed (fresh OS entropy)"),
+    (r"^delta=(\S+) exceeds", r"--delta \1 exceeds"),
+    (r"use delta well below", "use --delta well below"),
+)
+
+
+def _fit_showing_privacy_warnings(est, console, *args, **kwargs):
+    """``est.fit`` with its PrivacyWarnings printed in the command line's words (options,
+    not Python arguments) instead of Python's file:line form; other warnings pass on."""
+    import re
+    import warnings
+
+    from . import PrivacyWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrivacyWarning)
+        est.fit(*args, **kwargs)
+    for w in caught:
+        if not issubclass(w.category, PrivacyWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        text = str(w.message)
+        for pattern, repl in _CLI_PRIVACY_WORDS:
+            text = re.sub(pattern, repl, text)
+        console.print(f"privacy warning: {text}", highlight=False, markup=False)
+
+
 def _cli_message(text: str) -> str:
     """An estimator's error in the words of the command line."""
     import re
@@ -420,9 +453,9 @@ def train(
     if val is not None:
         val_set = _load_labeled(val, val_labels, "--val file", keys)
         _check_split(*val_set, x.shape[1], known, f"{val}", "--val", where)
-    iterative = method not in ("ls", "ls-per-class")
+    # Progress on stderr: a bar on a terminal, a plain line every few seconds in logs.
     overrides = {"clip_norm": clip_norm, "normalize": normalize, "device": device,
-                 "verbose": int(iterative)}  # iterative methods show a bar over their steps
+                 "verbose": 1}
     if delta is not None:
         overrides["delta"] = delta
     if reg:
@@ -475,11 +508,7 @@ def train(
     t0 = time.perf_counter()
     try:
         with leaf_lines:
-            if iterative or sharded:
-                est.fit(x, y, **fit_args)
-            else:
-                with console.status("statistics, noise, solve ..."):
-                    est.fit(x, y, **fit_args)
+            _fit_showing_privacy_warnings(est, console, x, y, **fit_args)
     except _USER_ERRORS as exc:
         _fail(_cli_message(_message(exc)))
     finally:

@@ -642,7 +642,8 @@ def extract(source, model, output, *, weights=None, root=None,
             classes: Optional[Sequence[str]] = None, preprocess=None, batch_size: int = 64,
             device: str = "auto", on_error: str = "fail", shard_size: Optional[int] = None,
             output_name: Optional[str] = None, workers: Optional[int] = None, threads: int = 0,
-            progress: Optional[Callable[[int, int], None]] = None) -> ExtractResult:
+            progress: Optional[Callable[[int, int], None]] = None,
+            verbose: int = 0) -> ExtractResult:
     """Run a frozen pre-trained model over labelled images and write feature shards.
 
     Parameters
@@ -681,12 +682,17 @@ def extract(source, model, output, *, weights=None, root=None,
         ONNX Runtime intra-op threads (0: its default).
     progress : callable(done, total), optional
         Called after every batch with the images processed so far.
+    verbose : int
+        1: progress on stderr, a bar on a terminal, otherwise a plain line every few
+        seconds (``extract: 640/1347 (48%), 21s elapsed, ~23s left``), as ``dpfc extract``
+        shows it.
 
     Returns
     -------
     ExtractResult
     """
     from . import __version__
+    from ._progress import progress as _progress_report
 
     if on_error not in ("fail", "skip"):
         raise ExtractError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -722,7 +728,8 @@ def extract(source, model, output, *, weights=None, root=None,
     done = 0
     workers = workers or min(4, os.cpu_count() or 1)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool, \
+                _progress_report(total, "extract", enabled=verbose > 0) as bar:
             for start in range(0, total, batch_size):
                 chunk = paths[start:start + batch_size]
                 images, keep = [], []
@@ -749,6 +756,7 @@ def extract(source, model, output, *, weights=None, root=None,
                                            "batches")
                     writer.add(feats, labels[keep])
                 done += len(chunk)
+                bar.update(done, status=f"{len(skipped)} skipped" if skipped else None)
                 if progress is not None:
                     progress(done, total)
         if writer.d is None:
@@ -826,9 +834,6 @@ def register_cli(app) -> None:
         preprocessing."""
         import time
 
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
         from .cli import _USER_ERRORS, _console, _fail
 
         console = _console()
@@ -837,21 +842,13 @@ def register_cli(app) -> None:
             overrides = {"crop": crop, "resize": resize, "interpolation": interpolation,
                          "mean": _parse_floats(mean, "--mean"),
                          "std": _parse_floats(std, "--std")}
-            columns = (TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TimeRemainingColumn())
-            with Progress(*columns, console=console, transient=True) as bar:
-                task = bar.add_task("extract", total=None)
-
-                def on_batch(done, total):
-                    bar.update(task, completed=done, total=total)
-
-                result = extract(images, model, output, weights=weights, root=root,
-                                 classes=None if classes is None else
-                                 [c.strip() for c in classes.split(",") if c.strip()],
-                                 preprocess=overrides, batch_size=batch_size, device=device,
-                                 on_error="skip" if skip_bad else "fail",
-                                 shard_size=shard_size, output_name=output_name,
-                                 progress=on_batch)
+            # Progress on stderr: a bar on a terminal, plain lines in logs (no TTY).
+            result = extract(images, model, output, weights=weights, root=root,
+                             classes=None if classes is None else
+                             [c.strip() for c in classes.split(",") if c.strip()],
+                             preprocess=overrides, batch_size=batch_size, device=device,
+                             on_error="skip" if skip_bad else "fail",
+                             shard_size=shard_size, output_name=output_name, verbose=1)
         except _USER_ERRORS as exc:
             _fail(str(exc).replace("on_error='skip'", "--skip-bad"))
         for item in result.skipped:

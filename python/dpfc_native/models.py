@@ -1176,8 +1176,8 @@ _COMMON_DOC = """
         and tests; per-step statistics as lists). Off by default: per-class grams are
         K d^2 floats per release.
     verbose : int, default 0
-        1: progress over the steps of iterative methods, on stderr: a bar on a terminal,
-        a plain line every few seconds otherwise (logs).
+        1: progress on stderr (over the steps of iterative methods; DP-LS: its one
+        pass): a bar on a terminal, a plain line every few seconds otherwise (logs).
     budget : PrivacyBudget or None
         A :class:`~dpfc_native.tuning.PrivacyBudget` shared across fits: the fit is
         refused (before any noise is drawn) if its releases would take the total above
@@ -1358,6 +1358,11 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
                               "reg": [reg for reg, _ in candidates]})
 
     def _fit_core(self, ctx, p):
+        # No step loop: verbose reports the one pass (lines every few seconds in logs).
+        with ctx.progress(None, "DP-LS"):
+            self._fit_ls(ctx, p)
+
+    def _fit_ls(self, ctx, p):
         xp, C, k, d, n = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n
         plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
         z, candidates, den = plan.z, plan.defaults["candidates"], plan.defaults["denoise"]
