@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import tracemalloc
 import warnings
 import zipfile
 
@@ -13,6 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dpfc_native import PrivacyWarning, accounting, data, models, ops
+from dpfc_native._cpu_stats import _clip_scale
+from dpfc_native import load_model
 from dpfc_native.cli import app
 from dpfc_native.models import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
                                 DPSGDClassifier)
@@ -146,7 +149,7 @@ def test_cli_clip_norm_out_of_range(tmp_path):
     data.save_features(tmp_path / "t.npz", x.astype(np.float32), y)
     res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "--clip-norm", "1e300",
                               "-o", str(tmp_path / "m.npz")])
-    _cli_error(res, "clip_norm")
+    _cli_error(res, "--clip-norm must be in")
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
@@ -177,8 +180,22 @@ def test_absurd_inferred_label_is_refused(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         data.check_feature_arrays(x, y)
     np.savez(tmp_path / "t.npz", features=x, labels=y)
-    res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "-o", str(tmp_path / "m.npz")])
-    _cli_error(res, "--num-classes")
+    # The CLI reads labels as class names: the set is the 2 labels that occur (K = 2),
+    # and nothing O(label value) is allocated (a bincount would need 8 GB).
+    tracemalloc.start()
+    try:
+        res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "--num-classes", "3",
+                                  "-o", str(tmp_path / "m3.npz")])
+        _cli_error(res, "label")
+        res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "-o",
+                                  str(tmp_path / "m.npz")])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.exit_code == 0, res.output
+    assert "the 2 labels that occur" in res.output
+    assert peak < 64 * 2**20
+    assert list(load_model(tmp_path / "m.npz").classes_) == [0, 10**9]
     # A legitimate large label set still loads, and an explicit one is honoured.
     y[3] = 2000
     assert data.check_feature_arrays(x, y)[2] == 2001
@@ -323,7 +340,7 @@ def test_clip_scale_has_no_overflow_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out, scale = ops.clip_rows(rows, 1e10)
-        scale2 = ops._clip_scale(np.array([1e-320, 0.0, 5.0, np.inf]), 1e10)
+        scale2 = _clip_scale(np.array([1e-320, 0.0, 5.0, np.inf]), 1e10)
         x, y = _data(12, n=60)
         x[3] = 1e-300
         DPLeastSquaresClassifier(epsilon=1.0, classes=[0, 1, 2], normalize=False,

@@ -384,13 +384,13 @@ def train(
             with console.status("statistics, noise, solve ..."):
                 est.fit(x, y, **fit_args)
     except _USER_ERRORS as exc:
-        _fail(_cli_message(str(exc)))
+        _fail(_cli_message(_message(exc)))
     seconds = time.perf_counter() - t0
     if test_set is not None:
         try:
             acc = est.score(*test_set)
         except _USER_ERRORS as exc:
-            _fail(f"--test: {_cli_message(str(exc))}")
+            _fail(f"--test: {_cli_message(_message(exc))}")
         console.print(f"test accuracy: [bold]{acc:.4f}[/bold] ({test_set[0].shape[0]} examples)")
     else:
         acc = est.score(x, y)

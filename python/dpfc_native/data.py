@@ -1126,6 +1126,7 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
                 if missing:
                     raise _MissingKey(f"{path} has no array '{missing[0]}' (arrays present: "
                                       f"{sorted(z.files)})")
+                _check_npz_members(path, (features_key, labels_key))
                 x, y = z[features_key], z[labels_key]
         except _MissingKey as e:
             raise ValueError(str(e)) from None
