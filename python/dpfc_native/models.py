@@ -456,6 +456,50 @@ class _PreprocessedRows:
         raise TypeError("a _PreprocessedRows view is read by row blocks, not as one array")
 
 
+class _RowSubset:
+    """Rows ``idx`` of a row view (a DP-SGD Poisson batch), read a block at a time."""
+
+    ndim = 2
+    dtype = np.dtype(np.float64)
+    _dpfc_row_view = True
+
+    def __init__(self, rows, idx: np.ndarray):
+        self.rows, self.idx = rows, idx
+        self.shape = (int(idx.shape[0]), rows.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        return self.rows[self.idx[rows]]
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("a _RowSubset view is read by row blocks, not as one array")
+
+
+class _NewtonWeights:
+    """DP Newton's Hessian weights ``min(sigmoid'(x_i W^T + b), 1/4)`` (n, K), a row block
+    at a time from the preprocessed rows (CPU): never an (n, K) array."""
+
+    ndim = 2
+    dtype = np.dtype(np.float64)
+    _dpfc_row_view = True
+
+    def __init__(self, rows, W, bias: float):
+        self.rows, self.W, self.bias = rows, np.asarray(W, dtype=np.float64), bias
+        self.shape = (rows.shape[0], self.W.shape[0])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        s = _sigmoid(self.rows[rows] @ self.W.T + self.bias, np)
+        return np.minimum(s * (1.0 - s), 0.25)
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("a _NewtonWeights view is read by row blocks, not as one array")
+
+
 def _preprocess(X, xp, clip: float, center, normalize: bool, out_dtype=None):
     """What the statistics passes read: the centred, normalised, clipped rows of X.
 
@@ -1013,7 +1057,18 @@ class _DPClassifierBase:
     def predict(self, X):
         """Predicted labels (from ``classes_``), as NumPy."""
         self._check_fitted()
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        # The argmax of decision_function, a row block at a time: never (n, K) scores.
+        _check_feature_names(self, X)
+        X = _as_features(X, "X", getattr(self, "device_", "cpu"), d=self.n_features_in_)
+        xp = ops.array_module(X)
+        center = None if self.center_ is None else xp.asarray(self.center_)
+        Xc = _preprocess(X, xp, self.clip_norm_, center, self.normalize_)
+        W, b = xp.asarray(self.coef_), xp.asarray(self.intercept_)
+        n, d = Xc.shape
+        best = np.empty(n, dtype=np.int64)
+        for sl in _row_slices(n, max(d, W.shape[0]), xp):
+            best[sl] = _to_numpy(xp.argmax(_scores(xp, Xc[sl], W, b), axis=1))
+        return self.classes_[best]
 
     def score(self, X, y) -> float:
         """Mean accuracy on (X, y)."""
@@ -1500,9 +1555,12 @@ class DPNewtonClassifier(_DPClassifierBase):
         chosen = {"reg": regs[0], "lr": p["lrs"][0]}
         with ctx.progress(T, "DP Newton") as bar:
             for t in range(T):
-                s = _sigmoid(_scores(xp, ctx.X, W, bias), xp)
-                weights = xp.minimum(s * (1.0 - s), 0.25)
-                del s
+                if xp is np:  # a row view: no (n, K) array (K may exceed d)
+                    weights = _NewtonWeights(ctx.X, W, bias)
+                else:
+                    s = _sigmoid(_scores(xp, ctx.X, W, bias), xp)
+                    weights = xp.minimum(s * (1.0 - s), 0.25)
+                    del s
                 H = ops.clipped_weighted_grams(ctx.X, weights, C)
                 del weights
                 # Unclipped in exact arithmetic: ||r_i|| <= 1/sqrt(K) and ||x_i|| < C, so
@@ -1826,7 +1884,9 @@ class DPSGDClassifier(_DPClassifierBase):
                     Xb, yb = ctx.X, ctx.y
                 else:
                     idx = np.flatnonzero(rng.random(n) < q)
-                    Xb, yb = ctx.X[xp.asarray(idx)], ctx.y[xp.asarray(idx)]
+                    # CPU: the batch is a row view too (a batch of q n rows may be large).
+                    Xb = _RowSubset(ctx.X, idx) if xp is np else ctx.X[xp.asarray(idx)]
+                    yb = ctx.y[xp.asarray(idx)]
                 batch_sizes.append(int(Xb.shape[0]))
                 if Xb.shape[0] == 0:
                     g = xp.zeros((k, d), dtype=xp.float64)
