@@ -109,6 +109,18 @@ def test_fit_predict_score_memory_is_bounded_and_independent_of_n(name, memmaps,
         assert after - before <= 48 * grown < grown * D * 4 / 4
 
 
+def test_predict_with_many_classes_holds_no_scores(memmaps, small_blocks):
+    # K = 200 > d: (n, K) float64 scores would be 51 MB here, X itself 8 MB.
+    x, _ = memmaps[SIZES[1]]
+    n, k = x.shape[0], 200
+    y = np.arange(n) % k
+    est = DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(k))).fit(x, y)
+    peak = _peak(lambda: est.score(x, y))
+    assert peak <= 8 * BLOCK * 8 + 16 * (k * D + D * D) * 8 + 48 * n + (1 << 18) < n * k * 8 / 4
+    decisions = est.decision_function(x[:500])
+    np.testing.assert_array_equal(est.predict(x[:500]), np.argmax(decisions, axis=1))
+
+
 def test_decision_function_memory_is_its_output(memmaps, small_blocks):
     x, y = memmaps[SIZES[1]]
     est = ESTIMATORS["ls"]().fit(x, y)
