@@ -528,7 +528,7 @@ def _scores(xp, Xc, W, bias):
     n, d = Xc.shape
     out = xp.empty((n, W.shape[0]), dtype=xp.float64)
     for sl in _row_slices(n, max(d, W.shape[0]), xp):
-        out[sl] = Xc[sl].astype(xp.float64) @ W.T
+        out[sl] = Xc[sl].astype(xp.float64, copy=False) @ W.T
     out += bias
     return out
 
