@@ -78,6 +78,30 @@ def test_tiny_sample_rate_calibration_does_bounded_work(monkeypatch, q):
     assert real_eps(z, q, 5, 1e-5, method="pld") <= 1.0
 
 
+@pytest.mark.parametrize("q", [1e-9, 1e-4])
+def test_dpsgd_fit_with_a_tiny_sample_rate(monkeypatch, q):
+    # The estimator's calibration and ledger: a bounded number of accountant evaluations
+    # (each on a bounded grid, above), a result within the budget. The seconds it takes
+    # are in benchmarks/bench_calibration.py.
+    calls = []
+    real_eps = accounting.dpsgd_epsilon
+
+    def eps_of(z, *args, **kwargs):
+        calls.append(z)
+        return real_eps(z, *args, **kwargs)
+
+    monkeypatch.setattr(accounting, "dpsgd_epsilon", eps_of)
+    x, y = _data(21, n=300, d=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        est = DPSGDClassifier(epsilon=1.0, classes=[0, 1, 2], steps=5, sample_rate=q).fit(x, y)
+    assert 1 <= len(calls) <= 30
+    assert est.noise_multiplier_ >= accounting._MIN_DPSGD_MULTIPLIER
+    assert est.privacy_.epsilon <= 1.0
+    assert len(est.diagnostics_["batch_sizes"]) == 5
+    assert np.isfinite(est.coef_).all()
+
+
 def test_pld_interval_coarsened_only_when_the_grid_is_huge():
     acct = accounting.PrivacyAccountant(method="pld")
     acct.compose(accounting.SubsampledGaussian(1.0, 0.01, 10))
