@@ -130,6 +130,9 @@ def main() -> None:
                     "temporary folder, removed afterwards)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                     "memory_cpu_<n>.json)")
+    ap.add_argument("--reuse", nargs=2, metavar=("X_NPY", "Y_NPY"), default=None,
+                    help="measure on an existing float32 features .npy and labels .npy "
+                    "(e.g. the files of an interrupted run) instead of writing new ones")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -140,11 +143,16 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        path, labels = os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")
-        t0 = time.perf_counter()
-        _make_file(path, labels, args.n, args.d, args.k, seed=0)
-        print(f"wrote {args.n} x {args.d} float32 memmap ({_mib(os.path.getsize(path))} MiB) "
-              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.reuse:
+            path, labels = args.reuse
+            shape = np.load(path, mmap_mode="r").shape
+            args.n, args.d, args.k = shape[0], shape[1], int(np.load(labels).max()) + 1
+        else:
+            path, labels = os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")
+            t0 = time.perf_counter()
+            _make_file(path, labels, args.n, args.d, args.k, seed=0)
+            print(f"wrote {args.n} x {args.d} float32 memmap ({_mib(os.path.getsize(path))} "
+                  f"MiB) in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = []
         for case in cases:
             runs = []
