@@ -352,3 +352,53 @@ def test_ledger_states_the_sampler_tail_delta():
     # Grows with the draws and with e^epsilon; capped at 1.
     assert accounting.sampler_tail_delta(8.0, 10) > accounting.sampler_tail_delta(1.0, 10)
     assert accounting.sampler_tail_delta(800.0, 10) == 1.0
+
+
+def _expected_pairs(cls, d, k, steps):
+    """Gaussian pairs a fit draws, counted from each method's releases (not from the source)."""
+    if cls is DPLeastSquaresClassifier:
+        return ops.sym_noise_blocks(d) + ops.noise_blocks(k * d)
+    if cls is DPNewtonClassifier:
+        return steps * (ops.sym_noise_blocks(d, k) + ops.noise_blocks(k * d))
+    if cls is DPFCClassifier:
+        return ops.sym_noise_blocks(d) + steps * ops.noise_blocks(k * d)
+    return steps * ops.noise_blocks(k * d)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+@pytest.mark.parametrize("epsilon", [0.5, 4.0])
+def test_ledger_sampler_delta_of_every_estimator(cls, epsilon):
+    x, y = _data(19, n=150, d=7)
+    steps = 3
+    kw = {} if cls is DPLeastSquaresClassifier else {"steps": steps}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        led = cls(epsilon=epsilon, classes=[0, 1, 2], **kw).fit(x, y).privacy_
+    pairs = _expected_pairs(cls, 7, 3, steps)
+    expected = (1.0 + math.exp(led.epsilon)) * pairs * 2.0**-52
+    assert led.sampler_delta == pytest.approx(expected, rel=1e-12)
+    assert led.total_delta == pytest.approx(led.delta + expected, rel=1e-15)
+    assert led.delta == pytest.approx(1.0 / 150 if 1e-5 > 1 / 150 else 1e-5)
+    # Non-private fits draw nothing and state nothing.
+    free = cls(epsilon=float("inf"), classes=[0, 1, 2], **kw).fit(x, y).privacy_
+    assert free.sampler_delta == 0.0
+
+
+@pytest.mark.parametrize("cls", [DPNewtonClassifier, DPFCClassifier, DPSGDClassifier])
+def test_float32_features_keep_the_declared_gradient_sensitivity(cls):
+    # float32 features are read as float64 rows and summed in float64 (on the CPU always,
+    # on the GPU for these methods): the same released sums, the same ledger, the same
+    # model as float64 features holding the same values.
+    x, y = _data(20, n=300, d=9)
+    x32 = x.astype(np.float32)
+    a = _fit(cls, x32, y, random_state=5)
+    b = _fit(cls, x32.astype(np.float64), y, random_state=5)
+    assert a.privacy_.to_dict() == b.privacy_.to_dict()
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    cg = getattr(a, "grad_clip_norm_", None)
+    if cg is not None:  # the gradient release's sensitivity is exactly C_g (DP-FC, DP-SGD),
+        # K C_g for DP Newton (the sum of K per-class gradients clipped to C / sqrt(K))
+        scale = len(a.classes_) if cls is DPNewtonClassifier else 1
+        grads = [e for e in a.privacy_.entries if "grad" in e.name]
+        assert grads and all(e.sensitivity == pytest.approx(scale * cg, rel=1e-15)
+                             for e in grads)

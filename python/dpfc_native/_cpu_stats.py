@@ -187,7 +187,10 @@ def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
     acc = [np.zeros((d, d), dtype=np.float64, order="F") for _ in range(k)]
     for sl in _row_chunks(n, d):
         xc, _ = _clipped_chunk(x, sl, c)
-        root_w = np.sqrt(np.asarray(weights[sl], dtype=np.float64))
+        w = np.asarray(weights[sl], dtype=np.float64)
+        if not (np.isfinite(w).all() and (w >= 0).all()):  # a row view's block: unchecked
+            raise ValueError("weights must be finite and non-negative")
+        root_w = np.sqrt(w)
         for cls in range(k):
             acc[cls] = _syrk_upper_into(acc[cls], xc * root_w[:, cls : cls + 1])
     for cls in range(k):

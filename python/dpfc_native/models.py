@@ -454,7 +454,7 @@ def _scores(xp, Xc, W, bias):
     n, d = Xc.shape
     out = xp.empty((n, W.shape[0]), dtype=xp.float64)
     for sl in _row_slices(n, max(d, W.shape[0]), xp):
-        out[sl] = Xc[sl].astype(xp.float64) @ W.T
+        out[sl] = Xc[sl].astype(xp.float64, copy=False) @ W.T
     out += bias
     return out
 
@@ -979,8 +979,8 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
                 PrivacyWarning, stacklevel=3)
 
     # -- inference ----------------------------------------------------------------------
-    def _released_scores(self, X):
-        """(n, K) float64 scores ``x' W^T + b`` as NumPy, after scikit-learn's checks."""
+    def _released_rows(self, X):
+        """``(xp, x')``: X after scikit-learn's checks and the training preprocessing."""
         check_is_fitted(self)
         Xa = _as_features(X, "X", getattr(self, "device_", "cpu"))
         # Names and width against feature_names_in_ / n_features_in_, scikit-learn's rules
@@ -988,7 +988,11 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         validate_data(self, X, reset=False, skip_check_array=True)
         xp = ops.array_module(Xa)
         center = None if self.center_ is None else xp.asarray(self.center_)
-        Xc = _preprocess(Xa, xp, self.clip_norm_, center, self.normalize_)
+        return xp, _preprocess(Xa, xp, self.clip_norm_, center, self.normalize_)
+
+    def _released_scores(self, X):
+        """(n, K) float64 scores ``x' W^T + b`` as NumPy, after scikit-learn's checks."""
+        xp, Xc = self._released_rows(X)
         return _to_numpy(_scores(xp, Xc, xp.asarray(self.coef_), xp.asarray(self.intercept_)))
 
     def _class_log_weights(self, scores):
@@ -1034,12 +1038,25 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """Predicted labels (from ``classes_``), as NumPy."""
-        scores = self._released_scores(X)  # first: NotFittedError before classes_ is read
-        return self.classes_[np.argmax(scores, axis=1)]
+        xp, Xc = self._released_rows(X)  # first: NotFittedError before classes_ is read
+        # The argmax of the scores a row block at a time: never (n, K) scores.
+        W, b = xp.asarray(self.coef_), xp.asarray(self.intercept_)
+        n, d = Xc.shape
+        best = np.empty(n, dtype=np.int64)
+        for sl in _row_slices(n, max(d, W.shape[0]), xp):
+            best[sl] = _to_numpy(xp.argmax(_scores(xp, Xc[sl], W, b), axis=1))
+        return self.classes_[best]
 
     def score(self, X, y, sample_weight=None) -> float:
-        """Mean accuracy on (X, y) (scikit-learn's ``ClassifierMixin.score``)."""
-        return float(super().score(X, _to_numpy(y), sample_weight=_to_numpy(sample_weight)))
+        """Mean accuracy on (X, y), weighted by ``sample_weight`` (scikit-learn's
+        ``ClassifierMixin.score``, computed without its O(n) target-type checks)."""
+        pred = self.predict(X)
+        y = column_or_1d(_to_numpy(y))
+        if y.shape[0] != pred.shape[0]:
+            raise ValueError(f"Found input variables with inconsistent numbers of samples: "
+                             f"[{pred.shape[0]}, {y.shape[0]}]")
+        w = None if sample_weight is None else column_or_1d(_to_numpy(sample_weight))
+        return float(np.average(pred == y, weights=w))
 
     # -- helpers for subclasses ----------------------------------------------------------
     def _method_params(self) -> dict:  # pragma: no cover - abstract
