@@ -49,13 +49,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import numbers
 import time
 import warnings
 
 import numpy as np
 
-from . import accounting, mechanisms, ops
+from . import _validation, accounting, mechanisms, ops
 from ._errors import PrivacyWarning
 
 __all__ = [
@@ -94,39 +93,15 @@ DENOISE_DEFAULT = "soft"
 
 
 # ---------------------------------------------------------------------------------------
-# Parameter checks (errors name the argument); the shared ones come from accounting / ops.
+# Parameter checks (errors name the argument): the package's shared rules (_validation).
 # ---------------------------------------------------------------------------------------
 
-_real = accounting._real  # TypeError for non-reals, ValueError for NaN
-_int = ops._check_int  # TypeError for non-integers, ValueError below the minimum
-
-
-def _positive(value, name: str, *, allow_inf: bool = False) -> float:
-    v = _real(value, name)
-    if v <= 0 or (math.isinf(v) and not allow_inf):
-        bound = "> 0" if allow_inf else "finite and > 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return v
-
-
-def _nonneg(value, name: str) -> float:
-    v = _real(value, name)
-    if v < 0 or math.isinf(v):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
-
-
-def _share(value, name: str) -> float:
-    v = _real(value, name)
-    if not 0.0 < v < 1.0:
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    return v
-
-
-def _choice(value, name: str, options: tuple) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
+_real = _validation.real  # TypeError for non-reals, ValueError for NaN
+_int = _validation.integer  # TypeError for non-integers, ValueError below the minimum
+_positive = _validation.positive
+_nonneg = _validation.nonneg
+_share = _validation.share
+_choice = _validation.choice
 
 
 def _candidates(value, name: str, check) -> list | None:
@@ -165,15 +140,10 @@ def _check_clip(value, name: str) -> float:
 
 
 def _check_delta(value) -> float | None:
-    return None if value is None else accounting._check_delta(value)
+    return None if value is None else _validation.share(value, "delta")
 
 
-def _check_random_state(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"random_state must be None or an int, got {type(value).__name__}")
-    return int(value)
+_check_random_state = _validation.seed
 
 
 def default_delta(n: int) -> float:
@@ -326,10 +296,7 @@ def _as_features(X, name: str, device: str, d: int | None = None):
         if device == "cuda":
             X = _to_device(X, device)
     xp = ops.array_module(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(X.shape)}")
+    _validation.nonempty(_validation.ndim(X, name, 2, "(n_samples, n_features)"), name)
     if d is not None and X.shape[1] != d:
         raise ValueError(f"{name} has {X.shape[1]} features, but the model was fitted with {d}")
     kind = X.dtype.kind
@@ -342,10 +309,7 @@ def _as_features(X, name: str, device: str, d: int | None = None):
             X = X.astype(xp.float64)
     else:
         raise TypeError(f"{name} must have a real numeric dtype, got {X.dtype}")
-    for sl in _row_slices(*X.shape, xp):
-        if not bool(xp.isfinite(X[sl]).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
-    return X
+    return _validation.finite(X, name, xp)
 
 
 def _encode_labels(y, n: int, classes_param, name: str = "y"):
@@ -414,7 +378,7 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
         blk /= xp.where(amax > 0, amax, 1.0)[:, None]
         nrm = xp.sqrt((blk * blk).sum(axis=1))
         blk /= xp.where(nrm > 0, nrm, 1.0)[:, None]
-    return ops.clip_rows(blk, clip)[0]
+    return ops._unchecked.clip_rows(blk, clip)[0]  # finite: X was checked once per fit
 
 
 class _PreprocessedRows:
@@ -846,10 +810,8 @@ class _DPClassifierBase:
             "clip_norm": _check_clip(self.clip_norm, "clip_norm"),
             "random_state": _check_random_state(self.random_state),
         }
-        if not isinstance(self.normalize, (bool, np.bool_)):
-            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
-        if not isinstance(self.keep_stats, (bool, np.bool_)):
-            raise TypeError(f"keep_stats must be a bool, got {type(self.keep_stats).__name__}")
+        _validation.boolean(self.normalize, "normalize")
+        _validation.boolean(self.keep_stats, "keep_stats")
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _int(self.verbose, "verbose", 0)
         return p
@@ -877,9 +839,7 @@ class _DPClassifierBase:
         c = np.asarray(_to_numpy(self.center), dtype=np.float64)
         if c.shape != (d,):
             raise ValueError(f"center must be a public vector of shape ({d},), got {c.shape}")
-        if not np.isfinite(c).all():
-            raise ValueError("center contains NaN or Inf")
-        return xp.asarray(c)
+        return xp.asarray(_validation.finite(c, "center"))
 
     # -- fit --------------------------------------------------------------------------
     def fit(self, X, y, *, X_val=None, y_val=None):
@@ -1315,7 +1275,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         plan = self._plan(p, ctx.epsilon, ctx.delta, n, d, k, C)
         z, candidates = plan.z, plan.defaults["candidates"]
         if p["variant"] == "global":
-            G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
+            G, B, _ = ops._unchecked.clipped_stats(ctx.X, ctx.y, k, C)
             G = ctx.release_sym(G, C**2, z["gram"], "gram")
             B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
             ctx.keep("gram", G)
@@ -1326,8 +1286,8 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
                 bad = solver.factor(reg)
                 return solver.solve(reg, xp.ascontiguousarray(B.T)).T, bad
         else:
-            A = ops.clipped_class_grams(ctx.X, ctx.y, k, C)
-            G, B, _ = ops.clipped_stats(ctx.X, ctx.y, k, C)
+            A = ops._unchecked.clipped_class_grams(ctx.X, ctx.y, k, C)
+            G, B, _ = ops._unchecked.clipped_stats(ctx.X, ctx.y, k, C)
             A = ctx.release_sym(A, C**2, z["class_grams"], "class_grams")
             G = ctx.release_sym(G, C**2, z["gram"], "gram")
             B = ctx.release_dense(B, C, z["class_sums"], "class_sums")
@@ -1503,12 +1463,12 @@ class DPNewtonClassifier(_DPClassifierBase):
                 s = _sigmoid(_scores(xp, ctx.X, W, bias), xp)
                 weights = xp.minimum(s * (1.0 - s), 0.25)
                 del s
-                H = ops.clipped_weighted_grams(ctx.X, weights, C)
+                H = ops._unchecked.clipped_weighted_grams(ctx.X, weights, C)
                 del weights
                 # Unclipped in exact arithmetic: ||r_i|| <= 1/sqrt(K) and ||x_i|| < C, so
                 # clip_norm = C / sqrt(K) only guards the bound on the stored floats.
-                g, _ = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, C / math.sqrt(k),
-                                               loss="sigmoid")
+                g, _ = ops._unchecked.clipped_linear_grad(ctx.X, ctx.y, W, bias, C / math.sqrt(k),
+                                                          loss="sigmoid")
                 g *= k
                 H = ctx.release_sym(H, sens_h, z["hessians"], "hessians")
                 g = ctx.release_dense(g, sens_g, z["gradients"], "gradients")
@@ -1661,7 +1621,7 @@ class DPFCClassifier(_DPClassifierBase):
         z, defaults = plan.z, plan.defaults
         bias, cg = defaults["bias"], defaults["grad_clip_norm"]
         lrs, regs = defaults["lr"], defaults["reg"]
-        G = ops.clipped_gram(ctx.X, C)
+        G = ops._unchecked.clipped_gram(ctx.X, C)
         G = ctx.release_sym(G, C**2, z["covariance"], "covariance")
         ctx.keep("covariance", G)
         solver = _RidgeSolver(G, z["covariance"] * C**2, p["denoise"], xp)
@@ -1674,8 +1634,8 @@ class DPFCClassifier(_DPClassifierBase):
         clipped = []
         with ctx.progress(T, "DP-FC") as bar:
             for t in range(T):
-                g, n_clip = ops.clipped_linear_grad(ctx.X, ctx.y, W, bias, cg, loss="sigmoid",
-                                                    feature_clip=C)
+                g, n_clip = ops._unchecked.clipped_linear_grad(ctx.X, ctx.y, W, bias, cg,
+                                                               loss="sigmoid", feature_clip=C)
                 clipped.append(int(n_clip))
                 g = ctx.release_dense(g, cg, z["gradient"], "gradient")
                 ctx.keep("gradient", g, per_step=True)
@@ -1831,8 +1791,8 @@ class DPSGDClassifier(_DPClassifierBase):
                 if Xb.shape[0] == 0:
                     g = xp.zeros((k, d), dtype=xp.float64)
                 else:
-                    g, _ = ops.clipped_linear_grad(Xb, yb, W, bias, cg, loss=p["loss"],
-                                                   feature_clip=C)
+                    g, _ = ops._unchecked.clipped_linear_grad(Xb, yb, W, bias, cg,
+                                                              loss=p["loss"], feature_clip=C)
                 # q < 1: the record is replaced by one SubsampledGaussian event below.
                 noisy, rec = mechanisms.release_dense(g, cg, z, ctx.source, "gradient")
                 if q == 1.0:

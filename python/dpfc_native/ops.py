@@ -414,6 +414,61 @@ def clipped_linear_grad(
 
 
 # --------------------------------------------------------------------------------------
+# The already-validated path
+# --------------------------------------------------------------------------------------
+
+
+class _Unchecked:
+    """The statistics ops without their argument checks, for callers that validated once.
+
+    The estimators check X (rank, dtype, finiteness) once per fit and derive every later
+    argument themselves (clipped float64 rows, labels in ``[0, K)``, weights, ``W``), so
+    the per-call checks of the public ops would only re-read the whole feature matrix
+    (and sync the GPU) at every step. These entries dispatch straight to the backend:
+    same results, bit for bit, as the public ops on valid arguments. A NaN that reached
+    a statistic anyway is still refused by :mod:`dpfc_native.mechanisms` before release.
+    Arguments: arrays of one device, ``x`` 2-D float32/float64 (or a row view) and
+    finite, labels int64 in ``[0, num_classes)``, ``clip_norm`` a float > 0.
+    """
+
+    @staticmethod
+    def clip_rows(x, clip_norm: float):
+        return _dispatch("stats", x)[1].clip_rows(x, clip_norm)
+
+    @staticmethod
+    def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
+        return _dispatch("stats", x)[1].clipped_gram(x, clip_norm, accumulate)
+
+    @staticmethod
+    def clipped_stats(x, labels, num_classes: int, clip_norm: float, *,
+                      accumulate: str = "float64"):
+        backend = _dispatch("stats", x, labels)[1]
+        return backend.clipped_stats(x, labels, num_classes, clip_norm, accumulate)
+
+    @staticmethod
+    def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
+        backend = _dispatch("stats", x, labels)[1]
+        return backend.clipped_class_grams(x, labels, num_classes, clip_norm)
+
+    @staticmethod
+    def clipped_weighted_grams(x, weights, clip_norm: float):
+        return _dispatch("stats", x, weights)[1].clipped_weighted_grams(x, weights, clip_norm)
+
+    @staticmethod
+    def clipped_linear_grad(x, labels, w, bias, clip_norm: float, *, loss: str = "sigmoid",
+                            feature_clip: float | None = None):
+        scalar_bias = _v.is_scalar(bias)
+        xp, backend = _dispatch("stats", x, labels, w, None if scalar_bias else bias)
+        if scalar_bias:
+            bias = xp.full((w.shape[0],), float(bias), dtype=xp.float64)
+        return backend.clipped_linear_grad(x, labels, w, bias, clip_norm, loss, feature_clip)
+
+
+#: Entry point of the already-validated path (``ops._unchecked.clipped_gram(...)``).
+_unchecked = _Unchecked()
+
+
+# --------------------------------------------------------------------------------------
 # Noise
 # --------------------------------------------------------------------------------------
 
