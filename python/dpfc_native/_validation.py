@@ -22,9 +22,10 @@ wherever it is made. The rules follow NumPy and scikit-learn:
   where an array is required has the wrong rank (ValueError).
 * **Class indices** (integer labels in ``[0, K)``, what the ops and the data sets hold)
   are arrays like any other: a non-integer dtype is a TypeError. **Targets** (labels of
-  any kind that the estimators map onto a label set, as scikit-learn's ``y``) follow
-  scikit-learn instead: a kind of target that cannot be used (complex, NaN, a
-  non-integral float) is a ValueError ("unknown label type").
+  any kind, to be mapped onto a label set, as scikit-learn's ``y``: what
+  ``data.coerce_labels`` reads) follow scikit-learn instead: a kind of target that
+  cannot be used (complex, NaN, a non-integral float) is a ValueError ("unknown label
+  type").
 * **File contents** (arrays read from a path) are values: every violation is a
   ValueError naming the file (:func:`file_contents`), since the path itself was of the
   right type.
