@@ -6,7 +6,9 @@ range, the weights: one device sync each on the GPU). "after": the already-valid
 path (``ops._unchecked``) the estimators use, X having been checked once in ``fit``.
 Both run the same fits on the same data, interleaved, with the same noise seed; the
 script checks they give identical weights. Reports min and median over the repeats, the
-number of full-width finiteness scans per fit, and writes JSON.
+number of full-width finiteness scans per fit, and writes JSON. Wall time and process CPU
+time (all threads) are both recorded: on a shared machine the CPU time is the steadier
+of the two.
 
 Usage::
 
@@ -55,7 +57,7 @@ def _estimator(method: str, steps: int, device: str):
 
 
 def _fit(method, steps, device, X, y, path):
-    """(seconds, weights, feature scans) of one fit on the given path."""
+    """(wall seconds, CPU seconds, weights, feature scans) of one fit on the given path."""
     saved_ops, saved_finite = ops._unchecked, _validation.finite
     scans = [0]
 
@@ -69,12 +71,12 @@ def _fit(method, steps, device, X, y, path):
     _validation.finite = counting_finite
     try:
         est = _estimator(method, steps, device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         est.fit(X, y)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
     finally:
         ops._unchecked, _validation.finite = saved_ops, saved_finite
-    return dt, est.coef_, scans[0]
+    return dt, dc, est.coef_, scans[0]
 
 
 def main(argv=None) -> int:
@@ -103,13 +105,16 @@ def main(argv=None) -> int:
 
     rows = []
     for method in args.methods.split(","):
-        _fit(method, args.steps, device, X, y, "after")  # warm-up (imports, caches)
+        for path in ("before", "after"):  # warm-up: first-call imports and caches
+            _fit(method, args.steps, device, X, y, path)
         times = {"before": [], "after": []}
+        cpu = {"before": [], "after": []}
         scans, coefs = {}, {}
         for _ in range(args.repeats):
             for path in ("before", "after"):
-                dt, coef, n_scans = _fit(method, args.steps, device, X, y, path)
+                dt, dc, coef, n_scans = _fit(method, args.steps, device, X, y, path)
                 times[path].append(dt)
+                cpu[path].append(dc)
                 scans[path], coefs[path] = n_scans, coef
         identical = bool(np.array_equal(coefs["before"], coefs["after"]))
         row = {"method": method, "n": args.n, "d": args.d, "k": args.k, "steps": args.steps,
@@ -119,17 +124,23 @@ def main(argv=None) -> int:
             row[f"{path}_median_s"] = statistics.median(times[path])
             row[f"{path}_feature_scans"] = scans[path]
             row[f"{path}_times_s"] = times[path]
+            row[f"{path}_cpu_min_s"] = min(cpu[path])
+            row[f"{path}_cpu_median_s"] = statistics.median(cpu[path])
+            row[f"{path}_cpu_s"] = cpu[path]
         row["speedup_median"] = row["before_median_s"] / row["after_median_s"]
+        row["cpu_speedup_median"] = row["before_cpu_median_s"] / row["after_cpu_median_s"]
         rows.append(row)
 
-    print(f"{'method':8} {'device':6} {'n x d':>12} {'T':>3} {'before min/med (s)':>20} "
-          f"{'after min/med (s)':>19} {'speedup':>8} {'scans b/a':>10} same")
+    print(f"{'method':7} {'device':6} {'n x d':>12} {'T':>3} {'clock':5} "
+          f"{'before min/med (s)':>19} {'after min/med (s)':>18} {'speedup':>8} "
+          f"{'scans b/a':>9} same")
     for r in rows:
-        print(f"{r['method']:8} {r['device']:6} {r['n']:>6} x {r['d']:<4} {r['steps']:>3} "
-              f"{r['before_min_s']:>9.3f}/{r['before_median_s']:<9.3f} "
-              f"{r['after_min_s']:>9.3f}/{r['after_median_s']:<8.3f} "
-              f"{r['speedup_median']:>7.2f}x {r['before_feature_scans']:>4}/"
-              f"{r['after_feature_scans']:<5} {r['identical_weights']}")
+        for clock, key in (("wall", ""), ("cpu", "cpu_")):
+            print(f"{r['method']:7} {r['device']:6} {r['n']:>6} x {r['d']:<4} {r['steps']:>3} "
+                  f"{clock:5} {r[f'before_{key}min_s']:>9.3f}/{r[f'before_{key}median_s']:<9.3f} "
+                  f"{r[f'after_{key}min_s']:>8.3f}/{r[f'after_{key}median_s']:<9.3f} "
+                  f"{r[f'{key}speedup_median']:>6.2f}x {r['before_feature_scans']:>4}/"
+                  f"{r['after_feature_scans']:<4} {r['identical_weights']}")
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"validate_once_{device}.json")
