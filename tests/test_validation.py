@@ -250,6 +250,14 @@ def test_finite_scan_chunks_and_reports_first_bad_row(monkeypatch):
     _validation.finite(a[:29], "a")
     with pytest.raises(ValueError, match="s contains NaN"):
         _validation.finite(np.array(np.nan), "s")
+    # A block whose sum overflows is finite; half precision is summed in float64.
+    for dtype, big in ((np.float16, 6e4), (np.float32, 3e38), (np.float64, 1e308)):
+        h = np.full((37, 3), big, dtype=dtype)
+        _validation.finite(h, "h")
+        h[31, 0] = -np.inf
+        with pytest.raises(ValueError, match=r"first at row 31"):
+            _validation.finite(h, "h")
+        assert _validation.nonfinite_rows(h, block_elements=6) == (1, 31)
 
 
 def test_finite_scan_device_branch_chunks_with_one_verdict(monkeypatch):

@@ -247,13 +247,10 @@ def finite(a: Any, name: str, xp: Any = np) -> Any:
             if not np.isfinite(a):
                 raise ValueError(f"{name} contains NaN or Inf; {name} must be finite")
             return a
-        rows = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(a.shape[1:], dtype=np.int64))))
-        for start in range(0, a.shape[0], rows):
-            ok = np.isfinite(np.asarray(a[start : start + rows]))
-            if not ok.all():
-                bad = start + int(np.argmax(~ok.reshape(ok.shape[0], -1).all(axis=1)))
-                raise ValueError(f"{name} contains NaN or Inf (first at row {bad}); "
-                                 f"{name} must be finite")
+        _, bad = nonfinite_rows(a, first_only=True)
+        if bad >= 0:
+            raise ValueError(f"{name} contains NaN or Inf (first at row {bad}); "
+                             f"{name} must be finite")
     else:
         # Chunks bound the boolean temporaries; the verdicts stay on the device until
         # one sync at the end.
@@ -266,6 +263,39 @@ def finite(a: Any, name: str, xp: Any = np) -> Any:
         if not bool(ok):
             raise ValueError(f"{name} contains NaN or Inf; {name} must be finite")
     return a
+
+
+def nonfinite_rows(a: np.ndarray, *, block_elements: int | None = None,
+                   first_only: bool = False) -> tuple[int, int]:
+    """``(rows holding a NaN or Inf, index of the first such row or -1)`` of a CPU array.
+
+    Streams ``a`` in blocks of rows (a memory map is never loaded whole, nothing is
+    converted to float64). Per block, the sum is finite iff every entry is, unless the
+    sum overflows: only blocks whose sum is not finite get the exact element-wise scan.
+    ``first_only`` stops at the first bad block (its count is then partial).
+    """
+    width = int(np.prod(a.shape[1:], dtype=np.int64))
+    step = block_elements if block_elements is not None else _CHUNK_ELEMENTS
+    rows = max(1, step // max(width, 1))
+    n_bad, first = 0, -1
+    for start in range(0, a.shape[0], rows):
+        block = np.asarray(a[start : start + rows])
+        try:  # half precision sums in float64 (no overflow, no float64 copy)
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = np.add.reduce(block, axis=None,
+                                      dtype=np.float64 if block.dtype.itemsize < 4 else None)
+            if np.isfinite(total):
+                continue
+        except TypeError:  # a dtype without a sum: the exact scan decides
+            pass
+        bad = np.flatnonzero(~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1))
+        if bad.size:
+            if first < 0:
+                first = start + int(bad[0])
+            n_bad += int(bad.size)
+            if first_only:
+                break
+    return n_bad, first
 
 
 def labels(y: Any, name: str, n: int, num_classes: int) -> Any:

@@ -275,27 +275,9 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
 
 
 def _count_nonfinite_rows(x: np.ndarray) -> Tuple[int, int]:
-    """(number of rows with a NaN/Inf, index of the first such row or -1).
-
-    Streams ``x`` in row blocks so a memory map is never materialised, and never
-    converts to float64.  Fast path per block: the sum of a block is finite iff
-    every entry is finite, except that a finite block can overflow; only blocks
-    whose sum is not finite get the exact element-wise scan.
-    """
-    n, d = x.shape
-    rows = max(1, _FINITE_CHECK_BLOCK_ELEMENTS // max(d, 1))
-    n_bad, first = 0, -1
-    for start in range(0, n, rows):
-        block = x[start:start + rows]
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.add.reduce(block, axis=None)):
-                continue
-        bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if bad_rows.size:
-            if first < 0:
-                first = start + int(bad_rows[0])
-            n_bad += int(bad_rows.size)
-    return n_bad, first
+    """(number of rows with a NaN/Inf, index of the first such row or -1), streamed in
+    blocks of ``_FINITE_CHECK_BLOCK_ELEMENTS`` (see ``_validation.nonfinite_rows``)."""
+    return _validation.nonfinite_rows(x, block_elements=_FINITE_CHECK_BLOCK_ELEMENTS)
 
 
 # --------------------------------------------------------------------------- #
