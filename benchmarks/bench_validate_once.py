@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    commit = git_commit()  # the code that runs (HEAD may move while it does)
 
     import warnings
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
                                    f"validate_once_{device}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"benchmark": "validate_once", "commit": git_commit(), "date": utc_now(),
+        json.dump({"benchmark": "validate_once", "commit": commit, "date": utc_now(),
                    "machine": platform.platform(), "cpu_count": os.cpu_count(),
                    "rows": rows}, f, indent=2)
     print(f"wrote {out}")
