@@ -9,7 +9,9 @@ call is an error.
 Layout: this module validates the arguments and dispatches on the arrays' device
 (:func:`device_of`) to the backend modules, which share one signature per op:
 ``_cpu_stats`` / ``_gpu_stats`` (clipping, statistics, gradient, noise) and
-``_cpu_linalg`` / ``_gpu_linalg`` (Cholesky).
+``_cpu_linalg`` / ``_gpu_linalg`` (Cholesky). The argument rules are the package's
+(:mod:`dpfc_native._validation`); callers that validated once (the estimators, once per
+fit) use ``_unchecked``, the same ops without the per-call checks.
 
 Pipeline: features -> clip -> statistics -> noise -> solve -> weights.
 
