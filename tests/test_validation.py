@@ -128,6 +128,11 @@ CLASS_INDICES = {  # integer labels in [0, K)
                                          "labels"),
 }
 
+# Entry points exempt from a mistake's row, with the reason: the estimators' X follows
+# scikit-learn's check_array for complex data (ValueError "Complex data not supported"),
+# which scikit-learn's own estimator checks require.
+EXEMPT = {("complex dtype", "models.DPFCClassifier.fit/X")}
+
 # (group, mistake, value, exception)
 MISTAKES = [
     (POSITIVE, "str", "1.0", TypeError),
@@ -178,6 +183,7 @@ CASES = [
     pytest.param(fn, name, value, exc, id=f"{entry}-{mistake}")
     for group, mistake, value, exc in MISTAKES
     for entry, (fn, name) in group.items()
+    if (mistake, entry) not in EXEMPT
 ]
 
 

@@ -19,7 +19,9 @@ wherever it is made. The rules follow NumPy and scikit-learn:
 * **Arrays**: a wrong rank or shape, an empty array, NaN/Inf and out-of-range entries are
   ValueError; an unsupported dtype is a TypeError (as NumPy's ufuncs and LAPACK wrappers
   report it), and so is a ``dtype=`` parameter naming an unsupported dtype. A 0-d array
-  where an array is required has the wrong rank (ValueError).
+  where an array is required has the wrong rank (ValueError). The one exception: the
+  estimators' ``X`` may follow scikit-learn's ``check_array`` where scikit-learn's own
+  estimator checks require it (complex data: ValueError).
 * **Class indices** (integer labels in ``[0, K)``, what the ops and the data sets hold)
   are arrays like any other: a non-integer dtype is a TypeError. **Targets** (labels of
   any kind, to be mapped onto a label set, as scikit-learn's ``y``: what
