@@ -131,7 +131,7 @@ def test_feature_set_is_frozen_and_checked():
     fs = FeatureSet.from_arrays(x, y)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fs.num_classes = 7
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(TypeError, match="int64"):  # a wrong dtype is a wrong type
         FeatureSet(x, y.astype(np.int32), 4)
     with pytest.raises(ValueError, match="0..3"):
         FeatureSet(x, y + 1, 4)
@@ -485,5 +485,6 @@ def test_synthetic_presets():
 def test_synthetic_rejects_bad_arguments(kwargs):
     args = dict(n=50, d=8, num_classes=3)
     args.update(kwargs)
-    with pytest.raises(ValueError):
+    # An unsupported dtype is a wrong type (as in NumPy); the rest are wrong values.
+    with pytest.raises(TypeError if "dtype" in kwargs else ValueError):
         data.synthetic_features(**args)

@@ -355,10 +355,10 @@ for case, fn, exc, word in (
 for case, fn, exc, word in (
     ("check_feature_arrays-1d", lambda: data.check_feature_arrays(X[0], Y[:1]), ValueError, "features"),
     ("check_feature_arrays-empty", lambda: data.check_feature_arrays(X[:0], Y[:0]), ValueError, "features"),
-    ("check_feature_arrays-int", lambda: data.check_feature_arrays(X.astype(int), Y), ValueError, "features"),
-    ("check_feature_arrays-complex", lambda: data.check_feature_arrays(X.astype(complex), Y), ValueError, "features"),
+    ("check_feature_arrays-int", lambda: data.check_feature_arrays(X.astype(int), Y), TypeError, "features"),
+    ("check_feature_arrays-complex", lambda: data.check_feature_arrays(X.astype(complex), Y), TypeError, "features"),
     ("check_feature_arrays-nan", lambda: data.check_feature_arrays(np.full((6, 3), np.nan), Y), ValueError, "features"),
-    ("check_feature_arrays-labels-float", lambda: data.check_feature_arrays(X, Y * 1.0), ValueError, "labels"),
+    ("check_feature_arrays-labels-float", lambda: data.check_feature_arrays(X, Y * 1.0), TypeError, "labels"),
     ("check_feature_arrays-labels-neg", lambda: data.check_feature_arrays(X, Y - 1), ValueError, "labels"),
     ("check_feature_arrays-labels-num_classes", lambda: data.check_feature_arrays(X, Y, num_classes=2), ValueError, "labels|num_classes"),
     ("check_feature_arrays-num_classes-0", lambda: data.check_feature_arrays(X, Y, num_classes=0), ValueError, "num_classes"),

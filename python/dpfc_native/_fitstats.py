@@ -86,6 +86,9 @@ class RowTransform:
 
     clip: float
     center: Optional[np.ndarray] = None
+    #: The rows it returns are finite and clipped (X itself was validated once per fit):
+    #: the leaf statistics skip the public ops' scans.
+    rows_checked = True
     normalize: bool = False
     #: "cuda": the rows leave as CuPy arrays, so the leaf statistic runs on the GPU of
     #: the process reading the leaf (one dask_cuda worker per GPU).
@@ -270,28 +273,30 @@ class ReducedStatistics:
 
 
 class DeviceStatistics:
-    """The statistics of one fit from preprocessed rows on the GPU, through the ops."""
+    """The statistics of one fit from preprocessed rows on the GPU (validated once per fit),
+    through the ops' unchecked entries."""
 
     def __init__(self, xc, y, xp):
         self.X, self.y, self.xp = xc, y, xp
 
     def gram(self, C):
-        return ops.clipped_gram(self.X, C)
+        return ops._unchecked.clipped_gram(self.X, C)
 
     def stats(self, k, C):
-        return ops.clipped_stats(self.X, self.y, k, C)
+        return ops._unchecked.clipped_stats(self.X, self.y, k, C)
 
     def class_grams(self, k, C):
-        return ops.clipped_class_grams(self.X, self.y, k, C)
+        return ops._unchecked.clipped_class_grams(self.X, self.y, k, C)
 
     def newton_hessians(self, W, bias, C):
-        from .models import _scores, _sigmoid
+        from ._special import sigmoid
+        from .models import _scores
 
         xp = self.xp
-        s = _sigmoid(_scores(xp, self.X, W, bias), xp)
+        s = sigmoid(_scores(xp, self.X, W, bias))
         weights = xp.minimum(s * (1.0 - s), 0.25)
         del s
-        return ops.clipped_weighted_grams(self.X, weights, C)
+        return ops._unchecked.clipped_weighted_grams(self.X, weights, C)
 
     def linear_grad(self, W, bias, clip, *, loss="sigmoid", feature_clip=None, sampling=None):
         X, y = self.X, self.y
@@ -302,8 +307,8 @@ class DeviceStatistics:
             if idx.size == 0:
                 return self.xp.zeros(tuple(np.shape(W)), dtype=self.xp.float64), 0, 0
             X, y = X[self.xp.asarray(idx)], y[self.xp.asarray(idx)]
-        g, n_clip = ops.clipped_linear_grad(X, y, W, bias, clip, loss=loss,
-                                            feature_clip=feature_clip)
+        g, n_clip = ops._unchecked.clipped_linear_grad(X, y, W, bias, clip, loss=loss,
+                                                       feature_clip=feature_clip)
         return g, int(n_clip), int(X.shape[0])
 
 

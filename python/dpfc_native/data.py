@@ -37,6 +37,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from . import _validation
+
 __all__ = [
     "FeatureSet",
     "load_features",
@@ -107,23 +109,21 @@ class FeatureSet:
     def __post_init__(self):
         x, y, k = self.features, self.labels, self.num_classes
         where = f" ({self.name})" if self.name else ""
-        if not isinstance(x, np.ndarray) or x.ndim != 2:
-            raise ValueError(f"features{where} must be a 2-D array, got "
-                             f"{_shape_str(x)}")
-        if x.dtype not in (np.float32, np.float64):
-            raise ValueError(f"features{where} must be float32 or float64, got {x.dtype}")
+        for key, a in (("features", x), ("labels", y)):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{key}{where} must be a NumPy array, got {_shape_str(a)}")
+        _validation.ndim(x, f"features{where}", 2, "(n, d)")
+        _validation.dtype_in(x, f"features{where}", _validation.FLOAT_DTYPES)
         if not x.flags.c_contiguous:
             raise ValueError(f"features{where} must be C-contiguous "
                              "(use FeatureSet.from_arrays to copy)")
-        if not isinstance(y, np.ndarray) or y.ndim != 1 or y.dtype != np.int64:
-            raise ValueError(f"labels{where} must be a 1-D int64 array, got "
-                             f"{_shape_str(y)} {getattr(y, 'dtype', type(y).__name__)}")
+        _validation.ndim(y, f"labels{where}", 1, "(n,)")
+        _validation.dtype_in(y, f"labels{where}", (np.dtype(np.int64),))
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"features{where} have {x.shape[0]} rows but labels "
                              f"have {y.shape[0]} entries")
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"num_classes{where} must be a positive int, got {k!r}")
-        object.__setattr__(self, "num_classes", int(k))
+        k = _validation.integer(k, f"num_classes{where}", 1)
+        object.__setattr__(self, "num_classes", k)
         if y.size:
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= k:
@@ -211,36 +211,35 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
 
     Raises
     ------
+    TypeError
+        Features that are not floating point, labels that are not integers, or a
+        ``num_classes`` that is not an int (the message names the offending key).
     ValueError
-        On any violation, naming ``name`` and the offending key.
+        Any other violation (shape, range, NaN/Inf), naming ``name`` and the key.
     """
     where = f" in {name}" if name else ""
     x = features if isinstance(features, np.ndarray) else np.asarray(features)
     y = labels if isinstance(labels, np.ndarray) else np.asarray(labels)
 
     # Features: shape and dtype.
-    if x.ndim != 2:
-        raise ValueError(f"{features_key}{where} must be 2-D (n, d), got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{features_key}{where} is empty (shape {x.shape})")
+    _validation.nonempty(_validation.ndim(x, f"{features_key}{where}", 2, "(n, d)"),
+                         f"{features_key}{where}")
     if x.dtype.kind != "f":
-        raise ValueError(f"{features_key}{where} must have a floating dtype "
-                         f"(float32 or float64), got {x.dtype}")
+        raise TypeError(f"{features_key}{where} must have a floating dtype "
+                        f"(float32 or float64), got {x.dtype}")
     if x.dtype.itemsize < 4:
         x = x.astype(np.float32)
-    elif x.dtype.itemsize > 8:
-        raise ValueError(f"{features_key}{where} must be float32 or float64, got {x.dtype}")
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
+    _validation.dtype_in(x, f"{features_key}{where}", _validation.FLOAT_DTYPES)
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
 
     # Labels: shape, dtype, range.
-    if y.ndim != 1:
-        raise ValueError(f"{labels_key}{where} must be 1-D (n,), got shape {y.shape}")
+    _validation.ndim(y, f"{labels_key}{where}", 1, "(n,)")
     if y.dtype.kind not in "iu":
-        raise ValueError(f"{labels_key}{where} must have an integer dtype, got {y.dtype}"
-                         " (cast explicitly, e.g. labels.astype(np.int64))")
+        raise TypeError(f"{labels_key}{where} must have an integer dtype, got {y.dtype}"
+                        " (cast explicitly, e.g. labels.astype(np.int64))")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"shape mismatch{where}: {features_key} has {x.shape[0]} rows "
                          f"but {labels_key} has {y.shape[0]} entries")
@@ -261,12 +260,7 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
                              "the public label set (num_classes=, --num-classes or classes=) "
                              "if that is really intended, or relabel to 0..K-1")
     else:
-        if (isinstance(num_classes, (bool, np.bool_))
-                or not isinstance(num_classes, (int, np.integer))):
-            raise ValueError(f"num_classes must be an int, got {num_classes!r}")
-        k = int(num_classes)
-        if k < 1:
-            raise ValueError(f"num_classes must be >= 1, got {k}")
+        k = _validation.integer(num_classes, "num_classes", 1)
         if max_label >= k:
             bad = np.flatnonzero(y >= k)
             raise ValueError(f"{labels_key}{where} has {bad.size} label(s) >= num_classes={k}; "
@@ -281,27 +275,9 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
 
 
 def _count_nonfinite_rows(x: np.ndarray) -> Tuple[int, int]:
-    """(number of rows with a NaN/Inf, index of the first such row or -1).
-
-    Streams ``x`` in row blocks so a memory map is never materialised, and never
-    converts to float64.  Fast path per block: the sum of a block is finite iff
-    every entry is finite, except that a finite block can overflow; only blocks
-    whose sum is not finite get the exact element-wise scan.
-    """
-    n, d = x.shape
-    rows = max(1, _FINITE_CHECK_BLOCK_ELEMENTS // max(d, 1))
-    n_bad, first = 0, -1
-    for start in range(0, n, rows):
-        block = x[start:start + rows]
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.add.reduce(block, axis=None)):
-                continue
-        bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if bad_rows.size:
-            if first < 0:
-                first = start + int(bad_rows[0])
-            n_bad += int(bad_rows.size)
-    return n_bad, first
+    """(number of rows with a NaN/Inf, index of the first such row or -1), streamed in
+    blocks of ``_FINITE_CHECK_BLOCK_ELEMENTS`` (see ``_validation.nonfinite_rows``)."""
+    return _validation.nonfinite_rows(x, block_elements=_FINITE_CHECK_BLOCK_ELEMENTS)
 
 
 # --------------------------------------------------------------------------- #
@@ -514,8 +490,12 @@ def load_features(path: PathLike, labels_path: Optional[PathLike] = None, mmap: 
     else:
         raise ValueError(f"unknown feature file format: {path} "
                          "(expected .npz, .npy or .safetensors)")
-    x, y, k = check_feature_arrays(x, y, num_classes=num_classes, check_finite=check_finite,
-                                   features_key=x_key, labels_key=y_key)
+    if num_classes is not None:
+        _validation.integer(num_classes, "num_classes", 1)  # an argument, not the file's
+    with _validation.file_contents():
+        x, y, k = check_feature_arrays(x, y, num_classes=num_classes,
+                                       check_finite=check_finite, features_key=x_key,
+                                       labels_key=y_key)
     return FeatureSet(x, y, k, set_name)
 
 
@@ -602,9 +582,9 @@ def train_test_split_features(fs: FeatureSet, test_fraction: Union[float, int] =
     """
     n = fs.n
     if isinstance(test_fraction, (int, np.integer)) and not isinstance(test_fraction, bool):
-        n_test = int(test_fraction)
+        n_test = _validation.integer(test_fraction, "test_fraction")
     else:
-        f = float(test_fraction)
+        f = _validation.real(test_fraction, "test_fraction")
         if not 0.0 < f < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1) or an int, got {test_fraction}")
         n_test = int(round(n * f))
@@ -709,23 +689,17 @@ def digits_features(feature_map: str = "pixels", seed: int = 0, *,
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("digits_features needs scikit-learn (pip install scikit-learn)") from e
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = _validation.float_dtype(dtype, "dtype")
+    _validation.choice(feature_map, "feature_map", ("pixels", "random_fourier"))
     bunch = load_digits()
     pixels = np.asarray(bunch.data, dtype=np.float64) / 16.0
     labels = np.asarray(bunch.target, dtype=np.int64)
     if feature_map == "pixels":
         x = pixels.astype(dtype)
-    elif feature_map == "random_fourier":
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
-        g = 4.0 / pixels.shape[1] if gamma is None else float(gamma)
-        if not g > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        x = _random_fourier_map(pixels, num_features, g, seed, dtype)
     else:
-        raise ValueError(f"feature_map must be 'pixels' or 'random_fourier', got {feature_map!r}")
+        num_features = _validation.integer(num_features, "num_features", 1)
+        g = 4.0 / pixels.shape[1] if gamma is None else _validation.positive(gamma, "gamma")
+        x = _random_fourier_map(pixels, num_features, g, seed, dtype)
     full = FeatureSet(x, labels, 10, f"digits-{feature_map}")
     return train_test_split_features(full, int(test_size), seed=split_seed, stratify=True)
 
@@ -991,36 +965,20 @@ def synthetic_features(n: int, d: int, num_classes: int, difficulty: float = 0.5
     shape (1.33 M x 1664 float32, 8.9 GB with its test split) takes about 70
     CPU-seconds, i.e. ~35 s on 2 idle cores.
     """
-    n, d, num_classes = int(n), int(d), int(num_classes)
-    if n < 1 or d < 1:
-        raise ValueError(f"n and d must be >= 1, got n={n}, d={d}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    difficulty = float(difficulty)
-    if not 0.0 <= difficulty <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    spectrum_decay = float(spectrum_decay)
-    if not (spectrum_decay >= 0.0 and math.isfinite(spectrum_decay)):
-        raise ValueError(f"spectrum_decay must be a finite number >= 0, got {spectrum_decay}")
-    norm_spread = float(norm_spread)
-    if not (norm_spread >= 0.0 and math.isfinite(norm_spread)):
-        raise ValueError(f"norm_spread must be a finite number >= 0, got {norm_spread}")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    workers = _default_workers() if workers is None else int(workers)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    n, d = _validation.integer(n, "n", 1), _validation.integer(d, "d", 1)
+    num_classes = _validation.integer(num_classes, "num_classes", 2)
+    difficulty = _validation.interval(difficulty, "difficulty", 0.0, 1.0, closed="both")
+    spectrum_decay = _validation.nonneg(spectrum_decay, "spectrum_decay")
+    norm_spread = _validation.nonneg(norm_spread, "norm_spread")
+    dtype = _validation.float_dtype(dtype, "dtype")
+    workers = _default_workers() if workers is None else _validation.integer(workers,
+                                                                             "workers", 1)
     if test_size is None:
         test_size = min(10_000, max(1, n // 5))
-    test_size = int(test_size)
-    if test_size < 1:
-        raise ValueError(f"test_size must be >= 1, got {test_size}")
+    test_size = _validation.integer(test_size, "test_size", 1)
     if class_dim is None:
         class_dim = min(num_classes, max(1, d // 4))
-    class_dim = int(class_dim)
-    if not 1 <= class_dim <= d:
-        raise ValueError(f"class_dim must be in 1..d={d}, got {class_dim}")
+    class_dim = _validation.integer(class_dim, "class_dim", 1, d)
 
     model = _synth_model(d, num_classes, difficulty, spectrum_decay, seed, class_dim,
                          norm_spread, dtype)
@@ -1065,12 +1023,12 @@ def synthetic_preset(name: str, difficulty: Optional[float] = None, seed: int = 
     **kwargs :
         Passed on (``spectrum_decay``, ``dtype``, ``test_size``, ``out``, ...).
     """
-    if name not in SYNTHETIC_PRESETS:
+    if not isinstance(name, str) or name not in SYNTHETIC_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(SYNTHETIC_PRESETS)}")
     n_preset, d, k = SYNTHETIC_PRESETS[name]
     test_size = SYNTHETIC_PRESET_TEST_SIZES[name]
     if n is not None:
-        n = int(n)
+        n = _validation.integer(n, "n", 1)
         test_size = min(test_size, max(1, n // 5))
     else:
         n = n_preset
@@ -1169,11 +1127,13 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
     else:
         raise ValueError(f"unknown feature file format: {path} "
                          "(expected .npz, .npy or .safetensors)")
-    y = coerce_labels(y, y_key)
-    # Features: the same checks as load_features (labels are checked above).
-    x, _, _ = check_feature_arrays(x, np.zeros(np.shape(x)[0] if np.ndim(x) else 0, np.int64),
-                                   check_finite=check_finite, features_key=x_key,
-                                   labels_key=y_key)
+    with _validation.file_contents():
+        y = coerce_labels(y, y_key)
+        # Features: the same checks as load_features (labels are checked above).
+        x, _, _ = check_feature_arrays(x, np.zeros(np.shape(x)[0] if np.ndim(x) else 0,
+                                                   np.int64),
+                                       check_finite=check_finite, features_key=x_key,
+                                       labels_key=y_key)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"shape mismatch: {x_key} has {x.shape[0]} rows but {y_key} has "
                          f"{y.shape[0]} entries")
@@ -1190,11 +1150,10 @@ def coerce_labels(labels, name: str = "labels") -> np.ndarray:
     Raises
     ------
     ValueError
-        Not 1-D, non-integer floats, or another dtype (complex, object, ...).
+        Not 1-D, non-integer floats, or another dtype (complex, object, ...): as
+        scikit-learn's targets, labels of an unsupported kind are a wrong value.
     """
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (n,), got shape {y.shape}")
+    y = _validation.ndim(np.asarray(labels), name, 1, "(n,)")
     kind = y.dtype.kind
     if kind in "iub":
         return y.astype(np.int64)
@@ -1211,6 +1170,7 @@ def coerce_labels(labels, name: str = "labels") -> np.ndarray:
         return np.char.decode(y, "utf-8").astype(str)
     if kind == "U":
         return y.astype(str)
+    # Targets of an unsupported kind are a ValueError (scikit-learn's "unknown label type").
     raise ValueError(f"{name} must hold integers or class names (strings), got dtype {y.dtype}")
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 import warnings
 
@@ -58,7 +57,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from . import _fitstats, accounting, mechanisms, ops
+from . import _fitstats, _validation, accounting, mechanisms, ops
 from ._errors import PrivacyWarning
 from ._special import log_sigmoid, sigmoid
 
@@ -107,39 +106,15 @@ DENOISE_AUTO = "soft"
 
 
 # ---------------------------------------------------------------------------------------
-# Parameter checks (errors name the argument); the shared ones come from accounting / ops.
+# Parameter checks (errors name the argument): the package's shared rules (_validation).
 # ---------------------------------------------------------------------------------------
 
-_real = accounting._real  # TypeError for non-reals, ValueError for NaN
-_int = ops._check_int  # TypeError for non-integers, ValueError below the minimum
-
-
-def _positive(value, name: str, *, allow_inf: bool = False) -> float:
-    v = _real(value, name)
-    if v <= 0 or (math.isinf(v) and not allow_inf):
-        bound = "> 0" if allow_inf else "finite and > 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return v
-
-
-def _nonneg(value, name: str) -> float:
-    v = _real(value, name)
-    if v < 0 or math.isinf(v):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
-
-
-def _share(value, name: str) -> float:
-    v = _real(value, name)
-    if not 0.0 < v < 1.0:
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    return v
-
-
-def _choice(value, name: str, options: tuple) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
+_real = _validation.real  # TypeError for non-reals, ValueError for NaN
+_int = _validation.integer  # TypeError for non-integers, ValueError below the minimum
+_positive = _validation.positive
+_nonneg = _validation.nonneg
+_share = _validation.share
+_choice = _validation.choice
 
 
 def _candidates(value, name: str, check) -> list | None:
@@ -178,15 +153,10 @@ def _check_clip(value, name: str) -> float:
 
 
 def _check_delta(value) -> float | None:
-    return None if value is None else accounting._check_delta(value)
+    return None if value is None else _validation.share(value, "delta")
 
 
-def _check_random_state(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"random_state must be None or an int, got {type(value).__name__}")
-    return int(value)
+_check_random_state = _validation.seed
 
 
 def default_delta(n: int) -> float:
@@ -314,10 +284,7 @@ def _as_features(X, name: str, device: str, d: int | None = None):
                          "must be real numbers")
     else:
         raise TypeError(f"{name} must have a real numeric dtype, got {X.dtype}")
-    for sl in _row_slices(*X.shape, xp):
-        if not bool(xp.isfinite(X[sl]).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
-    return X
+    return _validation.finite(X, name, xp)
 
 
 def _encode_labels(y, n: int, classes_param, name: str = "y"):
@@ -389,7 +356,7 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
         blk /= xp.where(amax > 0, amax, 1.0)[:, None]
         nrm = xp.sqrt((blk * blk).sum(axis=1))
         blk /= xp.where(nrm > 0, nrm, 1.0)[:, None]
-    return ops.clip_rows(blk, clip)[0]
+    return ops._unchecked.clip_rows(blk, clip)[0]  # finite: X was checked once per fit
 
 
 class _PreprocessedRows:
@@ -798,10 +765,8 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
             "clip_norm": _check_clip(self.clip_norm, "clip_norm"),
             "random_state": _check_random_state(self.random_state),
         }
-        if not isinstance(self.normalize, (bool, np.bool_)):
-            raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
-        if not isinstance(self.keep_stats, (bool, np.bool_)):
-            raise TypeError(f"keep_stats must be a bool, got {type(self.keep_stats).__name__}")
+        _validation.boolean(self.normalize, "normalize")
+        _validation.boolean(self.keep_stats, "keep_stats")
         _choice(self.device, "device", ("auto", "cpu", "cuda"))
         _int(self.verbose, "verbose", 0)
         return p
@@ -829,9 +794,7 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         c = np.asarray(_to_numpy(self.center), dtype=np.float64)
         if c.shape != (d,):
             raise ValueError(f"center must be a public vector of shape ({d},), got {c.shape}")
-        if not np.isfinite(c).all():
-            raise ValueError("center contains NaN or Inf")
-        return xp.asarray(c)
+        return xp.asarray(_validation.finite(c, "center"))
 
     # -- fit --------------------------------------------------------------------------
     def fit(self, X, y=None, *, X_val=None, y_val=None, client=None):

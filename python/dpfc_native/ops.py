@@ -9,7 +9,9 @@ call is an error.
 Layout: this module validates the arguments and dispatches on the arrays' device
 (:func:`device_of`) to the backend modules, which share one signature per op:
 ``_cpu_stats`` / ``_gpu_stats`` (clipping, statistics, gradient, noise) and
-``_cpu_linalg`` / ``_gpu_linalg`` (Cholesky).
+``_cpu_linalg`` / ``_gpu_linalg`` (Cholesky). The argument rules are the package's
+(:mod:`dpfc_native._validation`); callers that validated once (the estimators, once per
+fit) use ``_unchecked``, the same ops without the per-call checks.
 
 Pipeline: features -> clip -> statistics -> noise -> solve -> weights.
 
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, _cpu_linalg, _cpu_stats
+from . import _validation as _v
 
 __all__ = [
     "clip_rows",
@@ -57,10 +60,7 @@ CLIP_MARGIN: float = float(_core.clip_margin)
 #: Accumulation modes of the clipped statistics (the GPU may add faster ones).
 ACCUMULATE_MODES = ("float64", "float32")
 
-# Rows checked per chunk by the CPU finiteness scan (bounded extra memory).
-_CHUNK_ELEMENTS = 1 << 22
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = _v.FLOAT_DTYPES
 
 
 # --------------------------------------------------------------------------------------
@@ -180,29 +180,13 @@ def _coerce(a: Any, name: str, xp):
         raise TypeError(f"{name}: cannot convert {type(a).__name__} to an array") from exc
 
 
-def _check_real(value: Any, name: str) -> float:
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from exc
-
-
-def _check_positive(value: Any, name: str) -> float:
-    v = _check_real(value, name)
-    if not np.isfinite(v) or v <= 0.0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return v
+# The scalar checks every module shares (the rules are in _validation's docstring).
+_check_real = _v.real
+_check_positive = _v.positive
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    v = int(value)
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
+    return _v.integer(value, name, minimum)
 
 
 def _half_dtypes(xp) -> tuple:
@@ -217,51 +201,26 @@ def _half_dtypes(xp) -> tuple:
 
 
 def _check_features(x, name: str, xp, *, allow_half: bool = False):
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    _v.nonempty(_v.ndim(x, name, 2, "(n, d)"), name)
     allowed = _FLOAT_DTYPES + (_half_dtypes(xp) if allow_half else ())
     if xp is np and x.dtype.kind == "f" and not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))  # e.g. big-endian files: one native copy
-    if x.dtype not in allowed:
-        names = ", ".join(str(d) for d in allowed)
-        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
-    _check_finite(x, name, xp)
-    return x
+    _v.dtype_in(x, name, allowed)
+    return _v.finite(x, name, xp)
 
 
 def _check_finite(a, name: str, xp) -> None:
     """Raises ValueError if any element is NaN or Inf (chunked over rows on the CPU)."""
-    if getattr(a, "_dpfc_row_view", False):
-        return  # its blocks are checked as they are made
-    if xp is np:
-        rows = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(a.shape[1:], dtype=np.int64))))
-        for start in range(0, a.shape[0], rows):
-            block = np.asarray(a[start : start + rows])
-            if not np.isfinite(block).all():
-                bad = start + int(np.argmax(~np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)))
-                raise ValueError(f"{name} contains NaN or Inf (first at row {bad})")
-    elif not bool(xp.isfinite(a).all()):  # one device sync
-        raise ValueError(f"{name} contains NaN or Inf")
+    _v.finite(a, name, xp)
 
 
 def _check_labels(labels, n: int, num_classes: int, xp):
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
-    return labels
+    return _v.labels(labels, "labels", n, num_classes)
 
 
 def _check_accumulate(accumulate: str, xp) -> str:
     modes = ACCUMULATE_MODES + (("tf32", "bf16") if xp is not np else ())
-    if accumulate not in modes:
-        raise ValueError(f"accumulate must be one of {modes}, got {accumulate!r}")
-    return accumulate
+    return _v.choice(accumulate, "accumulate", modes)
 
 
 def _features(x, xp, *, allow_half: bool = False):
@@ -396,9 +355,7 @@ def clipped_weighted_grams(x, weights, clip_norm: float):
     weights = _coerce(weights, "weights", xp)
     if weights.ndim != 2 or weights.shape[0] != x.shape[0]:
         raise ValueError(f"weights must have shape ({x.shape[0]}, K), got {tuple(weights.shape)}")
-    if weights.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weights must be float32 or float64, got {weights.dtype}")
-    _check_finite(weights, "weights", xp)
+    _v.finite(_v.dtype_in(weights, "weights", _FLOAT_DTYPES), "weights", xp)
     # A row view's blocks are checked by the CPU backend as it reads them.
     if not getattr(weights, "_dpfc_row_view", False) and bool((weights < 0).any()):
         raise ValueError("weights must be non-negative")
@@ -438,27 +395,80 @@ def clipped_linear_grad(
     grad : array (K, d), float64, ``sum_i min(1, C_g' / ||g_i||) g_i``.
     n_clipped : int, examples whose gradient was scaled down.
     """
-    xp, backend = _dispatch("stats", x, labels, w, bias if not np.isscalar(bias) else None)
+    scalar_bias = _v.is_scalar(bias)
+    xp, backend = _dispatch("stats", x, labels, w, None if scalar_bias else bias)
     x = _features(x, xp)
     w = _coerce(w, "w", xp)
     if w.ndim != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"w must have shape (K, {x.shape[1]}), got {tuple(w.shape)}")
-    if w.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"w must be float32 or float64, got {w.dtype}")
-    _check_finite(w, "w", xp)
+    _v.finite(_v.dtype_in(w, "w", _FLOAT_DTYPES), "w", xp)
     k = w.shape[0]
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
-    if np.isscalar(bias):
+    if scalar_bias:
         bias = xp.full((k,), _check_real(bias, "bias"), dtype=xp.float64)
     bias = _coerce(bias, "bias", xp)
     if bias.shape != (k,):
         raise ValueError(f"bias must be a float or have shape ({k},), got {tuple(bias.shape)}")
-    _check_finite(bias, "bias", xp)
+    _v.finite(_v.real_dtype(bias, "bias"), "bias", xp)
     c = _check_positive(clip_norm, "clip_norm")
-    if loss not in ("sigmoid", "softmax"):
-        raise ValueError(f"loss must be 'sigmoid' or 'softmax', got {loss!r}")
+    _v.choice(loss, "loss", ("sigmoid", "softmax"))
     fc = None if feature_clip is None else _check_positive(feature_clip, "feature_clip")
     return backend.clipped_linear_grad(x, labels, w, bias, c, loss, fc)
+
+
+# --------------------------------------------------------------------------------------
+# The already-validated path
+# --------------------------------------------------------------------------------------
+
+
+class _Unchecked:
+    """The statistics ops without their argument checks, for callers that validated once.
+
+    The estimators check X (rank, dtype, finiteness) once per fit and derive every later
+    argument themselves (clipped float64 rows, labels in ``[0, K)``, weights, ``W``), so
+    the per-call checks of the public ops would only re-read the whole feature matrix
+    (and sync the GPU) at every step. These entries dispatch straight to the backend:
+    same results, bit for bit, as the public ops on valid arguments. A NaN that reached
+    a statistic anyway is still refused by :mod:`dpfc_native.mechanisms` before release.
+    Arguments: arrays of one device, ``x`` 2-D float32/float64 (or a row view) and
+    finite, labels int64 in ``[0, num_classes)``, ``clip_norm`` a float > 0.
+    """
+
+    @staticmethod
+    def clip_rows(x, clip_norm: float):
+        return _dispatch("stats", x)[1].clip_rows(x, clip_norm)
+
+    @staticmethod
+    def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
+        return _dispatch("stats", x)[1].clipped_gram(x, clip_norm, accumulate)
+
+    @staticmethod
+    def clipped_stats(x, labels, num_classes: int, clip_norm: float, *,
+                      accumulate: str = "float64"):
+        backend = _dispatch("stats", x, labels)[1]
+        return backend.clipped_stats(x, labels, num_classes, clip_norm, accumulate)
+
+    @staticmethod
+    def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
+        backend = _dispatch("stats", x, labels)[1]
+        return backend.clipped_class_grams(x, labels, num_classes, clip_norm)
+
+    @staticmethod
+    def clipped_weighted_grams(x, weights, clip_norm: float):
+        return _dispatch("stats", x, weights)[1].clipped_weighted_grams(x, weights, clip_norm)
+
+    @staticmethod
+    def clipped_linear_grad(x, labels, w, bias, clip_norm: float, *, loss: str = "sigmoid",
+                            feature_clip: float | None = None):
+        scalar_bias = _v.is_scalar(bias)
+        xp, backend = _dispatch("stats", x, labels, w, None if scalar_bias else bias)
+        if scalar_bias:
+            bias = xp.full((w.shape[0],), float(bias), dtype=xp.float64)
+        return backend.clipped_linear_grad(x, labels, w, bias, clip_norm, loss, feature_clip)
+
+
+#: Entry point of the already-validated path (``ops._unchecked.clipped_gram(...)``).
+_unchecked = _Unchecked()
 
 
 # --------------------------------------------------------------------------------------
@@ -470,9 +480,7 @@ def _key_words(key: Any) -> tuple[int, int, int, int]:
     """Split a 128-bit key into Philox key words and the counter's upper words."""
     if key is None:
         key = secrets.randbits(128)  # OS entropy: 128 bits of key material
-    if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
-        raise TypeError(f"key must be a Python int (up to 128 bits) or None, got {type(key).__name__}")
-    key = int(key)
+    key = _v.integer(key, "key")
     if not 0 <= key < 1 << 128:
         raise ValueError(f"key must be in [0, 2**128), got {key}")
     return tuple((key >> (32 * i)) & 0xFFFFFFFF for i in range(4))  # type: ignore[return-value]
@@ -486,14 +494,9 @@ def _check_counter(counter: Any, blocks: int) -> int:
 
 
 def _check_noise_args(std, dtype, device):
-    s = _check_real(std, "std")
-    if not np.isfinite(s) or s < 0:
-        raise ValueError(f"std must be finite and >= 0, got {std!r}")
-    dt = np.dtype(dtype)
-    if dt not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    s = _v.nonneg(std, "std")
+    dt = _v.float_dtype(dtype, "dtype")
+    _v.choice(device, "device", ("cpu", "cuda"))
     return s, dt
 
 
@@ -569,9 +572,9 @@ def gaussian_noise(
     Same key and counter conventions as :func:`sym_gaussian_noise`; consumes
     ``noise_blocks(prod(shape))`` blocks.
     """
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(v) for v in shape)
-    if any(v < 0 for v in shape):
-        raise ValueError(f"shape must be non-negative, got {shape}")
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    shape = tuple(_v.integer(v, "shape", 0) for v in shape)
     s, dt = _check_noise_args(std, dtype, device)
     words = _key_words(key)
     count = int(np.prod(shape, dtype=np.int64))
@@ -589,9 +592,7 @@ def _check_square_batch(a, name: str):
         raise ValueError(f"{name} must have shape (..., d, d), got {tuple(a.shape)}")
     if a.shape[-1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(a.shape)}")
-    if a.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    return a
+    return _v.dtype_in(a, name, _FLOAT_DTYPES)
 
 
 def cholesky(a):
@@ -639,12 +640,8 @@ def cholesky_shifts(a, shifts):
     if a.ndim != 2:
         raise ValueError(f"a must have shape (d, d), got {tuple(a.shape)}")
     s = _coerce(shifts, "shifts", xp)
-    if s.ndim != 1:
-        raise ValueError(f"shifts must be 1-D, got shape {tuple(s.shape)}")
-    if s.dtype.kind not in "fiu":
-        raise TypeError(f"shifts must be real, got {s.dtype}")
-    if not bool(xp.isfinite(s).all()):
-        raise ValueError("shifts must be finite")
+    _v.ndim(s, "shifts", 1, "(m,)")
+    _v.finite(_v.real_dtype(s, "shifts"), "shifts", xp)
     return backend.cholesky_shifts(a, s)
 
 
@@ -670,7 +667,5 @@ def cho_solve(L, b):
     vector = b.ndim == L.ndim - 1
     if b.ndim < (1 if vector else 2) or b.shape[-1 if vector else -2] != d:
         raise ValueError(f"b must have shape (..., {d}, m) or (..., {d}), got {tuple(b.shape)}")
-    if b.dtype.kind not in "fiu":
-        raise TypeError(f"b must be a real array, got {b.dtype}")
-    _check_finite(b, "b", xp)
+    _v.finite(_v.real_dtype(b, "b"), "b", xp)
     return backend.cho_solve(L, b)

@@ -28,6 +28,8 @@ import math
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
+from . import _validation
+
 __all__ = ["PLAN_EPSILONS", "noise_plans", "plan_rows", "register_cli"]
 
 #: The default grid of ``dpfc plan``.
@@ -69,8 +71,7 @@ def noise_plans(n: int, d: int, num_classes: int, epsilons: Iterable[float] = PL
     """
     from . import report
 
-    if method not in report.METHODS:
-        raise ValueError(f"method must be one of {', '.join(report.METHODS)}, got {method!r}")
+    _validation.choice(method, "method", tuple(report.METHODS))
     plans = []
     for eps in epsilons:
         est = report.make_estimator(method, eps, **params)

@@ -41,6 +41,7 @@ about 10 C^2 there). See README.md, "Floating point".
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import math
@@ -242,6 +243,19 @@ class TransformedSource:
                      int(rows[-1]) + 1 if len(rows) else 0)
         return self.transform(x, int(rows[0]) if len(rows) else 0), y
 
+
+
+#: True while a leaf's rows come from a transform that produced them finite and clipped
+#: (the estimators' preprocessing of rows validated once per fit): the leaf statistic
+#: then skips the public ops' argument scans (validate once per fit).
+_ROWS_CHECKED: contextvars.ContextVar = contextvars.ContextVar("dpfc_rows_checked",
+                                                               default=False)
+
+
+def _leaf_ops():
+    """The ops a leaf statistic calls: the public (checking) ops, or their unchecked
+    entries when the rows were validated once for the whole fit."""
+    return ops._unchecked if _ROWS_CHECKED.get() else ops
 
 def _shard_rows_of(source) -> tuple[int, ...]:
     return tuple(int(r) for r in source.shard_rows)
@@ -654,7 +668,7 @@ class Gram(_Statistic):
 
     def leaf(self, x, y, weights):
         x = x if x.dtype == np.float16 else _as_ops_float(x)
-        return {"G": ops.clipped_gram(x, self.clip_norm)}
+        return {"G": _leaf_ops().clipped_gram(x, self.clip_norm)}
 
     def finish(self, v):
         return v["G"]
@@ -684,7 +698,7 @@ class Stats(_Statistic):
 
     def leaf(self, x, y, weights):
         x = x if x.dtype == np.float16 else _as_ops_float(x)
-        g, b, counts = ops.clipped_stats(x, y, self.num_classes, self.clip_norm)
+        g, b, counts = _leaf_ops().clipped_stats(x, y, self.num_classes, self.clip_norm)
         return {"G": g, "B": b, "counts": np.asarray(counts, np.int64)}
 
     def finish(self, v):
@@ -711,7 +725,7 @@ class ClassSums(_Statistic):
         return {"B": (self.num_classes, d)}
 
     def leaf(self, x, y, weights):
-        return {"B": ops.clipped_class_sums(_as_ops_float(x), y, self.num_classes, self.clip_norm)}
+        return {"B": _leaf_ops().clipped_class_sums(_as_ops_float(x), y, self.num_classes, self.clip_norm)}
 
     def finish(self, v):
         return v["B"]
@@ -756,7 +770,7 @@ class ClassGrams(_Statistic):
             x, y = x[sel], y[sel] - lo
         if x.shape[0] == 0:
             return {"A": np.zeros((hi - lo, d, d))}
-        return {"A": ops.clipped_class_grams(_as_ops_float(x), y, hi - lo, self.clip_norm)}
+        return {"A": _leaf_ops().clipped_class_grams(_as_ops_float(x), y, hi - lo, self.clip_norm)}
 
     def finish(self, v):
         return v["A"]
@@ -823,7 +837,7 @@ class WeightedGrams(_Statistic):
         if w.size and float(w.max()) > self.weight_bound:
             raise ValueError(f"a weight ({float(w.max())!r}) exceeds weight_bound={self.weight_bound!r}")
         lo, hi = _class_range(self.classes, self.num_weights)
-        return {"H": ops.clipped_weighted_grams(_as_ops_float(x), xp.ascontiguousarray(w[:, lo:hi]),
+        return {"H": _leaf_ops().clipped_weighted_grams(_as_ops_float(x), xp.ascontiguousarray(w[:, lo:hi]),
                                                 self.clip_norm)}
 
     def finish(self, v):
@@ -851,7 +865,7 @@ class NewtonWeights:
 
     def __call__(self, x, y):
         xp = ops.array_module(x)
-        xc, _ = ops.clip_rows(xp.asarray(x, dtype=xp.float64), self.clip_norm)
+        xc, _ = _leaf_ops().clip_rows(xp.asarray(x, dtype=xp.float64), self.clip_norm)
         w, bias = _on_device_of(x, _aligned(self.w)), _on_device_of(x, _aligned(self.bias))
         from ._special import sigmoid
 
@@ -891,7 +905,7 @@ class LinearGrad(_Statistic):
         return {"n_clipped": ()}
 
     def leaf(self, x, y, weights):
-        grad, n_clipped = ops.clipped_linear_grad(_as_ops_float(x), y, _on_device_of(x, _aligned(self.w)),
+        grad, n_clipped = _leaf_ops().clipped_linear_grad(_as_ops_float(x), y, _on_device_of(x, _aligned(self.w)),
                                                   _on_device_of(x, _aligned(self.bias)), self.clip_norm,
                                                   loss=self.loss, feature_clip=self.feature_clip)
         return {"grad": grad, "n_clipped": np.asarray(n_clipped, np.int64)}
@@ -944,12 +958,16 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         x, y = _aligned(np.asarray(x)), _aligned(np.asarray(y))
         if w is not None:
             w = _aligned(np.asarray(w))
+    token = _ROWS_CHECKED.set(bool(getattr(getattr(source, "transform", None),
+                                           "rows_checked", False)))
     try:
         return stat.leaf(x, y, w), int(x.shape[0])
     except ValueError as e:
         where = getattr(source, "shards", None)
         name = where[s].path if where is not None else f"shard {s}"
         raise ValueError(f"{name}: rows [{a}, {b}) (leaf {leaf}): {e}") from e
+    finally:
+        _ROWS_CHECKED.reset(token)
 
 
 def one_blas_thread():

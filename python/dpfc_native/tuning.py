@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize
 
-from . import accounting, mechanisms
+from . import _validation, accounting, mechanisms
 from ._errors import PrivacyWarning
 
 __all__ = [
@@ -110,17 +110,19 @@ def _min_over_orders(rdp_at, delta: float) -> tuple[float, float]:
 
 
 def _check_shape(shape) -> float:
-    eta = accounting._real(shape, "shape")
-    if not (eta >= 0.0 and math.isfinite(eta)):
-        raise ValueError(f"shape must be finite and >= 0, got {shape!r}")
-    return eta
+    return _validation.nonneg(shape, "shape")
 
 
 def _check_gamma(gamma) -> float:
-    g = accounting._real(gamma, "gamma")
-    if not 0.0 < g < 1.0:
-        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
-    return g
+    return _validation.share(gamma, "gamma")
+
+
+def _check_epsilon(epsilon) -> float:
+    return _validation.positive(epsilon, "epsilon", allow_inf=True)
+
+
+def _check_delta(delta) -> float:
+    return _validation.share(delta, "delta")
 
 
 def truncated_negative_binomial_pmf(k, shape: float, gamma: float) -> np.ndarray:
@@ -160,7 +162,7 @@ def truncated_negative_binomial_gamma(shape: float, mean: float) -> float:
     """The ``gamma`` in (0, 1) whose distribution ``D_{shape, gamma}`` has mean ``mean``
     (> 1; the mean falls from infinity to 1 as gamma goes from 0 to 1)."""
     eta = _check_shape(shape)
-    m = accounting._real(mean, "mean_repetitions")
+    m = _validation.real(mean, "mean_repetitions")
     if not (m > 1.0 and math.isfinite(m)):
         raise ValueError(f"mean_repetitions must be finite and > 1, got {mean!r}")
 
@@ -215,7 +217,7 @@ def selection_rdp(order: float, mu: float, mean: float, shape: float) -> float:
     for every ``lambda_hat >= 1`` (minimised in closed form here). A mu-GDP algorithm has
     ``eps(lambda) = lambda mu^2 / 2`` (the Renyi divergence of two Gaussians).
     """
-    lam = float(order)
+    lam = _validation.real(order, "order")
     if not lam > 1.0:
         raise ValueError(f"order must be > 1, got {order!r}")
     eta = _check_shape(shape)
@@ -252,16 +254,16 @@ def selection_epsilon(mu: float, delta: float, mean: float, shape: float = 0.0,
                       *, return_order: bool = False):
     """Epsilon at ``delta`` of repeat-and-select (:func:`selection_rdp`) over a ``mu``-GDP
     base algorithm, minimised over the Renyi order (``return_order``: also the order)."""
-    delta = accounting._check_delta(delta)
-    mu = accounting._check_mu(mu)
+    delta = _check_delta(delta)
+    mu = _validation.nonneg(mu, "mu", allow_inf=True)
     eps, lam = _min_over_orders(_selection_curve(mu, mean, _check_shape(shape)), delta)
     return (eps, lam) if return_order else eps
 
 
 def calibrate_selection_mu(epsilon: float, delta: float, mean: float, shape: float = 0.0) -> float:
     """The largest base ``mu`` (to 1e-3 relative) whose selection bound is ``<= epsilon``."""
-    eps = accounting._check_epsilon(epsilon)
-    delta = accounting._check_delta(delta)
+    eps = _check_epsilon(epsilon)
+    delta = _check_delta(delta)
 
     def f(log_mu):
         return selection_epsilon(math.exp(log_mu), delta, mean, shape) - eps
@@ -384,13 +386,11 @@ class PrivacyBudget:
     """
 
     def __init__(self, epsilon: float, delta: float, *, method: str = "auto"):
-        self.epsilon = accounting._check_epsilon(epsilon)
+        self.epsilon = _check_epsilon(epsilon)
         if math.isinf(self.epsilon):
             raise ValueError("a budget needs a finite epsilon")
-        self.delta = accounting._check_delta(delta)
-        if method not in ("auto", "rdp", "pld"):
-            raise ValueError(f"method must be one of ('auto', 'rdp', 'pld'), got {method!r}")
-        self.method = method
+        self.delta = _check_delta(delta)
+        self.method = _validation.choice(method, "method", ("auto", "rdp", "pld"))
         self._charges: list[_Charge] = []
         self._lock = threading.Lock()
         self._detached = False
@@ -687,16 +687,14 @@ class PrivateSelector:
         from .models import default_delta
         from ._progress import progress
 
-        eps = accounting._check_epsilon(self.epsilon)
+        eps = _check_epsilon(self.epsilon)
         if math.isinf(eps):
             raise ValueError("PrivateSelector needs a finite epsilon")
         n = int(np.shape(X)[0])
-        delta = default_delta(n) if self.delta is None else accounting._check_delta(self.delta)
-        mean = accounting._real(self.mean_repetitions, "mean_repetitions")
+        delta = default_delta(n) if self.delta is None else _check_delta(self.delta)
+        mean = _validation.real(self.mean_repetitions, "mean_repetitions")
         shape = _check_shape(self.shape)
-        share = accounting._real(self.score_share, "score_share")
-        if not 0.0 < share < 1.0:
-            raise ValueError(f"score_share must be in (0, 1), got {self.score_share!r}")
+        share = _validation.share(self.score_share, "score_share")
         candidates = _expand_grid(self.param_grid)
         template = self.estimator.get_params()
         for c in candidates:
