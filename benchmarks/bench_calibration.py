@@ -37,30 +37,45 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
-    head = (f"{'q':>7} {'steps':>6} {'z':>9} {'wall min/med (s)':>18} "
-            f"{'cpu min/med (s)':>17}")
+    head = f"{'q':>7} {'steps':>6} {'z':>9} {'wall min/med (s)':>18} {'cpu min/med (s)':>17}"
     print(head + "\n" + "-" * len(head))
     for q, steps in CASES:
         wall, cpu, z = [], [], None
         for _ in range(args.repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            z = accounting.calibrate_dpsgd_noise_multiplier(args.epsilon, args.delta, q, steps,
-                                                            method=args.method)
+            z = accounting.calibrate_dpsgd_noise_multiplier(
+                args.epsilon, args.delta, q, steps, method=args.method
+            )
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        row = {"sample_rate": q, "steps": steps, "noise_multiplier": z,
-               "wall_s": {"min": min(wall), "median": statistics.median(wall), "all": wall},
-               "cpu_s": {"min": min(cpu), "median": statistics.median(cpu), "all": cpu}}
+        row = {
+            "sample_rate": q,
+            "steps": steps,
+            "noise_multiplier": z,
+            "wall_s": {"min": min(wall), "median": statistics.median(wall), "all": wall},
+            "cpu_s": {"min": min(cpu), "median": statistics.median(cpu), "all": cpu},
+        }
         rows.append(row)
-        print(f"{q:>7.0e} {steps:>6} {z:>9.4f} "
-              f"{min(wall):>8.2f}/{statistics.median(wall):<9.2f} "
-              f"{min(cpu):>7.2f}/{statistics.median(cpu):<9.2f}", flush=True)
-    result = {"benchmark": "bench_calibration", "commit": git_commit(), "date": utc_now(),
-              "machine": f"{os.cpu_count()} CPUs", "epsilon": args.epsilon,
-              "delta": args.delta, "method": args.method, "repeats": args.repeats,
-              "rows": rows}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "calibration_cpu.json")
+        print(
+            f"{q:>7.0e} {steps:>6} {z:>9.4f} "
+            f"{min(wall):>8.2f}/{statistics.median(wall):<9.2f} "
+            f"{min(cpu):>7.2f}/{statistics.median(cpu):<9.2f}",
+            flush=True,
+        )
+    result = {
+        "benchmark": "bench_calibration",
+        "commit": git_commit(),
+        "date": utc_now(),
+        "machine": f"{os.cpu_count()} CPUs",
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "method": args.method,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", "calibration_cpu.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

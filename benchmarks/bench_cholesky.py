@@ -29,7 +29,6 @@ import sys
 import time
 
 import numpy as np
-
 from _common import device_name, env_vars, git_commit, utc_now
 
 
@@ -88,7 +87,9 @@ def _rotation(cp, batch, d, dtype, seed, l2_bytes):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     ap.add_argument("--out", default=None, help="write JSON results here")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
@@ -106,13 +107,19 @@ def main(argv=None) -> int:
     import cupyx.scipy.linalg as cpx_linalg
 
     from dpfc_native import _gpu_linalg, linalg, ops
+
     dtype = np.dtype(args.dtype)
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     dev_name = device_name(cp)
     l2_bytes = int(props.get("l2CacheSize", 50 << 20))
-    timer = Timer(cp, budget_s=0.05 if args.quick else 0.4, min_reps=3 if args.quick else 5,
-                  max_reps=10 if args.quick else 50, warmup=1 if args.quick else 2)
+    timer = Timer(
+        cp,
+        budget_s=0.05 if args.quick else 0.4,
+        min_reps=3 if args.quick else 5,
+        max_reps=10 if args.quick else 50,
+        warmup=1 if args.quick else 2,
+    )
 
     # ---- ceilings --------------------------------------------------------------------
     n_copy = (64 << 20) if args.quick else (512 << 20)
@@ -129,8 +136,10 @@ def main(argv=None) -> int:
         gemm[name] = 2 * n**3 / (t * 1e-3) / 1e12
         x = y = None
     src = dst = None  # free before the next case
-    print(f"device: {dev_name}   copy {copy_tbps:.2f} TB/s   GEMM fp64 {gemm['fp64']:.1f} TFLOP/s"
-          f"   fp32 {gemm['fp32']:.1f} TFLOP/s   dtype {dtype}")
+    print(
+        f"device: {dev_name}   copy {copy_tbps:.2f} TB/s   GEMM fp64 {gemm['fp64']:.1f} TFLOP/s"
+        f"   fp32 {gemm['fp32']:.1f} TFLOP/s   dtype {dtype}"
+    )
     gemm_same = gemm["fp64"] if dtype == np.float64 else gemm["fp32"]
 
     rows = []
@@ -144,16 +153,33 @@ def main(argv=None) -> int:
         else:
             met = bool(ours_ms <= target * base_ms)
         tf = flops / (ours_ms * 1e-3) / 1e12
-        row = dict(kind=kind, d=d, batch=batch, dtype=str(dtype), ours_ms=ours_ms, baseline_ms=base_ms,
-                   speedup=speed, target=(f">= {faster_by}x" if faster_by else
-                                          ("info" if target == "info" else f"<= {target}x baseline time")),
-                   met=met, tflops=tf, pct_gemm_same=100 * tf / gemm_same,
-                   pct_gemm_fp64=100 * tf / gemm["fp64"], plan=extra or "")
+        row = dict(
+            kind=kind,
+            d=d,
+            batch=batch,
+            dtype=str(dtype),
+            ours_ms=ours_ms,
+            baseline_ms=base_ms,
+            speedup=speed,
+            target=(
+                f">= {faster_by}x"
+                if faster_by
+                else ("info" if target == "info" else f"<= {target}x baseline time")
+            ),
+            met=met,
+            tflops=tf,
+            pct_gemm_same=100 * tf / gemm_same,
+            pct_gemm_fp64=100 * tf / gemm["fp64"],
+            plan=extra or "",
+        )
         rows.append(row)
         flag = "-" if met is None else ("yes" if met else "NO")
-        print(f"{kind:<14} d={d:<5} batch={batch:<6} ours {ours_ms:9.3f} ms  base {base_ms:9.3f} ms  "
-              f"x{speed:6.2f} ({row['target']}: {flag})  {tf:6.2f} TF/s ({row['pct_gemm_same']:.0f}% GEMM)  {extra or ''}",
-              flush=True)
+        print(
+            f"{kind:<14} d={d:<5} batch={batch:<6} ours {ours_ms:9.3f} ms  base {base_ms:9.3f} ms  "
+            f"x{speed:6.2f} ({row['target']}: {flag})  {tf:6.2f} TF/s "
+            f"({row['pct_gemm_same']:.0f}% GEMM)  {extra or ''}",
+            flush=True,
+        )
         save()
 
     def save():
@@ -161,10 +187,17 @@ def main(argv=None) -> int:
         if not args.out:
             return
         result = dict(
-            benchmark="bench_cholesky", device=dev_name, date=utc_now(),
-            git_commit=git_commit(), cupy=cp.__version__, dpfc_native=dpfc_native.__version__,
-            dtype=str(dtype), quick=args.quick,
-            ceilings=dict(copy_tbps=copy_tbps, gemm_fp64_tflops=gemm["fp64"], gemm_fp32_tflops=gemm["fp32"]),
+            benchmark="bench_cholesky",
+            device=dev_name,
+            date=utc_now(),
+            git_commit=git_commit(),
+            cupy=cp.__version__,
+            dpfc_native=dpfc_native.__version__,
+            dtype=str(dtype),
+            quick=args.quick,
+            ceilings=dict(
+                copy_tbps=copy_tbps, gemm_fp64_tflops=gemm["fp64"], gemm_fp32_tflops=gemm["fp32"]
+            ),
             rows=rows,
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -203,17 +236,38 @@ def main(argv=None) -> int:
         return t_ours, t_base
 
     # ---- small: d <= 128, batch >= 1000 ------------------------------------------------
-    small = [(32, 1000), (128, 1000)] if args.quick else [
-        (8, 10000), (16, 10000), (32, 1000), (32, 10000), (64, 1000), (64, 10000),
-        (100, 1000), (128, 1000), (128, 10000)]
+    small = (
+        [(32, 1000), (128, 1000)]
+        if args.quick
+        else [
+            (8, 10000),
+            (16, 10000),
+            (32, 1000),
+            (32, 10000),
+            (64, 1000),
+            (64, 10000),
+            (100, 1000),
+            (128, 1000),
+            (128, 10000),
+        ]
+    )
     for d, batch in small:
         try:
             if not fits(batch, d):
                 continue
             inputs = _rotation(cp, batch, d, dtype, 10 + d, l2_bytes)
             t_ours, t_base = ours_vs_cupy(inputs, f"small d={d}")
-            record("small", d, batch, t_ours, t_base, None, batch * d**3 / 3,
-                   _gpu_linalg.plan(batch, d, dtype), faster_by=3.0)
+            record(
+                "small",
+                d,
+                batch,
+                t_ours,
+                t_base,
+                None,
+                batch * d**3 / 3,
+                _gpu_linalg.plan(batch, d, dtype),
+                faster_by=3.0,
+            )
             inputs = None
         except Exception as exc:  # record and go on: one failure must not hide the rest
             error("small", d, batch, exc)
@@ -225,20 +279,46 @@ def main(argv=None) -> int:
         for batch in batches:
             try:
                 if not fits(batch, d):
-                    print(f"mid            d={d:<5} batch={batch:<6} skipped: does not fit", flush=True)
+                    print(
+                        f"mid            d={d:<5} batch={batch:<6} skipped: does not fit",
+                        flush=True,
+                    )
                     continue
                 inputs = _rotation(cp, batch, d, dtype, 100 + d, l2_bytes)
                 t_ours, t_base = ours_vs_cupy(inputs, f"mid d={d}")
-                record("mid", d, batch, t_ours, t_base, None, batch * d**3 / 3,
-                       _gpu_linalg.plan(batch, d, dtype), faster_by=1.5)
+                record(
+                    "mid",
+                    d,
+                    batch,
+                    t_ours,
+                    t_base,
+                    None,
+                    batch * d**3 / 3,
+                    _gpu_linalg.plan(batch, d, dtype),
+                    faster_by=1.5,
+                )
                 if not args.no_variants and not args.quick and batch in (16, 100):
-                    variants = [("left", "mma"), ("right", "mma"), ("left", "simt"), ("right", "simt")]
+                    variants = [
+                        ("left", "mma"),
+                        ("right", "mma"),
+                        ("left", "simt"),
+                        ("right", "simt"),
+                    ]
                     if dtype != np.float64:
                         variants = [("left", "simt"), ("right", "simt")]
                     for sched, kern in variants:
                         with env_vars(DPFC_CHOL_SCHEDULE=sched, DPFC_CHOL_KERNEL=kern):
                             t_v = factor_ms(inputs)
-                        record("variant", d, batch, t_v, t_base, "info", batch * d**3 / 3, f"{sched}/{kern}")
+                        record(
+                            "variant",
+                            d,
+                            batch,
+                            t_v,
+                            t_base,
+                            "info",
+                            batch * d**3 / 3,
+                            f"{sched}/{kern}",
+                        )
                 inputs = None
             except Exception as exc:  # record and go on: one failure must not hide the rest
                 error("mid", d, batch, exc)
@@ -250,8 +330,11 @@ def main(argv=None) -> int:
             t_ours, t_base = ours_vs_cupy(inputs, f"single d={d}")
             record("single", d, 1, t_ours, t_base, 1.1, d**3 / 3, _gpu_linalg.plan(1, d, dtype))
             if not args.no_variants and not args.quick:
-                for sched, kern in ([("left", "mma"), ("right", "mma"), ("right", "simt")]
-                                    if dtype == np.float64 else [("left", "simt"), ("right", "simt")]):
+                for sched, kern in (
+                    [("left", "mma"), ("right", "mma"), ("right", "simt")]
+                    if dtype == np.float64
+                    else [("left", "simt"), ("right", "simt")]
+                ):
                     with env_vars(DPFC_CHOL_SCHEDULE=sched, DPFC_CHOL_KERNEL=kern):
                         t_v = factor_ms(inputs)
                     record("variant", d, 1, t_v, t_base, "info", d**3 / 3, f"{sched}/{kern}")
@@ -264,8 +347,12 @@ def main(argv=None) -> int:
     for d in solve_ds:
         try:
             L = cp.linalg.cholesky(_spd(cp, 1, d, dtype, 500 + d)[0])
-            bs = [cp.random.default_rng(600 + i).standard_normal((d, m), dtype=cp.float64).astype(dtype)
-                  for i in range(3)]
+            bs = [
+                cp.random.default_rng(600 + i)
+                .standard_normal((d, m), dtype=cp.float64)
+                .astype(dtype)
+                for i in range(3)
+            ]
 
             def cupy_two(Lm, b):
                 y = cpx_linalg.solve_triangular(Lm, b, lower=True)
@@ -280,7 +367,7 @@ def main(argv=None) -> int:
             error("solve K=1000", d, 1, exc)
 
     # ---- per-class solves: K matrices, one right-hand side each (informational) --------
-    for d, k in ([(256, 100)] if args.quick else [(256, 1000), (1024, 100), (1024, 1000)]):
+    for d, k in [(256, 100)] if args.quick else [(256, 1000), (1024, 100), (1024, 1000)]:
         try:
             if not fits(k, d, copies=3):
                 continue
@@ -293,35 +380,64 @@ def main(argv=None) -> int:
 
             t_ours = timer(ops.cho_solve, lambda i: (Ls, b))
             t_base = timer(cupy_two_batched, lambda i: (Ls, b))
-            record("solve per-class", d, k, t_ours, t_base, "info", 2 * k * d * d, "trsmBatched baseline")
+            record(
+                "solve per-class",
+                d,
+                k,
+                t_ours,
+                t_base,
+                "info",
+                2 * k * d * d,
+                "trsmBatched baseline",
+            )
             Ls = b = None
         except Exception as exc:  # record and go on: one failure must not hide the rest
             error("solve per-class", d, k, exc)
 
     # ---- shift batch (informational) --------------------------------------------------
-    for d, nshift in ([(256, 20)] if args.quick else [(512, 100), (1024, 100)]):
+    for d, nshift in [(256, 20)] if args.quick else [(512, 100), (1024, 100)]:
         try:
             a = _spd(cp, 1, d, dtype, 800 + d)[0]
             shifts = cp.logspace(-4, 1, nshift).astype(dtype)
             eye = cp.eye(d, dtype=dtype)
             t_ours = timer(lambda: linalg.cholesky_shifts(a, shifts), lambda i: ())
-            t_base = timer(lambda: cp.linalg.cholesky(a[None] + shifts[:, None, None] * eye), lambda i: ())
-            record("shifts", d, nshift, t_ours, t_base, "info", nshift * d**3 / 3, "vs stack + potrfBatched")
+            t_base = timer(
+                lambda: cp.linalg.cholesky(a[None] + shifts[:, None, None] * eye), lambda i: ()
+            )
+            record(
+                "shifts",
+                d,
+                nshift,
+                t_ours,
+                t_base,
+                "info",
+                nshift * d**3 / 3,
+                "vs stack + potrfBatched",
+            )
         except Exception as exc:  # record and go on: one failure must not hide the rest
             error("shifts", d, nshift, exc)
 
     # ---- summary ----------------------------------------------------------------------
     targets = [r for r in rows if r["met"] is not None]
     print()
-    print(f"{'kind':<14}{'d':>6}{'batch':>8}{'ours ms':>11}{'base ms':>11}{'ratio':>8}  target            met  TF/s")
+    print(
+        f"{'kind':<14}{'d':>6}{'batch':>8}{'ours ms':>11}{'base ms':>11}{'ratio':>8}"
+        "  target            met  TF/s"
+    )
     for r in targets:
-        print(f"{r['kind']:<14}{r['d']:>6}{r['batch']:>8}{r['ours_ms']:>11.3f}{r['baseline_ms']:>11.3f}"
-              f"{r['speedup']:>8.2f}  {r['target']:<18}{'yes' if r['met'] else 'NO ':<5}{r['tflops']:.2f}")
+        print(
+            f"{r['kind']:<14}{r['d']:>6}{r['batch']:>8}{r['ours_ms']:>11.3f}{r['baseline_ms']:>11.3f}"
+            f"{r['speedup']:>8.2f}  {r['target']:<18}{'yes' if r['met'] else 'NO ':<5}"
+            f"{r['tflops']:.2f}"
+        )
     print(f"targets met: {sum(r['met'] for r in targets)} / {len(targets)}")
 
     errors = [r for r in rows if "error" in r]
     if errors:
-        print(f"errors: {len(errors)} case(s): " + ", ".join(f"{r['kind']} d={r['d']}" for r in errors))
+        print(
+            f"errors: {len(errors)} case(s): "
+            + ", ".join(f"{r['kind']} d={r['d']}" for r in errors)
+        )
     save()
     if args.out:
         print(f"wrote {args.out}")

@@ -26,7 +26,6 @@ import platform
 import time
 
 import numpy as np
-
 from _common import device_name, git_commit, utc_now
 
 SHAPES = ["1x64", "1x128", "1x768", "1x1664", "10x768", "100x128", "100x768"]
@@ -58,12 +57,14 @@ def main():
 
         def sync():
             xp.cuda.get_current_stream().synchronize()
+
         dev = device_name(xp)
     else:
         xp = np
 
         def sync():
             pass
+
         dev = f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, shared)"
     rng = np.random.default_rng(0)
     rows = []
@@ -84,25 +85,51 @@ def main():
             return ops.cho_solve(L, b)
 
         t_chol = _timeit(chol, args.repeats, sync)
-        res = {"cholesky": t_chol,
-               "eigh": _timeit(lambda: linalg.batched_eigh(a.reshape(-1, d, d)), args.repeats,
-                               sync)}
+        res = {
+            "cholesky": t_chol,
+            "eigh": _timeit(lambda: linalg.batched_eigh(a.reshape(-1, d, d)), args.repeats, sync),
+        }
         for m in args.methods.split(","):
+
             def den(m=m):
                 w, v = linalg.denoise_eigh(a, s, m)
                 return linalg.eigh_solve(w, v, reg / 2, b)
+
             res[f"denoise={m}"] = _timeit(den, args.repeats, sync)
         for what, (tmin, tmed) in res.items():
-            print(f"{shape:>10} {what:>14} {tmin:9.4f} {tmed:9.4f} {tmin / t_chol[0]:10.1f}",
-                  flush=True)
-            rows.append({"k": k, "d": d, "what": what, "min_s": tmin, "median_s": tmed,
-                         "ratio_to_cholesky": tmin / t_chol[0]})
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"denoise_cost_{args.device}_{utc_now()[:10]}.json")
+            print(
+                f"{shape:>10} {what:>14} {tmin:9.4f} {tmed:9.4f} {tmin / t_chol[0]:10.1f}",
+                flush=True,
+            )
+            rows.append(
+                {
+                    "k": k,
+                    "d": d,
+                    "what": what,
+                    "min_s": tmin,
+                    "median_s": tmed,
+                    "ratio_to_cholesky": tmin / t_chol[0],
+                }
+            )
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"denoise_cost_{args.device}_{utc_now()[:10]}.json",
+    )
     with open(out, "w") as fh:
-        json.dump({"benchmark": "denoise_cost", "date": utc_now(), "commit": git_commit(),
-                   "device": dev, "machine": platform.node(), "repeats": args.repeats,
-                   "rows": rows}, fh, indent=1)
+        json.dump(
+            {
+                "benchmark": "denoise_cost",
+                "date": utc_now(),
+                "commit": git_commit(),
+                "device": dev,
+                "machine": platform.node(),
+                "repeats": args.repeats,
+                "rows": rows,
+            },
+            fh,
+            indent=1,
+        )
     print(f"wrote {out}")
 
 

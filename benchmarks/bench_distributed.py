@@ -37,7 +37,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import git_commit, utc_now
 
 
@@ -78,7 +77,9 @@ def _cpu_model():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=262144)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--shards", type=int, default=8)
@@ -95,10 +96,10 @@ def main(argv=None):
     if args.quick:
         args.rows, args.dim, args.repeats = 20000, 64, 2
 
-    from threadpoolctl import threadpool_limits
-    from distributed import Client, LocalCluster
-
     import warnings
+
+    from distributed import Client, LocalCluster
+    from threadpoolctl import threadpool_limits
 
     from dpfc_native import distributed as dd
     from dpfc_native import models, ops
@@ -107,12 +108,24 @@ def main(argv=None):
 
     workers = [int(w) for w in args.workers.split(",") if w]
     n, d, k, c = args.rows, args.dim, args.classes, 1.0
-    result = {"benchmark": "bench_distributed", "date": utc_now(), "commit": git_commit(),
-              "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0]},
-              "config": {"rows": n, "dim": d, "shards": args.shards, "classes": k, "dtype": "float32",
-                         "leaf_rows": args.leaf_rows, "leaves_per_task": args.leaves_per_task,
-                         "repeats": args.repeats, "workers": workers},
-              "rows": []}
+    result = {
+        "benchmark": "bench_distributed",
+        "date": utc_now(),
+        "commit": git_commit(),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "config": {
+            "rows": n,
+            "dim": d,
+            "shards": args.shards,
+            "classes": k,
+            "dtype": "float32",
+            "leaf_rows": args.leaf_rows,
+            "leaves_per_task": args.leaves_per_task,
+            "repeats": args.repeats,
+            "workers": workers,
+        },
+        "rows": [],
+    }
     table = result["rows"]
 
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
@@ -125,15 +138,29 @@ def main(argv=None):
 
         x_all = np.concatenate([sf.read(i)[0] for i in range(len(sf.shards))])
         with threadpool_limits(1):
-            tm, _ = _timeit(lambda: ops.clipped_gram(x_all, c), args.repeats)
-            table.append({"config": "single-process ops.clipped_gram", "workers": 1, **tm,
-                          "rows_per_s_per_worker": n / tm["min_s"]})
+            tm, _ = _timeit(lambda xa=x_all: ops.clipped_gram(xa, c), args.repeats)
+            table.append(
+                {
+                    "config": "single-process ops.clipped_gram",
+                    "workers": 1,
+                    **tm,
+                    "rows_per_s_per_worker": n / tm["min_s"],
+                }
+            )
             base = tm["min_s"]
             tm, (g_local, partial) = _timeit(
                 lambda: R.reduce(R.Gram(c), sf, leaf_rows=args.leaf_rows, return_partial=True),
-                args.repeats)
-            table.append({"config": "local exact reduction", "workers": 1, **tm,
-                          "rows_per_s_per_worker": n / tm["min_s"], "vs_single": tm["min_s"] / base})
+                args.repeats,
+            )
+            table.append(
+                {
+                    "config": "local exact reduction",
+                    "workers": 1,
+                    **tm,
+                    "rows_per_s_per_worker": n / tm["min_s"],
+                    "vs_single": tm["min_s"] / base,
+                }
+            )
             del x_all
 
             # The exact merge's cost against the leaf compute, per leaf.
@@ -142,7 +169,9 @@ def main(argv=None):
             t_leaf = t_grid = 0.0
             acc = R._accumulator(stat, layout, None, d)  # noqa: SLF001 - what range_partial uses
             for leaf in range(layout.n_leaves):
-                xs, ys = sf.read(int(layout.shard[leaf]), int(layout.start[leaf]), int(layout.stop[leaf]))
+                xs, ys = sf.read(
+                    int(layout.shard[leaf]), int(layout.start[leaf]), int(layout.stop[leaf])
+                )
                 t0 = time.perf_counter()
                 out = stat.leaf(xs, ys, None)
                 t1 = time.perf_counter()
@@ -150,22 +179,33 @@ def main(argv=None):
                 t2 = time.perf_counter()
                 t_leaf += t1 - t0
                 t_grid += t2 - t1
-            parts = [R.range_partial(stat, sf, layout, a, b) for a, b in layout.tasks(args.leaves_per_task)]
+            parts = [
+                R.range_partial(stat, sf, layout, a, b)
+                for a, b in layout.tasks(args.leaves_per_task)
+            ]
             t0 = time.perf_counter()
             total = parts[0]
             for p in parts[1:]:
                 total = total.merge(p)
             t_merge = time.perf_counter() - t0
             result["exact_merge"] = {
-                "leaves": layout.n_leaves, "tasks": len(parts), "leaf_compute_s": t_leaf,
-                "grid_and_accumulate_s": t_grid, "client_merge_s": t_merge,
-                "fraction_of_leaf_compute": (t_grid + t_merge) / t_leaf}
-            result["partial_bytes"] = {"arrays": partial.nbytes, "pickled": len(pickle.dumps(partial)),
-                                       "float64_statistic": d * d * 8}
+                "leaves": layout.n_leaves,
+                "tasks": len(parts),
+                "leaf_compute_s": t_leaf,
+                "grid_and_accumulate_s": t_grid,
+                "client_merge_s": t_merge,
+                "fraction_of_leaf_compute": (t_grid + t_merge) / t_leaf,
+            }
+            result["partial_bytes"] = {
+                "arrays": partial.nbytes,
+                "pickled": len(pickle.dumps(partial)),
+                "float64_statistic": d * d * 8,
+            }
 
         def fit(client):
-            est = models.DPFCClassifier(epsilon=1.0, steps=args.fit_steps, reg=10.0,
-                                        classes=np.arange(k), random_state=3)
+            est = models.DPFCClassifier(
+                epsilon=1.0, steps=args.fit_steps, reg=10.0, classes=np.arange(k), random_state=3
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # random_state=int: a PrivacyWarning
                 return est.fit(sf, client=client)
@@ -174,58 +214,116 @@ def main(argv=None):
         # (each on one BLAS thread) and the client's solves use this process's BLAS
         # threads, as in the Dask fits below (a limit here would change the solves' bits).
         tm, fit_local = _timeit(lambda: fit(False), max(2, args.repeats // 2))
-        table.append({"config": f"fit dpfc local ({args.fit_steps} steps)", "workers": 1, **tm,
-                      "rows_per_s_per_worker": n * (args.fit_steps + 1) / tm["min_s"]})
+        table.append(
+            {
+                "config": f"fit dpfc local ({args.fit_steps} steps)",
+                "workers": 1,
+                **tm,
+                "rows_per_s_per_worker": n * (args.fit_steps + 1) / tm["min_s"],
+            }
+        )
         w_grad = np.random.default_rng(1).standard_normal((k, d)) * 0.1
         for nw in workers:
-            with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
-                              dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-                    Client(cluster) as client:
+            with (
+                LocalCluster(
+                    n_workers=nw,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                ) as cluster,
+                Client(cluster) as client,
+            ):
                 client.wait_for_workers(nw)
 
                 def run():
-                    return dd.compute(R.Gram(c), sf, client=client, leaf_rows=args.leaf_rows,
-                                      leaves_per_task=args.leaves_per_task)
+                    return dd.compute(
+                        R.Gram(c),
+                        sf,
+                        client=client,
+                        leaf_rows=args.leaf_rows,
+                        leaves_per_task=args.leaves_per_task,
+                    )
 
                 assert np.array_equal(run(), g_local), "Dask result differs from the local one"
                 tm, _ = _timeit(run, args.repeats)
-                table.append({"config": f"dask gram {nw}w", "workers": nw, **tm,
-                              "rows_per_s_per_worker": n / tm["min_s"] / nw,
-                              "vs_single": tm["min_s"] / base})
+                table.append(
+                    {
+                        "config": f"dask gram {nw}w",
+                        "workers": nw,
+                        **tm,
+                        "rows_per_s_per_worker": n / tm["min_s"] / nw,
+                        "vs_single": tm["min_s"] / base,
+                    }
+                )
 
                 def grad_pass():
-                    return dd.clipped_linear_grad(sf, w_grad, 0.0, 1.0, client=client,
-                                                  leaf_rows=args.leaf_rows,
-                                                  leaves_per_task=args.leaves_per_task)
+                    return dd.clipped_linear_grad(
+                        sf,
+                        w_grad,
+                        0.0,
+                        1.0,
+                        client=client,
+                        leaf_rows=args.leaf_rows,
+                        leaves_per_task=args.leaves_per_task,
+                    )
 
                 grad_pass()
                 tm, _ = _timeit(grad_pass, args.repeats)
-                table.append({"config": f"dpfc pass {nw}w (K={k})", "workers": nw, **tm,
-                              "rows_per_s_per_worker": n / tm["min_s"] / nw})
+                table.append(
+                    {
+                        "config": f"dpfc pass {nw}w (K={k})",
+                        "workers": nw,
+                        **tm,
+                        "rows_per_s_per_worker": n / tm["min_s"] / nw,
+                    }
+                )
 
                 tm, est = _timeit(lambda: fit(client), max(2, args.repeats // 2))
                 assert est.coef_.tobytes() == fit_local.coef_.tobytes(), "Dask fit differs"
-                table.append({"config": f"fit dpfc {nw}w ({args.fit_steps} steps)", "workers": nw,
-                              **tm, "rows_per_s_per_worker": n * (args.fit_steps + 1) / tm["min_s"] / nw})
+                table.append(
+                    {
+                        "config": f"fit dpfc {nw}w ({args.fit_steps} steps)",
+                        "workers": nw,
+                        **tm,
+                        "rows_per_s_per_worker": n * (args.fit_steps + 1) / tm["min_s"] / nw,
+                    }
+                )
 
-    print(f"bench_distributed: {n} x {d} float32 in {args.shards} shards, leaf {args.leaf_rows} rows, "
-          f"{args.leaves_per_task} leaves/task, {result['machine']['cores']} cores ({result['machine']['cpu']})")
-    print(f"{'configuration':34s} {'min s':>8s} {'median s':>9s} {'rows/s/worker':>14s} {'x single':>9s}")
+    print(
+        f"bench_distributed: {n} x {d} float32 in {args.shards} shards, "
+        f"leaf {args.leaf_rows} rows, "
+        f"{args.leaves_per_task} leaves/task, {result['machine']['cores']} cores "
+        f"({result['machine']['cpu']})"
+    )
+    print(
+        f"{'configuration':34s} {'min s':>8s} {'median s':>9s} {'rows/s/worker':>14s} "
+        f"{'x single':>9s}"
+    )
     for row in table:
         vs = f"{row['vs_single']:.2f}" if "vs_single" in row else ""
-        print(f"{row['config']:34s} {row['min_s']:8.3f} {row['median_s']:9.3f} "
-              f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s}")
+        print(
+            f"{row['config']:34s} {row['min_s']:8.3f} {row['median_s']:9.3f} "
+            f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s}"
+        )
     em = result["exact_merge"]
-    print(f"exact merge: grid conversion + accumulation {em['grid_and_accumulate_s']:.3f} s, client "
-          f"merge of {em['tasks']} partials {em['client_merge_s']:.3f} s = "
-          f"{100 * em['fraction_of_leaf_compute']:.1f}% of the leaf compute "
-          f"({em['leaf_compute_s']:.3f} s, {em['leaves']} leaves)")
+    print(
+        f"exact merge: grid conversion + accumulation {em['grid_and_accumulate_s']:.3f} s, client "
+        f"merge of {em['tasks']} partials {em['client_merge_s']:.3f} s = "
+        f"{100 * em['fraction_of_leaf_compute']:.1f}% of the leaf compute "
+        f"({em['leaf_compute_s']:.3f} s, {em['leaves']} leaves)"
+    )
     pb = result["partial_bytes"]
-    print(f"partial: {pb['arrays']} bytes of arrays, {pb['pickled']} pickled "
-          f"(the float64 statistic: {pb['float64_statistic']})")
+    print(
+        f"partial: {pb['arrays']} bytes of arrays, {pb['pickled']} pickled "
+        f"(the float64 statistic: {pb['float64_statistic']})"
+    )
     print(f"open_sharded with SHA-256: {result['open_sharded']['MB_per_s']:.0f} MB/s")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"bench_distributed_{os.cpu_count()}core.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"bench_distributed_{os.cpu_count()}core.json",
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)

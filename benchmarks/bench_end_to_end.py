@@ -32,7 +32,6 @@ import sys
 import time
 
 import numpy as np
-
 from _common import device_name, git_commit, utc_now
 
 #: The device the "GPU" fits run on (a CPU smoke test of this script sets "cpu").
@@ -56,8 +55,7 @@ def dpfc_imagenet(cp, args, out_rows):
 
     n = 100_000 if args.quick else args.n
     t0 = time.perf_counter()
-    train, test = data.synthetic_preset("imagenet", n=n, dtype=np.float32,
-                                        workers=os.cpu_count())
+    train, test = data.synthetic_preset("imagenet", n=n, dtype=np.float32, workers=os.cpu_count())
     gen_s = time.perf_counter() - t0
     k = int(train.num_classes)
     classes = np.arange(k)
@@ -67,43 +65,70 @@ def dpfc_imagenet(cp, args, out_rows):
     Xt = cp.asarray(test.features)
     _sync(cp)
     copy_s = time.perf_counter() - t0
-    print(f"dpfc_imagenet: {Xg.shape[0]} x {Xg.shape[1]} float32, K = {k}; generated in "
-          f"{gen_s:.1f} s, copied to the device in {copy_s:.1f} s", flush=True)
+    print(
+        f"dpfc_imagenet: {Xg.shape[0]} x {Xg.shape[1]} float32, K = {k}; generated in "
+        f"{gen_s:.1f} s, copied to the device in {copy_s:.1f} s",
+        flush=True,
+    )
 
-    warm = DPFCClassifier(epsilon=1.0, delta=8e-7, steps=2, classes=classes, device=DEVICE,
-                          random_state=1)
+    warm = DPFCClassifier(
+        epsilon=1.0, delta=8e-7, steps=2, classes=classes, device=DEVICE, random_state=1
+    )
     warm.fit(Xg[:8192], yg[:8192])
     for eps in args.epsilons:
-        est = DPFCClassifier(epsilon=eps, delta=8e-7, steps=10, classes=classes,
-                             device=DEVICE, random_state=0)
+        est = DPFCClassifier(
+            epsilon=eps, delta=8e-7, steps=10, classes=classes, device=DEVICE, random_state=0
+        )
         fit_s = _timed_fit(cp, est, Xg, yg)
         acc = float(est.score(Xt, test.labels))
-        row = {"part": "dpfc_imagenet", "n": int(Xg.shape[0]), "d": int(Xg.shape[1]), "k": k,
-               "epsilon": eps, "delta": 8e-7, "steps": 10, "fit_s": fit_s,
-               "target_s": 5.0, "met": bool(fit_s < 5.0) if not args.quick else None,
-               "test_accuracy": acc, "generate_s": gen_s, "copy_s": copy_s}
+        row = {
+            "part": "dpfc_imagenet",
+            "n": int(Xg.shape[0]),
+            "d": int(Xg.shape[1]),
+            "k": k,
+            "epsilon": eps,
+            "delta": 8e-7,
+            "steps": 10,
+            "fit_s": fit_s,
+            "target_s": 5.0,
+            "met": bool(fit_s < 5.0) if not args.quick else None,
+            "test_accuracy": acc,
+            "generate_s": gen_s,
+            "copy_s": copy_s,
+        }
         out_rows.append(row)
-        print(f"  DP-FC eps={eps:<6g} fit {fit_s:7.3f} s (target < 5 s"
-              f"{'' if args.quick else ', met' if fit_s < 5 else ', MISSED by %.2fx' % (fit_s / 5)})"
-              f"  test accuracy {acc:.4f}", flush=True)
+        print(
+            f"  DP-FC eps={eps:<6g} fit {fit_s:7.3f} s (target < 5 s"
+            f"{'' if args.quick else ', met' if fit_s < 5 else ', MISSED by %.2fx' % (fit_s / 5)})"
+            f"  test accuracy {acc:.4f}",
+            flush=True,
+        )
     del Xg, yg, Xt
     cp.get_default_memory_pool().free_all_blocks()
 
 
 def cpu_vs_gpu(cp, args, out_rows):
-    from dpfc_native import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
-                             DPSGDClassifier, data)
+    from dpfc_native import (
+        DPFCClassifier,
+        DPLeastSquaresClassifier,
+        DPNewtonClassifier,
+        DPSGDClassifier,
+        data,
+    )
 
     if args.quick:
-        train, test = data.synthetic_preset("cifar10", n=20_000, dtype=np.float32,
-                                            workers=os.cpu_count())
+        train, test = data.synthetic_preset(
+            "cifar10", n=20_000, dtype=np.float32, workers=os.cpu_count()
+        )
     else:
-        train, test = data.synthetic_preset("cifar100", dtype=np.float32,
-                                            workers=os.cpu_count())
+        train, test = data.synthetic_preset("cifar100", dtype=np.float32, workers=os.cpu_count())
     X, y, Xt, yt = train.features, train.labels, test.features, test.labels
     Xg, Xtg = cp.asarray(X), cp.asarray(Xt)
-    print(f"cpu_vs_gpu: {X.shape[0]} x {X.shape[1]} float32, K = {train.num_classes}, "
-          f"epsilon 1, delta 1e-5", flush=True)
+    print(
+        f"cpu_vs_gpu: {X.shape[0]} x {X.shape[1]} float32, K = {train.num_classes}, "
+        f"epsilon 1, delta 1e-5",
+        flush=True,
+    )
     configs = [
         ("DP-LS", DPLeastSquaresClassifier, {}),
         ("DP-LS per class", DPLeastSquaresClassifier, {"variant": "per_class"}),
@@ -130,22 +155,41 @@ def cpu_vs_gpu(cp, args, out_rows):
             out_rows.append({"part": "cpu_vs_gpu", "method": name, "error": repr(err)})
             print(f"  {name:<16} ERROR {err!r}", flush=True)
             continue
-        out_rows.append({"part": "cpu_vs_gpu", "method": name, "n": int(X.shape[0]),
-                         "d": int(X.shape[1]), "k": int(train.num_classes),
-                         "acc_cpu": acc_cpu, "acc_gpu": acc_gpu, "coef_rel_diff": rel,
-                         "same_ledger": same_ledger, "cpu_s": cpu_s, "gpu_s": gpu_s})
-        print(f"  {name:<16} accuracy cpu {acc_cpu:.4f} gpu {acc_gpu:.4f}   |dW|/|W| {rel:.1e}"
-              f"   ledger {'same' if same_ledger else 'DIFFERS'}   cpu {cpu_s:7.2f} s"
-              f"   gpu {gpu_s:6.3f} s", flush=True)
+        out_rows.append(
+            {
+                "part": "cpu_vs_gpu",
+                "method": name,
+                "n": int(X.shape[0]),
+                "d": int(X.shape[1]),
+                "k": int(train.num_classes),
+                "acc_cpu": acc_cpu,
+                "acc_gpu": acc_gpu,
+                "coef_rel_diff": rel,
+                "same_ledger": same_ledger,
+                "cpu_s": cpu_s,
+                "gpu_s": gpu_s,
+            }
+        )
+        print(
+            f"  {name:<16} accuracy cpu {acc_cpu:.4f} gpu {acc_gpu:.4f}   |dW|/|W| {rel:.1e}"
+            f"   ledger {'same' if same_ledger else 'DIFFERS'}   cpu {cpu_s:7.2f} s"
+            f"   gpu {gpu_s:6.3f} s",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--out", default=None, help="write JSON results here")
-    ap.add_argument("--n", type=int, default=None,
-                    help="training rows of the ImageNet-shaped part (default: the preset's)")
+    ap.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="training rows of the ImageNet-shaped part (default: the preset's)",
+    )
     ap.add_argument("--epsilons", default="1,8", help="comma list for the DP-FC part")
     ap.add_argument("--skip-imagenet", action="store_true")
     ap.add_argument("--skip-compare", action="store_true")
@@ -160,8 +204,13 @@ def main(argv=None) -> int:
         return 1
     import cupy as cp
 
-    meta = {"device": device_name(cp), "date": utc_now(), "commit": git_commit(),
-            "quick": bool(args.quick), "build": {k: str(v) for k, v in info.items()}}
+    meta = {
+        "device": device_name(cp),
+        "date": utc_now(),
+        "commit": git_commit(),
+        "quick": bool(args.quick),
+        "build": {k: str(v) for k, v in info.items()},
+    }
     print(f"device: {meta['device']}, commit {meta['commit']}", flush=True)
     rows: list = []
     parts = []

@@ -38,13 +38,16 @@ from _common import git_commit, utc_now  # noqa: E402
 #: case -> (estimator factory source, operation); K classes, d features from the file.
 CASES = {
     "fit DP-LS": ("DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(k)))", "fit"),
-    "fit DP-FC (2 steps)": ("DPFCClassifier(epsilon=1.0, classes=list(range(k)), steps=2)",
-                            "fit"),
+    "fit DP-FC (2 steps)": ("DPFCClassifier(epsilon=1.0, classes=list(range(k)), steps=2)", "fit"),
     "fit DP-SGD (q=0.01; 5 steps)": (
         "DPSGDClassifier(epsilon=1.0, classes=list(range(k)), steps=5, sample_rate=0.01, "
-        "accountant='rdp')", "fit"),
+        "accountant='rdp')",
+        "fit",
+    ),
     "fit DP Newton (1 step)": (
-        "DPNewtonClassifier(epsilon=1.0, classes=list(range(k)), steps=1)", "fit"),
+        "DPNewtonClassifier(epsilon=1.0, classes=list(range(k)), steps=1)",
+        "fit",
+    ),
     "predict": ("DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(k)))", "predict"),
     "score": ("DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(k)))", "score"),
 }
@@ -61,8 +64,9 @@ def _rss_anon() -> int:
 
 
 def _worker(path: str, labels: str, case: str) -> dict:
-    from dpfc_native.models import (DPFCClassifier, DPLeastSquaresClassifier,  # noqa: F401
-                                    DPNewtonClassifier, DPSGDClassifier)
+    from dpfc_native.models import (
+        DPLeastSquaresClassifier,  # noqa: F401
+    )
 
     warnings.simplefilter("ignore")
     x = np.load(path, mmap_mode="r")
@@ -76,8 +80,11 @@ def _worker(path: str, labels: str, case: str) -> dict:
         est.fit(x[:20_000], y[:20_000])  # a fitted model; the call measured reads all of X
     est2 = eval(source, None, {**locals(), **globals()})
     est2.fit(x[:2000], y[:2000])  # imports, BLAS and accountant caches outside the count
-    call = {"fit": lambda: est.fit(x, y), "predict": lambda: est.predict(x),
-            "score": lambda: est.score(x, y)}[op]
+    call = {
+        "fit": lambda: est.fit(x, y),
+        "predict": lambda: est.predict(x),
+        "score": lambda: est.score(x, y),
+    }[op]
     base = _rss_anon()
     peak = [base]
     done = threading.Event()
@@ -98,8 +105,13 @@ def _worker(path: str, labels: str, case: str) -> dict:
     done.set()
     thread.join()
     peak[0] = max(peak[0], _rss_anon())
-    return {"case": case, "rows": int(x.shape[0]), "tracemalloc_peak": traced,
-            "rss_anon_peak": peak[0] - base, "seconds": seconds}
+    return {
+        "case": case,
+        "rows": int(x.shape[0]),
+        "tracemalloc_peak": traced,
+        "rss_anon_peak": peak[0] - base,
+        "seconds": seconds,
+    }
 
 
 def _make_file(path: str, labels: str, n: int, d: int, k: int, seed: int) -> None:
@@ -125,14 +137,25 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case names (default: all)")
-    ap.add_argument("--dir", default=None, help="where to write the memmap (default: a "
-                    "temporary folder, removed afterwards)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
-                    "memory_cpu_<n>.json)")
-    ap.add_argument("--reuse", nargs=2, metavar=("X_NPY", "Y_NPY"), default=None,
-                    help="measure on an existing float32 features .npy and labels .npy "
-                    "(e.g. the files of an interrupted run) instead of writing new ones")
+    ap.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated case names (default: all)"
+    )
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="where to write the memmap (default: a temporary folder, removed afterwards)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/memory_cpu_<n>.json)"
+    )
+    ap.add_argument(
+        "--reuse",
+        nargs=2,
+        metavar=("X_NPY", "Y_NPY"),
+        default=None,
+        help="measure on an existing float32 features .npy and labels .npy "
+        "(e.g. the files of an interrupted run) instead of writing new ones",
+    )
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -151,43 +174,73 @@ def main() -> None:
             path, labels = os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")
             t0 = time.perf_counter()
             _make_file(path, labels, args.n, args.d, args.k, seed=0)
-            print(f"wrote {args.n} x {args.d} float32 memmap ({_mib(os.path.getsize(path))} "
-                  f"MiB) in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"wrote {args.n} x {args.d} float32 memmap ({_mib(os.path.getsize(path))} "
+                f"MiB) in {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
         rows = []
         for case in cases:
             runs = []
             for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
-                                      path, labels, case], capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--worker", path, labels, case],
+                    capture_output=True,
+                    text=True,
+                )
                 if out.returncode != 0:
                     raise SystemExit(f"{case} failed:\n{out.stderr}")
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             n_rows = runs[0]["rows"]
-            row = {"case": case, "n": n_rows, "d": args.d, "k": args.k,
-                   "x_file_bytes": n_rows * args.d * 4, "f64_copy_bytes": n_rows * args.d * 8}
+            row = {
+                "case": case,
+                "n": n_rows,
+                "d": args.d,
+                "k": args.k,
+                "x_file_bytes": n_rows * args.d * 4,
+                "f64_copy_bytes": n_rows * args.d * 8,
+            }
             for key in ("tracemalloc_peak", "rss_anon_peak", "seconds"):
                 vals = [r[key] for r in runs]
                 row[key] = {"min": min(vals), "median": statistics.median(vals), "all": vals}
             rows.append(row)
-            print(f"{case}: tracemalloc {_mib(row['tracemalloc_peak']['median'])} MiB, "
-                  f"RssAnon {_mib(row['rss_anon_peak']['median'])} MiB, "
-                  f"{row['seconds']['median']:.1f} s", flush=True)
-    head = (f"{'case':<30} {'n':>9} {'X file':>8} {'f64 copy':>9} {'traced min/med':>15} "
-            f"{'RssAnon min/med':>16} {'s (med)':>8}")
+            print(
+                f"{case}: tracemalloc {_mib(row['tracemalloc_peak']['median'])} MiB, "
+                f"RssAnon {_mib(row['rss_anon_peak']['median'])} MiB, "
+                f"{row['seconds']['median']:.1f} s",
+                flush=True,
+            )
+    head = (
+        f"{'case':<30} {'n':>9} {'X file':>8} {'f64 copy':>9} {'traced min/med':>15} "
+        f"{'RssAnon min/med':>16} {'s (med)':>8}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['case']:<30} {r['n']:>9} {_mib(r['x_file_bytes']):>8} "
-              f"{_mib(r['f64_copy_bytes']):>9} "
-              f"{_mib(r['tracemalloc_peak']['min']) + '/' + _mib(r['tracemalloc_peak']['median']):>15} "
-              f"{_mib(r['rss_anon_peak']['min']) + '/' + _mib(r['rss_anon_peak']['median']):>16} "
-              f"{r['seconds']['median']:>8.1f}")
+        peak, rss = r["tracemalloc_peak"], r["rss_anon_peak"]
+        print(
+            f"{r['case']:<30} {r['n']:>9} {_mib(r['x_file_bytes']):>8} "
+            f"{_mib(r['f64_copy_bytes']):>9} "
+            f"{_mib(peak['min']) + '/' + _mib(peak['median']):>15} "
+            f"{_mib(rss['min']) + '/' + _mib(rss['median']):>16} "
+            f"{r['seconds']['median']:>8.1f}"
+        )
     print("(MiB above the process's state before the call; X itself is a memmap)")
-    result = {"benchmark": "bench_memory", "commit": git_commit(), "date": utc_now(),
-              "machine": f"{os.cpu_count()} CPUs", "n": args.n, "d": args.d, "k": args.k,
-              "dtype": "float32 memmap", "repeats": args.repeats,
-              "newton_rows": NEWTON_ROWS, "rows": rows}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"memory_cpu_n{args.n}.json")
+    result = {
+        "benchmark": "bench_memory",
+        "commit": git_commit(),
+        "date": utc_now(),
+        "machine": f"{os.cpu_count()} CPUs",
+        "n": args.n,
+        "d": args.d,
+        "k": args.k,
+        "dtype": "float32 memmap",
+        "repeats": args.repeats,
+        "newton_rows": NEWTON_ROWS,
+        "rows": rows,
+    }
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"memory_cpu_n{args.n}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -45,7 +45,6 @@ import sys
 import time
 
 import numpy as np
-
 from _common import git_commit, utc_now
 
 EPSILONS = [0.1, 0.25, 0.5, 1.0, 2.0, 8.0, math.inf]
@@ -55,8 +54,13 @@ SHRINKERS = ["psd", "soft", "spiked", "rie"]
 #: Sized for a shared 2-core CPU (other jobs running; a DP-FC fit at 20,000 x 768 took
 #: about 30 s there); the cells left out are in SKIPPED.
 PLAN = {
-    "digits": {"ls_global": SHRINKERS, "ls_per_class": SHRINKERS, "newton": SHRINKERS,
-               "dpfc": SHRINKERS, "dpsgd": []},
+    "digits": {
+        "ls_global": SHRINKERS,
+        "ls_per_class": SHRINKERS,
+        "newton": SHRINKERS,
+        "dpfc": SHRINKERS,
+        "dpsgd": [],
+    },
     "cifar10": {"ls_global": SHRINKERS, "ls_per_class": [], "dpfc": []},
     "cifar100": {"ls_global": SHRINKERS, "dpfc": []},
     "imagenet": {"ls_global": []},
@@ -66,16 +70,16 @@ ROWS = {"digits": None, "cifar10": 20_000, "cifar100": 50_000, "imagenet": 20_00
 #: Why a cell is not run on the CPU.
 SKIPPED = {
     ("cifar10", "ls_per_class"): "only today and the default denoise (10 eigendecompositions "
-                                 "of 768 x 768 per fit)",
+    "of 768 x 768 per fit)",
     ("cifar10", "dpfc"): "only today and the default denoise (10 steps of n d K per fit, "
-                         "about 30 s a fit on the shared CPU)",
+    "about 30 s a fit on the shared CPU)",
     ("cifar10", "newton"): "K Hessians: n d^2 K = 1.2e11 flops per step at 20,000 x 768, K 10",
     ("cifar10", "dpsgd"): "100+ full-batch steps of n d K per fit (minutes a fit on the "
-                          "shared CPU); the DP-SGD defaults are compared on digits and on "
-                          "the held-out tasks of tune_defaults_heldout.py",
+    "shared CPU); the DP-SGD defaults are compared on digits and on "
+    "the held-out tasks of tune_defaults_heldout.py",
     ("cifar100", "ls_per_class"): "100 eigendecompositions of 768 x 768 per fit",
     ("cifar100", "dpfc"): "only today and the default denoise at eps 0.1, 0.25, 0.5 and inf "
-                          "(run with --epsilons: 10 steps of n d K = 4e9 flops per fit)",
+    "(run with --epsilons: 10 steps of n d K = 4e9 flops per fit)",
     ("cifar100", "newton"): "K Hessians: n d^2 K = 3e12 flops per step at 50,000 x 768, K 100",
     ("cifar100", "dpsgd"): "100+ full-batch steps of n d K at 50,000 x 768, K 100",
     ("imagenet", "ls_global"): "only today and the default denoise (20,000 rows: 20 a class)",
@@ -119,12 +123,19 @@ def _memoised_stats():
         # and the per-example preprocessing arguments): fingerprint those.
         args = ()
         if getattr(X, "_dpfc_row_view", False):
-            args = tuple(a if a is None or np.isscalar(a) else float(np.asarray(a).sum())
-                         for a in X._args)
+            args = tuple(
+                a if a is None or np.isscalar(a) else float(np.asarray(a).sum()) for a in X._args
+            )
             X = np.asarray(X.base)
-        return (name, X.shape, str(X.dtype), float(X.sum(dtype=np.float64)),
-                float((X[::97].astype(np.float64) ** 2).sum()), args,
-                *[r if np.isscalar(r) else float(np.asarray(r).sum()) for r in rest])
+        return (
+            name,
+            X.shape,
+            str(X.dtype),
+            float(X.sum(dtype=np.float64)),
+            float((X[::97].astype(np.float64) ** 2).sum()),
+            args,
+            *[r if np.isscalar(r) else float(np.asarray(r).sum()) for r in rest],
+        )
 
     def wrap(name, fn):
         def inner(X, *args, **kw):
@@ -132,8 +143,12 @@ def _memoised_stats():
             if k not in cache:
                 cache[k] = fn(X, *args, **kw)
             out = cache[k]
-            return tuple(o.copy() if hasattr(o, "copy") else o for o in out) \
-                if isinstance(out, tuple) else out.copy()
+            return (
+                tuple(o.copy() if hasattr(o, "copy") else o for o in out)
+                if isinstance(out, tuple)
+                else out.copy()
+            )
+
         return inner
 
     for name in ("clipped_stats", "clipped_class_grams", "clipped_gram"):
@@ -143,18 +158,30 @@ def _memoised_stats():
 
 def _configs(est: str, k: int, d: int, n: int, shrinkers):
     """[(config name, estimator class, kwargs)] for one estimator."""
-    from dpfc_native import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
-                             DPSGDClassifier)
+    from dpfc_native import (
+        DPFCClassifier,
+        DPLeastSquaresClassifier,
+        DPNewtonClassifier,
+        DPSGDClassifier,
+    )
     from dpfc_native.models import DENOISE_DEFAULT, _resolve_denoise
 
     if est == "dpsgd":
-        return [("today", DPSGDClassifier,
-                 {"steps": _OLD_SGD_STEPS, "lr": _old_sgd_lr(k, d, _OLD_SGD_STEPS)}),
-                ("default", DPSGDClassifier, {})]
+        return [
+            (
+                "today",
+                DPSGDClassifier,
+                {"steps": _OLD_SGD_STEPS, "lr": _old_sgd_lr(k, d, _OLD_SGD_STEPS)},
+            ),
+            ("default", DPSGDClassifier, {}),
+        ]
     cls, base, today = {
         "ls_global": (DPLeastSquaresClassifier, {}, {}),
-        "ls_per_class": (DPLeastSquaresClassifier, {"variant": "per_class"},
-                         {"alpha": 1.0, "gram_share": 0.5}),
+        "ls_per_class": (
+            DPLeastSquaresClassifier,
+            {"variant": "per_class"},
+            {"alpha": 1.0, "gram_share": 0.5},
+        ),
         "newton": (DPNewtonClassifier, {}, {}),
         "dpfc": (DPFCClassifier, {}, {}),
     }[est]
@@ -170,14 +197,21 @@ def run(args):
     from dpfc_native.models import DENOISE_AUTO, DENOISE_DEFAULT
 
     _memoised_stats()
-    result = {"benchmark": "privacy_utility", "date": utc_now(), "commit": git_commit(),
-              "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} "
-                         f"({os.cpu_count()} CPUs, shared)".strip(),
-              # The shrinker the default picks at every shape run here ("auto" -> soft).
-              "denoise_default": DENOISE_AUTO if DENOISE_DEFAULT == "auto" else DENOISE_DEFAULT,
-              "denoise_param_default": DENOISE_DEFAULT, "epsilons": [e if math.isfinite(e) else "inf"
-                                                               for e in EPSILONS],
-              "seeds": args.seeds, "rows": {}, "skipped": [], "fits": []}
+    result = {
+        "benchmark": "privacy_utility",
+        "date": utc_now(),
+        "commit": git_commit(),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} "
+        f"({os.cpu_count()} CPUs, shared)".strip(),
+        # The shrinker the default picks at every shape run here ("auto" -> soft).
+        "denoise_default": DENOISE_AUTO if DENOISE_DEFAULT == "auto" else DENOISE_DEFAULT,
+        "denoise_param_default": DENOISE_DEFAULT,
+        "epsilons": [e if math.isfinite(e) else "inf" for e in EPSILONS],
+        "seeds": args.seeds,
+        "rows": {},
+        "skipped": [],
+        "fits": [],
+    }
 
     def save():
         with open(args.out, "w") as fh:
@@ -192,8 +226,11 @@ def run(args):
         n, d = x.shape
         k = int(train.num_classes)
         result["rows"][name] = {"n": n, "d": d, "k": k, "test": int(xt.shape[0])}
-        print(f"{name}: {n} x {d}, K {k}, test {xt.shape[0]} (loaded in "
-              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"{name}: {n} x {d}, K {k}, test {xt.shape[0]} (loaded in "
+            f"{time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
         for est, shrinkers in plan.items():
             if args.estimators and est not in args.estimators:
                 continue
@@ -201,21 +238,34 @@ def run(args):
                 for eps in args.epsilons:
                     for seed in range(args.seeds if math.isfinite(eps) else 1):
                         t1 = time.perf_counter()
-                        model = cls(epsilon=eps, classes=np.arange(k), random_state=seed,
-                                    device="cpu", **kw).fit(x, y)
+                        model = cls(
+                            epsilon=eps, classes=np.arange(k), random_state=seed, device="cpu", **kw
+                        ).fit(x, y)
                         fit_s = time.perf_counter() - t1
                         acc = float(model.score(xt, yt))
-                        result["fits"].append({
-                            "dataset": name, "estimator": est, "config": cfg,
-                            "epsilon": eps if math.isfinite(eps) else "inf", "seed": seed,
-                            "accuracy": acc, "fit_s": fit_s,
-                            "reg": float(getattr(model, "reg_", float("nan"))),
-                        })
-                    accs = [f["accuracy"] for f in result["fits"]
-                            if (f["dataset"], f["estimator"], f["config"], f["epsilon"])
-                            == (name, est, cfg, eps if math.isfinite(eps) else "inf")]
-                    print(f"  {est:>12} {cfg:>15} eps {eps:>5}: {np.median(accs):.4f} "
-                          f"({fit_s:.1f} s/fit)", flush=True)
+                        result["fits"].append(
+                            {
+                                "dataset": name,
+                                "estimator": est,
+                                "config": cfg,
+                                "epsilon": eps if math.isfinite(eps) else "inf",
+                                "seed": seed,
+                                "accuracy": acc,
+                                "fit_s": fit_s,
+                                "reg": float(getattr(model, "reg_", float("nan"))),
+                            }
+                        )
+                    accs = [
+                        f["accuracy"]
+                        for f in result["fits"]
+                        if (f["dataset"], f["estimator"], f["config"], f["epsilon"])
+                        == (name, est, cfg, eps if math.isfinite(eps) else "inf")
+                    ]
+                    print(
+                        f"  {est:>12} {cfg:>15} eps {eps:>5}: {np.median(accs):.4f} "
+                        f"({fit_s:.1f} s/fit)",
+                        flush=True,
+                    )
                     save()
         for (ds, est), why in SKIPPED.items():
             if ds == name:
@@ -233,7 +283,8 @@ def _median_table(fits):
     cells: dict = {}
     for f in fits:
         cells.setdefault((f["dataset"], f["estimator"], f["config"]), {}).setdefault(
-            f["epsilon"], []).append(f["accuracy"])
+            f["epsilon"], []
+        ).append(f["accuracy"])
     return {key: {e: float(np.median(v)) for e, v in by.items()} for key, by in cells.items()}
 
 
@@ -258,13 +309,17 @@ def readme_table(result) -> str:
     med = _median_table(result["fits"])
     eps = result["epsilons"]
     new_cfg = f"denoise={result['denoise_default']}"
-    lines = ["| data (n x d, K) | estimator | defaults | " + " | ".join(
-        "non-private" if e == "inf" else f"eps {e}" for e in eps) + " |",
-        "|" + " --- |" * (3 + len(eps))]
+    lines = [
+        "| data (n x d, K) | estimator | defaults | "
+        + " | ".join("non-private" if e == "inf" else f"eps {e}" for e in eps)
+        + " |",
+        "|" + " --- |" * (3 + len(eps)),
+    ]
     order = {name: i for i, name in enumerate(PLAN)}
     ests = ["ls_global", "ls_per_class", "newton", "dpfc", "dpsgd"]
-    for (ds, est, cfg), by in sorted(med.items(), key=lambda kv: (order.get(kv[0][0], 99),
-                                                                 ests.index(kv[0][1]))):
+    for (ds, est, cfg), by in sorted(
+        med.items(), key=lambda kv: (order.get(kv[0][0], 99), ests.index(kv[0][1]))
+    ):
         if cfg != "today":
             continue
         new = med.get((ds, est, new_cfg)) or med.get((ds, est, "default"))
@@ -273,8 +328,11 @@ def readme_table(result) -> str:
         for label, row in (("today", by), ("new", new)):
             if row is None:
                 continue
-            lines.append(f"| {name} | {est} | {label} | " + " | ".join(
-                f"{100 * row[e]:.1f}" if e in row else "" for e in eps) + " |")
+            lines.append(
+                f"| {name} | {est} | {label} | "
+                + " | ".join(f"{100 * row[e]:.1f}" if e in row else "" for e in eps)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -291,7 +349,10 @@ def choose_default(result) -> str:
             if e != "inf" and e in today:
                 gains.setdefault(cfg[8:], {})[(ds, est, e)] = acc - today[e]
     common = set.intersection(*(set(g) for g in gains.values())) if gains else set()
-    lines = ["| denoise | mean gain over today (points) | worst cell | cells |", "| --- | --- | --- | --- |"]
+    lines = [
+        "| denoise | mean gain over today (points) | worst cell | cells |",
+        "| --- | --- | --- | --- |",
+    ]
     best, best_gain = "none", 0.0
     for m, g in gains.items():
         vals = np.array([g[c] for c in common]) * 100
@@ -317,20 +378,32 @@ def plot(result, path):
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     default = f"denoise={result['denoise_default']}"
     # One colour per estimator in every panel; dashed: today's defaults, solid: new.
-    colors = dict(zip(["ls_global", "ls_per_class", "newton", "dpfc", "dpsgd"],
-                      ["C0", "C1", "C2", "C3", "C4"]))
+    colors = dict(
+        zip(
+            ["ls_global", "ls_per_class", "newton", "dpfc", "dpsgd"], ["C0", "C1", "C2", "C3", "C4"]
+        )
+    )
     for ax, ds in zip(axes[0], datasets):
         for (d2, est, cfg), by in med.items():
             if d2 != ds or cfg not in ("today", default, "default"):
                 continue
             es = sorted((e for e in by if e != "inf"), key=_eps_key)
             xs = [_eps_key(e) for e in es]
-            ax.plot(xs, [by[e] for e in es], marker="o", ms=3, color=colors[est],
-                    ls="--" if cfg == "today" else "-",
-                    label=f"{est} ({'today' if cfg == 'today' else 'new default'})")
+            ax.plot(
+                xs,
+                [by[e] for e in es],
+                marker="o",
+                ms=3,
+                color=colors[est],
+                ls="--" if cfg == "today" else "-",
+                label=f"{est} ({'today' if cfg == 'today' else 'new default'})",
+            )
         ax.set_xscale("log")
-        ax.set_title(f"{ds} {result['rows'][ds]['n']}x{result['rows'][ds]['d']}, "
-                     f"K {result['rows'][ds]['k']}", fontsize=9)
+        ax.set_title(
+            f"{ds} {result['rows'][ds]['n']}x{result['rows'][ds]['d']}, "
+            f"K {result['rows'][ds]['k']}",
+            fontsize=9,
+        )
         ax.set_xlabel("epsilon")
         ax.set_ylabel("test accuracy (median of seeds)")
         ax.grid(alpha=0.3)
@@ -348,8 +421,11 @@ def main():
     ap.add_argument("--rows", default="", help="e.g. cifar10=20000,imagenet=100000")
     ap.add_argument("--quick", action="store_true", help="digits, 1 seed")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--from-json", default=None,
-                    help="only print the table and plot (comma list: merge the runs)")
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="only print the table and plot (comma list: merge the runs)",
+    )
     ap.add_argument("--merged-out", default=None, help="where --from-json writes the merge")
     args = ap.parse_args()
     args.datasets = ["digits"] if args.quick else [s for s in args.datasets.split(",") if s]
@@ -359,8 +435,9 @@ def main():
     if args.quick:
         args.seeds = 1
     stem = f"privacy_utility_cpu_{utc_now()[:10]}"
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        stem + ".json")
+    args.out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", stem + ".json"
+    )
     if args.from_json:
         # One or more runs (comma-separated), merged: e.g. runs of different estimators.
         paths = args.from_json.split(",")
@@ -385,8 +462,10 @@ def main():
         result = run(args)
     print(table(result))
     print("\nREADME table (test accuracy %, median over seeds):\n" + readme_table(result))
-    print(f"\nbest denoise by mean gain over today's solve: {choose_default(result)} "
-          f"(the estimators' default: {result['denoise_default']})")
+    print(
+        f"\nbest denoise by mean gain over today's solve: {choose_default(result)} "
+        f"(the estimators' default: {result['denoise_default']})"
+    )
     try:
         plot(result, os.path.splitext(args.out)[0] + ".png")
     except ImportError:  # pragma: no cover - matplotlib is optional

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
     raise
 
 from _common import device_name, env_vars, git_commit, utc_now
+
 from dpfc_native import _core
 from dpfc_native import _gpu_stats as gs
 
@@ -74,7 +75,9 @@ def time_ms(fn, reps: int, warmup: int = 1) -> float:
 def features(n: int, d: int, dtype, clip_norm: float = 1.0):
     """Random rows with norms spread around clip_norm (about half clipped)."""
     x = cp.random.standard_normal((n, d), dtype=cp.float32)
-    x *= cp.float32(clip_norm / math.sqrt(d)) * cp.random.uniform(0.3, 2.0, (n, 1), dtype=cp.float32)
+    x *= cp.float32(clip_norm / math.sqrt(d)) * cp.random.uniform(
+        0.3, 2.0, (n, 1), dtype=cp.float32
+    )
     return x if np.dtype(dtype) == np.float32 else x.astype(dtype)
 
 
@@ -97,15 +100,29 @@ class Bench:
             "date": utc_now(),
             "commit": git_commit(),
             "quick": bool(args.quick),
-            "env": {k: os.environ.get(k) for k in ("DPFC_GRAM_KERNEL", "DPFC_GRAD_KERNEL",
-                                                  "DPFC_LG_CHUNK")},
+            "env": {
+                k: os.environ.get(k)
+                for k in ("DPFC_GRAM_KERNEL", "DPFC_GRAD_KERNEL", "DPFC_LG_CHUNK")
+            },
             "reps": self.reps,
         }
         self.ceil = {}
 
     # ---- bookkeeping -----------------------------------------------------------------
-    def add(self, op, shape, mode, ours, base, target, rate=None, rate_unit="", ceiling=None,
-            note="", ratio_kind="speedup"):
+    def add(
+        self,
+        op,
+        shape,
+        mode,
+        ours,
+        base,
+        target,
+        rate=None,
+        rate_unit="",
+        ceiling=None,
+        note="",
+        ratio_kind="speedup",
+    ):
         if ratio_kind == "speedup":
             ratio = base / ours if ours > 0 else float("nan")
             met = ratio >= target
@@ -122,10 +139,20 @@ class Bench:
             ratio = base / ours if ours > 0 else float("nan")
             met = None
             tstr = "-"
-        row = {"op": op, "shape": shape, "mode": mode, "ours_ms": ours, "base_ms": base,
-               "ratio": ratio, "target": tstr, "met": None if met is None else bool(met),
-               "rate": rate,
-               "rate_unit": rate_unit, "ceiling": ceiling, "note": note}
+        row = {
+            "op": op,
+            "shape": shape,
+            "mode": mode,
+            "ours_ms": ours,
+            "base_ms": base,
+            "ratio": ratio,
+            "target": tstr,
+            "met": None if met is None else bool(met),
+            "rate": rate,
+            "rate_unit": rate_unit,
+            "ceiling": ceiling,
+            "note": note,
+        }
         self.rows.append(row)
         print(self.fmt(row), flush=True)
         self.save()
@@ -144,13 +171,18 @@ class Bench:
         rate = "-" if r["rate"] is None else f"{r['rate']:.1f} {r['rate_unit']}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
         ceil = "-" if r["ceiling"] is None else f"{r['ceiling']:.1f}"
-        return (f"{r['op']:<14} {r['shape']:<22} {r['mode']:<16} {f(r['ours_ms']):>10} "
-                f"{f(r['base_ms']):>10} {f(r['ratio'], 2):>7} {r['target']:>8} "
-                f"{met:>4} {rate:>16} {ceil:>9}  {r['note']}")
+        return (
+            f"{r['op']:<14} {r['shape']:<22} {r['mode']:<16} {f(r['ours_ms']):>10} "
+            f"{f(r['base_ms']):>10} {f(r['ratio'], 2):>7} {r['target']:>8} "
+            f"{met:>4} {rate:>16} {ceil:>9}  {r['note']}"
+        )
 
     def header(self):
-        print(f"{'op':<14} {'shape':<22} {'mode':<16} {'ours ms':>10} {'base ms':>10} "
-              f"{'ratio':>7} {'target':>8} {'met':>4} {'rate':>16} {'ceiling':>9}", flush=True)
+        print(
+            f"{'op':<14} {'shape':<22} {'mode':<16} {'ours ms':>10} {'base ms':>10} "
+            f"{'ratio':>7} {'target':>8} {'met':>4} {'rate':>16} {'ceiling':>9}",
+            flush=True,
+        )
 
     def save(self):
         if not self.args.out:
@@ -198,31 +230,70 @@ class Bench:
                         gemm = time_ms(lambda: xb.T @ xb, reps)
                         xb = None
                         free_all()
-                        self.add("clipped_gram", shape, mode, ours, base, 1.5,
-                                 rate=flops / ours / 1e9, rate_unit="TFLOP/s",
-                                 ceiling=2 * n * d * d / gemm / 1e9,
-                                 note=f"cupy gemm {gemm:.1f} ms")
-                        if mode == "float64" and in_dtype == "float32" and not self.args.no_variants:
+                        self.add(
+                            "clipped_gram",
+                            shape,
+                            mode,
+                            ours,
+                            base,
+                            1.5,
+                            rate=flops / ours / 1e9,
+                            rate_unit="TFLOP/s",
+                            ceiling=2 * n * d * d / gemm / 1e9,
+                            note=f"cupy gemm {gemm:.1f} ms",
+                        )
+                        if (
+                            mode == "float64"
+                            and in_dtype == "float32"
+                            and not self.args.no_variants
+                        ):
                             # The other float64 engines, for the record (no target).
                             for kern in ("mma884", "simt"):
                                 with env_vars(DPFC_GRAM_KERNEL=kern):
                                     tk = time_ms(lambda: gs.clipped_gram(x, 1.0, mode), reps)
-                                self.add("clipped_gram", shape, f"float64 [{kern}]", tk, base, 0.0,
-                                         rate=flops / tk / 1e9, rate_unit="TFLOP/s",
-                                         ratio_kind="info", note="engine variant")
+                                self.add(
+                                    "clipped_gram",
+                                    shape,
+                                    f"float64 [{kern}]",
+                                    tk,
+                                    base,
+                                    0.0,
+                                    rate=flops / tk / 1e9,
+                                    rate_unit="TFLOP/s",
+                                    ratio_kind="info",
+                                    note="engine variant",
+                                )
                         if stats:
                             st = time_ms(lambda: gs.clipped_stats(x, labels, 1000, 1.0, mode), reps)
-                            self.add("clipped_stats", shape, mode + " K1000", st, ours, 1.05,
-                                     ratio_kind="fraction", note="base = our clipped_gram")
+                            self.add(
+                                "clipped_stats",
+                                shape,
+                                mode + " K1000",
+                                st,
+                                ours,
+                                1.05,
+                                ratio_kind="fraction",
+                                note="base = our clipped_gram",
+                            )
                     if in_dtype == "float32" and not self.args.no_tc:
                         # Exploration modes: no target; the baseline is CuPy's FP32 clip + GEMM.
                         base32 = time_ms(
-                            lambda: (lambda xb: xb.T @ xb)(clip_cupy(x, 1.0, cp.float32)), reps)
+                            lambda: (lambda xb: xb.T @ xb)(clip_cupy(x, 1.0, cp.float32)), reps
+                        )
                         for mode in ("tf32", "bf16"):
                             ours = time_ms(lambda: gs.clipped_gram(x, 1.0, mode), reps)
-                            self.add("clipped_gram", shape, mode, ours, base32, 0.0,
-                                     rate=flops / ours / 1e9, rate_unit="TFLOP/s",
-                                     ratio_kind="info", note="exploration; base = cupy FP32")
+                            self.add(
+                                "clipped_gram",
+                                shape,
+                                mode,
+                                ours,
+                                base32,
+                                0.0,
+                                rate=flops / ours / 1e9,
+                                rate_unit="TFLOP/s",
+                                ratio_kind="info",
+                                note="exploration; base = cupy FP32",
+                            )
                 except cp.cuda.memory.OutOfMemoryError as exc:
                     self.fail("clipped_gram", shape, "-", f"out of memory: {exc}")
                 except Exception as exc:  # keep going: record and continue
@@ -246,15 +317,35 @@ class Bench:
                     return (z + z.transpose(0, 2, 1)) * dt(0.5)
 
                 tb = time_ms(base, self.reps)
-                self.add("sym_noise", f"b{batch} d{d}", np.dtype(dt).name, ours, tb, 0.70,
-                         rate=nbytes / ours / 1e6, rate_unit="GB/s", ceiling=copy,
-                         ratio_kind="share", note=f"cuRAND+symmetrise {tb:.3f} ms")
+                self.add(
+                    "sym_noise",
+                    f"b{batch} d{d}",
+                    np.dtype(dt).name,
+                    ours,
+                    tb,
+                    0.70,
+                    rate=nbytes / ours / 1e6,
+                    rate_unit="GB/s",
+                    ceiling=copy,
+                    ratio_kind="share",
+                    note=f"cuRAND+symmetrise {tb:.3f} ms",
+                )
                 flat = out.reshape(-1)
                 og = time_ms(lambda: gs._gaussian_into(flat, 1.0, KEY, 0), self.reps)
                 tg = time_ms(lambda: cp.random.standard_normal(flat.size, dtype=dt), self.reps)
-                self.add("gauss_noise", f"{flat.size}", np.dtype(dt).name, og, tg, 0.70,
-                         rate=nbytes / og / 1e6, rate_unit="GB/s", ceiling=copy,
-                         ratio_kind="share", note=f"cuRAND {tg:.3f} ms (no target)")
+                self.add(
+                    "gauss_noise",
+                    f"{flat.size}",
+                    np.dtype(dt).name,
+                    og,
+                    tg,
+                    0.70,
+                    rate=nbytes / og / 1e6,
+                    rate_unit="GB/s",
+                    ceiling=copy,
+                    ratio_kind="share",
+                    note=f"cuRAND {tg:.3f} ms (no target)",
+                )
                 out = flat = None
             except Exception as exc:
                 traceback.print_exc()
@@ -268,39 +359,67 @@ class Bench:
         try:
             x = features(n, d, "float32")
             labels = cp.random.randint(0, k, size=n).astype(cp.int32)
-            w = (cp.random.standard_normal((k, d), dtype=cp.float32) * 0.1)
+            w = cp.random.standard_normal((k, d), dtype=cp.float32) * 0.1
             bias = cp.full((k,), -10.0)
             grad = cp.empty((k, d))
             nclip = cp.empty((), dtype=cp.int64)
-            ours = time_ms(lambda: gs._linear_grad_into(x, labels, w, bias, 1e-3, "sigmoid", None,
-                                                        grad, nclip), self.reps)
+            ours = time_ms(
+                lambda: gs._linear_grad_into(
+                    x, labels, w, bias, 1e-3, "sigmoid", None, grad, nclip
+                ),
+                self.reps,
+            )
             z = cp.empty((n, k), dtype=cp.float32)
             t1 = time_ms(lambda: cp.matmul(x, w.T, out=z), self.reps)
             t2 = time_ms(lambda: z.T @ x, self.reps)
             z = None
             free_all()
             flops = 4 * n * d * k
-            self.add("linear_grad", shape, "float32 sigmoid", ours, t1 + t2, 1.15,
-                     rate=flops / ours / 1e9, rate_unit="TFLOP/s",
-                     ceiling=flops / (t1 + t2) / 1e9, ratio_kind="fraction",
-                     note=f"cuBLAS passes + native epilogue; base: 2 cupy GEMMs "
-                          f"({t1:.1f} + {t2:.1f} ms)")
+            self.add(
+                "linear_grad",
+                shape,
+                "float32 sigmoid",
+                ours,
+                t1 + t2,
+                1.15,
+                rate=flops / ours / 1e9,
+                rate_unit="TFLOP/s",
+                ceiling=flops / (t1 + t2) / 1e9,
+                ratio_kind="fraction",
+                note=f"cuBLAS passes + native epilogue; base: 2 cupy GEMMs "
+                f"({t1:.1f} + {t2:.1f} ms)",
+            )
             if not self.args.no_variants:
-                for engine, label in (("simt32", "f32 [native SIMT]"),
-                                      ("mma", "f32 [DMMA pass 2]")):
+                for engine, label in (
+                    ("simt32", "f32 [native SIMT]"),
+                    ("mma", "f32 [DMMA pass 2]"),
+                ):
                     with env_vars(DPFC_GRAD_KERNEL=engine):
-                        tv = time_ms(lambda: gs._linear_grad_into(
-                            x, labels, w, bias, 1e-3, "sigmoid", None, grad, nclip), self.reps)
-                    self.add("linear_grad", shape, label, tv, t1 + t2, 1.15,
-                             rate=flops / tv / 1e9, rate_unit="TFLOP/s", ratio_kind="fraction",
-                             note=f"DPFC_GRAD_KERNEL={engine} variant (all-native passes)")
+                        tv = time_ms(
+                            lambda: gs._linear_grad_into(
+                                x, labels, w, bias, 1e-3, "sigmoid", None, grad, nclip
+                            ),
+                            self.reps,
+                        )
+                    self.add(
+                        "linear_grad",
+                        shape,
+                        label,
+                        tv,
+                        t1 + t2,
+                        1.15,
+                        rate=flops / tv / 1e9,
+                        rate_unit="TFLOP/s",
+                        ratio_kind="fraction",
+                        note=f"DPFC_GRAD_KERNEL={engine} variant (all-native passes)",
+                    )
             self.linear_grad_parts(x, labels, w, bias, n, d, k, shape, t1 + t2)
             # Per-example gradients materialised in batches (timed on a few, extrapolated).
             bsz = 128
 
             def perex(i):
-                xb = x[i * bsz:(i + 1) * bsz]
-                yb = labels[i * bsz:(i + 1) * bsz]
+                xb = x[i * bsz : (i + 1) * bsz]
+                yb = labels[i * bsz : (i + 1) * bsz]
                 p = 1.0 / (1.0 + cp.exp(-(xb @ w.T + bias.astype(cp.float32))))
                 p[cp.arange(bsz), yb] -= 1.0
                 r = p / k
@@ -318,9 +437,16 @@ class Bench:
             end.record()
             end.synchronize()
             tp = cp.cuda.get_elapsed_time(start, end) / perex_batches * (n / bsz)
-            self.add("linear_grad", shape, "vs per-example", ours, tp, 50.0,
-                     note=f"cupy per-example, batches of {bsz}, extrapolated from "
-                          f"{perex_batches} batches")
+            self.add(
+                "linear_grad",
+                shape,
+                "vs per-example",
+                ours,
+                tp,
+                50.0,
+                note=f"cupy per-example, batches of {bsz}, extrapolated from "
+                f"{perex_batches} batches",
+            )
         except Exception as exc:
             traceback.print_exc()
             self.fail("linear_grad", shape, "-", repr(exc))
@@ -342,32 +468,85 @@ class Bench:
         blk = gs._LG_BLOCK
         nb = nc // blk
         parts = {
-            "row norms": time_ms(lambda: core.cuda_row_norms(
-                x.data.ptr, 0, n, d, d, 0.0, norms.data.ptr, 0, st), self.reps),
+            "row norms": time_ms(
+                lambda: core.cuda_row_norms(x.data.ptr, 0, n, d, d, 0.0, norms.data.ptr, 0, st),
+                self.reps,
+            ),
             "logits GEMM": nch * time_ms(lambda: cp.matmul(xc, w.T, out=zc), self.reps),
-            "epilogue": nch * time_ms(lambda: core.cuda_residual_clip(
-                zc.data.ptr, 0, nc, k, labels.data.ptr, norms.data.ptr, 0, bias.data.ptr, 1e-3,
-                "sigmoid", fb.data.ptr, cnt.data.ptr, st), self.reps),
-            "row scaling": nch * time_ms(lambda: core.cuda_scale_rows(
-                xc.data.ptr, 0, nc, d, d, fb.data.ptr, xs.data.ptr, d, st), self.reps),
-            f"grad GEMM ({blk}-row blocks + f64 sum)": nch * time_ms(
-                lambda: cp.matmul(zc[:nb * blk].reshape(nb, blk, k).transpose(0, 2, 1),
-                                  xs[:nb * blk].reshape(nb, blk, d)).sum(axis=0, dtype=cp.float64),
-                self.reps),
+            "epilogue": nch
+            * time_ms(
+                lambda: core.cuda_residual_clip(
+                    zc.data.ptr,
+                    0,
+                    nc,
+                    k,
+                    labels.data.ptr,
+                    norms.data.ptr,
+                    0,
+                    bias.data.ptr,
+                    1e-3,
+                    "sigmoid",
+                    fb.data.ptr,
+                    cnt.data.ptr,
+                    st,
+                ),
+                self.reps,
+            ),
+            "row scaling": nch
+            * time_ms(
+                lambda: core.cuda_scale_rows(
+                    xc.data.ptr, 0, nc, d, d, fb.data.ptr, xs.data.ptr, d, st
+                ),
+                self.reps,
+            ),
+            f"grad GEMM ({blk}-row blocks + f64 sum)": nch
+            * time_ms(
+                lambda: cp.matmul(
+                    zc[: nb * blk].reshape(nb, blk, k).transpose(0, 2, 1),
+                    xs[: nb * blk].reshape(nb, blk, d),
+                ).sum(axis=0, dtype=cp.float64),
+                self.reps,
+            ),
             "grad GEMM (one per chunk)": nch * time_ms(lambda: zc.T @ xs, self.reps),
         }
         total = sum(v for key, v in parts.items() if key != "grad GEMM (one per chunk)")
-        self.add("linear_grad", shape, "parts (cuBLAS path)", total, base, 0.0, ratio_kind="info",
-                 note="; ".join(f"{key} {v:.1f}" for key, v in parts.items())
-                      + f" ms ({nch} chunks of {nc} rows)")
+        self.add(
+            "linear_grad",
+            shape,
+            "parts (cuBLAS path)",
+            total,
+            base,
+            0.0,
+            ratio_kind="info",
+            note="; ".join(f"{key} {v:.1f}" for key, v in parts.items())
+            + f" ms ({nch} chunks of {nc} rows)",
+        )
         for b in (16384, nc):
             with env_vars(DPFC_LG_BLOCK=str(b)):
-                tv = time_ms(lambda: gs._linear_grad_into(x, labels, w, bias, 1e-3, "sigmoid", None,
-                                                          cp.empty((k, d)),
-                                                          cp.empty((), dtype=cp.int64)),
-                             self.reps)
-            self.add("linear_grad", shape, f"f32 blocks of {b}", tv, base, 1.15,
-                     ratio_kind="fraction", note=f"DPFC_LG_BLOCK={b} variant")
+                tv = time_ms(
+                    lambda: gs._linear_grad_into(
+                        x,
+                        labels,
+                        w,
+                        bias,
+                        1e-3,
+                        "sigmoid",
+                        None,
+                        cp.empty((k, d)),
+                        cp.empty((), dtype=cp.int64),
+                    ),
+                    self.reps,
+                )
+            self.add(
+                "linear_grad",
+                shape,
+                f"f32 blocks of {b}",
+                tv,
+                base,
+                1.15,
+                ratio_kind="fraction",
+                note=f"DPFC_LG_BLOCK={b} variant",
+            )
 
     # ---- Newton weighted grams -----------------------------------------------------------
     def newton(self, n: int, d: int, k: int):
@@ -381,13 +560,22 @@ class Bench:
 
             def base():
                 for cls in range(k):
-                    cp.matmul((xb * wts[:, cls:cls + 1]).T, xb, out=out[cls])
+                    cp.matmul((xb * wts[:, cls : cls + 1]).T, xb, out=out[cls])
 
             tb = time_ms(base, max(1, self.reps - 1))
             flops = k * n * d * (d + 1)
-            self.add("newton_grams", shape, "float64", ours, tb, 1.5, rate=flops / ours / 1e9,
-                     rate_unit="TFLOP/s", ceiling=2 * k * n * d * d / tb / 1e9,
-                     note="base: K x (weighting + cupy DGEMM)")
+            self.add(
+                "newton_grams",
+                shape,
+                "float64",
+                ours,
+                tb,
+                1.5,
+                rate=flops / ours / 1e9,
+                rate_unit="TFLOP/s",
+                ceiling=2 * k * n * d * d / tb / 1e9,
+                note="base: K x (weighting + cupy DGEMM)",
+            )
         except Exception as exc:
             traceback.print_exc()
             self.fail("newton_grams", shape, "-", repr(exc))
@@ -397,19 +585,34 @@ class Bench:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     ap.add_argument("--out", default=None, help="write JSON results here")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
-    ap.add_argument("--only", default="gram,noise,linear_grad,newton",
-                    help="comma list of: gram, noise, linear_grad, newton")
-    ap.add_argument("--skip-f64-input", action="store_true",
-                    help="skip float64-input gram rows (17 GB inputs at full size)")
+    ap.add_argument(
+        "--only",
+        default="gram,noise,linear_grad,newton",
+        help="comma list of: gram, noise, linear_grad, newton",
+    )
+    ap.add_argument(
+        "--skip-f64-input",
+        action="store_true",
+        help="skip float64-input gram rows (17 GB inputs at full size)",
+    )
     ap.add_argument("--no-tc", action="store_true", help="skip the tf32/bf16 gram rows")
-    ap.add_argument("--no-variants", action="store_true",
-                    help="skip the engine-variant rows (mma884/simt grams, DMMA linear_grad)")
-    ap.add_argument("--gram-kernel", choices=["mma", "mma884", "simt"], default=None,
-                    help="sets DPFC_GRAM_KERNEL for this run")
+    ap.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip the engine-variant rows (mma884/simt grams, DMMA linear_grad)",
+    )
+    ap.add_argument(
+        "--gram-kernel",
+        choices=["mma", "mma884", "simt"],
+        default=None,
+        help="sets DPFC_GRAM_KERNEL for this run",
+    )
     args = ap.parse_args(argv)
     if args.gram_kernel:
         from dpfc_native import _config
@@ -418,8 +621,11 @@ def main(argv=None):
         _config.reload()
     only = set(args.only.split(","))
     b = Bench(args)
-    print(f"device: {b.meta['device']} ({b.meta['sm_count']} SMs), commit {b.meta['commit']}, "
-          f"{'quick' if args.quick else 'full'} run", flush=True)
+    print(
+        f"device: {b.meta['device']} ({b.meta['sm_count']} SMs), commit {b.meta['commit']}, "
+        f"{'quick' if args.quick else 'full'} run",
+        flush=True,
+    )
     b.ceilings()
     b.header()
     if args.quick:

@@ -118,8 +118,16 @@ def main(argv=None) -> int:
                 cpu[path].append(dc)
                 scans[path], coefs[path] = n_scans, coef
         identical = bool(np.array_equal(coefs["before"], coefs["after"]))
-        row = {"method": method, "n": args.n, "d": args.d, "k": args.k, "steps": args.steps,
-               "device": device, "repeats": args.repeats, "identical_weights": identical}
+        row = {
+            "method": method,
+            "n": args.n,
+            "d": args.d,
+            "k": args.k,
+            "steps": args.steps,
+            "device": device,
+            "repeats": args.repeats,
+            "identical_weights": identical,
+        }
         for path in ("before", "after"):
             row[f"{path}_min_s"] = min(times[path])
             row[f"{path}_median_s"] = statistics.median(times[path])
@@ -132,24 +140,38 @@ def main(argv=None) -> int:
         row["cpu_speedup_median"] = row["before_cpu_median_s"] / row["after_cpu_median_s"]
         rows.append(row)
 
-    print(f"{'method':7} {'device':6} {'n x d':>12} {'T':>3} {'clock':5} "
-          f"{'before min/med (s)':>19} {'after min/med (s)':>18} {'speedup':>8} "
-          f"{'scans b/a':>9} same")
+    print(
+        f"{'method':7} {'device':6} {'n x d':>12} {'T':>3} {'clock':5} "
+        f"{'before min/med (s)':>19} {'after min/med (s)':>18} {'speedup':>8} "
+        f"{'scans b/a':>9} same"
+    )
     for r in rows:
         for clock, key in (("wall", ""), ("cpu", "cpu_")):
-            print(f"{r['method']:7} {r['device']:6} {r['n']:>6} x {r['d']:<4} {r['steps']:>3} "
-                  f"{clock:5} {r[f'before_{key}min_s']:>9.3f}/{r[f'before_{key}median_s']:<9.3f} "
-                  f"{r[f'after_{key}min_s']:>8.3f}/{r[f'after_{key}median_s']:<9.3f} "
-                  f"{r[f'{key}speedup_median']:>6.2f}x {r['before_feature_scans']:>4}/"
-                  f"{r['after_feature_scans']:<4} {r['identical_weights']}")
+            print(
+                f"{r['method']:7} {r['device']:6} {r['n']:>6} x {r['d']:<4} {r['steps']:>3} "
+                f"{clock:5} {r[f'before_{key}min_s']:>9.3f}/{r[f'before_{key}median_s']:<9.3f} "
+                f"{r[f'after_{key}min_s']:>8.3f}/{r[f'after_{key}median_s']:<9.3f} "
+                f"{r[f'{key}speedup_median']:>6.2f}x {r['before_feature_scans']:>4}/"
+                f"{r['after_feature_scans']:<4} {r['identical_weights']}"
+            )
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"validate_once_{device}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"validate_once_{device}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"benchmark": "validate_once", "commit": commit, "date": utc_now(),
-                   "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                   "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "benchmark": "validate_once",
+                "commit": commit,
+                "date": utc_now(),
+                "machine": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {out}")
     return 0 if all(r["identical_weights"] for r in rows) else 1
 

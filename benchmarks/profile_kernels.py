@@ -22,8 +22,9 @@ def main(argv=None) -> int:
 
     from dpfc_native import ops
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", default="gram,weighted,noise,linear_grad,chol_small,chol_mid,solve")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
@@ -40,15 +41,16 @@ def main(argv=None) -> int:
     cases = {
         "gram": lambda: ops.clipped_gram(x768, 1.0),
         "weighted": lambda: ops.clipped_weighted_grams(
-            x768[:50_000], rng.random((50_000, 20)), 1.0),
-        "noise": lambda: ops.sym_gaussian_noise(1024, 1.0, batch=64, key=1, dtype=np.float32,
-                                                device="cuda"),
+            x768[:50_000], rng.random((50_000, 20)), 1.0
+        ),
+        "noise": lambda: ops.sym_gaussian_noise(
+            1024, 1.0, batch=64, key=1, dtype=np.float32, device="cuda"
+        ),
     }
     if "linear_grad" in only:
         xl, w = feats(100_000, 1664), 0.01 * feats(1000, 1664)
         yl = cp.asarray(np.random.default_rng(1).integers(0, 1000, 100_000), dtype=cp.int32)
-        cases["linear_grad"] = lambda: ops.clipped_linear_grad(xl, yl, w, 0.0, 1.0,
-                                                               loss="softmax")
+        cases["linear_grad"] = lambda: ops.clipped_linear_grad(xl, yl, w, 0.0, 1.0, loss="softmax")
     if "chol_small" in only:
         a64 = spd(10_000, 64)
         cases["chol_small"] = lambda: ops.cholesky(a64)

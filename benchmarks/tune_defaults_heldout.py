@@ -34,7 +34,7 @@ TASKS = [(20_000, 128, 20, 101), (20_000, 384, 50, 102)]
 def _task(n, d, k, seed):
     train, test = data.synthetic_features(n, d, k, seed=seed, test_size=5000, workers=1)
     x = _preprocess(np.asarray(train.features), np, 1.0, None, True)[0:n]
-    xt = _preprocess(np.asarray(test.features), np, 1.0, None, True)[0:test.features.shape[0]]
+    xt = _preprocess(np.asarray(test.features), np, 1.0, None, True)[0 : test.features.shape[0]]
     return train, test, x, xt
 
 
@@ -62,18 +62,30 @@ def sgd(out):
         train, test, x, xt = _task(n, d, k, tseed)
         cap = 1.9 * k
         grid = [(100, "old", 0.1 * d * k / 100)]
-        grid += [(100, f"cap/{int(1 / f)}" if f < 1 else "cap", f * cap)
-                 for f in (1 / 4, 1 / 2, 1.0)]
+        grid += [
+            (100, f"cap/{int(1 / f)}" if f < 1 else "cap", f * cap) for f in (1 / 4, 1 / 2, 1.0)
+        ]
         grid += [(300, "cap/2", cap / 2)]
         for steps, name, lr in grid:
             accs = []
             for eps in (0.25, 1.0, INF):
                 W = dp_gd(x, train.labels, k, eps, steps, lr, seed=0)
                 accs.append(float((np.argmax(xt @ W.T, 1) == test.labels).mean()))
-                rows.append(dict(task=f"{n}x{d}/K{k}", steps=steps, lr_name=name, lr=lr,
-                                 eps=eps, acc=accs[-1]))
-            print(f"{n}x{d}/K{k} T={steps:<4} lr={name:>7} ({lr:8.2f}) eps .25/1/inf: "
-                  + " ".join(f"{a:.4f}" for a in accs), flush=True)
+                rows.append(
+                    dict(
+                        task=f"{n}x{d}/K{k}",
+                        steps=steps,
+                        lr_name=name,
+                        lr=lr,
+                        eps=eps,
+                        acc=accs[-1],
+                    )
+                )
+            print(
+                f"{n}x{d}/K{k} T={steps:<4} lr={name:>7} ({lr:8.2f}) eps .25/1/inf: "
+                + " ".join(f"{a:.4f}" for a in accs),
+                flush=True,
+            )
     return rows
 
 
@@ -82,8 +94,13 @@ def sgd_rule(out):
     from dpfc_native import models
 
     rows = []
-    cases = [(0, 1.5, (0.25, 0.5, 1.0, 2.0)), (0, 0.75, (0.25, 1.0)), (0, 3.0, (0.25, 1.0)),
-             (1, 1.5, (1.0, INF)), (1, "old", (1.0,))]
+    cases = [
+        (0, 1.5, (0.25, 0.5, 1.0, 2.0)),
+        (0, 0.75, (0.25, 1.0)),
+        (0, 3.0, (0.25, 1.0)),
+        (1, 1.5, (1.0, INF)),
+        (1, "old", (1.0,)),
+    ]
     tasks = {}
     for ti, c, eps_list in cases:
         n, d, k, tseed = TASKS[ti]
@@ -92,15 +109,28 @@ def sgd_rule(out):
         train, test, x, xt = tasks[ti]
         for eps in eps_list:
             delta = min(1e-5, 1.0 / n)
-            z = accounting.calibrate_dpsgd_noise_multiplier(eps, delta, 1.0, 100) \
-                if eps != INF else 0.0
+            z = (
+                accounting.calibrate_dpsgd_noise_multiplier(eps, delta, 1.0, 100)
+                if eps != INF
+                else 0.0
+            )
             if c == "old":
                 lr = 0.1 * d * k / 100
             else:
                 models.SGD_NOISE_HORIZON = c
-                lr = models._default_sgd_lr("sgd", 0.9, "softmax", k, d, 100, 0.0, 1.0, n=n,
-                                            z=z, grad_clip=_default_grad_clip(k, 0.0,
-                                                                              "softmax", 1.0))
+                lr = models._default_sgd_lr(
+                    "sgd",
+                    0.9,
+                    "softmax",
+                    k,
+                    d,
+                    100,
+                    0.0,
+                    1.0,
+                    n=n,
+                    z=z,
+                    grad_clip=_default_grad_clip(k, 0.0, "softmax", 1.0),
+                )
             W = dp_gd(x, train.labels, k, eps, 100, lr, seed=0)
             acc = float((np.argmax(xt @ W.T, 1) == test.labels).mean())
             rows.append(dict(task=f"{n}x{d}/K{k}", horizon=c, eps=eps, lr=lr, acc=acc))
@@ -114,20 +144,36 @@ def per_class(out, eps_list=None, seeds=2):
     for n, d, k, tseed in TASKS:
         train, test = data.synthetic_features(n, d, k, seed=tseed, test_size=5000, workers=1)
         grid = [(f"alpha={a}", dict(variant="per_class", alpha=a)) for a in (1.0, 3.0, 10.0, 30.0)]
-        grid += [("today", dict(variant="per_class", alpha=1.0, denoise="none")),
-                 ("default", dict(variant="per_class")), ("global today", dict(denoise="none")),
-                 ("global", {})]
+        grid += [
+            ("today", dict(variant="per_class", alpha=1.0, denoise="none")),
+            ("default", dict(variant="per_class")),
+            ("global today", dict(denoise="none")),
+            ("global", {}),
+        ]
         for name, kw in grid:
             accs = []
             for eps in eps_list:
                 n_seeds = seeds if eps != INF else 1
-                accs.append(float(np.mean([
-                    DPLeastSquaresClassifier(epsilon=eps, random_state=s, classes=np.arange(k),
-                                             **kw).fit(train.features, train.labels)
-                    .score(test.features, test.labels) for s in range(n_seeds)])))
+                accs.append(
+                    float(
+                        np.mean(
+                            [
+                                DPLeastSquaresClassifier(
+                                    epsilon=eps, random_state=s, classes=np.arange(k), **kw
+                                )
+                                .fit(train.features, train.labels)
+                                .score(test.features, test.labels)
+                                for s in range(n_seeds)
+                            ]
+                        )
+                    )
+                )
                 rows.append(dict(task=f"{n}x{d}/K{k}", config=name, eps=eps, acc=accs[-1]))
-            print(f"{n}x{d}/K{k} {name:>12} eps {'/'.join(map(str, eps_list))}: "
-                  + " ".join(f"{a:.4f}" for a in accs), flush=True)
+            print(
+                f"{n}x{d}/K{k} {name:>12} eps {'/'.join(map(str, eps_list))}: "
+                + " ".join(f"{a:.4f}" for a in accs),
+                flush=True,
+            )
     return rows
 
 
@@ -145,8 +191,9 @@ def main():
         rows = {"sgd": sgd, "sgd_rule": sgd_rule}[args.which](args.out)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump([{k: (v if v != INF else "inf") for k, v in r.items()} for r in rows],
-                      fh, indent=1)
+            json.dump(
+                [{k: (v if v != INF else "inf") for k, v in r.items()} for r in rows], fh, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,33 @@ def main():
                         else:
                             W = linalg.eigh_solve(eig[0], eig[1], reg, B.T).T
                         acc = float((np.argmax(Xt @ W.T, 1) == test.labels).mean())
-                        rows.append(dict(task=f"{n}x{d}/K{k}", eps=eps, seed=seed, method=m,
-                                         factor=f, acc=acc))
+                        rows.append(
+                            dict(
+                                task=f"{n}x{d}/K{k}",
+                                eps=eps,
+                                seed=seed,
+                                method=m,
+                                factor=f,
+                                acc=acc,
+                            )
+                        )
     print(f"{'task':>14} {'eps':>5} {'method':>7} " + " ".join(f"f={f:<5}" for f in FACTORS))
     for task in dict.fromkeys(r["task"] for r in rows):
         for eps in EPS:
             for m in METHODS:
-                accs = [np.mean([r["acc"] for r in rows if r["task"] == task and r["eps"] == eps
-                                 and r["method"] == m and r["factor"] == f]) for f in FACTORS]
+                accs = [
+                    np.mean(
+                        [
+                            r["acc"]
+                            for r in rows
+                            if r["task"] == task
+                            and r["eps"] == eps
+                            and r["method"] == m
+                            and r["factor"] == f
+                        ]
+                    )
+                    for f in FACTORS
+                ]
                 print(f"{task:>14} {eps:>5} {m:>7} " + " ".join(f"{a:.4f} " for a in accs))
     if args.out:
         with open(args.out, "w") as fh:

@@ -34,8 +34,9 @@ def write_images(out: str) -> None:
     bunch = load_digits()
     labels = np.asarray(bunch.target, dtype=np.int64)
     # The same stratified split as data.digits_features (row indices travel as features).
-    index = data.FeatureSet(np.arange(labels.size, dtype=np.float64)[:, None].copy(), labels,
-                            10, "digits")
+    index = data.FeatureSet(
+        np.arange(labels.size, dtype=np.float64)[:, None].copy(), labels, 10, "digits"
+    )
     train, test = data.train_test_split_features(index, data.DIGITS_TEST_SIZE, seed=0)
     for split, fs in (("train", train), ("test", test)):
         for i, y in zip(fs.features[:, 0].astype(int), fs.labels):
@@ -49,17 +50,32 @@ def write_model(path: str) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("ReduceMean", ["image"], ["grey"], axes=[1], keepdims=0),
-             helper.make_node("Flatten", ["grey"], ["features"])]
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["grey"], axes=[1], keepdims=0),
+        helper.make_node("Flatten", ["grey"], ["features"]),
+    ]
     graph = helper.make_graph(
-        nodes, "pixels",
+        nodes,
+        "pixels",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 64])])
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 64])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    helper.set_model_props(model, {"dpfc_preprocess": json.dumps(
-        {"resize": 8, "crop": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1],
-         "interpolation": "bilinear"})})
+    helper.set_model_props(
+        model,
+        {
+            "dpfc_preprocess": json.dumps(
+                {
+                    "resize": 8,
+                    "crop": [8, 8],
+                    "mean": [0, 0, 0],
+                    "std": [1, 1, 1],
+                    "interpolation": "bilinear",
+                }
+            )
+        },
+    )
     onnx.checker.check_model(model)
     onnx.save(model, path)
 

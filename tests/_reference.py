@@ -294,7 +294,9 @@ def solve_ref(L_h: np.ndarray, b_h: np.ndarray) -> np.ndarray:
     """float64 reference of L L^T x = b per batch entry (L, b broadcast already)."""
     out = np.empty(b_h.shape, dtype=np.float64)
     for i in range(b_h.shape[0]):
-        out[i] = scipy.linalg.cho_solve((L_h[i].astype(np.float64), True), b_h[i].astype(np.float64))
+        out[i] = scipy.linalg.cho_solve(
+            (L_h[i].astype(np.float64), True), b_h[i].astype(np.float64)
+        )
     return out
 
 
@@ -555,7 +557,9 @@ class NoiseCallRecorder:
 
         def rec_sym(d, std, *, batch=None, key=None, counter=0, **kw):
             assert key is not None, "a release drew noise without an explicit managed key"
-            self.calls.append((key, counter, ops.sym_noise_blocks(d, 1 if batch is None else batch)))
+            self.calls.append(
+                (key, counter, ops.sym_noise_blocks(d, 1 if batch is None else batch))
+            )
             return sym(d, std, batch=batch, key=key, counter=counter, **kw)
 
         def rec_dense(shape, std, *, key=None, counter=0, **kw):
@@ -573,7 +577,7 @@ def assert_no_block_reuse(calls) -> None:
     for key, first, blocks in calls:
         assert blocks >= 1
         by_key[key].append((first, first + blocks))
-    for key, ranges in by_key.items():
+    for ranges in by_key.values():
         ranges.sort()
         for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
             assert a1 <= b0, f"blocks [{a0}, {a1}) and [{b0}, {b1}) overlap under one key"

@@ -12,8 +12,9 @@ import pytest
 
 pytest.register_assert_rewrite("_reference")
 
-import dpfc_native  # noqa: E402
 from _reference import AUDIT_RESULTS, COUNTS, reference_clip64  # noqa: E402,F401  (re-exported)
+
+import dpfc_native  # noqa: E402
 
 
 def _gpu_available() -> bool:
@@ -49,8 +50,10 @@ def pytest_terminal_summary(terminalreporter):
     if AUDIT_RESULTS:
         terminalreporter.write_sep("-", "audit eps_lower (95% Clopper-Pearson, delta = 1e-5)")
         for (mech, eps, bug, backend), value in sorted(AUDIT_RESULTS.items(), key=str):
-            terminalreporter.write_line(f"  {mech:15s} eps={eps:g} bug={bug or '-':10s} "
-                                        f"backend={backend:6s} eps_lower={value:.3f}")
+            terminalreporter.write_line(
+                f"  {mech:15s} eps={eps:g} bug={bug or '-':10s} "
+                f"backend={backend:6s} eps_lower={value:.3f}"
+            )
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])

@@ -23,7 +23,7 @@ def test_cuda_error_is_a_python_exception_type():
 
 # --- Which GPUs a build can run on (decided from compute capabilities on the CPU) ---------
 
-DEV = ["80-real", "90-real", "90-virtual"]          # the development default
+DEV = ["80-real", "90-real", "90-virtual"]  # the development default
 RELEASE = ["80-real", "90-real", "100-real", "120-real", "120-virtual"]
 
 
@@ -34,30 +34,33 @@ def test_gpus_below_sm80_never_count(arches, cc):
     assert reason is not None and "below 8.0" in reason and f"{cc[0]}.{cc[1]}" in reason
 
 
-@pytest.mark.parametrize("arches, cc, usable", [
-    (DEV, (8, 0), True),        # A100: sm_80 cubin
-    (DEV, (8, 6), True),        # A10 / RTX 30: same major, sm_80 cubin runs
-    (DEV, (8, 9), True),        # L4 / RTX 40
-    (DEV, (9, 0), True),        # H100: sm_90 cubin
-    (DEV, (10, 0), True),       # B200: JIT from the sm_90 PTX
-    (DEV, (12, 0), True),       # RTX 50: JIT from the sm_90 PTX
-    (["80-real", "90-real"], (10, 0), False),   # cubins do not cross a major version
-    (["80-real", "90-real"], (8, 7), True),
-    (["90-real"], (8, 0), False),               # a cubin does not run on an older GPU
-    (["90-real"], (9, 0), True),
-    (RELEASE, (10, 0), True),
-    (RELEASE, (10, 3), True),   # B300: sm_100 cubin, same major
-    (RELEASE, (12, 1), True),
-    (RELEASE, (11, 0), False),  # 120-virtual is newer; no 11.x cubin, no older PTX
-    (["80-real", "120-virtual"], (13, 0), True),
-    (["90a-real"], (9, 0), True),               # arch-specific code: exactly 9.0
-    (["100a-real"], (10, 3), False),
-    (["90a-virtual"], (10, 0), False),          # arch-specific PTX does not carry forward
-    (["100f-real"], (10, 3), True),             # family code: same major, newer minor
-    (["100f-virtual"], (12, 0), False),
-    (["90"], (10, 0), True),                    # plain: cubin and PTX
-    (["native"], (8, 6), True),                 # symbolic lists: only the floor applies
-])
+@pytest.mark.parametrize(
+    "arches, cc, usable",
+    [
+        (DEV, (8, 0), True),  # A100: sm_80 cubin
+        (DEV, (8, 6), True),  # A10 / RTX 30: same major, sm_80 cubin runs
+        (DEV, (8, 9), True),  # L4 / RTX 40
+        (DEV, (9, 0), True),  # H100: sm_90 cubin
+        (DEV, (10, 0), True),  # B200: JIT from the sm_90 PTX
+        (DEV, (12, 0), True),  # RTX 50: JIT from the sm_90 PTX
+        (["80-real", "90-real"], (10, 0), False),  # cubins do not cross a major version
+        (["80-real", "90-real"], (8, 7), True),
+        (["90-real"], (8, 0), False),  # a cubin does not run on an older GPU
+        (["90-real"], (9, 0), True),
+        (RELEASE, (10, 0), True),
+        (RELEASE, (10, 3), True),  # B300: sm_100 cubin, same major
+        (RELEASE, (12, 1), True),
+        (RELEASE, (11, 0), False),  # 120-virtual is newer; no 11.x cubin, no older PTX
+        (["80-real", "120-virtual"], (13, 0), True),
+        (["90a-real"], (9, 0), True),  # arch-specific code: exactly 9.0
+        (["100a-real"], (10, 3), False),
+        (["90a-virtual"], (10, 0), False),  # arch-specific PTX does not carry forward
+        (["100f-real"], (10, 3), True),  # family code: same major, newer minor
+        (["100f-virtual"], (12, 0), False),
+        (["90"], (10, 0), True),  # plain: cubin and PTX
+        (["native"], (8, 6), True),  # symbolic lists: only the floor applies
+    ],
+)
 def test_device_kernel_image_rule(arches, cc, usable):
     reason = dpfc_native._device_unsupported_reason(arches, *cc)
     assert (reason is None) is usable, reason
@@ -67,8 +70,12 @@ def test_device_kernel_image_rule(arches, cc, usable):
 
 
 def test_device_report_counts_and_explains():
-    devices = [(0, "NVIDIA H100 80GB HBM3", 9, 0), (1, "Tesla T4", 7, 5),
-               (2, "NVIDIA A10", 8, 6), (3, "Future GPU", 11, 0)]
+    devices = [
+        (0, "NVIDIA H100 80GB HBM3", 9, 0),
+        (1, "Tesla T4", 7, 5),
+        (2, "NVIDIA A10", 8, 6),
+        (3, "Future GPU", 11, 0),
+    ]
     usable, skipped = dpfc_native._device_report(["80-real", "90-real"], devices)
     assert usable == 2
     assert len(skipped) == 2

@@ -31,8 +31,10 @@ def _write(path, seed, n=200, d=5, k=3):
 
 @pytest.fixture
 def files(tmp_path):
-    return {name: _write(tmp_path / f"{name}.npz", seed) for seed, name in
-            enumerate(["train", "test", "val"])}
+    return {
+        name: _write(tmp_path / f"{name}.npz", seed)
+        for seed, name in enumerate(["train", "test", "val"])
+    }
 
 
 def _ok(result):
@@ -49,8 +51,20 @@ def _err(result, needle):
 @pytest.mark.parametrize("method", TRAIN_METHODS)
 def test_train_every_method(files, tmp_path, method):
     out = tmp_path / f"{method}.npz"
-    args = ["train", files["train"], "--method", method, "--epsilon", "2", "--seed", "0",
-            "--test", files["test"], "--output", str(out)]
+    args = [
+        "train",
+        files["train"],
+        "--method",
+        method,
+        "--epsilon",
+        "2",
+        "--seed",
+        "0",
+        "--test",
+        files["test"],
+        "--output",
+        str(out),
+    ]
     if method not in ("ls", "ls-per-class"):
         args += ["--steps", "3"]
     text = _ok(runner.invoke(app, args))
@@ -65,9 +79,27 @@ def test_train_every_method(files, tmp_path, method):
 
 def test_train_non_private_and_params(files, tmp_path):
     out = tmp_path / "m.npz"
-    text = _ok(runner.invoke(app, ["train", files["train"], "-m", "sgd", "-e", "inf",
-                                   "-p", "optimizer=adam", "-p", "steps=5", "--num-classes", "4",
-                                   "-o", str(out)]))
+    text = _ok(
+        runner.invoke(
+            app,
+            [
+                "train",
+                files["train"],
+                "-m",
+                "sgd",
+                "-e",
+                "inf",
+                "-p",
+                "optimizer=adam",
+                "-p",
+                "steps=5",
+                "--num-classes",
+                "4",
+                "-o",
+                str(out),
+            ],
+        )
+    )
     assert "NOT covered" in text  # no --test: training accuracy, flagged as not private
     model = np.load(out)
     assert model["coef"].shape == (4, 5)
@@ -76,9 +108,29 @@ def test_train_non_private_and_params(files, tmp_path):
 
 
 def test_train_sweep_on_public_validation_split(files, tmp_path):
-    text = _ok(runner.invoke(app, ["train", files["train"], "-m", "ls", "--reg", "0.5",
-                                   "--reg", "5", "--reg", "50", "--val", files["val"],
-                                   "--seed", "1", "-o", str(tmp_path / "m.npz")]))
+    text = _ok(
+        runner.invoke(
+            app,
+            [
+                "train",
+                files["train"],
+                "-m",
+                "ls",
+                "--reg",
+                "0.5",
+                "--reg",
+                "5",
+                "--reg",
+                "50",
+                "--val",
+                files["val"],
+                "--seed",
+                "1",
+                "-o",
+                str(tmp_path / "m.npz"),
+            ],
+        )
+    )
     assert "sweep on the public validation split" in text
 
 
@@ -86,8 +138,21 @@ def test_train_paired_npy(tmp_path):
     x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
     np.save(tmp_path / "f.npy", x)
     np.save(tmp_path / "l.npy", np.arange(50) % 2)
-    _ok(runner.invoke(app, ["train", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "l.npy"),
-                            "-m", "ls", "-o", str(tmp_path / "m")]))
+    _ok(
+        runner.invoke(
+            app,
+            [
+                "train",
+                str(tmp_path / "f.npy"),
+                "--labels",
+                str(tmp_path / "l.npy"),
+                "-m",
+                "ls",
+                "-o",
+                str(tmp_path / "m"),
+            ],
+        )
+    )
     assert (tmp_path / "m.npz").exists()
 
 
@@ -102,16 +167,40 @@ def test_train_errors_are_friendly(files, tmp_path):
     _err(runner.invoke(app, ["train", files["train"], "-m", "svm"] + out), "--method")
     _err(runner.invoke(app, ["train", files["train"], "-p", "nope=1"] + out), "nope")
     _err(runner.invoke(app, ["train", files["train"], "-p", "steps"] + out), "KEY=VALUE")
-    _err(runner.invoke(app, ["train", files["train"], "--reg", "1", "--reg", "2"] + out),
-         "validation split")
+    _err(
+        runner.invoke(app, ["train", files["train"], "--reg", "1", "--reg", "2"] + out),
+        "validation split",
+    )
     wrong_d = _write(tmp_path / "wrong.npz", 5, d=7)
     _err(runner.invoke(app, ["train", files["train"], "--test", wrong_d] + out), "features")
 
 
 def test_demo_small(tmp_path):
     out = tmp_path / "demo"
-    text = _ok(runner.invoke(app, ["demo", "-d", "digits", "-d", "cifar10", "--n", "400",
-                                   "-m", "ls", "-m", "fc", "-e", "1", "-e", "inf", "--out", str(out)]))
+    text = _ok(
+        runner.invoke(
+            app,
+            [
+                "demo",
+                "-d",
+                "digits",
+                "-d",
+                "cifar10",
+                "--n",
+                "400",
+                "-m",
+                "ls",
+                "-m",
+                "fc",
+                "-e",
+                "1",
+                "-e",
+                "inf",
+                "--out",
+                str(out),
+            ],
+        )
+    )
     assert "DP-LS" in text and "DP-FC" in text and "non-private" in text
     assert (out / "privacy_utility.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())["results"]
@@ -125,8 +214,12 @@ def test_demo_small(tmp_path):
 
 def test_demo_estimate_progress_and_defaults(tmp_path):
     out = tmp_path / "demo"
-    text = _ok(runner.invoke(app, ["demo", "-d", "cifar100", "--n", "300", "--seeds", "1",
-                                   "-e", "1", "--out", str(out)]))
+    text = _ok(
+        runner.invoke(
+            app,
+            ["demo", "-d", "cifar100", "--n", "300", "--seeds", "1", "-e", "1", "--out", str(out)],
+        )
+    )
     # Per-shape defaults: at K = 100 the K d^2 methods are left out, and it says so.
     assert "ls-per-class, newton, adam left out at K = 100" in text
     assert "DP-SGD with {'steps': 30}" in text
@@ -136,14 +229,17 @@ def test_demo_estimate_progress_and_defaults(tmp_path):
     res = json.loads((out / "results.json").read_text())["results"][0]
     assert res["complete"] is True and set(res["median_accuracy"]) == {"ls", "fc", "sgd"}
     assert res["chance_accuracy"] == pytest.approx(
-        np.bincount(report.load_dataset("cifar100", 300)[1].labels).max() / res["n_test"])
+        np.bincount(report.load_dataset("cifar100", 300)[1].labels).max() / res["n_test"]
+    )
 
 
 def test_demo_keeps_partial_results(tmp_path):
     """A run stopped part-way (here after the 3rd fit) leaves the finished cells on disk."""
     stop_after = 3
 
-    def on_fit(m, e, s, dt, count=[0]):
+    count = [0]
+
+    def on_fit(m, e, s, dt):
         count[0] += 1
         if count[0] == stop_after:
             raise KeyboardInterrupt
@@ -152,8 +248,14 @@ def test_demo_keeps_partial_results(tmp_path):
         report.write_outputs([res], str(tmp_path), plot=False)
 
     with pytest.raises(KeyboardInterrupt):
-        report.run_demo("digits", seeds=2, epsilons=(1.0, math.inf), methods=("ls", "fc"),
-                        on_fit=on_fit, on_result=on_result)
+        report.run_demo(
+            "digits",
+            seeds=2,
+            epsilons=(1.0, math.inf),
+            methods=("ls", "fc"),
+            on_fit=on_fit,
+            on_result=on_result,
+        )
     res = json.loads((tmp_path / "results.json").read_text())["results"][0]
     assert res["complete"] is False
     done = sum(len(v) for cells in res["accuracy"].values() for v in cells.values())
@@ -168,9 +270,22 @@ def test_demo_keeps_partial_results(tmp_path):
 
 def _partial_fields():
     acc = {"ls": {1.0: [0.5, 0.6], math.inf: []}, "fc": {1.0: [], math.inf: []}}
-    return dict(dataset="x", n_train=10, n_test=5, d=3, k=2, delta=1e-5,
-                epsilons=(1.0, math.inf), methods=("ls", "fc"), seeds=2, accuracy=acc,
-                fit_seconds=acc, ledgers={"ls": {}, "fc": {}}, chance=0.5, complete=False)
+    return dict(
+        dataset="x",
+        n_train=10,
+        n_test=5,
+        d=3,
+        k=2,
+        delta=1e-5,
+        epsilons=(1.0, math.inf),
+        methods=("ls", "fc"),
+        seeds=2,
+        accuracy=acc,
+        fit_seconds=acc,
+        ledgers={"ls": {}, "fc": {}},
+        chance=0.5,
+        complete=False,
+    )
 
 
 def test_default_methods_per_shape():
@@ -180,7 +295,8 @@ def test_default_methods_per_shape():
     assert report.demo_overrides("sgd", 100) == {"steps": report.LARGE_K_SGD_STEPS}
     assert report.demo_overrides("sgd", 10) == {}
     assert report.estimate_seconds(1000, 64, 10, ("ls",), 1, rate=1e9) == pytest.approx(
-        (1000 * 64 * 64 + 2 * 1000 * 64 * 10 + 64**3 / 3 + 9 * 64**3) / 1e9)
+        (1000 * 64 * 64 + 2 * 1000 * 64 * 10 + 64**3 / 3 + 9 * 64**3) / 1e9
+    )
 
 
 def test_demo_errors(tmp_path):
@@ -191,8 +307,9 @@ def test_demo_errors(tmp_path):
 
 
 def test_python_dash_m():
-    result = subprocess.run([sys.executable, "-m", "dpfc_native", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dpfc_native", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "demo" in result.stdout
 

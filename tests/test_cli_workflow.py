@@ -29,9 +29,26 @@ def test_demo_on_a_public_features_file(tmp_path):
     x, y = _blobs(0, n=400)
     data.save_features(tmp_path / "public.npz", x, y)
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--features", str(tmp_path / "public.npz"), "--seeds",
-                                 "1", "-m", "ls", "-e", "2", "-e", "inf", "--n", "120",
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--features",
+            str(tmp_path / "public.npz"),
+            "--seeds",
+            "1",
+            "-m",
+            "ls",
+            "-e",
+            "2",
+            "-e",
+            "inf",
+            "--n",
+            "120",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     res = json.loads((out / "results.json").read_text())
     [only] = res["results"]
@@ -40,16 +57,43 @@ def test_demo_on_a_public_features_file(tmp_path):
     assert (out / "privacy_utility.png").stat().st_size > 0
     bad = runner.invoke(app, ["demo", "--features", str(tmp_path / "missing.npz")])
     assert bad.exit_code == 2 and "--features" in bad.output and "missing.npz" in bad.output
-    big = runner.invoke(app, ["demo", "--features", str(tmp_path / "public.npz"), "--n",
-                              "1000", "-m", "ls", "--seeds", "1", "--out", str(out)])
+    big = runner.invoke(
+        app,
+        [
+            "demo",
+            "--features",
+            str(tmp_path / "public.npz"),
+            "--n",
+            "1000",
+            "-m",
+            "ls",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert big.exit_code == 2 and "--n 1000" in big.output
 
 
 def _train(tmp_path, *args):
     out = tmp_path / "model.npz"
     out.unlink(missing_ok=True)  # a model left by an earlier call must not pass for this one
-    return runner.invoke(app, ["train", *map(str, args), "--method", "ls", "--epsilon", "4",
-                               "--seed", "0", "--output", str(out)]), out
+    return runner.invoke(
+        app,
+        [
+            "train",
+            *map(str, args),
+            "--method",
+            "ls",
+            "--epsilon",
+            "4",
+            "--seed",
+            "0",
+            "--output",
+            str(out),
+        ],
+    ), out
 
 
 def _fails_before_fit(result, out, needle):
@@ -111,8 +155,16 @@ def test_train_other_array_names(tmp_path):
     result, out = _train(tmp_path, tmp_path / "k.npz")
     _fails_before_fit(result, out, "has no array 'features'")
     assert "['X', 'y']" in result.output
-    result, out = _train(tmp_path, tmp_path / "k.npz", "--features-key", "X", "--labels-key",
-                         "y", "--num-classes", "3")
+    result, out = _train(
+        tmp_path,
+        tmp_path / "k.npz",
+        "--features-key",
+        "X",
+        "--labels-key",
+        "y",
+        "--num-classes",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert np.load(out)["coef"].shape == (3, 6)
 
@@ -120,11 +172,9 @@ def test_train_other_array_names(tmp_path):
 def test_train_checks_the_test_file_before_the_fit(tmp_path):
     x, y = _blobs(4)
     data.save_features(tmp_path / "tr.npz", x, y)
-    data.save_features(tmp_path / "wide.npz", np.ones((20, 9), np.float32),
-                       np.zeros(20, np.int64))
+    data.save_features(tmp_path / "wide.npz", np.ones((20, 9), np.float32), np.zeros(20, np.int64))
     result, out = _train(tmp_path, tmp_path / "tr.npz", "--test", tmp_path / "wide.npz")
-    _fails_before_fit(result, out, "wide.npz has 9 features per row but the training file "
-                                   "has 6")
+    _fails_before_fit(result, out, "wide.npz has 9 features per row but the training file has 6")
     assert "--test" in result.output
     data.save_features(tmp_path / "k7.npz", x[:30], np.arange(30) % 8)
     result, out = _train(tmp_path, tmp_path / "tr.npz", "--test", tmp_path / "k7.npz")
@@ -134,8 +184,9 @@ def test_train_checks_the_test_file_before_the_fit(tmp_path):
     _fails_before_fit(result, out, "cannot load --test file")
     np.savez(tmp_path / "names.npz", features=x[:10], labels=np.array(["a"] * 10))
     result, out = _train(tmp_path, tmp_path / "tr.npz", "--val", tmp_path / "names.npz")
-    _fails_before_fit(result, out, "--val labels are class names but the training labels "
-                                   "are integers")
+    _fails_before_fit(
+        result, out, "--val labels are class names but the training labels are integers"
+    )
 
 
 def test_train_messages_name_cli_options(tmp_path):
@@ -154,20 +205,31 @@ def test_train_messages_name_cli_options(tmp_path):
     _fails_before_fit(result, out, "--test-labels needs --test")
     from dpfc_native.cli import _cli_message
 
-    assert _cli_message("X_val and y_val must be given together") == \
-        "--val features and labels must be given together"
-    assert _cli_message("y_val contains labels not in classes_, e.g. 4") == \
-        "--val labels contains labels not in the label set, e.g. 4"
-    assert _cli_message("grad_clip_norm must be finite and > 0, got -1") == \
-        "--grad-clip-norm must be finite and > 0, got -1"
+    assert (
+        _cli_message("X_val and y_val must be given together")
+        == "--val features and labels must be given together"
+    )
+    assert (
+        _cli_message("y_val contains labels not in classes_, e.g. 4")
+        == "--val labels contains labels not in the label set, e.g. 4"
+    )
+    assert (
+        _cli_message("grad_clip_norm must be finite and > 0, got -1")
+        == "--grad-clip-norm must be finite and > 0, got -1"
+    )
 
 
 def test_version():
     result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0 and result.output.strip() == \
-        f"dpfc_native {dpfc_native.__version__}"
-    proc = subprocess.run([sys.executable, "-m", "dpfc_native", "--version"],
-                          capture_output=True, text=True, timeout=120)
+    assert (
+        result.exit_code == 0 and result.output.strip() == f"dpfc_native {dpfc_native.__version__}"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpfc_native", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and dpfc_native.__version__ in proc.stdout
 
 
@@ -178,8 +240,11 @@ def test_coerce_labels_and_read_labeled_arrays(tmp_path):
     assert coerce_labels(np.array([3.0])).dtype == np.int64
     assert list(coerce_labels(np.array([b"a", b"b"]))) == ["a", "b"]
     np.testing.assert_array_equal(coerce_labels(np.array([True, False])), [1, 0])
-    for bad, needle in ((np.array([1.0, np.nan]), "index 1"), (np.array([[1, 2]]), "1-D"),
-                        (np.array([1 + 2j]), "dtype complex")):
+    for bad, needle in (
+        (np.array([1.0, np.nan]), "index 1"),
+        (np.array([[1, 2]]), "1-D"),
+        (np.array([1 + 2j]), "dtype complex"),
+    ):
         with pytest.raises(ValueError, match=needle):
             coerce_labels(bad)
     # Paired .npy with class-name labels; every row read back.

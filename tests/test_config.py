@@ -12,22 +12,42 @@ def test_defaults_and_env_parsing():
     assert KernelConfig.from_env({}) == KernelConfig()
     empty = {var: "" for var in _config.ENV_VARS.values()}
     assert KernelConfig.from_env(empty) == KernelConfig()
-    cfg = KernelConfig.from_env({
-        "DPFC_GRAM_KERNEL": "mma884", "DPFC_GRAD_KERNEL": "simt32", "DPFC_LG_CHUNK": "777",
-        "DPFC_LG_BLOCK": "16384", "DPFC_CHOL_KERNEL": "simt", "DPFC_CHOL_SCHEDULE": "left",
-        "DPFC_CHOL_SMALL_MAX": "0",
-    })
-    assert cfg == KernelConfig(gram_kernel="mma884", grad_kernel="simt32", lg_chunk=777,
-                               lg_block=16384, chol_kernel="simt", chol_schedule="left",
-                               chol_small_max=0)
+    cfg = KernelConfig.from_env(
+        {
+            "DPFC_GRAM_KERNEL": "mma884",
+            "DPFC_GRAD_KERNEL": "simt32",
+            "DPFC_LG_CHUNK": "777",
+            "DPFC_LG_BLOCK": "16384",
+            "DPFC_CHOL_KERNEL": "simt",
+            "DPFC_CHOL_SCHEDULE": "left",
+            "DPFC_CHOL_SMALL_MAX": "0",
+        }
+    )
+    assert cfg == KernelConfig(
+        gram_kernel="mma884",
+        grad_kernel="simt32",
+        lg_chunk=777,
+        lg_block=16384,
+        chol_kernel="simt",
+        chol_schedule="left",
+        chol_small_max=0,
+    )
 
 
-@pytest.mark.parametrize("var,value", [
-    ("DPFC_GRAM_KERNEL", "bogus"), ("DPFC_GRAD_KERNEL", "tensorcore"), ("DPFC_LG_CHUNK", "0"),
-    ("DPFC_LG_CHUNK", "12x"), ("DPFC_LG_BLOCK", "-1"), ("DPFC_CHOL_KERNEL", "tensor"),
-    ("DPFC_CHOL_SCHEDULE", "sideways"), ("DPFC_CHOL_SMALL_MAX", "129"),
-    ("DPFC_CHOL_SMALL_MAX", "-1"),
-])
+@pytest.mark.parametrize(
+    "var,value",
+    [
+        ("DPFC_GRAM_KERNEL", "bogus"),
+        ("DPFC_GRAD_KERNEL", "tensorcore"),
+        ("DPFC_LG_CHUNK", "0"),
+        ("DPFC_LG_CHUNK", "12x"),
+        ("DPFC_LG_BLOCK", "-1"),
+        ("DPFC_CHOL_KERNEL", "tensor"),
+        ("DPFC_CHOL_SCHEDULE", "sideways"),
+        ("DPFC_CHOL_SMALL_MAX", "129"),
+        ("DPFC_CHOL_SMALL_MAX", "-1"),
+    ],
+)
 def test_bad_values_name_their_variable(var, value):
     with pytest.raises(ValueError, match=var):
         KernelConfig.from_env({var: value})

@@ -9,10 +9,10 @@ import pathlib
 import re
 
 import pytest
+from conftest import requires_cuda_build
 
 import dpfc_native
 from dpfc_native import _core
-from conftest import requires_cuda_build
 
 STUB = pathlib.Path(dpfc_native.__file__).with_name("_core.pyi")
 
@@ -23,8 +23,11 @@ def _stub_functions() -> dict:
 
 
 def _module_functions() -> list:
-    return sorted(n for n in dir(_core) if not n.startswith("_") and callable(getattr(_core, n))
-                  and n != "CudaError")
+    return sorted(
+        n
+        for n in dir(_core)
+        if not n.startswith("_") and callable(getattr(_core, n)) and n != "CudaError"
+    )
 
 
 def test_stub_lists_every_binding():
@@ -37,8 +40,9 @@ def test_stub_lists_every_binding():
     else:
         assert set(stub) - set(funcs) == cuda_only
     # The naming scheme: cpu_/cuda_ prefixes, or a backend-neutral helper.
-    assert all(re.match(r"(cpu|cuda)_", n) or n in ("philox4x32_10", "eval_transform")
-               for n in stub)
+    assert all(
+        re.match(r"(cpu|cuda)_", n) or n in ("philox4x32_10", "eval_transform") for n in stub
+    )
 
 
 @pytest.mark.parametrize("name", sorted(_stub_functions()))
@@ -64,20 +68,25 @@ def test_stub_signature_matches_the_binding(name):
 
 
 @requires_cuda_build
-@pytest.mark.parametrize("kwargs,match", [
-    ({"kernel": "tensor"}, "kernel must be"),
-    ({"schedule": "sideways"}, "schedule must be"),
-    ({"small_max": 129}, "small_max must be"),
-    ({"small_max": -1}, "small_max must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kernel": "tensor"}, "kernel must be"),
+        ({"schedule": "sideways"}, "schedule must be"),
+        ({"small_max": 129}, "small_max must be"),
+        ({"small_max": -1}, "small_max must be"),
+    ],
+)
 def test_cholesky_options_are_validated_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _core.cuda_cholesky_plan(1, 10, 1, **kwargs)
     with pytest.raises(ValueError, match="dtype must be"):
         _core.cuda_cholesky_plan(1, 10, 5)
     assert _core.cuda_cholesky_plan(1000, 20, 1).startswith("small tier=32")
-    assert _core.cuda_cholesky_plan(1000, 20, 0, small_max=0, schedule="left",
-                                    kernel="simt") == "blocked nb=64 schedule=left gemm=simt"
+    assert (
+        _core.cuda_cholesky_plan(1000, 20, 0, small_max=0, schedule="left", kernel="simt")
+        == "blocked nb=64 schedule=left gemm=simt"
+    )
 
 
 @requires_cuda_build

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dpfc_native import PrivacyWarning, accounting, data, models, ops
+from dpfc_native import PrivacyWarning, accounting, data, load_model, models, ops
 from dpfc_native._cpu_stats import _clip_scale
-from dpfc_native import load_model
 from dpfc_native.cli import app
-from dpfc_native.models import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
-                                DPSGDClassifier)
+from dpfc_native.models import (
+    DPFCClassifier,
+    DPLeastSquaresClassifier,
+    DPNewtonClassifier,
+    DPSGDClassifier,
+)
 
 ESTIMATORS = (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier)
 runner = CliRunner()
@@ -59,8 +62,10 @@ def test_tiny_sample_rate_calibration_does_bounded_work(monkeypatch, q):
     def pld(self, eps_scale):
         acc = real_pld(self, eps_scale)
         interval = acc._value_discretization_interval
-        width = max(accounting.accountant._pld_loss_width(z, q_) for (z, q_) in
-                    self._mu2_and_subsampled()[1])
+        width = max(
+            accounting.accountant._pld_loss_width(z, q_)
+            for (z, q_) in self._mu2_and_subsampled()[1]
+        )
         grids.append(width / interval)
         return acc
 
@@ -121,8 +126,13 @@ def test_pld_interval_coarsened_only_when_the_grid_is_huge():
 def _npy_bytes_with_header(shape, dtype=np.float32, payload=b"\0" * 64) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-              "shape": shape})
+        buf,
+        {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": shape,
+        },
+    )
     return buf.getvalue() + payload  # the header writer includes the magic
 
 
@@ -171,8 +181,10 @@ def test_grad_clip_norm_out_of_range(cls):
 def test_cli_clip_norm_out_of_range(tmp_path):
     x, y = _data(3)
     data.save_features(tmp_path / "t.npz", x.astype(np.float32), y)
-    res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "--clip-norm", "1e300",
-                              "-o", str(tmp_path / "m.npz")])
+    res = runner.invoke(
+        app,
+        ["train", str(tmp_path / "t.npz"), "--clip-norm", "1e300", "-o", str(tmp_path / "m.npz")],
+    )
     _cli_error(res, "--clip-norm must be in")
 
 
@@ -184,9 +196,11 @@ def test_epsilon_1e300_is_refused_clearly(cls):
 
 
 def test_epsilon_1e300_in_the_accountant():
-    for call in (lambda: accounting.calibrate_mu(1e300, 1e-5),
-                 lambda: accounting.calibrate_noise_multiplier(1e300, 1e-5),
-                 lambda: accounting.calibrate_dpsgd_noise_multiplier(1e300, 1e-5, 0.01, 3)):
+    for call in (
+        lambda: accounting.calibrate_mu(1e300, 1e-5),
+        lambda: accounting.calibrate_noise_multiplier(1e300, 1e-5),
+        lambda: accounting.calibrate_dpsgd_noise_multiplier(1e300, 1e-5, 0.01, 3),
+    ):
         with pytest.raises(ValueError, match="epsilon=1e.300 is too large"):
             call()
     assert accounting.calibrate_mu(1e5, 1e-5) > 0  # large but supported
@@ -208,11 +222,19 @@ def test_absurd_inferred_label_is_refused(tmp_path):
     # and nothing O(label value) is allocated (a bincount would need 8 GB).
     tracemalloc.start()
     try:
-        res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "--num-classes", "3",
-                                  "-o", str(tmp_path / "m3.npz")])
+        res = runner.invoke(
+            app,
+            [
+                "train",
+                str(tmp_path / "t.npz"),
+                "--num-classes",
+                "3",
+                "-o",
+                str(tmp_path / "m3.npz"),
+            ],
+        )
         _cli_error(res, "label")
-        res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "-o",
-                                  str(tmp_path / "m.npz")])
+        res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "-o", str(tmp_path / "m.npz")])
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -251,8 +273,9 @@ def test_float32_near_max_with_center(normalize):
     x = (rng.uniform(0.5, 1.0, (n, d)) * 3.0e38).astype(np.float32)
     x[::2] *= -1
     center = np.full(d, -3.0e38)  # x - center reaches 6e38 > float32 max
-    est = DPLeastSquaresClassifier(epsilon=2.0, classes=[0, 1, 2], center=center,
-                                   normalize=normalize, random_state=0).fit(x, y)
+    est = DPLeastSquaresClassifier(
+        epsilon=2.0, classes=[0, 1, 2], center=center, normalize=normalize, random_state=0
+    ).fit(x, y)
     assert np.isfinite(est.coef_).all()
     assert np.isfinite(est.decision_function(x)).all()
     # The preprocessed rows: what exact float64 arithmetic gives, clipped below C.
@@ -268,8 +291,9 @@ def test_float64_overflow_with_center_names_center():
     x, y = _data(7, n=60)
     x[5] = 1.7e308
     with pytest.raises(ValueError, match="center"):
-        DPLeastSquaresClassifier(epsilon=1.0, classes=[0, 1, 2], normalize=False,
-                                 center=np.full(5, -1.7e308)).fit(x, y)
+        DPLeastSquaresClassifier(
+            epsilon=1.0, classes=[0, 1, 2], normalize=False, center=np.full(5, -1.7e308)
+        ).fit(x, y)
 
 
 # --------------------------------------------------------------------------------------
@@ -328,7 +352,8 @@ def test_nullable_float64_frame_is_converted():
         DPFCClassifier(epsilon=1.0, steps=2, classes=[0, 1, 2]).fit(frame, y)
     with pytest.raises(TypeError, match=r"to_numpy\(float\)"):
         DPFCClassifier(epsilon=1.0, classes=[0, 1, 2]).fit(
-            pd.DataFrame({"a": ["x"] * 130, "b": x[:, 0]}), y)
+            pd.DataFrame({"a": ["x"] * 130, "b": x[:, 0]}), y
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -336,9 +361,10 @@ def test_nullable_float64_frame_is_converted():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("exc", [OverflowError("math range error"),
-                                 ZeroDivisionError("float division by zero"),
-                                 MemoryError()])
+@pytest.mark.parametrize(
+    "exc",
+    [OverflowError("math range error"), ZeroDivisionError("float division by zero"), MemoryError()],
+)
 def test_cli_catches_arithmetic_and_memory_errors(tmp_path, monkeypatch, exc):
     x, y = _data(11)
     data.save_features(tmp_path / "t.npz", x.astype(np.float32), y)
@@ -367,8 +393,9 @@ def test_clip_scale_has_no_overflow_warning():
         scale2 = _clip_scale(np.array([1e-320, 0.0, 5.0, np.inf]), 1e10)
         x, y = _data(12, n=60)
         x[3] = 1e-300
-        DPLeastSquaresClassifier(epsilon=1.0, classes=[0, 1, 2], normalize=False,
-                                 clip_norm=1e10).fit(x, y)
+        DPLeastSquaresClassifier(
+            epsilon=1.0, classes=[0, 1, 2], normalize=False, clip_norm=1e10
+        ).fit(x, y)
     np.testing.assert_array_equal(scale[:3], 1.0)
     np.testing.assert_array_equal(out[:3], rows[:3])
     assert 0.0 < scale[3] < 1.0 and np.linalg.norm(out[3]) < 1e10

@@ -164,16 +164,19 @@ def test_missing_key_in_npz(tmp_path):
         data.load_features(tmp_path / "b.npz")
 
 
-@pytest.mark.parametrize("case, match", [
-    ("mismatch", "shape mismatch"),
-    ("features_1d", "2-D"),
-    ("features_3d", "2-D"),
-    ("labels_2d", "1-D"),
-    ("labels_float", "integer dtype"),
-    ("labels_bool", "integer dtype"),
-    ("features_int", "floating dtype"),
-    ("empty", "empty"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("mismatch", "shape mismatch"),
+        ("features_1d", "2-D"),
+        ("features_3d", "2-D"),
+        ("labels_2d", "1-D"),
+        ("labels_float", "integer dtype"),
+        ("labels_bool", "integer dtype"),
+        ("features_int", "floating dtype"),
+        ("empty", "empty"),
+    ],
+)
 def test_bad_arrays_in_file(tmp_path, case, match):
     x, y = _arrays()
     if case == "mismatch":
@@ -280,7 +283,7 @@ def test_truncated_and_corrupted_npz(tmp_path):
         data.load_features(trunc)
     corrupt = bytearray(raw)
     mid = len(raw) // 3
-    corrupt[mid:mid + 64] = bytes(64)  # inside the features member: CRC mismatch
+    corrupt[mid : mid + 64] = bytes(64)  # inside the features member: CRC mismatch
     bad = tmp_path / "corrupt.npz"
     bad.write_bytes(bytes(corrupt))
     with pytest.raises(ValueError, match="corrupt.npz"):
@@ -394,8 +397,9 @@ def test_synthetic_shapes_dtypes_and_finite():
 
 def test_synthetic_unit_norm_rows_without_spread():
     tr, _ = data.synthetic_features(200, 16, 3, norm_spread=0.0)
-    np.testing.assert_allclose(np.linalg.norm(tr.features.astype(np.float64), axis=1), 1.0,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(tr.features.astype(np.float64), axis=1), 1.0, atol=1e-5
+    )
 
 
 def test_synthetic_deterministic_and_seed_dependent():
@@ -421,8 +425,7 @@ def test_synthetic_independent_of_worker_count():
 
 def test_synthetic_spectrum_decays():
     def top_eigenvalues(decay):
-        tr, _ = data.synthetic_features(4000, 64, 10, spectrum_decay=decay, seed=1,
-                                        test_size=1)
+        tr, _ = data.synthetic_features(4000, 64, 10, spectrum_decay=decay, seed=1, test_size=1)
         x = tr.features.astype(np.float64)
         x -= x.mean(axis=0)
         return np.linalg.eigvalsh(x.T @ x / len(x))[::-1]
@@ -435,13 +438,16 @@ def test_synthetic_spectrum_decays():
     assert np.all((ev1[:40] * j / ev1[0] > 0.4) & (ev1[:40] * j / ev1[0] < 2.0))
     ev2, ev0 = top_eigenvalues(2.0), top_eigenvalues(0.0)
     assert ev2[19] / ev2[0] < ev1[19] / ev1[0] / 5  # steeper decay
-    assert ev0[19] / ev0[39] < 1.3                  # flat (isotropic) tail
+    assert ev0[19] / ev0[39] < 1.3  # flat (isotropic) tail
 
 
 def test_synthetic_difficulty_is_monotone():
-    accs = [_ridge_accuracy(*data.synthetic_features(3000, 64, 10, difficulty=t, seed=0,
-                                                     test_size=2000))
-            for t in (0.0, 0.5, 1.0)]
+    accs = [
+        _ridge_accuracy(
+            *data.synthetic_features(3000, 64, 10, difficulty=t, seed=0, test_size=2000)
+        )
+        for t in (0.0, 0.5, 1.0)
+    ]
     assert accs[0] > 0.97
     assert accs[0] > accs[1] + 0.05 > accs[2] + 0.1
     assert accs[2] > 0.15  # hard, but above chance (0.1)
@@ -460,9 +466,11 @@ def test_synthetic_out_writes_loadable_memmaps(tmp_path):
 
 
 def test_synthetic_presets():
-    assert data.SYNTHETIC_PRESETS == {"cifar10": (50_000, 768, 10),
-                                      "cifar100": (50_000, 768, 100),
-                                      "imagenet": (1_281_167, 1664, 1000)}
+    assert data.SYNTHETIC_PRESETS == {
+        "cifar10": (50_000, 768, 10),
+        "cifar100": (50_000, 768, 100),
+        "imagenet": (1_281_167, 1664, 1000),
+    }
     tr, te = data.synthetic_preset("cifar100", n=600)
     assert tr.features.shape == (600, 768) and te.features.shape == (120, 768)
     assert tr.num_classes == 100 and tr.name == "synthetic-cifar100-train"
@@ -473,15 +481,26 @@ def test_synthetic_presets():
     # The preset's default difficulty is the one passed on.
     default = data.synthetic_preset("cifar10", n=200)[0]
     explicit = data.synthetic_preset(
-        "cifar10", n=200, difficulty=data.SYNTHETIC_PRESET_DIFFICULTY["cifar10"])[0]
+        "cifar10", n=200, difficulty=data.SYNTHETIC_PRESET_DIFFICULTY["cifar10"]
+    )[0]
     np.testing.assert_array_equal(default.features, explicit.features)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(difficulty=1.5), dict(difficulty=-0.1), dict(num_classes=1), dict(n=0),
-    dict(spectrum_decay=-1.0), dict(dtype=np.int32), dict(test_size=0),
-    dict(class_dim=0), dict(norm_spread=float("nan")), dict(workers=0),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(difficulty=1.5),
+        dict(difficulty=-0.1),
+        dict(num_classes=1),
+        dict(n=0),
+        dict(spectrum_decay=-1.0),
+        dict(dtype=np.int32),
+        dict(test_size=0),
+        dict(class_dim=0),
+        dict(norm_spread=float("nan")),
+        dict(workers=0),
+    ],
+)
 def test_synthetic_rejects_bad_arguments(kwargs):
     args = dict(n=50, d=8, num_classes=3)
     args.update(kwargs)

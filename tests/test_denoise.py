@@ -89,8 +89,9 @@ def test_shrinker_formulas_against_reference(rng):
         for i in range(d):
             g = sum(1.0 / (w[b, i] + 1j * eta - w[b, j]) for j in range(d)) / d
             ref[b, i] = max(w[b, i] - 2 * sigma2 * g.real, 0.0)
-    np.testing.assert_allclose(linalg.shrink_eigenvalues(w, s, d, "rie"), ref, rtol=1e-10,
-                               atol=1e-12 * e)
+    np.testing.assert_allclose(
+        linalg.shrink_eigenvalues(w, s, d, "rie"), ref, rtol=1e-10, atol=1e-12 * e
+    )
 
 
 def test_per_matrix_noise_std(rng):
@@ -108,8 +109,9 @@ def test_planted_low_rank_plus_noise_error_below_raw(rng, d, rank):
     released matrix, and closer than the PSD projection, for a batch of 3."""
     s = 1.0
     edge = s * math.sqrt(2 * d)
-    signal = np.stack([_planted(rng, d, rank, edge * rng.uniform(0.8, 3.0, size=rank))
-                       for _ in range(3)])
+    signal = np.stack(
+        [_planted(rng, d, rank, edge * rng.uniform(0.8, 3.0, size=rank)) for _ in range(3)]
+    )
     released = signal + _goe(rng, d, s, (3,))
     raw_err = np.linalg.norm(released - signal, axis=(1, 2))
     psd_err = np.linalg.norm(linalg.denoise(released, s, "psd") - signal, axis=(1, 2))
@@ -137,8 +139,9 @@ def test_denoise_reads_lower_triangle_only(rng):
     a = _goe(rng, d, 1.0) + 3 * np.eye(d)
     junk = np.tril(a) + np.triu(rng.standard_normal((d, d)) * 100, 1)
     for m in SHRINKERS:
-        np.testing.assert_allclose(linalg.denoise(junk, 0.2, m), linalg.denoise(a, 0.2, m),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            linalg.denoise(junk, 0.2, m), linalg.denoise(a, 0.2, m), rtol=1e-12, atol=1e-12
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -156,8 +159,12 @@ def test_eigh_solve_matches_float64_reference(rng, batch, d, m, dtype):
     x = linalg.eigh_solve(w, v, reg, b)
     assert x.shape == batch + (d, m) and x.dtype == np.float64 and np.isfinite(x).all()
     dn = linalg.denoise(a, 0.5, "rie").reshape((-1, d, d))
-    ref = np.stack([scipy.linalg.solve(dn[i] + reg * np.eye(d), b.reshape((-1, d, m))[i],
-                                       assume_a="pos") for i in range(dn.shape[0])])
+    ref = np.stack(
+        [
+            scipy.linalg.solve(dn[i] + reg * np.eye(d), b.reshape((-1, d, m))[i], assume_a="pos")
+            for i in range(dn.shape[0])
+        ]
+    )
     np.testing.assert_allclose(x, ref.reshape(x.shape), rtol=1e-9, atol=1e-12)
     # Vector right-hand side.
     xv = linalg.eigh_solve(w, v, reg, b[..., 0])
@@ -217,8 +224,9 @@ def test_auto_denoise_resolves_per_shape():
     x, y = _data(12, n=300, d=9, k=4)
     for variant in ("global", "per_class"):
         auto = DPLeastSquaresClassifier(epsilon=0.5, random_state=1, variant=variant).fit(x, y)
-        soft = DPLeastSquaresClassifier(epsilon=0.5, random_state=1, variant=variant,
-                                        denoise="soft").fit(x, y)
+        soft = DPLeastSquaresClassifier(
+            epsilon=0.5, random_state=1, variant=variant, denoise="soft"
+        ).fit(x, y)
         np.testing.assert_array_equal(auto.coef_, soft.coef_)
 
 
@@ -262,8 +270,10 @@ def test_bad_arguments():
 @pytest.mark.parametrize("cls,kw", FACTORING)
 def test_ledger_and_released_statistics_unchanged_by_denoise(cls, kw):
     x, y = _data(3, d=8)
-    fits = {m: cls(epsilon=0.5, random_state=11, denoise=m, keep_stats=True, **kw).fit(x, y)
-            for m in METHODS}
+    fits = {
+        m: cls(epsilon=0.5, random_state=11, denoise=m, keep_stats=True, **kw).fit(x, y)
+        for m in METHODS
+    }
     ref = fits["none"]
     for m, est in fits.items():
         assert est.privacy_.to_dict() == ref.privacy_.to_dict(), m
@@ -301,7 +311,8 @@ def test_finite_weights_rank_deficient_and_tiny(cls, kw):
                 assert np.isfinite(est.coef_).all(), (m, eps, reg)
     # d = 1, two classes, two rows.
     est = cls(epsilon=0.3, random_state=1, denoise=DENOISE_DEFAULT, **kw).fit(
-        np.array([[1.0], [-2.0]]), np.array([0, 1]))
+        np.array([[1.0], [-2.0]]), np.array([0, 1])
+    )
     assert np.isfinite(est.coef_).all()
 
 
@@ -309,7 +320,8 @@ def test_default_ridge_moves_with_denoise():
     s, d, n = 3.0, 100, 5000
     base = 1e-3 * n / d
     assert _default_reg(s, d, n, 1.0, denoise="none") == pytest.approx(
-        2.0 * math.sqrt(2 * d) * s + base)
+        2.0 * math.sqrt(2 * d) * s + base
+    )
     for m in SHRINKERS:
         assert _default_reg(s, d, n, 1.0, denoise=m) < _default_reg(s, d, n, 1.0)
     x, y = _data(6, d=8)
@@ -328,10 +340,12 @@ def test_bad_denoise_raises(cls, kw):
 def test_reg_sweep_shares_one_eigendecomposition():
     x, y = _data(8, d=10)
     xv, yv = _data(9, d=10)
-    swept = DPLeastSquaresClassifier(epsilon=1.0, random_state=2, reg=[0.5, 5.0],
-                                     denoise="rie").fit(x, y, X_val=xv, y_val=yv)
-    single = DPLeastSquaresClassifier(epsilon=1.0, random_state=2, reg=swept.reg_,
-                                      denoise="rie").fit(x, y)
+    swept = DPLeastSquaresClassifier(
+        epsilon=1.0, random_state=2, reg=[0.5, 5.0], denoise="rie"
+    ).fit(x, y, X_val=xv, y_val=yv)
+    single = DPLeastSquaresClassifier(
+        epsilon=1.0, random_state=2, reg=swept.reg_, denoise="rie"
+    ).fit(x, y)
     np.testing.assert_array_equal(swept.coef_, single.coef_)
 
 
@@ -387,6 +401,7 @@ def test_gpu_estimators_denoise_match_cpu(cls, kw):
     x, y = _data(10, d=12)
     cpu = cls(epsilon=1.0, random_state=3, device="cpu", denoise="rie", **kw).fit(x, y)
     gpu = cls(epsilon=1.0, random_state=3, device="cuda", denoise="rie", **kw).fit(
-        cupy.asarray(x), y)
+        cupy.asarray(x), y
+    )
     np.testing.assert_allclose(gpu.coef_, cpu.coef_, rtol=1e-6, atol=1e-8)
     assert gpu.privacy_.to_dict() == cpu.privacy_.to_dict()

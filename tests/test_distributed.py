@@ -38,8 +38,13 @@ K = 5
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                  dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
         with distributed.Client(cluster) as c:
             c.wait_for_workers(2, timeout=60)
             yield c
@@ -105,10 +110,20 @@ def test_wrappers_match_ops_shapes_and_local(client, data):
     a = dd.clipped_class_grams(sf, 1.0, client=client, leaf_rows=LEAF, class_block=2)
     assert _bits(a) == _bits(R.reduce(R.ClassGrams(1.0, K), sf, leaf_rows=LEAF))
     w = np.random.default_rng(2).standard_normal((K, D))
-    h = dd.clipped_weighted_grams(sf, 1.0, num_weights=K, weight_fn=R.NewtonWeights(w, 0.0, 1.0),
-                                  class_block=3, client=client, leaf_rows=LEAF)
-    assert _bits(h) == _bits(R.reduce(R.WeightedGrams(1.0, K, weight_fn=R.NewtonWeights(w, 0.0, 1.0)),
-                                      sf, leaf_rows=LEAF))
+    h = dd.clipped_weighted_grams(
+        sf,
+        1.0,
+        num_weights=K,
+        weight_fn=R.NewtonWeights(w, 0.0, 1.0),
+        class_block=3,
+        client=client,
+        leaf_rows=LEAF,
+    )
+    assert _bits(h) == _bits(
+        R.reduce(
+            R.WeightedGrams(1.0, K, weight_fn=R.NewtonWeights(w, 0.0, 1.0)), sf, leaf_rows=LEAF
+        )
+    )
     grad, n_clipped = dd.clipped_linear_grad(sf, w, 0.5, 0.1, client=client, leaf_rows=LEAF)
     assert grad.shape == (K, D) and n_clipped > 0
 
@@ -120,8 +135,9 @@ def test_partitioning_and_worker_count_invariance(client, data):
     one_worker = [sorted(client.scheduler_info()["workers"])[0]]
     for per_task in (1, 4, None):  # one leaf, several, a whole shard
         for workers in (None, one_worker):
-            got = dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=per_task,
-                             workers=workers)
+            got = dd.compute(
+                stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=per_task, workers=workers
+            )
             assert _bits(got) == local, (per_task, workers)
 
 
@@ -131,7 +147,8 @@ def test_large_statistic_parameters_are_scattered_once(client, data, monkeypatch
     w = np.random.default_rng(8).standard_normal((K, D))
     stat = R.LinearGrad(0.3, w, 0.1)
     assert _bits(dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=5)) == _bits(
-        R.reduce(stat, sf, leaf_rows=LEAF))
+        R.reduce(stat, sf, leaf_rows=LEAF)
+    )
     with pytest.raises(TypeError, match="ArraySource"):
         dd.compute(stat, R.ArraySource(x, y), client=client)
     with pytest.raises(TypeError, match="dask array"):
@@ -152,13 +169,16 @@ def test_zarr_float16_shards_as_stored(client, tmp_path):
     rng = np.random.default_rng(3)
     for i, m in enumerate((129, 70)):
         g = zarr.open_group(str(tmp_path / f"z{i}.zarr"), mode="w")
-        g.create_array("features", data=rng.standard_normal((m, D)).astype(np.float16), chunks=(50, D))
+        g.create_array(
+            "features", data=rng.standard_normal((m, D)).astype(np.float16), chunks=(50, D)
+        )
         g.create_array("labels", data=rng.integers(0, K, m), chunks=(50,))
     sf = open_sharded(str(tmp_path / "*.zarr"))
     assert sf.dtype == np.float16
     stat = R.Stats(2.0, sf.num_classes)
     assert _bits(dd.compute(stat, sf, client=client, leaf_rows=32, leaves_per_task=1)) == _bits(
-        R.reduce(stat, sf, leaf_rows=32))
+        R.reduce(stat, sf, leaf_rows=32)
+    )
 
 
 def test_coverage_guard_on_duplicated_or_missing_partials(client, data):
@@ -170,8 +190,9 @@ def test_coverage_guard_on_duplicated_or_missing_partials(client, data):
         dd.compute(stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges + [ranges[3]])
     with pytest.raises(R.CoverageError, match="missing"):
         dd.compute(stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges[:2] + ranges[3:])
-    _, partial = dd.compute(stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges[::-1],
-                            return_partial=True)
+    _, partial = dd.compute(
+        stat, sf, client=client, leaf_rows=LEAF, task_ranges=ranges[::-1], return_partial=True
+    )
     assert partial.ranges == ((0, lay.n_leaves),)
 
 
@@ -181,8 +202,14 @@ def test_poisson_sampling_identical_across_partitions(client, data):
     stat = R.LinearGrad(0.5, np.random.default_rng(4).standard_normal((K, D)), 0.0)
     local = _bits(R.reduce(stat, sf, leaf_rows=LEAF, sampling=s))
     for per_task in (1, None):
-        assert _bits(dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=per_task,
-                                sampling=s)) == local
+        assert (
+            _bits(
+                dd.compute(
+                    stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=per_task, sampling=s
+                )
+            )
+            == local
+        )
     # The batch is exactly the rows whose mask is set, read whatever the partitioning.
     g, _, counts = dd.compute(R.Stats(1.0, K), sf, client=client, leaf_rows=LEAF, sampling=s)
     np.testing.assert_array_equal(counts, np.bincount(y[s.mask(0, len(y))], minlength=K))
@@ -256,8 +283,15 @@ def test_worker_killed_mid_run_gives_same_bits_and_counts_each_leaf_once(client,
         if not os.path.exists(stat.arm_path):
             open(stat.arm_path, "w").close()
 
-    got, partial = dd.compute(stat, sf, client=client, leaf_rows=LEAF, leaves_per_task=2,
-                              progress=arm_after_first, return_partial=True)
+    got, partial = dd.compute(
+        stat,
+        sf,
+        client=client,
+        leaf_rows=LEAF,
+        leaves_per_task=2,
+        progress=arm_after_first,
+        return_partial=True,
+    )
     assert os.path.exists(stat.killed_path), "no worker was killed"
     assert _bits(got) == _bits(local)
     assert partial.ranges == ((0, lay.n_leaves),) and partial.n_leaves_covered == lay.n_leaves
@@ -291,7 +325,9 @@ def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_
     w = rng.standard_normal((K, D)) * 3
     base = _write_shards(str(tmp_path / "d"), x, y, sizes)
     stats = [
-        (R.Gram(c), c * c), (R.ClassSums(c, K), c), (R.ClassGrams(c, K), c * c),
+        (R.Gram(c), c * c),
+        (R.ClassSums(c, K), c),
+        (R.ClassGrams(c, K), c * c),
         (R.WeightedGrams(c, K, weight_fn=R.NewtonWeights(w, 0.0, c)), c * c * np.sqrt(K) / 4),
         (R.LinearGrad(cg, w, 0.0, loss="softmax"), cg),
     ]
@@ -321,8 +357,10 @@ def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_
 # Estimators: a fit through Dask is the local fit, bit for bit
 # --------------------------------------------------------------------------------------
 
-from dpfc_native import _fitstats  # noqa: E402
-from dpfc_native import models  # noqa: E402
+from dpfc_native import (  # noqa: E402
+    _fitstats,  # noqa: E402
+    models,  # noqa: E402
+)
 
 FIT_CASES = [
     ("ls_global", models.DPLeastSquaresClassifier, {"reg": 5.0}),
@@ -330,9 +368,17 @@ FIT_CASES = [
     ("newton", models.DPNewtonClassifier, {"steps": 2, "reg": 5.0}),
     ("fc", models.DPFCClassifier, {"steps": 3, "reg": 5.0}),
     ("sgd_full", models.DPSGDClassifier, {"steps": 2}),
-    ("sgd_poisson", models.DPSGDClassifier, {"steps": 3, "sample_rate": 0.3, "loss": "sigmoid",
-                                             "accountant": "rdp",
-                                             "optimizer": "adam"}),
+    (
+        "sgd_poisson",
+        models.DPSGDClassifier,
+        {
+            "steps": 3,
+            "sample_rate": 0.3,
+            "loss": "sigmoid",
+            "accountant": "rdp",
+            "optimizer": "adam",
+        },
+    ),
 ]
 
 
@@ -341,8 +387,17 @@ def _fit(cls, kw, X, y=None, **fit_kw):
 
     kw = dict(kw)
     device = kw.pop("device", "cpu")
-    est = cls(epsilon=2.0, delta=1e-5, clip_norm=1.3, classes=np.arange(K), random_state=77,
-              keep_stats=True, device=device, center=np.full(X.shape[1], 0.1), **kw)
+    est = cls(
+        epsilon=2.0,
+        delta=1e-5,
+        clip_norm=1.3,
+        classes=np.arange(K),
+        random_state=77,
+        keep_stats=True,
+        device=device,
+        center=np.full(X.shape[1], 0.1),
+        **kw,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random_state=int: PrivacyWarning, on purpose
         return est.fit(X, y, **fit_kw)
@@ -354,8 +409,9 @@ def _same_fit(a, b):
     assert a.privacy_ == b.privacy_
     assert a.stats_.keys() == b.stats_.keys()
     for key in a.stats_:
-        assert _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(a.stats_[key]))) == \
-            _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(b.stats_[key]))), key
+        assert _bits(tuple(np.atleast_1d(v) for v in np.atleast_1d(a.stats_[key]))) == _bits(
+            tuple(np.atleast_1d(v) for v in np.atleast_1d(b.stats_[key]))
+        ), key
     assert getattr(a, "diagnostics_", None) == getattr(b, "diagnostics_", None)
 
 
@@ -366,8 +422,9 @@ def test_fit_through_dask_equals_local_fit(client, data, monkeypatch, name, cls,
     unequal length, a dask array), for every estimator."""
     monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", LEAF)  # many leaves, ragged last ones
     sf, x, y = data
-    one = open_sharded(os.path.join(os.path.dirname(sf.shards[0].path), "part2.*.npy"),
-                       num_classes=K)
+    one = open_sharded(
+        os.path.join(os.path.dirname(sf.shards[0].path), "part2.*.npy"), num_classes=K
+    )
     a, b = sum(SHARDS[:2]), sum(SHARDS[:3])
     local_np = _fit(cls, kw, x[a:b], y[a:b])
     _same_fit(local_np, _fit(cls, kw, one, client=client))
@@ -391,8 +448,24 @@ def test_cli_train_on_shards_with_workers_matches_this_process(tmp_path, data):
     outs = []
     for extra in (["--workers", "2"], []):
         out = tmp_path / f"m{len(outs)}.npz"
-        res = runner.invoke(app, ["train", pattern, "--num-classes", str(K), "--method", "ls",
-                                  "--seed", "5", "--reg", "3", "-o", str(out)] + extra)
+        res = runner.invoke(
+            app,
+            [
+                "train",
+                pattern,
+                "--num-classes",
+                str(K),
+                "--method",
+                "ls",
+                "--seed",
+                "5",
+                "--reg",
+                "3",
+                "-o",
+                str(out),
+            ]
+            + extra,
+        )
         assert res.exit_code == 0, res.output
         assert "leaves, done" in res.output and "4 shard(s)" in res.output
         outs.append(np.load(out))
@@ -410,8 +483,10 @@ def test_parameters_arriving_unaligned_through_dask_give_the_same_bits(client, t
     w = rng.standard_normal((K, 16))
     src = _write_shards(str(tmp_path), x, y, [3001])  # the task carries a manifest, no data
     lay = R.LeafLayout(src.shard_rows)
-    for stat in (R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
-                 R.WeightedGrams(1.1, K, weight_fn=R.NewtonWeights(w, 0.5, 1.1))):
+    for stat in (
+        R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
+        R.WeightedGrams(1.1, K, weight_fn=R.NewtonWeights(w, 0.5, 1.1)),
+    ):
         ref = R.leaf_partial(stat, src, lay, 0).values(1)
         for _ in range(3):
             got = client.submit(R.leaf_partial, stat, src, lay, 0, pure=False).result().values(1)
@@ -421,7 +496,7 @@ def test_parameters_arriving_unaligned_through_dask_give_the_same_bits(client, t
 def _unaligned(a, offset=3):
     buf = np.zeros(a.nbytes + 64, np.uint8)
     start = (-buf.ctypes.data) % 64 + offset
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     assert not out.flags.aligned
     return out
@@ -435,8 +510,10 @@ def test_unaligned_parameters_give_the_same_bits():
     x = x.astype(np.float64)
     y = rng.integers(0, 4, 3001)
     w = np.random.default_rng(12).standard_normal((4, 16))
-    for stat in (R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
-                 R.WeightedGrams(1.1, 4, weight_fn=R.NewtonWeights(w, 0.5, 1.1))):
+    for stat in (
+        R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
+        R.WeightedGrams(1.1, 4, weight_fn=R.NewtonWeights(w, 0.5, 1.1)),
+    ):
         ref = R.reduce(stat, x, y)
         moved = copy.copy(stat)
         if isinstance(stat, R.LinearGrad):
@@ -456,7 +533,7 @@ def test_multi_gpu_workers_match_the_local_gpu_fit(data):
     sf, _, _ = data
     with dd.local_cuda_cluster(dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
         with distributed.Client(cluster) as gpu_client:
-            for name, cls, kw in FIT_CASES:
+            for _name, cls, kw in FIT_CASES:
                 kw = dict(kw, device="cuda")
                 local = _fit(cls, kw, sf, client=False)
                 remote = _fit(cls, kw, sf, client=gpu_client)
@@ -473,9 +550,13 @@ def _worker_memory_with_the_package():
 
         return dask_worker.monitor.get_process_memory()
 
-    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
-                                  dashboard_address=None,
-                                  silence_logs=logging.CRITICAL) as cluster:
+    with distributed.LocalCluster(
+        n_workers=1,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
         with distributed.Client(cluster) as c:
             return max(c.run(imported).values())
 
@@ -489,8 +570,12 @@ def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
     rows = int(1.3 * limit / (n_shards * d * 4)) + 1
     rng = np.random.default_rng(31)
     for i in range(n_shards):
-        x = np.lib.format.open_memmap(str(tmp_path / f"s{i}.features.npy"), mode="w+",
-                                      dtype=np.float32, shape=(rows + 7 * i, d))
+        x = np.lib.format.open_memmap(
+            str(tmp_path / f"s{i}.features.npy"),
+            mode="w+",
+            dtype=np.float32,
+            shape=(rows + 7 * i, d),
+        )
         for a in range(0, x.shape[0], 65536):
             b = min(x.shape[0], a + 65536)
             x[a:b] = rng.standard_normal((b - a, d), dtype=np.float32)
@@ -500,16 +585,25 @@ def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
     sf = open_sharded(str(tmp_path / "*.npy"), num_classes=K, checksum=False)
     data_bytes = sf.n_rows * d * 4
     assert data_bytes > limit * 1.25
-    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
-                                  memory_limit=limit, dashboard_address=None,
-                                  silence_logs=logging.CRITICAL) as cluster:
+    with distributed.LocalCluster(
+        n_workers=1,
+        processes=True,
+        threads_per_worker=1,
+        memory_limit=limit,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
         with distributed.Client(cluster) as c:
             est = _fit(models.DPLeastSquaresClassifier, {"reg": 5.0}, sf, client=c)
-            after = max(c.run(lambda dask_worker: dask_worker.monitor.get_process_memory()).values())
+            after = max(
+                c.run(lambda dask_worker: dask_worker.monitor.get_process_memory()).values()
+            )
     assert np.isfinite(est.coef_).all() and est.n_samples_ == sf.n_rows
     assert after < limit, after
-    print(f"dataset {data_bytes / 1e6:.0f} MB, worker limit {limit / 1e6:.0f} MB, "
-          f"worker memory after the fit {after / 1e6:.0f} MB")
+    print(
+        f"dataset {data_bytes / 1e6:.0f} MB, worker limit {limit / 1e6:.0f} MB, "
+        f"worker memory after the fit {after / 1e6:.0f} MB"
+    )
 
 
 @pytest.mark.parametrize("name", ["ls_per_class", "newton"])
@@ -539,7 +633,7 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
     sizes, d, k, c = [20, 17, 13], 5, 4, 0.8
     x = rng.standard_normal((sum(sizes), d)) * np.exp(rng.uniform(-2, 2, (sum(sizes), 1)))
     y = rng.integers(0, k - 1, sum(sizes))
-    y[:k - 1] = np.arange(k - 1)
+    y[: k - 1] = np.arange(k - 1)
     direction = np.linalg.eigh(x.T @ x)[1][:, 0]
     neighbours = [(direction * 1e30, k - 1, 0, 0), (direction * c, 0, sum(sizes), 2)]
     folders = {}
@@ -551,8 +645,16 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
     base_sf = _write_shards_k(str(tmp_path / "d"), x, y, sizes, k)
     checked = 0
     for name, cls, kw in ESTIMATORS:
-        common = dict(epsilon=2.0, delta=1e-5, clip_norm=c, normalize=False, classes=np.arange(k),
-                      random_state=1234, device="cpu", **kw)
+        common = dict(
+            epsilon=2.0,
+            delta=1e-5,
+            clip_norm=c,
+            normalize=False,
+            classes=np.arange(k),
+            random_state=1234,
+            device="cpu",
+            **kw,
+        )
         base = ReleaseRecorder(monkeypatch)
         with pytest.warns(Warning):
             est = cls(**common).fit(base_sf, client=client)

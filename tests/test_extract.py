@@ -22,8 +22,13 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from dpfc_native import data  # noqa: E402
 from dpfc_native.cli import app  # noqa: E402
-from dpfc_native.extract import (ExtractError, Preprocess, extract, list_images,  # noqa: E402
-                                 sha256_file)
+from dpfc_native.extract import (  # noqa: E402
+    ExtractError,
+    Preprocess,
+    extract,
+    list_images,  # noqa: E402
+    sha256_file,
+)
 
 runner = CliRunner()
 MEAN = (0.5, 0.4, 0.3)
@@ -39,16 +44,23 @@ def _make_model(path, h, w, channels=5, d=7, seed=0, meta=None):
     bc = rng.standard_normal(channels).astype(np.float32) * 0.1
     wg = rng.standard_normal((channels, d)).astype(np.float32)
     bg = rng.standard_normal(d).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Gemm", ["f", "wg", "bg"], ["features"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["features"]),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, h, w])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, h, w])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", d])],
-        [numpy_helper.from_array(a, n) for a, n in ((wc, "wc"), (bc, "bc"), (wg, "wg"),
-                                                     (bg, "bg"))])
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((wc, "wc"), (bc, "bc"), (wg, "wg"), (bg, "bg"))
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     if meta is not None:
@@ -68,7 +80,7 @@ def _reference(pixels, params, mean=MEAN, std=STD):
     conv = np.zeros((wc.shape[0], h, w))
     for di in range(3):
         for dj in range(3):
-            conv += np.einsum("oc,chw->ohw", wc[:, :, di, dj], xp[:, di:di + h, dj:dj + w])
+            conv += np.einsum("oc,chw->ohw", wc[:, :, di, dj], xp[:, di : di + h, dj : dj + w])
     conv += bc[:, None, None]
     pooled = np.maximum(conv, 0).mean(axis=(1, 2))
     return pooled @ wg + bg
@@ -93,16 +105,25 @@ def _folder(root, h, w, seed=0, counts=COUNTS, sizes=None):
 @pytest.fixture
 def setup(tmp_path):
     h, w = 9, 11
-    params = _make_model(tmp_path / "tiny.onnx", h, w, meta={"dpfc_preprocess": json.dumps(
-        {"crop": [h, w], "resize": [h, w], "mean": MEAN, "std": STD})})
+    params = _make_model(
+        tmp_path / "tiny.onnx",
+        h,
+        w,
+        meta={
+            "dpfc_preprocess": json.dumps(
+                {"crop": [h, w], "resize": [h, w], "mean": MEAN, "std": STD}
+            )
+        },
+    )
     pixels = _folder(tmp_path / "imgs", h, w)
     return tmp_path, params, pixels
 
 
 def test_features_match_float64_reference_and_label_mapping(setup):
     tmp, params, pixels = setup
-    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "out" / "feats.npz", batch_size=4,
-                  device="cpu")
+    res = extract(
+        tmp / "imgs", tmp / "tiny.onnx", tmp / "out" / "feats.npz", batch_size=4, device="cpu"
+    )
     fs = data.load_features(res.files[0])  # what `dpfc train` reads
     assert fs.features.shape == (sum(COUNTS), 7) and fs.features.dtype == np.float32
     assert res.classes == list(CLASSES)
@@ -154,12 +175,19 @@ def test_bad_image_fails_with_its_path_or_is_skipped(setup):
     assert not (tmp / "f.npz").exists() and not (tmp / "f.json").exists()
     # With shards: the ones written before the bad image are removed too.
     with pytest.raises(ExtractError, match="broken.jpg"):
-        extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "sh.npy", device="cpu", shard_size=2,
-                batch_size=2)
+        extract(
+            tmp / "imgs",
+            tmp / "tiny.onnx",
+            tmp / "sh.npy",
+            device="cpu",
+            shard_size=2,
+            batch_size=2,
+        )
     assert not [p for p in os.listdir(tmp) if p.startswith("sh")]
     assert not [p for p in os.listdir(tmp) if p.startswith(".dpfc-extract-")]
-    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "s.npz", device="cpu",
-                  on_error="skip", batch_size=2)
+    res = extract(
+        tmp / "imgs", tmp / "tiny.onnx", tmp / "s.npz", device="cpu", on_error="skip", batch_size=2
+    )
     assert [s["path"] for s in res.skipped] == [str(bad)]
     fs = data.load_features(res.files[0])
     assert fs.n == sum(COUNTS)
@@ -177,18 +205,54 @@ def test_cli_extract_then_train(setup):
     good = (tmp / "imgs" / "cat" / "img00.png").read_bytes()
     bad.write_bytes(good[: len(good) // 2])
     out = tmp / "cli" / "train.npz"
-    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
-                                 str(out), "--device", "cpu", "--batch-size", "3"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp / "imgs"),
+            str(tmp / "tiny.onnx"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "truncated.png" in result.output and "--skip-bad" in result.output
     assert "Traceback" not in result.output
-    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
-                                 str(out), "--device", "cpu", "--skip-bad"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp / "imgs"),
+            str(tmp / "tiny.onnx"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--skip-bad",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output and "truncated.png" in result.output
     assert f"{sum(COUNTS)} images" in result.output and "sha256" in result.output
-    result = runner.invoke(app, ["train", str(out), "--method", "ls", "--epsilon", "4",
-                                 "--num-classes", "3", "--output", str(tmp / "model.npz")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(out),
+            "--method",
+            "ls",
+            "--epsilon",
+            "4",
+            "--num-classes",
+            "3",
+            "--output",
+            str(tmp / "model.npz"),
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -203,13 +267,19 @@ def test_csv_layout_npy_shards_and_label_order(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["path", "label"])
         writer.writerows(rows)
-    res = extract(tmp_path / "list.csv", tmp_path / "m.onnx", tmp_path / "o" / "x.npy",
-                  shard_size=5, device="cpu",
-                  preprocess={"crop": 8, "resize": 8, "mean": MEAN, "std": STD})
+    res = extract(
+        tmp_path / "list.csv",
+        tmp_path / "m.onnx",
+        tmp_path / "o" / "x.npy",
+        shard_size=5,
+        device="cpu",
+        preprocess={"crop": 8, "resize": 8, "mean": MEAN, "std": STD},
+    )
     n = len(rows)
     assert res.classes == ["2", "10", "33"]  # integer names sort numerically
     assert [os.path.basename(f) for f in res.files] == [
-        f"x-{i:05d}.features.npy" for i in range(-(-n // 5))]
+        f"x-{i:05d}.features.npy" for i in range(-(-n // 5))
+    ]
     shards = [data.load_features(f, num_classes=3) for f in res.files]
     assert [s.n for s in shards] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
     feats = np.concatenate([s.features for s in shards])
@@ -218,24 +288,37 @@ def test_csv_layout_npy_shards_and_label_order(tmp_path):
     ref = np.stack([_reference(pixels[str(tmp_path / r[0])], params) for r in rows])
     np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # An explicit public label set fixes the order; a label outside it is an error.
-    res2 = extract(tmp_path / "list.csv", tmp_path / "m.onnx", tmp_path / "y.npz",
-                   classes=["33", "10", "2", "99"], device="cpu",
-                   preprocess={"crop": 8, "resize": 8})
-    np.testing.assert_array_equal(np.load(res2.files[0])["labels"],
-                                  [["33", "10", "2"].index(r[1]) for r in rows])
+    res2 = extract(
+        tmp_path / "list.csv",
+        tmp_path / "m.onnx",
+        tmp_path / "y.npz",
+        classes=["33", "10", "2", "99"],
+        device="cpu",
+        preprocess={"crop": 8, "resize": 8},
+    )
+    np.testing.assert_array_equal(
+        np.load(res2.files[0])["labels"], [["33", "10", "2"].index(r[1]) for r in rows]
+    )
     with pytest.raises(ExtractError, match="labels not in classes"):
-        extract(tmp_path / "list.csv", tmp_path / "m.onnx", tmp_path / "z.npz",
-                classes=["2", "10"], device="cpu")
+        extract(
+            tmp_path / "list.csv",
+            tmp_path / "m.onnx",
+            tmp_path / "z.npz",
+            classes=["2", "10"],
+            device="cpu",
+        )
 
 
 def test_resize_and_crop_follow_the_spec(tmp_path):
     # Images of odd, varied sizes: resized (shorter side) with PIL bilinear, centre-cropped.
     params = _make_model(tmp_path / "m.onnx", 6, 6, d=3, seed=4)
-    pixels = _folder(tmp_path / "imgs", 0, 0, seed=5, counts=(2, 1, 2),
-                     sizes=[(13, 9), (7, 17), (10, 10)])
+    pixels = _folder(
+        tmp_path / "imgs", 0, 0, seed=5, counts=(2, 1, 2), sizes=[(13, 9), (7, 17), (10, 10)]
+    )
     spec = Preprocess(resize=8, crop=(6, 6), mean=MEAN, std=STD)
-    res = extract(tmp_path / "imgs", tmp_path / "m.onnx", tmp_path / "r.npz",
-                  preprocess=spec, device="cpu")
+    res = extract(
+        tmp_path / "imgs", tmp_path / "m.onnx", tmp_path / "r.npz", preprocess=spec, device="cpu"
+    )
     paths, _, _ = list_images(tmp_path / "imgs")
     expected = []
     for p in paths:
@@ -244,8 +327,7 @@ def test_resize_and_crop_follow_the_spec(tmp_path):
         size = (8, int(8 * h / w)) if w <= h else (int(8 * w / h), 8)
         img = img.resize(size, Image.Resampling.BILINEAR)
         left, top = round((size[0] - 6) / 2), round((size[1] - 6) / 2)
-        expected.append(_reference(np.asarray(img.crop((left, top, left + 6, top + 6))),
-                                   params))
+        expected.append(_reference(np.asarray(img.crop((left, top, left + 6, top + 6))), params))
     got = np.load(res.files[0])["features"]
     np.testing.assert_allclose(got, np.stack(expected), rtol=1e-4, atol=1e-4)
 
@@ -262,8 +344,18 @@ def test_guessed_preprocessing_is_marked_and_errors_are_clear(tmp_path):
         extract(tmp_path / "imgs" / "ant", tmp_path / "m.onnx", tmp_path / "g.npz")
     with pytest.raises(ExtractError, match="never downloads"):
         extract(tmp_path / "imgs", "timm:resnet18", tmp_path / "g.npz")
-    result = runner.invoke(app, ["extract", str(tmp_path / "imgs"), str(tmp_path / "m.onnx"),
-                                 "--mean", "1,2", "-o", str(tmp_path / "e.npz")])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp_path / "imgs"),
+            str(tmp_path / "m.onnx"),
+            "--mean",
+            "1,2",
+            "-o",
+            str(tmp_path / "e.npz"),
+        ],
+    )
     assert result.exit_code == 2 and "--mean expects 3" in result.output
 
 
@@ -276,8 +368,11 @@ def _has_timm():
     return True
 
 
-@pytest.mark.skipif(not _has_timm(), reason="torch and timm are not installed (the package "
-                    "never installs PyTorch; this backend is tested where they are)")
+@pytest.mark.skipif(
+    not _has_timm(),
+    reason="torch and timm are not installed (the package "
+    "never installs PyTorch; this backend is tested where they are)",
+)
 def test_timm_backend_matches_torch_eval(tmp_path):
     import timm
     import torch
@@ -286,15 +381,20 @@ def test_timm_backend_matches_torch_eval(tmp_path):
     net = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     torch.save(net.state_dict(), tmp_path / "w.pth")
     _folder(tmp_path / "imgs", 40, 50, counts=(2, 1, 1))
-    res = extract(tmp_path / "imgs", "timm:resnet18", tmp_path / "t.npz",
-                  weights=tmp_path / "w.pth", device="cpu", batch_size=3)
+    res = extract(
+        tmp_path / "imgs",
+        "timm:resnet18",
+        tmp_path / "t.npz",
+        weights=tmp_path / "w.pth",
+        device="cpu",
+        batch_size=3,
+    )
     cfg = timm.data.resolve_data_config({}, model=net)
     transform = timm.data.create_transform(**cfg)
     paths, _, _ = list_images(tmp_path / "imgs")
     with torch.inference_mode():
         ref = net(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
-    np.testing.assert_allclose(np.load(res.files[0])["features"], ref.numpy(), rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(np.load(res.files[0])["features"], ref.numpy(), rtol=1e-4, atol=1e-4)
     assert res.metadata["weights"]["sha256"] == sha256_file(tmp_path / "w.pth")
     assert res.metadata["preprocess"]["source"] == "timm resolve_data_config"
 
@@ -318,18 +418,25 @@ def test_worked_example_data_gives_the_digits_pixels(tmp_path):
 
     bunch = load_digits()
     for split, ref in (("train", train), ("test", test)):
-        res = extract(tmp_path / "images" / split, tmp_path / "pixels.onnx",
-                      tmp_path / f"{split}.npz", device="cpu", batch_size=256)
+        res = extract(
+            tmp_path / "images" / split,
+            tmp_path / "pixels.onnx",
+            tmp_path / f"{split}.npz",
+            device="cpu",
+            batch_size=256,
+        )
         got = np.load(res.files[0])
         paths, _, _ = list_images(tmp_path / "images" / split)
         index = np.array([int(os.path.basename(p)[:-4]) for p in paths])
         np.testing.assert_array_equal(got["labels"], bunch.target[index])
-        np.testing.assert_allclose(got["features"], bunch.data[index] / 16.0,
-                                   atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(got["features"], bunch.data[index] / 16.0, atol=0.5 / 255 + 1e-6)
         # The same split as data.digits_features (rows in another order).
         assert got["features"].shape == ref.features.shape
-        np.testing.assert_allclose(np.sort(got["features"].sum(1)),
-                                   np.sort(ref.features.sum(1)), atol=64 * 0.5 / 255 + 1e-5)
+        np.testing.assert_allclose(
+            np.sort(got["features"].sum(1)),
+            np.sort(ref.features.sum(1)),
+            atol=64 * 0.5 / 255 + 1e-5,
+        )
 
 
 def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
@@ -339,8 +446,20 @@ def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
     monkeypatch.setattr(_progress, "DEFAULT_INTERVAL", 0.0)
     tmp, _, _ = setup
     total = sum(COUNTS)
-    result = runner.invoke(app, ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o",
-                                 str(tmp / "cli.npz"), "--device", "cpu", "--batch-size", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp / "imgs"),
+            str(tmp / "tiny.onnx"),
+            "-o",
+            str(tmp / "cli.npz"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.output.splitlines() if ln.startswith("extract: ")]
     counts = [ln.split(",")[0] for ln in lines]
@@ -349,8 +468,7 @@ def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
         assert any(c.startswith(f"extract: {done}/{total} (") for c in counts), lines
     assert lines[-1].startswith(f"extract: {total}/{total} (100%), done")
     assert "\x1b[" not in result.output
-    extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "py.npz", device="cpu", batch_size=5,
-            verbose=1)
+    extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "py.npz", device="cpu", batch_size=5, verbose=1)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("extract: ")]
     assert err[0].startswith(f"extract: 0/{total} (0%), started")
     assert any(ln.startswith(f"extract: 10/{total} (") for ln in err), err
@@ -368,8 +486,14 @@ def test_shards_open_with_the_scale_out_reader(setup, suffix):
     tmp, _, _ = setup
     whole = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "whole.npz", device="cpu")
     ref = np.load(whole.files[0])
-    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "sh" / f"part{suffix}", device="cpu",
-                  shard_size=4, batch_size=3)
+    res = extract(
+        tmp / "imgs",
+        tmp / "tiny.onnx",
+        tmp / "sh" / f"part{suffix}",
+        device="cpu",
+        shard_size=4,
+        batch_size=3,
+    )
     total = sum(COUNTS)
     assert len(res.files) == -(-total // 4)
     sharded = open_sharded(str(tmp / "sh" / f"part-*{suffix}"), num_classes=len(CLASSES))

@@ -17,14 +17,29 @@ import functools
 
 import numpy as np
 import pytest
+from _reference import (
+    EPS,
+    EPS32,
+    assert_all_written,
+    check_factor_against_lapack,
+    check_gram,
+    clear_pivots,
+    draw_features,
+    draw_labels,
+    fail_at,
+    from_bf16_bits,
+    recon_err,
+    ref_class_sums,
+    ref_gram,
+    ref_linear_grad,
+    reference_clip64,
+    rel_err,
+    spd_batch,
+    to_bf16_bits,
+)
 
 import dpfc_native
 from dpfc_native import _core, linalg, ops
-
-from _reference import (EPS, EPS32, assert_all_written, check_factor_against_lapack, check_gram,
-                        clear_pivots, draw_features, draw_labels, fail_at, from_bf16_bits, recon_err,
-                        ref_class_sums, ref_gram, ref_linear_grad, reference_clip64, rel_err,
-                        spd_batch, to_bf16_bits)
 
 try:  # the module must import (and its tests be skipped) without CuPy
     import cupy as cp
@@ -82,8 +97,16 @@ def nan_like(shape, dtype=None):
 def gram_raw(xd, dtype: str, clip_norm: float, mode: str, out, kernel: str = "auto", ld=None):
     n, d = xd.shape
     _core.cuda_clipped_gram(
-        xd.data.ptr, DTYPE_CODES[dtype], n, d, ld if ld is not None else d, clip_norm, mode,
-        out.data.ptr, stream_ptr(), kernel,
+        xd.data.ptr,
+        DTYPE_CODES[dtype],
+        n,
+        d,
+        ld if ld is not None else d,
+        clip_norm,
+        mode,
+        out.data.ptr,
+        stream_ptr(),
+        kernel,
     )
     return out
 
@@ -96,8 +119,16 @@ def _check_gram(got, n: int, d: int, dtype: str, mode: str):
 # Gram engines and raw calls
 # --------------------------------------------------------------------------------------
 
-GRAM_SHAPES = [(1, 1), (1, 257), (31, 7), (31, 130), (31, 1000), (2000, 257), (100003, 64),
-               (100003, 130)]
+GRAM_SHAPES = [
+    (1, 1),
+    (1, 257),
+    (31, 7),
+    (31, 130),
+    (31, 1000),
+    (2000, 257),
+    (100003, 64),
+    (100003, 130),
+]
 
 
 @pytest.mark.parametrize("mode", ["float64", "float32", "tf32", "bf16"])
@@ -163,14 +194,17 @@ def test_gram_rejects_bad_arguments():
         gs().clipped_gram(xd.astype(cp.int32), 1.0)
     out = cp.empty((7, 7))
     with pytest.raises(ValueError):  # clip_norm <= 0 reaches the native check
-        _core.cuda_clipped_gram(xd.data.ptr, 0, 31, 7, 7, -1.0, "float64", out.data.ptr,
-                                stream_ptr())
+        _core.cuda_clipped_gram(
+            xd.data.ptr, 0, 31, 7, 7, -1.0, "float64", out.data.ptr, stream_ptr()
+        )
     with pytest.raises(ValueError):  # invalid dtype code
-        _core.cuda_clipped_gram(xd.data.ptr, 9, 31, 7, 7, 1.0, "float64", out.data.ptr,
-                                stream_ptr())
+        _core.cuda_clipped_gram(
+            xd.data.ptr, 9, 31, 7, 7, 1.0, "float64", out.data.ptr, stream_ptr()
+        )
     with pytest.raises(ValueError):  # row stride < d
-        _core.cuda_clipped_gram(xd.data.ptr, 0, 31, 7, 3, 1.0, "float64", out.data.ptr,
-                                stream_ptr())
+        _core.cuda_clipped_gram(
+            xd.data.ptr, 0, 31, 7, 3, 1.0, "float64", out.data.ptr, stream_ptr()
+        )
     with pytest.raises(ValueError):  # null pointer
         _core.cuda_clipped_gram(0, 0, 31, 7, 7, 1.0, "float64", out.data.ptr, stream_ptr())
 
@@ -189,8 +223,21 @@ def test_clipped_stats_bfloat16_raw():
     labels = labels_for(n, k)
     xd, lab = cp.asarray(bits), cp.asarray(labels.astype(np.int32))
     g, b, counts = nan_like((d, d)), nan_like((k, d)), cp.full((k,), -1, dtype=cp.int64)
-    _core.cuda_clipped_stats(xd.data.ptr, 3, n, d, d, lab.data.ptr, k, clip_norm, "float64",
-                             g.data.ptr, b.data.ptr, counts.data.ptr, stream_ptr())
+    _core.cuda_clipped_stats(
+        xd.data.ptr,
+        3,
+        n,
+        d,
+        d,
+        lab.data.ptr,
+        k,
+        clip_norm,
+        "float64",
+        g.data.ptr,
+        b.data.ptr,
+        counts.data.ptr,
+        stream_ptr(),
+    )
     _check_gram(cp.asnumpy(g), n, d, "bfloat16", "float64")
     ref_b, abs_b = ref_class_sums(ref_xbar(x64, clip_norm), labels, k)
     assert rel_err(cp.asnumpy(b), ref_b, abs_b) <= 1e-12
@@ -200,8 +247,11 @@ def test_clipped_stats_bfloat16_raw():
 # Noise: bit-identical to the CPU path
 # --------------------------------------------------------------------------------------
 
-KEYS = [(0x01234567, 0x89ABCDEF, 0xDEADBEEF, 0x0BADF00D), (0, 0, 0, 0),
-        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)]
+KEYS = [
+    (0x01234567, 0x89ABCDEF, 0xDEADBEEF, 0x0BADF00D),
+    (0, 0, 0, 0),
+    (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -267,10 +317,18 @@ def test_linear_grad_chunking_and_engines(kernel_env, engine):
     labels = rng.integers(0, k, size=n)
     w = (rng.standard_normal((k, d)) * 0.5).astype(np.float32)
     bias = np.full(k, -10.0)
-    ref, absref, ref_clipped, _ = ref_linear_grad(x64, labels, w.astype(np.float64), bias, 0.05,
-                                                  "sigmoid", None)
-    args = (cp.asarray(host), cp.asarray(labels), cp.asarray(w), cp.asarray(bias), 0.05,
-            "sigmoid", None)
+    ref, absref, ref_clipped, _ = ref_linear_grad(
+        x64, labels, w.astype(np.float64), bias, 0.05, "sigmoid", None
+    )
+    args = (
+        cp.asarray(host),
+        cp.asarray(labels),
+        cp.asarray(w),
+        cp.asarray(bias),
+        0.05,
+        "sigmoid",
+        None,
+    )
     kernel_env(DPFC_GRAD_KERNEL=engine)
     full, nfull = gs().clipped_linear_grad(*args)
     kernel_env(DPFC_LG_CHUNK="777")  # many chunks, last one partial
@@ -290,12 +348,20 @@ def test_linear_grad_strided_input_and_bad_loss():
     ref, absref, ref_clipped, _ = ref_linear_grad(x64, labels, w, bias, 0.1, "softmax", None)
     wide = cp.full((n, d + 3), np.nan)
     wide[:, :d] = cp.asarray(host)
-    got, nc = gs().clipped_linear_grad(wide[:, :d], cp.asarray(labels), cp.asarray(w),
-                                       cp.asarray(bias), 0.1, "softmax", None)
+    got, nc = gs().clipped_linear_grad(
+        wide[:, :d], cp.asarray(labels), cp.asarray(w), cp.asarray(bias), 0.1, "softmax", None
+    )
     assert rel_err(cp.asnumpy(got), ref, absref) <= 1e-11 and nc == ref_clipped
     with pytest.raises(ValueError, match="loss"):
-        gs().clipped_linear_grad(cp.asarray(host), cp.asarray(labels), cp.asarray(w),
-                                 cp.asarray(bias), 0.1, "hinge", None)
+        gs().clipped_linear_grad(
+            cp.asarray(host),
+            cp.asarray(labels),
+            cp.asarray(w),
+            cp.asarray(bias),
+            0.1,
+            "hinge",
+            None,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -314,8 +380,9 @@ def test_ops_gpu_matches_cpu(dtype, mode):
     g_cpu = ops.clipped_gram(host, clip_norm, accumulate=mode)
     g_gpu = cp.asnumpy(ops.clipped_gram(cp.asarray(host), clip_norm, accumulate=mode))
     assert rel_err(g_gpu, g_cpu, absref) <= tol
-    g2, b2, c2 = ops.clipped_stats(cp.asarray(host), cp.asarray(labels), k, clip_norm,
-                                   accumulate=mode)
+    g2, b2, c2 = ops.clipped_stats(
+        cp.asarray(host), cp.asarray(labels), k, clip_norm, accumulate=mode
+    )
     g1, b1, c1 = ops.clipped_stats(host, labels, k, clip_norm, accumulate=mode)
     assert rel_err(cp.asnumpy(g2), g1, absref) <= tol
     _, abs_b = ref_class_sums(np.abs(host.astype(np.float64)), labels, k)
@@ -324,16 +391,16 @@ def test_ops_gpu_matches_cpu(dtype, mode):
     xc_gpu, s_gpu = ops.clip_rows(cp.asarray(host), clip_norm)
     xc_cpu, s_cpu = ops.clip_rows(host, clip_norm)
     np.testing.assert_allclose(cp.asnumpy(s_gpu), s_cpu, rtol=5e-14)
-    np.testing.assert_allclose(cp.asnumpy(xc_gpu), xc_cpu, rtol=4 * EPS32 if dtype == "float32"
-                               else 5e-14)
+    np.testing.assert_allclose(
+        cp.asnumpy(xc_gpu), xc_cpu, rtol=4 * EPS32 if dtype == "float32" else 5e-14
+    )
 
 
 def test_ops_noise_gpu_matches_cpu():
     key = 0x0123456789ABCDEF0123456789ABCDEF
     for dt in (np.float32, np.float64):
         a = ops.sym_gaussian_noise(130, 0.7, batch=3, key=key, counter=17, dtype=dt)
-        b = ops.sym_gaussian_noise(130, 0.7, batch=3, key=key, counter=17, dtype=dt,
-                                   device="cuda")
+        b = ops.sym_gaussian_noise(130, 0.7, batch=3, key=key, counter=17, dtype=dt, device="cuda")
         np.testing.assert_array_equal(cp.asnumpy(b), a)
         a = ops.gaussian_noise((7, 33), 0.7, key=key, counter=5, dtype=dt)
         b = ops.gaussian_noise((7, 33), 0.7, key=key, counter=5, dtype=dt, device="cuda")
@@ -348,10 +415,16 @@ def test_ops_linear_grad_gpu_matches_cpu(loss):
     labels = rng.integers(0, k, size=n)
     w = rng.standard_normal((k, d)) * 0.3
     bias = rng.uniform(-1, 1, size=k)
-    g_cpu, n_cpu = ops.clipped_linear_grad(host, labels, w, bias, 0.05, loss=loss,
-                                           feature_clip=0.9)
-    g_gpu, n_gpu = ops.clipped_linear_grad(cp.asarray(host), cp.asarray(labels), cp.asarray(w),
-                                           cp.asarray(bias), 0.05, loss=loss, feature_clip=0.9)
+    g_cpu, n_cpu = ops.clipped_linear_grad(host, labels, w, bias, 0.05, loss=loss, feature_clip=0.9)
+    g_gpu, n_gpu = ops.clipped_linear_grad(
+        cp.asarray(host),
+        cp.asarray(labels),
+        cp.asarray(w),
+        cp.asarray(bias),
+        0.05,
+        loss=loss,
+        feature_clip=0.9,
+    )
     scale = np.abs(g_cpu).sum() / max(1, g_cpu.size) + 1e-300
     np.testing.assert_allclose(cp.asnumpy(g_gpu), g_cpu, rtol=1e-9, atol=1e-9 * scale)
     assert n_gpu == n_cpu
@@ -362,8 +435,9 @@ def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="mixed devices"):
         ops.clipped_class_sums(x, np.zeros(4, dtype=np.int64), 2, 1.0)
     with pytest.raises(ValueError, match="mixed devices"):
-        ops.clipped_linear_grad(np.ones((4, 3)), cp.zeros(4, dtype=cp.int64), np.zeros((2, 3)),
-                                0.0, 1.0)
+        ops.clipped_linear_grad(
+            np.ones((4, 3)), cp.zeros(4, dtype=cp.int64), np.zeros((2, 3)), 0.0, 1.0
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -372,10 +446,26 @@ def test_mixed_devices_rejected():
 
 PATHS = {
     "auto": {},
-    "blocked-left-mma": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "left", "DPFC_CHOL_KERNEL": "mma"},
-    "blocked-right-mma": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "right", "DPFC_CHOL_KERNEL": "mma"},
-    "blocked-left-simt": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "left", "DPFC_CHOL_KERNEL": "simt"},
-    "blocked-right-simt": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "right", "DPFC_CHOL_KERNEL": "simt"},
+    "blocked-left-mma": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "left",
+        "DPFC_CHOL_KERNEL": "mma",
+    },
+    "blocked-right-mma": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "right",
+        "DPFC_CHOL_KERNEL": "mma",
+    },
+    "blocked-left-simt": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "left",
+        "DPFC_CHOL_KERNEL": "simt",
+    },
+    "blocked-right-simt": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "right",
+        "DPFC_CHOL_KERNEL": "simt",
+    },
 }
 
 
@@ -433,8 +523,17 @@ def test_every_element_written(path_env, dtype, d, rng):
     info = cp.full((batch,), -12345, dtype=cp.int32)
     code = 1 if dtype == np.float64 else 0  # runtime.cuh DType
     _core.cuda_cholesky(
-        a_dev.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d, code,
-        cp.cuda.get_current_stream().ptr, **_chol_options(),
+        a_dev.data.ptr,
+        d * d,
+        d,
+        0,
+        L.data.ptr,
+        info.data.ptr,
+        batch,
+        d,
+        code,
+        cp.cuda.get_current_stream().ptr,
+        **_chol_options(),
     )
     L_h, info_h = cp.asnumpy(L), cp.asnumpy(info)
     assert not (L_h == _POISON[dtype]).any(), "an output element was not written"
@@ -453,7 +552,16 @@ def test_solve_every_element_written(dtype, d, m, rng):
     x = cp.full((batch, d, m), _POISON[dtype], dtype=dtype)
     code = 1 if dtype == np.float64 else 0  # runtime.cuh DType
     _core.cuda_cho_solve(
-        L.data.ptr, d * d, b.data.ptr, d * m, m, x.data.ptr, batch, d, m, code,
+        L.data.ptr,
+        d * d,
+        b.data.ptr,
+        d * m,
+        m,
+        x.data.ptr,
+        batch,
+        d,
+        m,
+        code,
         cp.cuda.get_current_stream().ptr,
     )
     assert not bool((x == _POISON[dtype]).any())
@@ -477,15 +585,41 @@ def test_caller_workspace_chunks(kernel_env, schedule, rng):
     L1 = cp.full((batch, d, d), _POISON[np.float64])
     i1 = cp.full((batch,), -1, dtype=cp.int32)
     stream = cp.cuda.get_current_stream().ptr
-    _core.cuda_cholesky(a.data.ptr, d * d, d, 0, L1.data.ptr, i1.data.ptr, batch, d, 1,
-                          stream, ws.data.ptr, per, **_chol_options())
+    _core.cuda_cholesky(
+        a.data.ptr,
+        d * d,
+        d,
+        0,
+        L1.data.ptr,
+        i1.data.ptr,
+        batch,
+        d,
+        1,
+        stream,
+        ws.data.ptr,
+        per,
+        **_chol_options(),
+    )
     L2, i2 = ops.cholesky(a)
     cp.testing.assert_array_equal(i1, i2)
     cp.testing.assert_array_equal(L1, L2)
     assert int(i1[3]) == 101
     with pytest.raises(ValueError, match="workspace"):
-        _core.cuda_cholesky(a.data.ptr, d * d, d, 0, L1.data.ptr, i1.data.ptr, batch, d,
-                              1, stream, ws.data.ptr, per - 8, **_chol_options())
+        _core.cuda_cholesky(
+            a.data.ptr,
+            d * d,
+            d,
+            0,
+            L1.data.ptr,
+            i1.data.ptr,
+            batch,
+            d,
+            1,
+            stream,
+            ws.data.ptr,
+            per - 8,
+            **_chol_options(),
+        )
 
 
 def test_no_sync_graph_capture(rng):
@@ -499,10 +633,12 @@ def test_no_sync_graph_capture(rng):
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        _core.cuda_cholesky(a.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d,
-                              1, stream.ptr)
-        _core.cuda_cho_solve(L.data.ptr, d * d, b.data.ptr, d * 5, 5, x.data.ptr, batch, d, 5,
-                               1, stream.ptr)
+        _core.cuda_cholesky(
+            a.data.ptr, d * d, d, 0, L.data.ptr, info.data.ptr, batch, d, 1, stream.ptr
+        )
+        _core.cuda_cho_solve(
+            L.data.ptr, d * d, b.data.ptr, d * 5, 5, x.data.ptr, batch, d, 5, 1, stream.ptr
+        )
         graph = stream.end_capture()
         graph.launch()
     stream.synchronize()
@@ -550,7 +686,9 @@ def test_cholesky_shifts_gpu(dtype, d, rng):
     shifts = np.array([0.0, 1e-3, 0.05, 0.3, 1.0, 5.0])
     L, info = linalg.cholesky_shifts(cp.asarray(a), cp.asarray(shifts))
     L_cpu, info_cpu = linalg.cholesky_shifts(a, shifts)
-    stacked = cp.asarray(a)[None] + cp.asarray(shifts.astype(dtype))[:, None, None] * cp.eye(d, dtype=dtype)
+    stacked = cp.asarray(a)[None] + cp.asarray(shifts.astype(dtype))[:, None, None] * cp.eye(
+        d, dtype=dtype
+    )
     L_st, info_st = ops.cholesky(stacked)
     cp.testing.assert_array_equal(info, info_st)
     cp.testing.assert_array_equal(L, L_st)  # same kernels, same arithmetic
@@ -560,7 +698,9 @@ def test_cholesky_shifts_gpu(dtype, d, rng):
     np.testing.assert_array_equal(cp.asnumpy(info)[clear], info_cpu[clear])
     tol = 1e-9 if dtype == np.float64 else 5e-3
     both = ok & (info_cpu == 0)
-    np.testing.assert_allclose(cp.asnumpy(L)[both], L_cpu[both], rtol=0, atol=tol * np.abs(L_cpu[both]).max())
+    np.testing.assert_allclose(
+        cp.asnumpy(L)[both], L_cpu[both], rtol=0, atol=tol * np.abs(L_cpu[both]).max()
+    )
 
 
 @pytest.mark.parametrize("method", ["shift", "eig"])

@@ -19,20 +19,31 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-
-from dpfc_native import models, ops
-
-from _reference import (CLIP_NORMS, NoiseCallRecorder, add_example, adversarial_additions,
-                        adversarial_rows, assert_no_block_reuse, assert_norm_le,
-                        assert_sym_noise_calibrated, confident_rows, exact_sq_norm,
-                        f32_widened_sensitivity, overflow_logit_rows)
+from _reference import (
+    CLIP_NORMS,
+    NoiseCallRecorder,
+    add_example,
+    adversarial_additions,
+    adversarial_rows,
+    assert_no_block_reuse,
+    assert_norm_le,
+    assert_sym_noise_calibrated,
+    confident_rows,
+    exact_sq_norm,
+    f32_widened_sensitivity,
+    overflow_logit_rows,
+)
 from _reference import ks_ok as _ks_ok
 from _reference import moments_ok as _moments_ok
 from conftest import requires_gpu
 
+from dpfc_native import models, ops
 
-pytestmark = [pytest.mark.gpu, requires_gpu,
-              pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")]
+pytestmark = [
+    pytest.mark.gpu,
+    requires_gpu,
+    pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +70,29 @@ def test_gpu_noise_bit_identical_to_cpu(cp, dtype, key):
     for d in (1, 2, 7, 64):
         for batch in (None, 3):
             for counter in (0, 12345, 2**40 + 1):
-                gpu = ops.sym_gaussian_noise(d, 1.7, batch=batch, key=key, counter=counter,
-                                             dtype=dtype, device="cuda")
-                cpu = ops.sym_gaussian_noise(d, 1.7, batch=batch, key=key, counter=counter,
-                                             dtype=dtype)
+                gpu = ops.sym_gaussian_noise(
+                    d, 1.7, batch=batch, key=key, counter=counter, dtype=dtype, device="cuda"
+                )
+                cpu = ops.sym_gaussian_noise(
+                    d, 1.7, batch=batch, key=key, counter=counter, dtype=dtype
+                )
                 assert isinstance(gpu, cp.ndarray)
                 np.testing.assert_array_equal(_host(gpu), cpu)
     for shape in ((1,), (1001,), (3, 17), (2, 3, 5)):
         gpu = ops.gaussian_noise(shape, 0.3, key=key, counter=7, dtype=dtype, device="cuda")
-        np.testing.assert_array_equal(_host(gpu), ops.gaussian_noise(shape, 0.3, key=key,
-                                                                     counter=7, dtype=dtype))
+        np.testing.assert_array_equal(
+            _host(gpu), ops.gaussian_noise(shape, 0.3, key=key, counter=7, dtype=dtype)
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_gpu_sym_noise_moments_and_ks(cp, dtype):
     d, batch, std = 64, 60, 2.5
-    m = _host(ops.sym_gaussian_noise(d, std, batch=batch, key=0xBEEF, counter=77, dtype=dtype,
-                                     device="cuda"))
+    m = _host(
+        ops.sym_gaussian_noise(
+            d, std, batch=batch, key=0xBEEF, counter=77, dtype=dtype, device="cuda"
+        )
+    )
     assert_sym_noise_calibrated(m, std, "gpu")
 
 
@@ -125,8 +142,9 @@ def test_gpu_statistics_one_row_adversarial(cp, dtype, c):
         lab = cp.asarray(np.array([int(rng.integers(0, 3))]))
         assert_norm_le(_host(ops.clipped_gram(x, c)), c4, "gpu gram float64")
         if c * c < 1e30:
-            assert_norm_le(_host(ops.clipped_gram(x, c, accumulate="float32")), c4,
-                           "gpu gram float32 mode")
+            assert_norm_le(
+                _host(ops.clipped_gram(x, c, accumulate="float32")), c4, "gpu gram float32 mode"
+            )
         g, b, _ = ops.clipped_stats(x, lab, 3, c)
         assert_norm_le(_host(g), c4, "gpu stats G")
         assert_norm_le(_host(b), c2, "gpu stats B")
@@ -134,8 +152,9 @@ def test_gpu_statistics_one_row_adversarial(cp, dtype, c):
         assert_norm_le(_host(ops.clipped_class_grams(x, lab, 3, c)), c4, "gpu class grams")
         w = rng.uniform(0.0, 0.25, size=(1, 3))
         w_sq = sum(Fraction(float(v)) ** 2 for v in w[0])
-        assert_norm_le(_host(ops.clipped_weighted_grams(x, cp.asarray(w), c)), c4 * w_sq,
-                       "gpu weighted grams")
+        assert_norm_le(
+            _host(ops.clipped_weighted_grams(x, cp.asarray(w), c)), c4 * w_sq, "gpu weighted grams"
+        )
         k = int(rng.integers(1, 5))
         W = cp.asarray(rng.standard_normal((k, r.shape[0])) * float(rng.choice([0.0, 1.0, 1e3])))
         labk = cp.asarray(np.array([int(rng.integers(0, k))]))
@@ -163,8 +182,11 @@ def test_gpu_tensor_core_modes_exceed_c2_only_by_their_rounding(cp, mode, u):
 def test_gpu_huge_n_gram_trace_bound(cp):
     n, d, c = 2_000_000, 4, 1.0
     rng = np.random.default_rng(19)
-    x = cp.asarray((rng.uniform(1.0, 10.0, size=(n, d)) * rng.choice([-1.0, 1.0], size=(n, d)))
-                   .astype(np.float32))
+    x = cp.asarray(
+        (rng.uniform(1.0, 10.0, size=(n, d)) * rng.choice([-1.0, 1.0], size=(n, d))).astype(
+            np.float32
+        )
+    )
     tr = float(cp.trace(ops.clipped_gram(x, c)).get())
     assert tr <= n * c * c
     assert abs(tr - n * (c * ops.CLIP_MARGIN) ** 2) <= 1e-9 * n * c * c
@@ -173,8 +195,9 @@ def test_gpu_huge_n_gram_trace_bound(cp):
 def test_gpu_overflowing_logits_do_not_poison_the_gradient(cp):
     x, labels, w = overflow_logit_rows()
     for loss in ("sigmoid", "softmax"):
-        grad, _ = ops.clipped_linear_grad(cp.asarray(x), cp.asarray(labels), cp.asarray(w),
-                                          0.0, 1.0, loss=loss)
+        grad, _ = ops.clipped_linear_grad(
+            cp.asarray(x), cp.asarray(labels), cp.asarray(w), 0.0, 1.0, loss=loss
+        )
         g = _host(grad)
         assert np.isfinite(g).all() and np.linalg.norm(g) <= 3.0
 
@@ -183,8 +206,14 @@ def test_gpu_overflowing_logits_do_not_poison_the_gradient(cp):
 def test_gpu_residual_whose_squares_underflow_still_clips(cp, dtype, scales):
     for x, w, label, what in confident_rows(scales):
         for loss in ("sigmoid", "softmax"):
-            grad, _ = ops.clipped_linear_grad(cp.asarray(x.astype(dtype)), cp.asarray(np.array([label])),
-                                              cp.asarray(w), 0.0, 1.0, loss=loss)
+            grad, _ = ops.clipped_linear_grad(
+                cp.asarray(x.astype(dtype)),
+                cp.asarray(np.array([label])),
+                cp.asarray(w),
+                0.0,
+                1.0,
+                loss=loss,
+            )
             assert_norm_le(_host(grad), Fraction(1), f"{loss} {what} {np.dtype(dtype).name}")
 
 
@@ -193,8 +222,9 @@ def test_gpu_mixed_devices_rejected(cp):
     with pytest.raises(ValueError, match="mixed devices"):
         ops.clipped_class_sums(x, np.zeros(4, dtype=np.int64), 2, 1.0)
     with pytest.raises(ValueError, match="mixed devices"):
-        ops.clipped_linear_grad(np.ones((4, 3)), cp.zeros(4, dtype=cp.int64), np.zeros((2, 3)),
-                                0.0, 1.0)
+        ops.clipped_linear_grad(
+            np.ones((4, 3)), cp.zeros(4, dtype=cp.int64), np.zeros((2, 3)), 0.0, 1.0
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -206,7 +236,9 @@ def test_gpu_mixed_devices_rejected(cp):
 def test_gpu_replay(cp, dtype):
     rng = np.random.default_rng(23)
     n, d, k, C = 300, 6, 4, 1.0
-    X = (rng.standard_normal((n, d)) * np.exp(rng.uniform(-2, 2, (n, 1))) / math.sqrt(d)).astype(dtype)
+    X = (rng.standard_normal((n, d)) * np.exp(rng.uniform(-2, 2, (n, 1))) / math.sqrt(d)).astype(
+        dtype
+    )
     y = rng.integers(0, k - 1, size=n)
     W = rng.standard_normal((k, d)) * 1e3
     cg = 0.5 * C
@@ -218,12 +250,18 @@ def test_gpu_replay(cp, dtype):
             "class_sums": _host(ops.clipped_class_sums(Xg, yg, k, C)),
             "class_grams": _host(ops.clipped_class_grams(Xg, yg, k, C)),
             "hessians": _host(ops.clipped_weighted_grams(Xg, cp.full((Xh.shape[0], k), 0.25), C)),
-            "fc_gradient": _host(ops.clipped_linear_grad(Xg, yg, cp.asarray(W), -10.0, cg,
-                                                         feature_clip=C)[0]),
+            "fc_gradient": _host(
+                ops.clipped_linear_grad(Xg, yg, cp.asarray(W), -10.0, cg, feature_clip=C)[0]
+            ),
         }
 
-    sens = {"gram": C**2, "class_sums": C, "class_grams": C**2,
-            "hessians": math.sqrt(k) * C**2 / 4, "fc_gradient": cg}
+    sens = {
+        "gram": C**2,
+        "class_sums": C,
+        "class_grams": C**2,
+        "hessians": math.sqrt(k) * C**2 / 4,
+        "fc_gradient": cg,
+    }
     base = stats(X, y)
     worst = {key: 0.0 for key in sens}
     for row, label in adversarial_additions(X, k, C, rng):
@@ -231,7 +269,9 @@ def test_gpu_replay(cp, dtype):
             X2, y2 = add_example(X, y, row, label, pos)
             moved = stats(X2, y2)
             for key in sens:
-                worst[key] = max(worst[key], np.linalg.norm((moved[key] - base[key]).ravel()) / sens[key])
+                worst[key] = max(
+                    worst[key], np.linalg.norm((moved[key] - base[key]).ravel()) / sens[key]
+                )
     print(f"\n[gpu replay {np.dtype(dtype).name}] worst ||change|| / sensitivity: {worst}")
     for key, v in worst.items():
         if dtype == np.float32 and key == "fc_gradient":
@@ -248,13 +288,16 @@ def test_gpu_replay(cp, dtype):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls,kw", [
-    (models.DPLeastSquaresClassifier, {}),
-    (models.DPLeastSquaresClassifier, {"variant": "per_class"}),
-    (models.DPNewtonClassifier, {"steps": 2}),
-    (models.DPFCClassifier, {"steps": 3}),
-    (models.DPSGDClassifier, {"steps": 3}),
-])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (models.DPLeastSquaresClassifier, {}),
+        (models.DPLeastSquaresClassifier, {"variant": "per_class"}),
+        (models.DPNewtonClassifier, {"steps": 2}),
+        (models.DPFCClassifier, {"steps": 3}),
+        (models.DPSGDClassifier, {"steps": 3}),
+    ],
+)
 def test_gpu_estimators_never_reuse_key_counter(cp, monkeypatch, cls, kw):
     rng = np.random.default_rng(1)
     X = rng.standard_normal((200, 8)).astype(np.float32)

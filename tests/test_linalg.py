@@ -5,6 +5,8 @@ Their GPU agreement with this path is checked in test_gpu_only.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -102,8 +104,12 @@ def test_repair_spd_batch_untouched(rng, dtype, method):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_repair_shift_indefinite(rng, dtype):
     d = 24
-    mats = [_spd(rng, d, dtype=dtype), _noisy_gram(rng, d, 1.0, dtype), _spd(rng, d, dtype=dtype),
-            _noisy_gram(rng, d, 3.0, dtype)]
+    mats = [
+        _spd(rng, d, dtype=dtype),
+        _noisy_gram(rng, d, 1.0, dtype),
+        _spd(rng, d, dtype=dtype),
+        _noisy_gram(rng, d, 3.0, dtype),
+    ]
     a = np.stack(mats)
     _, info = ops.cholesky(a)
     failed = np.flatnonzero(info)
@@ -226,7 +232,7 @@ def test_repair_validation(rng):
 
 def test_report_is_frozen():
     r = linalg.RepairReport(method="shift", batch_shape=())
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.method = "eig"  # type: ignore[misc]
 
 

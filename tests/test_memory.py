@@ -18,9 +18,13 @@ import warnings
 import numpy as np
 import pytest
 
-from dpfc_native import PrivacyWarning, _cpu_stats, _fitstats, models, ops
-from dpfc_native.models import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
-                                DPSGDClassifier)
+from dpfc_native import PrivacyWarning, _cpu_stats, _fitstats, _validation, models
+from dpfc_native.models import (
+    DPFCClassifier,
+    DPLeastSquaresClassifier,
+    DPNewtonClassifier,
+    DPSGDClassifier,
+)
 
 D, K = 64, 6
 BLOCK = 1 << 13  # float64 elements per block in the test (64 KiB; the default is 32 MiB)
@@ -28,14 +32,16 @@ SIZES = (8_000, 32_000)
 
 ESTIMATORS = {
     "ls": lambda: DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(K))),
-    "ls-per-class": lambda: DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(K)),
-                                                     variant="per_class"),
+    "ls-per-class": lambda: DPLeastSquaresClassifier(
+        epsilon=1.0, classes=list(range(K)), variant="per_class"
+    ),
     "newton": lambda: DPNewtonClassifier(epsilon=1.0, classes=list(range(K)), steps=2),
     "fc": lambda: DPFCClassifier(epsilon=1.0, classes=list(range(K)), steps=2),
     "sgd": lambda: DPSGDClassifier(epsilon=1.0, classes=list(range(K)), steps=2),
     # Poisson batches; the RDP accountant keeps the calibration's own memory small.
-    "sgd-poisson": lambda: DPSGDClassifier(epsilon=1.0, classes=list(range(K)), steps=3,
-                                           sample_rate=0.05, accountant="rdp"),
+    "sgd-poisson": lambda: DPSGDClassifier(
+        epsilon=1.0, classes=list(range(K)), steps=3, sample_rate=0.05, accountant="rdp"
+    ),
 }
 
 
@@ -63,8 +69,7 @@ def memmaps(tmp_path_factory):
         y = rng.integers(0, K, size=n)
         for start in range(0, n, 4096):
             sl = slice(start, min(n, start + 4096))
-            x[sl] = centers[y[sl]] + rng.standard_normal((sl.stop - sl.start, D),
-                                                         dtype=np.float32)
+            x[sl] = centers[y[sl]] + rng.standard_normal((sl.stop - sl.start, D), dtype=np.float32)
         x.flush()
         del x
         out[n] = (np.load(path, mmap_mode="r"), y)
@@ -73,7 +78,7 @@ def memmaps(tmp_path_factory):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    for module in (models, _cpu_stats, ops):
+    for module in (models, _cpu_stats, _validation):
         monkeypatch.setattr(module, "_CHUNK_ELEMENTS", BLOCK)
     # The fits' leaves (the exact reduction's unit of work) as small as a block.
     monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", BLOCK // D)
@@ -89,8 +94,7 @@ def _peak(call) -> int:
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
-def test_fit_predict_score_memory_is_bounded_and_independent_of_n(name, memmaps,
-                                                                   small_blocks):
+def test_fit_predict_score_memory_is_bounded_and_independent_of_n(name, memmaps, small_blocks):
     warnings.simplefilter("ignore", PrivacyWarning)
     x0, y0 = memmaps[SIZES[0]]
     ESTIMATORS[name]().fit(x0[:2000], y0[:2000])  # imports and caches outside the count
@@ -107,8 +111,9 @@ def test_fit_predict_score_memory_is_bounded_and_independent_of_n(name, memmaps,
         for what, peak in zip(("fit", "predict", "score"), peaks[n]):
             assert peak <= _bound(n, name), (name, n, what, peak, _bound(n, name))
         # The blocked argmax is the argmax of the full scores, and the fit learned.
-        np.testing.assert_array_equal(labels["p"],
-                                      est.classes_[np.argmax(est.decision_function(x), 1)])
+        np.testing.assert_array_equal(
+            labels["p"], est.classes_[np.argmax(est.decision_function(x), 1)]
+        )
         assert np.mean(labels["p"] == y) > 0.5
     # Four times the rows: the peak grows by label-sized vectors only (48 bytes a row),
     # never by a fraction of a copy of X (n d 4 bytes more).

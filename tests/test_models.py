@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import GPU_AVAILABLE, reference_clip64
 from scipy.special import expit, softmax
 from sklearn.exceptions import NotFittedError
 
@@ -18,8 +19,6 @@ from dpfc_native.models import (
     DPNewtonClassifier,
     DPSGDClassifier,
 )
-
-from conftest import GPU_AVAILABLE, reference_clip64
 
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
@@ -117,10 +116,12 @@ def test_ls_per_class_matches_closed_form():
     xc = _prep(x)
     g = xc.T @ xc
     b = _onehot(y, 3).T @ xc
-    ref = np.stack([
-        scipy.linalg.solve(xc[y == c].T @ xc[y == c] + alpha * g + reg * np.eye(6), b[c])
-        for c in range(3)
-    ])
+    ref = np.stack(
+        [
+            scipy.linalg.solve(xc[y == c].T @ xc[y == c] + alpha * g + reg * np.eye(6), b[c])
+            for c in range(3)
+        ]
+    )
     np.testing.assert_allclose(est.coef_, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -178,8 +179,9 @@ def test_dpfc_matches_preconditioned_gd_iterates():
     x, y = _data(5)
     kw = dict(steps=6, lr=20.0, reg=0.5, bias=-2.0, grad_clip_norm=0.2)
     est = DPFCClassifier(epsilon=INF, **kw).fit(x, y)
-    ref = _fc_reference(_prep(x), y, 3, kw["steps"], kw["lr"], kw["reg"], kw["bias"],
-                        kw["grad_clip_norm"])
+    ref = _fc_reference(
+        _prep(x), y, 3, kw["steps"], kw["lr"], kw["reg"], kw["bias"], kw["grad_clip_norm"]
+    )
     np.testing.assert_allclose(est.coef_, ref, rtol=1e-9, atol=1e-11)
     assert sum(est.diagnostics_["n_clipped"]) > 0  # the gradient clip was active, and matched
 
@@ -202,8 +204,16 @@ def test_dpsgd_full_batch_matches_reference(optimizer, loss):
     x, y = _data(7)
     n, k = len(y), 3
     steps, lr, mom, gclip, bias = 8, 0.3, 0.7, 0.3, -1.0
-    est = DPSGDClassifier(epsilon=INF, steps=steps, lr=lr, optimizer=optimizer, momentum=mom,
-                          loss=loss, grad_clip_norm=gclip, bias=bias).fit(x, y)
+    est = DPSGDClassifier(
+        epsilon=INF,
+        steps=steps,
+        lr=lr,
+        optimizer=optimizer,
+        momentum=mom,
+        loss=loss,
+        grad_clip_norm=gclip,
+        bias=bias,
+    ).fit(x, y)
     xc, yy = _prep(x), _onehot(y, k)
     w = np.zeros((k, 6))
     m = np.zeros_like(w)
@@ -290,8 +300,11 @@ def test_ls_per_class_noise_matches_calibration():
     assert a.sensitivity == 1.0  # one example touches one class gram: C^2 jointly
     _check_sym_noise([f.stats_["class_grams"] for f in fits], exact["class_grams"], a.noise_std)
     _check_sym_noise([f.stats_["gram"] for f in fits], exact["gram"], _entry(led, "gram").noise_std)
-    _check_dense_noise([f.stats_["class_sums"] for f in fits], exact["class_sums"],
-                       _entry(led, "class_sums").noise_std)
+    _check_dense_noise(
+        [f.stats_["class_sums"] for f in fits],
+        exact["class_sums"],
+        _entry(led, "class_sums").noise_std,
+    )
 
 
 def test_newton_first_step_noise_matches_calibration():
@@ -321,7 +334,9 @@ def test_dpfc_noise_matches_calibration():
     # The paper's equal multipliers by default.
     assert cov.noise_multiplier == pytest.approx(grad.noise_multiplier, rel=1e-9)
     _check_sym_noise([f.stats_["covariance"] for f in fits], exact["covariance"], cov.noise_std)
-    _check_dense_noise([f.stats_["gradient"][0] for f in fits], exact["gradient"][0], grad.noise_std)
+    _check_dense_noise(
+        [f.stats_["gradient"][0] for f in fits], exact["gradient"][0], grad.noise_std
+    )
 
 
 def test_dpsgd_noise_matches_calibration():
@@ -333,7 +348,9 @@ def test_dpsgd_noise_matches_calibration():
     assert grad.count == 4 and grad.sensitivity == 0.5
     z = accounting.calibrate_noise_multiplier(1.0, fits[0].delta_, 4)
     assert grad.noise_multiplier == pytest.approx(z, rel=1e-12)
-    _check_dense_noise([f.stats_["gradient"][0] for f in fits], exact["gradient"][0], grad.noise_std)
+    _check_dense_noise(
+        [f.stats_["gradient"][0] for f in fits], exact["gradient"][0], grad.noise_std
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -342,8 +359,11 @@ def test_dpsgd_noise_matches_calibration():
 
 LEDGER_CASES = [
     (DPLeastSquaresClassifier, {}, {"gram": 1, "class_sums": 1}),
-    (DPLeastSquaresClassifier, {"variant": "per_class"},
-     {"class_grams": 1, "gram": 1, "class_sums": 1}),
+    (
+        DPLeastSquaresClassifier,
+        {"variant": "per_class"},
+        {"class_grams": 1, "gram": 1, "class_sums": 1},
+    ),
     (DPNewtonClassifier, {"steps": 3}, {"hessians": 3, "gradients": 3}),
     (DPFCClassifier, {"steps": 4, "covariance_share": 0.3}, {"covariance": 1, "gradient": 4}),
     (DPSGDClassifier, {"steps": 5}, {"gradient": 5}),
@@ -383,23 +403,27 @@ def test_default_delta_and_explicit_delta():
 def test_dpsgd_poisson_subsampling():
     x, y = _data(16, n=400)
     q, steps = 0.2, 30
-    est = DPSGDClassifier(epsilon=1.0, delta=1e-5, steps=steps, sample_rate=q,
-                          random_state=1).fit(x, y)
+    est = DPSGDClassifier(epsilon=1.0, delta=1e-5, steps=steps, sample_rate=q, random_state=1).fit(
+        x, y
+    )
     (entry,) = est.privacy_.entries
     assert entry.sample_rate == q and entry.count == steps
     assert (1 - 1e-3) <= est.privacy_.epsilon <= 1.0
-    rdp = DPSGDClassifier(epsilon=1.0, delta=1e-5, steps=steps, sample_rate=q,
-                          accountant="rdp").fit(x, y)
+    rdp = DPSGDClassifier(
+        epsilon=1.0, delta=1e-5, steps=steps, sample_rate=q, accountant="rdp"
+    ).fit(x, y)
     assert "RDP" in rdp.privacy_.method and (1 - 1e-3) <= rdp.privacy_.epsilon <= 1.0
     assert rdp.noise_multiplier_ == pytest.approx(
-        accounting.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, q, steps, method="rdp"))
+        accounting.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, q, steps, method="rdp")
+    )
     sizes = np.array(est.diagnostics_["batch_sizes"])
     assert len(set(sizes.tolist())) > 3  # real Poisson sampling: the batch size varies
     assert abs(sizes.mean() - q * 400) < 5 * math.sqrt(q * (1 - q) * 400 / steps) + 1
     z_full = accounting.calibrate_noise_multiplier(1.0, 1e-5, steps)
     assert est.noise_multiplier_ < z_full  # amplification by subsampling
-    again = DPSGDClassifier(epsilon=1.0, delta=1e-5, steps=steps, sample_rate=q,
-                            random_state=1).fit(x, y)
+    again = DPSGDClassifier(
+        epsilon=1.0, delta=1e-5, steps=steps, sample_rate=q, random_state=1
+    ).fit(x, y)
     assert again.diagnostics_ == est.diagnostics_
     np.testing.assert_array_equal(again.coef_, est.coef_)
 
@@ -431,11 +455,17 @@ def test_reproducible_with_random_state_fresh_without(cls):
 
 SWEEP_CASES = [
     (DPLeastSquaresClassifier, {"reg": [0.5, 5.0, 50.0]}, {"reg": 5.0}),
-    (DPLeastSquaresClassifier, {"variant": "per_class", "reg": [1.0, 10.0], "alpha": [0.3, 1.0]},
-     {"variant": "per_class", "reg": 1.0, "alpha": 0.3}),
+    (
+        DPLeastSquaresClassifier,
+        {"variant": "per_class", "reg": [1.0, 10.0], "alpha": [0.3, 1.0]},
+        {"variant": "per_class", "reg": 1.0, "alpha": 0.3},
+    ),
     (DPNewtonClassifier, {"reg": [1.0, 10.0], "lr": [0.5, 1.0]}, {"reg": 1.0, "lr": 0.5}),
-    (DPFCClassifier, {"steps": 4, "reg": [1.0, 10.0], "lr": [10.0, 30.0]},
-     {"steps": 4, "reg": 1.0, "lr": 10.0}),
+    (
+        DPFCClassifier,
+        {"steps": 4, "reg": [1.0, 10.0], "lr": [10.0, 30.0]},
+        {"steps": 4, "reg": 1.0, "lr": 10.0},
+    ),
     (DPSGDClassifier, {"steps": 5, "lr": [0.1, 1.0, 3.0]}, {"steps": 5, "lr": 0.1}),
 ]
 
@@ -452,7 +482,9 @@ def test_sweep_reuses_released_statistics(cls, sweep, single):
     # The first release is identical (same key, same counter, same statistic).
     first = next(iter(one.stats_))
     a, b = swept.stats_[first], one.stats_[first]
-    np.testing.assert_array_equal(a[0] if isinstance(a, list) else a, b[0] if isinstance(b, list) else b)
+    np.testing.assert_array_equal(
+        a[0] if isinstance(a, list) else a, b[0] if isinstance(b, list) else b
+    )
     if cls is DPLeastSquaresClassifier:
         for key in one.stats_:
             np.testing.assert_array_equal(swept.stats_[key], one.stats_[key])

@@ -22,12 +22,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _reference import (
+    EPS32,
+    assert_all_written,
+    check_gram,
+    draw_features,
+    draw_labels,
+    ref_class_sums,
+    ref_gram,
+    ref_linear_grad,
+    ref_norms,
+    reference_clip64,
+    rel_err,
+    to_host,
+    xp_cases,
+)
 
 from dpfc_native import ops
-
-from _reference import (EPS32, check_gram, draw_features, draw_labels, ref_class_sums, ref_gram,
-                        ref_linear_grad, ref_norms, reference_clip64, rel_err, to_host, xp_cases,
-                        assert_all_written)
 
 F32, F64, F16 = "float32", "float64", "float16"
 CPU_DIMS = [1, 7, 64, 130]
@@ -44,7 +55,11 @@ def _on_gpu(xp) -> bool:
 
 CLIP_CASES = xp_cases(
     cpu=[(dt, 1001, d) for dt in (F32, F64) for d in CPU_DIMS],
-    gpu=[(dt, n, d) for dt in (F32, F64) for n, d in [(1, 1), (1, 257), (31, 7), (31, 1000), (100003, 64)]],
+    gpu=[
+        (dt, n, d)
+        for dt in (F32, F64)
+        for n, d in [(1, 1), (1, 257), (31, 7), (31, 1000), (100003, 64)]
+    ],
 )
 
 
@@ -70,7 +85,9 @@ def test_clip_rows_matches_reference(poisoned, xp, rng, dtype, n, d):
         assert 0 < np.count_nonzero(scale_h < 1) < n
 
 
-@pytest.mark.parametrize("xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True)
+@pytest.mark.parametrize(
+    "xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True
+)
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_clipping_soundness_adversarial_rows(xp, dtype, rng):
     d = 257
@@ -78,16 +95,16 @@ def test_clipping_soundness_adversarial_rows(xp, dtype, rng):
     rows = []
     u = rng.standard_normal(d)
     u /= np.linalg.norm(u)
-    rows.append(u * clip_norm)                              # norm exactly C (as stored)
-    rows.append(u * clip_norm * (1 + 1e-7))                  # just above C
-    rows.append(u * clip_norm * (1 - 1e-7))                  # just below C
-    rows.append(np.full(d, clip_norm / np.sqrt(d)))          # constant row of norm C
-    rows.append(u * 1e30)                                   # huge (float32 max ~3e38)
+    rows.append(u * clip_norm)  # norm exactly C (as stored)
+    rows.append(u * clip_norm * (1 + 1e-7))  # just above C
+    rows.append(u * clip_norm * (1 - 1e-7))  # just below C
+    rows.append(np.full(d, clip_norm / np.sqrt(d)))  # constant row of norm C
+    rows.append(u * 1e30)  # huge (float32 max ~3e38)
     rows.append(np.full(d, 1e-40 if dtype == F32 else 5e-324))  # denormals
-    rows.append(np.zeros(d))                                # zero row: scale 1
+    rows.append(np.zeros(d))  # zero row: scale 1
     rows.append(rng.standard_normal(d) * 1e3)
     if dtype == F64:
-        rows.append(u * 1e200)                              # sum of squares overflows
+        rows.append(u * 1e200)  # sum of squares overflows
         rows.append(np.full(d, 1e300))
     x = np.array(rows).astype(dtype)
     out, scale = ops.clip_rows(xp.asarray(x), clip_norm)
@@ -106,14 +123,31 @@ def test_clipping_soundness_adversarial_rows(xp, dtype, rng):
 # clipped_gram
 # --------------------------------------------------------------------------------------
 
-GPU_GRAM_SHAPES = [(1, 1), (1, 257), (31, 7), (31, 130), (31, 1000), (2000, 257), (100003, 64),
-                   (100003, 130)]
+GPU_GRAM_SHAPES = [
+    (1, 1),
+    (1, 257),
+    (31, 7),
+    (31, 130),
+    (31, 1000),
+    (2000, 257),
+    (100003, 64),
+    (100003, 130),
+]
 GRAM_CASES = xp_cases(
-    cpu=[(n, d, dt, mode) for n in CPU_NS for d in CPU_DIMS for dt in (F32, F64)
-         for mode in ("float64", "float32")]
+    cpu=[
+        (n, d, dt, mode)
+        for n in CPU_NS
+        for d in CPU_DIMS
+        for dt in (F32, F64)
+        for mode in ("float64", "float32")
+    ]
     + [(4099, d, F16, mode) for d in (1, 7, 130) for mode in ("float64", "float32")],
-    gpu=[(n, d, dt, mode) for n, d in GPU_GRAM_SHAPES for dt in (F32, F64, F16)
-         for mode in ("float64", "float32", "tf32", "bf16")],
+    gpu=[
+        (n, d, dt, mode)
+        for n, d in GPU_GRAM_SHAPES
+        for dt in (F32, F64, F16)
+        for mode in ("float64", "float32", "tf32", "bf16")
+    ],
 )
 
 
@@ -128,7 +162,9 @@ def test_clipped_gram(poisoned, xp, rng, n, d, dtype, mode):
         assert np.abs(g - ref).max() <= (1e-13 if mode == "float64" else 1e-5) * n * clip_norm**2
 
 
-@pytest.mark.parametrize("xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True)
+@pytest.mark.parametrize(
+    "xp", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)], indirect=True
+)
 def test_gram_strided_and_noncontiguous_inputs(xp, rng):
     n, d = 3001, 130
     clip_norm = 1.3
@@ -157,8 +193,16 @@ def test_gram_strided_and_noncontiguous_inputs(xp, rng):
 # Class sums and one-pass statistics
 # --------------------------------------------------------------------------------------
 
-GPU_CLASS_CASES = [(1, 7, 1), (31, 7, 3), (31, 130, 10), (31, 1000, 100), (3001, 130, 100),
-                   (100003, 64, 1), (100003, 130, 10), (20011, 257, 3)]
+GPU_CLASS_CASES = [
+    (1, 7, 1),
+    (31, 7, 3),
+    (31, 130, 10),
+    (31, 1000, 100),
+    (3001, 130, 100),
+    (100003, 64, 1),
+    (100003, 130, 10),
+    (20011, 257, 3),
+]
 CLASS_SUM_CASES = xp_cases(
     cpu=[(1003, d, k, F32) for d in CPU_DIMS for k in (1, 3, 10)],
     gpu=[(n, d, k, dt) for n, d, k in GPU_CLASS_CASES for dt in (F32, F64)],
@@ -183,8 +227,12 @@ def test_clipped_class_sums(poisoned, xp, rng, n, d, k, dtype):
 STATS_CASES = xp_cases(
     cpu=[(1003, d, k, F32, "float64") for d in CPU_DIMS for k in (1, 3, 10)]
     + [(4099, d, 3, F16, mode) for d in (1, 7, 130) for mode in ("float64", "float32")],
-    gpu=[(n, d, k, dt, mode) for n, d, k in GPU_CLASS_CASES for dt in (F32, F64, F16)
-         for mode in ("float64", "float32", "tf32")],
+    gpu=[
+        (n, d, k, dt, mode)
+        for n, d, k in GPU_CLASS_CASES
+        for dt in (F32, F64, F16)
+        for mode in ("float64", "float32", "tf32")
+    ],
 )
 
 
@@ -221,11 +269,23 @@ def test_clipped_stats(poisoned, xp, rng, n, d, k, dtype, mode):
 # --------------------------------------------------------------------------------------
 
 CLASS_GRAM_CASES = xp_cases(
-    cpu=[(n, d, k, F64, "auto") for n, d, k in [(517, 1, 4), (517, 7, 4), (517, 33, 4), (50, 5, 3)]],
-    gpu=[(n, d, k, dt, kernel)
-         for n, d, k in [(1, 7, 1), (31, 7, 3), (31, 130, 10), (3001, 130, 3), (3001, 257, 10),
-                         (20011, 64, 100), (100003, 64, 1)]
-         for dt in (F32, F64) for kernel in ("mma", "simt")],
+    cpu=[
+        (n, d, k, F64, "auto") for n, d, k in [(517, 1, 4), (517, 7, 4), (517, 33, 4), (50, 5, 3)]
+    ],
+    gpu=[
+        (n, d, k, dt, kernel)
+        for n, d, k in [
+            (1, 7, 1),
+            (31, 7, 3),
+            (31, 130, 10),
+            (3001, 130, 3),
+            (3001, 257, 10),
+            (20011, 64, 100),
+            (100003, 64, 1),
+        ]
+        for dt in (F32, F64)
+        for kernel in ("mma", "simt")
+    ],
 )
 
 
@@ -253,10 +313,19 @@ def test_clipped_class_grams(poisoned, xp, rng, kernel_env, n, d, k, dtype, kern
 
 WEIGHTED_CASES = xp_cases(
     cpu=[(517, d, 4, F64, F64, "auto") for d in (1, 7, 33)],
-    gpu=[(n, d, k, F32, wdt, kernel)
-         for n, d, k in [(1, 7, 1), (31, 7, 3), (31, 130, 10), (2001, 130, 3), (2001, 257, 10),
-                         (50003, 64, 4)]
-         for kernel in ("mma", "simt") for wdt in (F32, F64)],
+    gpu=[
+        (n, d, k, F32, wdt, kernel)
+        for n, d, k in [
+            (1, 7, 1),
+            (31, 7, 3),
+            (31, 130, 10),
+            (2001, 130, 3),
+            (2001, 257, 10),
+            (50003, 64, 4),
+        ]
+        for kernel in ("mma", "simt")
+        for wdt in (F32, F64)
+    ],
 )
 
 
@@ -284,12 +353,27 @@ def test_clipped_weighted_grams(poisoned, xp, rng, kernel_env, n, d, k, dtype, w
 # --------------------------------------------------------------------------------------
 
 LINEAR_GRAD_CASES = xp_cases(
-    cpu=[(301, d, k, dt, loss, fc) for d, k in [(1, 1), (7, 3), (64, 10), (130, 5)]
-         for dt in (F32, F64) for loss in ("sigmoid", "softmax") for fc in (None, 0.8)],
-    gpu=[(n, d, k, dt, loss, fc)
-         for n, d, k in [(1, 7, 1), (31, 7, 3), (31, 130, 10), (5003, 130, 100), (20011, 257, 10),
-                         (3001, 1000, 3)]
-         for dt in (F32, F64) for loss in ("sigmoid", "softmax") for fc in (None, 0.8)],
+    cpu=[
+        (301, d, k, dt, loss, fc)
+        for d, k in [(1, 1), (7, 3), (64, 10), (130, 5)]
+        for dt in (F32, F64)
+        for loss in ("sigmoid", "softmax")
+        for fc in (None, 0.8)
+    ],
+    gpu=[
+        (n, d, k, dt, loss, fc)
+        for n, d, k in [
+            (1, 7, 1),
+            (31, 7, 3),
+            (31, 130, 10),
+            (5003, 130, 100),
+            (20011, 257, 10),
+            (3001, 1000, 3),
+        ]
+        for dt in (F32, F64)
+        for loss in ("sigmoid", "softmax")
+        for fc in (None, 0.8)
+    ],
 )
 
 
@@ -306,11 +390,18 @@ def test_clipped_linear_grad(poisoned, xp, rng, n, d, k, dtype, loss, feature_cl
     clip_norm = (float(np.median(ratio)) if n > 1 else float(ratio[0]) * 0.5) * (1 + 1e-7)
     if not clip_norm > 0:  # softmax with K = 1: every residual is 0
         clip_norm = 1.0
-    ref, absref, ref_clipped, _ = ref_linear_grad(x64, labels, w.astype(np.float64), bias,
-                                                  clip_norm, loss, feature_clip)
-    grad, n_clipped = ops.clipped_linear_grad(xp.asarray(x), xp.asarray(labels), xp.asarray(w),
-                                              xp.asarray(bias), clip_norm, loss=loss,
-                                              feature_clip=feature_clip)
+    ref, absref, ref_clipped, _ = ref_linear_grad(
+        x64, labels, w.astype(np.float64), bias, clip_norm, loss, feature_clip
+    )
+    grad, n_clipped = ops.clipped_linear_grad(
+        xp.asarray(x),
+        xp.asarray(labels),
+        xp.asarray(w),
+        xp.asarray(bias),
+        clip_norm,
+        loss=loss,
+        feature_clip=feature_clip,
+    )
     got = to_host(grad)
     assert got.shape == (k, d) and got.dtype == np.float64
     assert_all_written(got, "grad")
@@ -359,7 +450,12 @@ def test_validation_names_the_argument(rng):
 
 def test_mixed_devices_rejected():
     class FakeDeviceArray:
-        __cuda_array_interface__ = {"shape": (2, 2), "typestr": "<f8", "data": (0, False), "version": 3}
+        __cuda_array_interface__ = {
+            "shape": (2, 2),
+            "typestr": "<f8",
+            "data": (0, False),
+            "version": 3,
+        }
 
     with pytest.raises(ValueError, match="mixed devices"):
         ops.array_module(np.zeros(2), FakeDeviceArray())
@@ -370,7 +466,12 @@ def test_device_of_is_the_one_device_rule():
     from dpfc_native import mechanisms, models
 
     class FakeDeviceArray:
-        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f8", "data": (0, False), "version": 3}
+        __cuda_array_interface__ = {
+            "shape": (2,),
+            "typestr": "<f8",
+            "data": (0, False),
+            "version": 3,
+        }
 
     assert ops.device_of(np.zeros(2), None, [1.0]) == "cpu"
     assert ops.device_of() == "cpu"
@@ -401,10 +502,17 @@ def test_memory_is_chunked(monkeypatch, rng):
     assert max(seen) == 64 and sum(seen) == 1000
 
 
-@pytest.mark.parametrize("env,tf32,want", [
-    (None, False, "cublas"), ("auto", False, "cublas"), ("cublas", False, "cublas"),
-    (None, True, "native"), ("simt32", False, "native"), ("mma", True, "native"),
-])
+@pytest.mark.parametrize(
+    "env,tf32,want",
+    [
+        (None, False, "cublas"),
+        ("auto", False, "cublas"),
+        ("cublas", False, "cublas"),
+        (None, True, "native"),
+        ("simt32", False, "native"),
+        ("mma", True, "native"),
+    ],
+)
 def test_gpu_grad_engine_choice(monkeypatch, kernel_env, env, tf32, want):
     """The clipped gradient runs its GEMMs on cuBLAS unless CuPy would use TF32 there (which
     rounds the clipped per-example terms) or a native engine is asked for."""
@@ -417,8 +525,9 @@ def test_gpu_grad_engine_choice(monkeypatch, kernel_env, env, tf32, want):
         kernel_env(DPFC_GRAD_KERNEL=env)
     assert _gpu_stats._grad_engine(np.float32) == want
     # float64 features never go through TF32.
-    assert _gpu_stats._grad_engine(np.float64) == ("native" if env in ("simt32", "mma")
-                                                   else "cublas")
+    assert _gpu_stats._grad_engine(np.float64) == (
+        "native" if env in ("simt32", "mma") else "cublas"
+    )
 
 
 def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch, kernel_env):
@@ -433,12 +542,15 @@ def test_gpu_grad_engine_refuses_tf32_and_unknown_names(monkeypatch, kernel_env)
         _gpu_stats._grad_engine(np.float32)
 
 
-@pytest.mark.parametrize("n,k,d,item,want", [
-    (1_281_167, 1000, 1664, 4, 32768),   # the logits budget binds, a multiple of 4096
-    (1_281_167, 10, 768, 4, 86016),      # the scaled-rows budget binds
-    (5003, 100, 130, 4, 5003),           # all rows in one chunk
-    (10**6, 10**6, 8, 8, 128),           # at least 128 rows
-])
+@pytest.mark.parametrize(
+    "n,k,d,item,want",
+    [
+        (1_281_167, 1000, 1664, 4, 32768),  # the logits budget binds, a multiple of 4096
+        (1_281_167, 10, 768, 4, 86016),  # the scaled-rows budget binds
+        (5003, 100, 130, 4, 5003),  # all rows in one chunk
+        (10**6, 10**6, 8, 8, 128),  # at least 128 rows
+    ],
+)
 def test_gpu_grad_chunk_rows(kernel_env, n, k, d, item, want):
     from dpfc_native import _gpu_stats
 

@@ -21,12 +21,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _reference import (
+    EPS,
+    check_factor_against_lapack,
+    clear_pivots,
+    fail_at,
+    lapack_potrf,
+    lapack_solve_same_precision,
+    recon_err,
+    rel_rows,
+    solve_ref,
+    spd_batch,
+    to_host,
+    xp_cases,
+)
 
 from dpfc_native import ops
-
-from _reference import (EPS, check_factor_against_lapack, clear_pivots, fail_at, lapack_potrf,
-                        lapack_solve_same_precision, recon_err, rel_rows, solve_ref, spd_batch,
-                        to_host, xp_cases)
 
 DTYPES = ["float64", "float32"]
 
@@ -34,10 +44,26 @@ DTYPES = ["float64", "float32"]
 # them to the native launcher).
 PATHS = {
     "auto": {},
-    "blocked-left-mma": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "left", "DPFC_CHOL_KERNEL": "mma"},
-    "blocked-right-mma": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "right", "DPFC_CHOL_KERNEL": "mma"},
-    "blocked-left-simt": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "left", "DPFC_CHOL_KERNEL": "simt"},
-    "blocked-right-simt": {"DPFC_CHOL_SMALL_MAX": "0", "DPFC_CHOL_SCHEDULE": "right", "DPFC_CHOL_KERNEL": "simt"},
+    "blocked-left-mma": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "left",
+        "DPFC_CHOL_KERNEL": "mma",
+    },
+    "blocked-right-mma": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "right",
+        "DPFC_CHOL_KERNEL": "mma",
+    },
+    "blocked-left-simt": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "left",
+        "DPFC_CHOL_KERNEL": "simt",
+    },
+    "blocked-right-simt": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "right",
+        "DPFC_CHOL_KERNEL": "simt",
+    },
 }
 BLOCKED = [p for p in PATHS if p != "auto"]
 AUTO_SIZES = [1, 2, 3, 16, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 200, 257, 1000, 1664]
@@ -112,8 +138,11 @@ def test_non_contiguous_input(xp, d, rng):
 
 LARGE_CASES = xp_cases(
     cpu=[(dt, d, b) for dt in DTYPES for d, b in [(8, 2000), (64, 50)]],
-    gpu=[(dt, d, b) for dt in DTYPES
-         for d, b in [(8, 20000), (32, 5000), (64, 3000), (100, 2000), (128, 2000), (300, 200)]],
+    gpu=[
+        (dt, d, b)
+        for dt in DTYPES
+        for d, b in [(8, 20000), (32, 5000), (64, 3000), (100, 2000), (128, 2000), (300, 200)]
+    ],
 )
 
 
@@ -146,8 +175,10 @@ INDEF_CASES = [
 
 @pytest.mark.parametrize(
     "xp,path,dtype,d,cols",
-    xp_cases(cpu=[("auto", dt, d, cols) for dt in DTYPES for d, cols in INDEF_CASES if d <= 129],
-             gpu=[(p, dt, d, cols) for p in PATHS for dt in DTYPES for d, cols in INDEF_CASES]),
+    xp_cases(
+        cpu=[("auto", dt, d, cols) for dt in DTYPES for d, cols in INDEF_CASES if d <= 129],
+        gpu=[(p, dt, d, cols) for p in PATHS for dt in DTYPES for d, cols in INDEF_CASES],
+    ),
     indirect=["xp"],
 )
 def test_indefinite_known_column(poisoned, xp, rng, use_path, path, dtype, d, cols):
@@ -197,9 +228,14 @@ def test_info_on_indefinite_nan_and_zero(xp, rng, d):
 
 @pytest.mark.parametrize(
     "xp,path,d",
-    xp_cases(cpu=[("auto", d) for d in (20, 96, 150, 400)],
-             gpu=[(p, d) for p in ("auto", "blocked-left-mma", "blocked-right-mma")
-                  for d in (20, 96, 150, 400)]),
+    xp_cases(
+        cpu=[("auto", d) for d in (20, 96, 150, 400)],
+        gpu=[
+            (p, d)
+            for p in ("auto", "blocked-left-mma", "blocked-right-mma")
+            for d in (20, 96, 150, 400)
+        ],
+    ),
     indirect=["xp"],
 )
 def test_noisy_gram_info_matches_lapack(xp, rng, use_path, path, d):
@@ -232,10 +268,22 @@ NAN_CASES = [
 
 @pytest.mark.parametrize(
     "xp,path,dtype,bad,d,positions",
-    xp_cases(cpu=[("auto", dt, bad, d, pos) for dt in DTYPES for bad in (np.nan, np.inf)
-                  for d, pos in NAN_CASES if d <= 100],
-             gpu=[(p, dt, bad, d, pos) for p in PATHS for dt in DTYPES for bad in (np.nan, np.inf)
-                  for d, pos in NAN_CASES]),
+    xp_cases(
+        cpu=[
+            ("auto", dt, bad, d, pos)
+            for dt in DTYPES
+            for bad in (np.nan, np.inf)
+            for d, pos in NAN_CASES
+            if d <= 100
+        ],
+        gpu=[
+            (p, dt, bad, d, pos)
+            for p in PATHS
+            for dt in DTYPES
+            for bad in (np.nan, np.inf)
+            for d, pos in NAN_CASES
+        ],
+    ),
     indirect=["xp"],
 )
 def test_nan_inf_input(xp, rng, use_path, path, dtype, bad, d, positions):
@@ -256,9 +304,14 @@ def test_nan_inf_input(xp, rng, use_path, path, dtype, bad, d, positions):
 
 @pytest.mark.parametrize(
     "xp,path,d",
-    xp_cases(cpu=[("auto", d) for d in (9, 100, 200)],
-             gpu=[(p, d) for p in ("auto", "blocked-left-mma", "blocked-right-simt")
-                  for d in (9, 100, 200)]),
+    xp_cases(
+        cpu=[("auto", d) for d in (9, 100, 200)],
+        gpu=[
+            (p, d)
+            for p in ("auto", "blocked-left-mma", "blocked-right-simt")
+            for d in (9, 100, 200)
+        ],
+    ),
     indirect=["xp"],
 )
 def test_upper_triangle_not_read(xp, rng, use_path, path, d):
@@ -302,8 +355,12 @@ def test_cholesky_shifts_matches_shifted_factors(xp, rng):
 
 SOLVE_CASES = xp_cases(
     cpu=[(dt, d, m) for dt in DTYPES for d, m in [(1, 1), (7, 3), (130, 11)]],
-    gpu=[(dt, d, m) for dt in DTYPES for d in (1, 5, 63, 64, 65, 129, 300, 1000)
-         for m in (1, 7, 8, 9, 100)],
+    gpu=[
+        (dt, d, m)
+        for dt in DTYPES
+        for d in (1, 5, 63, 64, 65, 129, 300, 1000)
+        for m in (1, 7, 8, 9, 100)
+    ],
 )
 
 
@@ -341,7 +398,9 @@ def test_cho_solve_many_rhs(xp, rng, d, m):
     L_h, b_h = to_host(L)[None], to_host(b)[None]
     ref = solve_ref(L_h, b_h)
     err_lapack = rel_rows(lapack_solve_same_precision(L_h, b_h, np.float64), ref)
-    assert rel_rows(to_host(x)[None], ref)[0] <= 8 * max(err_lapack[0], 16 * EPS[np.dtype(np.float64)])
+    assert rel_rows(to_host(x)[None], ref)[0] <= 8 * max(
+        err_lapack[0], 16 * EPS[np.dtype(np.float64)]
+    )
 
 
 @pytest.mark.parametrize("xp", BOTH, indirect=True)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
+from _reference import to_host
 
 from dpfc_native import _core, ops
-
-from _reference import to_host
 
 
 def _device(xp) -> str:
     return "cpu" if xp is np else "cuda"
+
 
 # Random123's kat_vectors for philox4x32-10: counter (4 words), key (2 words), output.
 PHILOX_KAT = [
@@ -44,8 +44,12 @@ def test_shared_log_and_sincos_are_accurate(rng):
     t = np.concatenate([rng.random(200_000), [2.0**-52 * 0.5, 0.125, 0.25, 0.5, 0.75, 1 - 2**-52]])
     # A few ulp: the series is evaluated in double precision without compensated sums.
     np.testing.assert_allclose(_core.eval_transform(t, "log"), np.log(t), rtol=5 * 2.0**-52, atol=0)
-    np.testing.assert_allclose(_core.eval_transform(t, "cos2pi"), np.cos(2 * np.pi * t), rtol=0, atol=2e-15)
-    np.testing.assert_allclose(_core.eval_transform(t, "sin2pi"), np.sin(2 * np.pi * t), rtol=0, atol=2e-15)
+    np.testing.assert_allclose(
+        _core.eval_transform(t, "cos2pi"), np.cos(2 * np.pi * t), rtol=0, atol=2e-15
+    )
+    np.testing.assert_allclose(
+        _core.eval_transform(t, "sin2pi"), np.sin(2 * np.pi * t), rtol=0, atol=2e-15
+    )
 
 
 def _normals_reference(key_words, block0, count):
@@ -68,15 +72,21 @@ def test_gaussian_noise_is_box_muller_on_philox(xp, count):
     words = ops._key_words(key)
     z = to_host(ops.gaussian_noise(count, 1.0, key=key, counter=2**40 + 3, device=_device(xp)))
     assert z.shape == (count,) and z.dtype == np.float64
-    np.testing.assert_allclose(z, _normals_reference(words, 2**40 + 3, count), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(
+        z, _normals_reference(words, 2**40 + 3, count), rtol=1e-13, atol=1e-14
+    )
     # std scales, and float32 output is the rounded float64 output.
-    z2 = to_host(ops.gaussian_noise((count,), 2.5, key=key, counter=2**40 + 3, dtype=np.float32,
-                                    device=_device(xp)))
+    z2 = to_host(
+        ops.gaussian_noise(
+            (count,), 2.5, key=key, counter=2**40 + 3, dtype=np.float32, device=_device(xp)
+        )
+    )
     np.testing.assert_array_equal(z2, (z * 2.5).astype(np.float32))
     # Shaped output: the same stream, row-major.
     z3 = to_host(ops.gaussian_noise((count, 3), 1.0, key=key, counter=5, device=_device(xp)))
-    np.testing.assert_allclose(z3.ravel(), _normals_reference(words, 5, 3 * count), rtol=1e-13,
-                               atol=1e-14)
+    np.testing.assert_allclose(
+        z3.ravel(), _normals_reference(words, 5, 3 * count), rtol=1e-13, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("d", [1, 2, 7, 64, 65])

@@ -18,9 +18,15 @@ from dpfc_native.report import make_estimator
 runner = CliRunner()
 
 # (method, extra parameters): every method, subsampled DP-SGD included.
-CASES = [("ls", {}), ("ls-per-class", {}), ("newton", {"steps": 2}), ("fc", {"steps": 3}),
-         ("sgd", {"steps": 4}), ("adam", {"steps": 3}),
-         ("sgd", {"steps": 5, "sample_rate": 0.3, "accountant": "rdp"})]
+CASES = [
+    ("ls", {}),
+    ("ls-per-class", {}),
+    ("newton", {"steps": 2}),
+    ("fc", {"steps": 3}),
+    ("sgd", {"steps": 4}),
+    ("adam", {"steps": 3}),
+    ("sgd", {"steps": 5, "sample_rate": 0.3, "accountant": "rdp"}),
+]
 
 
 def _data(n, d, k, seed):
@@ -37,8 +43,9 @@ def test_plan_matches_the_fit_ledger(method, params):
     n, d, k, eps = 157, 7, 4, 1.7
     x, y = _data(n, d, k, seed=hash(method) % 1000)
     [plan] = noise_plans(n, d, k, [eps], method=method, delta=1e-4, clip_norm=0.9, **params)
-    est = make_estimator(method, eps, seed=3, delta=1e-4, clip_norm=0.9,
-                         classes=list(range(k)), **params).fit(x, y)
+    est = make_estimator(
+        method, eps, seed=3, delta=1e-4, clip_norm=0.9, classes=list(range(k)), **params
+    ).fit(x, y)
     entries = est.privacy_.entries
     assert [e.name for e in entries] == [r.name for r in plan.releases]
     for e, r in zip(entries, plan.releases):
@@ -87,8 +94,7 @@ def test_plan_noise_and_signal_are_what_they_say():
 
 
 def test_plan_grid_noise_falls_with_epsilon_and_inf_is_noiseless():
-    plans = noise_plans(10_000, 64, 10, list(PLAN_EPSILONS) + [math.inf], method="fc",
-                        steps=5)
+    plans = noise_plans(10_000, 64, 10, list(PLAN_EPSILONS) + [math.inf], method="fc", steps=5)
     ratios = [[r.noise_to_signal for r in p.releases] for p in plans[:-1]]
     assert np.all(np.diff(np.array(ratios), axis=0) < 0)
     assert all(r.noise_multiplier == 0 and r.noise == 0 for r in plans[-1].releases)
@@ -101,9 +107,28 @@ def test_plan_grid_noise_falls_with_epsilon_and_inf_is_noiseless():
 
 def test_plan_cli_table_and_json(tmp_path):
     out = tmp_path / "plan.json"
-    result = runner.invoke(app, ["plan", "--n", "50000", "--dim", "768", "--num-classes", "10",
-                                 "-e", "1", "-e", "8", "--method", "fc", "--steps", "10",
-                                 "--json", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--n",
+            "50000",
+            "--dim",
+            "768",
+            "--num-classes",
+            "10",
+            "-e",
+            "1",
+            "-e",
+            "8",
+            "--method",
+            "fc",
+            "--steps",
+            "10",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "covariance" in result.output and "gradient" in result.output
     rows = json.loads(out.read_text())["rows"]
@@ -115,15 +140,18 @@ def test_plan_cli_table_and_json(tmp_path):
         assert 0.998 * r["epsilon"] <= r["epsilon_accounted"] <= r["epsilon"]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--n", "0"], "--n must be >= 1"),
-    (["--num-classes", "1"], "--num-classes must be >= 2"),
-    (["--method", "svm"], "--method must be one of"),
-    (["--delta", "2"], "--delta must be in"),
-    (["-e", "0"], "--epsilon must be > 0"),
-    (["--method", "ls", "--steps", "3"], "--steps applies to"),
-    (["-p", "bogus=1"], "--param bogus: not a parameter"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--n", "0"], "--n must be >= 1"),
+        (["--num-classes", "1"], "--num-classes must be >= 2"),
+        (["--method", "svm"], "--method must be one of"),
+        (["--delta", "2"], "--delta must be in"),
+        (["-e", "0"], "--epsilon must be > 0"),
+        (["--method", "ls", "--steps", "3"], "--steps applies to"),
+        (["-p", "bogus=1"], "--param bogus: not a parameter"),
+    ],
+)
 def test_plan_cli_errors(args, needle):
     base = {"--n": "100", "--dim": "5", "--num-classes": "3"}
     argv = ["plan"]

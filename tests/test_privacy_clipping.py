@@ -22,15 +22,21 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from _reference import (
+    CLIP_NORMS,
+    COUNTS,
+    adversarial_rows,
+    assert_norm_le,
+    confident_rows,
+    exact_sq_norm,
+    overflow_logit_rows,
+)
+from _reference import group_by_length as _group_by_length
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dpfc_native import ops
-
-from _reference import (CLIP_NORMS, COUNTS, adversarial_rows, assert_norm_le, confident_rows,
-                        exact_sq_norm, overflow_logit_rows)
-from _reference import group_by_length as _group_by_length
 
 MARGIN = ops.CLIP_MARGIN  # 1 - 2^-20
 
@@ -259,9 +265,7 @@ def test_property_linear_grad_per_example(dtype, data):
     x = data.draw(_row_arrays(dtype))[:1]
     d = x.shape[1]
     k = data.draw(st.integers(1, 4))
-    w = data.draw(
-        hnp.arrays(np.float64, (k, d), elements=st.floats(-1e6, 1e6, allow_nan=False))
-    )
+    w = data.draw(hnp.arrays(np.float64, (k, d), elements=st.floats(-1e6, 1e6, allow_nan=False)))
     label = np.array([data.draw(st.integers(0, k - 1))])
     c_g = data.draw(_clip_norms)
     loss = data.draw(st.sampled_from(["sigmoid", "softmax"]))
@@ -272,8 +276,11 @@ def test_property_linear_grad_per_example(dtype, data):
     COUNTS["hypothesis per-example gradients"] += 1
 
 
-@pytest.mark.xfail(strict=False, reason="known limit: a subnormal clip factor C'/||x|| (C << 1e-5 "
-                   "with float64 rows near 1e300) loses precision; reported to the ops owner")
+@pytest.mark.xfail(
+    strict=False,
+    reason="known limit: a subnormal clip factor C'/||x|| (C << 1e-5 "
+    "with float64 rows near 1e300) loses precision; reported to the ops owner",
+)
 def test_tiny_clip_norm_with_huge_float64_rows():
     x = np.array([[4.083518831780849e288, 6.38499681e275, 1e-87]])
     c = 1e-30
@@ -281,16 +288,22 @@ def test_tiny_clip_norm_with_huge_float64_rows():
     assert_norm_le(out[0], Fraction(c) ** 2, "C = 1e-30, row norm 4e288")
 
 
-@pytest.mark.xfail(strict=False, reason="known limit: clip_rows' float32 output for a subnormal "
-                   "C (< 2^-126) rounds to the denormal grid above C; reported to the ops owner")
+@pytest.mark.xfail(
+    strict=False,
+    reason="known limit: clip_rows' float32 output for a subnormal "
+    "C (< 2^-126) rounds to the denormal grid above C; reported to the ops owner",
+)
 def test_subnormal_clip_norm_float32_output():
     c = 7.6 * 2.0**-149
     out, _ = ops.clip_rows(np.ones((1, 1), np.float32), c)
     assert_norm_le(out[0], Fraction(c) ** 2, "C = 7.6 * 2^-149, float32 output")
 
 
-@pytest.mark.xfail(strict=False, reason="known limit: accumulate='float32' overflows to inf when "
-                   "C^2 (times the rows summed) exceeds float32's range; reported to the ops owner")
+@pytest.mark.xfail(
+    strict=False,
+    reason="known limit: accumulate='float32' overflows to inf when "
+    "C^2 (times the rows summed) exceeds float32's range; reported to the ops owner",
+)
 def test_float32_mode_huge_clip_norm():
     g = ops.clipped_gram(np.full((1, 2), 1e30), 1e30, accumulate="float32")
     assert np.isfinite(g).all()

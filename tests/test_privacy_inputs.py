@@ -23,13 +23,12 @@ import os
 
 import numpy as np
 import pytest
+from _reference import COUNTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import NotFittedError
 
 from dpfc_native import _core, accounting, data, mechanisms, models, ops
-
-from _reference import COUNTS
 
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
@@ -95,9 +94,11 @@ _STAT_OPS = {
     "clipped_stats": lambda x, c=1.0: ops.clipped_stats(x, _labels(x), K, c),
     "clipped_class_grams": lambda x, c=1.0: ops.clipped_class_grams(x, _labels(x), K, c),
     "clipped_weighted_grams": lambda x, c=1.0: ops.clipped_weighted_grams(
-        x, np.full((_n_d(x)[0], 2), 0.25), c),
+        x, np.full((_n_d(x)[0], 2), 0.25), c
+    ),
     "clipped_linear_grad": lambda x, c=1.0: ops.clipped_linear_grad(
-        x, _labels(x), np.zeros((K, _n_d(x)[1])), 0.0, c),
+        x, _labels(x), np.zeros((K, _n_d(x)[1])), 0.0, c
+    ),
 }
 _BAD_X = {
     "1d": (X[0], ValueError, "x"),
@@ -123,10 +124,20 @@ for op_name, fn in _STAT_OPS.items():
         if case == "float16" and op_name in _HALF_OK:
             continue
         bad(f"ops.{op_name}-x-{case}", exc, word, (lambda f=fn, v=xv: f(v)))
-    for cv, exc in ((0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
-                    (math.nan, ValueError), (None, TypeError), (np.ones(2), TypeError)):
-        bad(f"ops.{op_name}-clip_norm-{cv if not isinstance(cv, np.ndarray) else 'array'}", exc,
-            "clip_norm", (lambda f=fn, c=cv: f(X, c)))
+    for cv, exc in (
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (math.inf, ValueError),
+        (math.nan, ValueError),
+        (None, TypeError),
+        (np.ones(2), TypeError),
+    ):
+        bad(
+            f"ops.{op_name}-clip_norm-{cv if not isinstance(cv, np.ndarray) else 'array'}",
+            exc,
+            "clip_norm",
+            (lambda f=fn, c=cv: f(X, c)),
+        )
 
 # A fake GPU array mixed with CPU arrays is a mixed-device error (raised before any device
 # memory is touched, so this is safe on a GPU machine too). A fake GPU array alone is only
@@ -135,7 +146,9 @@ for op_name, fn in {
     "clipped_class_sums": lambda: ops.clipped_class_sums(FakeCudaArray((6, 3)), Y, K, 1.0),
     "clipped_stats": lambda: ops.clipped_stats(FakeCudaArray((6, 3)), Y, K, 1.0),
     "clipped_class_grams": lambda: ops.clipped_class_grams(FakeCudaArray((6, 3)), Y, K, 1.0),
-    "clipped_weighted_grams": lambda: ops.clipped_weighted_grams(FakeCudaArray((6, 3)), np.ones((6, 2)), 1.0),
+    "clipped_weighted_grams": lambda: ops.clipped_weighted_grams(
+        FakeCudaArray((6, 3)), np.ones((6, 2)), 1.0
+    ),
     "clipped_linear_grad": lambda: ops.clipped_linear_grad(FakeCudaArray((6, 3)), Y, W, 0.0, 1.0),
 }.items():
     bad(f"ops.{op_name}-x-on-gpu-mixed", ValueError, "mixed devices", fn)
@@ -146,16 +159,36 @@ if not _HAVE_CUPY:
         "cholesky": lambda: ops.cholesky(FakeCudaArray((3, 3))),
     }.items():
         bad(f"ops.{op_name}-gpu-array-without-cupy", RuntimeError, "cupy", fn)
-bad("ops.clipped_class_sums-labels-on-gpu", ValueError, "mixed devices",
-    lambda: ops.clipped_class_sums(X, FakeCudaArray((6,), "<i8"), K, 1.0))
-bad("ops.clipped_linear_grad-w-on-gpu", ValueError, "mixed devices",
-    lambda: ops.clipped_linear_grad(X, Y, FakeCudaArray((3, 3)), 0.0, 1.0))
-bad("ops.clipped_weighted_grams-weights-on-gpu", ValueError, "mixed devices",
-    lambda: ops.clipped_weighted_grams(X, FakeCudaArray((6, 2)), 1.0))
-bad("ops.cho_solve-b-on-gpu", ValueError, "mixed devices",
-    lambda: ops.cho_solve(np.eye(3), FakeCudaArray((3,))))
-bad("ops.array_module-mixed", ValueError, "mixed devices",
-    lambda: ops.array_module(FakeCudaArray(), X))
+bad(
+    "ops.clipped_class_sums-labels-on-gpu",
+    ValueError,
+    "mixed devices",
+    lambda: ops.clipped_class_sums(X, FakeCudaArray((6,), "<i8"), K, 1.0),
+)
+bad(
+    "ops.clipped_linear_grad-w-on-gpu",
+    ValueError,
+    "mixed devices",
+    lambda: ops.clipped_linear_grad(X, Y, FakeCudaArray((3, 3)), 0.0, 1.0),
+)
+bad(
+    "ops.clipped_weighted_grams-weights-on-gpu",
+    ValueError,
+    "mixed devices",
+    lambda: ops.clipped_weighted_grams(X, FakeCudaArray((6, 2)), 1.0),
+)
+bad(
+    "ops.cho_solve-b-on-gpu",
+    ValueError,
+    "mixed devices",
+    lambda: ops.cho_solve(np.eye(3), FakeCudaArray((3,))),
+)
+bad(
+    "ops.array_module-mixed",
+    ValueError,
+    "mixed devices",
+    lambda: ops.array_module(FakeCudaArray(), X),
+)
 
 # ---- ops: labels, classes, weights, gradient arguments -------------------------------
 for op_name, call in {
@@ -169,22 +202,41 @@ for op_name, call in {
     bad(f"ops.{op_name}-labels-bool", TypeError, "labels", lambda c=call: c(Y > 0))
     bad(f"ops.{op_name}-labels-negative", ValueError, "labels", lambda c=call: c(Y - 1))
     bad(f"ops.{op_name}-labels-too-large", ValueError, "labels", lambda c=call: c(Y + 1))
-    bad(f"ops.{op_name}-labels-uint64-huge", ValueError, "labels",
-        lambda c=call: c(np.full(6, 2**63, dtype=np.uint64)))
+    bad(
+        f"ops.{op_name}-labels-uint64-huge",
+        ValueError,
+        "labels",
+        lambda c=call: c(np.full(6, 2**63, dtype=np.uint64)),
+    )
     bad(f"ops.{op_name}-num_classes-0", ValueError, "num_classes", lambda c=call: c(Y, 0))
     bad(f"ops.{op_name}-num_classes-float", TypeError, "num_classes", lambda c=call: c(Y, 3.0))
     bad(f"ops.{op_name}-num_classes-bool", TypeError, "num_classes", lambda c=call: c(Y, True))
-bad("ops.clipped_gram-accumulate-tf32-on-cpu", ValueError, "accumulate",
-    lambda: ops.clipped_gram(X, 1.0, accumulate="tf32"))
-bad("ops.clipped_stats-accumulate-bad", ValueError, "accumulate",
-    lambda: ops.clipped_stats(X, Y, K, 1.0, accumulate="float16"))
-for case, wv, exc in (("1d", np.ones(6), ValueError), ("rows", np.ones((5, 2)), ValueError),
-                      ("negative", -np.ones((6, 2)), ValueError),
-                      ("nan", np.full((6, 2), np.nan), ValueError),
-                      ("int", np.ones((6, 2), dtype=int), TypeError),
-                      ("bool", np.ones((6, 2), dtype=bool), TypeError)):
-    bad(f"ops.clipped_weighted_grams-weights-{case}", exc, "weights",
-        lambda v=wv: ops.clipped_weighted_grams(X, v, 1.0))
+bad(
+    "ops.clipped_gram-accumulate-tf32-on-cpu",
+    ValueError,
+    "accumulate",
+    lambda: ops.clipped_gram(X, 1.0, accumulate="tf32"),
+)
+bad(
+    "ops.clipped_stats-accumulate-bad",
+    ValueError,
+    "accumulate",
+    lambda: ops.clipped_stats(X, Y, K, 1.0, accumulate="float16"),
+)
+for case, wv, exc in (
+    ("1d", np.ones(6), ValueError),
+    ("rows", np.ones((5, 2)), ValueError),
+    ("negative", -np.ones((6, 2)), ValueError),
+    ("nan", np.full((6, 2), np.nan), ValueError),
+    ("int", np.ones((6, 2), dtype=int), TypeError),
+    ("bool", np.ones((6, 2), dtype=bool), TypeError),
+):
+    bad(
+        f"ops.clipped_weighted_grams-weights-{case}",
+        exc,
+        "weights",
+        lambda v=wv: ops.clipped_weighted_grams(X, v, 1.0),
+    )
 _LG = dict(x=X, labels=Y, w=W, bias=0.0, clip_norm=1.0)
 for case, kw, exc, word in (
     ("w-shape", {"w": np.zeros((3, 4))}, ValueError, "w"),
@@ -198,16 +250,36 @@ for case, kw, exc, word in (
     ("labels-float", {"labels": Y * 1.0}, TypeError, "labels"),
     ("clip_norm-0", {"clip_norm": 0.0}, ValueError, "clip_norm"),
 ):
-    bad(f"ops.clipped_linear_grad-{case}", exc, word,
-        lambda k=kw: ops.clipped_linear_grad(**{**_LG, **k}))
-bad("ops.clipped_linear_grad-loss", ValueError, "loss",
-    lambda: ops.clipped_linear_grad(X, Y, W, 0.0, 1.0, loss="hinge"))
-bad("ops.clipped_linear_grad-feature_clip-0", ValueError, "feature_clip",
-    lambda: ops.clipped_linear_grad(X, Y, W, 0.0, 1.0, feature_clip=0.0))
-bad("ops.clipped_linear_grad-feature_clip-nan", ValueError, "feature_clip",
-    lambda: ops.clipped_linear_grad(X, Y, W, 0.0, 1.0, feature_clip=math.nan))
-bad("ops.clipped_linear_grad-bias-str", (TypeError, ValueError), "bias",
-    lambda: ops.clipped_linear_grad(X, Y, W, "a", 1.0))
+    bad(
+        f"ops.clipped_linear_grad-{case}",
+        exc,
+        word,
+        lambda k=kw: ops.clipped_linear_grad(**{**_LG, **k}),
+    )
+bad(
+    "ops.clipped_linear_grad-loss",
+    ValueError,
+    "loss",
+    lambda: ops.clipped_linear_grad(X, Y, W, 0.0, 1.0, loss="hinge"),
+)
+bad(
+    "ops.clipped_linear_grad-feature_clip-0",
+    ValueError,
+    "feature_clip",
+    lambda: ops.clipped_linear_grad(X, Y, W, 0.0, 1.0, feature_clip=0.0),
+)
+bad(
+    "ops.clipped_linear_grad-feature_clip-nan",
+    ValueError,
+    "feature_clip",
+    lambda: ops.clipped_linear_grad(X, Y, W, 0.0, 1.0, feature_clip=math.nan),
+)
+bad(
+    "ops.clipped_linear_grad-bias-str",
+    (TypeError, ValueError),
+    "bias",
+    lambda: ops.clipped_linear_grad(X, Y, W, "a", 1.0),
+)
 
 # ---- ops: noise -----------------------------------------------------------------------
 for fname, call in {
@@ -233,27 +305,52 @@ for fname, call in {
         bad(f"ops.{fname}-{case}", exc, word, lambda c=call, k=kw: c(**dict(k)))
     bad(f"ops.{fname}-std-str", (TypeError, ValueError), "std", lambda c=call: c(std="a"))
     if not _GPU_USABLE:
-        bad(f"ops.{fname}-cuda-without-gpu", RuntimeError, "cupy|cuda|gpu",
-            lambda c=call: c(device="cuda"))
+        bad(
+            f"ops.{fname}-cuda-without-gpu",
+            RuntimeError,
+            "cupy|cuda|gpu",
+            lambda c=call: c(device="cuda"),
+        )
 bad("ops.sym_gaussian_noise-d-0", ValueError, "d", lambda: ops.sym_gaussian_noise(0, 1.0))
 bad("ops.sym_gaussian_noise-d-float", TypeError, "d", lambda: ops.sym_gaussian_noise(2.5, 1.0))
-bad("ops.sym_gaussian_noise-batch-0", ValueError, "batch",
-    lambda: ops.sym_gaussian_noise(3, 1.0, batch=0))
-bad("ops.gaussian_noise-shape-negative", ValueError, "shape",
-    lambda: ops.gaussian_noise((-1, 2), 1.0))
-bad("ops.gaussian_noise-shape-too-big", (ValueError, MemoryError), "",
-    lambda: ops.gaussian_noise((10**10, 10**10), 1.0))
+bad(
+    "ops.sym_gaussian_noise-batch-0",
+    ValueError,
+    "batch",
+    lambda: ops.sym_gaussian_noise(3, 1.0, batch=0),
+)
+bad(
+    "ops.gaussian_noise-shape-negative",
+    ValueError,
+    "shape",
+    lambda: ops.gaussian_noise((-1, 2), 1.0),
+)
+bad(
+    "ops.gaussian_noise-shape-too-big",
+    (ValueError, MemoryError),
+    "",
+    lambda: ops.gaussian_noise((10**10, 10**10), 1.0),
+)
 
 # ---- ops: Cholesky -------------------------------------------------------------------
-for case, a, exc in (("1d", np.ones(3), ValueError), ("nonsquare", np.ones((3, 4)), ValueError),
-                     ("empty", np.ones((0, 0)), ValueError), ("int", np.eye(3, dtype=int), TypeError),
-                     ("object", np.eye(3, dtype=object), TypeError),
-                     ("complex", np.eye(3, dtype=complex), TypeError)):
+for case, a, exc in (
+    ("1d", np.ones(3), ValueError),
+    ("nonsquare", np.ones((3, 4)), ValueError),
+    ("empty", np.ones((0, 0)), ValueError),
+    ("int", np.eye(3, dtype=int), TypeError),
+    ("object", np.eye(3, dtype=object), TypeError),
+    ("complex", np.eye(3, dtype=complex), TypeError),
+):
     bad(f"ops.cholesky-a-{case}", exc, "a", lambda v=a: ops.cholesky(v))
     bad(f"ops.cho_solve-L-{case}", exc, "L", lambda v=a: ops.cho_solve(v, np.ones(3)))
-for case, b, exc in (("wrong-d", np.ones(4), ValueError), ("scalar", 1.0, ValueError),
-                     ("nan", np.full(3, np.nan), ValueError), ("complex", np.ones(3, complex), TypeError),
-                     ("bool", np.ones(3, bool), TypeError), ("str", np.array(["a"] * 3), TypeError)):
+for case, b, exc in (
+    ("wrong-d", np.ones(4), ValueError),
+    ("scalar", 1.0, ValueError),
+    ("nan", np.full(3, np.nan), ValueError),
+    ("complex", np.ones(3, complex), TypeError),
+    ("bool", np.ones(3, bool), TypeError),
+    ("str", np.array(["a"] * 3), TypeError),
+):
     bad(f"ops.cho_solve-b-{case}", exc, "b", lambda v=b: ops.cho_solve(np.eye(3), v))
 
 # ---- accounting -----------------------------------------------------------------------
@@ -270,42 +367,137 @@ for case, fn, exc, word in (
     ("gaussian_mu-str", lambda: A.gaussian_mu("abc"), TypeError, "number"),
     ("gaussian_epsilon-delta", lambda: A.gaussian_epsilon([1.0], 2.0), ValueError, "delta"),
     ("gaussian_delta-epsilon", lambda: A.gaussian_delta([1.0], -1.0), ValueError, "epsilon"),
-    ("subsampled_gaussian_rdp-q-0", lambda: A.subsampled_gaussian_rdp(1.0, 0.0, 1), ValueError, "sample_rate"),
-    ("subsampled_gaussian_rdp-q-big", lambda: A.subsampled_gaussian_rdp(1.0, 1.5, 1), ValueError, "sample_rate"),
-    ("subsampled_gaussian_rdp-steps", lambda: A.subsampled_gaussian_rdp(1.0, 0.5, 0), ValueError, "steps"),
-    ("subsampled_gaussian_rdp-z", lambda: A.subsampled_gaussian_rdp(0.0, 0.5, 1), ValueError, "noise_multiplier"),
-    ("rdp_to_epsilon-lengths", lambda: A.rdp_to_epsilon([2.0, 3.0], [1.0], 1e-5), ValueError, "orders"),
+    (
+        "subsampled_gaussian_rdp-q-0",
+        lambda: A.subsampled_gaussian_rdp(1.0, 0.0, 1),
+        ValueError,
+        "sample_rate",
+    ),
+    (
+        "subsampled_gaussian_rdp-q-big",
+        lambda: A.subsampled_gaussian_rdp(1.0, 1.5, 1),
+        ValueError,
+        "sample_rate",
+    ),
+    (
+        "subsampled_gaussian_rdp-steps",
+        lambda: A.subsampled_gaussian_rdp(1.0, 0.5, 0),
+        ValueError,
+        "steps",
+    ),
+    (
+        "subsampled_gaussian_rdp-z",
+        lambda: A.subsampled_gaussian_rdp(0.0, 0.5, 1),
+        ValueError,
+        "noise_multiplier",
+    ),
+    (
+        "rdp_to_epsilon-lengths",
+        lambda: A.rdp_to_epsilon([2.0, 3.0], [1.0], 1e-5),
+        ValueError,
+        "orders",
+    ),
     ("rdp_to_epsilon-order-1", lambda: A.rdp_to_epsilon([1.0], [1.0], 1e-5), ValueError, "orders"),
     ("rdp_to_epsilon-delta", lambda: A.rdp_to_epsilon([2.0], [1.0], 0.0), ValueError, "delta"),
     ("rdp_to_delta-epsilon", lambda: A.rdp_to_delta([2.0], [1.0], -1.0), ValueError, "epsilon"),
     ("dpsgd_epsilon-q", lambda: A.dpsgd_epsilon(1.0, 0.0, 10, 1e-5), ValueError, "sample_rate"),
-    ("dpsgd_epsilon-method", lambda: A.dpsgd_epsilon(1.0, 0.5, 10, 1e-5, method="x"), ValueError, "method"),
+    (
+        "dpsgd_epsilon-method",
+        lambda: A.dpsgd_epsilon(1.0, 0.5, 10, 1e-5, method="x"),
+        ValueError,
+        "method",
+    ),
     ("paper_rdp_epsilon-delta", lambda: A.paper_rdp_epsilon(1.0, 0.0), ValueError, "delta"),
-    ("paper_calibrate-epsilon", lambda: A.paper_calibrate_noise_multiplier(0.0, 1e-5), ValueError, "epsilon"),
+    (
+        "paper_calibrate-epsilon",
+        lambda: A.paper_calibrate_noise_multiplier(0.0, 1e-5),
+        ValueError,
+        "epsilon",
+    ),
     ("calibrate_mu-epsilon-0", lambda: A.calibrate_mu(0.0, 1e-5), ValueError, "epsilon"),
     ("calibrate_mu-epsilon-neg", lambda: A.calibrate_mu(-1.0, 1e-5), ValueError, "epsilon"),
     ("calibrate_mu-epsilon-nan", lambda: A.calibrate_mu(math.nan, 1e-5), ValueError, "epsilon"),
     ("calibrate_mu-delta-1", lambda: A.calibrate_mu(1.0, 1.0), ValueError, "delta"),
     ("calibrate_mu-delta-neg", lambda: A.calibrate_mu(1.0, -1e-5), ValueError, "delta"),
-    ("calibrate_noise_multiplier-releases", lambda: A.calibrate_noise_multiplier(1.0, 1e-5, 0), ValueError, "releases"),
-    ("calibrate_plan-shares-neg", lambda: A.calibrate_plan(1.0, 1e-5, {"a": -1.0}), ValueError, "shares"),
+    (
+        "calibrate_noise_multiplier-releases",
+        lambda: A.calibrate_noise_multiplier(1.0, 1e-5, 0),
+        ValueError,
+        "releases",
+    ),
+    (
+        "calibrate_plan-shares-neg",
+        lambda: A.calibrate_plan(1.0, 1e-5, {"a": -1.0}),
+        ValueError,
+        "shares",
+    ),
     ("calibrate_plan-shares-empty", lambda: A.calibrate_plan(1.0, 1e-5, {}), ValueError, "shares"),
-    ("calibrate_plan-counts", lambda: A.calibrate_plan(1.0, 1e-5, [0.5, 0.5], [1]), ValueError, "counts"),
+    (
+        "calibrate_plan-counts",
+        lambda: A.calibrate_plan(1.0, 1e-5, [0.5, 0.5], [1]),
+        ValueError,
+        "counts",
+    ),
     ("calibrate_dpfc_plan-steps", lambda: A.calibrate_dpfc_plan(1.0, 1e-5, 0), ValueError, "steps"),
-    ("calibrate_dpfc_plan-share", lambda: A.calibrate_dpfc_plan(1.0, 1e-5, 3, 1.0), ValueError, "covariance_share"),
-    ("calibrate_dpsgd-q", lambda: A.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, 0.0, 10), ValueError, "sample_rate"),
-    ("calibrate_dpsgd-epsilon", lambda: A.calibrate_dpsgd_noise_multiplier(0.0, 1e-5, 0.5, 10), ValueError, "epsilon"),
-    ("calibrate_dpsgd-delta", lambda: A.calibrate_dpsgd_noise_multiplier(1.0, 1.0, 0.5, 10), ValueError, "delta"),
+    (
+        "calibrate_dpfc_plan-share",
+        lambda: A.calibrate_dpfc_plan(1.0, 1e-5, 3, 1.0),
+        ValueError,
+        "covariance_share",
+    ),
+    (
+        "calibrate_dpsgd-q",
+        lambda: A.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, 0.0, 10),
+        ValueError,
+        "sample_rate",
+    ),
+    (
+        "calibrate_dpsgd-epsilon",
+        lambda: A.calibrate_dpsgd_noise_multiplier(0.0, 1e-5, 0.5, 10),
+        ValueError,
+        "epsilon",
+    ),
+    (
+        "calibrate_dpsgd-delta",
+        lambda: A.calibrate_dpsgd_noise_multiplier(1.0, 1.0, 0.5, 10),
+        ValueError,
+        "delta",
+    ),
     ("GaussianRelease-z", lambda: A.GaussianRelease(0.0), ValueError, "noise_multiplier"),
     ("GaussianRelease-count", lambda: A.GaussianRelease(1.0, count=0), ValueError, "count"),
-    ("GaussianRelease-sensitivity", lambda: A.GaussianRelease(1.0, sensitivity=-1.0), ValueError, "sensitivity"),
-    ("GaussianRelease.from_std-std", lambda: A.GaussianRelease.from_std(0.0, 1.0), ValueError, "std"),
+    (
+        "GaussianRelease-sensitivity",
+        lambda: A.GaussianRelease(1.0, sensitivity=-1.0),
+        ValueError,
+        "sensitivity",
+    ),
+    (
+        "GaussianRelease.from_std-std",
+        lambda: A.GaussianRelease.from_std(0.0, 1.0),
+        ValueError,
+        "std",
+    ),
     ("SubsampledGaussian-q", lambda: A.SubsampledGaussian(1.0, 2.0, 1), ValueError, "sample_rate"),
     ("Composition-events", lambda: A.Composition((1.0,)), TypeError, "events"),
     ("PrivacyAccountant-method", lambda: A.PrivacyAccountant(method="x"), ValueError, "method"),
-    ("PrivacyAccountant.compose-event", lambda: A.PrivacyAccountant().compose("x"), TypeError, "event"),
-    ("PrivacyAccountant.get_epsilon-delta", lambda: A.PrivacyAccountant().compose(A.GaussianRelease(1.0)).get_epsilon(0.0), ValueError, "delta"),
-    ("PrivacyAccountant.get_delta-epsilon", lambda: A.PrivacyAccountant().compose(A.GaussianRelease(1.0)).get_delta(-1.0), ValueError, "epsilon"),
+    (
+        "PrivacyAccountant.compose-event",
+        lambda: A.PrivacyAccountant().compose("x"),
+        TypeError,
+        "event",
+    ),
+    (
+        "PrivacyAccountant.get_epsilon-delta",
+        lambda: A.PrivacyAccountant().compose(A.GaussianRelease(1.0)).get_epsilon(0.0),
+        ValueError,
+        "delta",
+    ),
+    (
+        "PrivacyAccountant.get_delta-epsilon",
+        lambda: A.PrivacyAccountant().compose(A.GaussianRelease(1.0)).get_delta(-1.0),
+        ValueError,
+        "epsilon",
+    ),
     ("ledger_for-delta", lambda: A.ledger_for([A.GaussianRelease(1.0)], 2.0), ValueError, "delta"),
     ("ledger_for-event", lambda: A.ledger_for(["x"], 1e-5), TypeError, "event"),
 ):
@@ -316,14 +508,62 @@ M = mechanisms
 for case, fn, exc, word, xf in (
     ("NoiseSource-seed-float", lambda: M.NoiseSource(1.5), TypeError, "random_state|seed", None),
     ("NoiseSource-seed-str", lambda: M.NoiseSource("a"), TypeError, "random_state|seed", None),
-    ("release_symmetric-multiplier-neg", lambda: M.release_symmetric(np.zeros((3, 3)), 1.0, -1.0, M.NoiseSource(), "g"), ValueError, "noise_multiplier|std", None),
-    ("release_symmetric-sensitivity-0", lambda: M.release_symmetric(np.zeros((3, 3)), 0.0, 1.0, M.NoiseSource(), "g"), ValueError, "sensitivity", None),
-    ("release_symmetric-int-stat", lambda: M.release_symmetric(np.zeros((3, 3), int), 1.0, 1.0, M.NoiseSource(), "g"), TypeError, "dtype|stat", None),
-    ("release_symmetric-nonsquare", lambda: M.release_symmetric(np.zeros((3, 4)), 1.0, 1.0, M.NoiseSource(), "g"), ValueError, "stat", None),
-    ("release_symmetric-nan-stat", lambda: M.release_symmetric(np.full((3, 3), np.nan), 1.0, 1.0, M.NoiseSource(), "g"), ValueError, "stat", None),
-    ("release_dense-multiplier-nan", lambda: M.release_dense(np.zeros(3), 1.0, math.nan, M.NoiseSource(), "b"), ValueError, "noise_multiplier|std", None),
-    ("release_dense-list-stat", lambda: M.release_dense([1.0, 2.0], 1.0, 1.0, M.NoiseSource(), "b"), TypeError, "stat", None),
-    ("release_dense-source-none", lambda: M.release_dense(np.zeros(3), 1.0, 1.0, None, "b"), TypeError, "source", None),
+    (
+        "release_symmetric-multiplier-neg",
+        lambda: M.release_symmetric(np.zeros((3, 3)), 1.0, -1.0, M.NoiseSource(), "g"),
+        ValueError,
+        "noise_multiplier|std",
+        None,
+    ),
+    (
+        "release_symmetric-sensitivity-0",
+        lambda: M.release_symmetric(np.zeros((3, 3)), 0.0, 1.0, M.NoiseSource(), "g"),
+        ValueError,
+        "sensitivity",
+        None,
+    ),
+    (
+        "release_symmetric-int-stat",
+        lambda: M.release_symmetric(np.zeros((3, 3), int), 1.0, 1.0, M.NoiseSource(), "g"),
+        TypeError,
+        "dtype|stat",
+        None,
+    ),
+    (
+        "release_symmetric-nonsquare",
+        lambda: M.release_symmetric(np.zeros((3, 4)), 1.0, 1.0, M.NoiseSource(), "g"),
+        ValueError,
+        "stat",
+        None,
+    ),
+    (
+        "release_symmetric-nan-stat",
+        lambda: M.release_symmetric(np.full((3, 3), np.nan), 1.0, 1.0, M.NoiseSource(), "g"),
+        ValueError,
+        "stat",
+        None,
+    ),
+    (
+        "release_dense-multiplier-nan",
+        lambda: M.release_dense(np.zeros(3), 1.0, math.nan, M.NoiseSource(), "b"),
+        ValueError,
+        "noise_multiplier|std",
+        None,
+    ),
+    (
+        "release_dense-list-stat",
+        lambda: M.release_dense([1.0, 2.0], 1.0, 1.0, M.NoiseSource(), "b"),
+        TypeError,
+        "stat",
+        None,
+    ),
+    (
+        "release_dense-source-none",
+        lambda: M.release_dense(np.zeros(3), 1.0, 1.0, None, "b"),
+        TypeError,
+        "source",
+        None,
+    ),
 ):
     bad(f"mechanisms.{case}", exc, word, fn, xfail=xf)
 
@@ -337,39 +577,164 @@ def _linalg():
 
 for case, fn, exc, word in (
     ("cholesky_repair-1d", lambda: _linalg().cholesky_repair(np.zeros(3)), ValueError, "a"),
-    ("cholesky_repair-nan", lambda: _linalg().cholesky_repair(np.full((3, 3), np.nan)), ValueError, "nan"),
-    ("cholesky_repair-int", lambda: _linalg().cholesky_repair(np.eye(3, dtype=int)), TypeError, "a"),
-    ("cholesky_repair-method", lambda: _linalg().cholesky_repair(-np.eye(3), method="x"), ValueError, "method"),
-    ("cholesky_repair-max_tries", lambda: _linalg().cholesky_repair(-np.eye(3), max_tries=0), ValueError, "max_tries"),
-    ("cholesky_repair-floor", lambda: _linalg().cholesky_repair(-np.eye(3), method="eig", floor=-1.0), ValueError, "floor"),
-    ("cholesky_shifts-nan", lambda: _linalg().cholesky_shifts(np.eye(3), [math.nan]), ValueError, "shifts"),
-    ("cholesky_shifts-2d", lambda: _linalg().cholesky_shifts(np.eye(3), np.zeros((2, 2))), ValueError, "shifts"),
-    ("solve_spd-repair", lambda: _linalg().solve_spd(np.eye(3), np.ones(3), repair="x"), ValueError, "method|repair"),
+    (
+        "cholesky_repair-nan",
+        lambda: _linalg().cholesky_repair(np.full((3, 3), np.nan)),
+        ValueError,
+        "nan",
+    ),
+    (
+        "cholesky_repair-int",
+        lambda: _linalg().cholesky_repair(np.eye(3, dtype=int)),
+        TypeError,
+        "a",
+    ),
+    (
+        "cholesky_repair-method",
+        lambda: _linalg().cholesky_repair(-np.eye(3), method="x"),
+        ValueError,
+        "method",
+    ),
+    (
+        "cholesky_repair-max_tries",
+        lambda: _linalg().cholesky_repair(-np.eye(3), max_tries=0),
+        ValueError,
+        "max_tries",
+    ),
+    (
+        "cholesky_repair-floor",
+        lambda: _linalg().cholesky_repair(-np.eye(3), method="eig", floor=-1.0),
+        ValueError,
+        "floor",
+    ),
+    (
+        "cholesky_shifts-nan",
+        lambda: _linalg().cholesky_shifts(np.eye(3), [math.nan]),
+        ValueError,
+        "shifts",
+    ),
+    (
+        "cholesky_shifts-2d",
+        lambda: _linalg().cholesky_shifts(np.eye(3), np.zeros((2, 2))),
+        ValueError,
+        "shifts",
+    ),
+    (
+        "solve_spd-repair",
+        lambda: _linalg().solve_spd(np.eye(3), np.ones(3), repair="x"),
+        ValueError,
+        "method|repair",
+    ),
     ("solve_spd-b", lambda: _linalg().solve_spd(np.eye(3), np.ones(4)), ValueError, "b"),
-    ("solve_spd-indefinite", lambda: _linalg().solve_spd(-np.eye(3), np.ones(3), repair=None), np.linalg.LinAlgError, "positive definite"),
+    (
+        "solve_spd-indefinite",
+        lambda: _linalg().solve_spd(-np.eye(3), np.ones(3), repair=None),
+        np.linalg.LinAlgError,
+        "positive definite",
+    ),
 ):
     bad(f"linalg.{case}", exc, word, fn)
 
 
 # ---- data -----------------------------------------------------------------------------
 for case, fn, exc, word in (
-    ("check_feature_arrays-1d", lambda: data.check_feature_arrays(X[0], Y[:1]), ValueError, "features"),
-    ("check_feature_arrays-empty", lambda: data.check_feature_arrays(X[:0], Y[:0]), ValueError, "features"),
-    ("check_feature_arrays-int", lambda: data.check_feature_arrays(X.astype(int), Y), TypeError, "features"),
-    ("check_feature_arrays-complex", lambda: data.check_feature_arrays(X.astype(complex), Y), TypeError, "features"),
-    ("check_feature_arrays-nan", lambda: data.check_feature_arrays(np.full((6, 3), np.nan), Y), ValueError, "features"),
-    ("check_feature_arrays-labels-float", lambda: data.check_feature_arrays(X, Y * 1.0), TypeError, "labels"),
-    ("check_feature_arrays-labels-neg", lambda: data.check_feature_arrays(X, Y - 1), ValueError, "labels"),
-    ("check_feature_arrays-labels-num_classes", lambda: data.check_feature_arrays(X, Y, num_classes=2), ValueError, "labels|num_classes"),
-    ("check_feature_arrays-num_classes-0", lambda: data.check_feature_arrays(X, Y, num_classes=0), ValueError, "num_classes"),
-    ("check_feature_arrays-mismatch", lambda: data.check_feature_arrays(X, Y[:-1]), ValueError, "features|labels"),
-    ("FeatureSet.from_arrays-2d-labels", lambda: data.FeatureSet.from_arrays(X, Y[:, None]), ValueError, "labels"),
-    ("train_test_split-fraction", lambda: data.train_test_split_features(data.FeatureSet.from_arrays(X, Y), 1.5), ValueError, "test_fraction"),
-    ("train_test_split-empty", lambda: data.train_test_split_features(data.FeatureSet.from_arrays(X, Y), 6), ValueError, "empty"),
+    (
+        "check_feature_arrays-1d",
+        lambda: data.check_feature_arrays(X[0], Y[:1]),
+        ValueError,
+        "features",
+    ),
+    (
+        "check_feature_arrays-empty",
+        lambda: data.check_feature_arrays(X[:0], Y[:0]),
+        ValueError,
+        "features",
+    ),
+    (
+        "check_feature_arrays-int",
+        lambda: data.check_feature_arrays(X.astype(int), Y),
+        TypeError,
+        "features",
+    ),
+    (
+        "check_feature_arrays-complex",
+        lambda: data.check_feature_arrays(X.astype(complex), Y),
+        TypeError,
+        "features",
+    ),
+    (
+        "check_feature_arrays-nan",
+        lambda: data.check_feature_arrays(np.full((6, 3), np.nan), Y),
+        ValueError,
+        "features",
+    ),
+    (
+        "check_feature_arrays-labels-float",
+        lambda: data.check_feature_arrays(X, Y * 1.0),
+        TypeError,
+        "labels",
+    ),
+    (
+        "check_feature_arrays-labels-neg",
+        lambda: data.check_feature_arrays(X, Y - 1),
+        ValueError,
+        "labels",
+    ),
+    (
+        "check_feature_arrays-labels-num_classes",
+        lambda: data.check_feature_arrays(X, Y, num_classes=2),
+        ValueError,
+        "labels|num_classes",
+    ),
+    (
+        "check_feature_arrays-num_classes-0",
+        lambda: data.check_feature_arrays(X, Y, num_classes=0),
+        ValueError,
+        "num_classes",
+    ),
+    (
+        "check_feature_arrays-mismatch",
+        lambda: data.check_feature_arrays(X, Y[:-1]),
+        ValueError,
+        "features|labels",
+    ),
+    (
+        "FeatureSet.from_arrays-2d-labels",
+        lambda: data.FeatureSet.from_arrays(X, Y[:, None]),
+        ValueError,
+        "labels",
+    ),
+    (
+        "train_test_split-fraction",
+        lambda: data.train_test_split_features(data.FeatureSet.from_arrays(X, Y), 1.5),
+        ValueError,
+        "test_fraction",
+    ),
+    (
+        "train_test_split-empty",
+        lambda: data.train_test_split_features(data.FeatureSet.from_arrays(X, Y), 6),
+        ValueError,
+        "empty",
+    ),
     ("save_features-extension", lambda: data.save_features("/tmp/x.txt", X, Y), ValueError, "npz"),
-    ("load_features-extension", lambda: data.load_features("/tmp/features.csv"), ValueError, "format"),
-    ("load_features-missing", lambda: data.load_features("/nonexistent/dir/f.npz"), FileNotFoundError, "not found"),
-    ("load_features-npy-no-labels", lambda: data.load_features("/tmp/any.npy"), ValueError, "labels"),
+    (
+        "load_features-extension",
+        lambda: data.load_features("/tmp/features.csv"),
+        ValueError,
+        "format",
+    ),
+    (
+        "load_features-missing",
+        lambda: data.load_features("/nonexistent/dir/f.npz"),
+        FileNotFoundError,
+        "not found",
+    ),
+    (
+        "load_features-npy-no-labels",
+        lambda: data.load_features("/tmp/any.npy"),
+        ValueError,
+        "labels",
+    ),
 ):
     bad(f"data.{case}", exc, word, fn)
 
@@ -383,7 +748,8 @@ def test_bad_input_raises_clear_error(fn, exc, word):
         import re
 
         assert re.search(word, str(info.value), re.IGNORECASE), (
-            f"the message does not name the argument ({word!r}): {info.value}")
+            f"the message does not name the argument ({word!r}): {info.value}"
+        )
     COUNTS["bad inputs (table)"] += 1
 
 
@@ -415,7 +781,9 @@ def _file_cases(tmp):
     cases["npz-garbage"] = write("g.npz", b"not a zip file at all" * 10)
     np.savez(os.path.join(tmp, "nokey.npz"), feats=x, labels=y)
     cases["npz-missing-key"] = os.path.join(tmp, "nokey.npz")
-    np.savez(os.path.join(tmp, "nan.npz"), features=np.full((3, 2), np.nan), labels=np.zeros(3, int))
+    np.savez(
+        os.path.join(tmp, "nan.npz"), features=np.full((3, 2), np.nan), labels=np.zeros(3, int)
+    )
     cases["npz-nan-features"] = os.path.join(tmp, "nan.npz")
     np.savez(os.path.join(tmp, "neg.npz"), features=x, labels=y - 5)
     cases["npz-negative-labels"] = os.path.join(tmp, "neg.npz")
@@ -506,7 +874,11 @@ FIT_BAD = {
     "clip_norm-nan": (XF, YF, {"clip_norm": math.nan}, ValueError, "clip_norm"),
     "random_state-float": (XF, YF, {"random_state": 1.5}, TypeError, "random_state"),
     "device": (XF, YF, {"device": "gpu"}, ValueError, "device"),
-    **({} if _GPU_USABLE else {"device-cuda-without-gpu": (XF, YF, {"device": "cuda"}, RuntimeError, "cuda")}),
+    **(
+        {}
+        if _GPU_USABLE
+        else {"device-cuda-without-gpu": (XF, YF, {"device": "cuda"}, RuntimeError, "cuda")}
+    ),
     "center-shape": (XF, YF, {"center": np.zeros(3)}, ValueError, "center"),
     "center-nan": (XF, YF, {"center": np.full(5, np.nan)}, ValueError, "center"),
     "normalize-str": (XF, YF, {"normalize": "yes"}, TypeError, "normalize"),
@@ -516,7 +888,19 @@ FIT_BAD = {
     "X_val-without-y_val": (XF, YF, {"_val": "x_only"}, ValueError, "X_val|y_val"),
     "X_val-wrong-d": (XF, YF, {"_val": "wrong_d"}, ValueError, "X_val"),
     "y_val-unknown-label": (XF, YF, {"_val": "bad_label"}, ValueError, "y_val"),
-    **({} if _HAVE_CUPY else {"X-gpu-without-cupy": (None, YF, {"_gpu": True}, (TypeError, ValueError, RuntimeError), "X|cupy|gpu")}),
+    **(
+        {}
+        if _HAVE_CUPY
+        else {
+            "X-gpu-without-cupy": (
+                None,
+                YF,
+                {"_gpu": True},
+                (TypeError, ValueError, RuntimeError),
+                "X|cupy|gpu",
+            )
+        }
+    ),
 }
 
 
@@ -582,8 +966,11 @@ METHOD_PARAMS_BAD = [
 ]
 
 
-@pytest.mark.parametrize("cls,kw,exc,word", METHOD_PARAMS_BAD,
-                         ids=[f"{c.__name__}-{list(k)[0]}" for c, k, _, _ in METHOD_PARAMS_BAD])
+@pytest.mark.parametrize(
+    "cls,kw,exc,word",
+    METHOD_PARAMS_BAD,
+    ids=[f"{c.__name__}-{list(k)[0]}" for c, k, _, _ in METHOD_PARAMS_BAD],
+)
 def test_method_parameters_bad(cls, kw, exc, word):
     import re
 
@@ -596,7 +983,7 @@ def test_method_parameters_bad(cls, kw, exc, word):
 def test_set_params_and_predict_bad_input():
     import re
 
-    for name, cls, kw in ESTIMATORS:
+    for _name, cls, kw in ESTIMATORS:
         est = cls(device="cpu", **kw)
         for method in (est.decision_function, est.predict, est.predict_proba):
             with pytest.raises(NotFittedError, match="fit"):
@@ -604,9 +991,13 @@ def test_set_params_and_predict_bad_input():
         with pytest.raises(ValueError, match="nope"):
             est.set_params(nope=1)
         est.fit(XF, YF)
-        for Xv, exc, word in ((XF[:, :3], ValueError, "X"), (XF[0], ValueError, "X"),
-                              (np.full((2, 5), np.nan), ValueError, "X"),
-                              (XF.astype(complex), ValueError, "X"), (XF[:0], ValueError, "X")):
+        for Xv, exc, word in (
+            (XF[:, :3], ValueError, "X"),
+            (XF[0], ValueError, "X"),
+            (np.full((2, 5), np.nan), ValueError, "X"),
+            (XF.astype(complex), ValueError, "X"),
+            (XF[:0], ValueError, "X"),
+        ):
             with pytest.raises(exc) as info:
                 est.predict(Xv)
             assert re.search(word, str(info.value)), str(info.value)
@@ -622,35 +1013,68 @@ def test_predict_before_fit_is_a_clear_error():
 # Degenerate but valid data: the fit succeeds and the weights are finite.
 DEGENERATE = {
     "all-zero-rows": (np.zeros((30, 4)), _RNG.integers(0, 3, 30), {}),
-    "one-class-with-classes": (_RNG.standard_normal((30, 4)), np.zeros(30, int), {"classes": [0, 1, 2]}),
-    "classes-never-occurring": (_RNG.standard_normal((30, 4)), _RNG.integers(0, 2, 30), {"classes": [0, 1, 2, 3, 4]}),
+    "one-class-with-classes": (
+        _RNG.standard_normal((30, 4)),
+        np.zeros(30, int),
+        {"classes": [0, 1, 2]},
+    ),
+    "classes-never-occurring": (
+        _RNG.standard_normal((30, 4)),
+        _RNG.integers(0, 2, 30),
+        {"classes": [0, 1, 2, 3, 4]},
+    ),
     "n=1": (_RNG.standard_normal((1, 4)), np.array([1]), {"classes": [0, 1]}),
     "d=1": (_RNG.standard_normal((30, 1)), _RNG.integers(0, 2, 30), {}),
     "huge-rows": (_RNG.standard_normal((30, 4)) * 1e300, _RNG.integers(0, 2, 30), {}),
-    "huge-rows-no-normalize": (_RNG.standard_normal((30, 4)) * 1e300, _RNG.integers(0, 2, 30), {"normalize": False}),
+    "huge-rows-no-normalize": (
+        _RNG.standard_normal((30, 4)) * 1e300,
+        _RNG.integers(0, 2, 30),
+        {"normalize": False},
+    ),
     "tiny-rows": (_RNG.standard_normal((30, 4)) * 1e-300, _RNG.integers(0, 2, 30), {}),
-    "float32-max": (np.full((30, 4), np.finfo(np.float32).max, np.float32), _RNG.integers(0, 2, 30), {}),
-    "duplicated-rows": (np.repeat(_RNG.standard_normal((1, 4)), 30, axis=0), _RNG.integers(0, 3, 30), {}),
+    "float32-max": (
+        np.full((30, 4), np.finfo(np.float32).max, np.float32),
+        _RNG.integers(0, 2, 30),
+        {},
+    ),
+    "duplicated-rows": (
+        np.repeat(_RNG.standard_normal((1, 4)), 30, axis=0),
+        _RNG.integers(0, 3, 30),
+        {},
+    ),
     "epsilon-tiny": (_RNG.standard_normal((30, 4)), _RNG.integers(0, 3, 30), {"epsilon": 1e-3}),
     "epsilon-huge": (_RNG.standard_normal((30, 4)), _RNG.integers(0, 3, 30), {"epsilon": 1e6}),
     "epsilon-inf": (_RNG.standard_normal((30, 4)), _RNG.integers(0, 3, 30), {"epsilon": math.inf}),
     "string-labels": (_RNG.standard_normal((30, 4)), np.array(["cat", "dog", "eel"] * 10), {}),
     "non-contiguous": (_RNG.standard_normal((60, 8))[::2, ::2], _RNG.integers(0, 3, 30), {}),
-    "fortran-order": (np.asfortranarray(_RNG.standard_normal((30, 4))), _RNG.integers(0, 3, 30), {}),
+    "fortran-order": (
+        np.asfortranarray(_RNG.standard_normal((30, 4))),
+        _RNG.integers(0, 3, 30),
+        {},
+    ),
     "transposed-view": (_RNG.standard_normal((4, 30)).T, _RNG.integers(0, 3, 30), {}),
     "int-features": (_RNG.integers(0, 5, (30, 4)), _RNG.integers(0, 3, 30), {}),
-    "float16-features": (_RNG.standard_normal((30, 4)).astype(np.float16), _RNG.integers(0, 3, 30), {}),
+    "float16-features": (
+        _RNG.standard_normal((30, 4)).astype(np.float16),
+        _RNG.integers(0, 3, 30),
+        {},
+    ),
 }
 
 
-_POISSON_CASES = {"all-zero-rows", "n=1", "one-class-with-classes", "huge-rows-no-normalize",
-                  "epsilon-tiny"}
+_POISSON_CASES = {
+    "all-zero-rows",
+    "n=1",
+    "one-class-with-classes",
+    "huge-rows-no-normalize",
+    "epsilon-tiny",
+}
 
 
 _DEGENERATE_PARAMS = [
     pytest.param(name, cls, kw_est, case, id=f"{name}-{case}")
-    for name, cls, kw_est in ESTIMATORS + [
-        ("sgd_poisson", models.DPSGDClassifier, {"steps": 2, "sample_rate": 0.5})]
+    for name, cls, kw_est in ESTIMATORS
+    + [("sgd_poisson", models.DPSGDClassifier, {"steps": 2, "sample_rate": 0.5})]
     for case in sorted(DEGENERATE)
     # Poisson DP-SGD: a representative subset (its ledger takes ~0.3 s per fit).
     if name != "sgd_poisson" or case in _POISSON_CASES
@@ -662,8 +1086,11 @@ def test_degenerate_data_gives_finite_weights(name, cls, kw_est, case, monkeypat
     Xv, yv, kw = DEGENERATE[case]
     if name == "sgd_poisson":
         # The Poisson (RDP/PLD) calibration is slow and is not what is tested here.
-        monkeypatch.setattr(accounting, "calibrate_dpsgd_noise_multiplier",
-                            lambda eps, *a, **k: 0.0 if math.isinf(eps) else 2.0)
+        monkeypatch.setattr(
+            accounting,
+            "calibrate_dpsgd_noise_multiplier",
+            lambda eps, *a, **k: 0.0 if math.isinf(eps) else 2.0,
+        )
     with np.errstate(all="ignore"):
         est = cls(device="cpu", **{**kw_est, **kw}).fit(Xv, yv)
     assert np.isfinite(est.coef_).all() and np.isfinite(est.intercept_).all()
@@ -692,8 +1119,13 @@ def test_big_endian_features():
 def test_non_contiguous_inputs_match_contiguous():
     rng = np.random.default_rng(9)
     base = rng.standard_normal((40, 12))
-    views = {"rows-step": base[::2, :6], "cols-step": base[:20, ::2], "transposed": base[:6, :20].T,
-             "fortran": np.asfortranarray(base[:20, :6]), "negative-stride": base[::-2, 3:9]}
+    views = {
+        "rows-step": base[::2, :6],
+        "cols-step": base[:20, ::2],
+        "transposed": base[:6, :20].T,
+        "fortran": np.asfortranarray(base[:20, :6]),
+        "negative-stride": base[::-2, 3:9],
+    }
     for name, v in views.items():
         c = np.ascontiguousarray(v)
         y = np.arange(v.shape[0]) % 3
@@ -703,13 +1135,22 @@ def test_non_contiguous_inputs_match_contiguous():
             if vv.flags.c_contiguous and name != "fortran":
                 vv = v.astype(dtype)[:, ::1]
             # Same values up to the last bit of the norm (the summation order may differ).
-            np.testing.assert_allclose(ops.clip_rows(vv, 1.0)[0], ops.clip_rows(cc, 1.0)[0],
-                                       rtol=1e-14)
-            np.testing.assert_allclose(ops.clipped_gram(vv, 1.0), ops.clipped_gram(cc, 1.0), rtol=1e-12)
-            np.testing.assert_allclose(ops.clipped_class_sums(vv, y, 3, 1.0),
-                                       ops.clipped_class_sums(cc, y, 3, 1.0), rtol=1e-12)
-            np.testing.assert_allclose(ops.clipped_linear_grad(vv, y, w, 0.0, 0.5)[0],
-                                       ops.clipped_linear_grad(cc, y, w, 0.0, 0.5)[0], rtol=1e-12)
+            np.testing.assert_allclose(
+                ops.clip_rows(vv, 1.0)[0], ops.clip_rows(cc, 1.0)[0], rtol=1e-14
+            )
+            np.testing.assert_allclose(
+                ops.clipped_gram(vv, 1.0), ops.clipped_gram(cc, 1.0), rtol=1e-12
+            )
+            np.testing.assert_allclose(
+                ops.clipped_class_sums(vv, y, 3, 1.0),
+                ops.clipped_class_sums(cc, y, 3, 1.0),
+                rtol=1e-12,
+            )
+            np.testing.assert_allclose(
+                ops.clipped_linear_grad(vv, y, w, 0.0, 0.5)[0],
+                ops.clipped_linear_grad(cc, y, w, 0.0, 0.5)[0],
+                rtol=1e-12,
+            )
             COUNTS["non-contiguous inputs"] += 4
 
 
@@ -741,7 +1182,9 @@ def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path):
     runner = CliRunner()
     rng = np.random.default_rng(0)
     good = str(tmp_path / "good.npz")
-    data.save_features(good, rng.standard_normal((30, 4)).astype(np.float32), rng.integers(0, 3, 30))
+    data.save_features(
+        good, rng.standard_normal((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    )
     raw = open(good, "rb").read()
     truncated = tmp_path / "trunc.npz"
     truncated.write_bytes(raw[: len(raw) // 2])
@@ -772,22 +1215,28 @@ def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path):
             (["train", good, "--epsilon", "abc"], "epsilon"),
         ]
     if "audit" in commands:
-        invocations += [(["audit", "--mechanism", "nope"], "mechanism"),
-                        (["audit", "--epsilon", "0"], "epsilon"),
-                        (["audit", "--delta", "2"], "delta"),
-                        (["audit", "--runs", "5"], "runs"),
-                        (["audit", "--planted-bug", "typo"], "planted")]
+        invocations += [
+            (["audit", "--mechanism", "nope"], "mechanism"),
+            (["audit", "--epsilon", "0"], "epsilon"),
+            (["audit", "--delta", "2"], "delta"),
+            (["audit", "--runs", "5"], "runs"),
+            (["audit", "--planted-bug", "typo"], "planted"),
+        ]
     if not invocations:
         pytest.skip(f"no known CLI commands to exercise (found {sorted(commands)})")
     import re
 
     for args, word in invocations:
-        res = runner.invoke(cli.app, args + (["--output", str(tmp_path / "m.npz")]
-                                             if args[0] == "train" else []))
+        res = runner.invoke(
+            cli.app, args + (["--output", str(tmp_path / "m.npz")] if args[0] == "train" else [])
+        )
         out = res.output
         assert res.exit_code != 0, (args, out)
         assert "Traceback" not in out, (args, out)
-        assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
+        assert res.exception is None or isinstance(res.exception, SystemExit), (
+            args,
+            repr(res.exception),
+        )
         assert re.search(word, out, re.IGNORECASE), (args, word, out)
         COUNTS["bad inputs (CLI)"] += 1
 
@@ -796,13 +1245,37 @@ def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path):
 # Fuzzing (hypothesis): the native entry points and the ops
 # --------------------------------------------------------------------------------------
 
-_FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
-                 suppress_health_check=list(HealthCheck))
+_FUZZ = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 
-_DTYPES = [np.float32, np.float64, np.float16, np.int32, np.int64, np.uint8, np.bool_,
-           np.complex64, np.complex128]
-_SPECIAL = [0.0, -0.0, 1.0, -1.0, np.nan, np.inf, -np.inf, 1e308, -1e308, 5e-324, 3.4e38,
-            1e-45, 1e300, 1e-300]
+_DTYPES = [
+    np.float32,
+    np.float64,
+    np.float16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.bool_,
+    np.complex64,
+    np.complex128,
+]
+_SPECIAL = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    np.nan,
+    np.inf,
+    -np.inf,
+    1e308,
+    -1e308,
+    5e-324,
+    3.4e38,
+    1e-45,
+    1e300,
+    1e-300,
+]
 
 
 @st.composite
@@ -813,17 +1286,29 @@ def fuzz_arrays(draw, max_dims=3, max_side=5):
     a = np.zeros(shape, dtype=dtype)
     if a.size:
         if dtype.kind in "fc":
-            vals = draw(st.lists(st.one_of(st.sampled_from(_SPECIAL),
-                                           st.floats(-1e6, 1e6, allow_nan=False)),
-                                 min_size=a.size, max_size=a.size))
+            vals = draw(
+                st.lists(
+                    st.one_of(st.sampled_from(_SPECIAL), st.floats(-1e6, 1e6, allow_nan=False)),
+                    min_size=a.size,
+                    max_size=a.size,
+                )
+            )
             with np.errstate(all="ignore"):
                 a = np.array(vals, dtype=np.float64).astype(dtype).reshape(shape)
         elif dtype.kind == "b":
-            a = np.array(draw(st.lists(st.booleans(), min_size=a.size, max_size=a.size))).reshape(shape)
+            a = np.array(draw(st.lists(st.booleans(), min_size=a.size, max_size=a.size))).reshape(
+                shape
+            )
         else:
             info = np.iinfo(dtype)
-            a = np.array(draw(st.lists(st.integers(int(info.min), int(info.max)), min_size=a.size,
-                                       max_size=a.size)), dtype=dtype).reshape(shape)
+            a = np.array(
+                draw(
+                    st.lists(
+                        st.integers(int(info.min), int(info.max)), min_size=a.size, max_size=a.size
+                    )
+                ),
+                dtype=dtype,
+            ).reshape(shape)
     layout = draw(st.sampled_from(["c", "f", "T", "step", "neg"]))
     if layout == "f":
         a = np.asfortranarray(a)
@@ -862,9 +1347,12 @@ def _magnitude(a) -> float:
 
 
 @_FUZZ
-@given(out=fuzz_arrays(), std=st.one_of(st.floats(), st.integers(-5, 5)),
-       key=st.lists(st.integers(-2, 2**33), min_size=0, max_size=5),
-       block=st.integers(-5, 2**65))
+@given(
+    out=fuzz_arrays(),
+    std=st.one_of(st.floats(), st.integers(-5, 5)),
+    key=st.lists(st.integers(-2, 2**33), min_size=0, max_size=5),
+    block=st.integers(-5, 2**65),
+)
 def test_fuzz_core_noise(out, std, key, block):
     for fn in (_core.cpu_sym_gaussian_noise, _core.cpu_gaussian_noise):
         buf = out.copy() if out.flags.writeable else out
@@ -876,9 +1364,12 @@ def test_fuzz_core_noise(out, std, key, block):
 
 
 @_FUZZ
-@given(counter=st.lists(st.integers(-1, 2**33), min_size=0, max_size=5),
-       key=st.lists(st.integers(-1, 2**33), min_size=0, max_size=3),
-       t=fuzz_arrays(), which=st.sampled_from(["log", "cos2pi", "sin2pi", "tan", ""]))
+@given(
+    counter=st.lists(st.integers(-1, 2**33), min_size=0, max_size=5),
+    key=st.lists(st.integers(-1, 2**33), min_size=0, max_size=3),
+    t=fuzz_arrays(),
+    which=st.sampled_from(["log", "cos2pi", "sin2pi", "tan", ""]),
+)
 def test_fuzz_core_philox_and_transform(counter, key, t, which):
     try:
         r = _core.philox4x32_10(counter, key)
@@ -893,13 +1384,17 @@ def test_fuzz_core_philox_and_transform(counter, key, t, which):
 
 
 @_FUZZ
-@given(x=fuzz_arrays(), c=st.one_of(st.floats(), st.sampled_from([1.0, 1e-30, 1e30])),
-       data_=st.data())
+@given(
+    x=fuzz_arrays(), c=st.one_of(st.floats(), st.sampled_from([1.0, 1e-30, 1e30])), data_=st.data()
+)
 def test_fuzz_ops_statistics(x, c, data_):
     n = x.shape[0] if x.ndim >= 1 else 0
     k = data_.draw(st.integers(0, 4))
-    labels = data_.draw(fuzz_arrays(max_dims=1, max_side=6)) if data_.draw(st.booleans()) else (
-        np.arange(n) % max(k, 1))
+    labels = (
+        data_.draw(fuzz_arrays(max_dims=1, max_side=6))
+        if data_.draw(st.booleans())
+        else (np.arange(n) % max(k, 1))
+    )
     weights = data_.draw(fuzz_arrays(max_dims=2, max_side=5))
     cc = abs(c) if isinstance(c, float) and math.isfinite(c) else 0.0
     big = n * cc * cc  # the exact statistics are bounded by n C^2
@@ -943,16 +1438,21 @@ def test_fuzz_ops_linear_grad_and_linalg(x, w, data_):
 
 
 @_FUZZ
-@given(d=st.one_of(st.integers(-2, 40), st.floats(), st.booleans()),
-       std=st.one_of(st.floats(), st.integers(-3, 3)),
-       batch=st.one_of(st.none(), st.integers(-2, 5)),
-       key=st.one_of(st.none(), st.integers(-5, 2**129), st.floats(), st.text(max_size=3)),
-       counter=st.one_of(st.integers(-5, 2**65), st.floats()),
-       dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int8, "float64", "x"]))
+@given(
+    d=st.one_of(st.integers(-2, 40), st.floats(), st.booleans()),
+    std=st.one_of(st.floats(), st.integers(-3, 3)),
+    batch=st.one_of(st.none(), st.integers(-2, 5)),
+    key=st.one_of(st.none(), st.integers(-5, 2**129), st.floats(), st.text(max_size=3)),
+    counter=st.one_of(st.integers(-5, 2**65), st.floats()),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16, np.int8, "float64", "x"]),
+)
 def test_fuzz_ops_noise(d, std, batch, key, counter, dtype):
-    for fn in (lambda: ops.sym_gaussian_noise(d, std, batch=batch, key=key, counter=counter, dtype=dtype),
-               lambda: ops.gaussian_noise((d, 2) if isinstance(d, int) else d, std, key=key,
-                                          counter=counter, dtype=dtype)):
+    for fn in (
+        lambda: ops.sym_gaussian_noise(d, std, batch=batch, key=key, counter=counter, dtype=dtype),
+        lambda: ops.gaussian_noise(
+            (d, 2) if isinstance(d, int) else d, std, key=key, counter=counter, dtype=dtype
+        ),
+    ):
         try:
             out = fn()
             assert np.isfinite(out).all()

@@ -18,16 +18,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
-
-from dpfc_native import mechanisms, models, ops
-
 from _reference import COUNTS, NoiseCallRecorder, assert_no_block_reuse, assert_sym_noise_calibrated
 from _reference import ks_ok as _ks_ok
 from _reference import moments_ok as _moments_ok
 
+from dpfc_native import mechanisms, models, ops
+
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
+
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("key", [0x1234, (1 << 127) + 987654321])

@@ -26,14 +26,14 @@ import zlib
 
 import numpy as np
 import pytest
+from _reference import COUNTS, add_example, adversarial_additions, f32_widened_sensitivity
 
 from dpfc_native import mechanisms, models, ops
-
-from _reference import COUNTS, add_example, adversarial_additions, f32_widened_sensitivity
 
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
+
 
 def _sigmoid(z):
     return 0.5 + 0.5 * np.tanh(0.5 * z)
@@ -169,8 +169,7 @@ def test_replay_ops(mech, dtype):
                 COUNTS[f"ops:{mech}"] += pairs
                 worst_all = max(worst_all, worst)
                 assert worst <= 1.0, (mech, n, d, k, C, wkind, worst)
-                if mech in ("gram", "stats_gram", "class_grams",
-                            "stats_class_sums", "class_sums"):
+                if mech in ("gram", "stats_gram", "class_grams", "stats_class_sums", "class_sums"):
                     break  # these do not depend on W
     # The bound is attained (up to the 2^-20 clip margin) by the adversarial neighbours:
     # a replay that never comes close to it would not be testing anything.
@@ -250,8 +249,14 @@ def broken_fc_gradient_no_grad_clip(X, y, k, C, W):
         # A gradient clip of "infinity" with the sensitivity still declared as C_g = C.
         (broken_fc_gradient_no_grad_clip, lambda k, C: 0.1 * C),
     ],
-    ids=["gram-no-clip", "gram-clip-then-raw", "sums-no-clip", "newton-grad-sens-C",
-         "newton-hess-sens-C2/4", "fc-grad-no-clip"],
+    ids=[
+        "gram-no-clip",
+        "gram-clip-then-raw",
+        "sums-no-clip",
+        "newton-grad-sens-C",
+        "newton-hess-sens-C2/4",
+        "fc-grad-no-clip",
+    ],
 )
 def test_replay_detects_broken_variants(fn, sens):
     rng = np.random.default_rng(3)
@@ -293,8 +298,12 @@ class ReleaseRecorder:
                 assert self.replay[i]["name"] == name
                 noisy = self.replay[i]["noisy"].copy()
             self.records.append(
-                {"name": name, "stat": np.array(stat, dtype=np.float64), "sens": sensitivity,
-                 "noisy": np.array(noisy)}
+                {
+                    "name": name,
+                    "stat": np.array(stat, dtype=np.float64),
+                    "sens": sensitivity,
+                    "noisy": np.array(noisy),
+                }
             )
             return noisy, rec
 
@@ -323,8 +332,11 @@ ESTIMATORS = [
     ("newton", models.DPNewtonClassifier, {"steps": 3, "reg": 30.0}),
     ("fc", models.DPFCClassifier, {"steps": 4, "reg": 30.0}),
     ("sgd_softmax", models.DPSGDClassifier, {"steps": 4}),
-    ("sgd_sigmoid_adam", models.DPSGDClassifier, {"steps": 3, "loss": "sigmoid",
-                                                  "optimizer": "adam", "bias": -2.0}),
+    (
+        "sgd_sigmoid_adam",
+        models.DPSGDClassifier,
+        {"steps": 3, "loss": "sigmoid", "optimizer": "adam", "bias": -2.0},
+    ),
 ]
 
 
@@ -336,8 +348,16 @@ def test_replay_through_estimators(monkeypatch, name, cls, kw, normalize):
     X, y = _base_dataset(rng, n, d, k, np.float64)
     y[:k] = np.arange(k)  # every class occurs (classes inferred from y must agree)
     classes = np.arange(k)
-    common = dict(epsilon=2.0, delta=1e-5, clip_norm=C, normalize=normalize, classes=classes,
-                  random_state=1234, device="cpu", **kw)
+    common = dict(
+        epsilon=2.0,
+        delta=1e-5,
+        clip_norm=C,
+        normalize=normalize,
+        classes=classes,
+        random_state=1234,
+        device="cpu",
+        **kw,
+    )
     base_rec = ReleaseRecorder(monkeypatch)
     est = cls(**common).fit(X, y)
     base = base_rec.records

@@ -140,8 +140,10 @@ def test_float32_mode_replay_at_large_n(data):
         moved = ops.clipped_gram(x2, C, accumulate=mode) - ops.clipped_gram(x, C, accumulate=mode)
         total = float(np.linalg.norm(moved))
         excess = float(np.linalg.norm(moved - outer))
-        print(f"\n[{mode} mode, n={x.shape[0]}] ||change||_F / C^2 = {total:.8f}, "
-              f"rounding part {excess:.3e}")
+        print(
+            f"\n[{mode} mode, n={x.shape[0]}] ||change||_F / C^2 = {total:.8f}, "
+            f"rounding part {excess:.3e}"
+        )
         if tol is not None:
             assert total <= C**2 and excess < tol
         else:

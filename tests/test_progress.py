@@ -74,10 +74,12 @@ def test_update_sets_count_and_total():
         bar.update(4, total=10, status="1 skipped")
         bar.update(10)
     lines = buf.getvalue().splitlines()
-    assert lines == ["read: started, 0s elapsed",
-                     "read: 4/10 (40%), 0s elapsed, ~0s left, [1 skipped]",
-                     "read: 10/10 (100%), 0s elapsed, [1 skipped]",
-                     "read: 10/10 (100%), done, 0s elapsed, [1 skipped]"]
+    assert lines == [
+        "read: started, 0s elapsed",
+        "read: 4/10 (40%), 0s elapsed, ~0s left, [1 skipped]",
+        "read: 10/10 (100%), 0s elapsed, [1 skipped]",
+        "read: 10/10 (100%), done, 0s elapsed, [1 skipped]",
+    ]
 
 
 def test_error_is_reported_and_thread_stops():
@@ -99,29 +101,50 @@ def test_verbose_python_api_one_pass_and_steps(rng, capsys, every_advance):
     DPSGDClassifier(epsilon=1.0, classes=range(3), steps=4, verbose=1).fit(x, y)
     err = _lines(capsys.readouterr().err, "DP-SGD")
     assert [ln.split(",")[0] for ln in err] == [
-        "DP-SGD: 0/4 (0%)", "DP-SGD: 1/4 (25%)", "DP-SGD: 2/4 (50%)", "DP-SGD: 3/4 (75%)",
-        "DP-SGD: 4/4 (100%)", "DP-SGD: 4/4 (100%)"]
+        "DP-SGD: 0/4 (0%)",
+        "DP-SGD: 1/4 (25%)",
+        "DP-SGD: 2/4 (50%)",
+        "DP-SGD: 3/4 (75%)",
+        "DP-SGD: 4/4 (100%)",
+        "DP-SGD: 4/4 (100%)",
+    ]
     assert err[-1].startswith("DP-SGD: 4/4 (100%), done")
     DPSGDClassifier(epsilon=1.0, classes=range(3), steps=4).fit(x, y)  # verbose=0: silent
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("method,description,steps", [("ls", "DP-LS", None),
-                                                      ("ls-per-class", "DP-LS", None),
-                                                      ("fc", "DP-FC", 3),
-                                                      ("newton", "DP Newton", 2),
-                                                      ("sgd", "DP-SGD", 5)])
+@pytest.mark.parametrize(
+    "method,description,steps",
+    [
+        ("ls", "DP-LS", None),
+        ("ls-per-class", "DP-LS", None),
+        ("fc", "DP-FC", 3),
+        ("newton", "DP Newton", 2),
+        ("sgd", "DP-SGD", 5),
+    ],
+)
 def test_cli_train_plain_lines(tmp_path, rng, every_advance, method, description, steps):
     f = _write(tmp_path / "train.npz", rng)
-    args = ["train", f, "-m", method, "-e", "1", "--num-classes", "3",
-            "-o", str(tmp_path / "m.npz")]
+    args = [
+        "train",
+        f,
+        "-m",
+        method,
+        "-e",
+        "1",
+        "--num-classes",
+        "3",
+        "-o",
+        str(tmp_path / "m.npz"),
+    ]
     if steps is not None:
         args += ["--steps", str(steps)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = _lines(result.output, description)
-    assert "started" in lines[0] and lines[-1].startswith(f"{description}: ") and \
-        "done" in lines[-1], lines
+    assert (
+        "started" in lines[0] and lines[-1].startswith(f"{description}: ") and "done" in lines[-1]
+    ), lines
     if steps is not None:
         for i in range(1, steps + 1):
             assert any(ln.startswith(f"{description}: {i}/{steps} (") for ln in lines), lines
@@ -129,8 +152,22 @@ def test_cli_train_plain_lines(tmp_path, rng, every_advance, method, description
 
 
 def test_cli_demo_plain_lines(tmp_path, every_advance):
-    result = runner.invoke(app, ["demo", "-d", "digits", "-m", "ls", "-e", "1", "--seeds", "2",
-                                 "--out", str(tmp_path / "demo")])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "-d",
+            "digits",
+            "-m",
+            "ls",
+            "-e",
+            "1",
+            "--seeds",
+            "2",
+            "--out",
+            str(tmp_path / "demo"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [ln for ln in _lines(result.output, "digits") if re.match(r"digits: \d+/", ln)]
     assert lines[0].startswith("digits: 0/2 (0%), started")
@@ -139,8 +176,9 @@ def test_cli_demo_plain_lines(tmp_path, every_advance):
 
 
 def test_cli_audit_plain_lines(every_advance):
-    result = runner.invoke(app, ["audit", "-m", "ls_statistics", "-e", "1", "-e", "4",
-                                 "--runs", "2000", "--seed", "0"])
+    result = runner.invoke(
+        app, ["audit", "-m", "ls_statistics", "-e", "1", "-e", "4", "--runs", "2000", "--seed", "0"]
+    )
     assert result.exit_code in (0, 1), result.output
     lines = _lines(result.output, "audit")
     assert lines[0].startswith("audit: 0/2 (0%), started")

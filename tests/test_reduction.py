@@ -17,8 +17,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-
 from conftest import reference_clip64
+
 from dpfc_native import _core, ops
 from dpfc_native import reduction as R
 from dpfc_native.shards import open_sharded
@@ -48,12 +48,22 @@ def test_leaves_never_cross_shards():
     lay = R.LeafLayout(SHARDS, LEAF)
     assert lay.n_leaves == 5 + 2 + 16
     assert lay.n_rows == sum(SHARDS)
-    np.testing.assert_array_equal(lay.stop - lay.start,
-                                  [64] * 4 + [45] + [64, 13] + [64] * 15 + [40])
+    np.testing.assert_array_equal(
+        lay.stop - lay.start, [64] * 4 + [45] + [64, 13] + [64] * 15 + [40]
+    )
     assert set(zip(lay.shard.tolist(), lay.global_start.tolist())) >= {(1, 301), (2, 378)}
     assert lay.tasks(None) == [(0, 5), (5, 7), (7, 23)]
-    assert lay.tasks(3) == [(0, 3), (3, 5), (5, 7), (7, 10), (10, 13), (13, 16), (16, 19),
-                            (19, 22), (22, 23)]
+    assert lay.tasks(3) == [
+        (0, 3),
+        (3, 5),
+        (5, 7),
+        (7, 10),
+        (10, 13),
+        (13, 16),
+        (16, 19),
+        (19, 22),
+        (22, 23),
+    ]
     with pytest.raises(ValueError):
         R.LeafLayout([3, 0], 2)
     with pytest.raises(ValueError):
@@ -97,10 +107,17 @@ def test_every_merge_order_gives_the_same_bits(rng):
         results.append(_merge_all(order).values(lay.n_leaves))
     for _ in range(3):
         results.append(_tree(parts, rng).values(lay.n_leaves))
-    for ranges in ([(0, 23)], [(0, 1), (1, 23)], [(0, 5), (5, 7), (7, 23)],
-                   [(0, 11), (11, 12), (12, 23)]):
-        results.append(_merge_all([R.range_partial(stat, src, lay, a, b) for a, b in ranges[::-1]])
-                       .values(lay.n_leaves))
+    for ranges in (
+        [(0, 23)],
+        [(0, 1), (1, 23)],
+        [(0, 5), (5, 7), (7, 23)],
+        [(0, 11), (11, 12), (12, 23)],
+    ):
+        results.append(
+            _merge_all([R.range_partial(stat, src, lay, a, b) for a, b in ranges[::-1]]).values(
+                lay.n_leaves
+            )
+        )
     for r in results[1:]:
         for name in ("G", "B", "counts"):
             assert _bits(r[name]) == _bits(results[0][name])
@@ -110,8 +127,11 @@ def test_finish_is_the_correctly_rounded_exact_sum_of_grid_values(rng):
     """Independent of the limb arithmetic: Python integers and fractions."""
     x, y = _data(rng)
     w = rng.standard_normal((K, D))
-    for stat, name in ((R.Stats(0.7, K), "G"), (R.Stats(0.7, K), "B"),
-                       (R.LinearGrad(0.05, w, 0.3, loss="softmax"), "grad")):
+    for stat, name in (
+        (R.Stats(0.7, K), "G"),
+        (R.Stats(0.7, K), "B"),
+        (R.LinearGrad(0.05, w, 0.3, loss="softmax"), "grad"),
+    ):
         src, lay, parts = _leaf_partials(stat, x, y)
         got = _merge_all(parts).values(lay.n_leaves)[name]
         e = math.frexp(stat.bounds(D)[name])[1]
@@ -121,11 +141,13 @@ def test_finish_is_the_correctly_rounded_exact_sum_of_grid_values(rng):
         for g0, a, b in zip(lay.global_start, lay.start, lay.stop):
             rows = slice(g0, g0 + (b - a))
             leaf = stat.leaf(x[rows], y[rows], None)[name]
-            q = np.vectorize(lambda v: round(Fraction(float(v)) * Fraction(2) ** (f - e)),
-                             otypes=[object])(leaf)
+            q = np.vectorize(
+                lambda v: round(Fraction(float(v)) * Fraction(2) ** (f - e)), otypes=[object]
+            )(leaf)
             total = q if total is None else total + q
-        expect = np.vectorize(lambda t: float(Fraction(int(t)) * Fraction(2) ** (e - f)),
-                              otypes=[float])(total)
+        expect = np.vectorize(
+            lambda t: float(Fraction(int(t)) * Fraction(2) ** (e - f)), otypes=[float]
+        )(total)
         assert _bits(got) == _bits(expect), name
 
 
@@ -201,7 +223,7 @@ def test_partials_of_different_statistics_do_not_merge(rng):
 @pytest.fixture
 def sharded(tmp_path, rng):
     x, y = _data(rng)
-    paths, a = [], 0
+    a = 0
     for i, m in enumerate(SHARDS):
         np.save(tmp_path / f"s{i}.features.npy", x[a : a + m])
         np.save(tmp_path / f"s{i}.labels.npy", y[a : a + m])
@@ -233,7 +255,9 @@ def test_statistics_match_float64_references(sharded, rng):
     for src in (sf, x):
         lab = None if src is sf else y
         g = R.reduce(R.Gram(c), src, lab, leaf_rows=LEAF)
-        np.testing.assert_allclose(g, _reference("gram", x, y, c), rtol=0, atol=_tol(n, c * c, D * D))
+        np.testing.assert_allclose(
+            g, _reference("gram", x, y, c), rtol=0, atol=_tol(n, c * c, D * D)
+        )
         g2, b, counts = R.reduce(R.Stats(c, K), src, lab, leaf_rows=LEAF)
         assert _bits(g2) == _bits(g)
         np.testing.assert_allclose(b, _reference("sums", x, y, c), rtol=0, atol=_tol(n, c, K * D))
@@ -241,15 +265,19 @@ def test_statistics_match_float64_references(sharded, rng):
         b2 = R.reduce(R.ClassSums(c, K), src, lab, leaf_rows=LEAF)
         assert _bits(b2) == _bits(b)
         a = R.reduce(R.ClassGrams(c, K), src, lab, leaf_rows=LEAF)
-        np.testing.assert_allclose(a, _reference("class_grams", x, y, c), rtol=0,
-                                   atol=_tol(n, c * c, K * D * D))
+        np.testing.assert_allclose(
+            a, _reference("class_grams", x, y, c), rtol=0, atol=_tol(n, c * c, K * D * D)
+        )
         # Class blocks are separate reductions giving the same bits, block by block.
-        blocks = [R.reduce(R.ClassGrams(c, K, classes=(0, 2)), src, lab, leaf_rows=LEAF),
-                  R.reduce(R.ClassGrams(c, K, classes=(2, 3)), src, lab, leaf_rows=LEAF)]
+        blocks = [
+            R.reduce(R.ClassGrams(c, K, classes=(0, 2)), src, lab, leaf_rows=LEAF),
+            R.reduce(R.ClassGrams(c, K, classes=(2, 3)), src, lab, leaf_rows=LEAF),
+        ]
         assert _bits(np.concatenate(blocks)) == _bits(a)
     # The same rows as an array cut like the files: the same leaves, the same bits.
     assert _bits(R.reduce(R.Gram(c), x, leaf_rows=LEAF, shard_rows=SHARDS)) == _bits(
-        R.reduce(R.Gram(c), sf, leaf_rows=LEAF))
+        R.reduce(R.Gram(c), sf, leaf_rows=LEAF)
+    )
 
 
 def test_weighted_grams_and_linear_grad(rng):
@@ -257,8 +285,9 @@ def test_weighted_grams_and_linear_grad(rng):
     n, c = x.shape[0], 1.1
     w = rng.uniform(0.0, 0.25, size=(n, K))
     h = R.reduce(R.WeightedGrams(c, K), x, y, leaf_rows=LEAF, weights=w)
-    np.testing.assert_allclose(h, _reference("weighted", x, y, c, w=w), rtol=0,
-                               atol=_tol(n, 0.25 * c * c, K * D * D))
+    np.testing.assert_allclose(
+        h, _reference("weighted", x, y, c, w=w), rtol=0, atol=_tol(n, 0.25 * c * c, K * D * D)
+    )
     hb = R.reduce(R.WeightedGrams(c, K, classes=(1, 3)), x, y, leaf_rows=LEAF, weights=w)
     assert _bits(hb) == _bits(h[1:3])
     with pytest.raises(ValueError, match="weight_bound"):
@@ -270,14 +299,20 @@ def test_weighted_grams_and_linear_grad(rng):
         p = 1 / (1 + np.exp(-(np.asarray(xr, np.float64) @ wk.T + bias)))
         return p * (1 - p)
 
-    hf = R.reduce(R.WeightedGrams(c, K, weight_fn=newton_weights, weight_fn_id="t"), x, y,
-                  leaf_rows=LEAF)
-    np.testing.assert_allclose(hf, _reference("weighted", x, y, c, w=newton_weights(x, y)),
-                               rtol=0, atol=_tol(n, 0.25 * c * c, K * D * D))
+    hf = R.reduce(
+        R.WeightedGrams(c, K, weight_fn=newton_weights, weight_fn_id="t"), x, y, leaf_rows=LEAF
+    )
+    np.testing.assert_allclose(
+        hf,
+        _reference("weighted", x, y, c, w=newton_weights(x, y)),
+        rtol=0,
+        atol=_tol(n, 0.25 * c * c, K * D * D),
+    )
     for loss in ("sigmoid", "softmax"):
         for fc in (None, 2.0):
-            grad, nclip = R.reduce(R.LinearGrad(0.3, wk, bias, loss=loss, feature_clip=fc), x, y,
-                                   leaf_rows=LEAF)
+            grad, nclip = R.reduce(
+                R.LinearGrad(0.3, wk, bias, loss=loss, feature_clip=fc), x, y, leaf_rows=LEAF
+            )
             ref, ref_n = ops.clipped_linear_grad(x, y, wk, bias, 0.3, loss=loss, feature_clip=fc)
             assert nclip == ref_n and nclip > 0
             np.testing.assert_allclose(grad, ref, rtol=0, atol=_tol(n, 0.3, K * D))
@@ -288,11 +323,13 @@ def test_float16_leaves_kept_as_stored(rng):
     x, y = _data(rng)
     x16 = x.astype(np.float16)
     g = R.reduce(R.Gram(2.0), x16, y, leaf_rows=LEAF)
-    np.testing.assert_allclose(g, _reference("gram", x16.astype(np.float64), y, 2.0), rtol=0,
-                               atol=_tol(len(x), 4.0, D * D))
+    np.testing.assert_allclose(
+        g, _reference("gram", x16.astype(np.float64), y, 2.0), rtol=0, atol=_tol(len(x), 4.0, D * D)
+    )
     b = R.reduce(R.ClassSums(2.0, K), x16, y, leaf_rows=LEAF)
-    np.testing.assert_allclose(b, _reference("sums", x16.astype(np.float64), y, 2.0), rtol=0,
-                               atol=_tol(len(x), 2.0, K * D))
+    np.testing.assert_allclose(
+        b, _reference("sums", x16.astype(np.float64), y, 2.0), rtol=0, atol=_tol(len(x), 2.0, K * D)
+    )
 
 
 def test_statistic_beyond_its_range_raises():
@@ -336,8 +373,10 @@ def test_large_n_rounding_within_the_leaf_bound():
     err = np.linalg.norm(g - exact)
     bound = R.rounding_bound(n, m, c * c, d * d)
     one_pass_bound = (n + 1) * 2.0**-53 * n * c * c
-    print(f"n={n}: |err|_F = {err:.3g} C^2, leaf bound {bound:.3g} C^2, "
-          f"one-pass bound {one_pass_bound:.3g} C^2")
+    print(
+        f"n={n}: |err|_F = {err:.3g} C^2, leaf bound {bound:.3g} C^2, "
+        f"one-pass bound {one_pass_bound:.3g} C^2"
+    )
     assert err <= bound
     assert bound < one_pass_bound / 400  # m / n of the one-pass bound, about
 
@@ -373,9 +412,11 @@ def test_merge_rounding_at_three_hundred_million_rows_by_construction():
     naive = values.sum(axis=0)  # float64 pairwise sum of the same leaf values, for scale
     bound = R.rounding_bound(n, m, c2, 4)
     one_pass = (n + 1) * 2.0**-53 * n * c2
-    print(f"n = 3e8: merge error {err:.3g} C^2 (grid + final bound {merge_bound:.3g}); "
-          f"float sum of the leaves off by {np.linalg.norm(naive - exact):.3g}; a-priori "
-          f"bound {bound:.3g} C^2 vs one float64 pass {one_pass:.3g} C^2")
+    print(
+        f"n = 3e8: merge error {err:.3g} C^2 (grid + final bound {merge_bound:.3g}); "
+        f"float sum of the leaves off by {np.linalg.norm(naive - exact):.3g}; a-priori "
+        f"bound {bound:.3g} C^2 vs one float64 pass {one_pass:.3g} C^2"
+    )
     assert err <= bound
     assert 1.0e-4 < bound < 2.0e-4 and 9.0 < one_pass < 11.0
 
@@ -420,8 +461,9 @@ def test_sampled_reduction_sums_exactly_the_sampled_rows(sharded):
     g, b, counts = R.reduce(R.Stats(1.0, K), sf, leaf_rows=LEAF, sampling=s)
     g_arr, _, _ = R.reduce(R.Stats(1.0, K), x, y, leaf_rows=sum(SHARDS), sampling=s)
     np.testing.assert_array_equal(counts, np.bincount(y[mask], minlength=K))
-    np.testing.assert_allclose(g, _reference("gram", x[mask], y[mask], 1.0), rtol=0,
-                               atol=_tol(len(x), 1.0, D * D))
+    np.testing.assert_allclose(
+        g, _reference("gram", x[mask], y[mask], 1.0), rtol=0, atol=_tol(len(x), 1.0, D * D)
+    )
     np.testing.assert_allclose(g_arr, g, rtol=0, atol=_tol(len(x), 1.0, D * D))
     # A rate so small most leaves sample nothing: zero partials still count as covered.
     tiny = R.PoissonSampling.new(1e-3, seed=6)
@@ -455,7 +497,9 @@ def test_reads_never_exceed_one_leaf(sharded):
     R.range_partial(R.Stats(1.0, K), src, lay, 0, lay.n_leaves)
     assert len(src.sizes) == lay.n_leaves and max(src.sizes) == LEAF
     src.sizes.clear()
-    R.range_partial(R.Gram(1.0), src, lay, 0, lay.n_leaves, sampling=R.PoissonSampling.new(0.5, seed=1))
+    R.range_partial(
+        R.Gram(1.0), src, lay, 0, lay.n_leaves, sampling=R.PoissonSampling.new(0.5, seed=1)
+    )
     assert max(src.sizes) <= LEAF and sum(src.sizes) < 0.6 * len(x)
 
 

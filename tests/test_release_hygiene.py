@@ -16,8 +16,12 @@ from typer.testing import CliRunner
 import dpfc_native
 from dpfc_native import PrivacyWarning, accounting, data, model_io, models, ops, report
 from dpfc_native.cli import app
-from dpfc_native.models import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
-                                DPSGDClassifier)
+from dpfc_native.models import (
+    DPFCClassifier,
+    DPLeastSquaresClassifier,
+    DPNewtonClassifier,
+    DPSGDClassifier,
+)
 
 ESTIMATORS = (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier)
 runner = CliRunner()
@@ -55,8 +59,21 @@ def test_cli_saved_model_holds_no_seed(tmp_path):
     x, y = _data(1)
     data.save_features(train, x.astype(np.float32), y)
     out = tmp_path / "m.npz"
-    res = runner.invoke(app, ["train", str(train), "--method", "ls", "--seed", "918273",
-                              "--num-classes", "3", "-o", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(train),
+            "--method",
+            "ls",
+            "--seed",
+            "918273",
+            "--num-classes",
+            "3",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     with np.load(out, allow_pickle=False) as z:
         params = json.loads(str(z["params"]))
@@ -95,8 +112,9 @@ def test_seeded_fingerprint_does_not_identify_the_seed():
 
     for seed in range(64):
         key = mechanisms_key(seed)
-        assert hashlib.sha256(key.to_bytes(16, "little")).hexdigest()[:16] != \
-            a.noise_key_fingerprint_
+        assert (
+            hashlib.sha256(key.to_bytes(16, "little")).hexdigest()[:16] != a.noise_key_fingerprint_
+        )
     c = _fit(DPLeastSquaresClassifier, x, y)
     assert len(c.noise_key_fingerprint_) == 16 and c.noise_key_fingerprint_ != "seeded"
     int(c.noise_key_fingerprint_, 16)
@@ -171,7 +189,7 @@ def test_docstrings_mark_every_non_private_attribute(cls):
     doc = cls.__doc__
     for name in models.NON_PRIVATE_ATTRIBUTES:
         line = next(ln for ln in doc.splitlines() if ln.strip().startswith(name))
-        after = doc[doc.index(line):].splitlines()[1]
+        after = doc[doc.index(line) :].splitlines()[1]
         assert "NON-PRIVATE" in after, (name, after)
     assert "NON-PRIVATE when an int" in doc  # random_state
 
@@ -187,8 +205,10 @@ def test_cli_predict_uses_the_same_loader(tmp_path):
     train, _, _ = _write_pair(tmp_path, "train.npz", 10)
     test, xt, yt = _write_pair(tmp_path, "test.npz", 11)
     model = tmp_path / "model.npz"
-    res = runner.invoke(app, ["train", train, "--method", "fc", "--steps", "2",
-                              "--num-classes", "3", "-o", str(model)])
+    res = runner.invoke(
+        app,
+        ["train", train, "--method", "fc", "--steps", "2", "--num-classes", "3", "-o", str(model)],
+    )
     assert res.exit_code == 0, res.output
     preds = tmp_path / "p.npy"
     res = runner.invoke(app, ["predict", str(model), test, "-o", str(preds)])
@@ -216,8 +236,19 @@ def test_cli_summary_has_no_per_class_counts(tmp_path):
     x = rng.standard_normal((300, 5)).astype(np.float32) + y[:, None]
     train = tmp_path / "train.npz"
     data.save_features(train, x, y)
-    res = runner.invoke(app, ["train", str(train), "--method", "ls", "--num-classes", "3",
-                              "-o", str(tmp_path / "m.npz")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(train),
+            "--method",
+            "ls",
+            "--num-classes",
+            "3",
+            "-o",
+            str(tmp_path / "m.npz"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     head = res.output.splitlines()[0]
     assert "n=300" in head and "d=5" in head and "0..2" in head
@@ -263,8 +294,9 @@ def test_cli_force_overwrites(tmp_path):
     train, _, _ = _write_pair(tmp_path, "train.npz", 15)
     out = tmp_path / "m.npz"
     out.write_bytes(b"old")
-    res = runner.invoke(app, ["train", train, "--method", "ls", "--num-classes", "3",
-                              "-o", str(out), "--force"])
+    res = runner.invoke(
+        app, ["train", train, "--method", "ls", "--num-classes", "3", "-o", str(out), "--force"]
+    )
     assert res.exit_code == 0, res.output
     assert dpfc_native.load_model(out).coef_.shape == (3, 5)
 
@@ -275,8 +307,7 @@ def test_cli_force_overwrites(tmp_path):
 
 
 def _delta_warnings(record):
-    return [w for w in record if issubclass(w.category, PrivacyWarning)
-            and "1/n" in str(w.message)]
+    return [w for w in record if issubclass(w.category, PrivacyWarning) and "1/n" in str(w.message)]
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
@@ -325,10 +356,12 @@ def test_gpu_float32_gradient_sum_within_declared_sensitivity():
     xg = cp.asarray(x)
     rows = models._preprocess(xg, cp, 1.0, None, True, cp.float64)
     assert rows.dtype == cp.float64
-    g_all, _ = ops.clipped_linear_grad(rows, cp.asarray(y), cp.asarray(w), 0.0, cg,
-                                       feature_clip=1.0)
-    g_rest, _ = ops.clipped_linear_grad(rows[1:], cp.asarray(y[1:]), cp.asarray(w), 0.0, cg,
-                                        feature_clip=1.0)
+    g_all, _ = ops.clipped_linear_grad(
+        rows, cp.asarray(y), cp.asarray(w), 0.0, cg, feature_clip=1.0
+    )
+    g_rest, _ = ops.clipped_linear_grad(
+        rows[1:], cp.asarray(y[1:]), cp.asarray(w), 0.0, cg, feature_clip=1.0
+    )
     assert float(cp.linalg.norm(g_all - g_rest)) <= cg
 
 
@@ -346,7 +379,7 @@ def test_ledger_states_the_sampler_tail_delta():
     # The bound it uses: the largest radius the sampler can produce is that of the
     # smallest first uniform, 2^-53; ideal radii beyond it have probability 2^-53 <= 2^-52.
     r_max = math.sqrt(-2.0 * math.log(2.0**-53))
-    assert math.exp(-r_max**2 / 2) <= accounting.SAMPLER_TAIL_PROBABILITY
+    assert math.exp(-(r_max**2) / 2) <= accounting.SAMPLER_TAIL_PROBABILITY
     draws = ops.gaussian_noise(1 << 20, 1.0, key=12345, counter=0)
     assert np.abs(draws).max() <= r_max
     # Grows with the draws and with e^epsilon; capped at 1.
@@ -400,5 +433,4 @@ def test_float32_features_keep_the_declared_gradient_sensitivity(cls):
         # K C_g for DP Newton (the sum of K per-class gradients clipped to C / sqrt(K))
         scale = len(a.classes_) if cls is DPNewtonClassifier else 1
         grads = [e for e in a.privacy_.entries if "grad" in e.name]
-        assert grads and all(e.sensitivity == pytest.approx(scale * cg, rel=1e-15)
-                             for e in grads)
+        assert grads and all(e.sensitivity == pytest.approx(scale * cg, rel=1e-15) for e in grads)

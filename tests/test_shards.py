@@ -67,8 +67,16 @@ def _write(fmt, tmp_path, arrays):
     return paths
 
 
-FORMATS = ["npy", "npz", "npz-compressed", "safetensors", "zarr", "parquet-list",
-           "parquet-columns", "parquet-hf"]
+FORMATS = [
+    "npy",
+    "npz",
+    "npz-compressed",
+    "safetensors",
+    "zarr",
+    "parquet-list",
+    "parquet-columns",
+    "parquet-hf",
+]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -109,7 +117,8 @@ def test_glob_pairs_npy_and_orders_shards(tmp_path):
     sf = open_sharded(str(tmp_path / "*.npy"))  # matches the labels files too
     assert len(sf.shards) == 3
     assert [os.path.basename(s.path) for s in sf.shards] == [
-        f"part-{i:02d}.features.npy" for i in range(3)]
+        f"part-{i:02d}.features.npy" for i in range(3)
+    ]
     assert sf.shards[0].labels_path.endswith("part-00.labels.npy")
     np.testing.assert_array_equal(sf.offsets, np.cumsum([0, *ROWS]))
     man = sf.manifest()
@@ -260,10 +269,12 @@ def test_to_dask_holds_no_data_in_the_graph(tmp_path):
     import pickle as _p
 
     assert len(_p.dumps(dict(x.__dask_graph__()))) < 64 * 1024
-    np.testing.assert_array_equal(x.compute(scheduler="synchronous"),
-                                  np.concatenate([a for a, _ in expect]))
-    np.testing.assert_array_equal(y.compute(scheduler="synchronous"),
-                                  np.concatenate([b for _, b in expect]))
+    np.testing.assert_array_equal(
+        x.compute(scheduler="synchronous"), np.concatenate([a for a, _ in expect])
+    )
+    np.testing.assert_array_equal(
+        y.compute(scheduler="synchronous"), np.concatenate([b for _, b in expect])
+    )
     assert isinstance(x, da.Array)
 
 

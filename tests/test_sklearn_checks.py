@@ -5,10 +5,10 @@ float64 references computed here from the released weights."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
+from conftest import reference_clip64
 from scipy.special import expit, log_expit
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import DataConversionWarning, NotFittedError
@@ -22,8 +22,6 @@ from dpfc_native.models import (
     DPNewtonClassifier,
     DPSGDClassifier,
 )
-
-from conftest import reference_clip64
 
 # scikit-learn's checks fix random_state (a seeded noise key) and let the estimators infer
 # the label set from y: both warn with PrivacyWarning, which is tested elsewhere.
@@ -43,8 +41,9 @@ def _expected_failed_checks(estimator) -> dict:
     return {}
 
 
-@parametrize_with_checks([cls() for cls in ESTIMATORS],
-                         expected_failed_checks=_expected_failed_checks)
+@parametrize_with_checks(
+    [cls() for cls in ESTIMATORS], expected_failed_checks=_expected_failed_checks
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -161,8 +160,7 @@ def test_continuous_target_is_refused(cls):
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_unfitted_use_raises_not_fitted_error(cls):
     x, _ = _data(52)
-    for method in ("predict", "decision_function", "predict_proba", "predict_log_proba",
-                   "score"):
+    for method in ("predict", "decision_function", "predict_proba", "predict_log_proba", "score"):
         args = (x, np.zeros(157)) if method == "score" else (x,)
         with pytest.raises(NotFittedError, match="not fitted"):
             getattr(cls(), method)(*args)
@@ -191,16 +189,20 @@ def test_sklearn_messages(cls):
         cls().fit(x, None)
     with pytest.raises(ValueError, match="Reshape your data"):
         cls().fit(x[:, 0], y)
-    with pytest.raises(ValueError, match=r"0 feature\(s\) \(shape=\(157, 0\)\) while a minimum "
-                                         "of 1 is required"):
+    with pytest.raises(
+        ValueError,
+        match=r"0 feature\(s\) \(shape=\(157, 0\)\) while a minimum "
+        "of 1 is required",
+    ):
         cls().fit(x[:, :0], y)
     with pytest.raises(ValueError, match="Complex data not supported"):
         cls().fit(x + 1j, y)
     with pytest.raises(ValueError, match="got 1 class"):
         cls().fit(x, np.zeros(157, int))
     est = cls(epsilon=1.0).fit(x, y)
-    with pytest.raises(ValueError, match=f"X has 6 features, but {cls.__name__} is expecting "
-                                         "7 features as input"):
+    with pytest.raises(
+        ValueError, match=f"X has 6 features, but {cls.__name__} is expecting 7 features as input"
+    ):
         est.predict(x[:, :6])
     with pytest.raises(ValueError, match="Reshape your data"):
         est.predict(x[0])
@@ -226,8 +228,9 @@ def test_feature_names_follow_sklearn(cls):
     assert not hasattr(est, "feature_names_in_")
     # Mixed column-name types are refused before anything is released.
     mixed = frame.rename(columns={"f0": 0})
-    with pytest.raises(TypeError, match="Feature names are only supported if all input "
-                                        "features have string names"):
+    with pytest.raises(
+        TypeError, match="Feature names are only supported if all input features have string names"
+    ):
         cls(epsilon=1.0).fit(mixed, y)
 
 
@@ -238,8 +241,9 @@ def test_feature_names_follow_sklearn(cls):
 
 def test_sigmoid_helper_against_float64_reference():
     rng = np.random.default_rng(60)
-    z = np.concatenate([rng.standard_normal(1001) * 8, [-800.0, -40.0, 0.0, 40.0, 800.0,
-                                                        -np.inf, np.inf]])
+    z = np.concatenate(
+        [rng.standard_normal(1001) * 8, [-800.0, -40.0, 0.0, 40.0, 800.0, -np.inf, np.inf]]
+    )
     # Reference from exp on the side where it cannot overflow.
     ez = np.exp(-np.abs(z))
     ref = np.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))

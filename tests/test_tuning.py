@@ -16,10 +16,18 @@ from scipy import optimize
 import dpfc_native
 from dpfc_native import PrivacyWarning, accounting, mechanisms, ops, tuning
 from dpfc_native._progress import progress
-from dpfc_native.models import (DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier,
-                                DPSGDClassifier)
-from dpfc_native.tuning import (PrivacyBudget, PrivacyBudgetExceeded, PrivateSelector,
-                                RepeatAndSelect)
+from dpfc_native.models import (
+    DPFCClassifier,
+    DPLeastSquaresClassifier,
+    DPNewtonClassifier,
+    DPSGDClassifier,
+)
+from dpfc_native.tuning import (
+    PrivacyBudget,
+    PrivacyBudgetExceeded,
+    PrivateSelector,
+    RepeatAndSelect,
+)
 
 K = 4
 
@@ -41,16 +49,19 @@ def _gdp_eps_of(ledgers, delta):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier,
-                                 DPSGDClassifier])
+@pytest.mark.parametrize(
+    "cls", [DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier]
+)
 def test_budget_composes_ledgers_exactly(rng, cls):
     X, y = _data(rng, n=211, d=5)
     budget = PrivacyBudget(3.0, 1e-6)
     ledgers = []
     for eps in (0.5, 1.0, 0.7):
-        est = cls(epsilon=eps, classes=range(K), budget=budget, steps=2).fit(X, y) \
-            if cls is not DPLeastSquaresClassifier else \
-            cls(epsilon=eps, classes=range(K), budget=budget).fit(X, y)
+        est = (
+            cls(epsilon=eps, classes=range(K), budget=budget, steps=2).fit(X, y)
+            if cls is not DPLeastSquaresClassifier
+            else cls(epsilon=eps, classes=range(K), budget=budget).fit(X, y)
+        )
         ledgers.append(est.privacy_)
     # Exact GDP: mu^2 of the three fits adds up, then the exact curve at the budget's delta.
     assert budget.epsilon_spent == pytest.approx(_gdp_eps_of(ledgers, 1e-6), rel=1e-12)
@@ -71,11 +82,13 @@ def test_budget_refuses_before_any_noise(rng, monkeypatch):
     calls = []
     for name in ("release_symmetric", "release_dense"):
         real = getattr(mechanisms, name)
-        monkeypatch.setattr(mechanisms, name,
-                            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+        monkeypatch.setattr(
+            mechanisms, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k)
+        )
     real_stats = ops.clipped_stats
-    monkeypatch.setattr(ops, "clipped_stats",
-                        lambda *a, **k: calls.append("stats") or real_stats(*a, **k))
+    monkeypatch.setattr(
+        ops, "clipped_stats", lambda *a, **k: calls.append("stats") or real_stats(*a, **k)
+    )
     est = DPLeastSquaresClassifier(epsilon=1.0, classes=range(K), budget=budget)
     with pytest.raises(PrivacyBudgetExceeded, match="refused before any noise"):
         est.fit(X, y)
@@ -87,7 +100,8 @@ def test_budget_refuses_before_any_noise(rng, monkeypatch):
     assert calls  # this one did release
     assert budget.epsilon_spent <= 1.3
     assert budget.epsilon_spent == pytest.approx(
-        _gdp_eps_of([small.privacy_, budget_first_ledger(X, y)], 1e-5), rel=1e-3)
+        _gdp_eps_of([small.privacy_, budget_first_ledger(X, y)], 1e-5), rel=1e-3
+    )
 
 
 def budget_first_ledger(X, y):
@@ -97,8 +111,9 @@ def budget_first_ledger(X, y):
 def test_budget_refuses_non_private_fit(rng):
     X, y = _data(rng)
     with pytest.raises(PrivacyBudgetExceeded, match="epsilon=inf"):
-        DPLeastSquaresClassifier(epsilon=math.inf, classes=range(K),
-                                 budget=PrivacyBudget(1.0, 1e-5)).fit(X, y)
+        DPLeastSquaresClassifier(
+            epsilon=math.inf, classes=range(K), budget=PrivacyBudget(1.0, 1e-5)
+        ).fit(X, y)
     with pytest.raises(TypeError, match="budget"):
         DPLeastSquaresClassifier(classes=range(K), budget=1.0).fit(X, y)
 
@@ -140,23 +155,36 @@ def test_budget_gridsearch_refusal_surfaces(rng):
 def test_budget_subsampled_uses_accountant(rng):
     X, y = _data(rng, n=500)
     budget = PrivacyBudget(4.0, 1e-5, method="rdp")
-    fits = [DPSGDClassifier(epsilon=1.0, steps=20, sample_rate=0.2, accountant="rdp",
-                            classes=range(K), budget=budget).fit(X, y) for _ in range(2)]
+    fits = [
+        DPSGDClassifier(
+            epsilon=1.0,
+            steps=20,
+            sample_rate=0.2,
+            accountant="rdp",
+            classes=range(K),
+            budget=budget,
+        ).fit(X, y)
+        for _ in range(2)
+    ]
     fits.append(DPLeastSquaresClassifier(epsilon=1.0, classes=range(K), budget=budget).fit(X, y))
     acct = accounting.PrivacyAccountant(method="rdp")
     for est in fits:
         for e in est.privacy_.entries:
             if e.sample_rate < 1:
-                acct.compose(accounting.SubsampledGaussian(e.noise_multiplier, e.sample_rate,
-                                                           e.count))
+                acct.compose(
+                    accounting.SubsampledGaussian(e.noise_multiplier, e.sample_rate, e.count)
+                )
             else:
                 acct.compose(accounting.GaussianRelease(e.noise_multiplier, count=e.count))
     assert budget.epsilon_spent == pytest.approx(acct.get_epsilon(1e-5), rel=1e-12)
     # The planned event of a subsampled fit is the very event it made.
     planned = tuning._planned_events(fits[0], 1.0, fits[0].delta_)[0]
     e = fits[0].privacy_.entries[0]
-    assert (planned.noise_multiplier, planned.sample_rate, planned.steps) == \
-        (e.noise_multiplier, e.sample_rate, e.count)
+    assert (planned.noise_multiplier, planned.sample_rate, planned.steps) == (
+        e.noise_multiplier,
+        e.sample_rate,
+        e.count,
+    )
 
 
 def test_budget_planned_dominates_actual(rng):
@@ -184,8 +212,9 @@ def test_public_validation_sweep_is_free(rng):
     Xv, yv = _data(rng, n=100)
     budget = PrivacyBudget(5.0, 1e-5)
     single = DPLeastSquaresClassifier(epsilon=1.0, classes=range(K), reg=10.0).fit(X, y)
-    swept = DPLeastSquaresClassifier(epsilon=1.0, classes=range(K), reg=[0.1, 10.0, 1000.0],
-                                     budget=budget).fit(X, y, X_val=Xv, y_val=yv)
+    swept = DPLeastSquaresClassifier(
+        epsilon=1.0, classes=range(K), reg=[0.1, 10.0, 1000.0], budget=budget
+    ).fit(X, y, X_val=Xv, y_val=yv)
     assert len(swept.sweep_results_) == 3
     assert swept.privacy_.mu == single.privacy_.mu
     assert budget.epsilon_spent == pytest.approx(single.privacy_.epsilon, rel=1e-12)
@@ -199,13 +228,17 @@ def test_public_validation_sweep_is_free(rng):
 def _gamma_by_sum(shape, mean):
     """gamma from E[K] computed by summing k P[K = k] from the raw pmf (independent of
     the closed form used by the package)."""
+
     def pmf(k, g):
         k = np.arange(1, k + 1, dtype=float)
         if shape == 0:
             return (1 - g) ** k / (k * math.log(1 / g))
-        logc = (scipy.special.gammaln(k + shape) - scipy.special.gammaln(shape)
-                - scipy.special.gammaln(k + 1))
-        return (1 - g) ** k * np.exp(logc) / (g ** -shape - 1)
+        logc = (
+            scipy.special.gammaln(k + shape)
+            - scipy.special.gammaln(shape)
+            - scipy.special.gammaln(k + 1)
+        )
+        return (1 - g) ** k * np.exp(logc) / (g**-shape - 1)
 
     def f(lg):
         g = math.exp(lg)
@@ -220,8 +253,12 @@ def _theorem2_inner(mu, shape, gamma):
     """Theorem 2's lambda_hat terms, minimised on a fine grid of lambda_hat >= 1."""
     lam_hats = np.concatenate([[1.0], np.geomspace(1.0 + 1e-6, 1e5, 200001)])
     eps_hat = lam_hats * mu * mu / 2
-    return float(np.min((1 + shape) * (1 - 1 / lam_hats) * eps_hat
-                        + (1 + shape) * math.log(1 / gamma) / lam_hats))
+    return float(
+        np.min(
+            (1 + shape) * (1 - 1 / lam_hats) * eps_hat
+            + (1 + shape) * math.log(1 / gamma) / lam_hats
+        )
+    )
 
 
 def _theorem2_eps(mu, delta, mean, lam, inner):
@@ -231,8 +268,10 @@ def _theorem2_eps(mu, delta, mean, lam, inner):
     return rdp + math.log((lam - 1) / lam) - (math.log(delta) + math.log(lam)) / (lam - 1)
 
 
-@pytest.mark.parametrize("mu,mean,shape,delta", [(0.3, 10.0, 0.0, 1e-5), (1.0, 5.0, 1.0, 1e-6),
-                                                 (0.05, 30.0, 0.5, 1e-5), (2.0, 3.0, 2.0, 1e-3)])
+@pytest.mark.parametrize(
+    "mu,mean,shape,delta",
+    [(0.3, 10.0, 0.0, 1e-5), (1.0, 5.0, 1.0, 1e-6), (0.05, 30.0, 0.5, 1e-5), (2.0, 3.0, 2.0, 1e-3)],
+)
 def test_selection_bound_is_theorem2(mu, mean, shape, delta):
     gamma = _gamma_by_sum(shape, mean)
     assert tuning.truncated_negative_binomial_gamma(shape, mean) == pytest.approx(gamma, rel=1e-7)
@@ -295,8 +334,9 @@ def test_geometric_is_a_special_case():
     gamma = tuning.truncated_negative_binomial_gamma(1.0, 5.0)
     assert gamma == pytest.approx(0.2, rel=1e-10)
     k = np.arange(1, 30)
-    np.testing.assert_allclose(tuning.truncated_negative_binomial_pmf(k, 1.0, 0.2),
-                               0.2 * 0.8 ** (k - 1), rtol=1e-12)
+    np.testing.assert_allclose(
+        tuning.truncated_negative_binomial_pmf(k, 1.0, 0.2), 0.2 * 0.8 ** (k - 1), rtol=1e-12
+    )
 
 
 def _digits():
@@ -308,14 +348,20 @@ def _digits():
 
 def test_selector_ledger_and_cost():
     X, y, Xt, yt = _digits()
-    sel = PrivateSelector(DPLeastSquaresClassifier(classes=range(10)),
-                          {"gram_share": [0.3, 0.5], "reg": [1.0, 30.0]}, epsilon=2.0,
-                          delta=1e-5, mean_repetitions=8, shape=0.0)
+    sel = PrivateSelector(
+        DPLeastSquaresClassifier(classes=range(10)),
+        {"gram_share": [0.3, 0.5], "reg": [1.0, 30.0]},
+        epsilon=2.0,
+        delta=1e-5,
+        mean_repetitions=8,
+        shape=0.0,
+    )
     sel.fit(X, y)
     led = sel.privacy_
     assert led.epsilon <= 2.0
-    assert led.epsilon == pytest.approx(tuning.selection_epsilon(sel.mu_, 1e-5, 8.0, 0.0),
-                                        rel=1e-12)
+    assert led.epsilon == pytest.approx(
+        tuning.selection_epsilon(sel.mu_, 1e-5, 8.0, 0.0), rel=1e-12
+    )
     assert "Papernot & Steinke" in led.method
     # Each candidate fit spent at most its share of mu^2 (exact GDP).
     share = 0.05
@@ -329,8 +375,12 @@ def test_selector_ledger_and_cost():
 def test_selector_replay_with_seed():
     X, y, _, _ = _digits()
     make = lambda seed: PrivateSelector(  # noqa: E731
-        DPLeastSquaresClassifier(classes=range(10)), {"reg": [0.3, 3.0, 30.0]}, epsilon=1.0,
-        mean_repetitions=6, random_state=seed)
+        DPLeastSquaresClassifier(classes=range(10)),
+        {"reg": [0.3, 3.0, 30.0]},
+        epsilon=1.0,
+        mean_repetitions=6,
+        random_state=seed,
+    )
     with pytest.warns(PrivacyWarning, match="random_state"):
         a = make(7).fit(X, y)
     with pytest.warns(PrivacyWarning):
@@ -346,12 +396,24 @@ def test_selector_replay_with_seed():
 def test_selector_with_budget_and_errors():
     X, y, _, _ = _digits()
     budget = PrivacyBudget(3.0, 1e-5)
-    sel = PrivateSelector(DPLeastSquaresClassifier(classes=range(10)), {"reg": [1.0, 10.0]},
-                          epsilon=2.0, delta=1e-5, budget=budget, mean_repetitions=4).fit(X, y)
+    sel = PrivateSelector(
+        DPLeastSquaresClassifier(classes=range(10)),
+        {"reg": [1.0, 10.0]},
+        epsilon=2.0,
+        delta=1e-5,
+        budget=budget,
+        mean_repetitions=4,
+    ).fit(X, y)
     assert budget.epsilon_spent == pytest.approx(sel.privacy_.epsilon, rel=1e-6)
     with pytest.raises(PrivacyBudgetExceeded):
-        PrivateSelector(DPLeastSquaresClassifier(classes=range(10)), {"reg": [1.0]},
-                        epsilon=2.0, delta=1e-5, budget=budget, mean_repetitions=4).fit(X, y)
+        PrivateSelector(
+            DPLeastSquaresClassifier(classes=range(10)),
+            {"reg": [1.0]},
+            epsilon=2.0,
+            delta=1e-5,
+            budget=budget,
+            mean_repetitions=4,
+        ).fit(X, y)
     # A plain fit composes with the selection through RDP.
     DPLeastSquaresClassifier(epsilon=0.2, classes=range(10), budget=budget).fit(X, y)
     assert sel.privacy_.epsilon < budget.epsilon_spent <= 3.0
@@ -392,8 +454,9 @@ def test_cli_train_states_privacy_warnings_in_option_words(rng, tmp_path):
     X, y = _data(rng)
     np.savez(tmp_path / "t.npz", features=X.astype(np.float32), labels=y)
     args = ["train", str(tmp_path / "t.npz"), "-m", "ls", "-e", "1"]
-    res = CliRunner().invoke(app, args + ["--delta", "0.5", "--seed", "3",
-                                          "-o", str(tmp_path / "a.npz")])
+    res = CliRunner().invoke(
+        app, args + ["--delta", "0.5", "--seed", "3", "-o", str(tmp_path / "a.npz")]
+    )
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("privacy warning: ")]
     assert len(lines) == 3, res.output

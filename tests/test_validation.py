@@ -35,79 +35,106 @@ POSITIVE = {  # real scalars > 0
     "ops.clip_rows/clip_norm": (lambda v: ops.clip_rows(X, v), "clip_norm"),
     "ops.clipped_gram/clip_norm": (lambda v: ops.clipped_gram(X, v), "clip_norm"),
     "ops.clipped_linear_grad/clip_norm": (
-        lambda v: ops.clipped_linear_grad(X, Y, np.zeros((K, 5)), 0.0, v), "clip_norm"),
+        lambda v: ops.clipped_linear_grad(X, Y, np.zeros((K, 5)), 0.0, v),
+        "clip_norm",
+    ),
     "models.DPFCClassifier/clip_norm": (
-        lambda v: models.DPFCClassifier(clip_norm=v).noise_plan(100, 5, K), "clip_norm"),
+        lambda v: models.DPFCClassifier(clip_norm=v).noise_plan(100, 5, K),
+        "clip_norm",
+    ),
     "models.DPSGDClassifier/grad_clip_norm": (
         lambda v: models.DPSGDClassifier(grad_clip_norm=v).noise_plan(100, 5, K),
-        "grad_clip_norm"),
+        "grad_clip_norm",
+    ),
     "data.digits_features/gamma": (
-        lambda v: data.digits_features("random_fourier", gamma=v, num_features=8), "gamma"),
+        lambda v: data.digits_features("random_fourier", gamma=v, num_features=8),
+        "gamma",
+    ),
 }
 NONNEG = {  # real scalars >= 0
     "ops.gaussian_noise/std": (lambda v: ops.gaussian_noise(3, v), "std"),
     "ops.sym_gaussian_noise/std": (lambda v: ops.sym_gaussian_noise(3, v), "std"),
     "models.DPFCClassifier/reg": (
-        lambda v: models.DPFCClassifier(reg=v).noise_plan(100, 5, K), "reg"),
+        lambda v: models.DPFCClassifier(reg=v).noise_plan(100, 5, K),
+        "reg",
+    ),
     "data.synthetic_features/spectrum_decay": (
         lambda v: data.synthetic_features(30, 4, 3, spectrum_decay=v, workers=1),
-        "spectrum_decay"),
+        "spectrum_decay",
+    ),
     "tuning.selection_epsilon/shape": (
-        lambda v: tuning.selection_epsilon(1.0, 1e-5, 3.0, shape=v), "shape"),
+        lambda v: tuning.selection_epsilon(1.0, 1e-5, 3.0, shape=v),
+        "shape",
+    ),
 }
 SHARE = {  # real scalars in the open interval (0, 1)
     "models.DPFCClassifier/covariance_share": (
         lambda v: models.DPFCClassifier(covariance_share=v).noise_plan(100, 5, K),
-        "covariance_share"),
+        "covariance_share",
+    ),
     "models.DPNewtonClassifier/hessian_share": (
         lambda v: models.DPNewtonClassifier(hessian_share=v).noise_plan(100, 5, K),
-        "hessian_share"),
+        "hessian_share",
+    ),
     "models.DPLeastSquaresClassifier/delta": (
-        lambda v: models.DPLeastSquaresClassifier(delta=v).noise_plan(100, 5, K), "delta"),
+        lambda v: models.DPLeastSquaresClassifier(delta=v).noise_plan(100, 5, K),
+        "delta",
+    ),
     "tuning.PrivacyBudget/delta": (lambda v: tuning.PrivacyBudget(1.0, v), "delta"),
-    "tuning.selection_epsilon/delta": (lambda v: tuning.selection_epsilon(1.0, v, 3.0),
-                                       "delta"),
+    "tuning.selection_epsilon/delta": (lambda v: tuning.selection_epsilon(1.0, v, 3.0), "delta"),
 }
 INTEGER = {  # integers >= a minimum
     "ops.clipped_class_sums/num_classes": (
-        lambda v: ops.clipped_class_sums(X, Y, v, 1.0), "num_classes"),
+        lambda v: ops.clipped_class_sums(X, Y, v, 1.0),
+        "num_classes",
+    ),
     "ops.sym_gaussian_noise/d": (lambda v: ops.sym_gaussian_noise(v, 1.0), "d"),
-    "ops.sym_gaussian_noise/batch": (lambda v: ops.sym_gaussian_noise(3, 1.0, batch=v),
-                                     "batch"),
+    "ops.sym_gaussian_noise/batch": (lambda v: ops.sym_gaussian_noise(3, 1.0, batch=v), "batch"),
     "models.DPFCClassifier/steps": (
-        lambda v: models.DPFCClassifier(steps=v).noise_plan(100, 5, K), "steps"),
+        lambda v: models.DPFCClassifier(steps=v).noise_plan(100, 5, K),
+        "steps",
+    ),
     "models.noise_plan/n": (lambda v: models.DPFCClassifier().noise_plan(v, 5, K), "n"),
     "data.synthetic_features/n": (lambda v: data.synthetic_features(v, 4, 3, workers=1), "n"),
     "data.check_feature_arrays/num_classes": (
-        lambda v: data.check_feature_arrays(X, Y, num_classes=v), "num_classes"),
+        lambda v: data.check_feature_arrays(X, Y, num_classes=v),
+        "num_classes",
+    ),
     "data.FeatureSet/num_classes": (
         lambda v: data.FeatureSet(np.ascontiguousarray(X), Y.astype(np.int64), v),
-        "num_classes"),
+        "num_classes",
+    ),
 }
 CHOICE = {  # a string from a fixed set
-    "ops.clipped_gram/accumulate": (lambda v: ops.clipped_gram(X, 1.0, accumulate=v),
-                                    "accumulate"),
+    "ops.clipped_gram/accumulate": (lambda v: ops.clipped_gram(X, 1.0, accumulate=v), "accumulate"),
     "ops.clipped_linear_grad/loss": (
-        lambda v: ops.clipped_linear_grad(X, Y, np.zeros((K, 5)), 0.0, 1.0, loss=v), "loss"),
+        lambda v: ops.clipped_linear_grad(X, Y, np.zeros((K, 5)), 0.0, 1.0, loss=v),
+        "loss",
+    ),
     "ops.gaussian_noise/device": (lambda v: ops.gaussian_noise(3, 1.0, device=v), "device"),
     "models.DPSGDClassifier/optimizer": (
-        lambda v: models.DPSGDClassifier(optimizer=v).noise_plan(100, 5, K), "optimizer"),
+        lambda v: models.DPSGDClassifier(optimizer=v).noise_plan(100, 5, K),
+        "optimizer",
+    ),
     "models.DPSGDClassifier/accountant": (
-        lambda v: models.DPSGDClassifier(accountant=v).noise_plan(100, 5, K), "accountant"),
+        lambda v: models.DPSGDClassifier(accountant=v).noise_plan(100, 5, K),
+        "accountant",
+    ),
     "models.DPFCClassifier/device": (
-        lambda v: models.DPFCClassifier(device=v).noise_plan(100, 5, K), "device"),
-    "tuning.PrivacyBudget/method": (lambda v: tuning.PrivacyBudget(1.0, 1e-5, method=v),
-                                    "method"),
-    "plan.noise_plans/method": (lambda v: plan.noise_plans(100, 5, K, [1.0], method=v),
-                                "method"),
+        lambda v: models.DPFCClassifier(device=v).noise_plan(100, 5, K),
+        "device",
+    ),
+    "tuning.PrivacyBudget/method": (lambda v: tuning.PrivacyBudget(1.0, 1e-5, method=v), "method"),
+    "plan.noise_plans/method": (lambda v: plan.noise_plans(100, 5, K, [1.0], method=v), "method"),
     "data.digits_features/feature_map": (lambda v: data.digits_features(v), "feature_map"),
 }
 DTYPE_PARAM = {  # a dtype= parameter
     "ops.gaussian_noise/dtype": (lambda v: ops.gaussian_noise(3, 1.0, dtype=v), "dtype"),
-    "ops.sym_gaussian_noise/dtype": (lambda v: ops.sym_gaussian_noise(3, 1.0, dtype=v),
-                                     "dtype"),
+    "ops.sym_gaussian_noise/dtype": (lambda v: ops.sym_gaussian_noise(3, 1.0, dtype=v), "dtype"),
     "data.synthetic_features/dtype": (
-        lambda v: data.synthetic_features(30, 4, 3, dtype=v, workers=1), "dtype"),
+        lambda v: data.synthetic_features(30, 4, 3, dtype=v, workers=1),
+        "dtype",
+    ),
     "data.digits_features/dtype": (lambda v: data.digits_features(dtype=v), "dtype"),
 }
 FEATURES = {  # a feature matrix (n, d)
@@ -115,17 +142,17 @@ FEATURES = {  # a feature matrix (n, d)
     "ops.clip_rows/x": (lambda v: ops.clip_rows(v, 1.0), "x"),
     "data.check_feature_arrays/features": (
         lambda v: data.check_feature_arrays(v, np.zeros(len(np.atleast_1d(v)), np.int64)),
-        "features"),
+        "features",
+    ),
     "models.DPFCClassifier.fit/X": (
         lambda v: models.DPFCClassifier(steps=1).fit(v, np.arange(len(np.atleast_1d(v))) % 2),
-        "X"),
+        "X",
+    ),
 }
 CLASS_INDICES = {  # integer labels in [0, K)
-    "ops.clipped_class_sums/labels": (lambda v: ops.clipped_class_sums(X, v, K, 1.0),
-                                      "labels"),
+    "ops.clipped_class_sums/labels": (lambda v: ops.clipped_class_sums(X, v, K, 1.0), "labels"),
     "ops.clipped_stats/labels": (lambda v: ops.clipped_stats(X, v, K, 1.0), "labels"),
-    "data.check_feature_arrays/labels": (lambda v: data.check_feature_arrays(X, v),
-                                         "labels"),
+    "data.check_feature_arrays/labels": (lambda v: data.check_feature_arrays(X, v), "labels"),
 }
 
 # Entry points exempt from a mistake's row, with the reason: the estimators' X follows
@@ -193,12 +220,14 @@ def test_same_mistake_same_exception(fn, name, value, exc):
         fn(value)
     assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
     assert re.search(rf"(^|\W){re.escape(name)}\W", str(info.value)), (
-        f"the message does not name {name!r}: {info.value}")
+        f"the message does not name {name!r}: {info.value}"
+    )
 
 
 @pytest.mark.parametrize("entry", sorted(POSITIVE))
-@pytest.mark.parametrize("form", [2, 2.0, np.float32(2.0), np.int64(2), np.array(2.0),
-                                  np.array(2)], ids=repr)
+@pytest.mark.parametrize(
+    "form", [2, 2.0, np.float32(2.0), np.int64(2), np.array(2.0), np.array(2)], ids=repr
+)
 def test_real_scalars_accept_numpy_scalars_and_0d_arrays(entry, form):
     fn, _ = POSITIVE[entry]
     fn(form)  # no exception: a 0-d array is a scalar, as in NumPy
@@ -300,19 +329,29 @@ def _data(n=203, d=13, k=4, seed=3):
 
 
 FITS = {
-    "DPFC": lambda: models.DPFCClassifier(epsilon=2.0, steps=6, classes=np.arange(4),
-                                          random_state=1),
-    "DPSGD-full": lambda: models.DPSGDClassifier(epsilon=2.0, steps=5, classes=np.arange(4),
-                                                 random_state=1),
-    "DPSGD-poisson": lambda: models.DPSGDClassifier(epsilon=2.0, steps=5, sample_rate=0.3,
-                                                    classes=np.arange(4), random_state=1),
-    "DPNewton": lambda: models.DPNewtonClassifier(epsilon=2.0, steps=2, classes=np.arange(4),
-                                                  random_state=1),
+    "DPFC": lambda: models.DPFCClassifier(
+        epsilon=2.0, steps=6, classes=np.arange(4), random_state=1
+    ),
+    "DPSGD-full": lambda: models.DPSGDClassifier(
+        epsilon=2.0, steps=5, classes=np.arange(4), random_state=1
+    ),
+    "DPSGD-poisson": lambda: models.DPSGDClassifier(
+        epsilon=2.0, steps=5, sample_rate=0.3, classes=np.arange(4), random_state=1
+    ),
+    "DPNewton": lambda: models.DPNewtonClassifier(
+        epsilon=2.0, steps=2, classes=np.arange(4), random_state=1
+    ),
     "DPLS-per_class": lambda: models.DPLeastSquaresClassifier(
-        epsilon=2.0, variant="per_class", classes=np.arange(4), random_state=1),
-    "DPFC-center": lambda: models.DPFCClassifier(epsilon=2.0, steps=3, classes=np.arange(4),
-                                                 center=np.full(13, 0.1), normalize=False,
-                                                 random_state=1),
+        epsilon=2.0, variant="per_class", classes=np.arange(4), random_state=1
+    ),
+    "DPFC-center": lambda: models.DPFCClassifier(
+        epsilon=2.0,
+        steps=3,
+        classes=np.arange(4),
+        center=np.full(13, 0.1),
+        normalize=False,
+        random_state=1,
+    ),
 }
 
 
@@ -392,15 +431,21 @@ def test_unchecked_ops_match_public_ops(n, d, k):
     pairs = [
         (u.clip_rows(x, c), ops.clip_rows(x, c)),
         (u.clipped_gram(x, c), ops.clipped_gram(x, c)),
-        (u.clipped_gram(x.astype(np.float32), c, accumulate="float32"),
-         ops.clipped_gram(x.astype(np.float32), c, accumulate="float32")),
+        (
+            u.clipped_gram(x.astype(np.float32), c, accumulate="float32"),
+            ops.clipped_gram(x.astype(np.float32), c, accumulate="float32"),
+        ),
         (u.clipped_stats(x, y, k, c), ops.clipped_stats(x, y, k, c)),
         (u.clipped_class_grams(x, y, k, c), ops.clipped_class_grams(x, y, k, c)),
         (u.clipped_weighted_grams(x, weights, c), ops.clipped_weighted_grams(x, weights, c)),
-        (u.clipped_linear_grad(x, y, w, 0.3, c, loss="softmax", feature_clip=2.0),
-         ops.clipped_linear_grad(x, y, w, 0.3, c, loss="softmax", feature_clip=2.0)),
-        (u.clipped_linear_grad(x, y, w, np.full(k, -0.2), c),
-         ops.clipped_linear_grad(x, y, w, np.full(k, -0.2), c)),
+        (
+            u.clipped_linear_grad(x, y, w, 0.3, c, loss="softmax", feature_clip=2.0),
+            ops.clipped_linear_grad(x, y, w, 0.3, c, loss="softmax", feature_clip=2.0),
+        ),
+        (
+            u.clipped_linear_grad(x, y, w, np.full(k, -0.2), c),
+            ops.clipped_linear_grad(x, y, w, np.full(k, -0.2), c),
+        ),
     ]
     for fast, checked in pairs:
         fast = fast if isinstance(fast, tuple) else (fast,)

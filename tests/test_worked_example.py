@@ -41,8 +41,11 @@ def _readme_commands():
 
 def _script_commands():
     script = ROOT / "examples" / "worked_example.sh"
-    return [shlex.split(ln[len("run "):]) for ln in script.read_text().splitlines()
-            if ln.startswith("run ")]
+    return [
+        shlex.split(ln[len("run ") :])
+        for ln in script.read_text().splitlines()
+        if ln.startswith("run ")
+    ]
 
 
 def test_readme_worked_example_runs_end_to_end(tmp_path, monkeypatch):
@@ -53,14 +56,18 @@ def test_readme_worked_example_runs_end_to_end(tmp_path, monkeypatch):
     assert commands[0][:2] == ["pip", "install"]
     assert _script_commands() == commands[1:]
     assert [c[1] for c in commands if c[0] == "dpfc"] == [
-        "extract", "extract", "plan", "train", "predict"]
+        "extract",
+        "extract",
+        "plan",
+        "train",
+        "predict",
+    ]
     monkeypatch.chdir(tmp_path)
     outputs = {}
     for cmd in commands[1:]:
         if cmd[0] == "python":
             assert cmd[1] == "examples/worked_example_data.py"
-            spec = importlib.util.spec_from_file_location("worked_example_data",
-                                                          ROOT / cmd[1])
+            spec = importlib.util.spec_from_file_location("worked_example_data", ROOT / cmd[1])
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             module.write_images(cmd[2])
@@ -78,8 +85,10 @@ def test_readme_worked_example_runs_end_to_end(tmp_path, monkeypatch):
     assert np.array_equal(np.bincount(train["labels"], minlength=10) > 0, np.ones(10, bool))
     # The plan: the gram's noise-to-signal falls with epsilon, crossing 1 between 2 and 8
     # (what the README's reading of the plan says).
-    ratios = [float(m) for m in re.findall(r"^\s+[\d.]+\s+gram\s+.*\s([\d.e+-]+)\s*$",
-                                           outputs["plan"][0], re.M)]
+    ratios = [
+        float(m)
+        for m in re.findall(r"^\s+[\d.]+\s+gram\s+.*\s([\d.e+-]+)\s*$", outputs["plan"][0], re.M)
+    ]
     assert len(ratios) == 4 and ratios == sorted(ratios, reverse=True)
     assert ratios[2] > 1 > ratios[3]
     acc = float(re.search(r"test accuracy: ([\d.]+)", outputs["train"][0]).group(1))

@@ -41,7 +41,7 @@ import tempfile
 import zipfile
 from email.parser import Parser
 from io import BytesIO
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "dpfc_native"
@@ -50,9 +50,15 @@ DISTRIBUTION = "dpfc-native"
 # The C and C++ runtime: everything else must be linked statically or dlopen'ed.
 # libpthread/libdl/librt are separate libraries before glibc 2.34 (manylinux_2_28).
 ALLOWED_NEEDED = {
-    "libstdc++.so.6", "libm.so.6", "libgcc_s.so.1", "libc.so.6",
-    "libpthread.so.0", "libdl.so.2", "librt.so.1",
-    "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1",
+    "libstdc++.so.6",
+    "libm.so.6",
+    "libgcc_s.so.1",
+    "libc.so.6",
+    "libpthread.so.0",
+    "libdl.so.2",
+    "librt.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
 }
 # Measured: 0.2 MB CPU-only, 5.4 MB with the release architecture list (five targets).
 # The gates leave room to grow without letting a debug build or a stray library in.
@@ -62,7 +68,8 @@ SIZE_GATE_MB = {"cpu": 1.0, "cuda": 10.0}
 ALLOWED_EXTRA = re.compile(
     r"^(dpfc_native/_core\.pyi"
     r"|dpfc_native/_core\.[A-Za-z0-9_.-]+\.so"
-    r"|dpfc_native-[^/]+\.dist-info/(METADATA|WHEEL|RECORD|entry_points\.txt|licenses/LICENSE))$")
+    r"|dpfc_native-[^/]+\.dist-info/(METADATA|WHEEL|RECORD|entry_points\.txt|licenses/LICENSE))$"
+)
 # Philox4x32-10, counter 0, key 0 (the Random123 known-answer test).
 PHILOX_KAT = ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8))
 
@@ -78,8 +85,9 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
 def release_arches(pyproject: Path) -> list[str]:
     """The CUDA architecture list the wheel jobs pass to the build."""
     # A regular expression, not tomllib: the check also runs on Python 3.10.
-    m = re.search(r'"cmake\.define\.DPFC_CUDA_ARCHITECTURES"\s*=\s*"([^"]*)"',
-                  pyproject.read_text())
+    m = re.search(
+        r'"cmake\.define\.DPFC_CUDA_ARCHITECTURES"\s*=\s*"([^"]*)"', pyproject.read_text()
+    )
     if m is None:
         raise SystemExit(f"no DPFC_CUDA_ARCHITECTURES config-setting in {pyproject}")
     return [a for a in m.group(1).split(";") if a]
@@ -92,8 +100,11 @@ def check_archive(wheel: Path, flavour: str) -> tuple[bytes, str]:
     version, tags = stem[1], "-".join(stem[-3:])
     check("wheel name", len(stem) == 5 and stem[0] == PACKAGE, f"{wheel.name} (tag {tags})")
     size_mb = wheel.stat().st_size / 1e6
-    check("size gate", size_mb <= SIZE_GATE_MB[flavour],
-          f"{size_mb:.2f} MB <= {SIZE_GATE_MB[flavour]} MB ({flavour})")
+    check(
+        "size gate",
+        size_mb <= SIZE_GATE_MB[flavour],
+        f"{size_mb:.2f} MB <= {SIZE_GATE_MB[flavour]} MB ({flavour})",
+    )
 
     with zipfile.ZipFile(wheel) as zf:
         # auditwheel repair adds directory entries: not files, not junk.
@@ -103,21 +114,33 @@ def check_archive(wheel: Path, flavour: str) -> tuple[bytes, str]:
         ext_bytes = zf.read(ext[0]) if len(ext) == 1 else b""
     check("one extension module", len(ext) == 1, ", ".join(ext) or "none")
 
-    check("metadata name/version", meta["Name"] == DISTRIBUTION and meta["Version"] == version,
-          f"{meta['Name']} {meta['Version']}")
-    check("license metadata (PEP 639)",
-          meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
-          and f"{PACKAGE}-{version}.dist-info/licenses/LICENSE" in names,
-          f"License-Expression {meta['License-Expression']}, License-File {meta.get_all('License-File')}")
+    check(
+        "metadata name/version",
+        meta["Name"] == DISTRIBUTION and meta["Version"] == version,
+        f"{meta['Name']} {meta['Version']}",
+    )
+    check(
+        "license metadata (PEP 639)",
+        meta["License-Expression"] == "Apache-2.0"
+        and meta.get_all("License-File") == ["LICENSE"]
+        and f"{PACKAGE}-{version}.dist-info/licenses/LICENSE" in names,
+        f"License-Expression {meta['License-Expression']}, "
+        f"License-File {meta.get_all('License-File')}",
+    )
     requires = meta.get_all("Requires-Dist") or []
-    check("cuda extra brings CuPy", any(r.startswith("cupy-cuda13x") and "extra == \"cuda\"" in r
-                                        for r in requires))
+    check(
+        "cuda extra brings CuPy",
+        any(r.startswith("cupy-cuda13x") and 'extra == "cuda"' in r for r in requires),
+    )
 
     # Every module of the source package is in the wheel; nothing but the allowed rest.
     expected = {f"{PACKAGE}/{p.name}" for p in (REPO / "python" / PACKAGE).glob("*.py")}
     missing = sorted(expected - set(names))
-    check("all package modules present", not missing and bool(expected),
-          f"{len(expected)} modules" if not missing else f"missing {missing}")
+    check(
+        "all package modules present",
+        not missing and bool(expected),
+        f"{len(expected)} modules" if not missing else f"missing {missing}",
+    )
     junk = sorted(n for n in names if n not in expected and not ALLOWED_EXTRA.match(n))
     check("no build junk", not junk, f"{len(names)} files" if not junk else f"unexpected {junk}")
     return ext_bytes, version
@@ -137,8 +160,11 @@ def check_elf(ext_bytes: bytes) -> None:
                 elif tag.entry.d_tag in ("DT_RPATH", "DT_RUNPATH"):
                     rpaths.append(getattr(tag, "rpath", None) or getattr(tag, "runpath", ""))
     extra = sorted(set(needed) - ALLOWED_NEEDED)
-    check("NEEDED is the C/C++ runtime only", not extra,
-          ", ".join(needed) if not extra else f"also needs {extra}")
+    check(
+        "NEEDED is the C/C++ runtime only",
+        not extra,
+        ", ".join(needed) if not extra else f"also needs {extra}",
+    )
     check("no RPATH/RUNPATH", not rpaths, ", ".join(rpaths))
 
 
@@ -164,8 +190,10 @@ if "--full" in sys.argv:
     off = np.concatenate([m[iu] for m in a])
     # 5-sigma bands for the sample variance of n normals: var * (1 +- 5 sqrt(2/n)).
     def within(x, var):
-        return abs(float(np.mean(np.square(x, dtype=np.float64))) / var - 1) <= 5 * (2 / x.size) ** 0.5
-    out["noise"] = {"shape": list(a.shape), "symmetric": bool(np.array_equal(a, np.swapaxes(a, 1, 2))),
+        second_moment = float(np.mean(np.square(x, dtype=np.float64)))
+        return abs(second_moment / var - 1) <= 5 * (2 / x.size) ** 0.5
+    symmetric = bool(np.array_equal(a, np.swapaxes(a, 1, 2)))
+    out["noise"] = {"shape": list(a.shape), "symmetric": symmetric,
                     "finite_nonzero": bool(np.isfinite(a).all() and np.count_nonzero(a) == a.size),
                     "deterministic": bool(np.array_equal(a, b)),
                     "diag_var_ok": within(diag, std ** 2), "off_var_ok": within(off, std ** 2 / 2)}
@@ -185,8 +213,13 @@ def probe(env_extra: dict[str, str], full: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(env_extra)
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-c", _PROBE] + (["--full"] if full else []),
-                           cwd=tmp, env=env, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _PROBE] + (["--full"] if full else []),
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if r.returncode != 0:
         check("import in a fresh interpreter", False, r.stderr.strip()[-2000:])
         raise SystemExit(1)
@@ -204,10 +237,17 @@ def driver_present() -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("wheel", type=Path, help="the wheel file (installed from, into this Python)")
-    ap.add_argument("--flavour", choices=("cpu", "cuda"), required=True,
-                    help="cpu: built with DPFC_CUDA=OFF; cuda: with the CUDA kernels")
-    ap.add_argument("--arches", help="expected CUDA architectures, ';'-separated "
-                    "(default: the release list in pyproject.toml)")
+    ap.add_argument(
+        "--flavour",
+        choices=("cpu", "cuda"),
+        required=True,
+        help="cpu: built with DPFC_CUDA=OFF; cuda: with the CUDA kernels",
+    )
+    ap.add_argument(
+        "--arches",
+        help="expected CUDA architectures, ';'-separated "
+        "(default: the release list in pyproject.toml)",
+    )
     ap.add_argument("--cuda-major", type=int, default=13, help="expected CUDA major version")
     args = ap.parse_args(argv)
     wheel: Path = args.wheel.resolve()
@@ -221,11 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     info = out["info"]
     pkg_dir = Path(out["file"]).resolve().parent
     site = pkg_dir.parent
-    check("imports from site-packages, not the sources",
-          site.name in ("site-packages", "dist-packages") and REPO not in pkg_dir.parents,
-          str(pkg_dir))
-    check("installed _core is the wheel's", out["core_sha256"] == hashlib.sha256(ext_bytes).hexdigest(),
-          out["core_sha256"][:16])
+    check(
+        "imports from site-packages, not the sources",
+        site.name in ("site-packages", "dist-packages") and REPO not in pkg_dir.parents,
+        str(pkg_dir),
+    )
+    check(
+        "installed _core is the wheel's",
+        out["core_sha256"] == hashlib.sha256(ext_bytes).hexdigest(),
+        out["core_sha256"][:16],
+    )
     check("installed version", out["dist_version"] == version == info["version"], version)
 
     check("flavour", info["cuda_compiled"] is cuda, f"cuda_compiled={info['cuda_compiled']}")
@@ -236,35 +281,60 @@ def main(argv: list[str] | None = None) -> int:
         rt = info["cuda_runtime_version"]
         check("CUDA major", rt is not None and rt // 1000 == args.cuda_major, f"runtime {rt}")
     else:
-        check("no CUDA in a CPU-only wheel",
-              info["cuda_arches"] == [] and info["cuda_runtime_version"] is None
-              and info["cuda_devices"] == 0)
+        check(
+            "no CUDA in a CPU-only wheel",
+            info["cuda_arches"] == []
+            and info["cuda_runtime_version"] is None
+            and info["cuda_devices"] == 0,
+        )
 
     hidden = probe({"CUDA_VISIBLE_DEVICES": ""}, full=False)["info"]
-    check("no visible device: imports, counts none", hidden["cuda_devices"] == 0,
-          f"cuda_devices={hidden['cuda_devices']}")
+    check(
+        "no visible device: imports, counts none",
+        hidden["cuda_devices"] == 0,
+        f"cuda_devices={hidden['cuda_devices']}",
+    )
     if driver_present():
-        check("devices with a driver", True, f"counted {info['cuda_devices']}, skipped "
-              f"{info['cuda_devices_skipped'] or 'none'}")
+        check(
+            "devices with a driver",
+            True,
+            f"counted {info['cuda_devices']}, skipped {info['cuda_devices_skipped'] or 'none'}",
+        )
     else:
-        check("no driver: imports, counts none", info["cuda_devices"] == 0,
-              f"libcuda.so.1 absent, cuda_devices={info['cuda_devices']}")
+        check(
+            "no driver: imports, counts none",
+            info["cuda_devices"] == 0,
+            f"libcuda.so.1 absent, cuda_devices={info['cuda_devices']}",
+        )
 
     check("native op: Philox4x32-10 known answer", out["philox_ok"])
     noise = out["noise"]
-    check("native op: symmetric Gaussian noise",
-          all(noise[k] for k in ("symmetric", "finite_nonzero", "deterministic",
-                                 "diag_var_ok", "off_var_ok")),
-          json.dumps(noise))
+    check(
+        "native op: symmetric Gaussian noise",
+        all(
+            noise[k]
+            for k in ("symmetric", "finite_nonzero", "deterministic", "diag_var_ok", "off_var_ok")
+        ),
+        json.dumps(noise),
+    )
     fit = out["fit"]
-    check("DP-FC fit on digits (epsilon 8)", fit["accuracy"] >= 0.85 and fit["epsilon"] <= 8.0 + 1e-9,
-          f"test accuracy {fit['accuracy']:.3f} (gate 0.85), epsilon {fit['epsilon']:.4f}, "
-          f"{fit['n_train']} training rows")
+    check(
+        "DP-FC fit on digits (epsilon 8)",
+        fit["accuracy"] >= 0.85 and fit["epsilon"] <= 8.0 + 1e-9,
+        f"test accuracy {fit['accuracy']:.3f} (gate 0.85), epsilon {fit['epsilon']:.4f}, "
+        f"{fit['n_train']} training rows",
+    )
 
     failed = [n for n, ok, _ in _results if not ok]
     # Worded so that it is not read as a test runner's closing line.
-    print(f"check_wheel: {wheel.name}: " + (f"all {len(_results)} checks passed" if not failed
-          else f"{len(failed)} of {len(_results)} checks FAILED: {', '.join(failed)}"))
+    print(
+        f"check_wheel: {wheel.name}: "
+        + (
+            f"all {len(_results)} checks passed"
+            if not failed
+            else f"{len(failed)} of {len(_results)} checks FAILED: {', '.join(failed)}"
+        )
+    )
     return 1 if failed else 0
 
 

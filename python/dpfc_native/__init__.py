@@ -31,8 +31,12 @@ __all__ = [
     "load_model",
 ]
 
-_ESTIMATORS = ("DPLeastSquaresClassifier", "DPNewtonClassifier", "DPFCClassifier",
-               "DPSGDClassifier")
+_ESTIMATORS = (
+    "DPLeastSquaresClassifier",
+    "DPNewtonClassifier",
+    "DPFCClassifier",
+    "DPSGDClassifier",
+)
 _TUNING = ("PrivacyBudget", "PrivacyBudgetExceeded", "PrivateSelector")
 
 
@@ -51,6 +55,7 @@ def __getattr__(name: str):
 
         return load_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CudaError = _core.CudaError
 
@@ -80,8 +85,10 @@ def _device_unsupported_reason(arches: list[str], major: int, minor: int) -> str
     """
     cc = (major, minor)
     if cc < _MIN_COMPUTE_CAPABILITY:
-        return (f"compute capability {major}.{minor} is below {_MIN_COMPUTE_CAPABILITY[0]}."
-                f"{_MIN_COMPUTE_CAPABILITY[1]}, the oldest GPU dpfc_native's kernels support")
+        return (
+            f"compute capability {major}.{minor} is below {_MIN_COMPUTE_CAPABILITY[0]}."
+            f"{_MIN_COMPUTE_CAPABILITY[1]}, the oldest GPU dpfc_native's kernels support"
+        )
     parsed = [_ARCH_RE.match(a) for a in arches]
     if not arches or not all(parsed):
         # A symbolic list ("native", "all") cannot be checked here: trust the floor.
@@ -102,12 +109,15 @@ def _device_unsupported_reason(arches: list[str], major: int, minor: int) -> str
                 return None
             if suffix == "f" and arch[0] == major and arch[1] <= minor:
                 return None
-    return (f"no kernel image for compute capability {major}.{minor} in this build "
-            f"(compiled for {', '.join(arches)})")
+    return (
+        f"no kernel image for compute capability {major}.{minor} in this build "
+        f"(compiled for {', '.join(arches)})"
+    )
 
 
-def _device_report(arches: list[str],
-                   devices: list[tuple[int, str, int, int]]) -> tuple[int, list[str]]:
+def _device_report(
+    arches: list[str], devices: list[tuple[int, str, int, int]]
+) -> tuple[int, list[str]]:
     """Count the devices this build can run on; say why each other one is skipped."""
     usable, skipped = 0, []
     for index, name, major, minor in devices:

@@ -120,7 +120,8 @@ class KernelConfig:
 
 _process_config: KernelConfig | None = None
 _override: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar(
-    "dpfc_kernel_config", default=None)
+    "dpfc_kernel_config", default=None
+)
 
 
 def get() -> KernelConfig:

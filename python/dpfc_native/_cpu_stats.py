@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg.blas as _blas
 import scipy.sparse as _sparse
-from ._special import sigmoid as _sigmoid
 
 from . import _core
+from ._special import sigmoid as _sigmoid
 
 __all__ = [
     "clip_rows",
@@ -61,7 +61,9 @@ def _row_norms64(xc: np.ndarray) -> np.ndarray:
         # over: a norm beyond the float64 range is inf (its clip factor is then 0).
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             scaled = rows / np.where(amax > 0, amax, 1.0)[:, None]
-            norms[bad] = np.where(amax > 0, amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)), 0.0)
+            norms[bad] = np.where(
+                amax > 0, amax * np.sqrt(np.einsum("ij,ij->i", scaled, scaled)), 0.0
+            )
     return norms
 
 
@@ -71,8 +73,9 @@ def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
     # Divide only where the row is clipped (norm > target > 0): target / norm is then
     # below 1, so no overflow (a tiny norm with a huge C warned from np.where's other
     # branch) and no division by zero.
-    return np.divide(target, norms, out=np.ones(norms.shape, dtype=np.float64),
-                     where=norms > target)
+    return np.divide(
+        target, norms, out=np.ones(norms.shape, dtype=np.float64), where=norms > target
+    )
 
 
 def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -198,8 +201,15 @@ def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
     return out
 
 
-def clipped_linear_grad(x: np.ndarray, labels: np.ndarray, w: np.ndarray, bias: np.ndarray,
-                        c: float, loss: str, fc: float | None):
+def clipped_linear_grad(
+    x: np.ndarray,
+    labels: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray,
+    c: float,
+    loss: str,
+    fc: float | None,
+):
     """``(grad, n_clipped)``: the clipped per-example gradient sum ((K, d) float64) and the
     number of clipped examples (see :func:`dpfc_native.ops.clipped_linear_grad`)."""
     k = w.shape[0]

@@ -17,10 +17,10 @@ same questions:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import contextlib
 import contextvars
+import dataclasses
+import hashlib
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -28,8 +28,7 @@ import numpy as np
 from . import ops
 from . import reduction as _red
 
-__all__ = ["RowTransform", "ReducedStatistics", "DeviceStatistics", "scaled_input",
-           "class_block"]
+__all__ = ["RowTransform", "ReducedStatistics", "DeviceStatistics", "scaled_input", "class_block"]
 
 #: Largest K x d x d partial (bytes of its two int64 limbs) held in one reduction: above
 #: it, per-class statistics are split into blocks of classes, one reduction each.
@@ -106,8 +105,9 @@ class RowTransform:
         if blk.shape[0] == 0:
             return blk
         center = None if self.center is None else _red._aligned(np.asarray(self.center, np.float64))
-        out = _preprocess_block(blk, np, float(self.clip), center, bool(self.normalize),
-                                first_row=first_row)
+        out = _preprocess_block(
+            blk, np, float(self.clip), center, bool(self.normalize), first_row=first_row
+        )
         if self.device == "cuda":
             return ops._cupy().asarray(out)  # noqa: SLF001 - the package's CuPy accessor
         return out
@@ -189,7 +189,7 @@ class _DaskArraySource:
 
     def read(self, i, start, stop):
         o = int(self.offsets[i])
-        return np.asarray(self.x[o + start:o + stop].compute()), self.labels[o + start:o + stop]
+        return np.asarray(self.x[o + start : o + stop].compute()), self.labels[o + start : o + stop]
 
 
 class ReducedStatistics:
@@ -208,14 +208,24 @@ class ReducedStatistics:
     progress : callable (leaves_done, n_leaves, what) or None
     """
 
-    def __init__(self, x, labels, transform: RowTransform, *, client=None,
-                 leaf_rows: Optional[int] = None, leaves_per_task=None, progress=None):
+    def __init__(
+        self,
+        x,
+        labels,
+        transform: RowTransform,
+        *,
+        client=None,
+        leaf_rows: Optional[int] = None,
+        leaves_per_task=None,
+        progress=None,
+    ):
         self.transform, self.client = transform, client
         self.leaf_rows = int(FIT_LEAF_ROWS if leaf_rows is None else leaf_rows)
         self.leaves_per_task = leaves_per_task
         self.progress_cb = _LEAF_PROGRESS.get() if progress is None else progress
-        self.is_dask = not (hasattr(x, "shard_rows") and hasattr(x, "read")) and \
-            type(x).__module__.startswith("dask.")
+        self.is_dask = not (hasattr(x, "shard_rows") and hasattr(x, "read")) and type(
+            x
+        ).__module__.startswith("dask.")
         if hasattr(x, "shard_rows") and hasattr(x, "read"):
             self.x, self.labels = x, None
         elif self.is_dask:
@@ -228,19 +238,37 @@ class ReducedStatistics:
         if self.client is not None:
             from . import distributed
 
-            options = {} if self.leaves_per_task is None else {"leaves_per_task": self.leaves_per_task}
-            cb = None if self.progress_cb is None else \
-                (lambda done, total: self.progress_cb(done, total, what))
-            return distributed.compute(stat, self.x, self.labels, client=self.client,
-                                       leaf_rows=self.leaf_rows, sampling=sampling,
-                                       transform=self.transform, progress=cb, **options)
+            options = (
+                {} if self.leaves_per_task is None else {"leaves_per_task": self.leaves_per_task}
+            )
+            cb = (
+                None
+                if self.progress_cb is None
+                else (lambda done, total: self.progress_cb(done, total, what))
+            )
+            return distributed.compute(
+                stat,
+                self.x,
+                self.labels,
+                client=self.client,
+                leaf_rows=self.leaf_rows,
+                sampling=sampling,
+                transform=self.transform,
+                progress=cb,
+                **options,
+            )
         source = self.x
         if self.is_dask:
             source = _DaskArraySource(self.x, self.labels)
         # GPU leaves: one thread (the device serialises them anyway).
         threads = 1 if getattr(self.transform, "device", "cpu") == "cuda" else None
-        out = _red.reduce(stat, _red.TransformedSource(source, self.transform),
-                          leaf_rows=self.leaf_rows, sampling=sampling, threads=threads)
+        out = _red.reduce(
+            stat,
+            _red.TransformedSource(source, self.transform),
+            leaf_rows=self.leaf_rows,
+            sampling=sampling,
+            threads=threads,
+        )
         if self.progress_cb is not None:
             n_leaves = _red.LeafLayout(source.shard_rows, self.leaf_rows).n_leaves
             self.progress_cb(n_leaves, n_leaves, what)
@@ -267,8 +295,9 @@ class ReducedStatistics:
 
     def linear_grad(self, W, bias, clip, *, loss="sigmoid", feature_clip=None, sampling=None):
         """``(grad, n_clipped, rows summed)``."""
-        stat = CountedLinearGrad(clip, np.asarray(W, np.float64), bias, loss=loss,
-                                 feature_clip=feature_clip)
+        stat = CountedLinearGrad(
+            clip, np.asarray(W, np.float64), bias, loss=loss, feature_clip=feature_clip
+        )
         return self._run(stat, "gradient", sampling=sampling)
 
 
@@ -307,8 +336,9 @@ class DeviceStatistics:
             if idx.size == 0:
                 return self.xp.zeros(tuple(np.shape(W)), dtype=self.xp.float64), 0, 0
             X, y = X[self.xp.asarray(idx)], y[self.xp.asarray(idx)]
-        g, n_clip = ops._unchecked.clipped_linear_grad(X, y, W, bias, clip, loss=loss,
-                                                       feature_clip=feature_clip)
+        g, n_clip = ops._unchecked.clipped_linear_grad(
+            X, y, W, bias, clip, loss=loss, feature_clip=feature_clip
+        )
         return g, int(n_clip), int(X.shape[0])
 
 
@@ -331,9 +361,15 @@ def scaled_fit_data(X, y, classes_param):
             classes = np.arange(k_seen)
         else:
             classes = np.asarray(classes_param)
-            if classes.ndim != 1 or classes.size < max(k_seen, 2) or np.unique(classes).size != classes.size:
-                raise ValueError(f"classes must list at least the {max(k_seen, 2)} distinct labels "
-                                 f"the shards index (their labels are indices into classes)")
+            if (
+                classes.ndim != 1
+                or classes.size < max(k_seen, 2)
+                or np.unique(classes).size != classes.size
+            ):
+                raise ValueError(
+                    f"classes must list at least the {max(k_seen, 2)} distinct labels "
+                    f"the shards index (their labels are indices into classes)"
+                )
         if classes.size < 2:
             raise ValueError("need at least 2 classes")
         return X, None, classes, n, d
@@ -356,4 +392,3 @@ def sampling_for(rate: float, random_state) -> _red.PoissonSampling:
     """DP-SGD's Poisson sampling key: fresh OS entropy, or derived from the user seed
     (apart from the noise key's derivation, so the two are unrelated)."""
     return _red.PoissonSampling.new(rate, None if random_state is None else int(random_state))
-

@@ -52,23 +52,39 @@ def _dtype_code(dtype) -> int:
 def _options() -> dict:
     """The Cholesky kernel options of the active kernel configuration."""
     cfg = _config.get()
-    return {"kernel": cfg.chol_kernel, "schedule": cfg.chol_schedule,
-            "small_max": cfg.chol_small_max}
+    return {
+        "kernel": cfg.chol_kernel,
+        "schedule": cfg.chol_schedule,
+        "small_max": cfg.chol_small_max,
+    }
 
 
-def _factor(a_ptr: int, a_batch_stride: int, shifts_ptr: int, L, info, batch: int, d: int,
-            dtype) -> None:
+def _factor(
+    a_ptr: int, a_batch_stride: int, shifts_ptr: int, L, info, batch: int, d: int, dtype
+) -> None:
     """One native factorisation call on the current stream, with a work space from CuPy's
     (stream-ordered) pool when the blocked path needs one."""
     cp = _cupy()
     options = _options()
     code = _dtype_code(dtype)
-    nbytes = int(_core.cuda_cholesky_workspace_bytes(batch, d, code,
-                                                     small_max=options["small_max"]))
+    nbytes = int(
+        _core.cuda_cholesky_workspace_bytes(batch, d, code, small_max=options["small_max"])
+    )
     ws = cp.empty((nbytes,), dtype=cp.uint8) if nbytes else None
     _core.cuda_cholesky(
-        a_ptr, a_batch_stride, d, shifts_ptr, L.data.ptr, info.data.ptr, batch, d, code,
-        _stream_ptr(), 0 if ws is None else ws.data.ptr, nbytes, **options,
+        a_ptr,
+        a_batch_stride,
+        d,
+        shifts_ptr,
+        L.data.ptr,
+        info.data.ptr,
+        batch,
+        d,
+        code,
+        _stream_ptr(),
+        0 if ws is None else ws.data.ptr,
+        nbytes,
+        **options,
     )
 
 
@@ -155,8 +171,17 @@ def cho_solve(L, b):
             Lc, l_stride = _batch_operand(L, batch_shape, (d, d), dtype)
             bc, b_stride = _batch_operand(bm, batch_shape, (d, m), dtype)
             _core.cuda_cho_solve(
-                Lc.data.ptr, l_stride, bc.data.ptr, b_stride, m, x.data.ptr, batch, d, m,
-                _dtype_code(dtype), _stream_ptr(),
+                Lc.data.ptr,
+                l_stride,
+                bc.data.ptr,
+                b_stride,
+                m,
+                x.data.ptr,
+                batch,
+                d,
+                m,
+                _dtype_code(dtype),
+                _stream_ptr(),
             )
     x = x.reshape(batch_shape + (d, m))
     return x[..., 0] if vector else x

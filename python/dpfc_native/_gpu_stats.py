@@ -151,7 +151,15 @@ def _gram_into(x, clip_norm: float, accumulate: str, out, kernel: str | None = N
         out.fill(0.0)
         return out
     _core().cuda_clipped_gram(
-        x.data.ptr, code, n, d, ld, float(clip_norm), accumulate, out.data.ptr, _stream(),
+        x.data.ptr,
+        code,
+        n,
+        d,
+        ld,
+        float(clip_norm),
+        accumulate,
+        out.data.ptr,
+        _stream(),
         _gram_kernel(kernel),
     )
     return out
@@ -201,8 +209,17 @@ def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
         return _class_sums_into(x, labels, num_classes, clip_norm, out)
 
 
-def _stats_into(x, labels, num_classes: int, clip_norm: float, accumulate: str, g, b, counts,
-                kernel: str | None = None):
+def _stats_into(
+    x,
+    labels,
+    num_classes: int,
+    clip_norm: float,
+    accumulate: str,
+    g,
+    b,
+    counts,
+    kernel: str | None = None,
+):
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
     n, d = x.shape
@@ -244,7 +261,9 @@ def clipped_stats(x, labels, num_classes: int, clip_norm: float, accumulate: str
         return _stats_into(x, labels, k, clip_norm, mode, g, b, counts)
 
 
-def _class_grams_into(x, labels, num_classes: int, clip_norm: float, out, kernel: str | None = None):
+def _class_grams_into(
+    x, labels, num_classes: int, clip_norm: float, out, kernel: str | None = None
+):
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
     n, d = x.shape
@@ -253,8 +272,17 @@ def _class_grams_into(x, labels, num_classes: int, clip_norm: float, out, kernel
         return out
     lab = _labels32(labels)
     _core().cuda_clipped_class_grams(
-        x.data.ptr, code, n, d, ld, lab.data.ptr, int(num_classes), float(clip_norm), out.data.ptr,
-        _stream(), _gram_kernel(kernel),
+        x.data.ptr,
+        code,
+        n,
+        d,
+        ld,
+        lab.data.ptr,
+        int(num_classes),
+        float(clip_norm),
+        out.data.ptr,
+        _stream(),
+        _gram_kernel(kernel),
     )
     return out
 
@@ -279,7 +307,17 @@ def _weighted_grams_into(x, weights, clip_norm: float, out, kernel: str | None =
         return out
     w = cp.ascontiguousarray(weights, dtype=cp.float64)
     _core().cuda_clipped_weighted_grams(
-        x.data.ptr, code, n, d, ld, w.data.ptr, k, k, float(clip_norm), out.data.ptr, _stream(),
+        x.data.ptr,
+        code,
+        n,
+        d,
+        ld,
+        w.data.ptr,
+        k,
+        k,
+        float(clip_norm),
+        out.data.ptr,
+        _stream(),
         _gram_kernel(kernel),
     )
     return out
@@ -316,7 +354,13 @@ def _sym_noise_into(out, std: float, key_words, block0: int):
     if out.size == 0:
         return out
     _core().cuda_sym_gaussian_noise(
-        out.data.ptr, _noise_dtype(out.dtype), batch, d, float(std), _key(key_words), int(block0),
+        out.data.ptr,
+        _noise_dtype(out.dtype),
+        batch,
+        d,
+        float(std),
+        _key(key_words),
+        int(block0),
         _stream(),
     )
     return out
@@ -337,7 +381,12 @@ def _gaussian_into(out, std: float, key_words, block0: int):
     if flat.size == 0:
         return out
     _core().cuda_gaussian_noise(
-        flat.data.ptr, _noise_dtype(out.dtype), flat.size, float(std), _key(key_words), int(block0),
+        flat.data.ptr,
+        _noise_dtype(out.dtype),
+        flat.size,
+        float(std),
+        _key(key_words),
+        int(block0),
         _stream(),
     )
     return out
@@ -361,9 +410,9 @@ def gaussian_noise(shape, std: float, key_words, block0: int, dtype):
 # GEMM-shaped passes with CuPy's matmul (cuBLAS, float32 or float64 without TF32) around the
 # native row epilogue; the others run the whole gradient in csrc/cuda/linear_grad.cu with the
 # named outer-product engine.
-_LG_BLOCK = 4096             # chunk sizes are multiples of the default float32 block
-_LG_Z_BYTES = 128 << 20      # logits workspace per chunk
-_LG_X_BYTES = 256 << 20      # scaled-rows workspace per chunk
+_LG_BLOCK = 4096  # chunk sizes are multiples of the default float32 block
+_LG_Z_BYTES = 128 << 20  # logits workspace per chunk
+_LG_X_BYTES = 256 << 20  # scaled-rows workspace per chunk
 
 
 def _tf32_matmul() -> bool:
@@ -377,12 +426,14 @@ def _tf32_matmul() -> bool:
 
 
 def _grad_engine(dtype) -> str:
-    """"cublas" or "native": where the clipped gradient of ``dtype`` features runs."""
+    """ "cublas" or "native": where the clipped gradient of ``dtype`` features runs."""
     v = _config.get().grad_kernel
     tf32 = np.dtype(dtype) == np.float32 and _tf32_matmul()
     if v == "cublas" and tf32:
-        raise ValueError("DPFC_GRAD_KERNEL=cublas with CUPY_TF32=1: TF32 would round the "
-                         "clipped per-example terms (use the native engines)")
+        raise ValueError(
+            "DPFC_GRAD_KERNEL=cublas with CUPY_TF32=1: TF32 would round the "
+            "clipped per-example terms (use the native engines)"
+        )
     if v == "auto":
         return "native" if tf32 else "cublas"
     return v if v == "cublas" else "native"
@@ -408,8 +459,7 @@ def _native_chunk_rows(n: int, k: int, item: int) -> int:
     return min(nc, n)
 
 
-def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad,
-                        n_clipped):
+def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad, n_clipped):
     """Per chunk: Z = X W^T (cuBLAS), the native epilogue (Z <- r_i / ||r_i||, f_i =
     s_i c_i ||r_i||), X' = f X (native, product in double), grad += Z^T X' (cuBLAS; float32
     in blocks of ``lg_block`` rows (``DPFC_LG_BLOCK``, 4096), whose sums are added in
@@ -422,8 +472,17 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
     item = x.itemsize
     norms = cp.empty(n, dtype=cp.float64)
     fs = None if feature_clip is None else cp.empty(n, dtype=cp.float64)
-    core.cuda_row_norms(x.data.ptr, code, n, d, ld, 0.0 if fs is None else float(feature_clip),
-                        norms.data.ptr, 0 if fs is None else fs.data.ptr, st)
+    core.cuda_row_norms(
+        x.data.ptr,
+        code,
+        n,
+        d,
+        ld,
+        0.0 if fs is None else float(feature_clip),
+        norms.data.ptr,
+        0 if fs is None else fs.data.ptr,
+        st,
+    )
     nc = _lg_chunk_rows(n, k, d, item)
     blk = _config.get().lg_block
     zbuf = cp.empty((nc, k), dtype=x.dtype)
@@ -434,14 +493,24 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
     wt = wc.T
     for c0 in range(0, n, nc):
         rows = min(nc, n - c0)
-        xc = x[c0:c0 + rows]
+        xc = x[c0 : c0 + rows]
         z, xs = zbuf[:rows], xbuf[:rows]
         cp.matmul(xc, wt, out=z)
-        core.cuda_residual_clip(z.data.ptr, code, rows, k, lab.data.ptr + 4 * c0,
-                                norms.data.ptr + 8 * c0,
-                                0 if fs is None else fs.data.ptr + 8 * c0,
-                                0 if b is None else b.data.ptr, float(clip_norm), str(loss),
-                                fbuf.data.ptr, n_clipped.data.ptr, st)
+        core.cuda_residual_clip(
+            z.data.ptr,
+            code,
+            rows,
+            k,
+            lab.data.ptr + 4 * c0,
+            norms.data.ptr + 8 * c0,
+            0 if fs is None else fs.data.ptr + 8 * c0,
+            0 if b is None else b.data.ptr,
+            float(clip_norm),
+            str(loss),
+            fbuf.data.ptr,
+            n_clipped.data.ptr,
+            st,
+        )
         core.cuda_scale_rows(xc.data.ptr, code, rows, d, ld, fbuf.data.ptr, xs.data.ptr, d, st)
         if x.dtype == cp.float64:
             grad += z.T @ xs
@@ -449,8 +518,9 @@ def _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, 
         nb = rows // blk
         if nb:
             m = nb * blk
-            part = cp.matmul(z[:m].reshape(nb, blk, k).transpose(0, 2, 1),
-                             xs[:m].reshape(nb, blk, d))
+            part = cp.matmul(
+                z[:m].reshape(nb, blk, k).transpose(0, 2, 1), xs[:m].reshape(nb, blk, d)
+            )
             grad += part.sum(axis=0, dtype=cp.float64)
         if rows % blk:
             m = nb * blk
@@ -474,8 +544,7 @@ def _linear_grad_into(x, labels, w, bias, clip_norm, loss, feature_clip, grad, n
     b = None if bias is None else cp.ascontiguousarray(bias, dtype=cp.float64)
     lab = _labels32(labels)
     if _grad_engine(x.dtype) == "cublas":
-        _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad,
-                            n_clipped)
+        _linear_grad_cublas(x, ld, code, lab, wc, b, clip_norm, loss, feature_clip, grad, n_clipped)
         return grad, n_clipped
     engine = _config.get().grad_kernel  # a native engine name, or "auto"
     _core().cuda_clipped_linear_grad(

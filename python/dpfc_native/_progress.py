@@ -7,7 +7,8 @@ the end, e.g.::
 
     DP-FC: 4/10 (40%), 12s elapsed, ~18s left
 
-Used by the estimators' ``verbose``, by ``dpfc demo``, ``dpfc train``, ``dpfc extract``, ``dpfc audit``
+Used by the estimators' ``verbose``, by ``dpfc demo``, ``dpfc train``, ``dpfc extract``,
+``dpfc audit``
 and by anything else with a loop to report (``progress(total, "extract")``).
 """
 
@@ -51,8 +52,16 @@ class Progress:
         TTY.
     """
 
-    def __init__(self, total, description: str, *, enabled: bool = True, stream=None,
-                 interval: float | None = None, rich: bool | None = None):
+    def __init__(
+        self,
+        total,
+        description: str,
+        *,
+        enabled: bool = True,
+        stream=None,
+        interval: float | None = None,
+        rich: bool | None = None,
+    ):
         if interval is None:
             interval = DEFAULT_INTERVAL
         self.total = None if total is None else int(total)
@@ -84,22 +93,34 @@ class Progress:
         self._t0 = self._last = time.monotonic()
         if use_rich:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn()]
+            columns = [
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            ]
             if self.total is not None:
                 columns.append(TimeRemainingColumn())
-            self._bar = RichProgress(*columns, console=Console(file=self.stream),
-                                     transient=True)
+            self._bar = RichProgress(*columns, console=Console(file=self.stream), transient=True)
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total)
         else:
             self._line("started")
             if self.interval > 0:
-                self._thread = threading.Thread(target=self._heartbeat, daemon=True,
-                                                name=f"progress {self.description}")
+                self._thread = threading.Thread(
+                    target=self._heartbeat, daemon=True, name=f"progress {self.description}"
+                )
                 self._thread.start()
         return self
 
@@ -141,8 +162,9 @@ class Progress:
             if time.monotonic() - self._last >= self.interval:
                 self._line()
 
-    def update(self, done: int | None = None, total: int | None = None,
-               status: str | None = None) -> None:
+    def update(
+        self, done: int | None = None, total: int | None = None, status: str | None = None
+    ) -> None:
         """Set the count (``done``) and/or the ``total`` (once it becomes known) directly."""
         if not self.enabled:
             return
@@ -155,8 +177,9 @@ class Progress:
                 self.status = status
             if self._bar is not None:
                 desc = self.description + (f": {self.status}" if self.status else "")
-                self._bar.update(self._task, completed=self.done, total=self.total,
-                                 description=desc)
+                self._bar.update(
+                    self._task, completed=self.done, total=self.total, description=desc
+                )
             elif time.monotonic() - self._last >= self.interval:
                 self._line()
 
@@ -179,14 +202,22 @@ class Progress:
         print(f"{self.description}: " + ", ".join(parts), file=self.stream, flush=True)
 
 
-def progress(total, description: str, *, enabled: bool = True, stream=None,
-             interval: float | None = None, rich: bool | None = None) -> Progress:
+def progress(
+    total,
+    description: str,
+    *,
+    enabled: bool = True,
+    stream=None,
+    interval: float | None = None,
+    rich: bool | None = None,
+) -> Progress:
     """A :class:`Progress` to use as a context manager::
 
-        with progress(len(files), "extract") as bar:
-            for f in files:
-                ...
-                bar.advance(f.name)
+    with progress(len(files), "extract") as bar:
+        for f in files:
+            ...
+            bar.advance(f.name)
     """
-    return Progress(total, description, enabled=enabled, stream=stream, interval=interval,
-                    rich=rich)
+    return Progress(
+        total, description, enabled=enabled, stream=stream, interval=interval, rich=rich
+    )

@@ -137,8 +137,7 @@ def share(value: Any, name: str) -> float:
     return v
 
 
-def integer(value: Any, name: str, minimum: int | None = None,
-            maximum: int | None = None) -> int:
+def integer(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as a Python int within ``[minimum, maximum]`` (each bound optional).
 
     Raises
@@ -251,8 +250,9 @@ def finite(a: Any, name: str, xp: Any = np) -> Any:
             return a
         _, bad = nonfinite_rows(a, first_only=True)
         if bad >= 0:
-            raise ValueError(f"{name} contains NaN or Inf (first at row {bad}); "
-                             f"{name} must be finite")
+            raise ValueError(
+                f"{name} contains NaN or Inf (first at row {bad}); {name} must be finite"
+            )
     else:
         # Chunks bound the boolean temporaries; the verdicts stay on the device until
         # one sync at the end.
@@ -260,15 +260,17 @@ def finite(a: Any, name: str, xp: Any = np) -> Any:
         if a.ndim == 0 or a.shape[0] <= step:
             ok = xp.isfinite(a).all()
         else:
-            ok = xp.stack([xp.isfinite(a[i : i + step]).all()
-                           for i in range(0, a.shape[0], max(1, step))]).all()
+            ok = xp.stack(
+                [xp.isfinite(a[i : i + step]).all() for i in range(0, a.shape[0], max(1, step))]
+            ).all()
         if not bool(ok):
             raise ValueError(f"{name} contains NaN or Inf; {name} must be finite")
     return a
 
 
-def nonfinite_rows(a: np.ndarray, *, block_elements: int | None = None,
-                   first_only: bool = False) -> tuple[int, int]:
+def nonfinite_rows(
+    a: np.ndarray, *, block_elements: int | None = None, first_only: bool = False
+) -> tuple[int, int]:
     """``(rows holding a NaN or Inf, index of the first such row or -1)`` of a CPU array.
 
     Streams ``a`` in blocks of rows (a memory map is never loaded whole, nothing is
@@ -284,8 +286,9 @@ def nonfinite_rows(a: np.ndarray, *, block_elements: int | None = None,
         block = np.asarray(a[start : start + rows])
         try:  # half precision sums in float64 (no overflow, no float64 copy)
             with np.errstate(over="ignore", invalid="ignore"):
-                total = np.add.reduce(block, axis=None,
-                                      dtype=np.float64 if block.dtype.itemsize < 4 else None)
+                total = np.add.reduce(
+                    block, axis=None, dtype=np.float64 if block.dtype.itemsize < 4 else None
+                )
             if np.isfinite(total):
                 continue
         except TypeError:  # a dtype without a sum: the exact scan decides
@@ -312,8 +315,9 @@ def labels(y: Any, name: str, n: int, num_classes: int) -> Any:
         raise TypeError(f"{name} must have an integer dtype, got {y.dtype}")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), "
-                         f"got range [{lo}, {hi}]")
+        raise ValueError(
+            f"{name} must lie in [0, num_classes={num_classes}), got range [{lo}, {hi}]"
+        )
     return y
 
 

@@ -60,8 +60,15 @@ from scipy import special as _special
 from . import accounting, mechanisms, models, ops
 from ._special import sigmoid
 
-__all__ = ["AuditResult", "audit_mechanism", "audit_all", "MECHANISMS", "PLANTED_BUGS",
-           "clopper_pearson", "register_cli"]
+__all__ = [
+    "AuditResult",
+    "audit_mechanism",
+    "audit_all",
+    "MECHANISMS",
+    "PLANTED_BUGS",
+    "clopper_pearson",
+    "register_cli",
+]
 
 #: Mechanisms that can be audited by name.
 MECHANISMS = (
@@ -156,10 +163,12 @@ class AuditResult:
     def __str__(self) -> str:
         bug = f", planted bug {self.planted_bug}" if self.planted_bug else ""
         verdict = "no violation found" if self.passed else "VIOLATION: eps_lower > claimed"
-        return (f"audit {self.mechanism}{bug}: claimed eps={self.epsilon:g} (delta={self.delta:g}), "
-                f"eps_lower={self.eps_lower:.3f} at {self.confidence:.0%} "
-                f"[TPR>={self.tpr_lower:.4g}, FPR<={self.fpr_upper:.4g}, {self.runs} runs/world]: "
-                f"{verdict}")
+        return (
+            f"audit {self.mechanism}{bug}: claimed eps={self.epsilon:g} (delta={self.delta:g}), "
+            f"eps_lower={self.eps_lower:.3f} at {self.confidence:.0%} "
+            f"[TPR>={self.tpr_lower:.4g}, FPR<={self.fpr_upper:.4g}, {self.runs} runs/world]: "
+            f"{verdict}"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -220,8 +229,7 @@ def _rates(s0, s1, thresholds):
     return {"canary_in": (c1, n1, c0, n0), "canary_out": (n0 - c0, n0, n1 - c1, n1)}
 
 
-def _best_threshold(s0: np.ndarray, s1: np.ndarray, delta: float, alpha: float,
-                    holdout: int):
+def _best_threshold(s0: np.ndarray, s1: np.ndarray, delta: float, alpha: float, holdout: int):
     """(threshold, direction) maximising the eps bound that the rates seen on the
     calibration runs (s0, s1) would give on ``holdout`` held-out runs per world."""
     cands = _candidate_thresholds(np.concatenate([s0, s1]))
@@ -239,8 +247,9 @@ def _best_threshold(s0: np.ndarray, s1: np.ndarray, delta: float, alpha: float,
 
 
 def _evaluate(s0, s1, threshold, direction, delta, alpha):
-    k_tp, n_tp, k_fp, n_fp = (int(np.asarray(v).reshape(-1)[0]) for v in
-                              _rates(s0, s1, np.array([threshold]))[direction])
+    k_tp, n_tp, k_fp, n_fp = (
+        int(np.asarray(v).reshape(-1)[0]) for v in _rates(s0, s1, np.array([threshold]))[direction]
+    )
     tpr_lo = float(_cp_lower(k_tp, n_tp, alpha))
     fpr_hi = float(_cp_upper(k_fp, n_fp, alpha))
     eps = float(_eps_from_bounds(tpr_lo, fpr_hi, delta))
@@ -278,11 +287,15 @@ def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool):
     the plan's bias and gradient clip; ``no_clip``: every clip skipped (a planted bug)."""
     bias = float(defaults.get("bias", 0.0))
     if name in ("gram", "covariance"):
-        return (lambda X, y: _unclipped_gram(X)) if no_clip else (
-            lambda X, y: ops.clipped_gram(X, C))
+        return (
+            (lambda X, y: _unclipped_gram(X)) if no_clip else (lambda X, y: ops.clipped_gram(X, C))
+        )
     if name == "class_sums":
-        return (lambda X, y: _unclipped_sums(X, y, k)) if no_clip else (
-            lambda X, y: ops.clipped_class_sums(X, y, k, C))
+        return (
+            (lambda X, y: _unclipped_sums(X, y, k))
+            if no_clip
+            else (lambda X, y: ops.clipped_class_sums(X, y, k, C))
+        )
     if name == "hessians":  # DP Newton's per-class weighted grams, weights sigmoid'(bias)
         s = float(sigmoid(bias))
         w = min(s * (1.0 - s), 0.25)
@@ -306,16 +319,26 @@ def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool):
             if no_clip:  # neither the feature clip nor the gradient clip
                 g, _ = ops.clipped_linear_grad(X, y, w, bias, 1e300, loss="sigmoid")
             else:
-                g, _ = ops.clipped_linear_grad(X, y, w, bias, cg, loss="sigmoid",
-                                               feature_clip=feature_clip)
+                g, _ = ops.clipped_linear_grad(
+                    X, y, w, bias, cg, loss="sigmoid", feature_clip=feature_clip
+                )
             return g * scale if scale != 1.0 else g
 
         return gradient
     raise AssertionError(f"no audit statistic for the release {name!r}")  # pragma: no cover
 
 
-def _releases(mechanism: str, epsilon: float, delta: float, n: int, d: int, k: int, C: float,
-              steps: int, bug: str | None) -> list[_Release]:
+def _releases(
+    mechanism: str,
+    epsilon: float,
+    delta: float,
+    n: int,
+    d: int,
+    k: int,
+    C: float,
+    steps: int,
+    bug: str | None,
+) -> list[_Release]:
     """The mechanism's releases in the order a fit makes them, from the estimator's plan.
 
     Names, shapes, sensitivities, multipliers, counts, the bias and the gradient clip all
@@ -331,17 +354,31 @@ def _releases(mechanism: str, epsilon: float, delta: float, n: int, d: int, k: i
     planned = list(plan.releases)
     if alone is not None:
         # One release spending the whole budget alone.
-        planned = [dataclasses.replace(r, count=1, noise_multiplier=(
-            accounting.calibrate_noise_multiplier(epsilon, delta, 1)))
-            for r in planned if r.name == alone]
-    made = {r.name: _Release(r.name, _statistic(r.name, plan.defaults, k, C, bug == "no_clip"),
-                             r.sensitivity, r.noise_multiplier,
-                             "sym" if r.symmetric else "dense", r.shape)
-            for r in planned}
+        planned = [
+            dataclasses.replace(
+                r,
+                count=1,
+                noise_multiplier=(accounting.calibrate_noise_multiplier(epsilon, delta, 1)),
+            )
+            for r in planned
+            if r.name == alone
+        ]
+    made = {
+        r.name: _Release(
+            r.name,
+            _statistic(r.name, plan.defaults, k, C, bug == "no_clip"),
+            r.sensitivity,
+            r.noise_multiplier,
+            "sym" if r.symmetric else "dense",
+            r.shape,
+        )
+        for r in planned
+    }
     # A fit makes its one-off releases first, then the per-step ones step by step.
     steps_made = max(r.count for r in planned)
-    return ([made[r.name] for r in planned if r.count == 1]
-            + [made[r.name] for t in range(steps_made) for r in planned if t < r.count > 1])
+    return [made[r.name] for r in planned if r.count == 1] + [
+        made[r.name] for t in range(steps_made) for r in planned if t < r.count > 1
+    ]
 
 
 def _audit_dataset(n: int, d: int, k: int, C: float, canary_norm: float):
@@ -355,8 +392,9 @@ def _audit_dataset(n: int, d: int, k: int, C: float, canary_norm: float):
     return X, y.astype(np.int64), canary, canary_label
 
 
-def _noisy_runs(stat: np.ndarray, release: _Release, std_factor: float, runs: int,
-                source, backend: str, rng):
+def _noisy_runs(
+    stat: np.ndarray, release: _Release, std_factor: float, runs: int, source, backend: str, rng
+):
     """`runs` noisy copies of `stat` through the mechanism's release path, and the ledger
     record of one copy."""
     stacked = np.broadcast_to(stat, (runs,) + stat.shape).copy()
@@ -403,8 +441,21 @@ def _integer(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _check_args(epsilon, delta, runs, d, n, confidence, planted_bug, seed, backend, steps, k,
-                clip_norm, canary_norm):
+def _check_args(
+    epsilon,
+    delta,
+    runs,
+    d,
+    n,
+    confidence,
+    planted_bug,
+    seed,
+    backend,
+    steps,
+    k,
+    clip_norm,
+    canary_norm,
+):
     eps = _real(epsilon, "epsilon")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
@@ -419,8 +470,9 @@ def _check_args(epsilon, delta, runs, d, n, confidence, planted_bug, seed, backe
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
     if planted_bug not in PLANTED_BUGS:
         raise ValueError(f"planted_bug must be one of {PLANTED_BUGS}, got {planted_bug!r}")
-    if seed is not None and (isinstance(seed, bool)
-                             or not isinstance(seed, (numbers.Integral, np.integer))):
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer))
+    ):
         raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
     if backend not in ("native", "numpy"):
         raise ValueError(f"backend must be 'native' or 'numpy', got {backend!r}")
@@ -489,8 +541,20 @@ def audit_mechanism(
     AuditResult
     """
     eps, dl, runs, d, n, conf, steps, k, C, cn = _check_args(
-        epsilon, delta, runs, d, n, confidence, planted_bug, seed, backend, steps, num_classes,
-        clip_norm, canary_norm)
+        epsilon,
+        delta,
+        runs,
+        d,
+        n,
+        confidence,
+        planted_bug,
+        seed,
+        backend,
+        steps,
+        num_classes,
+        clip_norm,
+        canary_norm,
+    )
     alpha = (1.0 - conf) / 2.0  # two one-sided bounds (TPR below, FPR above)
     X, y, canary, canary_label = _audit_dataset(n, d, k, C, cn)
     X1 = np.concatenate([X, canary[None, :]])
@@ -515,7 +579,9 @@ def audit_mechanism(
         zs, sens, names, shapes, ledger = (), (), (), (), None
     else:
         if not isinstance(mechanism, str):
-            raise TypeError(f"mechanism must be a name or a callable, got {type(mechanism).__name__}")
+            raise TypeError(
+                f"mechanism must be a name or a callable, got {type(mechanism).__name__}"
+            )
         name = mechanism
         rels = _releases(mechanism, eps, dl, n, d, k, C, steps, planted_bug)
         std_factor = 0.5 if planted_bug == "half_noise" else 1.0
@@ -546,18 +612,38 @@ def audit_mechanism(
     threshold, direction = _best_threshold(cal0, cal1, dl, alpha, hold0.size)
     eps_lower, tpr_lo, fpr_hi, tpr, fpr = _evaluate(hold0, hold1, threshold, direction, dl, alpha)
     return AuditResult(
-        mechanism=name, epsilon=eps, delta=dl, eps_lower=float(eps_lower),
-        tpr_lower=float(tpr_lo), fpr_upper=float(fpr_hi), tpr=float(tpr), fpr=float(fpr),
-        threshold=float(threshold), direction=direction, runs=runs, confidence=conf,
-        planted_bug=planted_bug, noise_multipliers=zs, sensitivities=sens,
-        canary_norm=float(cn), backend=backend, passed=bool(eps_lower <= eps),
-        release_names=names, release_shapes=shapes, ledger=ledger,
+        mechanism=name,
+        epsilon=eps,
+        delta=dl,
+        eps_lower=float(eps_lower),
+        tpr_lower=float(tpr_lo),
+        fpr_upper=float(fpr_hi),
+        tpr=float(tpr),
+        fpr=float(fpr),
+        threshold=float(threshold),
+        direction=direction,
+        runs=runs,
+        confidence=conf,
+        planted_bug=planted_bug,
+        noise_multipliers=zs,
+        sensitivities=sens,
+        canary_norm=float(cn),
+        backend=backend,
+        passed=bool(eps_lower <= eps),
+        release_names=names,
+        release_shapes=shapes,
+        ledger=ledger,
     )
 
 
-def audit_all(epsilons: Sequence[float] = (1.0, 4.0), delta: float = 1e-5, *,
-              mechanism_names: Sequence[str] = MECHANISMS,
-              planted_bugs: Sequence[str | None] = PLANTED_BUGS, **kwargs) -> list[AuditResult]:
+def audit_all(
+    epsilons: Sequence[float] = (1.0, 4.0),
+    delta: float = 1e-5,
+    *,
+    mechanism_names: Sequence[str] = MECHANISMS,
+    planted_bugs: Sequence[str | None] = PLANTED_BUGS,
+    **kwargs,
+) -> list[AuditResult]:
     """Every (mechanism, epsilon, planted bug) combination; keyword arguments go to
     :func:`audit_mechanism`."""
     out = []
@@ -585,17 +671,20 @@ def register_cli(app) -> None:
     @app.command("audit")
     def audit_command(
         mechanism: str = typer.Option(
-            "ls_statistics", "--mechanism", "-m",
-            help=f"One of {', '.join(MECHANISMS)}, or 'all'."),
+            "ls_statistics", "--mechanism", "-m", help=f"One of {', '.join(MECHANISMS)}, or 'all'."
+        ),
         epsilon: list[float] = typer.Option(
-            [1.0, 4.0], "--epsilon", "-e", help="Claimed epsilon (repeatable)."),
+            [1.0, 4.0], "--epsilon", "-e", help="Claimed epsilon (repeatable)."
+        ),
         delta: float = typer.Option(1e-5, "--delta", help="Claimed delta, in (0, 1)."),
         runs: int = typer.Option(100_000, "--runs", help="Runs per world (with/without canary)."),
         d: int = typer.Option(8, "--dim", "-d", help="Feature dimension of the audit dataset."),
         steps: int = typer.Option(3, "--steps", help="Releases of the iterative mechanisms."),
         planted_bug: str = typer.Option(
-            "none", "--planted-bug",
-            help="none, half_noise, no_clip, or all (audit the broken variants too)."),
+            "none",
+            "--planted-bug",
+            help="none, half_noise, no_clip, or all (audit the broken variants too).",
+        ),
         seed: int = typer.Option(None, "--seed", help="Reproducible audit (default: OS entropy)."),
         backend: str = typer.Option("native", "--backend", help="native or numpy noise."),
         json_out: str = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -608,46 +697,82 @@ def register_cli(app) -> None:
         mechs = list(MECHANISMS) if mechanism == "all" else [mechanism]
         for m in mechs:
             if m not in MECHANISMS:
-                typer.echo(f"Error: --mechanism must be one of {', '.join(MECHANISMS)} or "
-                           f"'all', got {m!r}", err=True)
+                typer.echo(
+                    f"Error: --mechanism must be one of {', '.join(MECHANISMS)} or "
+                    f"'all', got {m!r}",
+                    err=True,
+                )
                 raise typer.Exit(2)
-        bug_names = {"none": [None], "half_noise": ["half_noise"], "no_clip": ["no_clip"],
-                     "all": list(PLANTED_BUGS)}
+        bug_names = {
+            "none": [None],
+            "half_noise": ["half_noise"],
+            "no_clip": ["no_clip"],
+            "all": list(PLANTED_BUGS),
+        }
         if planted_bug not in bug_names:
-            typer.echo("Error: --planted-bug must be none, half_noise, no_clip or all, got "
-                       f"{planted_bug!r}", err=True)
+            typer.echo(
+                "Error: --planted-bug must be none, half_noise, no_clip or all, got "
+                f"{planted_bug!r}",
+                err=True,
+            )
             raise typer.Exit(2)
         from ._progress import progress
 
         results = []
         try:
-            with progress(len(mechs) * len(epsilon) * len(bug_names[planted_bug]),
-                          "audit") as bar:
+            with progress(len(mechs) * len(epsilon) * len(bug_names[planted_bug]), "audit") as bar:
                 for m in mechs:
                     for eps in epsilon:
                         for bug in bug_names[planted_bug]:
-                            results.append(audit_mechanism(
-                                m, eps, delta, runs=runs, d=d, steps=steps, planted_bug=bug,
-                                seed=seed, backend=backend))
+                            results.append(
+                                audit_mechanism(
+                                    m,
+                                    eps,
+                                    delta,
+                                    runs=runs,
+                                    d=d,
+                                    steps=steps,
+                                    planted_bug=bug,
+                                    seed=seed,
+                                    backend=backend,
+                                )
+                            )
                             bar.advance(f"{m} eps={eps:g} bug={bug or 'none'}")
         except (TypeError, ValueError) as exc:
             typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         try:
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(title=f"dpfc audit (delta={delta:g}, {runs} runs per world, "
-                                "95% Clopper-Pearson)")
-            for col in ("mechanism", "planted bug", "claimed eps", "eps_lower", "TPR >=",
-                        "FPR <=", "verdict"):
+            table = Table(
+                title=f"dpfc audit (delta={delta:g}, {runs} runs per world, 95% Clopper-Pearson)"
+            )
+            for col in (
+                "mechanism",
+                "planted bug",
+                "claimed eps",
+                "eps_lower",
+                "TPR >=",
+                "FPR <=",
+                "verdict",
+            ):
                 table.add_column(col)
             for r in results:
-                verdict = ("ok" if r.passed else "VIOLATION") if r.planted_bug is None else (
-                    "detected" if not r.passed else "NOT detected")
-                table.add_row(r.mechanism, r.planted_bug or "-", f"{r.epsilon:g}",
-                              f"{r.eps_lower:.3f}", f"{r.tpr_lower:.4g}", f"{r.fpr_upper:.4g}",
-                              verdict)
+                verdict = (
+                    ("ok" if r.passed else "VIOLATION")
+                    if r.planted_bug is None
+                    else ("detected" if not r.passed else "NOT detected")
+                )
+                table.add_row(
+                    r.mechanism,
+                    r.planted_bug or "-",
+                    f"{r.epsilon:g}",
+                    f"{r.eps_lower:.3f}",
+                    f"{r.tpr_lower:.4g}",
+                    f"{r.fpr_upper:.4g}",
+                    verdict,
+                )
             Console().print(table)
         except ImportError:  # pragma: no cover - rich is a dependency
             for r in results:

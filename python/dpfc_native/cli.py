@@ -34,6 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _version(value: bool):
     if value:
         from . import __version__
@@ -47,8 +48,19 @@ TRAIN_METHODS = tuple(METHOD_TABLE)
 
 # Errors that mean "bad input": reported in one line, exit status 2. ArithmeticError
 # covers OverflowError and ZeroDivisionError; MemoryError is an input too large.
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError,
-                KeyError, RuntimeError, ImportError, OSError, ArithmeticError, MemoryError)
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    IsADirectoryError,
+    PermissionError,
+    KeyError,
+    RuntimeError,
+    ImportError,
+    OSError,
+    ArithmeticError,
+    MemoryError,
+)
 
 # Set by the --debug option: _fail also prints the traceback of the exception handled.
 _DEBUG = False
@@ -56,10 +68,12 @@ _DEBUG = False
 
 @app.callback()
 def _options(
-    debug: bool = typer.Option(False, "--debug", help="On an error, also print the Python "
-                               "traceback."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    debug: bool = typer.Option(
+        False, "--debug", help="On an error, also print the Python traceback."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ):
     """Differentially private image classification from features (dpfc_native)."""
     global _DEBUG
@@ -84,6 +98,7 @@ def _message(exc: BaseException) -> str:
 
 def _user_errors(command):
     """Whatever user error escapes ``command`` becomes one line and exit status 2."""
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
@@ -178,8 +193,9 @@ def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
     from . import data
 
     try:
-        return data.read_labeled_arrays(path, labels_path=labels, features_key=keys[0],
-                                        labels_key=keys[1])
+        return data.read_labeled_arrays(
+            path, labels_path=labels, features_key=keys[0], labels_key=keys[1]
+        )
     except _USER_ERRORS as exc:
         _fail(f"cannot load {what} {path}: {exc}")
 
@@ -212,8 +228,11 @@ class _LeafLines:
             return
         self._last = now
         status = "done" if done >= total else f"{100.0 * done / total:.0f}%"
-        print(f"pass {self.passes + (done < total)} ({what}): {done}/{total} leaves, {status}",
-              file=sys.stderr, flush=True)
+        print(
+            f"pass {self.passes + (done < total)} ({what}): {done}/{total} leaves, {status}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _dask_client(scheduler: Optional[str], workers: Optional[int]):
@@ -231,8 +250,13 @@ def _dask_client(scheduler: Optional[str], workers: Optional[int]):
             _fail(f"--workers must be >= 1, got {workers}")
         import logging
 
-        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+        cluster = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(scheduler, timeout="30s"), None
@@ -249,8 +273,10 @@ def _class_set(classes: Optional[str], num_classes: Optional[int], y: np.ndarray
         if num_classes < 2:
             _fail(f"--num-classes must be >= 2, got {num_classes}")
         if not numeric:
-            _fail("--num-classes names the labels 0..K-1, but the labels are class names: "
-                  "list them with --classes")
+            _fail(
+                "--num-classes names the labels 0..K-1, but the labels are class names: "
+                "list them with --classes"
+            )
         return list(range(num_classes))
     if classes is None:
         return None
@@ -281,13 +307,17 @@ def _check_split(x, y, d: int, known, what: str, flag: str, where: str) -> None:
         _fail(f"{flag} {what} has {x.shape[1]} features per row but the training file has {d}")
     if (y.dtype.kind == "U") != (known.dtype.kind == "U"):
         kinds = ("class names", "integers")
-        _fail(f"{flag} labels are {kinds[y.dtype.kind != 'U']} but the training labels are "
-              f"{kinds[known.dtype.kind != 'U']}")
+        _fail(
+            f"{flag} labels are {kinds[y.dtype.kind != 'U']} but the training labels are "
+            f"{kinds[known.dtype.kind != 'U']}"
+        )
     unknown = ~np.isin(y, known)
     if unknown.any():
         bad = y[np.argmax(unknown)].item()
-        _fail(f"{flag or 'the training'} labels include {bad!r}, which is not in {where} "
-              f"({int(unknown.sum())} row(s) of {what})")
+        _fail(
+            f"{flag or 'the training'} labels include {bad!r}, which is not in {where} "
+            f"({int(unknown.sum())} row(s) of {what})"
+        )
 
 
 #: Python names in the estimators' messages -> the CLI options that set them.
@@ -296,8 +326,10 @@ _CLI_WORDS = (
     (r"\bX_val and y_val\b", "--val features and labels"),
     (r"\by_val\b", "--val labels"),
     (r"\bX_val\b", "--val"),
-    (r"(?<![\w-])(grad_clip_norm|clip_norm|epsilon|delta|reg|lr|steps)(?= must| given| has)",
-     lambda m: "--" + m.group(1).replace("_", "-")),
+    (
+        r"(?<![\w-])(grad_clip_norm|clip_norm|epsilon|delta|reg|lr|steps)(?= must| given| has)",
+        lambda m: "--" + m.group(1).replace("_", "-"),
+    ),
     (r"(?<![\w-])classes must", "--classes must"),
     (r"labels not in classes_", "labels not in the label set"),
     (r"labels not in classes\b", "labels not in --classes"),
@@ -309,8 +341,10 @@ _CLI_WORDS = (
 _CLI_PRIVACY_WORDS = (
     (r"^\w+: classes=None, so", "no --classes or --num-classes, so"),
     (r" \(np\.unique\(y\)\)", ""),
-    (r"Pass the public label set as classes=\.", "Name the public label set with --classes "
-     "or --num-classes."),
+    (
+        r"Pass the public label set as classes=\.",
+        "Name the public label set with --classes or --num-classes.",
+    ),
     (r"^\w+: random_state=(\S+) fixes", r"--seed \1 fixes"),
     (r"Use random_state=None \(fresh OS entropy\)", "Leave out --seed (fresh OS entropy)"),
     (r"^delta=(\S+) exceeds", r"--delta \1 exceeds"),
@@ -351,60 +385,101 @@ def _cli_message(text: str) -> str:
 @app.command()
 @_user_errors
 def train(
-    features: Path = typer.Argument(..., help="Private training features: .npz (features, "
-                                    "labels), .npy (+ --labels or <stem>.labels.npy) or "
-                                    ".safetensors; or shards: a quoted glob such as "
-                                    "\"shards/*.npy\" (see dpfc_native.shards), read a "
-                                    "leaf at a time."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels .npy for a .npy "
-                                          "features file."),
+    features: Path = typer.Argument(
+        ...,
+        help="Private training features: .npz (features, "
+        "labels), .npy (+ --labels or <stem>.labels.npy) or "
+        ".safetensors; or shards: a quoted glob such as "
+        '"shards/*.npy" (see dpfc_native.shards), read a '
+        "leaf at a time.",
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Labels .npy for a .npy features file."
+    ),
     test: Optional[Path] = typer.Option(None, "--test", help="Test features (same formats)."),
     test_labels: Optional[Path] = typer.Option(None, "--test-labels"),
-    val: Optional[Path] = typer.Option(None, "--val", help="PUBLIC validation features, for "
-                                       "sweeps over --reg/--lr lists (post-processing)."),
+    val: Optional[Path] = typer.Option(
+        None,
+        "--val",
+        help="PUBLIC validation features, for sweeps over --reg/--lr lists (post-processing).",
+    ),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels"),
-    features_key: str = typer.Option("features", "--features-key", help="Name of the "
-                                      "features array in .npz / .safetensors files."),
-    labels_key: str = typer.Option("labels", "--labels-key", help="Name of the labels array "
-                                   "in .npz / .safetensors files (integers, float-coded "
-                                   "integers or class names)."),
-    method: str = typer.Option("fc", "--method", "-m",
-                               help=" | ".join(TRAIN_METHODS)),
-    epsilon: float = typer.Option(1.0, "--epsilon", "-e", help="Target epsilon ('inf': "
-                                  "non-private counterpart)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta (default "
-                                          "min(1e-5, 1/n))."),
+    features_key: str = typer.Option(
+        "features",
+        "--features-key",
+        help="Name of the features array in .npz / .safetensors files.",
+    ),
+    labels_key: str = typer.Option(
+        "labels",
+        "--labels-key",
+        help="Name of the labels array "
+        "in .npz / .safetensors files (integers, float-coded "
+        "integers or class names).",
+    ),
+    method: str = typer.Option("fc", "--method", "-m", help=" | ".join(TRAIN_METHODS)),
+    epsilon: float = typer.Option(
+        1.0, "--epsilon", "-e", help="Target epsilon ('inf': non-private counterpart)."
+    ),
+    delta: Optional[float] = typer.Option(
+        None, "--delta", help="Target delta (default min(1e-5, 1/n))."
+    ),
     clip_norm: float = typer.Option(1.0, "--clip-norm", help="Feature clip C."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
-                                   help="Scale every example to unit norm first (free)."),
-    reg: Optional[List[float]] = typer.Option(None, "--reg", help="Ridge; repeat for a sweep "
-                                              "on --val."),
-    lr: Optional[List[float]] = typer.Option(None, "--lr", help="Learning rate (newton, fc, "
-                                             "sgd); repeat for a sweep on --val."),
+    normalize: bool = typer.Option(
+        True, "--normalize/--no-normalize", help="Scale every example to unit norm first (free)."
+    ),
+    reg: Optional[List[float]] = typer.Option(
+        None, "--reg", help="Ridge; repeat for a sweep on --val."
+    ),
+    lr: Optional[List[float]] = typer.Option(
+        None, "--lr", help="Learning rate (newton, fc, sgd); repeat for a sweep on --val."
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps (newton, fc, sgd)."),
-    grad_clip_norm: Optional[float] = typer.Option(None, "--grad-clip-norm",
-                                                   help="Gradient clip C_g (fc, sgd)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="The public label set, "
-                                          "comma-separated (e.g. 1,2,3 for labels that are "
-                                          "not 0-based, or cat,dog,ship for class names). "
-                                          "Default: the labels that occur, which the "
-                                          "guarantee does not cover."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Public label set "
-                                              "0..K-1 (integer labels; see --classes)."),
-    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any other "
-                                              "estimator parameter, KEY=VALUE (repeatable), "
-                                              "e.g. -p covariance_share=0.3 -p optimizer=adam."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Reproducible noise (experiments "
-                                       "only; default: OS entropy)."),
+    grad_clip_norm: Optional[float] = typer.Option(
+        None, "--grad-clip-norm", help="Gradient clip C_g (fc, sgd)."
+    ),
+    classes: Optional[str] = typer.Option(
+        None,
+        "--classes",
+        help="The public label set, "
+        "comma-separated (e.g. 1,2,3 for labels that are "
+        "not 0-based, or cat,dog,ship for class names). "
+        "Default: the labels that occur, which the "
+        "guarantee does not cover.",
+    ),
+    num_classes: Optional[int] = typer.Option(
+        None, "--num-classes", help="Public label set 0..K-1 (integer labels; see --classes)."
+    ),
+    param: Optional[List[str]] = typer.Option(
+        None,
+        "--param",
+        "-p",
+        help="Any other "
+        "estimator parameter, KEY=VALUE (repeatable), "
+        "e.g. -p covariance_share=0.3 -p optimizer=adam.",
+    ),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Reproducible noise (experiments only; default: OS entropy)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    output: Path = typer.Option(Path("model.npz"), "--output", "-o", help="Where to save the "
-                                "model (.npz; see dpfc_native.model_io for the format)."),
+    output: Path = typer.Option(
+        Path("model.npz"),
+        "--output",
+        "-o",
+        help="Where to save the model (.npz; see dpfc_native.model_io for the format).",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address "
-                                            "(tcp://host:8786): the statistics are computed "
-                                            "on that cluster; noise is added here."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Start a local Dask "
-                                          "cluster of N worker processes for the statistics."),
+    scheduler: Optional[str] = typer.Option(
+        None,
+        "--scheduler",
+        help="Dask scheduler address "
+        "(tcp://host:8786): the statistics are computed "
+        "on that cluster; noise is added here.",
+    ),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        help="Start a local Dask cluster of N worker processes for the statistics.",
+    ),
 ):
     """Train one DP classifier on a features file (or shards); print accuracy, time and the
     ledger."""
@@ -418,8 +493,10 @@ def train(
         _fail("--test-labels needs --test")
     swept = [flag for flag, values in (("--reg", reg), ("--lr", lr)) if values and len(values) > 1]
     if swept and val is None:
-        _fail(f"{' and '.join(swept)} given more than once is a sweep: it needs a public "
-              "validation split (--val)")
+        _fail(
+            f"{' and '.join(swept)} given more than once is a sweep: it needs a public "
+            "validation split (--val)"
+        )
     # Before anything is spent: a failed write after the fit would make a rerun pay twice.
     output = _output_path(output, force)
     console = _console()
@@ -427,8 +504,12 @@ def train(
     text = str(features)
     # Shards: a glob, a zarr directory, or any path with --scheduler / --workers (a
     # directory is then read as all the shards in it).
-    sharded = (any(c in text for c in "*?[") or text.rstrip("/").endswith(".zarr")
-               or scheduler is not None or workers is not None)
+    sharded = (
+        any(c in text for c in "*?[")
+        or text.rstrip("/").endswith(".zarr")
+        or scheduler is not None
+        or workers is not None
+    )
     if sharded:
         # Shards carry class indices: --classes names them, --num-classes counts them.
         x, y = _open_shards(text, num_classes), None
@@ -437,8 +518,10 @@ def train(
         class_set = _class_set(classes, num_classes, np.zeros(0, np.int64 if numeric else "U1"))
         known = np.arange(x.num_classes) if class_set is None else np.asarray(class_set)
         if class_set is not None and len(class_set) < x.num_classes:
-            _fail(f"the shards' labels index {x.num_classes} classes but --classes lists "
-                  f"{len(class_set)}")
+            _fail(
+                f"the shards' labels index {x.num_classes} classes but --classes lists "
+                f"{len(class_set)}"
+            )
     else:
         x, y = _load_labeled(features, labels, "features", keys)
         class_set = _class_set(classes, num_classes, y)
@@ -454,8 +537,7 @@ def train(
         val_set = _load_labeled(val, val_labels, "--val file", keys)
         _check_split(*val_set, x.shape[1], known, f"{val}", "--val", where)
     # Progress on stderr: a bar on a terminal, a plain line every few seconds in logs.
-    overrides = {"clip_norm": clip_norm, "normalize": normalize, "device": device,
-                 "verbose": 1}
+    overrides = {"clip_norm": clip_norm, "normalize": normalize, "device": device, "verbose": 1}
     if delta is not None:
         overrides["delta"] = delta
     if reg:
@@ -474,32 +556,44 @@ def train(
     known_params = report.make_estimator(method, epsilon).get_params()
     unknown = sorted(set(overrides) - set(known_params))
     if unknown:
-        _fail(f"--param {unknown[0]}: not a parameter of {report.METHODS[method][0]} "
-              f"(known: {', '.join(sorted(known_params))})")
+        _fail(
+            f"--param {unknown[0]}: not a parameter of {report.METHODS[method][0]} "
+            f"(known: {', '.join(sorted(known_params))})"
+        )
     try:
         est = report.make_estimator(method, epsilon, seed=seed)
         est.set_params(**overrides)
     except _USER_ERRORS as exc:
         _fail(_cli_message(_message(exc)))
     # Public facts only: n, d, dtype and the label set when it is given (never counts).
-    console.print(f"[bold]dpfc train[/bold] {report.METHODS[method][0]} on {features.name}: "
-                  f"n={x.shape[0]}, d={x.shape[1]}, {x.dtype}"
-                  + (f", label set {_short_list(class_set)} (public)" if class_set is not None
-                     else ""), highlight=False)
+    console.print(
+        f"[bold]dpfc train[/bold] {report.METHODS[method][0]} on {features.name}: "
+        f"n={x.shape[0]}, d={x.shape[1]}, {x.dtype}"
+        + (f", label set {_short_list(class_set)} (public)" if class_set is not None else ""),
+        highlight=False,
+    )
     if class_set is None:
-        console.print(f"label set: the {len(known)} labels that occur in {features.name} (which "
-                      "labels occur is NOT covered by the guarantee: name them with --classes "
-                      "or --num-classes)", highlight=False)
+        console.print(
+            f"label set: the {len(known)} labels that occur in {features.name} (which "
+            "labels occur is NOT covered by the guarantee: name them with --classes "
+            "or --num-classes)",
+            highlight=False,
+        )
     fit_args = {} if val_set is None else {"X_val": val_set[0], "y_val": val_set[1]}
     client, cluster = _dask_client(scheduler, workers)
     if sharded:
         from . import _fitstats
 
         fit_args["client"] = client if client is not None else False
-        where_run = ("this process" if client is None else
-                     f"{len(client.scheduler_info().get('workers', {}))} Dask worker(s)")
-        console.print(f"{len(x.shard_rows)} shard(s), statistics on {where_run}; noise added "
-                      "here", highlight=False)
+        where_run = (
+            "this process"
+            if client is None
+            else f"{len(client.scheduler_info().get('workers', {}))} Dask worker(s)"
+        )
+        console.print(
+            f"{len(x.shard_rows)} shard(s), statistics on {where_run}; noise added here",
+            highlight=False,
+        )
         leaf_lines = _fitstats.leaf_progress(_LeafLines())
     else:
         import contextlib
@@ -525,14 +619,18 @@ def train(
         console.print(f"test accuracy: [bold]{acc:.4f}[/bold] ({test_set[0].shape[0]} examples)")
     elif not sharded:
         acc = est.score(x, y)
-        console.print(f"training accuracy: {acc:.4f} (on the private training data: this number "
-                      "is NOT covered by the privacy guarantee; pass --test)")
+        console.print(
+            f"training accuracy: {acc:.4f} (on the private training data: this number "
+            "is NOT covered by the privacy guarantee; pass --test)"
+        )
     else:
         acc = None
     console.print(f"fit time: {seconds:.2f} s on {est.device_}")
     if getattr(est, "sweep_results_", None):
-        console.print(f"sweep on the public validation split: reg_={getattr(est, 'reg_', None)}"
-                      f", lr_={getattr(est, 'lr_', None)}")
+        console.print(
+            f"sweep on the public validation split: reg_={getattr(est, 'reg_', None)}"
+            f", lr_={getattr(est, 'lr_', None)}"
+        )
     console.print("privacy ledger:")
     console.print(str(est.privacy_), highlight=False, markup=False)
     try:
@@ -585,10 +683,13 @@ def _fmt_duration(seconds: float) -> str:
 @_user_errors
 def predict(
     model: Path = typer.Argument(..., help="A model written by dpfc train / model.save()."),
-    features: Path = typer.Argument(..., help="Features to classify: .npz ('features', "
-                                    "optional 'labels'), .npy or .safetensors."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the predicted "
-                                          "labels here (.npy)."),
+    features: Path = typer.Argument(
+        ...,
+        help="Features to classify: .npz ('features', optional 'labels'), .npy or .safetensors.",
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write the predicted labels here (.npy)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output."),
 ):
     """Predict labels with a saved model (and print the accuracy when labels are given)."""
@@ -605,8 +706,10 @@ def predict(
         _fail(f"cannot load features {features}: {_message(exc)}")
     X = loaded.features if labelled else loaded
     pred = est.predict(X)
-    typer.echo(f"predicted {pred.shape[0]} rows with {type(est).__name__} "
-               f"(epsilon = {est.privacy_.epsilon:.6g})")
+    typer.echo(
+        f"predicted {pred.shape[0]} rows with {type(est).__name__} "
+        f"(epsilon = {est.privacy_.epsilon:.6g})"
+    )
     if labelled:
         typer.echo(f"accuracy: {float(np.mean(pred == loaded.labels)):.4f}")
     if out is not None:
@@ -617,25 +720,41 @@ def predict(
 @app.command()
 @_user_errors
 def demo(
-    dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="digits | "
-                                                "cifar10 | cifar100 | imagenet (repeatable). "
-                                                "Default: digits (about a minute on 2 CPU "
-                                                "cores)."),
+    dataset: Optional[List[str]] = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        help="digits | "
+        "cifar10 | cifar100 | imagenet (repeatable). "
+        "Default: digits (about a minute on 2 CPU "
+        "cores).",
+    ),
     seeds: int = typer.Option(5, "--seeds", help="Noise seeds per cell (median reported)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Training rows of the synthetic "
-                                    "datasets (default: the preset's)."),
+    n: Optional[int] = typer.Option(
+        None, "--n", help="Training rows of the synthetic datasets (default: the preset's)."
+    ),
     out: Path = typer.Option(Path("dpfc_demo_out"), "--out", help="Output directory."),
-    epsilon: Optional[List[float]] = typer.Option(None, "--epsilon", "-e", help="Epsilons "
-                                                  "(repeatable; default 0.1 0.5 1 2 8 inf)."),
-    method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="Methods: "
-                                               f"{' | '.join(TRAIN_METHODS)} "
-                                               "(repeatable). Default: all; from K = 50 "
-                                               "classes on, newton, ls-per-class and adam "
-                                               "are left out and sgd runs 30 steps."),
-    features: Optional[Path] = typer.Option(None, "--features", help="A PUBLIC features "
-                                            "file standing in for the private data (split "
-                                            "75/25; --n draws that many training rows): "
-                                            "its privacy-utility curve."),
+    epsilon: Optional[List[float]] = typer.Option(
+        None, "--epsilon", "-e", help="Epsilons (repeatable; default 0.1 0.5 1 2 8 inf)."
+    ),
+    method: Optional[List[str]] = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="Methods: "
+        f"{' | '.join(TRAIN_METHODS)} "
+        "(repeatable). Default: all; from K = 50 "
+        "classes on, newton, ls-per-class and adam "
+        "are left out and sgd runs 30 steps.",
+    ),
+    features: Optional[Path] = typer.Option(
+        None,
+        "--features",
+        help="A PUBLIC features "
+        "file standing in for the private data (split "
+        "75/25; --n draws that many training rows): "
+        "its privacy-utility curve.",
+    ),
 ):
     """Every method on embedded data at eps in {0.1, 0.5, 1, 2, 8} and non-private: a table
     and a privacy-utility plot (PNG + JSON + Markdown) in --out, written as the fits finish
@@ -677,23 +796,30 @@ def demo(
         ms = methods or report.default_methods(train_set.num_classes)
         left_out = [m for m in report.METHODS if m not in ms]
         if methods is None and left_out:
-            console.print(f"{ds}: {', '.join(left_out)} left out at K = {train_set.num_classes} "
-                          "(cost grows with K; see dpfc_native.report.LARGE_K); name them "
-                          "with -m to include them")
+            console.print(
+                f"{ds}: {', '.join(left_out)} left out at K = {train_set.num_classes} "
+                "(cost grows with K; see dpfc_native.report.LARGE_K); name them "
+                "with -m to include them"
+            )
         for m in ms:
             if report.demo_overrides(m, train_set.num_classes):
-                console.print(f"{ds}: {report.METHODS[m][0]} with "
-                              f"{report.demo_overrides(m, train_set.num_classes)} at this K")
+                console.print(
+                    f"{ds}: {report.METHODS[m][0]} with "
+                    f"{report.demo_overrides(m, train_set.num_classes)} at this K"
+                )
         fits = len(ms) * len(eps) * seeds
-        estimate = report.estimate_seconds(train_set.n, train_set.d, train_set.num_classes, ms,
-                                           len(eps) * seeds)
-        console.print(f"{ds}: n={train_set.n}, d={train_set.d}, K={train_set.num_classes}; "
-                      f"{fits} fits ({', '.join(ms)}), estimated {_fmt_duration(estimate)} "
-                      "(rough, from a measured gram rate)")
+        estimate = report.estimate_seconds(
+            train_set.n, train_set.d, train_set.num_classes, ms, len(eps) * seeds
+        )
+        console.print(
+            f"{ds}: n={train_set.n}, d={train_set.d}, K={train_set.num_classes}; "
+            f"{fits} fits ({', '.join(ms)}), estimated {_fmt_duration(estimate)} "
+            "(rough, from a measured gram rate)"
+        )
         per_method = len(eps) * seeds
         done = [0]
 
-        def on_result(res, done=done):
+        def on_result(res, done=done, per_method=per_method):
             done[0] += 1
             try:  # the plot only when a method's row is complete (it takes ~0.5 s)
                 report.write_outputs(results + [res], out_dir, plot=done[0] % per_method == 0)
@@ -701,12 +827,21 @@ def demo(
                 _fail(f"cannot write to {out}: {exc}")
 
         with progress(fits, ds) as bar:
+
             def on_fit(m, e, s, dt, bar=bar):
                 bar.advance(f"{report.METHODS[m][0]} eps={e:g} seed={s} ({dt:.1f} s)")
 
             try:
-                res = report.run_demo(ds, seeds=seeds, n=size, epsilons=eps, methods=ms,
-                                      on_fit=on_fit, on_result=on_result, loaded=loaded)
+                res = report.run_demo(
+                    ds,
+                    seeds=seeds,
+                    n=size,
+                    epsilons=eps,
+                    methods=ms,
+                    on_fit=on_fit,
+                    on_result=on_result,
+                    loaded=loaded,
+                )
             except _USER_ERRORS as exc:
                 _fail(str(exc))
         results.append(res)

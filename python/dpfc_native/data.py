@@ -115,20 +115,24 @@ class FeatureSet:
         _validation.ndim(x, f"features{where}", 2, "(n, d)")
         _validation.dtype_in(x, f"features{where}", _validation.FLOAT_DTYPES)
         if not x.flags.c_contiguous:
-            raise ValueError(f"features{where} must be C-contiguous "
-                             "(use FeatureSet.from_arrays to copy)")
+            raise ValueError(
+                f"features{where} must be C-contiguous (use FeatureSet.from_arrays to copy)"
+            )
         _validation.ndim(y, f"labels{where}", 1, "(n,)")
         _validation.dtype_in(y, f"labels{where}", (np.dtype(np.int64),))
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"features{where} have {x.shape[0]} rows but labels "
-                             f"have {y.shape[0]} entries")
+            raise ValueError(
+                f"features{where} have {x.shape[0]} rows but labels have {y.shape[0]} entries"
+            )
         k = _validation.integer(k, f"num_classes{where}", 1)
         object.__setattr__(self, "num_classes", k)
         if y.size:
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= k:
-                raise ValueError(f"labels{where} must lie in 0..{k - 1} (num_classes={k}), "
-                                 f"found range {lo}..{hi}")
+                raise ValueError(
+                    f"labels{where} must lie in 0..{k - 1} (num_classes={k}), "
+                    f"found range {lo}..{hi}"
+                )
 
     # Convenience -------------------------------------------------------------
     @property
@@ -157,11 +161,18 @@ class FeatureSet:
         return f"FeatureSet({describe(self, norm_sample=0)})"
 
     @classmethod
-    def from_arrays(cls, features, labels, num_classes: Optional[int] = None,
-                    name: str = "", check_finite: bool = True) -> "FeatureSet":
+    def from_arrays(
+        cls,
+        features,
+        labels,
+        num_classes: Optional[int] = None,
+        name: str = "",
+        check_finite: bool = True,
+    ) -> "FeatureSet":
         """Validate arrays and wrap them (see :func:`check_feature_arrays`)."""
-        x, y, k = check_feature_arrays(features, labels, num_classes=num_classes,
-                                       name=name, check_finite=check_finite)
+        x, y, k = check_feature_arrays(
+            features, labels, num_classes=num_classes, name=name, check_finite=check_finite
+        )
         return cls(x, y, k, name)
 
 
@@ -175,9 +186,15 @@ def _shape_str(a) -> str:
 # --------------------------------------------------------------------------- #
 # Validation
 # --------------------------------------------------------------------------- #
-def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
-                         name: str = "", check_finite: bool = True,
-                         features_key: str = "'features'", labels_key: str = "'labels'"):
+def check_feature_arrays(
+    features,
+    labels,
+    num_classes: Optional[int] = None,
+    name: str = "",
+    check_finite: bool = True,
+    features_key: str = "'features'",
+    labels_key: str = "'labels'",
+):
     """Coerce and validate a (features, labels) pair.
 
     Parameters
@@ -222,11 +239,13 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
     y = labels if isinstance(labels, np.ndarray) else np.asarray(labels)
 
     # Features: shape and dtype.
-    _validation.nonempty(_validation.ndim(x, f"{features_key}{where}", 2, "(n, d)"),
-                         f"{features_key}{where}")
+    _validation.nonempty(
+        _validation.ndim(x, f"{features_key}{where}", 2, "(n, d)"), f"{features_key}{where}"
+    )
     if x.dtype.kind != "f":
-        raise TypeError(f"{features_key}{where} must have a floating dtype "
-                        f"(float32 or float64), got {x.dtype}")
+        raise TypeError(
+            f"{features_key}{where} must have a floating dtype (float32 or float64), got {x.dtype}"
+        )
     if x.dtype.itemsize < 4:
         x = x.astype(np.float32)
     if not x.dtype.isnative:
@@ -238,39 +257,51 @@ def check_feature_arrays(features, labels, num_classes: Optional[int] = None,
     # Labels: shape, dtype, range.
     _validation.ndim(y, f"{labels_key}{where}", 1, "(n,)")
     if y.dtype.kind not in "iu":
-        raise TypeError(f"{labels_key}{where} must have an integer dtype, got {y.dtype}"
-                        " (cast explicitly, e.g. labels.astype(np.int64))")
+        raise TypeError(
+            f"{labels_key}{where} must have an integer dtype, got {y.dtype}"
+            " (cast explicitly, e.g. labels.astype(np.int64))"
+        )
     if y.shape[0] != x.shape[0]:
-        raise ValueError(f"shape mismatch{where}: {features_key} has {x.shape[0]} rows "
-                         f"but {labels_key} has {y.shape[0]} entries")
+        raise ValueError(
+            f"shape mismatch{where}: {features_key} has {x.shape[0]} rows "
+            f"but {labels_key} has {y.shape[0]} entries"
+        )
     if y.dtype.kind == "u" and y.dtype.itemsize == 8 and int(y.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"{labels_key}{where} has labels too large for int64")
     y = np.ascontiguousarray(y, dtype=np.int64)
     neg = np.flatnonzero(y < 0)
     if neg.size:
-        raise ValueError(f"{labels_key}{where} has {neg.size} negative label(s); first at "
-                         f"index {int(neg[0])} (value {int(y[neg[0]])})")
+        raise ValueError(
+            f"{labels_key}{where} has {neg.size} negative label(s); first at "
+            f"index {int(neg[0])} (value {int(y[neg[0]])})"
+        )
     max_label = int(y.max())
     if num_classes is None:
         k = max_label + 1
         if k > max(MAX_INFERRED_CLASSES, y.shape[0]):
-            raise ValueError(f"{labels_key}{where} has label {max_label}: inferring the label "
-                             f"set 0..{max_label} from it would make {k} classes (at most "
-                             f"{max(MAX_INFERRED_CLASSES, y.shape[0])} are inferred); pass "
-                             "the public label set (num_classes=, --num-classes or classes=) "
-                             "if that is really intended, or relabel to 0..K-1")
+            raise ValueError(
+                f"{labels_key}{where} has label {max_label}: inferring the label "
+                f"set 0..{max_label} from it would make {k} classes (at most "
+                f"{max(MAX_INFERRED_CLASSES, y.shape[0])} are inferred); pass "
+                "the public label set (num_classes=, --num-classes or classes=) "
+                "if that is really intended, or relabel to 0..K-1"
+            )
     else:
         k = _validation.integer(num_classes, "num_classes", 1)
         if max_label >= k:
             bad = np.flatnonzero(y >= k)
-            raise ValueError(f"{labels_key}{where} has {bad.size} label(s) >= num_classes={k}; "
-                             f"first at index {int(bad[0])} (value {int(y[bad[0]])})")
+            raise ValueError(
+                f"{labels_key}{where} has {bad.size} label(s) >= num_classes={k}; "
+                f"first at index {int(bad[0])} (value {int(y[bad[0]])})"
+            )
 
     if check_finite:
         n_bad, first = _count_nonfinite_rows(x)
         if n_bad:
-            raise ValueError(f"{features_key}{where} has {n_bad} row(s) containing NaN or "
-                             f"Inf; first at row {first}")
+            raise ValueError(
+                f"{features_key}{where} has {n_bad} row(s) containing NaN or "
+                f"Inf; first at row {first}"
+            )
     return x, y, k
 
 
@@ -337,9 +368,11 @@ def _check_npy_size(shape, dtype, data_bytes: int, where: str) -> None:
     if dtype.hasobject:
         raise ValueError(f"{where} holds Python objects (pickled data is not loaded)")
     if need > data_bytes:
-        raise ValueError(f"{where}: the header claims shape {tuple(shape)} {dtype} "
-                         f"({need} bytes) but the file holds at most {data_bytes} bytes of "
-                         "data (truncated or corrupted file?)")
+        raise ValueError(
+            f"{where}: the header claims shape {tuple(shape)} {dtype} "
+            f"({need} bytes) but the file holds at most {data_bytes} bytes of "
+            "data (truncated or corrupted file?)"
+        )
 
 
 def _check_npy_file(path: str, key: str) -> None:
@@ -369,8 +402,9 @@ def _load_npy(path: str, mmap: bool, key: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"cannot read '{key}' from {path} (truncated or corrupted .npy "
-                         f"file?): {e}") from e
+        raise ValueError(
+            f"cannot read '{key}' from {path} (truncated or corrupted .npy file?): {e}"
+        ) from e
 
 
 def _load_npz(path: str):
@@ -381,16 +415,24 @@ def _load_npz(path: str):
         with np.load(path, allow_pickle=False) as z:
             missing = [key for key in ("features", "labels") if key not in z.files]
             if missing:
-                raise _MissingKey(f"{path} has no array '{missing[0]}' (arrays present: "
-                                  f"{sorted(z.files)})")
+                raise _MissingKey(
+                    f"{path} has no array '{missing[0]}' (arrays present: {sorted(z.files)})"
+                )
             _check_npz_members(path, ("features", "labels"))
             # Accessing a member decompresses and CRC-checks it.
             x = z["features"]
             y = z["labels"]
     except _MissingKey as e:
         raise ValueError(str(e)) from None
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
-            NotImplementedError) as e:
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+    ) as e:
         raise ValueError(f"cannot read {path} (truncated or corrupted .npz file?): {e}") from e
     return x, y
 
@@ -399,29 +441,38 @@ def _load_safetensors(path: str):
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path} needs the 'safetensors' package "
-                          "(pip install safetensors), or convert it to .npz") from e
+        raise ImportError(
+            f"reading {path} needs the 'safetensors' package "
+            "(pip install safetensors), or convert it to .npz"
+        ) from e
     _require_file(path, "features")
     try:
         with safe_open(path, framework="numpy") as f:
             keys = set(f.keys())
             missing = [key for key in ("features", "labels") if key not in keys]
             if missing:
-                raise _MissingKey(f"{path} has no tensor '{missing[0]}' (tensors present: "
-                                  f"{sorted(keys)})")
+                raise _MissingKey(
+                    f"{path} has no tensor '{missing[0]}' (tensors present: {sorted(keys)})"
+                )
             x = f.get_tensor("features")
             y = f.get_tensor("labels")
     except _MissingKey as e:
         raise ValueError(str(e)) from None
     except Exception as e:  # safetensors raises its own SafetensorError (an Exception)
-        raise ValueError(f"cannot read {path} (truncated or corrupted .safetensors "
-                         f"file?): {e}") from e
+        raise ValueError(
+            f"cannot read {path} (truncated or corrupted .safetensors file?): {e}"
+        ) from e
     return x, y
 
 
-def load_features(path: PathLike, labels_path: Optional[PathLike] = None, mmap: bool = True,
-                  num_classes: Optional[int] = None, check_finite: bool = True,
-                  name: Optional[str] = None) -> FeatureSet:
+def load_features(
+    path: PathLike,
+    labels_path: Optional[PathLike] = None,
+    mmap: bool = True,
+    num_classes: Optional[int] = None,
+    check_finite: bool = True,
+    name: Optional[str] = None,
+) -> FeatureSet:
     """Load features and labels from disk into a validated :class:`FeatureSet`.
 
     Formats, chosen by the file name:
@@ -479,7 +530,8 @@ def load_features(path: PathLike, labels_path: Optional[PathLike] = None, mmap: 
             if labels_path is None:
                 raise ValueError(
                     f"no labels for {path}: pass labels_path, or name the pair "
-                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'")
+                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'"
+                )
         labels_path = os.fspath(labels_path)
         x = _load_npy(path, mmap, "features")
         y = _load_npy(labels_path, False, "labels")
@@ -488,14 +540,20 @@ def load_features(path: PathLike, labels_path: Optional[PathLike] = None, mmap: 
         x, y = _load_safetensors(path)
         x_key, y_key = f"{path}['features']", f"{path}['labels']"
     else:
-        raise ValueError(f"unknown feature file format: {path} "
-                         "(expected .npz, .npy or .safetensors)")
+        raise ValueError(
+            f"unknown feature file format: {path} (expected .npz, .npy or .safetensors)"
+        )
     if num_classes is not None:
         _validation.integer(num_classes, "num_classes", 1)  # an argument, not the file's
     with _validation.file_contents():
-        x, y, k = check_feature_arrays(x, y, num_classes=num_classes,
-                                       check_finite=check_finite, features_key=x_key,
-                                       labels_key=y_key)
+        x, y, k = check_feature_arrays(
+            x,
+            y,
+            num_classes=num_classes,
+            check_finite=check_finite,
+            features_key=x_key,
+            labels_key=y_key,
+        )
     return FeatureSet(x, y, k, set_name)
 
 
@@ -533,8 +591,9 @@ def save_features(path: PathLike, features, labels, compress: bool = False) -> s
 # --------------------------------------------------------------------------- #
 # Splitting and describing
 # --------------------------------------------------------------------------- #
-def _stratified_test_indices(labels: np.ndarray, num_classes: int, n_test: int,
-                             rng: np.random.Generator) -> np.ndarray:
+def _stratified_test_indices(
+    labels: np.ndarray, num_classes: int, n_test: int, rng: np.random.Generator
+) -> np.ndarray:
     """Indices of a stratified test set of exactly ``n_test`` rows (sorted)."""
     n = labels.shape[0]
     counts = np.bincount(labels, minlength=num_classes)
@@ -551,14 +610,14 @@ def _stratified_test_indices(labels: np.ndarray, num_classes: int, n_test: int,
     picked = []
     for c in range(num_classes):
         if take[c]:
-            members = order[starts[c]:starts[c] + counts[c]]
+            members = order[starts[c] : starts[c] + counts[c]]
             picked.append(rng.choice(members, size=int(take[c]), replace=False))
     return np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
 
 
-def train_test_split_features(fs: FeatureSet, test_fraction: Union[float, int] = 0.25,
-                              seed: int = 0, stratify: bool = True
-                              ) -> Tuple[FeatureSet, FeatureSet]:
+def train_test_split_features(
+    fs: FeatureSet, test_fraction: Union[float, int] = 0.25, seed: int = 0, stratify: bool = True
+) -> Tuple[FeatureSet, FeatureSet]:
     """Split a FeatureSet into (train, test), deterministically given ``seed``.
 
     Parameters
@@ -599,10 +658,18 @@ def train_test_split_features(fs: FeatureSet, test_fraction: Union[float, int] =
     mask[test_idx] = False
     train_idx = np.flatnonzero(mask)
     base = fs.name or "data"
-    train = FeatureSet(np.ascontiguousarray(fs.features[train_idx]), fs.labels[train_idx],
-                       fs.num_classes, base + "-train")
-    test = FeatureSet(np.ascontiguousarray(fs.features[test_idx]), fs.labels[test_idx],
-                      fs.num_classes, base + "-test")
+    train = FeatureSet(
+        np.ascontiguousarray(fs.features[train_idx]),
+        fs.labels[train_idx],
+        fs.num_classes,
+        base + "-train",
+    )
+    test = FeatureSet(
+        np.ascontiguousarray(fs.features[test_idx]),
+        fs.labels[test_idx],
+        fs.num_classes,
+        base + "-test",
+    )
     return train, test
 
 
@@ -615,14 +682,19 @@ def describe(fs: FeatureSet, norm_sample: int = 4096) -> str:
     No per-class counts: they are private (and O(K) to compute).
     """
     storage = "memmap" if isinstance(fs.features, np.memmap) else "in-memory"
-    parts = [f"{fs.name or 'unnamed'}: n={fs.n} d={fs.d} {fs.features.dtype}",
-             f"K={fs.num_classes}", storage]
+    parts = [
+        f"{fs.name or 'unnamed'}: n={fs.n} d={fs.d} {fs.features.dtype}",
+        f"K={fs.num_classes}",
+        storage,
+    ]
     if norm_sample and fs.n:
         head = np.asarray(fs.features[: min(fs.n, norm_sample)], dtype=np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", head, head))
         with np.errstate(invalid="ignore"):
-            parts.append(f"row norm mean {norms.mean():.3g} (min {norms.min():.3g}, "
-                         f"max {norms.max():.3g}, first {head.shape[0]} rows)")
+            parts.append(
+                f"row norm mean {norms.mean():.3g} (min {norms.min():.3g}, "
+                f"max {norms.max():.3g}, first {head.shape[0]} rows)"
+            )
     return ", ".join(parts)
 
 
@@ -633,8 +705,9 @@ def describe(fs: FeatureSet, norm_sample: int = 4096) -> str:
 DIGITS_TEST_SIZE = 450
 
 
-def _random_fourier_map(x: np.ndarray, num_features: int, gamma: float, seed: int,
-                        dtype) -> np.ndarray:
+def _random_fourier_map(
+    x: np.ndarray, num_features: int, gamma: float, seed: int, dtype
+) -> np.ndarray:
     """sqrt(2/D) cos(x W + b), W ~ N(0, gamma) entrywise, b ~ U[0, 2 pi).
 
     A fixed, public, data-independent map (it approximates the kernel
@@ -647,10 +720,16 @@ def _random_fourier_map(x: np.ndarray, num_features: int, gamma: float, seed: in
     return np.ascontiguousarray(z, dtype=dtype)
 
 
-def digits_features(feature_map: str = "pixels", seed: int = 0, *,
-                    test_size: int = DIGITS_TEST_SIZE, split_seed: int = 0,
-                    num_features: int = 512, gamma: Optional[float] = None,
-                    dtype=np.float32) -> Tuple[FeatureSet, FeatureSet]:
+def digits_features(
+    feature_map: str = "pixels",
+    seed: int = 0,
+    *,
+    test_size: int = DIGITS_TEST_SIZE,
+    split_seed: int = 0,
+    num_features: int = 512,
+    gamma: Optional[float] = None,
+    dtype=np.float32,
+) -> Tuple[FeatureSet, FeatureSet]:
     """scikit-learn's bundled digits (1797 8x8 images, 10 classes) as (train, test).
 
     No download: the data ships with scikit-learn.  The split is stratified and
@@ -725,8 +804,8 @@ SYNTHETIC_PRESET_DIFFICULTY = {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 0.4}
 
 # Shape of the generative model (see synthetic_features).  Shares of E||x||^2
 # before the final per-row normalisation:
-_OFFSET_SHARE = 0.4    # common non-negative direction (features are "positive-ish")
-_WITHIN_SHARE = 0.6    # within-class noise with the power-law spectrum
+_OFFSET_SHARE = 0.4  # common non-negative direction (features are "positive-ish")
+_WITHIN_SHARE = 0.6  # within-class noise with the power-law spectrum
 # Class separation: a signal-to-noise ratio that falls geometrically from _SNR_EASY
 # (difficulty 0) to _SNR_HARD (difficulty 1).  The class means have two parts: one in
 # the top eigen-directions of the within-class covariance, _TOP_ALIGNED_RATIO times
@@ -752,8 +831,8 @@ _SYNTH_KEY = 0x5E7
 
 @dataclasses.dataclass(frozen=True)
 class _SynthModel:
-    sqrt_var: np.ndarray     # (d,): sqrt(_WITHIN_SHARE * lambda_j), eigen-coordinates
-    signs: np.ndarray        # (3, d): +-1, the D_i of the structured rotation
+    sqrt_var: np.ndarray  # (d,): sqrt(_WITHIN_SHARE * lambda_j), eigen-coordinates
+    signs: np.ndarray  # (3, d): +-1, the D_i of the structured rotation
     class_table: np.ndarray  # (K, d): offset + class mean
     norm_spread: float
     dtype: np.dtype
@@ -777,8 +856,16 @@ def _rotate(u: np.ndarray, signs: np.ndarray, out: Optional[np.ndarray] = None) 
     return np.multiply(u, signs[2], out=out)
 
 
-def _synth_model(d: int, num_classes: int, difficulty: float, spectrum_decay: float,
-                 seed: int, class_dim: int, norm_spread: float, dtype) -> _SynthModel:
+def _synth_model(
+    d: int,
+    num_classes: int,
+    difficulty: float,
+    spectrum_decay: float,
+    seed: int,
+    class_dim: int,
+    norm_spread: float,
+    dtype,
+) -> _SynthModel:
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SYNTH_KEY, 0)))
     # Within-class covariance: R diag(0.6 lambda) R^T, lambda_j ~ j^-decay, sum 1.
     signs = np.where(rng.random((3, d)) < 0.5, -1.0, 1.0)
@@ -803,18 +890,24 @@ def _synth_model(d: int, num_classes: int, difficulty: float, spectrum_decay: fl
     coords = rng.standard_normal((num_classes, class_dim)) / math.sqrt(class_dim)
     means += (coords @ basis.T) * (snr * math.sqrt(_WITHIN_SHARE / d))
     table = offset[None, :] + means
-    return _SynthModel(np.sqrt(lam).astype(dtype), signs.astype(dtype),
-                       np.ascontiguousarray(table, dtype=dtype), float(norm_spread),
-                       np.dtype(dtype))
+    return _SynthModel(
+        np.sqrt(lam).astype(dtype),
+        signs.astype(dtype),
+        np.ascontiguousarray(table, dtype=dtype),
+        float(norm_spread),
+        np.dtype(dtype),
+    )
 
 
 def _chunk_rng(seed: int, split: int, chunk: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(
-        np.random.SeedSequence(seed, spawn_key=(_SYNTH_KEY, split, 1, chunk))))
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(_SYNTH_KEY, split, 1, chunk)))
+    )
 
 
-def _fill_chunk(out: np.ndarray, labels: np.ndarray, model: _SynthModel, seed: int,
-                split: int, chunk: int) -> None:
+def _fill_chunk(
+    out: np.ndarray, labels: np.ndarray, model: _SynthModel, seed: int, split: int, chunk: int
+) -> None:
     start = chunk * _SYNTH_CHUNK_ROWS
     stop = min(start + _SYNTH_CHUNK_ROWS, out.shape[0])
     rng = _chunk_rng(seed, split, chunk)
@@ -843,8 +936,9 @@ def _default_workers() -> int:
     return max(1, min(cpus, 16))
 
 
-def _fill_split(out: np.ndarray, labels: np.ndarray, model: _SynthModel, seed: int,
-                split: int, workers: int) -> None:
+def _fill_split(
+    out: np.ndarray, labels: np.ndarray, model: _SynthModel, seed: int, split: int, workers: int
+) -> None:
     """Generate the rows of one split into ``out``, chunk by chunk.
 
     Each chunk is an independent task (draw normals, rotate, add means, normalise
@@ -858,8 +952,7 @@ def _fill_split(out: np.ndarray, labels: np.ndarray, model: _SynthModel, seed: i
             _fill_chunk(out, labels, model, seed, split, c)
         return
     with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-        for f in [pool.submit(_fill_chunk, out, labels, model, seed, split, c)
-                  for c in chunks]:
+        for f in [pool.submit(_fill_chunk, out, labels, model, seed, split, c) for c in chunks]:
             f.result()
 
 
@@ -868,12 +961,22 @@ def _balanced_labels(n: int, num_classes: int, seed: int, split: int) -> np.ndar
     return (rng.permutation(n) % num_classes).astype(np.int64)
 
 
-def synthetic_features(n: int, d: int, num_classes: int, difficulty: float = 0.5,
-                       spectrum_decay: float = 1.0, seed: int = 0, dtype=np.float32,
-                       test_size: Optional[int] = None, *, class_dim: Optional[int] = None,
-                       norm_spread: float = 0.1, out: Optional[PathLike] = None,
-                       name: str = "synthetic", workers: Optional[int] = None
-                       ) -> Tuple[FeatureSet, FeatureSet]:
+def synthetic_features(
+    n: int,
+    d: int,
+    num_classes: int,
+    difficulty: float = 0.5,
+    spectrum_decay: float = 1.0,
+    seed: int = 0,
+    dtype=np.float32,
+    test_size: Optional[int] = None,
+    *,
+    class_dim: Optional[int] = None,
+    norm_spread: float = 0.1,
+    out: Optional[PathLike] = None,
+    name: str = "synthetic",
+    workers: Optional[int] = None,
+) -> Tuple[FeatureSet, FeatureSet]:
     """Generate "pre-trained-like" features: (train, test), deterministic given seed.
 
     The model, for a row x with label y (balanced classes, shuffled):
@@ -971,8 +1074,7 @@ def synthetic_features(n: int, d: int, num_classes: int, difficulty: float = 0.5
     spectrum_decay = _validation.nonneg(spectrum_decay, "spectrum_decay")
     norm_spread = _validation.nonneg(norm_spread, "norm_spread")
     dtype = _validation.float_dtype(dtype, "dtype")
-    workers = _default_workers() if workers is None else _validation.integer(workers,
-                                                                             "workers", 1)
+    workers = _default_workers() if workers is None else _validation.integer(workers, "workers", 1)
     if test_size is None:
         test_size = min(10_000, max(1, n // 5))
     test_size = _validation.integer(test_size, "test_size", 1)
@@ -980,8 +1082,9 @@ def synthetic_features(n: int, d: int, num_classes: int, difficulty: float = 0.5
         class_dim = min(num_classes, max(1, d // 4))
     class_dim = _validation.integer(class_dim, "class_dim", 1, d)
 
-    model = _synth_model(d, num_classes, difficulty, spectrum_decay, seed, class_dim,
-                         norm_spread, dtype)
+    model = _synth_model(
+        d, num_classes, difficulty, spectrum_decay, seed, class_dim, norm_spread, dtype
+    )
     result = []
     for split, (part, rows) in enumerate((("train", n), ("test", test_size)), start=1):
         labels = _balanced_labels(rows, num_classes, seed, split)
@@ -989,8 +1092,9 @@ def synthetic_features(n: int, d: int, num_classes: int, difficulty: float = 0.5
             feats = np.empty((rows, d), dtype=dtype)
         else:
             stem = f"{os.fspath(out)}.{part}"
-            feats = np.lib.format.open_memmap(stem + _FEATURES_SUFFIX, mode="w+",
-                                              dtype=dtype, shape=(rows, d))
+            feats = np.lib.format.open_memmap(
+                stem + _FEATURES_SUFFIX, mode="w+", dtype=dtype, shape=(rows, d)
+            )
             np.save(stem + _LABELS_SUFFIX, labels)
         _fill_split(feats, labels, model, seed, split, workers)
         if out is not None:
@@ -1001,8 +1105,9 @@ def synthetic_features(n: int, d: int, num_classes: int, difficulty: float = 0.5
     return result[0], result[1]
 
 
-def synthetic_preset(name: str, difficulty: Optional[float] = None, seed: int = 0,
-                     n: Optional[int] = None, **kwargs) -> Tuple[FeatureSet, FeatureSet]:
+def synthetic_preset(
+    name: str, difficulty: Optional[float] = None, seed: int = 0, n: Optional[int] = None, **kwargs
+) -> Tuple[FeatureSet, FeatureSet]:
     """:func:`synthetic_features` at the shape of a benchmark in :data:`SYNTHETIC_PRESETS`.
 
     Parameters
@@ -1042,9 +1147,15 @@ def synthetic_preset(name: str, difficulty: Optional[float] = None, seed: int = 
 # --------------------------------------------------------------------------- #
 # Labelled arrays as users have them (any array names, labels of any kind)
 # --------------------------------------------------------------------------- #
-def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, *,
-                        features_key: str = "features", labels_key: str = "labels",
-                        mmap: bool = True, check_finite: bool = True):
+def read_labeled_arrays(
+    path: PathLike,
+    labels_path: Optional[PathLike] = None,
+    *,
+    features_key: str = "features",
+    labels_key: str = "labels",
+    mmap: bool = True,
+    check_finite: bool = True,
+):
     """Features and labels as stored, under any array names, labels of any kind.
 
     Unlike :func:`load_features` (integer labels ``0..K-1`` under fixed names), the
@@ -1082,17 +1193,26 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in (features_key, labels_key) if k not in z.files]
                 if missing:
-                    raise _MissingKey(f"{path} has no array '{missing[0]}' (arrays present: "
-                                      f"{sorted(z.files)})")
+                    raise _MissingKey(
+                        f"{path} has no array '{missing[0]}' (arrays present: {sorted(z.files)})"
+                    )
                 # A header claiming more than the file holds fails before any allocation.
                 _check_npz_members(path, (features_key, labels_key))
                 x, y = z[features_key], z[labels_key]
         except _MissingKey as e:
             raise ValueError(str(e)) from None
-        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
-                NotImplementedError) as e:
-            raise ValueError(f"cannot read {path} (truncated or corrupted .npz file, or "
-                             f"object arrays?): {e}") from e
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+            KeyError,
+            zipfile.BadZipFile,
+            zlib.error,
+            NotImplementedError,
+        ) as e:
+            raise ValueError(
+                f"cannot read {path} (truncated or corrupted .npz file, or object arrays?): {e}"
+            ) from e
         x_key, y_key = f"{path}['{features_key}']", f"{path}['{labels_key}']"
     elif lower.endswith(".npy"):
         if labels_path is None:
@@ -1100,7 +1220,8 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
             if labels_path is None:
                 raise ValueError(
                     f"no labels for {path}: give a labels file, or name the pair "
-                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'")
+                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'"
+                )
         labels_path = os.fspath(labels_path)
         x = _load_npy(path, mmap, "features")
         y = _load_npy(labels_path, False, "labels")
@@ -1116,8 +1237,9 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
                 keys = set(f.keys())
                 missing = [k for k in (features_key, labels_key) if k not in keys]
                 if missing:
-                    raise _MissingKey(f"{path} has no tensor '{missing[0]}' (tensors present: "
-                                      f"{sorted(keys)})")
+                    raise _MissingKey(
+                        f"{path} has no tensor '{missing[0]}' (tensors present: {sorted(keys)})"
+                    )
                 x, y = f.get_tensor(features_key), f.get_tensor(labels_key)
         except _MissingKey as e:
             raise ValueError(str(e)) from None
@@ -1125,18 +1247,23 @@ def read_labeled_arrays(path: PathLike, labels_path: Optional[PathLike] = None, 
             raise ValueError(f"cannot read {path}: {e}") from e
         x_key, y_key = f"{path}['{features_key}']", f"{path}['{labels_key}']"
     else:
-        raise ValueError(f"unknown feature file format: {path} "
-                         "(expected .npz, .npy or .safetensors)")
+        raise ValueError(
+            f"unknown feature file format: {path} (expected .npz, .npy or .safetensors)"
+        )
     with _validation.file_contents():
         y = coerce_labels(y, y_key)
         # Features: the same checks as load_features (labels are checked above).
-        x, _, _ = check_feature_arrays(x, np.zeros(np.shape(x)[0] if np.ndim(x) else 0,
-                                                   np.int64),
-                                       check_finite=check_finite, features_key=x_key,
-                                       labels_key=y_key)
+        x, _, _ = check_feature_arrays(
+            x,
+            np.zeros(np.shape(x)[0] if np.ndim(x) else 0, np.int64),
+            check_finite=check_finite,
+            features_key=x_key,
+            labels_key=y_key,
+        )
     if y.shape[0] != x.shape[0]:
-        raise ValueError(f"shape mismatch: {x_key} has {x.shape[0]} rows but {y_key} has "
-                         f"{y.shape[0]} entries")
+        raise ValueError(
+            f"shape mismatch: {x_key} has {x.shape[0]} rows but {y_key} has {y.shape[0]} entries"
+        )
     return x, y
 
 
@@ -1160,9 +1287,11 @@ def coerce_labels(labels, name: str = "labels") -> np.ndarray:
     if kind == "f":
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if bad.size:
-            raise ValueError(f"{name} has {bad.size} label(s) that are not integers; first at "
-                             f"index {int(bad[0])} (value {y[bad[0]]!r}); labels must be "
-                             "integers (float-coded integers are fine) or class names")
+            raise ValueError(
+                f"{name} has {bad.size} label(s) that are not integers; first at "
+                f"index {int(bad[0])} (value {y[bad[0]]!r}); labels must be "
+                "integers (float-coded integers are fine) or class names"
+            )
         if y.size and np.abs(y).max() >= 2.0**53:
             raise ValueError(f"{name} has labels too large to be exact integers")
         return y.astype(np.int64)
@@ -1175,4 +1304,4 @@ def coerce_labels(labels, name: str = "labels") -> np.ndarray:
 
 
 # Sharded sources (many files, read a slice at a time) live in their own module.
-from .shards import ShardError, ShardedFeatures, open_sharded  # noqa: E402,F401  (sharded sources)
+from .shards import ShardedFeatures, ShardError, open_sharded  # noqa: E402,F401  (sharded sources)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -97,8 +97,9 @@ def _range_task(stat, source, layout, first, stop, sampling, weights):
     return _red.range_partial(stat, source, layout, first, stop, sampling=sampling, weights=weights)
 
 
-def _chunk_task(stat, index, x, y, shard_rows, layout, first, stop, sampling, weights,
-                transform=None):
+def _chunk_task(
+    stat, index, x, y, shard_rows, layout, first, stop, sampling, weights, transform=None
+):
     x = np.asarray(x)
     y = np.asarray(y)
     source = _DaskChunkSource(index, x, y, shard_rows)
@@ -151,12 +152,22 @@ def _dask_inputs(x, labels):
     return x, labels
 
 
-def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
-            leaves_per_task: Optional[int] = DEFAULT_LEAVES_PER_TASK,
-            sampling: Optional[PoissonSampling] = None, weights=None,
-            progress: Optional[Callable[[int, int], None]] = None, workers=None,
-            task_ranges: Optional[Sequence[tuple]] = None, return_partial: bool = False,
-            transform: Optional[Callable] = None):
+def compute(
+    stat,
+    x,
+    labels=None,
+    *,
+    client=None,
+    leaf_rows: int = LEAF_ROWS,
+    leaves_per_task: Optional[int] = DEFAULT_LEAVES_PER_TASK,
+    sampling: Optional[PoissonSampling] = None,
+    weights=None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    workers=None,
+    task_ranges: Optional[Sequence[tuple]] = None,
+    return_partial: bool = False,
+    transform: Optional[Callable] = None,
+):
     """A statistic of :mod:`dpfc_native.reduction` over a cluster.
 
     Parameters
@@ -200,8 +211,10 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
 
     client = _get_client(client)
     if isinstance(x, _red.ArraySource):
-        raise TypeError("an in-memory ArraySource would travel inside every task: pass a "
-                        "dask array (da.from_array / da.from_zarr) or a ShardedFeatures")
+        raise TypeError(
+            "an in-memory ArraySource would travel inside every task: pass a "
+            "dask array (da.from_array / da.from_zarr) or a ShardedFeatures"
+        )
     if hasattr(x, "shard_rows") and hasattr(x, "read"):
         source, chunked = x, False
         if transform is not None:
@@ -220,7 +233,9 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
     key = _red._partial_key(stat, layout, sampling, d)  # noqa: SLF001 - same module family
     tag = hashlib.sha256(f"{key}|{token}".encode()).hexdigest()[:16]
     blob = pickle.dumps(stat)
-    stat_arg = client.scatter(stat, broadcast=True, hash=True) if len(blob) > _SCATTER_BYTES else stat
+    stat_arg = (
+        client.scatter(stat, broadcast=True, hash=True) if len(blob) > _SCATTER_BYTES else stat
+    )
 
     futures = []
     if chunked:
@@ -237,19 +252,45 @@ def compute(stat, x, labels=None, *, client=None, leaf_rows: int = LEAF_ROWS,
             for first in range(a, b, step):
                 stop = min(b, first + step)
                 w = None if weights is None else _TaskWeights(weights, layout, first, stop)
-                parts.append(dask.delayed(_chunk_task, pure=True,
-                                          name=f"dpfc-partial-{tag}-{first}-{stop}")(
-                    stat_arg, s, xd[s], yd[s], shard_rows, layout, first, stop, sampling, w,
-                    transform))
+                parts.append(
+                    dask.delayed(_chunk_task, pure=True, name=f"dpfc-partial-{tag}-{first}-{stop}")(
+                        stat_arg,
+                        s,
+                        xd[s],
+                        yd[s],
+                        shard_rows,
+                        layout,
+                        first,
+                        stop,
+                        sampling,
+                        w,
+                        transform,
+                    )
+                )
         futures = client.compute(parts, workers=workers)
     else:
-        ranges = layout.tasks(leaves_per_task) if task_ranges is None else \
-            [(int(a), int(b)) for a, b in task_ranges]
+        ranges = (
+            layout.tasks(leaves_per_task)
+            if task_ranges is None
+            else [(int(a), int(b)) for a, b in task_ranges]
+        )
         for i, (first, stop) in enumerate(ranges):
             w = None if weights is None else _TaskWeights(weights, layout, first, stop)
-            futures.append(client.submit(_range_task, stat_arg, source, layout, first, stop,
-                                         sampling, w, key=f"dpfc-partial-{tag}-{first}-{stop}-{i}",
-                                         pure=True, workers=workers))
+            futures.append(
+                client.submit(
+                    _range_task,
+                    stat_arg,
+                    source,
+                    layout,
+                    first,
+                    stop,
+                    sampling,
+                    w,
+                    key=f"dpfc-partial-{tag}-{first}-{stop}-{i}",
+                    pure=True,
+                    workers=workers,
+                )
+            )
     total: Optional[Partial] = None
     done = 0
     try:
@@ -291,34 +332,56 @@ def clipped_gram(x, clip_norm: float, *, client=None, **options):
     return compute(Gram(clip_norm), x, options.pop("labels", None), client=client, **options)
 
 
-def clipped_stats(x, clip_norm: float, *, labels=None, num_classes: Optional[int] = None,
-                  client=None, **options):
+def clipped_stats(
+    x, clip_norm: float, *, labels=None, num_classes: Optional[int] = None, client=None, **options
+):
     """``(G, B, counts)`` as :func:`dpfc_native.ops.clipped_stats`, over a cluster."""
     k = _num_classes(x, num_classes)
     return compute(Stats(clip_norm, k), x, labels, client=client, **options)
 
 
-def clipped_class_sums(x, clip_norm: float, *, labels=None, num_classes: Optional[int] = None,
-                       client=None, **options):
+def clipped_class_sums(
+    x, clip_norm: float, *, labels=None, num_classes: Optional[int] = None, client=None, **options
+):
     """``B`` as :func:`dpfc_native.ops.clipped_class_sums`, over a cluster."""
     k = _num_classes(x, num_classes)
     return compute(ClassSums(clip_norm, k), x, labels, client=client, **options)
 
 
-def clipped_class_grams(x, clip_norm: float, *, labels=None, num_classes: Optional[int] = None,
-                        class_block: Optional[int] = None, client=None, **options):
+def clipped_class_grams(
+    x,
+    clip_norm: float,
+    *,
+    labels=None,
+    num_classes: Optional[int] = None,
+    class_block: Optional[int] = None,
+    client=None,
+    **options,
+):
     """Per-class grams ``(K, d, d)`` over a cluster; ``class_block`` classes per
     reduction (each block its own tasks and partials: K x d x d never in one partial)."""
     k = _num_classes(x, num_classes)
-    out = [compute(ClassGrams(clip_norm, k, classes=blk), x, labels, client=client, **options)
-           for blk in _blocks(k, class_block)]
+    out = [
+        compute(ClassGrams(clip_norm, k, classes=blk), x, labels, client=client, **options)
+        for blk in _blocks(k, class_block)
+    ]
     return _merge_blocks(out)
 
 
-def clipped_weighted_grams(x, clip_norm: float, *, num_weights: int, weights=None,
-                           weight_fn: Optional[Callable] = None, weight_fn_id: str = "",
-                           weight_bound: float = 0.25, labels=None,
-                           class_block: Optional[int] = None, client=None, **options):
+def clipped_weighted_grams(
+    x,
+    clip_norm: float,
+    *,
+    num_weights: int,
+    weights=None,
+    weight_fn: Optional[Callable] = None,
+    weight_fn_id: str = "",
+    weight_bound: float = 0.25,
+    labels=None,
+    class_block: Optional[int] = None,
+    client=None,
+    **options,
+):
     """Weighted grams ``H_l = sum_i w_il xbar_i xbar_i^T`` over a cluster.
 
     Weights come from ``weights`` (n, K), sliced per task, or from ``weight_fn(x_rows,
@@ -327,15 +390,32 @@ def clipped_weighted_grams(x, clip_norm: float, *, num_weights: int, weights=Non
     function's parameters (e.g. a hash of the current weights): partials of different
     ids never merge.
     """
-    out = [compute(WeightedGrams(clip_norm, int(num_weights), weight_bound, weight_fn, blk,
-                                 weight_fn_id), x, labels, client=client, weights=weights,
-                   **options)
-           for blk in _blocks(int(num_weights), class_block)]
+    out = [
+        compute(
+            WeightedGrams(clip_norm, int(num_weights), weight_bound, weight_fn, blk, weight_fn_id),
+            x,
+            labels,
+            client=client,
+            weights=weights,
+            **options,
+        )
+        for blk in _blocks(int(num_weights), class_block)
+    ]
     return _merge_blocks(out)
 
 
-def clipped_linear_grad(x, w, bias, clip_norm: float, *, labels=None, loss: str = "sigmoid",
-                        feature_clip: Optional[float] = None, client=None, **options):
+def clipped_linear_grad(
+    x,
+    w,
+    bias,
+    clip_norm: float,
+    *,
+    labels=None,
+    loss: str = "sigmoid",
+    feature_clip: Optional[float] = None,
+    client=None,
+    **options,
+):
     """``(grad, n_clipped)`` as :func:`dpfc_native.ops.clipped_linear_grad`, over a
     cluster: one pass, ``w`` sent to the workers once (scattered when large)."""
     stat = LinearGrad(clip_norm, np.asarray(w), bias, loss=loss, feature_clip=feature_clip)
@@ -360,6 +440,8 @@ def local_cuda_cluster(**kwargs):
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as e:
-        raise ImportError('multi-GPU workers need dask-cuda: pip install "dpfc_native[multigpu]"') from e
+        raise ImportError(
+            'multi-GPU workers need dask-cuda: pip install "dpfc_native[multigpu]"'
+        ) from e
     kwargs.setdefault("threads_per_worker", 1)
     return LocalCUDACluster(**kwargs)

@@ -61,12 +61,31 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Preprocess", "ExtractResult", "ExtractError", "IMAGE_EXTENSIONS", "extract",
-           "list_images", "load_model", "sha256_file", "register_cli"]
+__all__ = [
+    "Preprocess",
+    "ExtractResult",
+    "ExtractError",
+    "IMAGE_EXTENSIONS",
+    "extract",
+    "list_images",
+    "load_model",
+    "sha256_file",
+    "register_cli",
+]
 
 #: File name endings read as images in the class-per-subfolder layout (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,8 +143,9 @@ class Preprocess:
         if isinstance(resize, (list, tuple)):
             resize = tuple(int(r) for r in resize)
             if len(resize) != 2 or min(resize) < 1:
-                raise ExtractError(f"preprocess resize must be an int or (H, W), got "
-                                   f"{self.resize!r}")
+                raise ExtractError(
+                    f"preprocess resize must be an int or (H, W), got {self.resize!r}"
+                )
         else:
             resize = int(resize)
             if resize < 1:
@@ -133,11 +153,15 @@ class Preprocess:
         mean = tuple(float(m) for m in self.mean)
         std = tuple(float(s) for s in self.std)
         if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
-            raise ExtractError("preprocess mean and std must have 3 entries (std > 0), got "
-                               f"{self.mean!r}, {self.std!r}")
+            raise ExtractError(
+                "preprocess mean and std must have 3 entries (std > 0), got "
+                f"{self.mean!r}, {self.std!r}"
+            )
         if self.interpolation not in _INTERPOLATIONS:
-            raise ExtractError(f"preprocess interpolation must be one of {_INTERPOLATIONS}, "
-                               f"got {self.interpolation!r}")
+            raise ExtractError(
+                f"preprocess interpolation must be one of {_INTERPOLATIONS}, "
+                f"got {self.interpolation!r}"
+            )
         object.__setattr__(self, "crop", crop)
         object.__setattr__(self, "resize", resize)
         object.__setattr__(self, "mean", mean)
@@ -148,8 +172,16 @@ class Preprocess:
         """Build from a dict with keys ``resize``, ``crop`` (or ``input_size``),
         ``mean``, ``std``, ``interpolation`` (``crop_pct`` derives ``resize``)."""
         spec = dict(spec)
-        unknown = set(spec) - {"resize", "crop", "input_size", "crop_pct", "mean", "std",
-                               "interpolation", "source"}
+        unknown = set(spec) - {
+            "resize",
+            "crop",
+            "input_size",
+            "crop_pct",
+            "mean",
+            "std",
+            "interpolation",
+            "source",
+        }
         if unknown:
             raise ExtractError(f"unknown preprocessing keys {sorted(unknown)} ({source})")
         crop = spec.get("crop", spec.get("input_size"))
@@ -161,15 +193,25 @@ class Preprocess:
         if resize is None:
             pct = float(spec.get("crop_pct", DEFAULT_CROP_PCT))
             resize = _resize_for(crop, pct)
-        return cls(resize=resize, crop=crop, mean=spec.get("mean", IMAGENET_MEAN),
-                   std=spec.get("std", IMAGENET_STD),
-                   interpolation=spec.get("interpolation", "bilinear"), source=source)
+        return cls(
+            resize=resize,
+            crop=crop,
+            mean=spec.get("mean", IMAGENET_MEAN),
+            std=spec.get("std", IMAGENET_STD),
+            interpolation=spec.get("interpolation", "bilinear"),
+            source=source,
+        )
 
     def to_dict(self) -> dict:
-        return {"resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
-                "crop": list(self.crop), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "source": self.source,
-                "steps": "RGB; resize; center crop; /255; (x - mean) / std; CHW float32"}
+        return {
+            "resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
+            "crop": list(self.crop),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "source": self.source,
+            "steps": "RGB; resize; center crop; /255; (x - mean) / std; CHW float32",
+        }
 
     def __call__(self, image) -> np.ndarray:
         """A PIL image -> ``(3, H, W)`` float32 array."""
@@ -243,11 +285,14 @@ def list_images(source, root=None, classes: Optional[Sequence[str]] = None):
     if not source.exists():
         raise ExtractError(f"image source not found: {source}")
     if source.is_dir():
-        names = sorted(p.name for p in source.iterdir()
-                       if p.is_dir() and not p.name.startswith("."))
+        names = sorted(
+            p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         if not names:
-            raise ExtractError(f"{source} has no class sub-folders (expected "
-                               f"{source}/<class>/<image>, or pass a CSV of path,label)")
+            raise ExtractError(
+                f"{source} has no class sub-folders (expected "
+                f"{source}/<class>/<image>, or pass a CSV of path,label)"
+            )
         paths, names_of = [], []
         for name in names:
             for dirpath, dirnames, files in os.walk(source / name):
@@ -266,8 +311,9 @@ def list_images(source, root=None, classes: Optional[Sequence[str]] = None):
                     if not row or not "".join(row).strip():
                         continue
                     if len(row) != 2:
-                        raise ExtractError(f"{source} line {i + 1}: expected 'path,label', "
-                                           f"got {len(row)} field(s)")
+                        raise ExtractError(
+                            f"{source} line {i + 1}: expected 'path,label', got {len(row)} field(s)"
+                        )
                     path, label = row[0].strip(), row[1].strip()
                     if i == 0 and (path.lower(), label.lower()) == ("path", "label"):
                         continue
@@ -277,8 +323,9 @@ def list_images(source, root=None, classes: Optional[Sequence[str]] = None):
             raise ExtractError(f"cannot read {source}: {exc}") from exc
         found = _label_order(names_of)
     if not paths:
-        raise ExtractError(f"no images found in {source} (extensions: "
-                           f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise ExtractError(
+            f"no images found in {source} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
     if classes is None:
         classes = list(found)
     else:
@@ -287,8 +334,10 @@ def list_images(source, root=None, classes: Optional[Sequence[str]] = None):
             raise ExtractError("classes has duplicate names")
         unknown = sorted(set(names_of) - set(classes))
         if unknown:
-            raise ExtractError(f"labels not in classes: {unknown[:5]} (classes: "
-                               f"{classes[:10]}{' ...' if len(classes) > 10 else ''})")
+            raise ExtractError(
+                f"labels not in classes: {unknown[:5]} (classes: "
+                f"{classes[:10]}{' ...' if len(classes) > 10 else ''})"
+            )
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[n] for n in names_of], dtype=np.int64)
     return paths, labels, classes
@@ -313,20 +362,24 @@ class _OnnxModel:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ImportError("ONNX models need onnxruntime: pip install "
-                              "\"dpfc_native[extract]\"") from exc
+            raise ImportError(
+                'ONNX models need onnxruntime: pip install "dpfc_native[extract]"'
+            ) from exc
         available = ort.get_available_providers()
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
         elif device == "cuda":
             if "CUDAExecutionProvider" not in available:
-                raise ExtractError("device='cuda' needs onnxruntime's CUDA provider (pip "
-                                   "install onnxruntime-gpu); available providers: "
-                                   f"{available}")
+                raise ExtractError(
+                    "device='cuda' needs onnxruntime's CUDA provider (pip "
+                    "install onnxruntime-gpu); available providers: "
+                    f"{available}"
+                )
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                         if p in available]
+            providers = [
+                p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+            ]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
@@ -336,8 +389,9 @@ class _OnnxModel:
             raise ExtractError(f"cannot load ONNX model {path}: {exc}") from exc
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ExtractError(f"{path}: expected one input (N, 3, H, W), found "
-                               f"{[i.name for i in inputs]}")
+            raise ExtractError(
+                f"{path}: expected one input (N, 3, H, W), found {[i.name for i in inputs]}"
+            )
         self.input = inputs[0]
         outputs = [o.name for o in self.session.get_outputs()]
         if output_name is None:
@@ -348,12 +402,20 @@ class _OnnxModel:
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.path = path
-        self.info = {"backend": "onnx", "path": os.path.abspath(path),
-                     "name": os.path.basename(path), "sha256": sha256_file(path),
-                     "input": self.input.name, "output": self.output,
-                     "providers": self.providers}
-        self.weights = {"path": os.path.abspath(path), "sha256": self.info["sha256"],
-                        "note": "weights embedded in the ONNX file"}
+        self.info = {
+            "backend": "onnx",
+            "path": os.path.abspath(path),
+            "name": os.path.basename(path),
+            "sha256": sha256_file(path),
+            "input": self.input.name,
+            "output": self.output,
+            "providers": self.providers,
+        }
+        self.weights = {
+            "path": os.path.abspath(path),
+            "sha256": self.info["sha256"],
+            "note": "weights embedded in the ONNX file",
+        }
 
     def default_preprocess(self) -> Preprocess:
         for sidecar in (self.path + ".json", os.path.splitext(self.path)[0] + ".preprocess.json"):
@@ -373,13 +435,18 @@ class _OnnxModel:
             return Preprocess.from_dict(spec, "model metadata 'dpfc_preprocess'")
         shape = self.input.shape
         if len(shape) != 4 or not all(isinstance(s, int) for s in shape[2:]):
-            raise ExtractError(f"{self.path}: the input shape {shape} does not fix the image "
-                               "size and the model carries no preprocessing: pass it "
-                               "(--crop/--resize, or a sidecar <model>.onnx.json)")
+            raise ExtractError(
+                f"{self.path}: the input shape {shape} does not fix the image "
+                "size and the model carries no preprocessing: pass it "
+                "(--crop/--resize, or a sidecar <model>.onnx.json)"
+            )
         crop = (int(shape[2]), int(shape[3]))
-        return Preprocess(resize=_resize_for(crop, DEFAULT_CROP_PCT), crop=crop,
-                          source="GUESSED: ImageNet convention for the model's input size "
-                                 "(the model carries no preprocessing)")
+        return Preprocess(
+            resize=_resize_for(crop, DEFAULT_CROP_PCT),
+            crop=crop,
+            source="GUESSED: ImageNet convention for the model's input size "
+            "(the model carries no preprocessing)",
+        )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run([self.output], {self.input.name: batch})[0]
@@ -394,8 +461,10 @@ class _TimmModel:
             import timm
             import torch
         except ImportError as exc:
-            raise ImportError("timm models need torch and timm (pip install torch timm); "
-                              "or export the model to ONNX") from exc
+            raise ImportError(
+                "timm models need torch and timm (pip install torch timm); "
+                "or export the model to ONNX"
+            ) from exc
         if not os.path.isfile(weights):
             raise ExtractError(f"weights file not found: {weights}")
         try:
@@ -427,18 +496,27 @@ class _TimmModel:
         self.model = model.eval().to(device)
         cfg = timm.data.resolve_data_config({}, model=model)
         self.cfg = cfg
-        self.info = {"backend": "timm", "name": name, "timm_version": timm.__version__,
-                     "torch_version": torch.__version__,
-                     "ignored_checkpoint_keys": list(unexpected)[:20]}
+        self.info = {
+            "backend": "timm",
+            "name": name,
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+            "ignored_checkpoint_keys": list(unexpected)[:20],
+        }
         self.weights = {"path": os.path.abspath(weights), "sha256": sha256_file(weights)}
 
     def default_preprocess(self) -> Preprocess:
         cfg = self.cfg
-        return Preprocess.from_dict({"input_size": list(cfg["input_size"]),
-                                     "crop_pct": cfg.get("crop_pct", DEFAULT_CROP_PCT),
-                                     "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-                                     "interpolation": cfg.get("interpolation", "bilinear")},
-                                    "timm resolve_data_config")
+        return Preprocess.from_dict(
+            {
+                "input_size": list(cfg["input_size"]),
+                "crop_pct": cfg.get("crop_pct", DEFAULT_CROP_PCT),
+                "mean": list(cfg["mean"]),
+                "std": list(cfg["std"]),
+                "interpolation": cfg.get("interpolation", "bilinear"),
+            },
+            "timm resolve_data_config",
+        )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -447,24 +525,33 @@ class _TimmModel:
         return out.float().cpu().numpy()
 
 
-def load_model(model: str, weights: Optional[str] = None, device: str = "auto",
-               output_name: Optional[str] = None, threads: int = 0):
+def load_model(
+    model: str,
+    weights: Optional[str] = None,
+    device: str = "auto",
+    output_name: Optional[str] = None,
+    threads: int = 0,
+):
     """A feature extractor for ``model``: a ``.onnx`` file, or ``timm:NAME`` + weights."""
     if device not in ("auto", "cpu", "cuda"):
         raise ExtractError(f"device must be auto, cpu or cuda, got {device!r}")
     model = os.fspath(model)
     if model.startswith("timm:"):
         if weights is None:
-            raise ExtractError(f"{model} needs a local weights file (--weights PATH): "
-                               "dpfc_native never downloads weights")
-        return _TimmModel(model[len("timm:"):], None if weights is None else os.fspath(weights),
-                          device)
+            raise ExtractError(
+                f"{model} needs a local weights file (--weights PATH): "
+                "dpfc_native never downloads weights"
+            )
+        return _TimmModel(
+            model[len("timm:") :], None if weights is None else os.fspath(weights), device
+        )
     if not os.path.isfile(model):
-        raise ExtractError(f"model file not found: {model} (dpfc_native never downloads "
-                           "models: export one to ONNX, or use timm:NAME --weights FILE)")
+        raise ExtractError(
+            f"model file not found: {model} (dpfc_native never downloads "
+            "models: export one to ONNX, or use timm:NAME --weights FILE)"
+        )
     if not model.lower().endswith(".onnx"):
-        raise ExtractError(f"unknown model format: {model} (expected a .onnx file or "
-                           "timm:NAME)")
+        raise ExtractError(f"unknown model format: {model} (expected a .onnx file or timm:NAME)")
     if weights is not None:
         raise ExtractError("--weights is for timm models; an ONNX file holds its weights")
     return _OnnxModel(model, device, output_name, threads)
@@ -488,8 +575,9 @@ class _ShardWriter:
 
     def _open(self):
         directory = os.path.dirname(os.path.abspath(self.stem))
-        self._tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=".dpfc-extract-",
-                                                delete=False)
+        self._tmp = tempfile.NamedTemporaryFile(
+            dir=directory, prefix=".dpfc-extract-", delete=False
+        )
         self._rows, self._labels = 0, []
 
     def add(self, feats: np.ndarray, labels: np.ndarray):
@@ -503,8 +591,8 @@ class _ShardWriter:
             take = feats.shape[0] - pos
             if self.shard_size is not None:
                 take = min(take, self.shard_size - self._rows)
-            self._tmp.write(feats[pos:pos + take].tobytes())
-            self._labels.append(labels[pos:pos + take])
+            self._tmp.write(feats[pos : pos + take].tobytes())
+            self._labels.append(labels[pos : pos + take])
             self._rows += take
             pos += take
             if self.shard_size is not None and self._rows == self.shard_size:
@@ -530,8 +618,11 @@ class _ShardWriter:
                 del x
             else:
                 labels_path = path[: -len(".features.npy")] + ".labels.npy"
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                          "fortran_order": False, "shape": (rows, self.d)}
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                    "fortran_order": False,
+                    "shape": (rows, self.d),
+                }
                 with open(path, "wb") as out, open(tmp.name, "rb") as src:
                     np.lib.format.write_array_header_1_0(out, header)
                     for block in iter(lambda: src.read(1 << 24), b""):
@@ -554,8 +645,12 @@ class _ShardWriter:
         directory = os.path.dirname(os.path.abspath(self.stem))
         for f in self.files:
             path = os.path.join(directory, f["path"])
-            for p in (path, path[: -len(".features.npy")] + ".labels.npy"
-                      if path.endswith(".features.npy") else None):
+            for p in (
+                path,
+                path[: -len(".features.npy")] + ".labels.npy"
+                if path.endswith(".features.npy")
+                else None,
+            ):
                 if p is not None and os.path.exists(p):
                     os.unlink(p)
         self.files = []
@@ -605,10 +700,17 @@ def _merged_preprocess(net, given: Optional[dict]) -> Preprocess:
         base = None
     if not given:
         return base
-    merged = {} if base is None else {
-        "crop": list(base.crop), "mean": list(base.mean), "std": list(base.std),
-        "interpolation": base.interpolation,
-        "resize": list(base.resize) if isinstance(base.resize, tuple) else base.resize}
+    merged = (
+        {}
+        if base is None
+        else {
+            "crop": list(base.crop),
+            "mean": list(base.mean),
+            "std": list(base.std),
+            "interpolation": base.interpolation,
+            "resize": list(base.resize) if isinstance(base.resize, tuple) else base.resize,
+        }
+    )
     if "crop" in given and "resize" not in given:
         merged.pop("resize", None)  # derived from the new crop (crop / 0.875)
     merged.update(given)
@@ -638,12 +740,25 @@ def _stem(output: str) -> tuple:
     return output, "npz"
 
 
-def extract(source, model, output, *, weights=None, root=None,
-            classes: Optional[Sequence[str]] = None, preprocess=None, batch_size: int = 64,
-            device: str = "auto", on_error: str = "fail", shard_size: Optional[int] = None,
-            output_name: Optional[str] = None, workers: Optional[int] = None, threads: int = 0,
-            progress: Optional[Callable[[int, int], None]] = None,
-            verbose: int = 0) -> ExtractResult:
+def extract(
+    source,
+    model,
+    output,
+    *,
+    weights=None,
+    root=None,
+    classes: Optional[Sequence[str]] = None,
+    preprocess=None,
+    batch_size: int = 64,
+    device: str = "auto",
+    on_error: str = "fail",
+    shard_size: Optional[int] = None,
+    output_name: Optional[str] = None,
+    workers: Optional[int] = None,
+    threads: int = 0,
+    progress: Optional[Callable[[int, int], None]] = None,
+    verbose: int = 0,
+) -> ExtractResult:
     """Run a frozen pre-trained model over labelled images and write feature shards.
 
     Parameters
@@ -701,8 +816,9 @@ def extract(source, model, output, *, weights=None, root=None,
     if shard_size is not None and (int(shard_size) != shard_size or shard_size < 1):
         raise ExtractError(f"shard_size must be a positive int, got {shard_size!r}")
     paths, labels, class_names = list_images(source, root=root, classes=classes)
-    net = load_model(model, weights=weights, device=device, output_name=output_name,
-                     threads=threads)
+    net = load_model(
+        model, weights=weights, device=device, output_name=output_name, threads=threads
+    )
     if isinstance(preprocess, Preprocess):
         spec = preprocess
     else:
@@ -721,23 +837,26 @@ def extract(source, model, output, *, weights=None, root=None,
         "device": net.device,
         "batch_size": int(batch_size),
     }
-    writer = _ShardWriter(stem, fmt, None if shard_size is None else int(shard_size),
-                          metadata)
+    writer = _ShardWriter(stem, fmt, None if shard_size is None else int(shard_size), metadata)
     skipped: list = []
     total = len(paths)
     done = 0
     workers = workers or min(4, os.cpu_count() or 1)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool, \
-                _progress_report(total, "extract", enabled=verbose > 0) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            _progress_report(total, "extract", enabled=verbose > 0) as bar,
+        ):
             for start in range(0, total, batch_size):
-                chunk = paths[start:start + batch_size]
+                chunk = paths[start : start + batch_size]
                 images, keep = [], []
                 for i, (arr, err) in enumerate(pool.map(lambda p: _read_image(p, spec), chunk)):
                     if err is not None:
                         if on_error == "fail":
-                            raise ExtractError(f"cannot read image {chunk[i]}: {err} "
-                                               "(on_error='skip' leaves it out)")
+                            raise ExtractError(
+                                f"cannot read image {chunk[i]}: {err} "
+                                "(on_error='skip' leaves it out)"
+                            )
                         skipped.append({"path": chunk[i], "error": err})
                         continue
                     images.append(arr)
@@ -746,14 +865,16 @@ def extract(source, model, output, *, weights=None, root=None,
                     feats = net(np.stack(images))
                     feats = feats.reshape(feats.shape[0], -1) if feats.ndim > 2 else feats
                     if feats.ndim != 2 or feats.shape[0] != len(images):
-                        raise ExtractError(f"the model returned shape {feats.shape} for a "
-                                           f"batch of {len(images)} images; expected (N, D)")
+                        raise ExtractError(
+                            f"the model returned shape {feats.shape} for a "
+                            f"batch of {len(images)} images; expected (N, D)"
+                        )
                     if not np.isfinite(feats).all():
-                        raise ExtractError("the model returned NaN or Inf features (batch "
-                                           f"starting at {chunk[0]})")
+                        raise ExtractError(
+                            f"the model returned NaN or Inf features (batch starting at {chunk[0]})"
+                        )
                     if writer.d is not None and feats.shape[1] != writer.d:
-                        raise ExtractError("the model's feature dimension changed between "
-                                           "batches")
+                        raise ExtractError("the model's feature dimension changed between batches")
                     writer.add(feats, labels[keep])
                 done += len(chunk)
                 bar.update(done, status=f"{len(skipped)} skipped" if skipped else None)
@@ -771,8 +892,15 @@ def extract(source, model, output, *, weights=None, root=None,
     with open(manifest, "w") as f:
         json.dump(metadata, f, indent=1, sort_keys=True)
     directory = os.path.dirname(os.path.abspath(stem))
-    return ExtractResult([os.path.join(directory, f["path"]) for f in writer.files], manifest,
-                         n, int(writer.d), class_names, skipped, metadata)
+    return ExtractResult(
+        [os.path.join(directory, f["path"]) for f in writer.files],
+        manifest,
+        n,
+        int(writer.d),
+        class_names,
+        skipped,
+        metadata,
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -796,38 +924,59 @@ def register_cli(app) -> None:
 
     @app.command("extract")
     def extract_command(
-        images: Path = typer.Argument(..., help="Image folder (one sub-folder per class) or "
-                                      "a CSV of path,label."),
-        model: str = typer.Argument(..., help="A local .onnx file, or timm:NAME with "
-                                    "--weights (never downloaded)."),
-        output: Path = typer.Option(Path("features.npz"), "--output", "-o", help="out.npz, "
-                                    "or out.npy for paired .npy files; out.json is the "
-                                    "record."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint "
-                                               "of a timm model."),
-        root: Optional[Path] = typer.Option(None, "--root", help="Base folder of the CSV's "
-                                            "relative paths (default: the CSV's folder)."),
-        classes: Optional[str] = typer.Option(None, "--classes", help="The public label set "
-                                              "in label order, comma-separated (default: "
-                                              "sub-folder names / CSV labels, sorted)."),
+        images: Path = typer.Argument(
+            ..., help="Image folder (one sub-folder per class) or a CSV of path,label."
+        ),
+        model: str = typer.Argument(
+            ..., help="A local .onnx file, or timm:NAME with --weights (never downloaded)."
+        ),
+        output: Path = typer.Option(
+            Path("features.npz"),
+            "--output",
+            "-o",
+            help="out.npz, or out.npy for paired .npy files; out.json is the record.",
+        ),
+        weights: Optional[Path] = typer.Option(
+            None, "--weights", help="Local checkpoint of a timm model."
+        ),
+        root: Optional[Path] = typer.Option(
+            None,
+            "--root",
+            help="Base folder of the CSV's relative paths (default: the CSV's folder).",
+        ),
+        classes: Optional[str] = typer.Option(
+            None,
+            "--classes",
+            help="The public label set "
+            "in label order, comma-separated (default: "
+            "sub-folder names / CSV labels, sorted).",
+        ),
         batch_size: int = typer.Option(64, "--batch-size", "-b"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-        skip_bad: bool = typer.Option(False, "--skip-bad/--fail-bad", help="Leave out "
-                                      "unreadable images (listed in the record) instead of "
-                                      "stopping at the first."),
-        shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per "
-                                                 "output file (default: one file)."),
-        crop: Optional[int] = typer.Option(None, "--crop", help="Override: centre-crop "
-                                           "size (the model's input size)."),
-        resize: Optional[int] = typer.Option(None, "--resize", help="Override: shorter side "
-                                             "before the crop (default crop / 0.875)."),
+        skip_bad: bool = typer.Option(
+            False,
+            "--skip-bad/--fail-bad",
+            help="Leave out "
+            "unreadable images (listed in the record) instead of "
+            "stopping at the first.",
+        ),
+        shard_size: Optional[int] = typer.Option(
+            None, "--shard-size", help="Rows per output file (default: one file)."
+        ),
+        crop: Optional[int] = typer.Option(
+            None, "--crop", help="Override: centre-crop size (the model's input size)."
+        ),
+        resize: Optional[int] = typer.Option(
+            None, "--resize", help="Override: shorter side before the crop (default crop / 0.875)."
+        ),
         mean: Optional[str] = typer.Option(None, "--mean", help="Override: R,G,B mean."),
         std: Optional[str] = typer.Option(None, "--std", help="Override: R,G,B std."),
-        interpolation: Optional[str] = typer.Option(None, "--interpolation",
-                                                    help="Override: bilinear | bicubic | "
-                                                    "nearest | lanczos."),
-        output_name: Optional[str] = typer.Option(None, "--output-name", help="ONNX output "
-                                                  "to use (default: the first)."),
+        interpolation: Optional[str] = typer.Option(
+            None, "--interpolation", help="Override: bilinear | bicubic | nearest | lanczos."
+        ),
+        output_name: Optional[str] = typer.Option(
+            None, "--output-name", help="ONNX output to use (default: the first)."
+        ),
     ):
         """Features of a frozen pre-trained model for a labelled image folder, written in
         the formats `dpfc train` reads, with a record of the model, its SHA-256 and the
@@ -839,29 +988,50 @@ def register_cli(app) -> None:
         console = _console()
         t0 = time.perf_counter()
         try:
-            overrides = {"crop": crop, "resize": resize, "interpolation": interpolation,
-                         "mean": _parse_floats(mean, "--mean"),
-                         "std": _parse_floats(std, "--std")}
+            overrides = {
+                "crop": crop,
+                "resize": resize,
+                "interpolation": interpolation,
+                "mean": _parse_floats(mean, "--mean"),
+                "std": _parse_floats(std, "--std"),
+            }
             # Progress on stderr: a bar on a terminal, plain lines in logs (no TTY).
-            result = extract(images, model, output, weights=weights, root=root,
-                             classes=None if classes is None else
-                             [c.strip() for c in classes.split(",") if c.strip()],
-                             preprocess=overrides, batch_size=batch_size, device=device,
-                             on_error="skip" if skip_bad else "fail",
-                             shard_size=shard_size, output_name=output_name, verbose=1)
+            result = extract(
+                images,
+                model,
+                output,
+                weights=weights,
+                root=root,
+                classes=None
+                if classes is None
+                else [c.strip() for c in classes.split(",") if c.strip()],
+                preprocess=overrides,
+                batch_size=batch_size,
+                device=device,
+                on_error="skip" if skip_bad else "fail",
+                shard_size=shard_size,
+                output_name=output_name,
+                verbose=1,
+            )
         except _USER_ERRORS as exc:
             _fail(str(exc).replace("on_error='skip'", "--skip-bad"))
         for item in result.skipped:
-            console.print(f"skipped {item['path']}: {item['error']}", highlight=False,
-                          markup=False)
+            console.print(f"skipped {item['path']}: {item['error']}", highlight=False, markup=False)
         meta = result.metadata
-        console.print(f"{result.n} images -> features ({result.n}, {result.d}) float32, "
-                      f"{len(result.classes)} classes, {len(result.skipped)} skipped, "
-                      f"{time.perf_counter() - t0:.1f} s on {meta['device']}", highlight=False)
-        console.print(f"model: {meta['model'].get('name')} ({meta['model']['backend']}), "
-                      f"weights sha256 {meta['weights']['sha256'][:16]}...", highlight=False)
-        console.print(f"preprocessing: {meta['preprocess']['source']}", highlight=False,
-                      markup=False)
+        console.print(
+            f"{result.n} images -> features ({result.n}, {result.d}) float32, "
+            f"{len(result.classes)} classes, {len(result.skipped)} skipped, "
+            f"{time.perf_counter() - t0:.1f} s on {meta['device']}",
+            highlight=False,
+        )
+        console.print(
+            f"model: {meta['model'].get('name')} ({meta['model']['backend']}), "
+            f"weights sha256 {meta['weights']['sha256'][:16]}...",
+            highlight=False,
+        )
+        console.print(
+            f"preprocessing: {meta['preprocess']['source']}", highlight=False, markup=False
+        )
         for path in result.files:
             console.print(f"wrote {path}", highlight=False, markup=False)
         console.print(f"record: {result.manifest}", highlight=False, markup=False)

@@ -116,11 +116,15 @@ class RepairReport:
         """The repaired matrices' indices in the input's batch shape."""
         if not self.batch_shape:
             return tuple(() for _ in self.indices)
-        return tuple(tuple(int(v) for v in np.unravel_index(i, self.batch_shape)) for i in self.indices)
+        return tuple(
+            tuple(int(v) for v in np.unravel_index(i, self.batch_shape)) for i in self.indices
+        )
 
     def __str__(self) -> str:
         total = math.prod(self.batch_shape) if self.batch_shape else 1
-        head = f"RepairReport(method={self.method!r}): {self.n_repaired} of {total} matrices repaired"
+        head = (
+            f"RepairReport(method={self.method!r}): {self.n_repaired} of {total} matrices repaired"
+        )
         if not self.indices:
             return head
         parts = []
@@ -128,7 +132,9 @@ class RepairReport:
             if self.method == "shift":
                 what = f"shift {self.shifts[k]:.3g}"
             else:
-                what = f"min eigenvalue {self.min_eigenvalues[k]:.3g} clamped at {self.floors[k]:.3g}"
+                what = (
+                    f"min eigenvalue {self.min_eigenvalues[k]:.3g} clamped at {self.floors[k]:.3g}"
+                )
             parts.append(f"#{i} (info {self.info[k]}, {what}, {self.tries[k]} tries)")
         more = f", ... {self.n_repaired - 10} more" if self.n_repaired > 10 else ""
         return head + ": " + ", ".join(parts) + more
@@ -176,7 +182,9 @@ def _shift_scales(xp, mats) -> np.ndarray:
     triangle) when the diagonal is all zero, else the absolute _ZERO_MATRIX_FLOOR."""
     diag = xp.abs(xp.diagonal(mats, axis1=-2, axis2=-1)).astype(xp.float64)
     mean_diag = _to_host(diag.mean(axis=-1))
-    max_low = _to_host(xp.abs(xp.tril(mats)).reshape(mats.shape[0], -1).max(axis=1).astype(xp.float64))
+    max_low = _to_host(
+        xp.abs(xp.tril(mats)).reshape(mats.shape[0], -1).max(axis=1).astype(xp.float64)
+    )
     tau = SHIFT_REL * mean_diag
     tau = np.where(tau > 0, tau, SHIFT_REL * max_low)
     return np.where(tau > 0, tau, _ZERO_MATRIX_FLOOR)
@@ -393,12 +401,13 @@ def solve_spd(a, b, *, repair: Optional[str] = "shift"):
         info_h = _to_host(info).reshape(-1)
         if (info_h != 0).any():
             bad = [int(i) for i in np.flatnonzero(info_h)]
-            raise np.linalg.LinAlgError(f"a: matrices at batch indices {bad} are not positive definite")
+            raise np.linalg.LinAlgError(
+                f"a: matrices at batch indices {bad} are not positive definite"
+            )
         report = RepairReport(method="none", batch_shape=tuple(a.shape[:-2]))
     else:
         L, report = cholesky_repair(a, method=repair)
     return ops.cho_solve(L, b), report
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,13 +435,15 @@ def bulk_edge(d: int, noise_std) -> "np.ndarray | float":
 
 
 def _check_noise_std(noise_std, batch: int) -> np.ndarray:
-    s = np.asarray(_to_host(noise_std) if not np.isscalar(noise_std) else noise_std,
-                   dtype=np.float64).reshape(-1)
+    s = np.asarray(
+        _to_host(noise_std) if not np.isscalar(noise_std) else noise_std, dtype=np.float64
+    ).reshape(-1)
     if s.size == 1:
         s = np.full(batch, float(s[0]))
     if s.size != batch:
-        raise ValueError(f"noise_std must be a scalar or hold one value per matrix ({batch}), "
-                         f"got {s.size}")
+        raise ValueError(
+            f"noise_std must be a scalar or hold one value per matrix ({batch}), got {s.size}"
+        )
     if not np.isfinite(s).all() or (s < 0).any():
         raise ValueError("noise_std must be finite and >= 0")
     return s
@@ -487,8 +498,12 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
     xp = ops.array_module(w)
     w = w.astype(xp.float64)
     batch_shape = tuple(w.shape[:-1])
-    s = np.broadcast_to(np.asarray(_to_host(noise_std) if not np.isscalar(noise_std)
-                                   else noise_std, dtype=np.float64), batch_shape)
+    s = np.broadcast_to(
+        np.asarray(
+            _to_host(noise_std) if not np.isscalar(noise_std) else noise_std, dtype=np.float64
+        ),
+        batch_shape,
+    )
     edge_h = np.sqrt(2.0 * d) * s
     edge = xp.asarray(edge_h)[..., None]
     if method == "psd":
@@ -512,9 +527,9 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
         eta2 = (e / math.sqrt(d)) ** 2
         wb = flat[b]
         for start in range(0, d, rows):
-            diff = wb[start:start + rows, None] - wb[None, :]
+            diff = wb[start : start + rows, None] - wb[None, :]
             re_g = (diff / (diff * diff + eta2)).sum(axis=1) / d
-            out[b, start:start + rows] = wb[start:start + rows] - 2.0 * sigma2 * re_g
+            out[b, start : start + rows] = wb[start : start + rows] - 2.0 * sigma2 * re_g
     return xp.maximum(out, 0.0).reshape(w.shape)
 
 
@@ -617,8 +632,11 @@ def denoise(a, noise_std, method: str = "rie"):
     """
     if method == "none":
         a, xp = _as_array(a, "a")
-        return _symmetric_from_lower(xp, a.reshape(-1, a.shape[-1], a.shape[-1])).astype(
-            xp.float64).reshape(a.shape)
+        return (
+            _symmetric_from_lower(xp, a.reshape(-1, a.shape[-1], a.shape[-1]))
+            .astype(xp.float64)
+            .reshape(a.shape)
+        )
     w, v = denoise_eigh(a, noise_std, method)
     from . import ops
 

@@ -64,8 +64,10 @@ class NoiseSource:
     def __reduce_ex__(self, protocol):
         # Pickling would copy the secret key to wherever the bytes go (a Dask worker, a
         # cache file): noise is drawn only where the source was created.
-        raise TypeError("a NoiseSource holds a secret noise key and cannot be pickled or "
-                        "copied; add noise on the process that created it (the client)")
+        raise TypeError(
+            "a NoiseSource holds a secret noise key and cannot be pickled or "
+            "copied; add noise on the process that created it (the client)"
+        )
 
     @property
     def key_fingerprint(self) -> str:
@@ -92,20 +94,29 @@ class NoiseSource:
         self.draws.append(Draw(name, first, blocks))
         return first
 
-    def sym(self, d: int, std: float, *, batch: int | None = None, dtype=np.float64,
-            device: str = "cpu", name: str = ""):
+    def sym(
+        self,
+        d: int,
+        std: float,
+        *,
+        batch: int | None = None,
+        dtype=np.float64,
+        device: str = "cpu",
+        name: str = "",
+    ):
         """Symmetric noise (see :func:`dpfc_native.ops.sym_gaussian_noise`), fresh blocks."""
         first = self._take(ops.sym_noise_blocks(d, 1 if batch is None else batch), name)
-        return ops.sym_gaussian_noise(d, std, batch=batch, key=self._key, counter=first,
-                                      dtype=dtype, device=device)
+        return ops.sym_gaussian_noise(
+            d, std, batch=batch, key=self._key, counter=first, dtype=dtype, device=device
+        )
 
-    def normal(self, shape, std: float, *, dtype=np.float64, device: str = "cpu",
-               name: str = ""):
+    def normal(self, shape, std: float, *, dtype=np.float64, device: str = "cpu", name: str = ""):
         """I.i.d. N(0, std^2) noise of ``shape`` (see :func:`dpfc_native.ops.gaussian_noise`)."""
         count = math.prod((shape,) if isinstance(shape, int) else shape)
         first = self._take(ops.noise_blocks(count), name)
-        return ops.gaussian_noise(shape, std, key=self._key, counter=first, dtype=dtype,
-                                  device=device)
+        return ops.gaussian_noise(
+            shape, std, key=self._key, counter=first, dtype=dtype, device=device
+        )
 
 
 def _check_release_args(stat, sensitivity, noise_multiplier, source, *, symmetric: bool):
@@ -127,32 +138,38 @@ def _check_release_args(stat, sensitivity, noise_multiplier, source, *, symmetri
     return sens, z
 
 
-def release_symmetric(stat, sensitivity: float, noise_multiplier: float, source: NoiseSource,
-                      name: str) -> tuple[Any, GaussianRelease | None]:
+def release_symmetric(
+    stat, sensitivity: float, noise_multiplier: float, source: NoiseSource, name: str
+) -> tuple[Any, GaussianRelease | None]:
     """Gaussian mechanism on a symmetric (d, d) or batched (b, d, d) statistic.
 
     ``std = noise_multiplier * sensitivity`` with sensitivity in Frobenius norm. A
     multiplier of 0 (epsilon = inf) releases the statistic as is and records nothing.
     """
     sensitivity, noise_multiplier = _check_release_args(
-        stat, sensitivity, noise_multiplier, source, symmetric=True)
+        stat, sensitivity, noise_multiplier, source, symmetric=True
+    )
     if noise_multiplier == 0.0:
         return stat, None
     std = noise_multiplier * sensitivity
     batch = None if stat.ndim == 2 else stat.shape[0]
-    noise = source.sym(stat.shape[-1], std, batch=batch, dtype=stat.dtype,
-                       device=ops.device_of(stat), name=name)
+    noise = source.sym(
+        stat.shape[-1], std, batch=batch, dtype=stat.dtype, device=ops.device_of(stat), name=name
+    )
     return stat + noise, GaussianRelease.from_std(std, sensitivity, name=name)
 
 
-def release_dense(stat, sensitivity: float, noise_multiplier: float, source: NoiseSource,
-                  name: str) -> tuple[Any, GaussianRelease | None]:
+def release_dense(
+    stat, sensitivity: float, noise_multiplier: float, source: NoiseSource, name: str
+) -> tuple[Any, GaussianRelease | None]:
     """Gaussian mechanism with i.i.d. noise on every entry (L2 sensitivity)."""
     sensitivity, noise_multiplier = _check_release_args(
-        stat, sensitivity, noise_multiplier, source, symmetric=False)
+        stat, sensitivity, noise_multiplier, source, symmetric=False
+    )
     if noise_multiplier == 0.0:
         return stat, None
     std = noise_multiplier * sensitivity
-    noise = source.normal(tuple(stat.shape), std, dtype=stat.dtype, device=ops.device_of(stat),
-                          name=name)
+    noise = source.normal(
+        tuple(stat.shape), std, dtype=stat.dtype, device=ops.device_of(stat), name=name
+    )
     return stat + noise, GaussianRelease.from_std(std, sensitivity, name=name)

@@ -49,11 +49,34 @@ FORMAT = "dpfc_native.model"
 FORMAT_VERSION = 1
 
 #: Fitted attributes written to ``fitted`` (those an estimator has).
-_FITTED_PUBLIC = ("n_features_in_", "clip_norm_", "normalize_", "delta_", "noise_seeded_",
-                  "reg_", "lr_", "alpha_", "bias_", "grad_clip_norm_", "noise_multiplier_",
-                  "n_iter_")
-_MEMBERS = ("format", "format_version", "estimator", "method", "coef", "intercept", "classes",
-            "center", "feature_names", "params", "fitted", "ledger")
+_FITTED_PUBLIC = (
+    "n_features_in_",
+    "clip_norm_",
+    "normalize_",
+    "delta_",
+    "noise_seeded_",
+    "reg_",
+    "lr_",
+    "alpha_",
+    "bias_",
+    "grad_clip_norm_",
+    "noise_multiplier_",
+    "n_iter_",
+)
+_MEMBERS = (
+    "format",
+    "format_version",
+    "estimator",
+    "method",
+    "coef",
+    "intercept",
+    "classes",
+    "center",
+    "feature_names",
+    "params",
+    "fitted",
+    "ledger",
+)
 
 
 def _json_value(value):
@@ -88,11 +111,11 @@ def save_model(est, path, method: str = "") -> str:
     path = os.fspath(path)
     if not path.endswith(".npz"):
         path += ".npz"
-    params = {key: _json_value(value) for key, value in est.get_params().items()
-              if key != "random_state"}
+    params = {
+        key: _json_value(value) for key, value in est.get_params().items() if key != "random_state"
+    }
     params["noise_seeded"] = bool(getattr(est, "noise_seeded_", False))
-    fitted = {key: _json_value(getattr(est, key)) for key in _FITTED_PUBLIC
-              if hasattr(est, key)}
+    fitted = {key: _json_value(getattr(est, key)) for key in _FITTED_PUBLIC if hasattr(est, key)}
     classes = np.asarray(est.classes_)
     if classes.dtype.kind not in "biuf":
         classes = classes.astype(str)
@@ -102,14 +125,21 @@ def save_model(est, path, method: str = "") -> str:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     with open(path, "wb") as f:
-        np.savez(f, format=np.array(FORMAT), format_version=np.array(FORMAT_VERSION),
-                 estimator=np.array(type(est).__name__), method=np.array(method),
-                 coef=np.asarray(est.coef_, dtype=np.float64),
-                 intercept=np.asarray(est.intercept_, dtype=np.float64), classes=classes,
-                 center=np.zeros(0) if center is None else np.asarray(center, np.float64),
-                 feature_names=names, params=np.array(json.dumps(params)),
-                 fitted=np.array(json.dumps(fitted)),
-                 ledger=np.array(json.dumps(est.privacy_.to_dict())))
+        np.savez(
+            f,
+            format=np.array(FORMAT),
+            format_version=np.array(FORMAT_VERSION),
+            estimator=np.array(type(est).__name__),
+            method=np.array(method),
+            coef=np.asarray(est.coef_, dtype=np.float64),
+            intercept=np.asarray(est.intercept_, dtype=np.float64),
+            classes=classes,
+            center=np.zeros(0) if center is None else np.asarray(center, np.float64),
+            feature_names=names,
+            params=np.array(json.dumps(params)),
+            fitted=np.array(json.dumps(fitted)),
+            ledger=np.array(json.dumps(est.privacy_.to_dict())),
+        )
     return path
 
 
@@ -119,12 +149,27 @@ def _ledger_from_dict(d: dict):
     def num(x, missing=math.inf):
         return missing if x is None else float(x)
 
-    entries = tuple(LedgerEntry(r["name"], r["sensitivity"], r["noise_std"],
-                                num(r["noise_multiplier"]), int(r["count"]),
-                                float(r["sample_rate"]), r["share"])
-                    for r in d["releases"])
-    return PrivacyLedger(entries, num(d["epsilon"]), float(d["delta"]), d["mu"], d["method"],
-                         d["adjacency"], float(d.get("sampler_delta", 0.0)))
+    entries = tuple(
+        LedgerEntry(
+            r["name"],
+            r["sensitivity"],
+            r["noise_std"],
+            num(r["noise_multiplier"]),
+            int(r["count"]),
+            float(r["sample_rate"]),
+            r["share"],
+        )
+        for r in d["releases"]
+    )
+    return PrivacyLedger(
+        entries,
+        num(d["epsilon"]),
+        float(d["delta"]),
+        d["mu"],
+        d["method"],
+        d["adjacency"],
+        float(d.get("sampler_delta", 0.0)),
+    )
 
 
 def _param_value(value):
@@ -164,8 +209,10 @@ def load_model(path):
         raise ValueError(f"{path} is not a dpfc_native model (format {arrays['format']!s})")
     version = int(arrays["format_version"])
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has model format version {version}; this dpfc_native "
-                         f"reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path} has model format version {version}; this dpfc_native "
+            f"reads version {FORMAT_VERSION}"
+        )
     name = str(arrays["estimator"])
     cls = getattr(models, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, models._DPClassifierBase):
@@ -180,8 +227,11 @@ def load_model(path):
     valid = set(cls._get_param_names())
     est = cls().set_params(**{k: _param_value(v) for k, v in params.items() if k in valid})
     coef = np.asarray(arrays["coef"], dtype=np.float64)
-    if coef.ndim != 2 or arrays["intercept"].shape != (coef.shape[0],) \
-            or arrays["classes"].shape != (coef.shape[0],):
+    if (
+        coef.ndim != 2
+        or arrays["intercept"].shape != (coef.shape[0],)
+        or arrays["classes"].shape != (coef.shape[0],)
+    ):
         raise ValueError(f"cannot read model {path}: inconsistent shapes")
     est.coef_ = coef
     est.intercept_ = np.asarray(arrays["intercept"], dtype=np.float64)

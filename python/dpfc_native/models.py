@@ -132,9 +132,11 @@ def _candidates(value, name: str, check) -> list | None:
 def _check_epsilon(value) -> float:
     v = _positive(value, "epsilon", allow_inf=True)
     if math.isfinite(v) and v > accounting.MAX_EPSILON:
-        raise ValueError(f"epsilon={value!r} is too large to calibrate noise for (at most "
-                         f"{accounting.MAX_EPSILON:g}); use epsilon=float('inf') for the "
-                         "non-private counterpart")
+        raise ValueError(
+            f"epsilon={value!r} is too large to calibrate noise for (at most "
+            f"{accounting.MAX_EPSILON:g}); use epsilon=float('inf') for the "
+            "non-private counterpart"
+        )
     return v
 
 
@@ -146,9 +148,11 @@ CLIP_RANGE = (1e-100, 1e100)
 def _check_clip(value, name: str) -> float:
     v = _positive(value, name)
     if not CLIP_RANGE[0] <= v <= CLIP_RANGE[1]:
-        raise ValueError(f"{name} must be in [{CLIP_RANGE[0]:g}, {CLIP_RANGE[1]:g}] (its "
-                         f"square enters the sensitivities), got {value!r}; rescale the "
-                         "features instead")
+        raise ValueError(
+            f"{name} must be in [{CLIP_RANGE[0]:g}, {CLIP_RANGE[1]:g}] (its "
+            f"square enters the sensitivities), got {value!r}; rescale the "
+            "features instead"
+        )
     return v
 
 
@@ -191,7 +195,8 @@ def resolve_device(device: str = "auto", *arrays) -> str:
         if not usable:
             raise RuntimeError(
                 "device='cuda' but no usable CUDA device: needs a CUDA build of dpfc_native, "
-                "a GPU and CuPy (see dpfc_native.build_info())")
+                "a GPU and CuPy (see dpfc_native.build_info())"
+            )
         return "cuda"
     if any(ops.device_of(a) == "cuda" for a in arrays):
         return "cuda"
@@ -231,8 +236,10 @@ def _frame_to_numpy(X, name: str):
 
     bad = [str(t) for t in dtypes if not is_numeric_dtype(t) or is_bool_dtype(t)]
     if bad:
-        raise TypeError(f"{name}: columns of dtype {sorted(set(bad))} are not real numbers; "
-                        f"convert with {name}.to_numpy(float)")
+        raise TypeError(
+            f"{name}: columns of dtype {sorted(set(bad))} are not real numbers; "
+            f"convert with {name}.to_numpy(float)"
+        )
     # Missing values become NaN, which the finiteness check reports.
     return np.ascontiguousarray(X.to_numpy(dtype=np.float64, na_value=np.nan))
 
@@ -262,13 +269,17 @@ def _as_features(X, name: str, device: str, d: int | None = None):
             X = _to_device(X, device)
     xp = ops.array_module(X)
     if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape "
-                         f"{tuple(X.shape)}. Reshape your data with {name}.reshape(-1, 1) if it "
-                         f"has a single feature or {name}.reshape(1, -1) if it is a single sample")
+        raise ValueError(
+            f"{name} must be 2-D (n_samples, n_features), got shape "
+            f"{tuple(X.shape)}. Reshape your data with {name}.reshape(-1, 1) if it "
+            f"has a single feature or {name}.reshape(1, -1) if it is a single sample"
+        )
     for axis, what in ((0, "sample"), (1, "feature")):
         if X.shape[axis] == 0:  # scikit-learn's wording
-            raise ValueError(f"{name} is empty: found array with 0 {what}(s) (shape="
-                             f"{tuple(X.shape)}) while a minimum of 1 is required.")
+            raise ValueError(
+                f"{name} is empty: found array with 0 {what}(s) (shape="
+                f"{tuple(X.shape)}) while a minimum of 1 is required."
+            )
     if d is not None and X.shape[1] != d:
         raise ValueError(f"{name} has {X.shape[1]} features, but the model was fitted with {d}")
     kind = X.dtype.kind
@@ -280,8 +291,10 @@ def _as_features(X, name: str, device: str, d: int | None = None):
         elif X.dtype.itemsize > 8:
             X = X.astype(xp.float64)
     elif kind == "c":
-        raise ValueError(f"{name}: Complex data not supported (dtype {X.dtype}); the features "
-                         "must be real numbers")
+        raise ValueError(
+            f"{name}: Complex data not supported (dtype {X.dtype}); the features "
+            "must be real numbers"
+        )
     else:
         raise TypeError(f"{name} must have a real numeric dtype, got {X.dtype}")
     return _validation.finite(X, name, xp)
@@ -306,8 +319,10 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
             classes = np.unique(y)
         except TypeError as exc:
             kinds = sorted({type(v).__name__ for v in y.tolist()})
-            raise TypeError(f"{name} mixes label types that cannot be ordered ({', '.join(kinds)}"
-                            f"); use one label type throughout (no None)") from exc
+            raise TypeError(
+                f"{name} mixes label types that cannot be ordered ({', '.join(kinds)}"
+                f"); use one label type throughout (no None)"
+            ) from exc
     else:
         given = np.asarray(classes_param)
         if given.ndim != 1 or given.size == 0:
@@ -323,11 +338,16 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
         except TypeError as exc:
             raise TypeError(f"{name} and classes have incomparable label types") from exc
         if unknown.any():
-            raise ValueError(f"{name} contains labels not in classes, e.g. {y[np.argmax(unknown)]!r}")
+            raise ValueError(
+                f"{name} contains labels not in classes, e.g. {y[np.argmax(unknown)]!r}"
+            )
     if classes.size < 2:
-        raise ValueError(f"need at least 2 classes, got 1 class ({name} has a single label "
-                         "and no `classes` was given)" if classes_param is None else
-                         f"classes must hold at least 2 labels, got {classes.size}")
+        raise ValueError(
+            f"need at least 2 classes, got 1 class ({name} has a single label "
+            "and no `classes` was given)"
+            if classes_param is None
+            else f"classes must hold at least 2 labels, got {classes.size}"
+        )
     try:
         return classes, np.searchsorted(classes, y).astype(np.int64)
     except TypeError as exc:
@@ -348,8 +368,10 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
         bad = ~xp.isfinite(blk).all(axis=1)
         if bool(bad.any()):
             row = first_row + int(xp.argmax(bad))
-            raise ValueError(f"X - center overflows float64 at row {row}: center must be a "
-                             "public vector on the scale of the features")
+            raise ValueError(
+                f"X - center overflows float64 at row {row}: center must be a "
+                "public vector on the scale of the features"
+            )
     if normalize:
         # Scale by the max first: no overflow for huge rows, no underflow for tiny.
         amax = xp.abs(blk).max(axis=1)
@@ -409,10 +431,10 @@ def _preprocess(X, xp, clip: float, center, normalize: bool, out_dtype=None):
     n, d = X.shape
     out = xp.empty(X.shape, dtype=out_dtype or X.dtype)
     for sl in _row_slices(n, d, xp):
-        blk = _preprocess_block(X[sl].astype(xp.float64), xp, clip, center, normalize,
-                                first_row=sl.start)
-        out[sl] = blk if out.dtype == xp.float64 else ops.clip_rows(blk.astype(out.dtype),
-                                                                     clip)[0]
+        blk = _preprocess_block(
+            X[sl].astype(xp.float64), xp, clip, center, normalize, first_row=sl.start
+        )
+        out[sl] = blk if out.dtype == xp.float64 else ops.clip_rows(blk.astype(out.dtype), clip)[0]
     return out
 
 
@@ -462,18 +484,24 @@ def _merge_releases(records) -> list:
             counts[key] = counts.get(key, 0) + r.count
         elif r is not None:
             events.append(r)
-    return [accounting.GaussianRelease(e[1], count=counts[e], name=e[0], sensitivity=e[2])
-            if isinstance(e, tuple) else e for e in events]
+    return [
+        accounting.GaussianRelease(e[1], count=counts[e], name=e[0], sensitivity=e[2])
+        if isinstance(e, tuple)
+        else e
+        for e in events
+    ]
 
 
-def _ledger(records, delta: float, epsilon: float, method: str = "auto",
-            source=None) -> accounting.PrivacyLedger:
+def _ledger(
+    records, delta: float, epsilon: float, method: str = "auto", source=None
+) -> accounting.PrivacyLedger:
     events = _merge_releases(records)
     if not events:
         if not math.isinf(epsilon):  # pragma: no cover - every private fit releases
             raise RuntimeError("a private fit made no release")
-        return accounting.PrivacyLedger((), math.inf, delta, math.inf,
-                                        "non-private (epsilon=inf): no noise, no guarantee")
+        return accounting.PrivacyLedger(
+            (), math.inf, delta, math.inf, "non-private (epsilon=inf): no noise, no guarantee"
+        )
     ledger = accounting.ledger_for(events, delta, method=method)
     if source is not None:
         ledger = accounting.with_sampler_tail(ledger, source.normal_pairs_drawn)
@@ -489,7 +517,9 @@ def _warn_large_delta(delta: float, n: int, epsilon: float) -> None:
         f"each record in the clear with probability delta is (0, delta)-DP, so with "
         f"delta > 1/n the guarantee allows about {delta * n:.3g} whole records to leak; "
         f"use delta well below 1/n (the default is min(1e-5, 1/n))",
-        PrivacyWarning, stacklevel=3)
+        PrivacyWarning,
+        stacklevel=3,
+    )
 
 
 def _noise_norm(d: int, std: float) -> float:
@@ -556,8 +586,9 @@ class PlannedRelease:
         return self.noise / self.signal if self.signal > 0 else math.inf
 
 
-def _planned(name, shape, sensitivity, z, count=1, *, symmetric, n, clip, scale=1.0,
-             sample_rate=1.0) -> PlannedRelease:
+def _planned(
+    name, shape, sensitivity, z, count=1, *, symmetric, n, clip, scale=1.0, sample_rate=1.0
+) -> PlannedRelease:
     std = z * sensitivity
     rows = sample_rate * n
     d = shape[-1]
@@ -565,8 +596,17 @@ def _planned(name, shape, sensitivity, z, count=1, *, symmetric, n, clip, scale=
         noise, signal = _noise_norm(d, std), rows * clip**2 * scale / d
     else:
         noise, signal = std * math.sqrt(math.prod(shape)), rows * sensitivity
-    return PlannedRelease(name, tuple(int(s) for s in shape), bool(symmetric), float(sensitivity),
-                          float(z), int(count), float(sample_rate), float(noise), float(signal))
+    return PlannedRelease(
+        name,
+        tuple(int(s) for s in shape),
+        bool(symmetric),
+        float(sensitivity),
+        float(z),
+        int(count),
+        float(sample_rate),
+        float(noise),
+        float(signal),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,12 +647,17 @@ class NoisePlan:
             if r.noise_multiplier == 0:
                 continue
             if r.sample_rate < 1.0:
-                events.append(accounting.SubsampledGaussian(r.noise_multiplier, r.sample_rate,
-                                                            r.count, name=r.name))
+                events.append(
+                    accounting.SubsampledGaussian(
+                        r.noise_multiplier, r.sample_rate, r.count, name=r.name
+                    )
+                )
             else:
-                events.append(accounting.GaussianRelease(r.noise_multiplier, count=r.count,
-                                                         name=r.name,
-                                                         sensitivity=r.sensitivity))
+                events.append(
+                    accounting.GaussianRelease(
+                        r.noise_multiplier, count=r.count, name=r.name, sensitivity=r.sensitivity
+                    )
+                )
         return _ledger(events, self.delta, self.epsilon, self.accountant)
 
 
@@ -785,8 +830,17 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         return self._plan(p, common["epsilon"], delta, n, d, k, common["clip_norm"])
 
     def _plan_of(self, p, epsilon, delta, n, d, k, releases, defaults) -> NoisePlan:
-        return NoisePlan(type(self).__name__, n, d, k, epsilon, delta, tuple(releases),
-                         defaults, p.get("accountant", "auto"))
+        return NoisePlan(
+            type(self).__name__,
+            n,
+            d,
+            k,
+            epsilon,
+            delta,
+            tuple(releases),
+            defaults,
+            p.get("accountant", "auto"),
+        )
 
     def _check_center(self, d: int, xp):
         if self.center is None:
@@ -819,7 +873,8 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         client : distributed.Client, None or False
             For a ShardedFeatures or dask array ``X``: the Dask cluster that computes the
             statistics (None: the current default client if one exists, else this
-            process; False: this process). Noise is added here, on the client, from the fit's noise key.
+            process; False: this process). Noise is added here, on the client, from the fit's
+            noise key.
 
         Returns
         -------
@@ -843,24 +898,31 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
             xp = ops.array_module(X)
             n, d = X.shape
             if y is None:
-                raise ValueError(f"{type(self).__name__} requires y to be passed, but the "
-                                 "target y is None (the private labels)")
+                raise ValueError(
+                    f"{type(self).__name__} requires y to be passed, but the "
+                    "target y is None (the private labels)"
+                )
             classes, y_idx = _encode_labels(y, n, self.classes)
         k = classes.size
         if (X_val is None) != (y_val is None):
             raise ValueError("X_val and y_val must be given together")
         swept = [key for key, v in params["_sweep"].items() if len(v) > 1]
         if swept and X_val is None:
-            raise ValueError(f"{' and '.join(swept)} given as a list: the sweep needs a public "
-                             "validation split (fit(..., X_val=..., y_val=...))")
+            raise ValueError(
+                f"{' and '.join(swept)} given as a list: the sweep needs a public "
+                "validation split (fit(..., X_val=..., y_val=...))"
+            )
         clip, normalize = common["clip_norm"], bool(self.normalize)
         center = self._check_center(d, xp)
         if xp is np:
             # Every statistic by the exact leaf reduction, rows preprocessed a leaf at a
             # time where they are read (this process, or the Dask workers).
             data = _fitstats.ReducedStatistics(
-                X, y_idx, _fitstats.RowTransform(clip, center, normalize, device),
-                client=_fitstats.resolve_client(client) if scaled else None)
+                X,
+                y_idx,
+                _fitstats.RowTransform(clip, center, normalize, device),
+                client=_fitstats.resolve_client(client) if scaled else None,
+            )
         else:
             # On the GPU, float32 features would have their clipped gradient sums
             # accumulated in float32 blocks, whose rounding moves with the data beyond
@@ -876,10 +938,13 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"y_val must have shape ({Xv.shape[0]},), got {yv.shape}")
             unknown = ~np.isin(yv, classes)
             if unknown.any():
-                raise ValueError(f"y_val contains labels not in classes_, e.g. "
-                                 f"{yv[np.argmax(unknown)]!r}")
-            val = (_preprocess(Xv, xp, clip, center, normalize),
-                   xp.asarray(np.searchsorted(classes, yv)))
+                raise ValueError(
+                    f"y_val contains labels not in classes_, e.g. {yv[np.argmax(unknown)]!r}"
+                )
+            val = (
+                _preprocess(Xv, xp, clip, center, normalize),
+                xp.asarray(np.searchsorted(classes, yv)),
+            )
         delta = common["delta"] if common["delta"] is not None else default_delta(n)
         # n_features_in_ and feature_names_in_ (a DataFrame's string column names; mixed
         # names raise) by scikit-learn's rules, before any noise is drawn.
@@ -894,10 +959,20 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         from . import tuning
 
         charge = tuning._begin_fit(self, common["epsilon"], delta)  # raises if over budget
-        ctx = _Context(xp=xp, data=data, k=k, n=n, d=d, clip=clip,
-                       epsilon=common["epsilon"], delta=delta,
-                       source=mechanisms.NoiseSource(common["random_state"]), val=val,
-                       keep_stats=bool(self.keep_stats), verbose=int(self.verbose))
+        ctx = _Context(
+            xp=xp,
+            data=data,
+            k=k,
+            n=n,
+            d=d,
+            clip=clip,
+            epsilon=common["epsilon"],
+            delta=delta,
+            source=mechanisms.NoiseSource(common["random_state"]),
+            val=val,
+            keep_stats=bool(self.keep_stats),
+            verbose=int(self.verbose),
+        )
         self._fit_core(ctx, params)
         self.coef_ = _to_numpy(ctx.coef).astype(np.float64)
         self.intercept_ = np.full(k, float(ctx.intercept))
@@ -908,8 +983,9 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         self.clip_norm_ = clip
         self.normalize_ = normalize
         self.center_ = None if center is None else _to_numpy(center)
-        self.privacy_ = _ledger(ctx.records, delta, common["epsilon"],
-                                params.get("accountant", "auto"), ctx.source)
+        self.privacy_ = _ledger(
+            ctx.records, delta, common["epsilon"], params.get("accountant", "auto"), ctx.source
+        )
         tuning._end_fit(charge, self.privacy_)
         self.noise_seeded_ = ctx.source.seeded
         self.noise_key_fingerprint_ = ctx.source.key_fingerprint
@@ -932,14 +1008,18 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
                 f"{type(self).__name__}: classes=None, so the label set is read from the "
                 "private labels (np.unique(y)): which classes occur in the data is revealed "
                 "and not covered by the guarantee. Pass the public label set as classes=.",
-                PrivacyWarning, stacklevel=3)
+                PrivacyWarning,
+                stacklevel=3,
+            )
         if common["random_state"] is not None:
             warnings.warn(
                 f"{type(self).__name__}: random_state={common['random_state']} fixes the "
                 "noise key, so the noise is reproducible: anyone who knows the seed can "
                 "regenerate and subtract it, and the model has no privacy guarantee against "
                 "them. Use random_state=None (fresh OS entropy) on private data.",
-                PrivacyWarning, stacklevel=3)
+                PrivacyWarning,
+                stacklevel=3,
+            )
 
     # -- inference ----------------------------------------------------------------------
     def _released_rows(self, X):
@@ -1016,8 +1096,10 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         pred = self.predict(X)
         y = column_or_1d(_to_numpy(y))
         if y.shape[0] != pred.shape[0]:
-            raise ValueError(f"Found input variables with inconsistent numbers of samples: "
-                             f"[{pred.shape[0]}, {y.shape[0]}]")
+            raise ValueError(
+                f"Found input variables with inconsistent numbers of samples: "
+                f"[{pred.shape[0]}, {y.shape[0]}]"
+            )
         w = None if sample_weight is None else column_or_1d(_to_numpy(sample_weight))
         return float(np.average(pred == y, weights=w))
 
@@ -1097,8 +1179,9 @@ def _default_alpha(noise_std: float, d: int, n: int, k: int, clip: float) -> flo
     return float(min(max(r / ALPHA_NOISE_SCALE, 1.0), ALPHA_MAX))
 
 
-def _default_reg(noise_std: float, d: int, n: int, clip: float, scale: float = 1.0,
-                 denoise: str = "none") -> float:
+def _default_reg(
+    noise_std: float, d: int, n: int, clip: float, scale: float = 1.0, denoise: str = "none"
+) -> float:
     """Data-independent ridge: ``f * sqrt(2d) * noise_std + REG_FLOOR * scale * n C^2 / d``.
 
     ``sqrt(2d) noise_std`` is the expected spectral norm of the symmetric noise on the
@@ -1270,10 +1353,26 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
     {_ATTR_DOC}
     """
 
-    def __init__(self, epsilon=1.0, delta=None, *, variant="global", reg=None, alpha=None,
-                 gram_share=0.5, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
-                 random_state=None, device="auto", keep_stats=False, verbose=0,
-                 budget=None):
+    def __init__(
+        self,
+        epsilon=1.0,
+        delta=None,
+        *,
+        variant="global",
+        reg=None,
+        alpha=None,
+        gram_share=0.5,
+        denoise=DENOISE_DEFAULT,
+        clip_norm=1.0,
+        normalize=True,
+        center=None,
+        classes=None,
+        random_state=None,
+        device="auto",
+        keep_stats=False,
+        verbose=0,
+        budget=None,
+    ):
         self.epsilon = epsilon
         self.delta = delta
         self.variant = variant
@@ -1303,39 +1402,69 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         sweep = {"reg": regs or [None]}
         if variant == "per_class":
             sweep["alpha"] = alphas or [None]
-        return {"variant": variant, "regs": regs, "alphas": alphas, "share": share,
-                "denoise": _check_denoise(self.denoise), "_sweep": sweep}
+        return {
+            "variant": variant,
+            "regs": regs,
+            "alphas": alphas,
+            "share": share,
+            "denoise": _check_denoise(self.denoise),
+            "_sweep": sweep,
+        }
 
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         share = p["share"]
         den = _resolve_denoise(p["denoise"], 1 if p["variant"] == "global" else k, d, n)
         if p["variant"] == "global":
-            z = accounting.calibrate_plan(epsilon, delta,
-                                          {"gram": share, "class_sums": 1.0 - share})
+            z = accounting.calibrate_plan(
+                epsilon, delta, {"gram": share, "class_sums": 1.0 - share}
+            )
             releases = [_planned("gram", (d, d), C**2, z["gram"], symmetric=True, n=n, clip=C)]
-            candidates = [(reg, None) for reg in p["regs"]
-                          or [_default_reg(z["gram"] * C**2, d, n, C, denoise=den)]]
+            candidates = [
+                (reg, None)
+                for reg in p["regs"] or [_default_reg(z["gram"] * C**2, d, n, C, denoise=den)]
+            ]
         else:
             z = accounting.calibrate_plan(
-                epsilon, delta,
-                {"class_grams": share / 2, "gram": share / 2, "class_sums": 1.0 - share})
+                epsilon,
+                delta,
+                {"class_grams": share / 2, "gram": share / 2, "class_sums": 1.0 - share},
+            )
             # One example touches one class gram: the K grams are one release of
             # sensitivity C^2; each holds ~n/K examples (balanced classes).
-            releases = [_planned("class_grams", (k, d, d), C**2, z["class_grams"],
-                                 symmetric=True, n=n, clip=C, scale=1.0 / k),
-                        _planned("gram", (d, d), C**2, z["gram"], symmetric=True, n=n, clip=C)]
+            releases = [
+                _planned(
+                    "class_grams",
+                    (k, d, d),
+                    C**2,
+                    z["class_grams"],
+                    symmetric=True,
+                    n=n,
+                    clip=C,
+                    scale=1.0 / k,
+                ),
+                _planned("gram", (d, d), C**2, z["gram"], symmetric=True, n=n, clip=C),
+            ]
             s_a, s_g = z["class_grams"] * C**2, z["gram"] * C**2
             candidates = []
             for alpha in p["alphas"] or [_default_alpha(s_a, d, n, k, C)]:
                 # Diagonal noise std of A~_l + alpha G~, and mean eigenvalue scale 1/K + alpha.
-                default = _default_reg(math.hypot(s_a, alpha * s_g), d, n, C,
-                                       scale=alpha + 1.0 / k, denoise=den)
+                default = _default_reg(
+                    math.hypot(s_a, alpha * s_g), d, n, C, scale=alpha + 1.0 / k, denoise=den
+                )
                 candidates += [(reg, alpha) for reg in p["regs"] or [default]]
-        releases.append(_planned("class_sums", (k, d), C, z["class_sums"], symmetric=False,
-                                 n=n, clip=C))
-        return self._plan_of(p, epsilon, delta, n, d, k, releases,
-                             {"candidates": candidates, "denoise": den,
-                              "reg": [reg for reg, _ in candidates]})
+        releases.append(
+            _planned("class_sums", (k, d), C, z["class_sums"], symmetric=False, n=n, clip=C)
+        )
+        return self._plan_of(
+            p,
+            epsilon,
+            delta,
+            n,
+            d,
+            k,
+            releases,
+            {"candidates": candidates, "denoise": den, "reg": [reg for reg, _ in candidates]},
+        )
 
     def _fit_core(self, ctx, p):
         # No step loop: verbose reports the one pass (lines every few seconds in logs).
@@ -1372,8 +1501,9 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
             def solve(reg, alpha):
                 if alpha not in solvers:  # one factorisation per alpha serves every ridge
                     solvers.clear()
-                    solvers[alpha] = _RidgeSolver(A + alpha * G[None], math.hypot(s_a, alpha * s_g),
-                                                  den, xp)
+                    solvers[alpha] = _RidgeSolver(
+                        A + alpha * G[None], math.hypot(s_a, alpha * s_g), den, xp
+                    )
                 bad = solvers[alpha].factor(reg)
                 return solvers[alpha].solve(reg, B), bad
 
@@ -1391,8 +1521,9 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         W, chosen = best
         ctx.coef = W
         ctx.repaired = chosen["repaired"]
-        ctx.fitted.update(reg_=float(chosen["reg"]), sweep_results_=results if len(results) > 1 else [],
-                          n_iter_=1)
+        ctx.fitted.update(
+            reg_=float(chosen["reg"]), sweep_results_=results if len(results) > 1 else [], n_iter_=1
+        )
         if p["variant"] == "per_class":
             ctx.fitted["alpha_"] = float(chosen["alpha"])
 
@@ -1413,9 +1544,16 @@ def _select_step(est, ctx, W, candidates, bias, step: int, log: list):
         return candidates[0]
     losses = [est._val_loss(ctx, Wc, bias) for (Wc, _meta) in candidates]
     best = int(np.argmin(losses))
-    log.append({"step": step, **candidates[best][1], "val_loss": losses[best],
-                "candidates": [{**meta, "val_loss": loss}
-                               for (_, meta), loss in zip(candidates, losses)]})
+    log.append(
+        {
+            "step": step,
+            **candidates[best][1],
+            "val_loss": losses[best],
+            "candidates": [
+                {**meta, "val_loss": loss} for (_, meta), loss in zip(candidates, losses)
+            ],
+        }
+    )
     return candidates[best]
 
 
@@ -1475,10 +1613,27 @@ class DPNewtonClassifier(_DPClassifierBase):
     {_ATTR_DOC}
     """
 
-    def __init__(self, epsilon=1.0, delta=None, *, steps=2, lr=1.0, reg=None, hessian_share=0.5,
-                 bias=0.0, denoise=DENOISE_DEFAULT, clip_norm=1.0, normalize=True, center=None, classes=None,
-                 random_state=None, device="auto", keep_stats=False, verbose=0,
-                 budget=None):
+    def __init__(
+        self,
+        epsilon=1.0,
+        delta=None,
+        *,
+        steps=2,
+        lr=1.0,
+        reg=None,
+        hessian_share=0.5,
+        bias=0.0,
+        denoise=DENOISE_DEFAULT,
+        clip_norm=1.0,
+        normalize=True,
+        center=None,
+        classes=None,
+        random_state=None,
+        device="auto",
+        keep_stats=False,
+        verbose=0,
+        budget=None,
+    ):
         self.epsilon = epsilon
         self.delta = delta
         self.steps = steps
@@ -1505,30 +1660,61 @@ class DPNewtonClassifier(_DPClassifierBase):
         regs = _candidates(self.reg, "reg", _nonneg)
         share = _share(self.hessian_share, "hessian_share")
         bias = _real(self.bias, "bias")
-        return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
-                "denoise": _check_denoise(self.denoise),
-                "_sweep": {"lr": lrs, "reg": regs or [None]}}
+        return {
+            "steps": steps,
+            "lrs": lrs,
+            "regs": regs,
+            "share": share,
+            "bias": bias,
+            "denoise": _check_denoise(self.denoise),
+            "_sweep": {"lr": lrs, "reg": regs or [None]},
+        }
 
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         T = p["steps"]
-        z = accounting.calibrate_plan(epsilon, delta,
-                                      {"hessians": p["share"], "gradients": 1.0 - p["share"]},
-                                      {"hessians": T, "gradients": T})
+        z = accounting.calibrate_plan(
+            epsilon,
+            delta,
+            {"hessians": p["share"], "gradients": 1.0 - p["share"]},
+            {"hessians": T, "gradients": T},
+        )
         sens_h, sens_g = math.sqrt(k) * C**2 / 4.0, math.sqrt(k) * C
         # One step's K Hessians cost n d^2 K to compute: K eigendecompositions count as one.
         den = _resolve_denoise(p["denoise"], 1, d, n)
-        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25,
-                                          denoise=den)]
+        regs = p["regs"] or [_default_reg(z["hessians"] * sens_h, d, n, C, scale=0.25, denoise=den)]
         # Hessian weights sigmoid' <= 1/4 (exactly 1/4 at W = 0, bias 0).
-        releases = [_planned("hessians", (k, d, d), sens_h, z["hessians"], T, symmetric=True,
-                             n=n, clip=C, scale=0.25),
-                    _planned("gradients", (k, d), sens_g, z["gradients"], T, symmetric=False,
-                             n=n, clip=C)]
+        releases = [
+            _planned(
+                "hessians",
+                (k, d, d),
+                sens_h,
+                z["hessians"],
+                T,
+                symmetric=True,
+                n=n,
+                clip=C,
+                scale=0.25,
+            ),
+            _planned("gradients", (k, d), sens_g, z["gradients"], T, symmetric=False, n=n, clip=C),
+        ]
         # The gradients are K times a clipped sum with clip C / sqrt(K) (sensitivity sqrt(K) C).
-        return self._plan_of(p, epsilon, delta, n, d, k, releases,
-                             {"reg": regs, "lr": p["lrs"], "sensitivity": (sens_h, sens_g),
-                              "bias": p["bias"], "grad_clip_norm": C / math.sqrt(k),
-                              "denoise": den})
+        return self._plan_of(
+            p,
+            epsilon,
+            delta,
+            n,
+            d,
+            k,
+            releases,
+            {
+                "reg": regs,
+                "lr": p["lrs"],
+                "sensitivity": (sens_h, sens_g),
+                "bias": p["bias"],
+                "grad_clip_norm": C / math.sqrt(k),
+                "denoise": den,
+            },
+        )
 
     def _fit_core(self, ctx, p):
         xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
@@ -1564,8 +1750,13 @@ class DPNewtonClassifier(_DPClassifierBase):
                 bar.advance()
         ctx.coef = W
         ctx.intercept = bias
-        ctx.fitted.update(reg_=float(chosen["reg"]), lr_=float(chosen["lr"]),
-                          grad_clip_norm_=float(g_clip), sweep_results_=log, n_iter_=T)
+        ctx.fitted.update(
+            reg_=float(chosen["reg"]),
+            lr_=float(chosen["lr"]),
+            grad_clip_norm_=float(g_clip),
+            sweep_results_=log,
+            n_iter_=T,
+        )
 
 
 def _default_grad_clip(k: int, bias: float, loss: str, clip: float) -> float:
@@ -1635,12 +1826,28 @@ class DPFCClassifier(_DPClassifierBase):
     {_ATTR_DOC}
     """
 
-    def __init__(self, epsilon=1.0, delta=None, *, steps=10, lr=None, reg=None,
-                 covariance_share=None, bias=None, grad_clip_norm=None, denoise=DENOISE_DEFAULT,
-                 clip_norm=1.0,
-                 normalize=True, center=None, classes=None, random_state=None, device="auto",
-                 keep_stats=False, verbose=0,
-                 budget=None):
+    def __init__(
+        self,
+        epsilon=1.0,
+        delta=None,
+        *,
+        steps=10,
+        lr=None,
+        reg=None,
+        covariance_share=None,
+        bias=None,
+        grad_clip_norm=None,
+        denoise=DENOISE_DEFAULT,
+        clip_norm=1.0,
+        normalize=True,
+        center=None,
+        classes=None,
+        random_state=None,
+        device="auto",
+        keep_stats=False,
+        verbose=0,
+        budget=None,
+    ):
         self.epsilon = epsilon
         self.delta = delta
         self.steps = steps
@@ -1664,14 +1871,27 @@ class DPFCClassifier(_DPClassifierBase):
         steps = _int(self.steps, "steps", 1)
         lrs = _candidates(self.lr, "lr", _positive)
         regs = _candidates(self.reg, "reg", _nonneg)
-        share = None if self.covariance_share is None else _share(self.covariance_share,
-                                                                   "covariance_share")
+        share = (
+            None
+            if self.covariance_share is None
+            else _share(self.covariance_share, "covariance_share")
+        )
         bias = None if self.bias is None else _real(self.bias, "bias")
-        gclip = None if self.grad_clip_norm is None else _check_clip(self.grad_clip_norm,
-                                                                     "grad_clip_norm")
-        return {"steps": steps, "lrs": lrs, "regs": regs, "share": share, "bias": bias,
-                "grad_clip": gclip, "denoise": _check_denoise(self.denoise),
-                "_sweep": {"lr": lrs or [None], "reg": regs or [None]}}
+        gclip = (
+            None
+            if self.grad_clip_norm is None
+            else _check_clip(self.grad_clip_norm, "grad_clip_norm")
+        )
+        return {
+            "steps": steps,
+            "lrs": lrs,
+            "regs": regs,
+            "share": share,
+            "bias": bias,
+            "grad_clip": gclip,
+            "denoise": _check_denoise(self.denoise),
+            "_sweep": {"lr": lrs or [None], "reg": regs or [None]},
+        }
 
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         T = p["steps"]
@@ -1684,13 +1904,20 @@ class DPFCClassifier(_DPClassifierBase):
         lrs = p["lrs"] or [8.0 * k]
         den = _resolve_denoise(p["denoise"], 1, d, n)
         regs = p["regs"] or [_default_reg(z["covariance"] * C**2, d, n, C, denoise=den)]
-        releases = [_planned("covariance", (d, d), C**2, z["covariance"], symmetric=True, n=n,
-                             clip=C),
-                    _planned("gradient", (k, d), cg, z["gradient"], T, symmetric=False, n=n,
-                             clip=C)]
-        return self._plan_of(p, epsilon, delta, n, d, k, releases,
-                             {"reg": regs, "lr": lrs, "bias": bias, "grad_clip_norm": cg,
-                              "denoise": den})
+        releases = [
+            _planned("covariance", (d, d), C**2, z["covariance"], symmetric=True, n=n, clip=C),
+            _planned("gradient", (k, d), cg, z["gradient"], T, symmetric=False, n=n, clip=C),
+        ]
+        return self._plan_of(
+            p,
+            epsilon,
+            delta,
+            n,
+            d,
+            k,
+            releases,
+            {"reg": regs, "lr": lrs, "bias": bias, "grad_clip_norm": cg, "denoise": den},
+        )
 
     def _fit_core(self, ctx, p):
         xp, C, k, d, n, T = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"]
@@ -1724,10 +1951,15 @@ class DPFCClassifier(_DPClassifierBase):
                 bar.advance()
         ctx.coef = W
         ctx.intercept = bias
-        ctx.fitted.update(reg_=float(chosen["reg"]), lr_=float(chosen["lr"]), bias_=float(bias),
-                          grad_clip_norm_=float(cg), diagnostics_={"n_clipped": clipped},
-                          sweep_results_=log,
-                          n_iter_=T)
+        ctx.fitted.update(
+            reg_=float(chosen["reg"]),
+            lr_=float(chosen["lr"]),
+            bias_=float(bias),
+            grad_clip_norm_=float(cg),
+            diagnostics_={"n_clipped": clipped},
+            sweep_results_=log,
+            n_iter_=T,
+        )
 
 
 class DPSGDClassifier(_DPClassifierBase):
@@ -1779,11 +2011,30 @@ class DPSGDClassifier(_DPClassifierBase):
     {_ATTR_DOC}
     """
 
-    def __init__(self, epsilon=1.0, delta=None, *, steps=100, lr=None, optimizer="sgd",
-                 momentum=0.9, loss="softmax", sample_rate=1.0, bias=0.0, grad_clip_norm=None,
-                 accountant="auto", clip_norm=1.0, normalize=True, center=None, classes=None,
-                 random_state=None, device="auto", keep_stats=False, verbose=0,
-                 budget=None):
+    def __init__(
+        self,
+        epsilon=1.0,
+        delta=None,
+        *,
+        steps=100,
+        lr=None,
+        optimizer="sgd",
+        momentum=0.9,
+        loss="softmax",
+        sample_rate=1.0,
+        bias=0.0,
+        grad_clip_norm=None,
+        accountant="auto",
+        clip_norm=1.0,
+        normalize=True,
+        center=None,
+        classes=None,
+        random_state=None,
+        device="auto",
+        keep_stats=False,
+        verbose=0,
+        budget=None,
+    ):
         self.epsilon = epsilon
         self.delta = delta
         self.steps = steps
@@ -1818,11 +2069,23 @@ class DPSGDClassifier(_DPClassifierBase):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         bias = _real(self.bias, "bias")
-        gclip = None if self.grad_clip_norm is None else _check_clip(self.grad_clip_norm,
-                                                                     "grad_clip_norm")
-        return {"steps": steps, "lrs": lrs, "optimizer": opt, "momentum": mom, "loss": loss,
-                "q": q, "bias": bias, "grad_clip": gclip, "accountant": accountant,
-                "_sweep": {"lr": lrs or [None]}}
+        gclip = (
+            None
+            if self.grad_clip_norm is None
+            else _check_clip(self.grad_clip_norm, "grad_clip_norm")
+        )
+        return {
+            "steps": steps,
+            "lrs": lrs,
+            "optimizer": opt,
+            "momentum": mom,
+            "loss": loss,
+            "q": q,
+            "bias": bias,
+            "grad_clip": gclip,
+            "accountant": accountant,
+            "_sweep": {"lr": lrs or [None]},
+        }
 
     @property
     def _proba_link(self) -> str:
@@ -1836,16 +2099,33 @@ class DPSGDClassifier(_DPClassifierBase):
     def _plan(self, p, epsilon, delta, n, d, k, C) -> NoisePlan:
         T, q = p["steps"], p["q"]
         # The ledger uses the same accountant method as the calibration.
-        z = accounting.calibrate_dpsgd_noise_multiplier(epsilon, delta, q, T,
-                                                        method=p["accountant"])
+        z = accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon, delta, q, T, method=p["accountant"]
+        )
         bias = p["bias"] if p["loss"] == "sigmoid" else 0.0
         cg = p["grad_clip"] or _default_grad_clip(k, bias, p["loss"], C)
-        lrs = p["lrs"] or [_default_sgd_lr(p["optimizer"], p["momentum"], p["loss"], k, d, T,
-                                           bias, C, n=n, q=q, z=z, grad_clip=cg)]
-        releases = [_planned("gradient", (k, d), cg, z, T, symmetric=False, n=n, clip=C,
-                             sample_rate=q)]
-        return self._plan_of(p, epsilon, delta, n, d, k, releases,
-                             {"lr": lrs, "bias": bias, "grad_clip_norm": cg})
+        lrs = p["lrs"] or [
+            _default_sgd_lr(
+                p["optimizer"],
+                p["momentum"],
+                p["loss"],
+                k,
+                d,
+                T,
+                bias,
+                C,
+                n=n,
+                q=q,
+                z=z,
+                grad_clip=cg,
+            )
+        ]
+        releases = [
+            _planned("gradient", (k, d), cg, z, T, symmetric=False, n=n, clip=C, sample_rate=q)
+        ]
+        return self._plan_of(
+            p, epsilon, delta, n, d, k, releases, {"lr": lrs, "bias": bias, "grad_clip_norm": cg}
+        )
 
     def _fit_core(self, ctx, p):
         xp, C, k, d, n, T, q = ctx.xp, ctx.clip, ctx.k, ctx.d, ctx.n, p["steps"], p["q"]
@@ -1866,8 +2146,13 @@ class DPSGDClassifier(_DPClassifierBase):
                 # Poisson batch: row i drawn by the keyed mask of step t (any leaf or
                 # worker redraws the same rows); an empty batch sums to zero.
                 g, _, rows = ctx.data.linear_grad(
-                    W, bias, cg, loss=p["loss"], feature_clip=C,
-                    sampling=None if sampling is None else sampling.at_step(t))
+                    W,
+                    bias,
+                    cg,
+                    loss=p["loss"],
+                    feature_clip=C,
+                    sampling=None if sampling is None else sampling.at_step(t),
+                )
                 batch_sizes.append(int(rows))
                 # q < 1: the record is replaced by one SubsampledGaussian event below.
                 noisy, rec = mechanisms.release_dense(g, cg, z, ctx.source, "gradient")
@@ -1881,7 +2166,9 @@ class DPSGDClassifier(_DPClassifierBase):
                 else:
                     m = b1 * m + (1 - b1) * gbar
                     v = b2 * v + (1 - b2) * gbar * gbar
-                    direction = (m / (1 - b1 ** (t + 1))) / (xp.sqrt(v / (1 - b2 ** (t + 1))) + adam_eps)
+                    direction = (m / (1 - b1 ** (t + 1))) / (
+                        xp.sqrt(v / (1 - b2 ** (t + 1))) + adam_eps
+                    )
                 candidates = [(W - lr * direction, {"lr": lr}) for lr in lrs]
                 W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
                 bar.advance()
@@ -1889,14 +2176,31 @@ class DPSGDClassifier(_DPClassifierBase):
             ctx.records.append(accounting.SubsampledGaussian(z, q, T, name="gradient"))
         ctx.coef = W
         ctx.intercept = bias
-        ctx.fitted.update(lr_=float(chosen["lr"]), grad_clip_norm_=float(cg),
-                          noise_multiplier_=float(z), diagnostics_={"batch_sizes": batch_sizes},
-                          sweep_results_=log, n_iter_=T)
+        ctx.fitted.update(
+            lr_=float(chosen["lr"]),
+            grad_clip_norm_=float(cg),
+            noise_multiplier_=float(z),
+            diagnostics_={"batch_sizes": batch_sizes},
+            sweep_results_=log,
+            n_iter_=T,
+        )
 
 
-def _default_sgd_lr(optimizer: str, momentum: float, loss: str, k: int, d: int, steps: int,
-                    bias: float, clip: float, *, n: int = 0, q: float = 1.0, z: float = 0.0,
-                    grad_clip: float = 1.0) -> float:
+def _default_sgd_lr(
+    optimizer: str,
+    momentum: float,
+    loss: str,
+    k: int,
+    d: int,
+    steps: int,
+    bias: float,
+    clip: float,
+    *,
+    n: int = 0,
+    q: float = 1.0,
+    z: float = 0.0,
+    grad_clip: float = 1.0,
+) -> float:
     """Data-independent learning rate of DP-SGD (through C, K, n, T, q and epsilon via z).
 
     ``L_init`` is the curvature of the mean loss at ``W = 0`` along class-contrast

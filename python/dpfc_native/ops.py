@@ -168,7 +168,9 @@ def _coerce(a: Any, name: str, xp):
         return a
     if xp is not np:
         if not is_gpu_array(a):
-            raise ValueError(f"{name}: expected a GPU array like the other arguments (mixed devices)")
+            raise ValueError(
+                f"{name}: expected a GPU array like the other arguments (mixed devices)"
+            )
         return _as_cupy(a, name)
     if is_gpu_array(a):
         raise ValueError(f"{name}: expected a CPU array like the other arguments (mixed devices)")
@@ -260,10 +262,11 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
     Add/remove sensitivity of ``G`` in Frobenius norm: ``clip_norm**2`` in exact
     arithmetic. With ``accumulate="float64"`` the rounding of the sum is at most about
     ``n^2 2^-53 clip_norm**2`` in the worst case (1.1e-4 C^2 at n = 10^6; observed about
-    1e-9 C^2, tests/test_privacy_rounding.py), negligible next to the sensitivity. With "float32" (and the GPU's "tf32"/"bf16") it is not: one
-    added row can change the float32 block sums' rounding by ``~ 4096 * 2^-24 C^2`` per
-    block (measured 1.0006 C^2 at n = 5e5), so a statistic accumulated that way needs a
-    widened sensitivity before it is noised. The estimators always use "float64".
+    1e-9 C^2, tests/test_privacy_rounding.py), negligible next to the sensitivity. With
+    "float32" (and the GPU's "tf32"/"bf16") it is not: one added row can change the
+    float32 block sums' rounding by ``~ 4096 * 2^-24 C^2`` per block (measured 1.0006 C^2
+    at n = 5e5), so a statistic accumulated that way needs a widened sensitivity before
+    it is noised. The estimators always use "float64".
 
     Parameters
     ----------
@@ -443,8 +446,9 @@ class _Unchecked:
         return _dispatch("stats", x)[1].clipped_gram(x, clip_norm, accumulate)
 
     @staticmethod
-    def clipped_stats(x, labels, num_classes: int, clip_norm: float, *,
-                      accumulate: str = "float64"):
+    def clipped_stats(
+        x, labels, num_classes: int, clip_norm: float, *, accumulate: str = "float64"
+    ):
         backend = _dispatch("stats", x, labels)[1]
         return backend.clipped_stats(x, labels, num_classes, clip_norm, accumulate)
 
@@ -458,8 +462,16 @@ class _Unchecked:
         return _dispatch("stats", x, weights)[1].clipped_weighted_grams(x, weights, clip_norm)
 
     @staticmethod
-    def clipped_linear_grad(x, labels, w, bias, clip_norm: float, *, loss: str = "sigmoid",
-                            feature_clip: float | None = None):
+    def clipped_linear_grad(
+        x,
+        labels,
+        w,
+        bias,
+        clip_norm: float,
+        *,
+        loss: str = "sigmoid",
+        feature_clip: float | None = None,
+    ):
         scalar_bias = _v.is_scalar(bias)
         xp, backend = _dispatch("stats", x, labels, w, None if scalar_bias else bias)
         if scalar_bias:

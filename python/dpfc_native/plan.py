@@ -36,8 +36,15 @@ __all__ = ["PLAN_EPSILONS", "noise_plans", "plan_rows", "register_cli"]
 PLAN_EPSILONS = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def noise_plans(n: int, d: int, num_classes: int, epsilons: Iterable[float] = PLAN_EPSILONS,
-                method: str = "fc", delta: float | None = None, **params) -> list:
+def noise_plans(
+    n: int,
+    d: int,
+    num_classes: int,
+    epsilons: Iterable[float] = PLAN_EPSILONS,
+    method: str = "fc",
+    delta: float | None = None,
+    **params,
+) -> list:
     """The noise plan of one method at every epsilon of a grid, from public facts only.
 
     Parameters
@@ -87,14 +94,24 @@ def plan_rows(plans: Sequence) -> list:
     for p in plans:
         spent = p.ledger().epsilon if not math.isinf(p.epsilon) else math.inf
         for r in p.releases:
-            rows.append({
-                "epsilon": p.epsilon, "delta": p.delta, "epsilon_accounted": spent,
-                "release": r.name, "shape": list(r.shape), "count": r.count,
-                "sample_rate": r.sample_rate, "sensitivity": r.sensitivity,
-                "noise_multiplier": r.noise_multiplier, "noise_std": r.std,
-                "noise_kind": "spectral norm" if r.symmetric else "Frobenius norm",
-                "noise": r.noise, "signal": r.signal, "noise_to_signal": r.noise_to_signal,
-            })
+            rows.append(
+                {
+                    "epsilon": p.epsilon,
+                    "delta": p.delta,
+                    "epsilon_accounted": spent,
+                    "release": r.name,
+                    "shape": list(r.shape),
+                    "count": r.count,
+                    "sample_rate": r.sample_rate,
+                    "sensitivity": r.sensitivity,
+                    "noise_multiplier": r.noise_multiplier,
+                    "noise_std": r.std,
+                    "noise_kind": "spectral norm" if r.symmetric else "Frobenius norm",
+                    "noise": r.noise,
+                    "signal": r.signal,
+                    "noise_to_signal": r.noise_to_signal,
+                }
+            )
     return rows
 
 
@@ -112,26 +129,33 @@ def register_cli(app) -> None:
 
     @app.command("plan")
     def plan_command(
-        n: int = typer.Option(..., "--n", help="Number of private training examples "
-                              "(public fact)."),
+        n: int = typer.Option(
+            ..., "--n", help="Number of private training examples (public fact)."
+        ),
         dim: int = typer.Option(..., "--dim", "-d", help="Feature dimension."),
-        num_classes: int = typer.Option(..., "--num-classes", "-k", help="Number of "
-                                        "classes K."),
-        epsilon: Optional[List[float]] = typer.Option(None, "--epsilon", "-e", help="Target "
-                                                      "epsilon (repeatable; default 0.1 0.5 "
-                                                      "1 2 4 8)."),
-        delta: Optional[float] = typer.Option(None, "--delta", help="Target delta (default "
-                                              "min(1e-5, 1/n))."),
-        method: str = typer.Option("fc", "--method", "-m", help="ls | ls-per-class | newton "
-                                   "| fc | sgd | adam"),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Steps T (newton, fc, "
-                                            "sgd, adam)."),
+        num_classes: int = typer.Option(..., "--num-classes", "-k", help="Number of classes K."),
+        epsilon: Optional[List[float]] = typer.Option(
+            None, "--epsilon", "-e", help="Target epsilon (repeatable; default 0.1 0.5 1 2 4 8)."
+        ),
+        delta: Optional[float] = typer.Option(
+            None, "--delta", help="Target delta (default min(1e-5, 1/n))."
+        ),
+        method: str = typer.Option(
+            "fc", "--method", "-m", help="ls | ls-per-class | newton | fc | sgd | adam"
+        ),
+        steps: Optional[int] = typer.Option(
+            None, "--steps", help="Steps T (newton, fc, sgd, adam)."
+        ),
         clip_norm: float = typer.Option(1.0, "--clip-norm", help="Feature clip C."),
-        param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any other "
-                                                  "estimator parameter, KEY=VALUE "
-                                                  "(repeatable), e.g. -p sample_rate=0.01."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows "
-                                                "as JSON here."),
+        param: Optional[List[str]] = typer.Option(
+            None,
+            "--param",
+            "-p",
+            help="Any other estimator parameter, KEY=VALUE (repeatable), e.g. -p sample_rate=0.01.",
+        ),
+        json_out: Optional[Path] = typer.Option(
+            None, "--json", help="Also write the rows as JSON here."
+        ),
     ):
         """Noise of every release for a grid of epsilons, from public facts only (n, d, K,
         delta, method, steps): multipliers, noise std and noise-to-signal ratios. Reads no
@@ -158,15 +182,15 @@ def register_cli(app) -> None:
         params = {"clip_norm": clip_norm}
         if steps is not None:
             if method in ("ls", "ls-per-class"):
-                _fail("--steps applies to newton, fc, sgd and adam (least squares has no "
-                      "steps)")
+                _fail("--steps applies to newton, fc, sgd and adam (least squares has no steps)")
             params["steps"] = steps
         known = report.make_estimator(method, 1.0).get_params()
         for text in param or []:
             key, value = _parse_param(text)
             if key not in known:
-                _fail(f"--param {key}: not a parameter of {label} (known: "
-                      f"{', '.join(sorted(known))})")
+                _fail(
+                    f"--param {key}: not a parameter of {label} (known: {', '.join(sorted(known))})"
+                )
             params[key] = value
         try:
             plans = noise_plans(n, dim, num_classes, eps, method=method, delta=delta, **params)
@@ -175,35 +199,65 @@ def register_cli(app) -> None:
             _fail(str(exc).replace("delta must", "--delta must"))
         console = _console()
         first = plans[0]
-        console.print(f"[bold]dpfc plan[/bold] {label}: n={n}, d={dim}, K={num_classes}, "
-                      f"delta={first.delta:g}, C={clip_norm:g}" + "".join(
-                          f", {r.name}: Poisson rate q={r.sample_rate:g}"
-                          for r in first.releases if r.sample_rate < 1))
+        console.print(
+            f"[bold]dpfc plan[/bold] {label}: n={n}, d={dim}, K={num_classes}, "
+            f"delta={first.delta:g}, C={clip_norm:g}"
+            + "".join(
+                f", {r.name}: Poisson rate q={r.sample_rate:g}"
+                for r in first.releases
+                if r.sample_rate < 1
+            )
+        )
         from rich import box
 
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for col, just in (("epsilon", "right"), ("release", "left"), ("count", "right"),
-                          ("z", "right"), ("noise std", "right"), ("noise", "right"),
-                          ("signal", "right"), ("noise/signal", "right")):
+        for col, just in (
+            ("epsilon", "right"),
+            ("release", "left"),
+            ("count", "right"),
+            ("z", "right"),
+            ("noise std", "right"),
+            ("noise", "right"),
+            ("signal", "right"),
+            ("noise/signal", "right"),
+        ):
             table.add_column(col, justify=just, no_wrap=True)
         for row in rows:
-            table.add_row(_fmt(row["epsilon"]), row["release"], str(row["count"]),
-                          _fmt(row["noise_multiplier"]), _fmt(row["noise_std"]),
-                          _fmt(row["noise"]), _fmt(row["signal"]),
-                          _fmt(row["noise_to_signal"]))
+            table.add_row(
+                _fmt(row["epsilon"]),
+                row["release"],
+                str(row["count"]),
+                _fmt(row["noise_multiplier"]),
+                _fmt(row["noise_std"]),
+                _fmt(row["noise"]),
+                _fmt(row["signal"]),
+                _fmt(row["noise_to_signal"]),
+            )
         console.print(table)
-        console.print("z: noise multiplier (std / sensitivity). noise: spectral norm of the "
-                      "symmetric noise on one d x d matrix (grams, covariance, Hessians), "
-                      "or Frobenius norm of the noise on a "
-                      "sum (class sums, gradients). signal: mean eigenvalue of the noiseless "
-                      "matrix (n C^2 / d for the gram), or the largest norm of the noiseless "
-                      "sum (n x sensitivity, all examples aligned: optimistic).",
-                      highlight=False)
+        console.print(
+            "z: noise multiplier (std / sensitivity). noise: spectral norm of the "
+            "symmetric noise on one d x d matrix (grams, covariance, Hessians), "
+            "or Frobenius norm of the noise on a "
+            "sum (class sums, gradients). signal: mean eigenvalue of the noiseless "
+            "matrix (n C^2 / d for the gram), or the largest norm of the noiseless "
+            "sum (n x sensitivity, all examples aligned: optimistic).",
+            highlight=False,
+        )
         if json_out is not None:
             try:
                 json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps({"n": n, "d": dim, "num_classes": num_classes,
-                                                "method": method, "rows": rows}, indent=1))
+                json_out.write_text(
+                    json.dumps(
+                        {
+                            "n": n,
+                            "d": dim,
+                            "num_classes": num_classes,
+                            "method": method,
+                            "rows": rows,
+                        },
+                        indent=1,
+                    )
+                )
             except OSError as exc:
                 _fail(f"cannot write {json_out}: {exc}")
             console.print(f"rows written to {json_out}")

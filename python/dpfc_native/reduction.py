@@ -122,8 +122,10 @@ class LeafLayout:
         self.fraction_bits = fraction_bits(self.leaf_rows)
         # Integer totals stay below n 2^F; the hi limb (total / 2^32) must fit in int64.
         if self.n_rows >= 1 << (94 - self.fraction_bits):
-            raise ValueError(f"{self.n_rows} rows exceed the exact reduction's range with leaves "
-                             f"of {self.leaf_rows} rows (2^{94 - self.fraction_bits})")
+            raise ValueError(
+                f"{self.n_rows} rows exceed the exact reduction's range with leaves "
+                f"of {self.leaf_rows} rows (2^{94 - self.fraction_bits})"
+            )
         shard, start, stop, gstart = [], [], [], []
         offset = 0
         for s, r in enumerate(rows):
@@ -159,8 +161,10 @@ class LeafLayout:
         return out
 
     def __repr__(self) -> str:
-        return (f"LeafLayout({self.n_leaves} leaves of {self.leaf_rows} rows over "
-                f"{len(self.shard_rows)} shards, {self.n_rows} rows)")
+        return (
+            f"LeafLayout({self.n_leaves} leaves of {self.leaf_rows} rows over "
+            f"{len(self.shard_rows)} shards, {self.n_rows} rows)"
+        )
 
 
 class ArraySource:
@@ -171,8 +175,13 @@ class ArraySource:
     Slices are views (no copy); the leaf ops convert them to float64 a chunk at a time.
     """
 
-    def __init__(self, x, labels=None, num_classes: Optional[int] = None,
-                 shard_rows: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        x,
+        labels=None,
+        num_classes: Optional[int] = None,
+        shard_rows: Optional[Sequence[int]] = None,
+    ):
         if getattr(x, "ndim", None) != 2:
             raise ValueError(f"x must be 2-D (n, d), got {getattr(x, 'shape', type(x))}")
         self.x = x
@@ -187,7 +196,9 @@ class ArraySource:
             num_classes = int(self.labels.max()) + 1 if n else 1
         self.num_classes = int(num_classes)
         self.n_rows, self.n_features = int(n), int(x.shape[1])
-        self.shard_rows = (self.n_rows,) if shard_rows is None else tuple(int(r) for r in shard_rows)
+        self.shard_rows = (
+            (self.n_rows,) if shard_rows is None else tuple(int(r) for r in shard_rows)
+        )
         if sum(self.shard_rows) != self.n_rows:
             raise ValueError(f"shard_rows sum to {sum(self.shard_rows)}, x has {self.n_rows} rows")
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
@@ -231,31 +242,38 @@ class TransformedSource:
     def manifest(self):
         """The inner source's manifest (and options) with the transform's fingerprint."""
         inner = self.source.manifest() if hasattr(self.source, "manifest") else repr(self.source)
-        return [inner, repr(getattr(self.source, "_opts", "")),
-                getattr(self.transform, "fingerprint", repr(self.transform))]
+        return [
+            inner,
+            repr(getattr(self.source, "_opts", "")),
+            getattr(self.transform, "fingerprint", repr(self.transform)),
+        ]
 
     def read(self, i: int, start: int, stop: int):
         x, y = self.source.read(i, start, stop)
         return self.transform(x, start), y
 
     def take(self, i: int, rows: np.ndarray):
-        x, y = _take(self.source, i, np.asarray(rows), int(rows[0]) if len(rows) else 0,
-                     int(rows[-1]) + 1 if len(rows) else 0)
+        x, y = _take(
+            self.source,
+            i,
+            np.asarray(rows),
+            int(rows[0]) if len(rows) else 0,
+            int(rows[-1]) + 1 if len(rows) else 0,
+        )
         return self.transform(x, int(rows[0]) if len(rows) else 0), y
-
 
 
 #: True while a leaf's rows come from a transform that produced them finite and clipped
 #: (the estimators' preprocessing of rows validated once per fit): the leaf statistic
 #: then skips the public ops' argument scans (validate once per fit).
-_ROWS_CHECKED: contextvars.ContextVar = contextvars.ContextVar("dpfc_rows_checked",
-                                                               default=False)
+_ROWS_CHECKED: contextvars.ContextVar = contextvars.ContextVar("dpfc_rows_checked", default=False)
 
 
 def _leaf_ops():
     """The ops a leaf statistic calls: the public (checking) ops, or their unchecked
     entries when the rows were validated once for the whole fit."""
     return ops._unchecked if _ROWS_CHECKED.get() else ops
+
 
 def _shard_rows_of(source) -> tuple[int, ...]:
     return tuple(int(r) for r in source.shard_rows)
@@ -308,8 +326,9 @@ def _grid_int(v, exponent: int, frac: int, rows: int, name: str) -> np.ndarray:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name}: leaf statistic has NaN or Inf")
         if max(hi, -lo) > rows * 2.0**frac:
-            raise ValueError(f"{name}: leaf statistic exceeds its a-priori range "
-                             f"({rows} rows x 2^{exponent})")
+            raise ValueError(
+                f"{name}: leaf statistic exceeds its a-priori range ({rows} rows x 2^{exponent})"
+            )
     return q.astype(np.int64)
 
 
@@ -359,7 +378,9 @@ class _Accumulator:
 
     def partial(self) -> "Partial":
         self._carry()
-        fixed = {name: (self.hi[name], self.lo[name], self.exps[name], self.frac) for name in self.hi}
+        fixed = {
+            name: (self.hi[name], self.lo[name], self.exps[name], self.frac) for name in self.hi
+        }
         return Partial(self.key, _normalise_ranges(self.ranges), fixed, self.ints)
 
 
@@ -408,8 +429,9 @@ class Partial:
             If the partials sum different statistics (keys differ).
         """
         if other.key != self.key:
-            raise ValueError("cannot merge partials of different statistics, parameters, "
-                             "layouts or steps")
+            raise ValueError(
+                "cannot merge partials of different statistics, parameters, layouts or steps"
+            )
         ranges = _normalise_ranges(self.ranges + other.ranges)
         fixed = {}
         for name, (hi, lo, e, f) in self.fixed.items():
@@ -428,8 +450,9 @@ class Partial:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays a partial carries (what a worker ships)."""
-        return (sum(hi.nbytes + lo.nbytes for hi, lo, _, _ in self.fixed.values())
-                + sum(a.nbytes for a in self.ints.values()))
+        return sum(hi.nbytes + lo.nbytes for hi, lo, _, _ in self.fixed.values()) + sum(
+            a.nbytes for a in self.ints.values()
+        )
 
     def check_complete(self, n_leaves: int) -> None:
         """Raises :class:`CoverageError` unless exactly leaves ``[0, n_leaves)`` are covered."""
@@ -441,7 +464,9 @@ class Partial:
             extra = sorted(c for c in covered if c >= n_leaves)
             raise CoverageError(
                 f"partials cover {self.n_leaves_covered} of {n_leaves} leaves: missing "
-                f"{_ranges_text(missing)}" + (f", beyond the layout {_ranges_text(extra)}" if extra else ""))
+                f"{_ranges_text(missing)}"
+                + (f", beyond the layout {_ranges_text(extra)}" if extra else "")
+            )
 
     def values(self, n_leaves: int) -> dict:
         """float64 arrays of the grid outputs and int64 arrays of the integer ones,
@@ -487,8 +512,12 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
             k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
         p0 = m0 * c[0]
         p1 = m1 * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & _M32,
-             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & _M32]
+        c = [
+            (p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0),
+            p1 & _M32,
+            (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1),
+            p0 & _M32,
+        ]
     return c
 
 
@@ -526,8 +555,11 @@ class PoissonSampling:
     def __post_init__(self):
         if not (0.0 < float(self.rate) <= 1.0):
             raise ValueError(f"rate must be in (0, 1], got {self.rate!r}")
-        if isinstance(self.key, bool) or not isinstance(self.key, (int, np.integer)) \
-                or not 0 <= int(self.key) < 1 << 128:
+        if (
+            isinstance(self.key, bool)
+            or not isinstance(self.key, (int, np.integer))
+            or not 0 <= int(self.key) < 1 << 128
+        ):
             raise ValueError("key must be an int in [0, 2**128)")
         if not 0 <= int(self.step) < 1 << 24:
             raise ValueError(f"step must be in [0, 2**24), got {self.step!r}")
@@ -561,8 +593,14 @@ class PoissonSampling:
         words = [(key >> (32 * j)) & 0xFFFFFFFF for j in range(4)]
         pairs = np.arange(start >> 1, ((stop - 1) >> 1) + 1, dtype=np.uint64)
         block = (np.uint64(int(self.step)) << np.uint64(_ROW_BITS)) + pairs
-        v = philox4x32_10(block & _M32, block >> np.uint64(32), np.full_like(block, words[2]),
-                          np.full_like(block, words[3]), words[0], words[1])
+        v = philox4x32_10(
+            block & _M32,
+            block >> np.uint64(32),
+            np.full_like(block, words[2]),
+            np.full_like(block, words[3]),
+            words[0],
+            words[1],
+        )
         u_even = _uniform52(v[0], v[1])
         u_odd = _uniform52(v[2], v[3])
         u = np.empty(2 * len(pairs), dtype=np.float64)
@@ -725,7 +763,11 @@ class ClassSums(_Statistic):
         return {"B": (self.num_classes, d)}
 
     def leaf(self, x, y, weights):
-        return {"B": _leaf_ops().clipped_class_sums(_as_ops_float(x), y, self.num_classes, self.clip_norm)}
+        return {
+            "B": _leaf_ops().clipped_class_sums(
+                _as_ops_float(x), y, self.num_classes, self.clip_norm
+            )
+        }
 
     def finish(self, v):
         return v["B"]
@@ -753,7 +795,8 @@ class ClassGrams(_Statistic):
         _class_range(self.classes, self.num_classes)
 
     def key(self):
-        return f"class_grams:{self.clip_norm!r}:{self.num_classes}:{_class_range(self.classes, self.num_classes)}"
+        classes = _class_range(self.classes, self.num_classes)
+        return f"class_grams:{self.clip_norm!r}:{self.num_classes}:{classes}"
 
     def bounds(self, d):
         return {"A": self.clip_norm**2}
@@ -816,9 +859,14 @@ class WeightedGrams(_Statistic):
         rng = _class_range(self.classes, self.num_weights)
         fn_id = self.weight_fn_id or getattr(self.weight_fn, "fingerprint", "")
         if self.weight_fn is not None and not fn_id:
-            raise ValueError("a weight_fn needs a weight_fn_id (or a .fingerprint) naming its "
-                             "parameters, so partials of different weights never merge")
-        return f"weighted_grams:{self.clip_norm!r}:{self.num_weights}:{self.weight_bound!r}:{rng}:{fn_id}"
+            raise ValueError(
+                "a weight_fn needs a weight_fn_id (or a .fingerprint) naming its "
+                "parameters, so partials of different weights never merge"
+            )
+        return (
+            f"weighted_grams:{self.clip_norm!r}:{self.num_weights}:{self.weight_bound!r}:"
+            f"{rng}:{fn_id}"
+        )
 
     def bounds(self, d):
         return {"H": self.weight_bound * self.clip_norm**2}
@@ -833,12 +881,19 @@ class WeightedGrams(_Statistic):
         xp = ops.array_module(x)
         w = xp.asarray(weights, dtype=xp.float64)
         if w.shape != (x.shape[0], self.num_weights):
-            raise ValueError(f"weights must have shape ({x.shape[0]}, {self.num_weights}), got {w.shape}")
+            raise ValueError(
+                f"weights must have shape ({x.shape[0]}, {self.num_weights}), got {w.shape}"
+            )
         if w.size and float(w.max()) > self.weight_bound:
-            raise ValueError(f"a weight ({float(w.max())!r}) exceeds weight_bound={self.weight_bound!r}")
+            raise ValueError(
+                f"a weight ({float(w.max())!r}) exceeds weight_bound={self.weight_bound!r}"
+            )
         lo, hi = _class_range(self.classes, self.num_weights)
-        return {"H": _leaf_ops().clipped_weighted_grams(_as_ops_float(x), xp.ascontiguousarray(w[:, lo:hi]),
-                                                self.clip_norm)}
+        return {
+            "H": _leaf_ops().clipped_weighted_grams(
+                _as_ops_float(x), xp.ascontiguousarray(w[:, lo:hi]), self.clip_norm
+            )
+        }
 
     def finish(self, v):
         return v["H"]
@@ -856,8 +911,11 @@ class NewtonWeights:
 
     def __post_init__(self):
         object.__setattr__(self, "w", np.asarray(self.w, dtype=np.float64))
-        object.__setattr__(self, "bias", np.broadcast_to(
-            np.asarray(self.bias, np.float64), (self.w.shape[0],)).copy())
+        object.__setattr__(
+            self,
+            "bias",
+            np.broadcast_to(np.asarray(self.bias, np.float64), (self.w.shape[0],)).copy(),
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -892,8 +950,10 @@ class LinearGrad(_Statistic):
 
     def key(self):
         bias = np.broadcast_to(np.asarray(self.bias, np.float64), (self.w.shape[0],))
-        return (f"linear_grad:{self.clip_norm!r}:{self.loss}:{self.feature_clip!r}:"
-                f"{_hash_arrays(self.w, bias)}:{self.w.dtype}")
+        return (
+            f"linear_grad:{self.clip_norm!r}:{self.loss}:{self.feature_clip!r}:"
+            f"{_hash_arrays(self.w, bias)}:{self.w.dtype}"
+        )
 
     def bounds(self, d):
         return {"grad": self.clip_norm}
@@ -905,9 +965,15 @@ class LinearGrad(_Statistic):
         return {"n_clipped": ()}
 
     def leaf(self, x, y, weights):
-        grad, n_clipped = _leaf_ops().clipped_linear_grad(_as_ops_float(x), y, _on_device_of(x, _aligned(self.w)),
-                                                  _on_device_of(x, _aligned(self.bias)), self.clip_norm,
-                                                  loss=self.loss, feature_clip=self.feature_clip)
+        grad, n_clipped = _leaf_ops().clipped_linear_grad(
+            _as_ops_float(x),
+            y,
+            _on_device_of(x, _aligned(self.w)),
+            _on_device_of(x, _aligned(self.bias)),
+            self.clip_norm,
+            loss=self.loss,
+            feature_clip=self.feature_clip,
+        )
         return {"grad": grad, "n_clipped": np.asarray(n_clipped, np.int64)}
 
     def finish(self, v):
@@ -919,16 +985,22 @@ class LinearGrad(_Statistic):
 # --------------------------------------------------------------------------------------
 
 
-def _partial_key(stat: _Statistic, layout: LeafLayout, sampling: Optional[PoissonSampling],
-                 d: int) -> str:
+def _partial_key(
+    stat: _Statistic, layout: LeafLayout, sampling: Optional[PoissonSampling], d: int
+) -> str:
     samp = "" if sampling is None else f"{sampling.rate!r}:{sampling.step}:{sampling.fingerprint}"
     return f"{stat.key()}|d={d}|{layout.fingerprint}|{samp}"
 
 
 def _accumulator(stat, layout: LeafLayout, sampling, d: int) -> _Accumulator:
     exps = {name: _grid_exponent(bound) for name, bound in stat.bounds(d).items()}
-    return _Accumulator(_partial_key(stat, layout, sampling, d), exps, layout.fraction_bits,
-                        stat.fixed_shapes(d), stat.int_shapes(d))
+    return _Accumulator(
+        _partial_key(stat, layout, sampling, d),
+        exps,
+        layout.fraction_bits,
+        stat.fixed_shapes(d),
+        stat.int_shapes(d),
+    )
 
 
 def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights):
@@ -953,13 +1025,17 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         if mask is not None:
             w = w[mask]
     if ops.is_gpu_array(x):  # a GPU leaf: labels and weights join it on the device
-        y, w = _on_device_of(x, np.asarray(_host(y))), (None if w is None else _on_device_of(x, np.asarray(w)))
+        y, w = (
+            _on_device_of(x, np.asarray(_host(y))),
+            (None if w is None else _on_device_of(x, np.asarray(w))),
+        )
     else:
         x, y = _aligned(np.asarray(x)), _aligned(np.asarray(y))
         if w is not None:
             w = _aligned(np.asarray(w))
-    token = _ROWS_CHECKED.set(bool(getattr(getattr(source, "transform", None),
-                                           "rows_checked", False)))
+    token = _ROWS_CHECKED.set(
+        bool(getattr(getattr(source, "transform", None), "rows_checked", False))
+    )
     try:
         return stat.leaf(x, y, w), int(x.shape[0])
     except ValueError as e:
@@ -990,8 +1066,15 @@ def one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def leaf_partial(stat: _Statistic, source, layout: LeafLayout, leaf: int, *,
-                 sampling: Optional[PoissonSampling] = None, weights=None) -> Partial:
+def leaf_partial(
+    stat: _Statistic,
+    source,
+    layout: LeafLayout,
+    leaf: int,
+    *,
+    sampling: Optional[PoissonSampling] = None,
+    weights=None,
+) -> Partial:
     """The partial of one leaf: read its rows (only the sampled ones under ``sampling``),
     compute the statistic with the ops in float64, convert it once to the grid.
 
@@ -1015,8 +1098,16 @@ class _SlicedWeights:
         return np.asarray(self.weights[g0 : g0 + m])
 
 
-def range_partial(stat: _Statistic, source, layout: LeafLayout, first: int, stop: int, *,
-                  sampling: Optional[PoissonSampling] = None, weights=None) -> Partial:
+def range_partial(
+    stat: _Statistic,
+    source,
+    layout: LeafLayout,
+    first: int,
+    stop: int,
+    *,
+    sampling: Optional[PoissonSampling] = None,
+    weights=None,
+) -> Partial:
     """The exact sum of the partials of leaves ``[first, stop)``.
 
     ``weights``: global (n, K) weights (sliced per leaf), or an object with
@@ -1040,9 +1131,18 @@ def _as_source(x, labels=None, num_classes=None, shard_rows=None):
     return ArraySource(x, labels, num_classes, shard_rows)
 
 
-def reduce(stat: _Statistic, x, labels=None, *, leaf_rows: int = LEAF_ROWS,
-           sampling: Optional[PoissonSampling] = None, weights=None, shard_rows=None,
-           return_partial: bool = False, threads: Optional[int] = None):
+def reduce(
+    stat: _Statistic,
+    x,
+    labels=None,
+    *,
+    leaf_rows: int = LEAF_ROWS,
+    sampling: Optional[PoissonSampling] = None,
+    weights=None,
+    shard_rows=None,
+    return_partial: bool = False,
+    threads: Optional[int] = None,
+):
     """The statistic over all rows by the exact reduction, in this process (the local
     path): the same leaves, grid and finish as the distributed backend, hence the same
     bits.
@@ -1074,8 +1174,9 @@ def reduce(stat: _Statistic, x, labels=None, *, leaf_rows: int = LEAF_ROWS,
     layout = LeafLayout(_shard_rows_of(source), leaf_rows)
     threads = min(_local_threads(threads), layout.n_leaves)
     if threads <= 1:
-        total = range_partial(stat, source, layout, 0, layout.n_leaves, sampling=sampling,
-                              weights=weights)
+        total = range_partial(
+            stat, source, layout, 0, layout.n_leaves, sampling=sampling, weights=weights
+        )
     else:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1084,9 +1185,14 @@ def reduce(stat: _Statistic, x, labels=None, *, leaf_rows: int = LEAF_ROWS,
         # One limit held around the pool: the workers' own (nested) limits then restore
         # one thread, never the process's default, while another leaf is computing.
         with one_blas_thread(), ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(lambda r: range_partial(stat, source, layout, r[0], r[1],
-                                                          sampling=sampling, weights=weights),
-                                  ranges))
+            parts = list(
+                pool.map(
+                    lambda r: range_partial(
+                        stat, source, layout, r[0], r[1], sampling=sampling, weights=weights
+                    ),
+                    ranges,
+                )
+            )
         total = parts[0]
         for part in parts[1:]:
             total = total.merge(part)

@@ -48,13 +48,17 @@ INF = float("inf")
 #: The epsilons of the demo (inf = the non-private counterpart, same code path).
 DEMO_EPSILONS = (0.1, 0.5, 1.0, 2.0, 8.0, INF)
 
-_CLASSES = {cls.__name__: cls for cls in (DPLeastSquaresClassifier, DPNewtonClassifier,
-                                           DPFCClassifier, DPSGDClassifier)}
+_CLASSES = {
+    cls.__name__: cls
+    for cls in (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier)
+}
 
 #: method key -> (label, estimator class, fixed keyword arguments); the command line's
 #: methods are the same (both come from ``_methods.METHOD_TABLE``).
-METHODS = {key: (label, _CLASSES[name], fixed)
-           for key, (label, name, fixed) in _methods.METHOD_TABLE.items()}
+METHODS = {
+    key: (label, _CLASSES[name], fixed)
+    for key, (label, name, fixed) in _methods.METHOD_TABLE.items()
+}
 
 #: Datasets of the demo: "digits" (real 8x8 images, sklearn's bundled copy) and the
 #: synthetic presets of :data:`dpfc_native.data.SYNTHETIC_PRESETS`.
@@ -135,8 +139,14 @@ def _measured_rate(d: int) -> float:
     return 4096.0 * d * d / max(time.perf_counter() - t, 1e-6)
 
 
-def estimate_seconds(n: int, d: int, k: int, methods: Sequence[str], n_fits_per_method: int,
-                     rate: float | None = None) -> float:
+def estimate_seconds(
+    n: int,
+    d: int,
+    k: int,
+    methods: Sequence[str],
+    n_fits_per_method: int,
+    rate: float | None = None,
+) -> float:
     """Rough wall time of ``n_fits_per_method`` fits of every method at shape (n, d, K):
     a flop count of each method divided by the measured gram rate (within a factor of
     about 2: the other kernels run at other rates)."""
@@ -157,16 +167,23 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0):
         train, test = data.train_test_split_features(fs, FEATURES_TEST_FRACTION, seed=seed)
         if n is not None:
             if n > train.n:
-                raise ValueError(f"--n {n} is more than the {train.n} training rows of {name} "
-                                 f"({1 - FEATURES_TEST_FRACTION:.0%} of it)")
+                raise ValueError(
+                    f"--n {n} is more than the {train.n} training rows of {name} "
+                    f"({1 - FEATURES_TEST_FRACTION:.0%} of it)"
+                )
             keep = np.sort(np.random.default_rng(seed).choice(train.n, size=n, replace=False))
-            train = data.FeatureSet(np.ascontiguousarray(train.features[keep]),
-                                    train.labels[keep], train.num_classes, train.name)
+            train = data.FeatureSet(
+                np.ascontiguousarray(train.features[keep]),
+                train.labels[keep],
+                train.num_classes,
+                train.name,
+            )
         return train, test
     if name == "digits":
         if n is not None:
-            raise ValueError("--n applies to the synthetic datasets only (digits has 1347 "
-                             "training images)")
+            raise ValueError(
+                "--n applies to the synthetic datasets only (digits has 1347 training images)"
+            )
         return data.digits_features()
     if name in data.SYNTHETIC_PRESETS:
         return data.synthetic_preset(name, n=n, seed=seed)
@@ -203,29 +220,50 @@ class DemoResult:
             return "inf" if math.isinf(e) else repr(float(e))
 
         return {
-            "dataset": self.dataset, "n_train": self.n_train, "n_test": self.n_test,
-            "d": self.d, "k": self.k, "delta": self.delta, "seeds": self.seeds,
+            "dataset": self.dataset,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "d": self.d,
+            "k": self.k,
+            "delta": self.delta,
+            "seeds": self.seeds,
             "epsilons": [key(e) for e in self.epsilons],
             "methods": {m: METHODS[m][0] for m in self.methods},
-            "chance_accuracy": self.chance, "complete": self.complete,
-            "median_accuracy": {m: {key(e): (None if math.isnan(self.median(m, e))
-                                             else self.median(m, e)) for e in self.epsilons}
-                                for m in self.methods},
-            "accuracy": {m: {key(e): list(map(float, self.accuracy[m][e]))
-                             for e in self.epsilons} for m in self.methods},
-            "fit_seconds": {m: {key(e): list(map(float, self.fit_seconds[m][e]))
-                                for e in self.epsilons} for m in self.methods},
-            "ledgers": {m: {key(e): led for e, led in self.ledgers[m].items()}
-                        for m in self.methods},
+            "chance_accuracy": self.chance,
+            "complete": self.complete,
+            "median_accuracy": {
+                m: {
+                    key(e): (None if math.isnan(self.median(m, e)) else self.median(m, e))
+                    for e in self.epsilons
+                }
+                for m in self.methods
+            },
+            "accuracy": {
+                m: {key(e): list(map(float, self.accuracy[m][e])) for e in self.epsilons}
+                for m in self.methods
+            },
+            "fit_seconds": {
+                m: {key(e): list(map(float, self.fit_seconds[m][e])) for e in self.epsilons}
+                for m in self.methods
+            },
+            "ledgers": {
+                m: {key(e): led for e, led in self.ledgers[m].items()} for m in self.methods
+            },
             "total_seconds": self.total_seconds,
         }
 
 
-def run_demo(dataset: str = "digits", *, seeds: int = 1, n: int | None = None,
-             epsilons: Sequence[float] = DEMO_EPSILONS, methods: Sequence[str] | None = None,
-             on_fit: Callable[[str, float, int, float], None] | None = None,
-             on_result: Callable[["DemoResult"], None] | None = None,
-             loaded=None) -> DemoResult:
+def run_demo(
+    dataset: str = "digits",
+    *,
+    seeds: int = 1,
+    n: int | None = None,
+    epsilons: Sequence[float] = DEMO_EPSILONS,
+    methods: Sequence[str] | None = None,
+    on_fit: Callable[[str, float, int, float], None] | None = None,
+    on_result: Callable[["DemoResult"], None] | None = None,
+    loaded=None,
+) -> DemoResult:
     """Train every method at every epsilon for ``seeds`` noise seeds on one dataset.
 
     Parameters
@@ -264,18 +302,27 @@ def run_demo(dataset: str = "digits", *, seeds: int = 1, n: int | None = None,
 
     counts = np.bincount(np.asarray(yt, dtype=np.int64), minlength=train.num_classes)
     result = DemoResult(
-        dataset=train.name.rsplit("-train", 1)[0], n_train=train.n, n_test=test.n, d=train.d,
-        k=train.num_classes, delta=float(default_delta(train.n)), epsilons=tuple(epsilons),
-        methods=tuple(methods), seeds=seeds,
+        dataset=train.name.rsplit("-train", 1)[0],
+        n_train=train.n,
+        n_test=test.n,
+        d=train.d,
+        k=train.num_classes,
+        delta=float(default_delta(train.n)),
+        epsilons=tuple(epsilons),
+        methods=tuple(methods),
+        seeds=seeds,
         accuracy={m: {e: [] for e in epsilons} for m in methods},
         fit_seconds={m: {e: [] for e in epsilons} for m in methods},
-        ledgers={m: {} for m in methods}, chance=float(counts.max() / counts.sum()),
-        complete=False)
+        ledgers={m: {} for m in methods},
+        chance=float(counts.max() / counts.sum()),
+        complete=False,
+    )
     for m in methods:
         for e in epsilons:
             for s in range(seeds):
-                est = make_estimator(m, e, seed=s, classes=classes,
-                                     **demo_overrides(m, train.num_classes))
+                est = make_estimator(
+                    m, e, seed=s, classes=classes, **demo_overrides(m, train.num_classes)
+                )
                 t = time.perf_counter()
                 with warnings.catch_warnings():
                     # The demo seeds its noise on purpose (a reproducible experiment on
@@ -320,9 +367,11 @@ def results_table(result: DemoResult):
     "-" for cells not computed yet)."""
     from rich.table import Table
 
-    table = Table(title=f"{result.dataset}: n={result.n_train}, d={result.d}, K={result.k}, "
-                        f"delta={result.delta:.2g}; test accuracy ({_seeds_note(result)}; "
-                        f"chance {result.chance:.3f})")
+    table = Table(
+        title=f"{result.dataset}: n={result.n_train}, d={result.d}, K={result.k}, "
+        f"delta={result.delta:.2g}; test accuracy ({_seeds_note(result)}; "
+        f"chance {result.chance:.3f})"
+    )
     table.add_column("method")
     for e in result.epsilons:
         table.add_column(_eps_label(e), justify="right")
@@ -332,8 +381,9 @@ def results_table(result: DemoResult):
         cells = []
         for e in result.epsilons:
             v = result.median(m, e)
-            cells.append("-" if math.isnan(v) else
-                         f"[bold]{v:.3f}[/bold]" if v == best[e] else f"{v:.3f}")
+            cells.append(
+                "-" if math.isnan(v) else f"[bold]{v:.3f}[/bold]" if v == best[e] else f"{v:.3f}"
+            )
         times = [t for e in result.epsilons for t in result.fit_seconds[m][e]]
         table.add_row(METHODS[m][0], *cells, f"{np.median(times):.2f}" if times else "-")
     return table
@@ -351,10 +401,13 @@ def text_table(result: DemoResult) -> str:
             cells.append("-" if math.isnan(v) else f"{v:.3f}{'*' if v == best[e] else ''}")
         rows.append([METHODS[m][0]] + cells)
     status = "" if result.complete else " (PARTIAL: the run is not finished)"
-    lines = [f"{result.dataset}: n={result.n_train}, d={result.d}, K={result.k}, "
-             f"delta={result.delta:.2g}, median test accuracy over {result.seeds} seed(s), "
-             f"chance {result.chance:.3f}{status}",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"{result.dataset}: n={result.n_train}, d={result.d}, K={result.k}, "
+        f"delta={result.delta:.2g}, median test accuracy over {result.seeds} seed(s), "
+        f"chance {result.chance:.3f}{status}",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -397,8 +450,15 @@ def plot_privacy_utility(results: Sequence[DemoResult], path: str) -> str:
             med = [res.median(m, e) for e in xs]
             lo = [min(res.accuracy[m][e]) for e in xs]
             hi = [max(res.accuracy[m][e]) for e in xs]
-            ax.plot(xs, med, marker=marker, linestyle=style, color=color, label=METHODS[m][0],
-                    markersize=6)
+            ax.plot(
+                xs,
+                med,
+                marker=marker,
+                linestyle=style,
+                color=color,
+                label=METHODS[m][0],
+                markersize=6,
+            )
             if res.seeds > 1 and xs:
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
             if has_inf and res.accuracy[m][math.inf]:
@@ -406,12 +466,28 @@ def plot_privacy_utility(results: Sequence[DemoResult], path: str) -> str:
                 v = float(np.median(vals))
                 # Side by side inside the non-private column, so equal values stay visible.
                 spread = 1.45 ** ((i - (n_m - 1) / 2.0) / max(1.0, (n_m - 1) / 2.0))
-                ax.errorbar([x_inf * spread], [v], yerr=[[v - min(vals)], [max(vals) - v]],
-                            marker=marker, color=color, markersize=7, capsize=3,
-                            linestyle="none", markerfacecolor="white", markeredgewidth=1.5)
+                ax.errorbar(
+                    [x_inf * spread],
+                    [v],
+                    yerr=[[v - min(vals)], [max(vals) - v]],
+                    marker=marker,
+                    color=color,
+                    markersize=7,
+                    capsize=3,
+                    linestyle="none",
+                    markerfacecolor="white",
+                    markeredgewidth=1.5,
+                )
         ax.axhline(res.chance, color="0.4", linestyle=":", linewidth=1.2)
-        ax.text(top if finite else x_inf, res.chance, f"chance ({res.chance:.2f}) ",
-                color="0.3", fontsize=8, ha="right", va="bottom")
+        ax.text(
+            top if finite else x_inf,
+            res.chance,
+            f"chance ({res.chance:.2f}) ",
+            color="0.3",
+            fontsize=8,
+            ha="right",
+            va="bottom",
+        )
         ax.set_xscale("log")
         ticks = list(finite)
         labels = [f"{e:g}" for e in finite]
@@ -428,11 +504,17 @@ def plot_privacy_utility(results: Sequence[DemoResult], path: str) -> str:
         ax.set_xlabel("epsilon (log scale)")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(bottom=0.0)
-        band = (f"line: median of {res.seeds} seeds, band: min-max" if res.seeds > 1 else
-                "1 seed per point")
+        band = (
+            f"line: median of {res.seeds} seeds, band: min-max"
+            if res.seeds > 1
+            else "1 seed per point"
+        )
         partial = "" if res.complete else " [partial]"
-        ax.set_title(f"{res.dataset} (n={res.n_train}, d={res.d}, K={res.k}, "
-                     f"delta={res.delta:.0e}){partial}\n{band}", fontsize=9)
+        ax.set_title(
+            f"{res.dataset} (n={res.n_train}, d={res.d}, K={res.k}, "
+            f"delta={res.delta:.0e}){partial}\n{band}",
+            fontsize=9,
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

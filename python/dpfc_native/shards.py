@@ -122,11 +122,14 @@ def _format_of(path: str) -> str:
         if low.endswith("." + fmt):
             return fmt
     if os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, "zarr.json")) or os.path.exists(os.path.join(path, ".zgroup"))
+        os.path.exists(os.path.join(path, "zarr.json"))
+        or os.path.exists(os.path.join(path, ".zgroup"))
     ):
         return "zarr"
-    raise ShardError(f"shard {path}: unknown format (expected .features.npy, .npz, .safetensors, "
-                     ".zarr or .parquet)")
+    raise ShardError(
+        f"shard {path}: unknown format (expected .features.npy, .npz, .safetensors, "
+        ".zarr or .parquet)"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -144,8 +147,10 @@ def _npz_member(path: str, key: str):
         try:
             info = zf.getinfo(key + ".npy")
         except KeyError:
-            raise ShardError(f"shard {path}: no array '{key}' (arrays present: "
-                             f"{sorted(n[:-4] for n in zf.namelist())})") from None
+            raise ShardError(
+                f"shard {path}: no array '{key}' (arrays present: "
+                f"{sorted(n[:-4] for n in zf.namelist())})"
+            ) from None
         if info.compress_type != zipfile.ZIP_STORED:
             with zf.open(info) as fh:
                 return np.lib.format.read_array(fh, allow_pickle=False)
@@ -159,16 +164,20 @@ def _npz_member(path: str, key: str):
         start = info.header_offset + 30 + name_len + extra_len
         fh.seek(start)
         version = np.lib.format.read_magic(fh)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, fortran, dtype = read_header(fh)
         data_offset = fh.tell()
     if fortran or dtype.hasobject:
         raise ShardError(f"shard {path}: '{key}' must be a C-ordered numeric array")
     need = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if need > os.path.getsize(path):
-        raise ShardError(f"shard {path}: '{key}' is truncated ({os.path.getsize(path)} bytes, "
-                         f"{need} needed)")
+        raise ShardError(
+            f"shard {path}: '{key}' is truncated ({os.path.getsize(path)} bytes, {need} needed)"
+        )
     return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape)
 
 
@@ -200,11 +209,15 @@ def _parquet_to_numpy(table, path: str, labels_column: str, feat) -> tuple[np.nd
         elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             lengths = col.value_lengths().to_numpy(zero_copy_only=False)
             if len(lengths) and (lengths.min() != lengths.max()):
-                raise ShardError(f"shard {path}: rows of column '{feat}' have different "
-                                 f"lengths ({lengths.min()}..{lengths.max()})")
+                raise ShardError(
+                    f"shard {path}: rows of column '{feat}' have different "
+                    f"lengths ({lengths.min()}..{lengths.max()})"
+                )
             width = int(lengths[0]) if len(lengths) else 0
         else:
-            raise ShardError(f"shard {path}: column '{feat}' must be a list of floats, got {col.type}")
+            raise ShardError(
+                f"shard {path}: column '{feat}' must be a list of floats, got {col.type}"
+            )
         if col.null_count:
             raise ShardError(f"shard {path}: column '{feat}' has null rows")
         values = col.flatten().to_numpy(zero_copy_only=False)
@@ -289,8 +302,10 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
     """(rows, dim, dtype, labels reader) of a shard, validating what can be seen cheaply."""
     if fmt == "npy":
         if labels_path is None or not os.path.exists(labels_path):
-            raise ShardError(f"shard {path}: no labels file {labels_path} beside it "
-                             f"(name pairs '<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}')")
+            raise ShardError(
+                f"shard {path}: no labels file {labels_path} beside it "
+                f"(name pairs '<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}')"
+            )
         x, y = _npy_open(path), _npy_open(labels_path)
     elif fmt == "npz":
         x, y = _npz_member(path, opts.features_key), _npz_member(path, opts.labels_key)
@@ -317,16 +332,22 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
         g = zarr.open_group(path, mode="r")
         for key in (opts.features_key, opts.labels_key):
             if key not in g:
-                raise ShardError(f"shard {path}: no array '{key}' (arrays: {sorted(g.array_keys())})")
+                raise ShardError(
+                    f"shard {path}: no array '{key}' (arrays: {sorted(g.array_keys())})"
+                )
         x, y = g[opts.features_key], g[opts.labels_key]
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
         labels_column, feat = _parquet_layout(pf, path, opts.labels_column, opts.features_key)
-        first = pf.read_row_group(0, columns=[labels_column] + ([feat] if isinstance(feat, str)
-                                                                 else list(feat))) \
-            if pf.num_row_groups else None
+        first = (
+            pf.read_row_group(
+                0, columns=[labels_column] + ([feat] if isinstance(feat, str) else list(feat))
+            )
+            if pf.num_row_groups
+            else None
+        )
         if first is None or first.num_rows == 0:
             raise ShardError(f"shard {path}: has no rows")
         x0, _ = _parquet_to_numpy(first.slice(0, 1), path, labels_column, feat)
@@ -340,7 +361,9 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
     return x.shape[0], x.shape[1], np.dtype(x.dtype), y, tuple(y.shape)
 
 
-def _open_one(path: str, fmt: str, labels_path: Optional[str], opts: _Options, checksum: bool) -> tuple[Shard, int]:
+def _open_one(
+    path: str, fmt: str, labels_path: Optional[str], opts: _Options, checksum: bool
+) -> tuple[Shard, int]:
     try:
         rows, dim, dtype, y, yshape = _inspect(path, fmt, labels_path, opts)
     except ShardError:
@@ -348,8 +371,10 @@ def _open_one(path: str, fmt: str, labels_path: Optional[str], opts: _Options, c
     except ImportError:
         raise
     except Exception as e:  # every reader's own error type: name the shard
-        raise ShardError(f"shard {path}: cannot read it (truncated or corrupt {fmt} file?): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ShardError(
+            f"shard {path}: cannot read it (truncated or corrupt {fmt} file?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
     if rows == 0:
         raise ShardError(f"shard {path}: has no rows")
     if dtype is None or not _float_kind(np.dtype(dtype)):
@@ -367,19 +392,30 @@ def _open_one(path: str, fmt: str, labels_path: Optional[str], opts: _Options, c
             label_min = lo if label_min is None else min(label_min, lo)
             label_max = max(label_max, hi)
     except Exception as e:
-        raise ShardError(f"shard {path}: cannot read its labels (truncated or corrupt?): {e}") from e
+        raise ShardError(
+            f"shard {path}: cannot read its labels (truncated or corrupt?): {e}"
+        ) from e
     if label_min < 0:
         raise ShardError(f"shard {path}: negative label {label_min}")
     files = _files_of(path, fmt, labels_path)
     base = path if fmt == "zarr" else os.path.dirname(path)
-    shard = Shard(path=path, format=fmt, rows=int(rows), dtype=np.dtype(dtype).name,
-                  sha256=_sha256_of(files, base) if checksum else "", size=_size_of(files),
-                  labels_path=labels_path, label_max=label_max)
+    shard = Shard(
+        path=path,
+        format=fmt,
+        rows=int(rows),
+        dtype=np.dtype(dtype).name,
+        sha256=_sha256_of(files, base) if checksum else "",
+        size=_size_of(files),
+        labels_path=labels_path,
+        label_max=label_max,
+    )
     return shard, int(dim)
 
 
 def _expand(paths_or_glob: Union[str, os.PathLike, Iterable]) -> list[str]:
-    items = [paths_or_glob] if isinstance(paths_or_glob, (str, os.PathLike)) else list(paths_or_glob)
+    items = (
+        [paths_or_glob] if isinstance(paths_or_glob, (str, os.PathLike)) else list(paths_or_glob)
+    )
     out: list[str] = []
     for item in items:
         item = os.fspath(item)
@@ -413,13 +449,16 @@ class ShardedFeatures:
     num_classes : int
     """
 
-    def __init__(self, shards: Sequence[Shard], n_features: int, num_classes: int,
-                 options: _Options):
+    def __init__(
+        self, shards: Sequence[Shard], n_features: int, num_classes: int, options: _Options
+    ):
         self.shards = tuple(shards)
         self.n_features = int(n_features)
         self.num_classes = int(num_classes)
         self._opts = options
-        self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards])]).astype(np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards])]).astype(
+            np.int64
+        )
         self.n_rows = int(self.offsets[-1])
 
     @property
@@ -438,8 +477,10 @@ class ShardedFeatures:
         return self.n_rows
 
     def __repr__(self) -> str:
-        return (f"ShardedFeatures({len(self.shards)} shards, {self.n_rows} x {self.n_features} "
-                f"{self.dtype}, {self.num_classes} classes)")
+        return (
+            f"ShardedFeatures({len(self.shards)} shards, {self.n_rows} x {self.n_features} "
+            f"{self.dtype}, {self.num_classes} classes)"
+        )
 
     def manifest(self) -> list[dict]:
         """The manifest as JSON-able dicts (one per shard, in order)."""
@@ -452,8 +493,10 @@ class ShardedFeatures:
         except OSError as e:
             raise ShardError(f"shard {shard.path}: no longer readable: {e}") from e
         if size != shard.size:
-            raise ShardError(f"shard {shard.path}: changed since it was opened ({size} bytes, "
-                             f"{shard.size} in the manifest)")
+            raise ShardError(
+                f"shard {shard.path}: changed since it was opened ({size} bytes, "
+                f"{shard.size} in the manifest)"
+            )
         return shard
 
     def read(self, i: int, start: int = 0, stop: Optional[int] = None):
@@ -475,7 +518,9 @@ class ShardedFeatures:
         stop = shard.rows if stop is None else int(stop)
         start = int(start)
         if not 0 <= start <= stop <= shard.rows:
-            raise IndexError(f"shard {shard.path}: rows [{start}, {stop}) outside [0, {shard.rows})")
+            raise IndexError(
+                f"shard {shard.path}: rows [{start}, {stop}) outside [0, {shard.rows})"
+            )
         if start == stop:
             return np.empty((0, self.n_features), self.dtype), np.empty(0, np.int64)
         try:
@@ -483,16 +528,22 @@ class ShardedFeatures:
         except ShardError:
             raise
         except Exception as e:
-            raise ShardError(f"shard {shard.path}: cannot read rows [{start}, {stop}) (truncated or "
-                             f"corrupt?): {type(e).__name__}: {e}") from e
+            raise ShardError(
+                f"shard {shard.path}: cannot read rows [{start}, {stop}) (truncated or "
+                f"corrupt?): {type(e).__name__}: {e}"
+            ) from e
         return self._checked(shard, x, y, stop - start, f"rows [{start}, {stop})")
 
     def _checked(self, shard: Shard, x, y, m: int, where: str):
         if x.shape != (m, self.n_features) or y.shape != (m,):
-            raise ShardError(f"shard {shard.path}: {where} read back as shapes {x.shape} / {y.shape}")
+            raise ShardError(
+                f"shard {shard.path}: {where} read back as shapes {x.shape} / {y.shape}"
+            )
         y = y.astype(np.int64, copy=False)
         if m and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ShardError(f"shard {shard.path}: labels outside [0, {self.num_classes}) in {where}")
+            raise ShardError(
+                f"shard {shard.path}: labels outside [0, {self.num_classes}) in {where}"
+            )
         return x, y
 
     def take(self, i: int, rows):
@@ -501,9 +552,12 @@ class ShardedFeatures:
         formats read the covering slice and select."""
         shard = self._check_unchanged(i)
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.ndim != 1 or (rows.size and (rows[0] < 0 or rows[-1] >= shard.rows
-                                             or np.any(np.diff(rows) <= 0))):
-            raise IndexError(f"shard {shard.path}: rows must be increasing indices in [0, {shard.rows})")
+        if rows.ndim != 1 or (
+            rows.size and (rows[0] < 0 or rows[-1] >= shard.rows or np.any(np.diff(rows) <= 0))
+        ):
+            raise IndexError(
+                f"shard {shard.path}: rows must be increasing indices in [0, {shard.rows})"
+            )
         if rows.size == 0:
             return np.empty((0, self.n_features), self.dtype), np.empty(0, np.int64)
         try:
@@ -519,9 +573,11 @@ class ShardedFeatures:
             else:
                 x = y = None
         except Exception as e:
-            raise ShardError(f"shard {shard.path}: cannot read {rows.size} rows in "
-                             f"[{rows[0]}, {rows[-1]}] (truncated or corrupt?): "
-                             f"{type(e).__name__}: {e}") from e
+            raise ShardError(
+                f"shard {shard.path}: cannot read {rows.size} rows in "
+                f"[{rows[0]}, {rows[-1]}] (truncated or corrupt?): "
+                f"{type(e).__name__}: {e}"
+            ) from e
         if x is None:
             lo = int(rows[0])
             x, y = self.read(i, lo, int(rows[-1]) + 1)
@@ -551,12 +607,15 @@ class ShardedFeatures:
         """
         for shard in self.shards:
             if not shard.sha256:
-                raise ShardError(f"shard {shard.path}: opened with checksum=False, nothing to verify")
+                raise ShardError(
+                    f"shard {shard.path}: opened with checksum=False, nothing to verify"
+                )
             files = _files_of(shard.path, shard.format, shard.labels_path)
             base = shard.path if shard.format == "zarr" else os.path.dirname(shard.path)
             if _sha256_of(files, base) != shard.sha256:
-                raise ShardError(f"shard {shard.path}: content changed (SHA-256 differs from the "
-                                 "manifest)")
+                raise ShardError(
+                    f"shard {shard.path}: content changed (SHA-256 differs from the manifest)"
+                )
 
     def to_dask(self, chunk_rows: int = 65536):
         """The features and labels as dask arrays (chunks never cross a shard).
@@ -585,9 +644,16 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def open_sharded(paths_or_glob, *, format: Optional[str] = None, num_classes: Optional[int] = None,
-                 features_key: str = "features", labels_key: str = "labels",
-                 labels_column: Optional[str] = None, checksum: bool = True) -> ShardedFeatures:
+def open_sharded(
+    paths_or_glob,
+    *,
+    format: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    features_key: str = "features",
+    labels_key: str = "labels",
+    labels_column: Optional[str] = None,
+    checksum: bool = True,
+) -> ShardedFeatures:
     """Open feature shards as one :class:`ShardedFeatures`.
 
     Parameters
@@ -627,8 +693,10 @@ def open_sharded(paths_or_glob, *, format: Optional[str] = None, num_classes: Op
         labels_path = None
         if fmt == "npy":
             if not path.endswith(_FEATURES_SUFFIX):
-                raise ShardError(f"shard {path}: .npy shards must be named '<stem>{_FEATURES_SUFFIX}' "
-                                 f"with labels in '<stem>{_LABELS_SUFFIX}'")
+                raise ShardError(
+                    f"shard {path}: .npy shards must be named '<stem>{_FEATURES_SUFFIX}' "
+                    f"with labels in '<stem>{_LABELS_SUFFIX}'"
+                )
             labels_path = path[: -len(_FEATURES_SUFFIX)] + _LABELS_SUFFIX
         shard, d = _open_one(path, fmt, labels_path, opts, checksum)
         if dim is None:
@@ -636,13 +704,16 @@ def open_sharded(paths_or_glob, *, format: Optional[str] = None, num_classes: Op
         elif d != dim:
             raise ShardError(f"shard {path}: has {d} features, the shards before it {dim}")
         if shards and shard.dtype != shards[0].dtype:
-            raise ShardError(f"shard {path}: dtype {shard.dtype}, the shards before it {shards[0].dtype}")
+            raise ShardError(
+                f"shard {path}: dtype {shard.dtype}, the shards before it {shards[0].dtype}"
+            )
         shards.append(shard)
     k_seen = max(s.label_max for s in shards) + 1
     if num_classes is None:
         num_classes = k_seen
     elif int(num_classes) < k_seen:
         worst = max(shards, key=lambda s: s.label_max)
-        raise ShardError(f"shard {worst.path}: label {worst.label_max} >= num_classes={num_classes}")
+        raise ShardError(
+            f"shard {worst.path}: label {worst.label_max} >= num_classes={num_classes}"
+        )
     return ShardedFeatures(shards, dim, num_classes, opts)
-

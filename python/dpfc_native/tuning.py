@@ -31,7 +31,6 @@ import math
 import secrets
 import threading
 import warnings
-from typing import Sequence
 
 import numpy as np
 from scipy import optimize
@@ -97,8 +96,9 @@ def _min_over_orders(rdp_at, delta: float) -> tuple[float, float]:
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     best_t, best = grid[i], vals[i]
     if hi > lo:
-        res = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded",
-                                       options={"xatol": 1e-10})
+        res = optimize.minimize_scalar(
+            f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10}
+        )
         if res.fun < best:
             best_t, best = float(res.x), float(res.fun)
     return max(0.0, best), 1.0 + math.exp(best_t)
@@ -143,8 +143,13 @@ def truncated_negative_binomial_pmf(k, shape: float, gamma: float) -> np.ndarray
     else:
         from scipy.special import gammaln
 
-        logp = (kk * math.log1p(-g) + gammaln(kk + eta) - gammaln(eta) - gammaln(kk + 1.0)
-                - math.log(math.expm1(-eta * math.log(g))))
+        logp = (
+            kk * math.log1p(-g)
+            + gammaln(kk + eta)
+            - gammaln(eta)
+            - gammaln(kk + 1.0)
+            - math.log(math.expm1(-eta * math.log(g)))
+        )
     out[ok] = np.exp(logp)
     return out
 
@@ -250,8 +255,9 @@ class RepeatAndSelect:
         return curve(float(order))
 
 
-def selection_epsilon(mu: float, delta: float, mean: float, shape: float = 0.0,
-                      *, return_order: bool = False):
+def selection_epsilon(
+    mu: float, delta: float, mean: float, shape: float = 0.0, *, return_order: bool = False
+):
     """Epsilon at ``delta`` of repeat-and-select (:func:`selection_rdp`) over a ``mu``-GDP
     base algorithm, minimised over the Renyi order (``return_order``: also the order)."""
     delta = _check_delta(delta)
@@ -270,8 +276,10 @@ def calibrate_selection_mu(epsilon: float, delta: float, mean: float, shape: flo
 
     lo, hi = math.log(1e-6), math.log(1e3)
     if f(lo) > 0:
-        raise ValueError(f"epsilon={epsilon} is too small for this selection (mean "
-                         f"{mean} repetitions): the bound stays above it for every mu")
+        raise ValueError(
+            f"epsilon={epsilon} is too small for this selection (mean "
+            f"{mean} repetitions): the bound stays above it for every mu"
+        )
     log_mu = optimize.brentq(f, lo, hi, xtol=1e-6) if f(hi) > 0 else hi
     mu = math.exp(log_mu)
     while selection_epsilon(mu, delta, mean, shape) > eps:
@@ -289,11 +297,17 @@ def _events_of_ledger(ledger: accounting.PrivacyLedger) -> list:
     out = []
     for e in ledger.entries:
         if e.sample_rate == 1.0:
-            out.append(accounting.GaussianRelease(e.noise_multiplier, count=e.count,
-                                                  name=e.name, sensitivity=e.sensitivity))
+            out.append(
+                accounting.GaussianRelease(
+                    e.noise_multiplier, count=e.count, name=e.name, sensitivity=e.sensitivity
+                )
+            )
         else:
-            out.append(accounting.SubsampledGaussian(e.noise_multiplier, e.sample_rate,
-                                                     e.count, name=e.name))
+            out.append(
+                accounting.SubsampledGaussian(
+                    e.noise_multiplier, e.sample_rate, e.count, name=e.name
+                )
+            )
     return out
 
 
@@ -318,11 +332,11 @@ def _planned_events(est, epsilon: float, delta: float) -> list:
     q = getattr(est, "sample_rate", 1.0)
     if q is not None and float(q) < 1.0:
         steps = int(est.steps)
-        z = accounting.calibrate_dpsgd_noise_multiplier(epsilon, delta, float(q), steps,
-                                                        method=est.accountant)
+        z = accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon, delta, float(q), steps, method=est.accountant
+        )
         return [accounting.SubsampledGaussian(z, float(q), steps, name="gradient (planned)")]
-    return [accounting.GaussianRelease(1.0 / _gdp_mu_upper(epsilon, delta),
-                                       name="fit (planned)")]
+    return [accounting.GaussianRelease(1.0 / _gdp_mu_upper(epsilon, delta), name="fit (planned)")]
 
 
 @dataclasses.dataclass
@@ -413,9 +427,11 @@ class PrivacyBudget:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return (f"PrivacyBudget(epsilon={self.epsilon:g}, delta={self.delta:g}, "
-                f"spent={self.epsilon_spent:.4g}, fits={len(self._charges)}"
-                f"{', detached' if self._detached else ''})")
+        return (
+            f"PrivacyBudget(epsilon={self.epsilon:g}, delta={self.delta:g}, "
+            f"spent={self.epsilon_spent:.4g}, fits={len(self._charges)}"
+            f"{', detached' if self._detached else ''})"
+        )
 
     # -- accounting -------------------------------------------------------------------
     def _total(self, charges) -> tuple[float, str]:
@@ -460,7 +476,8 @@ class PrivacyBudget:
                 "this PrivacyBudget is a copy that crossed a process boundary (pickled: "
                 "n_jobs > 1 with processes, or a loaded model); what it spends would not "
                 "be seen by the original, so it refuses every fit. Use n_jobs=1 (or the "
-                "threading backend) with a shared budget.")
+                "threading backend) with a shared budget."
+            )
         charge = _Charge(label, list(events), list(selections), budget=self)
         with self._lock:
             eps, _ = self._total(self._charges + [charge])
@@ -470,7 +487,8 @@ class PrivacyBudget:
                     f"{label or 'this fit'} would take the privacy budget to epsilon = "
                     f"{eps:.4g} > {self.epsilon:g} (delta = {self.delta:g}; already spent "
                     f"{spent:.4g} in {len(self._charges)} fit(s)); refused before any noise "
-                    "was drawn")
+                    "was drawn"
+                )
             self._charges.append(charge)
         return charge
 
@@ -487,7 +505,8 @@ class PrivacyBudget:
         if eps > self.epsilon * (1.0 + 1e-9):
             raise PrivacyBudgetExceeded(
                 f"{charge.label} released more than it reserved: the budget is now at "
-                f"epsilon = {eps:.6g} > {self.epsilon:g}")
+                f"epsilon = {eps:.6g} > {self.epsilon:g}"
+            )
 
     def ledger(self) -> accounting.PrivacyLedger:
         """A :class:`~dpfc_native.accounting.PrivacyLedger` of every release charged so
@@ -496,20 +515,49 @@ class PrivacyBudget:
         for c in self._charges:
             for e in c.events:
                 if isinstance(e, accounting.GaussianRelease):
-                    entries.append(accounting.LedgerEntry(f"{c.label}: {e.name}", e.sensitivity,
-                                                          e.std, e.noise_multiplier, e.count,
-                                                          1.0, None))
+                    entries.append(
+                        accounting.LedgerEntry(
+                            f"{c.label}: {e.name}",
+                            e.sensitivity,
+                            e.std,
+                            e.noise_multiplier,
+                            e.count,
+                            1.0,
+                            None,
+                        )
+                    )
                 else:
-                    entries.append(accounting.LedgerEntry(f"{c.label}: {e.name}", None, None,
-                                                          e.noise_multiplier, e.steps,
-                                                          e.sample_rate, None))
+                    entries.append(
+                        accounting.LedgerEntry(
+                            f"{c.label}: {e.name}",
+                            None,
+                            None,
+                            e.noise_multiplier,
+                            e.steps,
+                            e.sample_rate,
+                            None,
+                        )
+                    )
             for s in c.selections:
-                entries.append(accounting.LedgerEntry(
-                    f"{c.label}: {s.name} (base mu={s.mu:.4g}, E[K]={s.mean:g}, "
-                    f"shape={s.shape:g})", None, None, math.inf, 1, 1.0, None))
+                entries.append(
+                    accounting.LedgerEntry(
+                        f"{c.label}: {s.name} (base mu={s.mu:.4g}, E[K]={s.mean:g}, "
+                        f"shape={s.shape:g})",
+                        None,
+                        None,
+                        math.inf,
+                        1,
+                        1.0,
+                        None,
+                    )
+                )
         eps, method = self._total(self._charges)
-        desc = {"gdp": "exact Gaussian DP (mu-GDP)", "rdp": "RDP, improved conversion",
-                "pld": "PLD (dp_accounting, pessimistic)", "none": "no releases"}[method]
+        desc = {
+            "gdp": "exact Gaussian DP (mu-GDP)",
+            "rdp": "RDP, improved conversion",
+            "pld": "PLD (dp_accounting, pessimistic)",
+            "none": "no releases",
+        }[method]
         mu = None
         if method == "gdp":
             acct = accounting.PrivacyAccountant()
@@ -517,8 +565,9 @@ class PrivacyBudget:
                 for e in c.events:
                     acct.compose(e)
             mu = acct.mu
-        return accounting.PrivacyLedger(tuple(entries), eps, self.delta, mu,
-                                        f"budget of epsilon={self.epsilon:g}: {desc}")
+        return accounting.PrivacyLedger(
+            tuple(entries), eps, self.delta, mu, f"budget of epsilon={self.epsilon:g}: {desc}"
+        )
 
 
 def _begin_fit(est, epsilon: float, delta: float):
@@ -530,8 +579,9 @@ def _begin_fit(est, epsilon: float, delta: float):
     if not isinstance(budget, PrivacyBudget):
         raise TypeError(f"budget must be a PrivacyBudget or None, got {type(budget).__name__}")
     if math.isinf(epsilon):
-        raise PrivacyBudgetExceeded("epsilon=inf (a non-private fit) cannot be paid from a "
-                                    "privacy budget")
+        raise PrivacyBudgetExceeded(
+            "epsilon=inf (a non-private fit) cannot be paid from a privacy budget"
+        )
     label = f"{type(est).__name__} #{len(budget._charges) + 1}"
     return budget.reserve(_planned_events(est, epsilon, delta), label=label)
 
@@ -655,9 +705,20 @@ class PrivateSelector:
         covered by the guarantee, for debugging only.
     """
 
-    def __init__(self, estimator, param_grid, epsilon: float = 1.0, delta=None, *,
-                 mean_repetitions: float = 10.0, shape: float = 0.0, score_share: float = 0.05,
-                 random_state=None, budget=None, verbose: int = 0):
+    def __init__(
+        self,
+        estimator,
+        param_grid,
+        epsilon: float = 1.0,
+        delta=None,
+        *,
+        mean_repetitions: float = 10.0,
+        shape: float = 0.0,
+        score_share: float = 0.05,
+        random_state=None,
+        budget=None,
+        verbose: int = 0,
+    ):
         self.estimator = estimator
         self.param_grid = param_grid
         self.epsilon = epsilon
@@ -670,9 +731,21 @@ class PrivateSelector:
         self.verbose = verbose
 
     def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in ("estimator", "param_grid", "epsilon", "delta",
-                                              "mean_repetitions", "shape", "score_share",
-                                              "random_state", "budget", "verbose")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "estimator",
+                "param_grid",
+                "epsilon",
+                "delta",
+                "mean_repetitions",
+                "shape",
+                "score_share",
+                "random_state",
+                "budget",
+                "verbose",
+            )
+        }
 
     def set_params(self, **params):
         for k, v in params.items():
@@ -684,8 +757,8 @@ class PrivateSelector:
     def fit(self, X, y, *, X_score=None, y_score=None):
         """Select and fit on private ``(X, y)``; score on ``(X_score, y_score)`` (private
         too; default: ``(X, y)`` itself). Returns self."""
-        from .models import default_delta
         from ._progress import progress
+        from .models import default_delta
 
         eps = _check_epsilon(self.epsilon)
         if math.isinf(eps):
@@ -703,12 +776,16 @@ class PrivateSelector:
                 raise ValueError(f"param_grid must not set {sorted(bad)}: the selector sets them")
             unknown = set(c) - set(template)
             if unknown:
-                raise ValueError(f"param_grid has parameters unknown to "
-                                 f"{type(self.estimator).__name__}: {sorted(unknown)}")
+                raise ValueError(
+                    f"param_grid has parameters unknown to "
+                    f"{type(self.estimator).__name__}: {sorted(unknown)}"
+                )
             q = c.get("sample_rate", template.get("sample_rate", 1.0))
             if q is not None and float(q) < 1.0:
-                raise ValueError("PrivateSelector needs plain Gaussian candidates: DP-SGD with "
-                                 "sample_rate < 1 is not supported")
+                raise ValueError(
+                    "PrivateSelector needs plain Gaussian candidates: DP-SGD with "
+                    "sample_rate < 1 is not supported"
+                )
         if (X_score is None) != (y_score is None):
             raise ValueError("X_score and y_score must be given together")
         if X_score is None:
@@ -723,7 +800,10 @@ class PrivateSelector:
                 f"random_state={self.random_state!r} fixes the number of repetitions, the "
                 "candidates and every noise key of the selection: anyone who knows it can "
                 "remove the noise, so the result has no privacy guarantee against them. Use "
-                "random_state=None on private data.", PrivacyWarning, stacklevel=2)
+                "random_state=None on private data.",
+                PrivacyWarning,
+                stacklevel=2,
+            )
             rng = np.random.default_rng([int(self.random_state), 0x5E1EC7])
         else:
             rng = np.random.default_rng(secrets.randbits(128))
@@ -744,18 +824,24 @@ class PrivateSelector:
         fit_eps = accounting.gdp_epsilon(mu_fit, fit_delta)
         gamma = truncated_negative_binomial_gamma(shape, mean)
         k_reps = sample_repetitions(rng, shape, gamma)
-        score_source = mechanisms.NoiseSource(None if not seeded else
-                                              int(rng.integers(0, 2**62)))
+        score_source = mechanisms.NoiseSource(None if not seeded else int(rng.integers(0, 2**62)))
         best = None
         history = []
         with progress(None, "private selection", enabled=self.verbose > 0) as bar:
             for rep in range(k_reps):
                 idx = int(rng.integers(len(candidates)))
-                params = {**template, **candidates[idx], "epsilon": fit_eps, "delta": fit_delta,
-                          "budget": None, "verbose": 0,
-                          "random_state": int(rng.integers(0, 2**62)) if seeded else None}
-                est = type(self.estimator)(**{k: copy.deepcopy(v) if k != "budget" else v
-                                              for k, v in params.items()})
+                params = {
+                    **template,
+                    **candidates[idx],
+                    "epsilon": fit_eps,
+                    "delta": fit_delta,
+                    "budget": None,
+                    "verbose": 0,
+                    "random_state": int(rng.integers(0, 2**62)) if seeded else None,
+                }
+                est = type(self.estimator)(
+                    **{k: copy.deepcopy(v) if k != "budget" else v for k, v in params.items()}
+                )
                 with warnings.catch_warnings():
                     # The selector warned once about a fixed seed; the candidates' label
                     # set is the template's concern (warned at the template's own fits).
@@ -763,11 +849,14 @@ class PrivateSelector:
                     est.fit(X, y)
                 fit_mu = est.privacy_.mu
                 if fit_mu is None or fit_mu > mu_fit * (1.0 + 1e-9):
-                    raise RuntimeError(f"candidate fit spent mu={fit_mu}, above its share "
-                                       f"{mu_fit:.6g}: the selection bound would not hold")
+                    raise RuntimeError(
+                        f"candidate fit spent mu={fit_mu}, above its share "
+                        f"{mu_fit:.6g}: the selection bound would not hold"
+                    )
                 correct = float(np.sum(est.predict(X_score) == y_score))
-                noisy, _rec = mechanisms.release_dense(np.array([correct]), 1.0, 1.0 / mu_score,
-                                                       score_source, "score")
+                noisy, _rec = mechanisms.release_dense(
+                    np.array([correct]), 1.0, 1.0 / mu_score, score_source, "score"
+                )
                 score = float(noisy[0]) / n_score
                 history.append({"candidate": candidates[idx], "noisy_score": score})
                 if best is None or score > best[0]:
@@ -776,14 +865,27 @@ class PrivateSelector:
         score, idx, est = best
         self.mu_ = mu
         self.privacy_ = accounting.PrivacyLedger(
-            (accounting.LedgerEntry("candidate fit (each repetition)", None, None,
-                                    1.0 / mu_fit, 1, 1.0, 1.0 - share),
-             accounting.LedgerEntry("noisy score (each repetition)", 1.0, 1.0 / mu_score,
-                                    1.0 / mu_score, 1, 1.0, share)),
-            total_eps, delta, None,
+            (
+                accounting.LedgerEntry(
+                    "candidate fit (each repetition)", None, None, 1.0 / mu_fit, 1, 1.0, 1.0 - share
+                ),
+                accounting.LedgerEntry(
+                    "noisy score (each repetition)",
+                    1.0,
+                    1.0 / mu_score,
+                    1.0 / mu_score,
+                    1,
+                    1.0,
+                    share,
+                ),
+            ),
+            total_eps,
+            delta,
+            None,
             f"private selection: Papernot & Steinke 2022 Thm 2, truncated negative binomial "
             f"(shape={shape:g}, gamma={gamma:.6g}, E[K]={mean:g}) over a mu={mu:.6g}-GDP base "
-            f"algorithm, RDP order {order:.6g}, improved conversion")
+            f"algorithm, RDP order {order:.6g}, improved conversion",
+        )
         est.fit_privacy_ = est.privacy_
         est.privacy_ = self.privacy_
         self.best_estimator_ = est

@@ -23,8 +23,9 @@ def _real(x, name: str) -> float:
     return x
 
 
-def _check_epsilon(epsilon, name: str = "epsilon", *, allow_zero: bool = False,
-                   allow_inf: bool = True) -> float:
+def _check_epsilon(
+    epsilon, name: str = "epsilon", *, allow_zero: bool = False, allow_inf: bool = True
+) -> float:
     eps = _real(epsilon, name)
     if eps < 0 or (eps == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -51,8 +52,7 @@ def _check_mu(mu, name: str = "mu") -> float:
 def _check_multiplier(z, name: str = "noise_multiplier") -> float:
     z = _real(z, name)
     if not z > 0:
-        raise ValueError(
-            f"{name} must be > 0 (it is std / L2 sensitivity), got {z!r}")
+        raise ValueError(f"{name} must be > 0 (it is std / L2 sensitivity), got {z!r}")
     return z
 
 

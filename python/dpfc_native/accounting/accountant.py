@@ -35,6 +35,7 @@ def _pld_loss_width(z: float, q: float) -> float:
     is taken at :data:`_PLD_TAIL_SIGMAS` on both sides. An estimate of the grid's extent
     (the interval only needs the right order of magnitude), never used as a bound.
     """
+
     def loss(t: float) -> float:
         a = (2.0 * t * z + 1.0) / (2.0 * z * z)
         if a > 700.0:
@@ -94,8 +95,7 @@ class PrivacyAccountant:
         self._events: list = []
 
     def __repr__(self) -> str:
-        return (f"PrivacyAccountant(method={self.method!r}, "
-                f"events={len(self._events)})")
+        return f"PrivacyAccountant(method={self.method!r}, events={len(self._events)})"
 
     @property
     def events(self) -> tuple:
@@ -186,15 +186,16 @@ class PrivacyAccountant:
             interval = min(5e-4, max(1e-6, eps_scale / 3000.0))
         # The PLD's work grows with its privacy-loss range over the interval; for a tiny
         # noise multiplier that range is huge (~1 / (2 z^2)) and the PLD ran for minutes.
-        width = max([_pld_loss_width(z, q) for (z, q) in self._mu2_and_subsampled()[1]]
-                    + [0.0])
+        width = max([_pld_loss_width(z, q) for (z, q) in self._mu2_and_subsampled()[1]] + [0.0])
         return max(interval, width / _PLD_MAX_POINTS)
 
     def _pld(self, eps_scale: float):
         dpa = _dp_accounting()
         if dpa is None:
-            raise ImportError('method="pld" needs the optional dependency dp-accounting '
-                              "(pip install dp-accounting)")
+            raise ImportError(
+                'method="pld" needs the optional dependency dp-accounting '
+                "(pip install dp-accounting)"
+            )
         # A coarser interval than the default is still pessimistic (an upper bound), only
         # looser (and "auto" reports the smaller of it and RDP): bounded time for any (z, q).
         interval = self._pld_interval(eps_scale)
@@ -262,8 +263,14 @@ class PrivacyAccountant:
         return self.get_delta_and_method(epsilon)[0]
 
 
-def dpsgd_epsilon(noise_multiplier: float, sample_rate: float, steps: int,
-                  delta: float, method: str = "auto", orders=None) -> float:
+def dpsgd_epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    method: str = "auto",
+    orders=None,
+) -> float:
     """Epsilon of DP-SGD with Poisson subsampling.
 
     Parameters

@@ -22,8 +22,10 @@ MAX_EPSILON = 1e6
 def _check_target_epsilon(epsilon, name: str = "epsilon") -> float:
     eps = _check_epsilon(epsilon, name)
     if math.isfinite(eps) and eps > MAX_EPSILON:
-        raise ValueError(f"{name}={eps!r} is too large to calibrate noise for (at most "
-                         f"{MAX_EPSILON:g}); use {name}=inf for the non-private counterpart")
+        raise ValueError(
+            f"{name}={eps!r} is too large to calibrate noise for (at most "
+            f"{MAX_EPSILON:g}); use {name}=inf for the non-private counterpart"
+        )
     return eps
 
 
@@ -64,7 +66,7 @@ def calibrate_mu(epsilon: float, delta: float) -> float:
     lm = optimize.brentq(f, lo, hi, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
     mu = math.exp(lm)
     shrink = 1e-14
-    while (gdp_delta(mu, eps) > delta or gdp_epsilon(mu, delta) > eps):
+    while gdp_delta(mu, eps) > delta or gdp_epsilon(mu, delta) > eps:
         mu *= 1.0 - shrink
         shrink *= 2.0
     return mu
@@ -152,13 +154,19 @@ def calibrate_plan(epsilon: float, delta: float, shares, counts=None):
         elif isinstance(counts, Mapping):
             missing = set(keys) ^ set(counts.keys())
             if missing:
-                raise ValueError(f"counts and shares have different keys: {sorted(map(str, missing))}")
+                raise ValueError(
+                    f"counts and shares have different keys: {sorted(map(str, missing))}"
+                )
             c = [_check_count(counts[k], f"counts[{k!r}]") for k in keys]
         else:
             raise TypeError("counts must be a dict when shares is a dict")
     else:
         s = [_real(x, "shares") for x in _as_list(shares)]
-        c = [1] * len(s) if counts is None else [_check_count(x, "counts") for x in _as_list(counts)]
+        c = (
+            [1] * len(s)
+            if counts is None
+            else [_check_count(x, "counts") for x in _as_list(counts)]
+        )
         if len(c) != len(s):
             raise ValueError(f"counts has length {len(c)} but shares has {len(s)}")
     if not s:
@@ -177,8 +185,9 @@ def calibrate_plan(epsilon: float, delta: float, shares, counts=None):
     return dict(zip(keys, zs)) if is_dict else zs
 
 
-def calibrate_dpfc_plan(epsilon: float, delta: float, steps: int,
-                        covariance_share: float | None = None) -> dict:
+def calibrate_dpfc_plan(
+    epsilon: float, delta: float, steps: int, covariance_share: float | None = None
+) -> dict:
     """Noise multipliers for DP-FC: one covariance release plus ``steps`` gradients.
 
     ``mu^2 = 1 / z_G^2 + steps / z_g^2``.
@@ -206,16 +215,21 @@ def calibrate_dpfc_plan(epsilon: float, delta: float, steps: int,
         share = _real(covariance_share, "covariance_share")
         if not 0.0 < share < 1.0:
             raise ValueError(f"covariance_share must be in (0, 1), got {share!r}")
-    return calibrate_plan(epsilon, delta, {"covariance": share, "gradient": 1.0 - share},
-                          {"covariance": 1, "gradient": steps})
+    return calibrate_plan(
+        epsilon,
+        delta,
+        {"covariance": share, "gradient": 1.0 - share},
+        {"covariance": 1, "gradient": steps},
+    )
 
 
 #: Smallest noise multiplier the DP-SGD calibration searches (see the bracket below).
 _MIN_DPSGD_MULTIPLIER = 0.05
 
 
-def calibrate_dpsgd_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
-                                     steps: int, method: str = "auto", orders=None) -> float:
+def calibrate_dpsgd_noise_multiplier(
+    epsilon: float, delta: float, sample_rate: float, steps: int, method: str = "auto", orders=None
+) -> float:
     """Noise multiplier for Poisson-subsampled DP-SGD hitting ``epsilon`` from below.
 
     Brent's method on ``log z`` aims at 99.95% of the target; the result is

@@ -48,8 +48,9 @@ class GaussianRelease:
             object.__setattr__(self, "sensitivity", s)
 
     @classmethod
-    def from_std(cls, std: float, sensitivity: float, count: int = 1,
-                 name: str = "") -> "GaussianRelease":
+    def from_std(
+        cls, std: float, sensitivity: float, count: int = 1, name: str = ""
+    ) -> "GaussianRelease":
         """Build from the noise std and the L2 sensitivity (``z = std / sensitivity``)."""
         std = _real(std, "std")
         sens = _real(sensitivity, "sensitivity")
@@ -69,7 +70,7 @@ class GaussianRelease:
     @property
     def mu_squared(self) -> float:
         """This release's contribution ``count / z^2`` to ``mu^2``."""
-        return self.count / (self.noise_multiplier ** 2)
+        return self.count / (self.noise_multiplier**2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,8 @@ class Composition:
             else:
                 raise TypeError(
                     "events must be GaussianRelease, SubsampledGaussian or "
-                    f"Composition, got {type(e).__name__}")
+                    f"Composition, got {type(e).__name__}"
+                )
         object.__setattr__(self, "events", tuple(flat))
 
 
@@ -138,4 +140,5 @@ def _flatten(event) -> list:
         return [event]
     raise TypeError(
         "event must be GaussianRelease, SubsampledGaussian or Composition, "
-        f"got {type(event).__name__}")
+        f"got {type(event).__name__}"
+    )

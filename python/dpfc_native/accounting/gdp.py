@@ -83,7 +83,9 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     Root of ``log gdp_delta(mu, eps) = log delta`` found by Brent's method on
     ``[0, mu**2/2 + mu * Phi^{-1}(1 - delta)]`` (at the upper end the first term
     of the curve alone equals delta).  The result is rounded up, never down:
-    ``gdp_delta(mu, result) <= delta``.  Never negative: when
+    ``gdp_delta(mu, result) <= delta``; it is accurate to a relative 1e-12 (the
+    rounding of the curve's evaluation near the root), so two values of ``mu`` one ulp
+    apart may come back in either order within that accuracy.  Never negative: when
     ``delta >= gdp_delta(mu, 0)`` the answer is 0.
 
     Parameters
@@ -111,8 +113,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     f = lambda e: _log_gdp_delta(mu, e) - log_delta  # noqa: E731 (decreasing)
     while f(hi) > 0:  # defensive; the bound above is already valid
         hi *= 2.0
-    eps = optimize.brentq(f, 0.0, hi, xtol=1e-14, rtol=4 * np.finfo(float).eps,
-                          maxiter=500)
+    eps = optimize.brentq(f, 0.0, hi, xtol=1e-14, rtol=4 * np.finfo(float).eps, maxiter=500)
     # Round up until the curve certifies it (typically zero or one step).
     step = max(abs(eps), 1e-12) * 1e-13
     while f(eps) > 0:
@@ -148,8 +149,7 @@ def gaussian_mu(noise_multipliers, counts=None) -> float:
         if len(cs) == 1 and len(zs) > 1:
             cs = cs * len(zs)
         if len(cs) != len(zs):
-            raise ValueError(
-                f"counts has length {len(cs)} but noise_multipliers has {len(zs)}")
+            raise ValueError(f"counts has length {len(cs)} but noise_multipliers has {len(zs)}")
     return math.sqrt(math.fsum(c / (z * z) for z, c in zip(zs, cs)))
 
 

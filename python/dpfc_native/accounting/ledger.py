@@ -87,22 +87,45 @@ class PrivacyLedger:
         def fmt(x, spec="{:.6g}"):
             return "-" if x is None else spec.format(x)
 
-        head = ["release", "sensitivity", "noise std", "multiplier", "count",
-                "sample rate", "share of mu^2"]
-        rows = [[e.name or f"#{i}", fmt(e.sensitivity), fmt(e.noise_std),
-                 fmt(e.noise_multiplier), str(e.count), fmt(e.sample_rate, "{:g}"),
-                 fmt(e.share, "{:.2%}")] for i, e in enumerate(self.entries)]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-                  for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
-                                       for i, (c, w) in enumerate(zip(cells, widths)))
+        head = [
+            "release",
+            "sensitivity",
+            "noise std",
+            "multiplier",
+            "count",
+            "sample rate",
+            "share of mu^2",
+        ]
+        rows = [
+            [
+                e.name or f"#{i}",
+                fmt(e.sensitivity),
+                fmt(e.noise_std),
+                fmt(e.noise_multiplier),
+                str(e.count),
+                fmt(e.sample_rate, "{:g}"),
+                fmt(e.share, "{:.2%}"),
+            ]
+            for i, e in enumerate(self.entries)
+        ]
+        widths = [
+            max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
+        ]
+
+        def line(cells):
+            return "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            )
+
         out = [line(head), line(["-" * w for w in widths])]
         out += [line(r) for r in rows]
         mu = "" if self.mu is None else f", mu = {self.mu:.6g}"
         out.append(f"total: epsilon = {self.epsilon:.6g}, delta = {self.delta:.3g}{mu}")
         if self.sampler_delta:
-            out.append(f"sampler tail cut: + {self.sampler_delta:.3g} to delta (delta of the "
-                       f"implementation: {self.total_delta:.6g})")
+            out.append(
+                f"sampler tail cut: + {self.sampler_delta:.3g} to delta (delta of the "
+                f"implementation: {self.total_delta:.6g})"
+            )
         out.append(f"({self.method}; adjacency: {self.adjacency})")
         return "\n".join(out)
 
@@ -135,8 +158,9 @@ def sampler_tail_delta(epsilon: float, normal_pairs: int) -> float:
 
 def with_sampler_tail(ledger: "PrivacyLedger", normal_pairs: int) -> "PrivacyLedger":
     """``ledger`` with :attr:`PrivacyLedger.sampler_delta` set for ``normal_pairs`` draws."""
-    return dataclasses.replace(ledger,
-                               sampler_delta=sampler_tail_delta(ledger.epsilon, normal_pairs))
+    return dataclasses.replace(
+        ledger, sampler_delta=sampler_tail_delta(ledger.epsilon, normal_pairs)
+    )
 
 
 def ledger_for(releases: Sequence, delta: float, method: str = "auto") -> PrivacyLedger:
@@ -171,11 +195,13 @@ def ledger_for(releases: Sequence, delta: float, method: str = "auto") -> Privac
         if isinstance(r, GaussianRelease) or r.sample_rate == 1.0:
             g = r if isinstance(r, GaussianRelease) else r.as_gaussian()
             share = (g.mu_squared / mu2) if mu2 else None
-            entries.append(LedgerEntry(g.name, g.sensitivity, g.std, g.noise_multiplier,
-                                       g.count, 1.0, share))
+            entries.append(
+                LedgerEntry(g.name, g.sensitivity, g.std, g.noise_multiplier, g.count, 1.0, share)
+            )
         else:
-            entries.append(LedgerEntry(r.name, None, None, r.noise_multiplier, r.steps,
-                                       r.sample_rate, None))
+            entries.append(
+                LedgerEntry(r.name, None, None, r.noise_multiplier, r.steps, r.sample_rate, None)
+            )
     epsilon, used = acct.get_epsilon_and_method(delta)
     desc = {
         "gdp": "exact Gaussian DP (mu-GDP)",

@@ -45,8 +45,9 @@ def _lse(x: np.ndarray) -> float:
     return m + math.log(float(np.sum(np.exp(x - m))))
 
 
-def _signed_log_add(log_pos: float, log_neg: float, log_terms: np.ndarray,
-                    signs: np.ndarray) -> tuple[float, float]:
+def _signed_log_add(
+    log_pos: float, log_neg: float, log_terms: np.ndarray, signs: np.ndarray
+) -> tuple[float, float]:
     """Accumulate ``sum(signs * exp(log_terms))`` into separate log-sums."""
     pos = log_terms[signs > 0]
     neg = log_terms[signs < 0]
@@ -65,15 +66,19 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     which a relative allowance is added, so the result never understates it).
     """
     k = np.arange(alpha + 1, dtype=np.float64)
-    log_binom = (special.gammaln(alpha + 1.0) - special.gammaln(k + 1.0)
-                 - special.gammaln(alpha - k + 1.0))
-    log_terms = (log_binom + k * math.log(q) + (alpha - k) * math.log1p(-q)
-                 + (k * k - k) / (2.0 * sigma * sigma))
+    log_binom = (
+        special.gammaln(alpha + 1.0) - special.gammaln(k + 1.0) - special.gammaln(alpha - k + 1.0)
+    )
+    log_terms = (
+        log_binom
+        + k * math.log(q)
+        + (alpha - k) * math.log1p(-q)
+        + (k * k - k) / (2.0 * sigma * sigma)
+    )
     return _lse(log_terms) + 64.0 * np.finfo(float).eps
 
 
-def _log_a_fractional(q: float, sigma: float, alpha: float,
-                      max_terms: int = 1_000_000) -> float:
+def _log_a_fractional(q: float, sigma: float, alpha: float, max_terms: int = 1_000_000) -> float:
     """``log A_alpha`` for fractional alpha (Mironov et al. 2019, Sec. 3.3).
 
     ``A_alpha = E_{x ~ N(0, s^2)} [(1 - q + q exp((2x - 1)/(2 s^2)))^alpha]``.
@@ -110,10 +115,20 @@ def _log_a_fractional(q: float, sigma: float, alpha: float,
         # sign of C(alpha, k): (-1)^(number of factors alpha - i < 0, i < k)
         n_neg = np.maximum(0.0, k - 1.0 - floor_a)
         signs = np.where(np.mod(n_neg, 2.0) == 0.0, 1.0, -1.0)
-        log_s0 = (log_binom + (alpha - k) * log_1mq + k * log_q + (k * k - k) / two_s2
-                  + special.log_ndtr((z0 - k) / sigma))
-        log_s1 = (log_binom + k * log_1mq + j * log_q + (j * j - j) / two_s2
-                  + special.log_ndtr((j - z0) / sigma))
+        log_s0 = (
+            log_binom
+            + (alpha - k) * log_1mq
+            + k * log_q
+            + (k * k - k) / two_s2
+            + special.log_ndtr((z0 - k) / sigma)
+        )
+        log_s1 = (
+            log_binom
+            + k * log_1mq
+            + j * log_q
+            + (j * j - j) / two_s2
+            + special.log_ndtr((j - z0) / sigma)
+        )
         log_t = np.logaddexp(log_s0, log_s1)
         log_pos, log_neg = _signed_log_add(log_pos, log_neg, log_t, signs)
         start += chunk
@@ -124,8 +139,7 @@ def _log_a_fractional(q: float, sigma: float, alpha: float,
                 log_pos = float(np.logaddexp(log_pos, last))  # remainder bound
                 break
     if not log_neg < log_pos:
-        raise FloatingPointError(
-            f"RDP series lost precision (q={q}, sigma={sigma}, alpha={alpha})")
+        raise FloatingPointError(f"RDP series lost precision (q={q}, sigma={sigma}, alpha={alpha})")
     log_a = log_pos + _log1mexp(log_neg - log_pos)
     # Pad for floating-point rounding of the sums (relative to the magnitude
     # of what was summed, which exceeds A when there was cancellation).
@@ -161,8 +175,9 @@ def _check_orders(orders) -> tuple:
     return vals
 
 
-def subsampled_gaussian_rdp(noise_multiplier: float, sample_rate: float,
-                            steps: int = 1, orders=None) -> np.ndarray:
+def subsampled_gaussian_rdp(
+    noise_multiplier: float, sample_rate: float, steps: int = 1, orders=None
+) -> np.ndarray:
     """RDP of ``steps`` Poisson-subsampled Gaussian mechanisms.
 
     Mironov, Talwar and Zhang 2019, "Renyi differential privacy of the sampled
@@ -265,6 +280,7 @@ def _refine_over_orders(rdp_at, orders: np.ndarray, rdp: np.ndarray, objective) 
         v = objective(a, rdp_at(a))
         return v if math.isfinite(v) else 1e300
 
-    res = optimize.minimize_scalar(f, bounds=(lo, hi), method="bounded",
-                                   options={"xatol": 1e-5 * lo, "maxiter": 40})
+    res = optimize.minimize_scalar(
+        f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-5 * lo, "maxiter": 40}
+    )
     return min(best, float(res.fun))
