@@ -636,3 +636,11 @@ def f32_widened_sensitivity(n: int, C: float) -> float:
     u32, u64 = 2.0**-24, 2.0**-53
     per_fit = ((m + 2) * u32 + (n / m + 1) * u64) * n * C**2
     return C**2 + 2 * per_fit
+
+
+def labelled_blobs(seed=0, n=200, d=5, k=3, dtype=np.float64):
+    """(x, y): n rows around k random centres in d dimensions (classes 0..k-1), seeded."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, size=n)
+    x = rng.standard_normal((k, d))[y] + 0.8 * rng.standard_normal((n, d))
+    return x.astype(dtype), y

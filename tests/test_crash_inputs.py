@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from _reference import labelled_blobs
 from typer.testing import CliRunner
 
 from dpfc_native import PrivacyWarning, accounting, data, load_model, models, ops
@@ -27,11 +28,7 @@ ESTIMATORS = (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSG
 runner = CliRunner()
 
 
-def _data(seed=0, n=200, d=5, k=3, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, k, size=n)
-    x = rng.standard_normal((k, d))[y] + 0.8 * rng.standard_normal((n, d))
-    return x.astype(dtype), y
+_data = labelled_blobs
 
 
 def _kw(cls, **kw):

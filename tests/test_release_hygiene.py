@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from _reference import labelled_blobs
 from typer.testing import CliRunner
 
 import dpfc_native
@@ -28,10 +29,7 @@ runner = CliRunner()
 
 
 def _data(seed=0, n=240, d=6, k=3, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, k, size=n)
-    x = rng.standard_normal((k, d))[y] + 0.8 * rng.standard_normal((n, d))
-    return x.astype(dtype), y
+    return labelled_blobs(seed, n, d, k, dtype)
 
 
 def _fit(cls, x, y, **kw):

@@ -1246,6 +1246,27 @@ _COMMON_DOC = """
         refused (before any noise is drawn) if its releases would take the total above
         the budget, and is charged otherwise. Clones (scikit-learn) share it."""
 
+#: The ``denoise`` parameter, shared by the estimators that factor released matrices.
+_DENOISE_DOC = """denoise : {"auto", "soft", "none", "psd", "spiked", "rie"}, default "auto"
+        How the released (noisy) matrix is treated before the solve; every choice reads
+        only the released matrix and the public noise std of its release (as in
+        ``privacy_``), so it is post-processing and the ledger is the same for all.
+        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
+        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
+        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
+        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
+        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
+        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
+        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
+        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
+        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
+        ``epsilon = inf`` every choice gives the same solve as "none". The
+        eigendecomposition costs about 10x a Cholesky (see the README), so "auto" is
+        "soft" where the eigendecompositions cost at most about the statistics pass
+        (``batch d <= n``, with ``batch`` = 1 for one gram or one step's K Hessians and K
+        for the per-class grams) and "none" elsewhere; the resolved choice is in
+        ``noise_plan(...).defaults["denoise"]``."""
+
 _ATTR_DOC = """
     Attributes
     ----------
@@ -1331,25 +1352,7 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         the per-class variant the per-class and global grams split the share equally
         (multipliers sqrt(2) larger than the class sums'). On held-out synthetic tasks
         0.3-0.5 were best; 0.85 lost at every epsilon.
-    denoise : {{"auto", "soft", "none", "psd", "spiked", "rie"}}, default "auto"
-        How the released (noisy) matrix is treated before the solve; every choice reads
-        only the released matrix and the public noise std of its release (as in
-        ``privacy_``), so it is post-processing and the ledger is the same for all.
-        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
-        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
-        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
-        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
-        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
-        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
-        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
-        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
-        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
-        ``epsilon = inf`` every choice gives the same solve as "none". The
-        eigendecomposition costs about 10x a Cholesky (see the README), so "auto" is
-        "soft" where the eigendecompositions cost at most about the statistics pass
-        (``batch d <= n``, with ``batch`` = 1 for one gram or one step's K Hessians and K
-        for the per-class grams) and "none" elsewhere; the resolved choice is in
-        ``noise_plan(...).defaults["denoise"]``.
+    {_DENOISE_DOC}
     {_ATTR_DOC}
     """
 
@@ -1591,25 +1594,7 @@ class DPNewtonClassifier(_DPClassifierBase):
         Share of ``mu^2`` for the Hessians (0.5: the paper's equal multipliers).
     bias : float, default 0.0
         Fixed logit offset (the paper uses no bias).
-    denoise : {{"auto", "soft", "none", "psd", "spiked", "rie"}}, default "auto"
-        How the released (noisy) matrix is treated before the solve; every choice reads
-        only the released matrix and the public noise std of its release (as in
-        ``privacy_``), so it is post-processing and the ledger is the same for all.
-        "none": factor ``M~ + reg I`` as released (Cholesky; repaired only when it
-        fails). Otherwise one batched eigendecomposition ``M~ = V diag(w) V^T``, the
-        eigenvalues shrunk by :func:`dpfc_native.linalg.shrink_eigenvalues` with the bulk
-        edge ``s sqrt(2 d)`` of the noise, and ``V diag(1 / (shrunk w + reg)) V^T`` applied:
-        "psd" clamps negative eigenvalues (the paper's repair applied to every matrix),
-        "soft" soft-thresholds at the bulk edge, "spiked" is the spiked-Wigner optimal
-        shrinker, "rie" the rotationally invariant estimator. "soft" was best on average
-        in benchmarks/bench_privacy_utility.py (every estimator, the synthetic presets and
-        digits, epsilon 0.1 to 8) and on the held-out tasks that set the ridge; with
-        ``epsilon = inf`` every choice gives the same solve as "none". The
-        eigendecomposition costs about 10x a Cholesky (see the README), so "auto" is
-        "soft" where the eigendecompositions cost at most about the statistics pass
-        (``batch d <= n``, with ``batch`` = 1 for one gram or one step's K Hessians and K
-        for the per-class grams) and "none" elsewhere; the resolved choice is in
-        ``noise_plan(...).defaults["denoise"]``.
+    {_DENOISE_DOC}
     {_ATTR_DOC}
     """
 
