@@ -117,7 +117,7 @@ def test_type_errors():
         acc.gaussian_epsilon("1.0", 1e-5)
     with pytest.raises(TypeError):
         acc.GaussianRelease(True)
-    with pytest.raises(ValueError, match="count"):
+    with pytest.raises(TypeError, match="count"):  # a float is not an integer (one rule)
         acc.GaussianRelease(1.0, count=1.5)
     with pytest.raises(TypeError):
         acc.PrivacyAccountant().compose("gaussian")

@@ -51,12 +51,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import special as _special
 
+from . import _validation as _v
 from . import accounting, mechanisms, models, ops
 from ._special import sigmoid
 
@@ -424,23 +424,6 @@ def _noisy_runs(
 # --------------------------------------------------------------------------------------
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
-
-
-def _integer(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_args(
     epsilon,
     delta,
@@ -456,32 +439,18 @@ def _check_args(
     clip_norm,
     canary_norm,
 ):
-    eps = _real(epsilon, "epsilon")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
-    dl = _real(delta, "delta")
-    if not 0.0 < dl < 1.0:
-        raise ValueError(f"delta must be in the open interval (0, 1), got {delta!r}")
-    runs = _integer(runs, "runs", 200)
-    d, n, steps = _integer(d, "d", 1), _integer(n, "n", 1), _integer(steps, "steps", 1)
-    k = _integer(k, "num_classes", 2)
-    conf = _real(confidence, "confidence")
-    if not 0.5 <= conf < 1.0:
-        raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
-    if planted_bug not in PLANTED_BUGS:
-        raise ValueError(f"planted_bug must be one of {PLANTED_BUGS}, got {planted_bug!r}")
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer))
-    ):
-        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
-    if backend not in ("native", "numpy"):
-        raise ValueError(f"backend must be 'native' or 'numpy', got {backend!r}")
-    c = _real(clip_norm, "clip_norm")
-    if not (c > 0 and math.isfinite(c)):
-        raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
-    cn = 4.0 * c if canary_norm is None else _real(canary_norm, "canary_norm")
-    if not (cn > 0 and math.isfinite(cn)):
-        raise ValueError(f"canary_norm must be finite and > 0, got {canary_norm!r}")
+    """The audit's arguments by the package's one set of rules (:mod:`._validation`)."""
+    eps = _v.positive(epsilon, "epsilon")
+    dl = _v.share(delta, "delta")
+    runs = _v.integer(runs, "runs", 200)
+    d, n, steps = _v.integer(d, "d", 1), _v.integer(n, "n", 1), _v.integer(steps, "steps", 1)
+    k = _v.integer(k, "num_classes", 2)
+    conf = _v.interval(confidence, "confidence", 0.5, 1.0, closed="left")
+    _v.choice(planted_bug, "planted_bug", PLANTED_BUGS)
+    _v.seed(seed, "seed")
+    _v.choice(backend, "backend", ("native", "numpy"))
+    c = _v.positive(clip_norm, "clip_norm")
+    cn = 4.0 * c if canary_norm is None else _v.positive(canary_norm, "canary_norm")
     return eps, dl, runs, d, n, conf, steps, k, c, cn
 
 

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Iterable
 
 import numpy as np
 
+from .. import _validation
+
 
 def _real(x, name: str) -> float:
-    """Convert ``x`` to a Python float, rejecting bools, non-numbers and NaN."""
-    if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.floating, np.integer)):
-        # 0-d arrays are accepted too
-        if isinstance(x, np.ndarray) and x.ndim == 0 and np.issubdtype(x.dtype, np.number):
-            x = x.item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if math.isnan(x):
-        raise ValueError(f"{name} must not be NaN")
-    return x
+    """``x`` as a Python float by the package's one rule for real scalars
+    (:func:`dpfc_native._validation.real`: bools, strings, arrays of ndim >= 1 are
+    TypeError; 0-d arrays count as scalars; NaN is ValueError)."""
+    return _validation.real(x, name)
 
 
 def _check_epsilon(
@@ -64,19 +58,9 @@ def _check_sample_rate(q, name: str = "sample_rate") -> float:
 
 
 def _check_count(n, name: str = "count") -> int:
-    if isinstance(n, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    if isinstance(n, (float, np.floating)):
-        if math.isnan(n):
-            raise ValueError(f"{name} must not be NaN")
-        if not float(n).is_integer():
-            raise ValueError(f"{name} must be an integer, got {n!r}")
-    elif not isinstance(n, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(n).__name__}")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
-    return n
+    """A repetition count: an integer >= 1 (:func:`dpfc_native._validation.integer`:
+    floats, even integral ones, are TypeError)."""
+    return _validation.integer(n, name, 1)
 
 
 def _as_list(x) -> list:
