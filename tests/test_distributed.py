@@ -561,10 +561,15 @@ def _worker_memory_with_the_package():
             return max(c.run(imported).values())
 
 
-def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
+def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path, monkeypatch):
     """A worker whose memory limit is its own footprint (after importing the package) plus
-    100 MB (Dask pauses it at 80% and kills it at 95%) fits on shards 1.3 times that
-    limit: tasks read one leaf at a time and ship only partials."""
+    100 MB fits on shards 1.3 times that limit: tasks read one leaf (here 8192 rows, a few
+    MB) at a time and ship only partials. Pausing is off (a paused worker whose freed
+    memory the allocator keeps would wait forever); the nanny still kills the worker at
+    95% of the limit, which fails the fit (KilledWorker) instead of hanging."""
+    import dask
+
+    monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", 8192)
     limit = _worker_memory_with_the_package() + 100 * 1000**2
     n_shards, d = 5, 64
     rows = int(1.3 * limit / (n_shards * d * 4)) + 1
@@ -585,14 +590,17 @@ def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path):
     sf = open_sharded(str(tmp_path / "*.npy"), num_classes=K, checksum=False)
     data_bytes = sf.n_rows * d * 4
     assert data_bytes > limit * 1.25
-    with distributed.LocalCluster(
-        n_workers=1,
-        processes=True,
-        threads_per_worker=1,
-        memory_limit=limit,
-        dashboard_address=None,
-        silence_logs=logging.CRITICAL,
-    ) as cluster:
+    with (
+        dask.config.set({"distributed.worker.memory.pause": False}),
+        distributed.LocalCluster(
+            n_workers=1,
+            processes=True,
+            threads_per_worker=1,
+            memory_limit=limit,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+    ):
         with distributed.Client(cluster) as c:
             est = _fit(models.DPLeastSquaresClassifier, {"reg": 5.0}, sf, client=c)
             after = max(
