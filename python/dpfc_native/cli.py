@@ -197,7 +197,7 @@ def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
             path, labels_path=labels, features_key=keys[0], labels_key=keys[1]
         )
     except _USER_ERRORS as exc:
-        _fail(f"cannot load {what} {path}: {exc}")
+        _fail(f"cannot load {what} {path}: {_cli_message(_message(exc))}")
 
 
 def _open_shards(pattern: str, num_classes: Optional[int]):
@@ -322,6 +322,8 @@ def _check_split(x, y, d: int, known, what: str, flag: str, where: str) -> None:
 
 #: Python names in the estimators' messages -> the CLI options that set them.
 _CLI_WORDS = (
+    (r"\bpass labels_path\b", "give a labels file"),
+    (r"\blabels_path\b", "a separate labels file"),
     (r"fit\(\.\.\., X_val=\.\.\., y_val=\.\.\.\)", "--val"),
     (r"\bX_val and y_val\b", "--val features and labels"),
     (r"\by_val\b", "--val labels"),

@@ -407,21 +407,23 @@ def _load_npy(path: str, mmap: bool, key: str) -> np.ndarray:
         ) from e
 
 
-def _load_npz(path: str):
+def _load_npz(path: str, keys=("features", "labels")):
+    """The two arrays ``keys`` of an .npz, headers checked against the file before loading."""
     _require_file(path, "features")
     if _read_magic(path, 4) not in _ZIP_MAGICS:
         raise ValueError(f"{path} is not a .npz (zip) file (bad magic bytes)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [key for key in ("features", "labels") if key not in z.files]
+            missing = [key for key in keys if key not in z.files]
             if missing:
                 raise _MissingKey(
                     f"{path} has no array '{missing[0]}' (arrays present: {sorted(z.files)})"
                 )
-            _check_npz_members(path, ("features", "labels"))
+            # A header claiming more than the file holds fails before any allocation.
+            _check_npz_members(path, keys)
             # Accessing a member decompresses and CRC-checks it.
-            x = z["features"]
-            y = z["labels"]
+            x = z[keys[0]]
+            y = z[keys[1]]
     except _MissingKey as e:
         raise ValueError(str(e)) from None
     except (
@@ -433,11 +435,14 @@ def _load_npz(path: str):
         zlib.error,
         NotImplementedError,
     ) as e:
-        raise ValueError(f"cannot read {path} (truncated or corrupted .npz file?): {e}") from e
+        raise ValueError(
+            f"cannot read {path} (truncated or corrupted .npz file, or object arrays?): {e}"
+        ) from e
     return x, y
 
 
-def _load_safetensors(path: str):
+def _load_safetensors(path: str, keys=("features", "labels")):
+    """The two tensors ``keys`` of a .safetensors file, as NumPy arrays."""
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -448,14 +453,14 @@ def _load_safetensors(path: str):
     _require_file(path, "features")
     try:
         with safe_open(path, framework="numpy") as f:
-            keys = set(f.keys())
-            missing = [key for key in ("features", "labels") if key not in keys]
+            present = set(f.keys())
+            missing = [key for key in keys if key not in present]
             if missing:
                 raise _MissingKey(
-                    f"{path} has no tensor '{missing[0]}' (tensors present: {sorted(keys)})"
+                    f"{path} has no tensor '{missing[0]}' (tensors present: {sorted(present)})"
                 )
-            x = f.get_tensor("features")
-            y = f.get_tensor("labels")
+            x = f.get_tensor(keys[0])
+            y = f.get_tensor(keys[1])
     except _MissingKey as e:
         raise ValueError(str(e)) from None
     except Exception as e:  # safetensors raises its own SafetensorError (an Exception)
@@ -463,6 +468,37 @@ def _load_safetensors(path: str):
             f"cannot read {path} (truncated or corrupted .safetensors file?): {e}"
         ) from e
     return x, y
+
+
+def _read_pair(path: str, labels_path, mmap: bool, keys=("features", "labels")):
+    """``(x, y, x_name, y_name)``: a feature file's features and labels as stored (arrays
+    ``keys`` of a .npz / .safetensors; a .npy and its labels .npy), with the names the
+    error messages use. The one format dispatch of :func:`load_features` and
+    :func:`read_labeled_arrays`."""
+    lower = path.lower()
+    if labels_path is not None and not lower.endswith(".npy"):
+        raise ValueError(f"labels_path is only used with .npy features, not {path}")
+    if lower.endswith(".npy"):
+        if labels_path is None:
+            labels_path = _sibling_labels_path(path)
+            if labels_path is None:
+                raise ValueError(
+                    f"no labels for {path}: pass labels_path, or name the pair "
+                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'"
+                )
+        labels_path = os.fspath(labels_path)
+        x = _load_npy(path, mmap, "features")
+        y = _load_npy(labels_path, False, "labels")
+        return x, y, f"features ({path})", f"labels ({labels_path})"
+    if lower.endswith(".npz"):
+        x, y = _load_npz(path, keys)
+    elif lower.endswith(".safetensors"):
+        x, y = _load_safetensors(path, keys)
+    else:
+        raise ValueError(
+            f"unknown feature file format: {path} (expected .npz, .npy or .safetensors)"
+        )
+    return x, y, f"{path}['{keys[0]}']", f"{path}['{keys[1]}']"
 
 
 def load_features(
@@ -517,32 +553,8 @@ def load_features(
         A ``.safetensors`` file without the ``safetensors`` package.
     """
     path = os.fspath(path)
-    lower = path.lower()
     set_name = os.path.basename(path) if name is None else name
-    if labels_path is not None and not lower.endswith(".npy"):
-        raise ValueError(f"labels_path is only used with .npy features, not {path}")
-    if lower.endswith(".npz"):
-        x, y = _load_npz(path)
-        x_key, y_key = f"{path}['features']", f"{path}['labels']"
-    elif lower.endswith(".npy"):
-        if labels_path is None:
-            labels_path = _sibling_labels_path(path)
-            if labels_path is None:
-                raise ValueError(
-                    f"no labels for {path}: pass labels_path, or name the pair "
-                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'"
-                )
-        labels_path = os.fspath(labels_path)
-        x = _load_npy(path, mmap, "features")
-        y = _load_npy(labels_path, False, "labels")
-        x_key, y_key = f"features ({path})", f"labels ({labels_path})"
-    elif lower.endswith(".safetensors"):
-        x, y = _load_safetensors(path)
-        x_key, y_key = f"{path}['features']", f"{path}['labels']"
-    else:
-        raise ValueError(
-            f"unknown feature file format: {path} (expected .npz, .npy or .safetensors)"
-        )
+    x, y, x_key, y_key = _read_pair(path, labels_path, mmap)
     if num_classes is not None:
         _validation.integer(num_classes, "num_classes", 1)  # an argument, not the file's
     with _validation.file_contents():
@@ -1182,74 +1194,7 @@ def read_labeled_arrays(
     labels : numpy.ndarray (n,) int64 or str
     """
     path = os.fspath(path)
-    lower = path.lower()
-    if labels_path is not None and not lower.endswith(".npy"):
-        raise ValueError(f"a separate labels file is only used with .npy features, not {path}")
-    if lower.endswith(".npz"):
-        _require_file(path, "features")
-        if _read_magic(path, 4) not in _ZIP_MAGICS:
-            raise ValueError(f"{path} is not a .npz (zip) file (bad magic bytes)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in (features_key, labels_key) if k not in z.files]
-                if missing:
-                    raise _MissingKey(
-                        f"{path} has no array '{missing[0]}' (arrays present: {sorted(z.files)})"
-                    )
-                # A header claiming more than the file holds fails before any allocation.
-                _check_npz_members(path, (features_key, labels_key))
-                x, y = z[features_key], z[labels_key]
-        except _MissingKey as e:
-            raise ValueError(str(e)) from None
-        except (
-            ValueError,
-            OSError,
-            EOFError,
-            KeyError,
-            zipfile.BadZipFile,
-            zlib.error,
-            NotImplementedError,
-        ) as e:
-            raise ValueError(
-                f"cannot read {path} (truncated or corrupted .npz file, or object arrays?): {e}"
-            ) from e
-        x_key, y_key = f"{path}['{features_key}']", f"{path}['{labels_key}']"
-    elif lower.endswith(".npy"):
-        if labels_path is None:
-            labels_path = _sibling_labels_path(path)
-            if labels_path is None:
-                raise ValueError(
-                    f"no labels for {path}: give a labels file, or name the pair "
-                    f"'<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}'"
-                )
-        labels_path = os.fspath(labels_path)
-        x = _load_npy(path, mmap, "features")
-        y = _load_npy(labels_path, False, "labels")
-        x_key, y_key = f"features ({path})", f"labels ({labels_path})"
-    elif lower.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(f"reading {path} needs the 'safetensors' package") from e
-        _require_file(path, "features")
-        try:
-            with safe_open(path, framework="numpy") as f:
-                keys = set(f.keys())
-                missing = [k for k in (features_key, labels_key) if k not in keys]
-                if missing:
-                    raise _MissingKey(
-                        f"{path} has no tensor '{missing[0]}' (tensors present: {sorted(keys)})"
-                    )
-                x, y = f.get_tensor(features_key), f.get_tensor(labels_key)
-        except _MissingKey as e:
-            raise ValueError(str(e)) from None
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ValueError(f"cannot read {path}: {e}") from e
-        x_key, y_key = f"{path}['{features_key}']", f"{path}['{labels_key}']"
-    else:
-        raise ValueError(
-            f"unknown feature file format: {path} (expected .npz, .npy or .safetensors)"
-        )
+    x, y, x_key, y_key = _read_pair(path, labels_path, mmap, (features_key, labels_key))
     with _validation.file_contents():
         y = coerce_labels(y, y_key)
         # Features: the same checks as load_features (labels are checked above).
