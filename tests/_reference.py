@@ -644,3 +644,30 @@ def labelled_blobs(seed=0, n=200, d=5, k=3, dtype=np.float64):
     y = rng.integers(0, k, size=n)
     x = rng.standard_normal((k, d))[y] + 0.8 * rng.standard_normal((n, d))
     return x.astype(dtype), y
+
+
+# Cholesky kernel paths, forced through the DPFC_CHOL_* variables (the kernel
+# configuration passes them to the native launcher).
+CHOL_PATHS = {
+    "auto": {},
+    "blocked-left-mma": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "left",
+        "DPFC_CHOL_KERNEL": "mma",
+    },
+    "blocked-right-mma": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "right",
+        "DPFC_CHOL_KERNEL": "mma",
+    },
+    "blocked-left-simt": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "left",
+        "DPFC_CHOL_KERNEL": "simt",
+    },
+    "blocked-right-simt": {
+        "DPFC_CHOL_SMALL_MAX": "0",
+        "DPFC_CHOL_SCHEDULE": "right",
+        "DPFC_CHOL_KERNEL": "simt",
+    },
+}

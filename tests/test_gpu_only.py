@@ -17,6 +17,7 @@ import functools
 
 import numpy as np
 import pytest
+from _reference import CHOL_PATHS as PATHS
 from _reference import (
     EPS,
     EPS32,
@@ -443,30 +444,6 @@ def test_mixed_devices_rejected():
 # --------------------------------------------------------------------------------------
 # Cholesky: raw calls, work spaces, graph capture, kernel configuration
 # --------------------------------------------------------------------------------------
-
-PATHS = {
-    "auto": {},
-    "blocked-left-mma": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "left",
-        "DPFC_CHOL_KERNEL": "mma",
-    },
-    "blocked-right-mma": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "right",
-        "DPFC_CHOL_KERNEL": "mma",
-    },
-    "blocked-left-simt": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "left",
-        "DPFC_CHOL_KERNEL": "simt",
-    },
-    "blocked-right-simt": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "right",
-        "DPFC_CHOL_KERNEL": "simt",
-    },
-}
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _reference import CHOL_PATHS as PATHS
 from _reference import (
     EPS,
     check_factor_against_lapack,
@@ -40,31 +41,6 @@ from dpfc_native import ops
 
 DTYPES = ["float64", "float32"]
 
-# Kernel paths, forced through the DPFC_CHOL_* variables (the kernel configuration passes
-# them to the native launcher).
-PATHS = {
-    "auto": {},
-    "blocked-left-mma": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "left",
-        "DPFC_CHOL_KERNEL": "mma",
-    },
-    "blocked-right-mma": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "right",
-        "DPFC_CHOL_KERNEL": "mma",
-    },
-    "blocked-left-simt": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "left",
-        "DPFC_CHOL_KERNEL": "simt",
-    },
-    "blocked-right-simt": {
-        "DPFC_CHOL_SMALL_MAX": "0",
-        "DPFC_CHOL_SCHEDULE": "right",
-        "DPFC_CHOL_KERNEL": "simt",
-    },
-}
 BLOCKED = [p for p in PATHS if p != "auto"]
 AUTO_SIZES = [1, 2, 3, 16, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 200, 257, 1000, 1664]
 BLOCKED_SIZES = [1, 2, 33, 64, 65, 127, 129, 191, 257, 1000]
