@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import uuid
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -231,10 +232,15 @@ def compute(
         raise ValueError("this statistic needs weights (n, K) or a weight_fn")
     d = int(x.shape[1]) if chunked else int(source.n_features)
     key = _red._partial_key(stat, layout, sampling, d)  # noqa: SLF001 - same module family
-    tag = hashlib.sha256(f"{key}|{token}".encode()).hexdigest()[:16]
+    # Task keys name what a task computes (for the dashboard) plus a fresh nonce: a key is
+    # never reused across calls, because resubmitting (or re-scattering) a key while the
+    # scheduler is still forgetting it from the previous call can leave a task waiting on
+    # data that is gone, with every worker idle. Retries of a task keep its key; the bits
+    # do not depend on keys.
+    tag = hashlib.sha256(f"{key}|{token}".encode()).hexdigest()[:12] + "-" + uuid.uuid4().hex[:12]
     blob = pickle.dumps(stat)
     stat_arg = (
-        client.scatter(stat, broadcast=True, hash=True) if len(blob) > _SCATTER_BYTES else stat
+        client.scatter(stat, broadcast=True, hash=False) if len(blob) > _SCATTER_BYTES else stat
     )
 
     futures = []
@@ -253,7 +259,7 @@ def compute(
                 stop = min(b, first + step)
                 w = None if weights is None else _TaskWeights(weights, layout, first, stop)
                 parts.append(
-                    dask.delayed(_chunk_task, pure=True, name=f"dpfc-partial-{tag}-{first}-{stop}")(
+                    dask.delayed(_chunk_task, name=f"dpfc-partial-{tag}-{first}-{stop}")(
                         stat_arg,
                         s,
                         xd[s],
@@ -287,7 +293,6 @@ def compute(
                     sampling,
                     w,
                     key=f"dpfc-partial-{tag}-{first}-{stop}-{i}",
-                    pure=True,
                     workers=workers,
                 )
             )
@@ -299,7 +304,7 @@ def compute(
             done += part.n_leaves_covered
             if progress is not None:
                 progress(done, layout.n_leaves)
-            fut.release()
+            fut.release()  # a partial can be large (limbs of K x d x d): free it now
     finally:
         for fut in futures:
             fut.release()
