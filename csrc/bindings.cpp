@@ -2,7 +2,8 @@
 // compiled with CUDA) the GPU launchers registered by bindings_cuda.cpp.
 //
 // Binding naming scheme (every function of _core; python/dpfc_native/_core.pyi types them):
-//   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise).
+//   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise,
+//              cpu_grid_accumulate).
 //   cuda_<op>  a CUDA entry point: device pointers, extents and strides (in elements), a dtype
 //              code (csrc/cuda/runtime.cuh DType: 0 float32, 1 float64, 2 float16,
 //              3 bfloat16) and a stream, all as Python ints. It enqueues work on the stream
@@ -24,6 +25,7 @@
 #include "common/clip.hpp"
 #include "common/errors.hpp"
 #include "common/philox.hpp"
+#include "cpu/grid_cpu.hpp"
 #include "cpu/noise_cpu.hpp"
 
 namespace py = pybind11;
@@ -79,6 +81,32 @@ void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, 
   }
 }
 
+// hi += floor(q / 2^32), lo += q mod 2^32 for q = nearbyint(v * scale); 0 on success, 1 when
+// v * scale has NaN/Inf, 2 when some |q| > limit (then nothing is added).
+// The accumulators are updated in place: never a converted copy.
+void check_int64_out(const py::array& a, const char* name) {
+  DPFC_EXPECTS(a.dtype().is(py::dtype::of<int64_t>()), std::string(name) + " must be int64");
+  DPFC_EXPECTS(a.writeable(), std::string(name) + " must be writeable");
+  DPFC_EXPECTS(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+}
+
+int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::array hi,
+                        py::array lo) {
+  DPFC_EXPECTS(v.dtype().is(py::dtype::of<double>()), "v must be float64");
+  DPFC_EXPECTS(v.flags() & py::array::c_style, "v must be C-contiguous");
+  check_int64_out(hi, "hi");
+  check_int64_out(lo, "lo");
+  DPFC_EXPECTS(hi.size() == v.size() && lo.size() == v.size(),
+               "v, hi and lo must have the same number of elements");
+  DPFC_EXPECTS(limit > 0.0 && limit <= 4611686018427387904.0, "limit must be in (0, 2^62]");
+  const auto* pv = static_cast<const double*>(v.data());
+  auto* ph = static_cast<int64_t*>(hi.mutable_data());
+  auto* pl = static_cast<int64_t*>(lo.mutable_data());
+  const int64_t n = v.size();
+  py::gil_scoped_release nogil;
+  return static_cast<int>(cpu::grid_accumulate(pv, n, scale, limit, ph, pl));
+}
+
 std::array<uint32_t, 4> philox_raw(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
   Philox4x32 c{{counter[0], counter[1], counter[2], counter[3]}};
   const Philox4x32 r = philox4x32_10(c, key[0], key[1]);
@@ -129,6 +157,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_gaussian_noise", &dpfc::gaussian_noise_cpu, py::arg("out"), py::arg("std"),
         py::arg("key_words"), py::arg("block0"),
         "Fill a contiguous array with i.i.d. N(0, std^2) from the Philox stream.");
+  m.def("cpu_grid_accumulate", &dpfc::grid_accumulate_cpu, py::arg("v"), py::arg("scale"),
+        py::arg("limit"), py::arg("hi"), py::arg("lo"),
+        "Exact two-limb fixed-grid accumulation of float64 values; returns a status code.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),
         "Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid).");
 

@@ -332,12 +332,61 @@ def test_float16_leaves_kept_as_stored(rng):
     )
 
 
-def test_statistic_beyond_its_range_raises():
+def _limbs(shape):
+    return np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+
+
+def test_statistic_beyond_its_range_raises_and_adds_nothing():
+    hi, lo = _limbs(2)
     with pytest.raises(ValueError, match="a-priori range"):
-        R._grid_int(np.array([3.0 * 8]), R._grid_exponent(1.0), 50, 4, "G")
-    R._grid_int(np.array([-4.0 * 0.999]), R._grid_exponent(1.0), 50, 4, "G")  # within range
-    with pytest.raises(ValueError, match="NaN"):
-        R._grid_int(np.array([np.nan]), 1, 50, 4, "G")
+        R._grid_add(np.array([1.0, 3.0 * 8]), R._grid_exponent(1.0), 50, 4, "G", hi, lo)
+    assert not hi.any() and not lo.any()
+    R._grid_add(np.array([1.0, -4.0 * 0.999]), R._grid_exponent(1.0), 50, 4, "G", hi, lo)
+    assert lo.any()  # within range: added
+    for bad in (np.nan, np.inf, -np.inf):
+        hi, lo = _limbs(3)
+        with pytest.raises(ValueError, match="NaN"):
+            R._grid_add(np.array([1e9, 0.5, bad]), 1, 50, 4, "G", hi, lo)  # NaN wins over range
+        assert not hi.any() and not lo.any()
+    with pytest.raises(ValueError, match="shape"):
+        R._grid_add(np.ones((2, 2)), 1, 50, 4, "G", *_limbs((2, 3)))
+
+
+@pytest.mark.parametrize("n", [1, 7, 4097])
+def test_grid_add_matches_python_integers(n):
+    """The native limb accumulation against exact Python integers: round half to even on the
+    grid, negative values, values near the range limit, several leaves accumulated."""
+    rng = np.random.default_rng(n)
+    frac, exponent, rows = 50, 3, 16
+    hi, lo = _limbs(n)
+    want = [0] * n
+    for leaf in range(3):
+        v = rng.standard_normal(n) * 2.0**exponent * rng.choice([1e-12, 1e-3, 1.0], n)
+        if leaf == 1:  # exact ties on the grid: rint must round them to even
+            v = (np.arange(n) - n // 2 + 0.5) * 2.0 ** (exponent - frac)
+        if leaf == 2 and n > 1:  # the largest magnitude the range allows, both signs
+            v[:2] = [rows * 2.0**exponent, -rows * 2.0**exponent]
+        R._grid_add(v, exponent, frac, rows, "G", hi, lo)
+        for k, x in enumerate(v.tolist()):
+            scaled = x * 2.0 ** (frac - exponent)
+            want[k] += round(scaled)  # Python's round: half to even, exact on doubles
+    assert ((lo >= 0) & (lo < 3 << 32)).all()  # each leaf adds a limb below 2^32
+    got = [int(h) * (1 << 32) + int(low) for h, low in zip(hi.tolist(), lo.tolist())]
+    assert got == want
+
+
+def test_grid_add_rejects_converted_copies():
+    v = np.ones(4)
+    for hi, lo in [
+        (np.zeros(4, np.int32), np.zeros(4, np.int64)),
+        (np.zeros(8, np.int64)[::2], np.zeros(4, np.int64)),
+    ]:
+        with pytest.raises(ValueError, match="hi must be"):
+            R._core.cpu_grid_accumulate(v, 1.0, 2.0**40, hi, lo)
+    ro = np.zeros(4, np.int64)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="lo must be writeable"):
+        R._core.cpu_grid_accumulate(v, 1.0, 2.0**40, np.zeros(4, np.int64), ro)
 
 
 # --------------------------------------------------------------------------------------

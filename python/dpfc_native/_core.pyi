@@ -37,6 +37,15 @@ def cpu_gaussian_noise(
 ) -> None:
     """Fill a contiguous array with i.i.d. N(0, std^2) from the Philox stream."""
 
+def cpu_grid_accumulate(
+    v: npt.NDArray[np.float64],
+    scale: float,
+    limit: float,
+    hi: npt.NDArray[np.int64],
+    lo: npt.NDArray[np.int64],
+) -> int:
+    """Exact two-limb fixed-grid accumulation of float64 values; returns a status code."""
+
 def eval_transform(t: npt.ArrayLike, which: str) -> npt.NDArray[np.float64]:
     """Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid)."""
 

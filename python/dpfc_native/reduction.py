@@ -50,7 +50,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import ops
+from . import _core, ops
 
 __all__ = [
     "LEAF_ROWS",
@@ -314,22 +314,21 @@ def _host(v):
     return v
 
 
-def _grid_int(v, exponent: int, frac: int, rows: int, name: str) -> np.ndarray:
-    """rint(v 2^(F - E)) as int64: one leaf's value on the grid."""
-    q = np.array(_host(v), dtype=np.float64)  # own copy, scaled in place (power of two: exact)
-    q *= 2.0 ** (frac - exponent)
-    np.rint(q, out=q)
-    if q.size:
-        lo, hi = float(q.min()), float(q.max())
-        # A leaf of `rows` rows with per-row terms below 2^E stays below rows 2^F (at most
-        # 2^62): beyond it the range argument (and the declared bound) would not hold.
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name}: leaf statistic has NaN or Inf")
-        if max(hi, -lo) > rows * 2.0**frac:
-            raise ValueError(
-                f"{name}: leaf statistic exceeds its a-priori range ({rows} rows x 2^{exponent})"
-            )
-    return q.astype(np.int64)
+def _grid_add(v, exponent: int, frac: int, rows: int, name: str, hi, lo) -> None:
+    """Add one leaf's value on the grid, q = rint(v 2^(F - E)), to the limbs in place:
+    hi += floor(q / 2^32), lo += q mod 2^32 (native, one pass; exact integer additions)."""
+    q = np.ascontiguousarray(_host(v), dtype=np.float64)
+    if q.shape != hi.shape:
+        raise ValueError(f"{name}: leaf statistic has shape {q.shape}, expected {hi.shape}")
+    # A leaf of `rows` rows with per-row terms below 2^E stays below rows 2^F (at most 2^62):
+    # beyond it the range argument (and the declared bound) would not hold.
+    status = _core.cpu_grid_accumulate(q, 2.0 ** (frac - exponent), rows * 2.0**frac, hi, lo)
+    if status == 1:
+        raise ValueError(f"{name}: leaf statistic has NaN or Inf")
+    if status == 2:
+        raise ValueError(
+            f"{name}: leaf statistic exceeds its a-priori range ({rows} rows x 2^{exponent})"
+        )
 
 
 def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int, frac: int) -> np.ndarray:
@@ -357,13 +356,7 @@ class _Accumulator:
         if out is None:  # an empty (unsampled) leaf: covered, adds zero
             return
         for name, e in self.exps.items():
-            q = _grid_int(out[name], e, self.frac, rows, name)
-            hi, lo = self.hi[name], self.lo[name]
-            if hi.shape != q.shape:
-                raise ValueError(f"{name}: leaf statistic has shape {q.shape}, expected {hi.shape}")
-            hi += q >> _LIMB_BITS
-            np.bitwise_and(q, _LIMB_MASK, out=q)
-            lo += q
+            _grid_add(out[name], e, self.frac, rows, name, self.hi[name], self.lo[name])
         for name, acc in self.ints.items():
             acc += np.asarray(_host(out[name]), np.int64).reshape(acc.shape)
         self._since_carry += 1
