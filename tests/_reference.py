@@ -20,6 +20,12 @@ import scipy.linalg.lapack as lapack
 import scipy.stats
 
 from dpfc_native import _core, ops
+from dpfc_native.models import (
+    DPFCClassifier,
+    DPLeastSquaresClassifier,
+    DPNewtonClassifier,
+    DPSGDClassifier,
+)
 
 MARGIN = float(_core.clip_margin)  # 1 - 2^-20
 EPS32 = 2.0**-24
@@ -636,6 +642,22 @@ def f32_widened_sensitivity(n: int, C: float) -> float:
     u32, u64 = 2.0**-24, 2.0**-53
     per_fit = ((m + 2) * u32 + (n / m + 1) * u64) * n * C**2
     return C**2 + 2 * per_fit
+
+
+#: The four estimators, in the order the tests report them.
+ESTIMATORS = (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier)
+
+#: The Gram shapes (n, d) the GPU engines are tested on, by the op tests and the engine tests.
+GPU_GRAM_SHAPES = [
+    (1, 1),
+    (1, 257),
+    (31, 7),
+    (31, 130),
+    (31, 1000),
+    (2000, 257),
+    (100003, 64),
+    (100003, 130),
+]
 
 
 def labelled_blobs(seed=0, n=200, d=5, k=3, dtype=np.float64):

@@ -11,20 +11,14 @@ import zipfile
 
 import numpy as np
 import pytest
-from _reference import labelled_blobs
+from _reference import ESTIMATORS, labelled_blobs
 from typer.testing import CliRunner
 
 from dpfc_native import PrivacyWarning, accounting, data, load_model, models, ops
 from dpfc_native._cpu_stats import _clip_scale
 from dpfc_native.cli import app
-from dpfc_native.models import (
-    DPFCClassifier,
-    DPLeastSquaresClassifier,
-    DPNewtonClassifier,
-    DPSGDClassifier,
-)
+from dpfc_native.models import DPFCClassifier, DPLeastSquaresClassifier, DPSGDClassifier
 
-ESTIMATORS = (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier)
 runner = CliRunner()
 
 

@@ -21,6 +21,7 @@ from _reference import CHOL_PATHS as PATHS
 from _reference import (
     EPS,
     EPS32,
+    GPU_GRAM_SHAPES,
     assert_all_written,
     check_factor_against_lapack,
     check_gram,
@@ -120,20 +121,9 @@ def _check_gram(got, n: int, d: int, dtype: str, mode: str):
 # Gram engines and raw calls
 # --------------------------------------------------------------------------------------
 
-GRAM_SHAPES = [
-    (1, 1),
-    (1, 257),
-    (31, 7),
-    (31, 130),
-    (31, 1000),
-    (2000, 257),
-    (100003, 64),
-    (100003, 130),
-]
-
 
 @pytest.mark.parametrize("mode", ["float64", "float32", "tf32", "bf16"])
-@pytest.mark.parametrize("n,d", GRAM_SHAPES)
+@pytest.mark.parametrize("n,d", GPU_GRAM_SHAPES)
 def test_clipped_gram_bfloat16_raw(n, d, mode):
     """bfloat16 rows (bit patterns: NumPy has no bfloat16) through the raw launcher."""
     _, bits, clip_norm = dataset(n, d, "bfloat16")

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+from _reference import ESTIMATORS
 from conftest import GPU_AVAILABLE, reference_clip64
 from scipy.special import expit, softmax
 from sklearn.exceptions import NotFittedError
@@ -25,7 +26,6 @@ from dpfc_native.models import (
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
 
 INF = float("inf")
-ESTIMATORS = [DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier]
 
 
 def _data(seed=0, n=240, d=6, k=3, scale=3.0):

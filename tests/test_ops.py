@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from _reference import (
     EPS32,
+    GPU_GRAM_SHAPES,
     assert_all_written,
     check_gram,
     draw_features,
@@ -123,16 +124,6 @@ def test_clipping_soundness_adversarial_rows(xp, dtype, rng):
 # clipped_gram
 # --------------------------------------------------------------------------------------
 
-GPU_GRAM_SHAPES = [
-    (1, 1),
-    (1, 257),
-    (31, 7),
-    (31, 130),
-    (31, 1000),
-    (2000, 257),
-    (100003, 64),
-    (100003, 130),
-]
 GRAM_CASES = xp_cases(
     cpu=[
         (n, d, dt, mode)

@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from _reference import labelled_blobs
+from _reference import ESTIMATORS, labelled_blobs
 from typer.testing import CliRunner
 
 import dpfc_native
@@ -24,7 +24,6 @@ from dpfc_native.models import (
     DPSGDClassifier,
 )
 
-ESTIMATORS = (DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier)
 runner = CliRunner()
 
 

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from _reference import ESTIMATORS
 from conftest import reference_clip64
 from scipy.special import expit, log_expit
 from sklearn.calibration import CalibratedClassifierCV
@@ -27,7 +28,6 @@ from dpfc_native.models import (
 # the label set from y: both warn with PrivacyWarning, which is tested elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore::dpfc_native.PrivacyWarning")
 
-ESTIMATORS = [DPLeastSquaresClassifier, DPNewtonClassifier, DPFCClassifier, DPSGDClassifier]
 INF = float("inf")
 
 
