@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -658,6 +659,20 @@ GPU_GRAM_SHAPES = [
     (100003, 64),
     (100003, 130),
 ]
+
+
+def npy_shards(folder, x, y, sizes, num_classes: int, stem: str = "part", **open_kw):
+    """Write the rows of (x, y) as consecutive ``.npy`` shard pairs of the given sizes in
+    ``folder`` (made if missing) and open them as one sharded set."""
+    from dpfc_native.shards import open_sharded
+
+    os.makedirs(folder, exist_ok=True)
+    start = 0
+    for i, m in enumerate(sizes):
+        np.save(os.path.join(folder, f"{stem}{i}.features.npy"), x[start : start + m])
+        np.save(os.path.join(folder, f"{stem}{i}.labels.npy"), y[start : start + m])
+        start += m
+    return open_sharded(os.path.join(folder, "*.npy"), num_classes=num_classes, **open_kw)
 
 
 def labelled_blobs(seed=0, n=200, d=5, k=3, dtype=np.float64):

@@ -22,6 +22,8 @@ distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 cloudpickle = pytest.importorskip("cloudpickle")
 
+from _reference import npy_shards  # noqa: E402
+
 from dpfc_native import distributed as dd  # noqa: E402
 from dpfc_native import mechanisms  # noqa: E402
 from dpfc_native import reduction as R  # noqa: E402
@@ -36,15 +38,21 @@ D = 9
 K = 5
 
 
-@pytest.fixture(scope="module")
-def client():
-    with distributed.LocalCluster(
-        n_workers=2,
+def _local_cluster(n_workers, **kwargs):
+    """Worker processes of one thread each, quiet, no dashboard."""
+    return distributed.LocalCluster(
+        n_workers=n_workers,
         processes=True,
         threads_per_worker=1,
         dashboard_address=None,
         silence_logs=logging.CRITICAL,
-    ) as cluster:
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def client():
+    with _local_cluster(2) as cluster:
         with distributed.Client(cluster) as c:
             c.wait_for_workers(2, timeout=60)
             yield c
@@ -57,12 +65,7 @@ def data(tmp_path_factory):
     n = sum(SHARDS)
     x = (rng.standard_normal((n, D)) * rng.uniform(0.2, 3.0, size=(n, 1))).astype(np.float32)
     y = rng.integers(0, K, size=n)
-    a = 0
-    for i, m in enumerate(SHARDS):
-        np.save(tmp / f"part{i}.features.npy", x[a : a + m])
-        np.save(tmp / f"part{i}.labels.npy", y[a : a + m])
-        a += m
-    return open_sharded(str(tmp / "*.npy"), num_classes=K), x, y
+    return npy_shards(tmp, x, y, SHARDS, K), x, y
 
 
 def _bits(result):
@@ -303,14 +306,9 @@ def test_worker_killed_mid_run_gives_same_bits_and_counts_each_leaf_once(client,
     client.wait_for_workers(2, timeout=60)
 
 
-def _write_shards(folder, x, y, sizes):
-    os.makedirs(folder, exist_ok=True)
-    a = 0
-    for i, m in enumerate(sizes):
-        np.save(os.path.join(folder, f"p{i}.features.npy"), x[a : a + m])
-        np.save(os.path.join(folder, f"p{i}.labels.npy"), y[a : a + m])
-        a += m
-    return open_sharded(os.path.join(folder, "*.npy"), num_classes=K, checksum=False)
+def _p_shards(folder, x, y, sizes, k):
+    """Shards ``p0, p1, ...`` opened without checksums."""
+    return npy_shards(folder, x, y, sizes, k, stem="p", checksum=False)
 
 
 def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_path):
@@ -323,7 +321,7 @@ def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_
     y = rng.integers(0, K - 1, sum(sizes))  # class K-1 never occurs in D
     c, cg = 1.5, 0.4
     w = rng.standard_normal((K, D)) * 3
-    base = _write_shards(str(tmp_path / "d"), x, y, sizes)
+    base = _p_shards(str(tmp_path / "d"), x, y, sizes, K)
     stats = [
         (R.Gram(c), c * c),
         (R.ClassSums(c, K), c),
@@ -342,7 +340,7 @@ def test_replay_neighbours_through_dask_within_declared_sensitivity(client, tmp_
         sizes2 = list(sizes)
         shard = int(np.searchsorted(np.cumsum(sizes), pos, side="right")) if pos < sum(sizes) else 2
         sizes2[min(shard, 2)] += 1
-        nb = _write_shards(str(tmp_path / f"n{t}"), x2, y2, sizes2)
+        nb = _p_shards(str(tmp_path / f"n{t}"), x2, y2, sizes2, K)
         for (stat, sens), s0 in zip(stats, before):
             s1 = dd.compute(stat, nb, client=client, leaf_rows=16, leaves_per_task=3)
             v0 = s0[0] if isinstance(s0, tuple) else s0
@@ -481,7 +479,7 @@ def test_parameters_arriving_unaligned_through_dask_give_the_same_bits(client, t
     x = rng.standard_normal((3001, 16)) * 0.3  # sizes where NumPy's loops and BLAS differ
     y = rng.integers(0, K, 3001)
     w = rng.standard_normal((K, 16))
-    src = _write_shards(str(tmp_path), x, y, [3001])  # the task carries a manifest, no data
+    src = _p_shards(str(tmp_path), x, y, [3001], K)  # the task carries a manifest, no data
     lay = R.LeafLayout(src.shard_rows)
     for stat in (
         R.LinearGrad(0.3, w, -1.0, feature_clip=1.0),
@@ -550,13 +548,7 @@ def _worker_memory_with_the_package():
 
         return dask_worker.monitor.get_process_memory()
 
-    with distributed.LocalCluster(
-        n_workers=1,
-        processes=True,
-        threads_per_worker=1,
-        dashboard_address=None,
-        silence_logs=logging.CRITICAL,
-    ) as cluster:
+    with _local_cluster(1) as cluster:
         with distributed.Client(cluster) as c:
             return max(c.run(imported).values())
 
@@ -592,14 +584,7 @@ def test_fit_completes_with_a_worker_memory_limit_below_the_dataset(tmp_path, mo
     assert data_bytes > limit * 1.25
     with (
         dask.config.set({"distributed.worker.memory.pause": False}),
-        distributed.LocalCluster(
-            n_workers=1,
-            processes=True,
-            threads_per_worker=1,
-            memory_limit=limit,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
+        _local_cluster(1, memory_limit=limit) as cluster,
     ):
         with distributed.Client(cluster) as c:
             est = _fit(models.DPLeastSquaresClassifier, {"reg": 5.0}, sf, client=c)
@@ -649,8 +634,8 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
         sizes2 = list(sizes)
         sizes2[shard] += 1
         x2, y2 = np.insert(x, pos, row, axis=0), np.insert(y, pos, label)
-        folders[t] = _write_shards_k(str(tmp_path / f"n{t}"), x2, y2, sizes2, k)
-    base_sf = _write_shards_k(str(tmp_path / "d"), x, y, sizes, k)
+        folders[t] = _p_shards(str(tmp_path / f"n{t}"), x2, y2, sizes2, k)
+    base_sf = _p_shards(str(tmp_path / "d"), x, y, sizes, k)
     checked = 0
     for name, cls, kw in ESTIMATORS:
         common = dict(
@@ -678,13 +663,3 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
                 assert moved <= sens, (name, t, r0["name"], moved, sens)
                 checked += 1
     assert checked >= 2 * len(ESTIMATORS)
-
-
-def _write_shards_k(folder, x, y, sizes, k):
-    os.makedirs(folder, exist_ok=True)
-    a = 0
-    for i, m in enumerate(sizes):
-        np.save(os.path.join(folder, f"p{i}.features.npy"), x[a : a + m])
-        np.save(os.path.join(folder, f"p{i}.labels.npy"), y[a : a + m])
-        a += m
-    return open_sharded(os.path.join(folder, "*.npy"), num_classes=k, checksum=False)

@@ -17,11 +17,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from _reference import npy_shards
 from conftest import reference_clip64
 
 from dpfc_native import _core, ops
 from dpfc_native import reduction as R
-from dpfc_native.shards import open_sharded
 
 SHARDS = (301, 77, 1000)  # unequal, none a multiple of the leaf
 LEAF = 64
@@ -223,12 +223,7 @@ def test_partials_of_different_statistics_do_not_merge(rng):
 @pytest.fixture
 def sharded(tmp_path, rng):
     x, y = _data(rng)
-    a = 0
-    for i, m in enumerate(SHARDS):
-        np.save(tmp_path / f"s{i}.features.npy", x[a : a + m])
-        np.save(tmp_path / f"s{i}.labels.npy", y[a : a + m])
-        a += m
-    return open_sharded(str(tmp_path / "*.npy"), num_classes=K), x, y
+    return npy_shards(tmp_path, x, y, SHARDS, K, stem="s"), x, y
 
 
 def _reference(kind, x, y, c, **kw):
