@@ -199,42 +199,34 @@ def test_bad_image_fails_with_its_path_or_is_skipped(setup):
     assert json.load(open(res.manifest))["skipped"][0]["path"] == str(bad)
 
 
+def _cli_extract(tmp, out, *options):
+    """``dpfc extract`` of the setup's image tree with its tiny model, on the CPU."""
+    return runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp / "imgs"),
+            str(tmp / "tiny.onnx"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            *options,
+        ],
+    )
+
+
 def test_cli_extract_then_train(setup):
     tmp, _, _ = setup
     bad = tmp / "imgs" / "cat" / "truncated.png"
     good = (tmp / "imgs" / "cat" / "img00.png").read_bytes()
     bad.write_bytes(good[: len(good) // 2])
     out = tmp / "cli" / "train.npz"
-    result = runner.invoke(
-        app,
-        [
-            "extract",
-            str(tmp / "imgs"),
-            str(tmp / "tiny.onnx"),
-            "-o",
-            str(out),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "3",
-        ],
-    )
+    result = _cli_extract(tmp, out, "--batch-size", "3")
     assert result.exit_code == 2, result.output
     assert "truncated.png" in result.output and "--skip-bad" in result.output
     assert "Traceback" not in result.output
-    result = runner.invoke(
-        app,
-        [
-            "extract",
-            str(tmp / "imgs"),
-            str(tmp / "tiny.onnx"),
-            "-o",
-            str(out),
-            "--device",
-            "cpu",
-            "--skip-bad",
-        ],
-    )
+    result = _cli_extract(tmp, out, "--skip-bad")
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output and "truncated.png" in result.output
     assert f"{sum(COUNTS)} images" in result.output and "sha256" in result.output
@@ -446,20 +438,7 @@ def test_progress_plain_lines_cli_and_python(setup, monkeypatch, capsys):
     monkeypatch.setattr(_progress, "DEFAULT_INTERVAL", 0.0)
     tmp, _, _ = setup
     total = sum(COUNTS)
-    result = runner.invoke(
-        app,
-        [
-            "extract",
-            str(tmp / "imgs"),
-            str(tmp / "tiny.onnx"),
-            "-o",
-            str(tmp / "cli.npz"),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "4",
-        ],
-    )
+    result = _cli_extract(tmp, tmp / "cli.npz", "--batch-size", "4")
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.output.splitlines() if ln.startswith("extract: ")]
     counts = [ln.split(",")[0] for ln in lines]
