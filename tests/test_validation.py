@@ -31,6 +31,12 @@ K = 3
 # argument's value and the name the message must contain.
 # ---------------------------------------------------------------------------------------
 
+
+def _planned(cls, name):
+    """An estimator parameter, checked when the estimator plans its noise."""
+    return (lambda v: cls(**{name: v}).noise_plan(100, 5, K), name)
+
+
 POSITIVE = {  # real scalars > 0
     "ops.clip_rows/clip_norm": (lambda v: ops.clip_rows(X, v), "clip_norm"),
     "ops.clipped_gram/clip_norm": (lambda v: ops.clipped_gram(X, v), "clip_norm"),
@@ -38,14 +44,8 @@ POSITIVE = {  # real scalars > 0
         lambda v: ops.clipped_linear_grad(X, Y, np.zeros((K, 5)), 0.0, v),
         "clip_norm",
     ),
-    "models.DPFCClassifier/clip_norm": (
-        lambda v: models.DPFCClassifier(clip_norm=v).noise_plan(100, 5, K),
-        "clip_norm",
-    ),
-    "models.DPSGDClassifier/grad_clip_norm": (
-        lambda v: models.DPSGDClassifier(grad_clip_norm=v).noise_plan(100, 5, K),
-        "grad_clip_norm",
-    ),
+    "models.DPFCClassifier/clip_norm": _planned(models.DPFCClassifier, "clip_norm"),
+    "models.DPSGDClassifier/grad_clip_norm": _planned(models.DPSGDClassifier, "grad_clip_norm"),
     "data.digits_features/gamma": (
         lambda v: data.digits_features("random_fourier", gamma=v, num_features=8),
         "gamma",
@@ -54,10 +54,7 @@ POSITIVE = {  # real scalars > 0
 NONNEG = {  # real scalars >= 0
     "ops.gaussian_noise/std": (lambda v: ops.gaussian_noise(3, v), "std"),
     "ops.sym_gaussian_noise/std": (lambda v: ops.sym_gaussian_noise(3, v), "std"),
-    "models.DPFCClassifier/reg": (
-        lambda v: models.DPFCClassifier(reg=v).noise_plan(100, 5, K),
-        "reg",
-    ),
+    "models.DPFCClassifier/reg": _planned(models.DPFCClassifier, "reg"),
     "data.synthetic_features/spectrum_decay": (
         lambda v: data.synthetic_features(30, 4, 3, spectrum_decay=v, workers=1),
         "spectrum_decay",
@@ -68,18 +65,9 @@ NONNEG = {  # real scalars >= 0
     ),
 }
 SHARE = {  # real scalars in the open interval (0, 1)
-    "models.DPFCClassifier/covariance_share": (
-        lambda v: models.DPFCClassifier(covariance_share=v).noise_plan(100, 5, K),
-        "covariance_share",
-    ),
-    "models.DPNewtonClassifier/hessian_share": (
-        lambda v: models.DPNewtonClassifier(hessian_share=v).noise_plan(100, 5, K),
-        "hessian_share",
-    ),
-    "models.DPLeastSquaresClassifier/delta": (
-        lambda v: models.DPLeastSquaresClassifier(delta=v).noise_plan(100, 5, K),
-        "delta",
-    ),
+    "models.DPFCClassifier/covariance_share": _planned(models.DPFCClassifier, "covariance_share"),
+    "models.DPNewtonClassifier/hessian_share": _planned(models.DPNewtonClassifier, "hessian_share"),
+    "models.DPLeastSquaresClassifier/delta": _planned(models.DPLeastSquaresClassifier, "delta"),
     "tuning.PrivacyBudget/delta": (lambda v: tuning.PrivacyBudget(1.0, v), "delta"),
     "tuning.selection_epsilon/delta": (lambda v: tuning.selection_epsilon(1.0, v, 3.0), "delta"),
 }
@@ -90,10 +78,7 @@ INTEGER = {  # integers >= a minimum
     ),
     "ops.sym_gaussian_noise/d": (lambda v: ops.sym_gaussian_noise(v, 1.0), "d"),
     "ops.sym_gaussian_noise/batch": (lambda v: ops.sym_gaussian_noise(3, 1.0, batch=v), "batch"),
-    "models.DPFCClassifier/steps": (
-        lambda v: models.DPFCClassifier(steps=v).noise_plan(100, 5, K),
-        "steps",
-    ),
+    "models.DPFCClassifier/steps": _planned(models.DPFCClassifier, "steps"),
     "models.noise_plan/n": (lambda v: models.DPFCClassifier().noise_plan(v, 5, K), "n"),
     "data.synthetic_features/n": (lambda v: data.synthetic_features(v, 4, 3, workers=1), "n"),
     "data.check_feature_arrays/num_classes": (
@@ -112,18 +97,9 @@ CHOICE = {  # a string from a fixed set
         "loss",
     ),
     "ops.gaussian_noise/device": (lambda v: ops.gaussian_noise(3, 1.0, device=v), "device"),
-    "models.DPSGDClassifier/optimizer": (
-        lambda v: models.DPSGDClassifier(optimizer=v).noise_plan(100, 5, K),
-        "optimizer",
-    ),
-    "models.DPSGDClassifier/accountant": (
-        lambda v: models.DPSGDClassifier(accountant=v).noise_plan(100, 5, K),
-        "accountant",
-    ),
-    "models.DPFCClassifier/device": (
-        lambda v: models.DPFCClassifier(device=v).noise_plan(100, 5, K),
-        "device",
-    ),
+    "models.DPSGDClassifier/optimizer": _planned(models.DPSGDClassifier, "optimizer"),
+    "models.DPSGDClassifier/accountant": _planned(models.DPSGDClassifier, "accountant"),
+    "models.DPFCClassifier/device": _planned(models.DPFCClassifier, "device"),
     "tuning.PrivacyBudget/method": (lambda v: tuning.PrivacyBudget(1.0, 1e-5, method=v), "method"),
     "plan.noise_plans/method": (lambda v: plan.noise_plans(100, 5, K, [1.0], method=v), "method"),
     "data.digits_features/feature_map": (lambda v: data.digits_features(v), "feature_map"),
