@@ -24,12 +24,14 @@ __all__ = ["progress", "Progress", "DEFAULT_INTERVAL"]
 DEFAULT_INTERVAL = 5.0
 
 
-def _fmt_seconds(s: float) -> str:
+def format_seconds(s: float, sep: str = "") -> str:
+    """``s`` seconds as whole seconds, or minutes or hours with one decimal; ``sep`` stands
+    between the number and the unit (``"12s"`` in progress lines, ``"12 s"`` in the CLI)."""
     if s < 90:
-        return f"{s:.0f}s"
+        return f"{s:.0f}{sep}s"
     if s < 5400:
-        return f"{s / 60:.1f}min"
-    return f"{s / 3600:.1f}h"
+        return f"{s / 60:.1f}{sep}min"
+    return f"{s / 3600:.1f}{sep}h"
 
 
 class Progress:
@@ -194,9 +196,9 @@ class Progress:
         parts = [head] if head else []
         if event or not head:
             parts.append(event or "running")
-        parts.append(f"{_fmt_seconds(elapsed)} elapsed")
+        parts.append(f"{format_seconds(elapsed)} elapsed")
         if self.total and 0 < self.done < self.total and event is None:
-            parts.append(f"~{_fmt_seconds(elapsed / self.done * (self.total - self.done))} left")
+            parts.append(f"~{format_seconds(elapsed / self.done * (self.total - self.done))} left")
         if self.status:
             parts.append(f"[{self.status}]")
         print(f"{self.description}: " + ", ".join(parts), file=self.stream, flush=True)

@@ -25,6 +25,7 @@ import numpy as np
 import typer
 
 from ._methods import METHOD_TABLE
+from ._progress import format_seconds
 
 app = typer.Typer(
     name="dpfc",
@@ -673,14 +674,6 @@ def _load_unlabelled(path: Path):
         return z["features"], False
 
 
-def _fmt_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 @app.command()
 @_user_errors
 def predict(
@@ -815,7 +808,7 @@ def demo(
         )
         console.print(
             f"{ds}: n={train_set.n}, d={train_set.d}, K={train_set.num_classes}; "
-            f"{fits} fits ({', '.join(ms)}), estimated {_fmt_duration(estimate)} "
+            f"{fits} fits ({', '.join(ms)}), estimated {format_seconds(estimate, sep=' ')} "
             "(rough, from a measured gram rate)"
         )
         per_method = len(eps) * seeds
