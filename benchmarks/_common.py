@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import subprocess
 
@@ -58,3 +59,16 @@ def env_vars(**values: str):
             else:
                 os.environ[name] = value
         _config.reload()
+
+
+def results_path(name: str) -> str:
+    """``benchmarks/results/<name>``: where a benchmark writes its JSON by default."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+
+
+def write_json(path: str, result, indent: int = 2) -> None:
+    """Write ``result`` as JSON to ``path`` (making its folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=indent)
+    print(f"wrote {path}")

@@ -14,14 +14,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_commit, utc_now  # noqa: E402
+from _common import git_commit, results_path, utc_now, write_json  # noqa: E402
 
 CASES = [(q, steps) for q in (1e-9, 1e-6, 1e-4, 1e-2, 0.05, 0.5) for steps in (5, 1000)]
 
@@ -73,13 +72,7 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
     }
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "calibration_cpu.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_json(args.out or results_path("calibration_cpu.json"), result, indent=1)
 
 
 if __name__ == "__main__":

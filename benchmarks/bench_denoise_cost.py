@@ -19,14 +19,13 @@ Writes JSON next to the other results.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import time
 
 import numpy as np
-from _common import device_name, git_commit, utc_now
+from _common import device_name, git_commit, results_path, utc_now, write_json
 
 SHAPES = ["1x64", "1x128", "1x768", "1x1664", "10x768", "100x128", "100x768"]
 
@@ -111,26 +110,19 @@ def main():
                     "ratio_to_cholesky": tmin / t_chol[0],
                 }
             )
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "results",
-        f"denoise_cost_{args.device}_{utc_now()[:10]}.json",
+    write_json(
+        args.out or results_path(f"denoise_cost_{args.device}_{utc_now()[:10]}.json"),
+        {
+            "benchmark": "denoise_cost",
+            "date": utc_now(),
+            "commit": git_commit(),
+            "device": dev,
+            "machine": platform.node(),
+            "repeats": args.repeats,
+            "rows": rows,
+        },
+        indent=1,
     )
-    with open(out, "w") as fh:
-        json.dump(
-            {
-                "benchmark": "denoise_cost",
-                "date": utc_now(),
-                "commit": git_commit(),
-                "device": dev,
-                "machine": platform.node(),
-                "repeats": args.repeats,
-                "rows": rows,
-            },
-            fh,
-            indent=1,
-        )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

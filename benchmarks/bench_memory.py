@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_commit, utc_now  # noqa: E402
+from _common import git_commit, results_path, utc_now, write_json  # noqa: E402
 
 #: case -> (estimator factory source, operation); K classes, d features from the file.
 CASES = {
@@ -238,13 +238,7 @@ def main() -> None:
         "newton_rows": NEWTON_ROWS,
         "rows": rows,
     }
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"memory_cpu_n{args.n}.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_json(args.out or results_path(f"memory_cpu_n{args.n}.json"), result, indent=1)
 
 
 if __name__ == "__main__":

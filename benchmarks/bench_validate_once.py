@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_commit, utc_now  # noqa: E402
+from _common import git_commit, results_path, utc_now, write_json  # noqa: E402
 
 from dpfc_native import _validation, models, ops  # noqa: E402
 
@@ -144,24 +143,17 @@ def main(argv=None) -> int:
                 f"{r['after_feature_scans']:<4} {r['identical_weights']}"
             )
 
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"validate_once_{device}.json"
+    write_json(
+        args.out or results_path(f"validate_once_{device}.json"),
+        {
+            "benchmark": "validate_once",
+            "commit": commit,
+            "date": utc_now(),
+            "machine": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "rows": rows,
+        },
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "benchmark": "validate_once",
-                "commit": commit,
-                "date": utc_now(),
-                "machine": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "rows": rows,
-            },
-            f,
-            indent=2,
-        )
-    print(f"wrote {out}")
     return 0 if all(r["identical_weights"] for r in rows) else 1
 
 
