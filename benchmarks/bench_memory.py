@@ -64,9 +64,7 @@ def _rss_anon() -> int:
 
 
 def _worker(path: str, labels: str, case: str) -> dict:
-    from dpfc_native.models import (
-        DPLeastSquaresClassifier,  # noqa: F401
-    )
+    from dpfc_native import models
 
     warnings.simplefilter("ignore")
     x = np.load(path, mmap_mode="r")
@@ -75,10 +73,11 @@ def _worker(path: str, labels: str, case: str) -> dict:
         x, y = x[:NEWTON_ROWS], y[:NEWTON_ROWS]
     k = int(y.max()) + 1
     source, op = CASES[case]
-    est = eval(source, None, {**locals(), **globals()})
+    # The factories name the estimators of dpfc_native.models and k.
+    est = eval(source, {**vars(models), "k": k})
     if op != "fit":
         est.fit(x[:20_000], y[:20_000])  # a fitted model; the call measured reads all of X
-    est2 = eval(source, None, {**locals(), **globals()})
+    est2 = eval(source, {**vars(models), "k": k})
     est2.fit(x[:2000], y[:2000])  # imports, BLAS and accountant caches outside the count
     call = {
         "fit": lambda: est.fit(x, y),
