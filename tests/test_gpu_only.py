@@ -552,26 +552,8 @@ def test_caller_workspace_chunks(kernel_env, schedule, rng):
     L1 = cp.full((batch, d, d), _POISON[np.float64])
     i1 = cp.full((batch,), -1, dtype=cp.int32)
     stream = cp.cuda.get_current_stream().ptr
-    _core.cuda_cholesky(
-        a.data.ptr,
-        d * d,
-        d,
-        0,
-        L1.data.ptr,
-        i1.data.ptr,
-        batch,
-        d,
-        1,
-        stream,
-        ws.data.ptr,
-        per,
-        **_chol_options(),
-    )
-    L2, i2 = ops.cholesky(a)
-    cp.testing.assert_array_equal(i1, i2)
-    cp.testing.assert_array_equal(L1, L2)
-    assert int(i1[3]) == 101
-    with pytest.raises(ValueError, match="workspace"):
+
+    def factor(workspace_bytes):
         _core.cuda_cholesky(
             a.data.ptr,
             d * d,
@@ -584,9 +566,17 @@ def test_caller_workspace_chunks(kernel_env, schedule, rng):
             1,
             stream,
             ws.data.ptr,
-            per - 8,
+            workspace_bytes,
             **_chol_options(),
         )
+
+    factor(per)
+    L2, i2 = ops.cholesky(a)
+    cp.testing.assert_array_equal(i1, i2)
+    cp.testing.assert_array_equal(L1, L2)
+    assert int(i1[3]) == 101
+    with pytest.raises(ValueError, match="workspace"):
+        factor(per - 8)
 
 
 def test_no_sync_graph_capture(rng):
