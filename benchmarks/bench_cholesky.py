@@ -235,6 +235,23 @@ def main(argv=None) -> int:
         check_close(ops.cholesky(inputs[0])[0], cp.linalg.cholesky(inputs[0]), what)
         return t_ours, t_base
 
+    def batched(kind, d, batch, seed, faster_by):
+        """Time a rotated batch against CuPy and record it; (inputs, cupy ms)."""
+        inputs = _rotation(cp, batch, d, dtype, seed, l2_bytes)
+        t_ours, t_base = ours_vs_cupy(inputs, f"{kind} d={d}")
+        record(
+            kind,
+            d,
+            batch,
+            t_ours,
+            t_base,
+            None,
+            batch * d**3 / 3,
+            _gpu_linalg.plan(batch, d, dtype),
+            faster_by=faster_by,
+        )
+        return inputs, t_base
+
     # ---- small: d <= 128, batch >= 1000 ------------------------------------------------
     small = (
         [(32, 1000), (128, 1000)]
@@ -255,20 +272,7 @@ def main(argv=None) -> int:
         try:
             if not fits(batch, d):
                 continue
-            inputs = _rotation(cp, batch, d, dtype, 10 + d, l2_bytes)
-            t_ours, t_base = ours_vs_cupy(inputs, f"small d={d}")
-            record(
-                "small",
-                d,
-                batch,
-                t_ours,
-                t_base,
-                None,
-                batch * d**3 / 3,
-                _gpu_linalg.plan(batch, d, dtype),
-                faster_by=3.0,
-            )
-            inputs = None
+            batched("small", d, batch, 10 + d, faster_by=3.0)
         except Exception as exc:  # record and go on: one failure must not hide the rest
             error("small", d, batch, exc)
 
@@ -284,19 +288,7 @@ def main(argv=None) -> int:
                         flush=True,
                     )
                     continue
-                inputs = _rotation(cp, batch, d, dtype, 100 + d, l2_bytes)
-                t_ours, t_base = ours_vs_cupy(inputs, f"mid d={d}")
-                record(
-                    "mid",
-                    d,
-                    batch,
-                    t_ours,
-                    t_base,
-                    None,
-                    batch * d**3 / 3,
-                    _gpu_linalg.plan(batch, d, dtype),
-                    faster_by=1.5,
-                )
+                inputs, t_base = batched("mid", d, batch, 100 + d, faster_by=1.5)
                 if not args.no_variants and not args.quick and batch in (16, 100):
                     variants = [
                         ("left", "mma"),
