@@ -175,28 +175,35 @@ def clipped_gram(x, clip_norm: float, accumulate: str = "float64"):
         return _gram_into(x, clip_norm, mode, out)
 
 
-def _class_sums_into(x, labels, num_classes: int, clip_norm: float, out, counts=None):
+def _labelled(
+    launcher: str, x, labels, num_classes, clip_norm, zeroed, args, kernel=None, gram=False
+):
+    """``_core().<launcher>(x, dtype code, n, d, ldx, labels, K, C, *args, stream)`` on the
+    rows of ``x`` and their labels, the float64 Gram engine last where ``gram``. With no
+    rows or no columns nothing is launched: the arrays in ``zeroed`` are zeroed."""
     x, ld = _rows(x)
     code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
     n, d = x.shape
     if n == 0 or d == 0:
-        out.fill(0.0)
-        if counts is not None:
-            counts.fill(0)
-        return out
+        for a in zeroed:
+            a.fill(0)
+        return
     lab = _labels32(labels)
-    _core().cuda_clipped_class_sums(
-        x.data.ptr,
-        code,
-        n,
-        d,
-        ld,
-        lab.data.ptr,
-        int(num_classes),
-        float(clip_norm),
-        out.data.ptr,
-        0 if counts is None else counts.data.ptr,
-        _stream(),
+    tail = (_stream(), _gram_kernel(kernel)) if gram else (_stream(),)
+    getattr(_core(), launcher)(
+        x.data.ptr, code, n, d, ld, lab.data.ptr, int(num_classes), float(clip_norm), *args, *tail
+    )
+
+
+def _class_sums_into(x, labels, num_classes: int, clip_norm: float, out, counts=None):
+    _labelled(
+        "cuda_clipped_class_sums",
+        x,
+        labels,
+        num_classes,
+        clip_norm,
+        (out,) if counts is None else (out, counts),
+        (out.data.ptr, 0 if counts is None else counts.data.ptr),
     )
     return out
 
@@ -220,30 +227,16 @@ def _stats_into(
     counts,
     kernel: str | None = None,
 ):
-    x, ld = _rows(x)
-    code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
-    n, d = x.shape
-    if n == 0 or d == 0:
-        g.fill(0.0)
-        b.fill(0.0)
-        counts.fill(0)
-        return g, b, counts
-    lab = _labels32(labels)
-    _core().cuda_clipped_stats(
-        x.data.ptr,
-        code,
-        n,
-        d,
-        ld,
-        lab.data.ptr,
-        int(num_classes),
-        float(clip_norm),
-        accumulate,
-        g.data.ptr,
-        b.data.ptr,
-        counts.data.ptr,
-        _stream(),
-        _gram_kernel(kernel),
+    _labelled(
+        "cuda_clipped_stats",
+        x,
+        labels,
+        num_classes,
+        clip_norm,
+        (g, b, counts),
+        (accumulate, g.data.ptr, b.data.ptr, counts.data.ptr),
+        kernel,
+        gram=True,
     )
     return g, b, counts
 
@@ -264,25 +257,16 @@ def clipped_stats(x, labels, num_classes: int, clip_norm: float, accumulate: str
 def _class_grams_into(
     x, labels, num_classes: int, clip_norm: float, out, kernel: str | None = None
 ):
-    x, ld = _rows(x)
-    code = _dtype_code(x.dtype, _ALL_FLOATS, "x")
-    n, d = x.shape
-    if n == 0 or d == 0:
-        out.fill(0.0)
-        return out
-    lab = _labels32(labels)
-    _core().cuda_clipped_class_grams(
-        x.data.ptr,
-        code,
-        n,
-        d,
-        ld,
-        lab.data.ptr,
-        int(num_classes),
-        float(clip_norm),
-        out.data.ptr,
-        _stream(),
-        _gram_kernel(kernel),
+    _labelled(
+        "cuda_clipped_class_grams",
+        x,
+        labels,
+        num_classes,
+        clip_norm,
+        (out,),
+        (out.data.ptr,),
+        kernel,
+        gram=True,
     )
     return out
 
