@@ -35,7 +35,13 @@ def format_seconds(s: float, sep: str = "") -> str:
 
 
 class Progress:
-    """A progress reporter over ``total`` units (None: unknown total).
+    """A progress reporter over ``total`` units (None: unknown total), used as a context
+    manager::
+
+        with progress(len(files), "extract") as bar:
+            for f in files:
+                ...
+                bar.advance(f.name)
 
     Parameters
     ----------
@@ -204,22 +210,5 @@ class Progress:
         print(f"{self.description}: " + ", ".join(parts), file=self.stream, flush=True)
 
 
-def progress(
-    total,
-    description: str,
-    *,
-    enabled: bool = True,
-    stream=None,
-    interval: float | None = None,
-    rich: bool | None = None,
-) -> Progress:
-    """A :class:`Progress` to use as a context manager::
-
-    with progress(len(files), "extract") as bar:
-        for f in files:
-            ...
-            bar.advance(f.name)
-    """
-    return Progress(
-        total, description, enabled=enabled, stream=stream, interval=interval, rich=rich
-    )
+#: The name callers use: ``progress(total, description, ...)`` is a :class:`Progress`.
+progress = Progress
