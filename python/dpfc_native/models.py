@@ -1560,6 +1560,34 @@ def _select_step(est, ctx, W, candidates, bias, step: int, log: list):
     return candidates[best]
 
 
+def _newton_type_step(est, ctx, W, directions, lrs, bias, step: int, log: list):
+    """One step ``W - lr * direction`` of a Newton-type method over the candidates
+    ``directions`` ((reg, direction) pairs) x ``lrs``, picked by :func:`_select_step`;
+    returns (W, chosen)."""
+    candidates = [
+        (W - lr * direction, {"reg": reg, "lr": lr}) for reg, direction in directions for lr in lrs
+    ]
+    return _select_step(est, ctx, W, candidates, bias, step, log)
+
+
+def _finish_steps(ctx, W, bias, chosen, log: list, steps: int, **fitted):
+    """Store the final iterate of a Newton-type method and what was chosen on the way."""
+    ctx.coef = W
+    ctx.intercept = bias
+    ctx.fitted.update(
+        reg_=float(chosen["reg"]),
+        lr_=float(chosen["lr"]),
+        **fitted,
+        sweep_results_=log,
+        n_iter_=steps,
+    )
+
+
+def _optional_grad_clip(value):
+    """``grad_clip_norm``: None (the method's default) or a clip norm."""
+    return None if value is None else _check_clip(value, "grad_clip_norm")
+
+
 class DPNewtonClassifier(_DPClassifierBase):
     __doc__ = f"""DP Newton on one-vs-all logistic regression (Algorithm 1 of Mehta et al.).
 
@@ -1721,27 +1749,17 @@ class DPNewtonClassifier(_DPClassifierBase):
                 g = ctx.release_dense(g, sens_g, z["gradients"], "gradients")
                 ctx.keep("hessians", H, per_step=True)
                 ctx.keep("gradients", g, per_step=True)
-                candidates = []
                 solver = _RidgeSolver(H, z["hessians"] * sens_h, plan.defaults["denoise"], xp)
+                directions = []
                 for reg in regs:
                     bad = solver.factor(reg)
                     ctx.repaired.extend((t, i) for i in bad)
-                    direction = solver.solve(reg, g)
+                    directions.append((reg, solver.solve(reg, g)))
                     solver._chol.clear()
-                    for lr in p["lrs"]:
-                        candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
                 del H, solver
-                W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
+                W, chosen = _newton_type_step(self, ctx, W, directions, p["lrs"], bias, t, log)
                 bar.advance()
-        ctx.coef = W
-        ctx.intercept = bias
-        ctx.fitted.update(
-            reg_=float(chosen["reg"]),
-            lr_=float(chosen["lr"]),
-            grad_clip_norm_=float(g_clip),
-            sweep_results_=log,
-            n_iter_=T,
-        )
+        _finish_steps(ctx, W, bias, chosen, log, T, grad_clip_norm_=float(g_clip))
 
 
 def _default_grad_clip(k: int, bias: float, loss: str, clip: float) -> float:
@@ -1862,11 +1880,7 @@ class DPFCClassifier(_DPClassifierBase):
             else _share(self.covariance_share, "covariance_share")
         )
         bias = None if self.bias is None else _real(self.bias, "bias")
-        gclip = (
-            None
-            if self.grad_clip_norm is None
-            else _check_clip(self.grad_clip_norm, "grad_clip_norm")
-        )
+        gclip = _optional_grad_clip(self.grad_clip_norm)
         return {
             "steps": steps,
             "lrs": lrs,
@@ -1927,23 +1941,20 @@ class DPFCClassifier(_DPClassifierBase):
                 clipped.append(int(n_clip))
                 g = ctx.release_dense(g, cg, z["gradient"], "gradient")
                 ctx.keep("gradient", g, per_step=True)
-                candidates = []
-                for reg in regs:
-                    direction = solver.solve(reg, xp.ascontiguousarray(g.T)).T
-                    for lr in lrs:
-                        candidates.append((W - lr * direction, {"reg": reg, "lr": lr}))
-                W, chosen = _select_step(self, ctx, W, candidates, bias, t, log)
+                gT = xp.ascontiguousarray(g.T)
+                directions = [(reg, solver.solve(reg, gT).T) for reg in regs]
+                W, chosen = _newton_type_step(self, ctx, W, directions, lrs, bias, t, log)
                 bar.advance()
-        ctx.coef = W
-        ctx.intercept = bias
-        ctx.fitted.update(
-            reg_=float(chosen["reg"]),
-            lr_=float(chosen["lr"]),
+        _finish_steps(
+            ctx,
+            W,
+            bias,
+            chosen,
+            log,
+            T,
             bias_=float(bias),
             grad_clip_norm_=float(cg),
             diagnostics_={"n_clipped": clipped},
-            sweep_results_=log,
-            n_iter_=T,
         )
 
 
@@ -2054,11 +2065,7 @@ class DPSGDClassifier(_DPClassifierBase):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         bias = _real(self.bias, "bias")
-        gclip = (
-            None
-            if self.grad_clip_norm is None
-            else _check_clip(self.grad_clip_norm, "grad_clip_norm")
-        )
+        gclip = _optional_grad_clip(self.grad_clip_norm)
         return {
             "steps": steps,
             "lrs": lrs,
