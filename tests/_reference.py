@@ -20,7 +20,7 @@ import scipy.linalg
 import scipy.linalg.lapack as lapack
 import scipy.stats
 
-from dpfc_native import _core, ops
+from dpfc_native import _core, mechanisms, models, ops
 from dpfc_native.models import (
     DPFCClassifier,
     DPLeastSquaresClassifier,
@@ -673,6 +673,76 @@ def npy_shards(folder, x, y, sizes, num_classes: int, stem: str = "part", **open
         np.save(os.path.join(folder, f"{stem}{i}.labels.npy"), y[start : start + m])
         start += m
     return open_sharded(os.path.join(folder, "*.npy"), num_classes=num_classes, **open_kw)
+
+
+# --------------------------------------------------------------------------------------
+# Sensitivity replay through the estimators
+# --------------------------------------------------------------------------------------
+
+_ORIGINAL_RELEASES = {f: getattr(mechanisms, f) for f in ("release_symmetric", "release_dense")}
+
+
+class ReleaseRecorder:
+    """Wraps mechanisms.release_symmetric/release_dense: records (name, statistic before
+    noise, declared sensitivity, noisy output); optionally returns the noisy outputs of an
+    earlier fit instead of fresh ones (same trajectory for neighbouring datasets)."""
+
+    def __init__(self, monkeypatch, replay=None):
+        self.records: list[dict] = []
+        self.replay = replay
+        for fname in ("release_symmetric", "release_dense"):
+            monkeypatch.setattr(mechanisms, fname, self._wrap(_ORIGINAL_RELEASES[fname]))
+
+    def _wrap(self, orig):
+        def release(stat, sensitivity, noise_multiplier, source, name):
+            noisy, rec = orig(stat, sensitivity, noise_multiplier, source, name)
+            i = len(self.records)
+            if self.replay is not None:
+                assert self.replay[i]["name"] == name
+                noisy = self.replay[i]["noisy"].copy()
+            self.records.append(
+                {
+                    "name": name,
+                    "stat": np.array(stat, dtype=np.float64),
+                    "sens": sensitivity,
+                    "noisy": np.array(noisy),
+                }
+            )
+            return noisy, rec
+
+        return release
+
+
+def expected_sensitivity(name, k, C, est):
+    """The add/remove sensitivity of the release ``name`` of a fitted estimator."""
+    cg = getattr(est, "grad_clip_norm_", None)
+    return {
+        "gram": C**2,
+        "covariance": C**2,
+        "class_grams": C**2,
+        "class_sums": C,
+        "hessians": math.sqrt(k) * C**2 / 4,
+        "gradients": math.sqrt(k) * C,
+        "gradient": cg,
+    }[name]
+
+
+# The sensitivity replay's fits (name, estimator, parameters). An explicit ridge (large
+# enough that no noisy matrix needs repair): the default one depends on n (treated as
+# public), which would make the trajectories on D and D' differ after the first step even
+# with identical releases.
+REPLAY_FITS = [
+    ("ls_global", models.DPLeastSquaresClassifier, {"reg": 30.0}),
+    ("ls_per_class", models.DPLeastSquaresClassifier, {"variant": "per_class", "reg": 30.0}),
+    ("newton", models.DPNewtonClassifier, {"steps": 3, "reg": 30.0}),
+    ("fc", models.DPFCClassifier, {"steps": 4, "reg": 30.0}),
+    ("sgd_softmax", models.DPSGDClassifier, {"steps": 4}),
+    (
+        "sgd_sigmoid_adam",
+        models.DPSGDClassifier,
+        {"steps": 3, "loss": "sigmoid", "optimizer": "adam", "bias": -2.0},
+    ),
+]
 
 
 def labelled_blobs(seed=0, n=200, d=5, k=3, dtype=np.float64):

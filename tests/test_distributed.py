@@ -619,7 +619,7 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
     D' = D plus one adversarial example at a shard's start or end (the leaves after it
     shift); with the releases of D replayed on D' (same trajectory), every released
     statistic moves, before noise, by at most its declared sensitivity."""
-    from test_privacy_replay import ESTIMATORS, ReleaseRecorder, _expected_sensitivity
+    from _reference import REPLAY_FITS, ReleaseRecorder, expected_sensitivity
 
     monkeypatch.setattr(_fitstats, "FIT_LEAF_ROWS", 16)
     rng = np.random.default_rng(23)
@@ -637,7 +637,7 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
         folders[t] = _p_shards(str(tmp_path / f"n{t}"), x2, y2, sizes2, k)
     base_sf = _p_shards(str(tmp_path / "d"), x, y, sizes, k)
     checked = 0
-    for name, cls, kw in ESTIMATORS:
+    for name, cls, kw in REPLAY_FITS:
         common = dict(
             epsilon=2.0,
             delta=1e-5,
@@ -658,8 +658,8 @@ def test_replay_estimators_through_dask_within_declared_sensitivity(client, tmp_
             for step, (r0, r1) in enumerate(zip(base.records, rec.records)):
                 if name.startswith("sgd") and step > 0:
                     break  # the expected batch size q n differs between D and D'
-                sens = _expected_sensitivity(r0["name"], k, c, est)
+                sens = expected_sensitivity(r0["name"], k, c, est)
                 moved = float(np.linalg.norm((r1["stat"] - r0["stat"]).ravel()))
                 assert moved <= sens, (name, t, r0["name"], moved, sens)
                 checked += 1
-    assert checked >= 2 * len(ESTIMATORS)
+    assert checked >= 2 * len(REPLAY_FITS)

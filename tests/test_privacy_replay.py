@@ -26,9 +26,17 @@ import zlib
 
 import numpy as np
 import pytest
-from _reference import COUNTS, add_example, adversarial_additions, f32_widened_sensitivity
+from _reference import (
+    COUNTS,
+    REPLAY_FITS,
+    ReleaseRecorder,
+    add_example,
+    adversarial_additions,
+    expected_sensitivity,
+    f32_widened_sensitivity,
+)
 
-from dpfc_native import mechanisms, models, ops
+from dpfc_native import ops
 
 # These tests fix noise seeds (replayable) and often infer the label set on purpose;
 # the PrivacyWarning for that is tested in test_tuning.py.
@@ -276,72 +284,8 @@ def test_replay_detects_broken_variants(fn, sens):
 # --------------------------------------------------------------------------------------
 
 
-_ORIGINAL_RELEASES = {f: getattr(mechanisms, f) for f in ("release_symmetric", "release_dense")}
-
-
-class ReleaseRecorder:
-    """Wraps mechanisms.release_symmetric/release_dense: records (name, statistic before
-    noise, declared sensitivity, noisy output); optionally returns the noisy outputs of an
-    earlier fit instead of fresh ones (same trajectory for neighbouring datasets)."""
-
-    def __init__(self, monkeypatch, replay=None):
-        self.records: list[dict] = []
-        self.replay = replay
-        for fname in ("release_symmetric", "release_dense"):
-            monkeypatch.setattr(mechanisms, fname, self._wrap(_ORIGINAL_RELEASES[fname]))
-
-    def _wrap(self, orig):
-        def release(stat, sensitivity, noise_multiplier, source, name):
-            noisy, rec = orig(stat, sensitivity, noise_multiplier, source, name)
-            i = len(self.records)
-            if self.replay is not None:
-                assert self.replay[i]["name"] == name
-                noisy = self.replay[i]["noisy"].copy()
-            self.records.append(
-                {
-                    "name": name,
-                    "stat": np.array(stat, dtype=np.float64),
-                    "sens": sensitivity,
-                    "noisy": np.array(noisy),
-                }
-            )
-            return noisy, rec
-
-        return release
-
-
-def _expected_sensitivity(name, k, C, est):
-    cg = getattr(est, "grad_clip_norm_", None)
-    return {
-        "gram": C**2,
-        "covariance": C**2,
-        "class_grams": C**2,
-        "class_sums": C,
-        "hessians": math.sqrt(k) * C**2 / 4,
-        "gradients": math.sqrt(k) * C,
-        "gradient": cg,
-    }[name]
-
-
-# An explicit ridge (large enough that no noisy matrix needs repair): the default one
-# depends on n (treated as public), which would make the
-# trajectories on D and D' differ after the first step even with identical releases.
-ESTIMATORS = [
-    ("ls_global", models.DPLeastSquaresClassifier, {"reg": 30.0}),
-    ("ls_per_class", models.DPLeastSquaresClassifier, {"variant": "per_class", "reg": 30.0}),
-    ("newton", models.DPNewtonClassifier, {"steps": 3, "reg": 30.0}),
-    ("fc", models.DPFCClassifier, {"steps": 4, "reg": 30.0}),
-    ("sgd_softmax", models.DPSGDClassifier, {"steps": 4}),
-    (
-        "sgd_sigmoid_adam",
-        models.DPSGDClassifier,
-        {"steps": 3, "loss": "sigmoid", "optimizer": "adam", "bias": -2.0},
-    ),
-]
-
-
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("name,cls,kw", ESTIMATORS, ids=[e[0] for e in ESTIMATORS])
+@pytest.mark.parametrize("name,cls,kw", REPLAY_FITS, ids=[e[0] for e in REPLAY_FITS])
 def test_replay_through_estimators(monkeypatch, name, cls, kw, normalize):
     rng = np.random.default_rng(21)
     n, d, k, C = 50, 5, 4, 0.8
@@ -364,7 +308,7 @@ def test_replay_through_estimators(monkeypatch, name, cls, kw, normalize):
     assert base, "no release captured"
     # Declared sensitivities are the documented ones.
     for r in base:
-        assert r["sens"] == pytest.approx(_expected_sensitivity(r["name"], k, C, est), rel=1e-12)
+        assert r["sens"] == pytest.approx(expected_sensitivity(r["name"], k, C, est), rel=1e-12)
     candidates = adversarial_additions(X, k, C, rng)[:12]
     for row, label in candidates:
         for pos in (0, n):
