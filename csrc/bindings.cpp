@@ -3,7 +3,7 @@
 //
 // Binding naming scheme (every function of _core; python/dpfc_native/_core.pyi types them):
 //   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise,
-//              cpu_grid_accumulate).
+//              cpu_grid_accumulate, cpu_mirror_upper).
 //   cuda_<op>  a CUDA entry point: device pointers, extents and strides (in elements), a dtype
 //              code (csrc/cuda/runtime.cuh DType: 0 float32, 1 float64, 2 float16,
 //              3 bfloat16) and a stream, all as Python ints. It enqueues work on the stream
@@ -107,6 +107,18 @@ int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::arra
   return static_cast<int>(cpu::grid_accumulate(pv, n, scale, limit, ph, pl));
 }
 
+// In place: the upper triangle of a Fortran-ordered (d, d) float64 matrix copied to its lower.
+void mirror_upper_cpu(py::array a) {
+  DPFC_EXPECTS(a.dtype().is(py::dtype::of<double>()), "a must be float64");
+  DPFC_EXPECTS(a.writeable(), "a must be writeable");
+  DPFC_EXPECTS(a.ndim() == 2 && a.shape(0) == a.shape(1), "a must be square (d, d)");
+  DPFC_EXPECTS(a.flags() & py::array::f_style, "a must be Fortran-contiguous");
+  auto* p = static_cast<double*>(a.mutable_data());
+  const int64_t d = a.shape(0);
+  py::gil_scoped_release nogil;
+  cpu::mirror_upper(p, d);
+}
+
 std::array<uint32_t, 4> philox_raw(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
   Philox4x32 c{{counter[0], counter[1], counter[2], counter[3]}};
   const Philox4x32 r = philox4x32_10(c, key[0], key[1]);
@@ -160,6 +172,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_grid_accumulate", &dpfc::grid_accumulate_cpu, py::arg("v"), py::arg("scale"),
         py::arg("limit"), py::arg("hi"), py::arg("lo"),
         "Exact two-limb fixed-grid accumulation of float64 values; returns a status code.");
+  m.def("cpu_mirror_upper", &dpfc::mirror_upper_cpu, py::arg("a"),
+        "Copy the upper triangle of a Fortran-ordered float64 (d, d) matrix to its lower.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),
         "Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid).");
 

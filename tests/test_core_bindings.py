@@ -107,3 +107,32 @@ def test_blocked_cholesky_plan_reports_a_missing_device():
     else:
         with pytest.raises(_core.CudaError):
             _core.cuda_cholesky_plan(1, 1024, 1)
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 63, 64, 65, 130, 257])
+def test_mirror_upper_fills_the_lower_triangle_from_the_upper(d):
+    import numpy as np
+
+    rng = np.random.default_rng(d)
+    src = rng.standard_normal((d, d))
+    a = np.asfortranarray(np.triu(src))
+    a[np.tril_indices(d, -1)] = np.nan  # every lower element must be written
+    _core.cpu_mirror_upper(a)
+    want = np.triu(src) + np.triu(src, 1).T
+    assert a.tobytes(order="F") == np.asfortranarray(want).tobytes(order="F")
+
+
+def test_mirror_upper_refuses_what_it_cannot_update_in_place():
+    import numpy as np
+
+    for bad, match in [
+        (np.zeros((4, 4)), "Fortran"),  # C order (d > 1)
+        (np.zeros((4, 4), np.float32, order="F"), "float64"),
+        (np.zeros((4, 5), order="F"), "square"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _core.cpu_mirror_upper(bad)
+    ro = np.zeros((3, 3), order="F")
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        _core.cpu_mirror_upper(ro)

@@ -1,5 +1,6 @@
 #include "cpu/grid_cpu.hpp"
 
+#include <algorithm>
 #include <cfenv>
 #include <cmath>
 
@@ -34,6 +35,19 @@ GridStatus grid_accumulate(const double* v, int64_t n, double scale, double limi
   }
   if (mode != FE_TONEAREST) std::fesetround(mode);
   return status;
+}
+
+void mirror_upper(double* a, int64_t d) {
+  constexpr int64_t kTile = 64;  // tiles keep both the read rows and written columns cached
+  for (int64_t jb = 0; jb < d; jb += kTile) {
+    const int64_t je = std::min(jb + kTile, d);
+    for (int64_t ib = 0; ib <= jb; ib += kTile) {
+      for (int64_t j = jb; j < je; ++j) {
+        const int64_t ie = std::min(ib + kTile, j);
+        for (int64_t i = ib; i < ie; ++i) a[j + i * d] = a[i + j * d];
+      }
+    }
+  }
 }
 
 }  // namespace dpfc::cpu

@@ -1,4 +1,5 @@
-// Exact fixed-grid accumulation of float64 leaf statistics (dpfc_native.reduction).
+// Host helpers of the leaf statistics: exact fixed-grid accumulation of float64 values
+// (dpfc_native.reduction) and the in-place mirror of a symmetric matrix's upper triangle.
 #pragma once
 
 #include <cstdint>
@@ -14,5 +15,10 @@ enum class GridStatus : int { kOk = 0, kNotFinite = 1, kOutOfRange = 2 };
 // read of v to check, one pass to add: the integer additions are exact and associative.
 GridStatus grid_accumulate(const double* v, int64_t n, double scale, double limit, int64_t* hi,
                            int64_t* lo);
+
+// a is a d x d column-major matrix whose upper triangle (i <= j) holds a symmetric
+// matrix: copies it to the lower one in place (a[j + i d] = a[i + j d] for i < j), so the
+// buffer is the full symmetric matrix in either storage order. Copies only, no rounding.
+void mirror_upper(double* a, int64_t d);
 
 }  // namespace dpfc::cpu

@@ -46,6 +46,9 @@ def cpu_grid_accumulate(
 ) -> int:
     """Exact two-limb fixed-grid accumulation of float64 values; returns a status code."""
 
+def cpu_mirror_upper(a: npt.NDArray[np.float64]) -> None:
+    """Copy the upper triangle of a Fortran-ordered float64 (d, d) matrix to its lower."""
+
 def eval_transform(t: npt.ArrayLike, which: str) -> npt.NDArray[np.float64]:
     """Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid)."""
 

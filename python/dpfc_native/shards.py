@@ -236,13 +236,16 @@ class _Options:
 
 
 def _read_slice(shard: Shard, opts: _Options, start: int, stop: int):
-    """Rows [start, stop) of one shard as (features as stored, labels int64) copies."""
+    """Rows [start, stop) of one shard: (features as stored, labels). The features of the
+    memory-mappable formats (.npy, uncompressed .npz) are a read-only view of the mapping:
+    each leaf statistic reads its rows once (it makes its own float64 copy), where an
+    in-memory copy first would move every byte twice and fault a fresh block of pages."""
     path, fmt = shard.path, shard.format
     if fmt == "npy":
-        x = np.array(_npy_open(path)[start:stop])
+        x = np.asarray(_npy_open(path)[start:stop])
         y = np.array(_npy_open(shard.labels_path)[start:stop])
     elif fmt == "npz":
-        x = np.array(_npz_member(path, opts.features_key)[start:stop])
+        x = np.asarray(_npz_member(path, opts.features_key)[start:stop])
         y = np.array(_npz_member(path, opts.labels_key)[start:stop])
     elif fmt == "safetensors":
         from safetensors import safe_open
@@ -505,7 +508,8 @@ class ShardedFeatures:
         Returns
         -------
         x : numpy.ndarray (stop - start, n_features), the stored dtype (float16 stays
-            float16), an in-memory copy.
+            float16); treat it as read-only: for .npy and uncompressed .npz shards it
+            is a view of the file's memory map (copy it to modify it).
         y : numpy.ndarray (stop - start,), int64.
 
         Raises
