@@ -280,22 +280,22 @@ def compute(
             if task_ranges is None
             else [(int(a), int(b)) for a, b in task_ranges]
         )
-        for i, (first, stop) in enumerate(ranges):
-            w = None if weights is None else _TaskWeights(weights, layout, first, stop)
-            futures.append(
-                client.submit(
-                    _range_task,
-                    stat_arg,
-                    source,
-                    layout,
-                    first,
-                    stop,
-                    sampling,
-                    w,
-                    key=f"dpfc-partial-{tag}-{first}-{stop}-{i}",
-                    workers=workers,
-                )
-            )
+        m = len(ranges)
+        # One graph update for all the tasks (client.map), not one submit per task: the
+        # scheduler then sees the whole task group at once and classifies it (root-ish,
+        # queued on the scheduler) once, instead of flipping as the group grows.
+        futures = client.map(
+            _range_task,
+            [stat_arg] * m,
+            [source] * m,
+            [layout] * m,
+            [a for a, _ in ranges],
+            [b for _, b in ranges],
+            [sampling] * m,
+            [None if weights is None else _TaskWeights(weights, layout, a, b) for a, b in ranges],
+            key=[f"dpfc-partial-{tag}-{a}-{b}-{i}" for i, (a, b) in enumerate(ranges)],
+            workers=workers,
+        )
     total: Optional[Partial] = None
     done = 0
     try:
