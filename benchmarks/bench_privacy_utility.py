@@ -176,7 +176,7 @@ def _configs(est: str, k: int, d: int, n: int, shrinkers):
             ("default", DPSGDClassifier, {}),
         ]
     cls, base, today = {
-        "ls_global": (DPLeastSquaresClassifier, {}, {}),
+        "ls_global": (DPLeastSquaresClassifier, {}, {"gram_share": 0.5}),
         "ls_per_class": (
             DPLeastSquaresClassifier,
             {"variant": "per_class"},

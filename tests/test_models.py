@@ -13,7 +13,7 @@ from conftest import GPU_AVAILABLE, reference_clip64
 from scipy.special import expit, softmax
 from sklearn.exceptions import NotFittedError
 
-from dpfc_native import accounting
+from dpfc_native import accounting, models
 from dpfc_native.models import (
     DPFCClassifier,
     DPLeastSquaresClassifier,
@@ -273,10 +273,63 @@ def _entry(ledger, name):
 RUNS = 30
 
 
+@pytest.mark.parametrize(
+    ("n", "eps", "denoise", "variant", "share", "factor"),
+    [
+        (300, 0.5, "soft", "global", 0.2, 0.5),  # noisy gram (r >= 1): sums get 0.8
+        (300, 1e4, "soft", "global", 0.4, 1.0),  # quiet gram (r < 1)
+        (300, 0.5, "none", "global", 0.2, 2.0),  # not denoised: same split, usual ridge
+        (300, 0.5, "soft", "per_class", 0.5, None),  # per class: unchanged
+    ],
+)
+def test_auto_gram_share_follows_the_planned_noise_to_signal(
+    n, eps, denoise, variant, share, factor
+):
+    x, y = _data(9, n=n, d=12)
+    d = x.shape[1]
+    est = DPLeastSquaresClassifier(
+        epsilon=eps, denoise=denoise, variant=variant, classes=np.unique(y), random_state=0
+    ).fit(x, y)
+    r = (
+        models._noise_norm(
+            d, accounting.calibrate_plan(eps, est.delta_, {"gram": 0.5, "class_sums": 0.5})["gram"]
+        )
+        * d
+        / n
+    )
+    assert (r >= models.GRAM_SHARE_NOISY_RATIO) == (eps < 1)  # the cases cover both regimes
+    led = est.privacy_
+    if variant == "global":
+        z = accounting.calibrate_plan(eps, est.delta_, {"gram": share, "class_sums": 1 - share})
+        assert _entry(led, "gram").noise_std == pytest.approx(z["gram"], rel=1e-12)
+        assert _entry(led, "class_sums").noise_std == pytest.approx(z["class_sums"], rel=1e-12)
+        want_reg = factor * models._noise_norm(d, z["gram"]) + models.REG_FLOOR * n / d
+        assert est.reg_ == pytest.approx(want_reg, rel=1e-12)
+    else:
+        z = accounting.calibrate_plan(
+            eps, est.delta_, {"class_grams": 0.25, "gram": 0.25, "class_sums": 0.5}
+        )
+        assert _entry(led, "class_sums").noise_std == pytest.approx(z["class_sums"], rel=1e-12)
+    # An explicit share is used as given, with the usual ridge factor.
+    est2 = DPLeastSquaresClassifier(
+        epsilon=eps, denoise=denoise, variant=variant, gram_share=0.3, classes=np.unique(y)
+    ).fit(x, y)
+    z2 = accounting.calibrate_plan(
+        eps,
+        est2.delta_,
+        {"gram": 0.3, "class_sums": 0.7}
+        if variant == "global"
+        else {"class_grams": 0.15, "gram": 0.15, "class_sums": 0.7},
+    )
+    assert _entry(est2.privacy_, "class_sums").noise_std == pytest.approx(
+        z2["class_sums"], rel=1e-12
+    )
+
+
 def test_ls_global_noise_matches_calibration():
     x, y = _data(8, d=12)
     c = 2.0  # C != C^2: the sensitivities must be C^2 (gram) and C (class sums)
-    kw = dict(clip_norm=c, keep_stats=True, reg=1.0)
+    kw = dict(clip_norm=c, keep_stats=True, reg=1.0, gram_share=0.5)
     exact = DPLeastSquaresClassifier(epsilon=INF, **kw).fit(x, y).stats_
     fits = [DPLeastSquaresClassifier(epsilon=1.0, **kw).fit(x, y) for _ in range(RUNS)]
     led = fits[0].privacy_
