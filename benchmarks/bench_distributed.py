@@ -26,7 +26,6 @@ SHA-256 manifest's hashing rate when the shards are opened.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
@@ -37,7 +36,7 @@ import tempfile
 import time
 
 import numpy as np
-from _common import git_commit, utc_now
+from _common import git_commit, results_path, utc_now, write_json
 
 
 def _timeit(fn, repeats):
@@ -319,15 +318,7 @@ def main(argv=None):
         f"(the float64 statistic: {pb['float64_statistic']})"
     )
     print(f"open_sharded with SHA-256: {result['open_sharded']['MB_per_s']:.0f} MB/s")
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "results",
-        f"bench_distributed_{os.cpu_count()}core.json",
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+    write_json(args.out or results_path(f"bench_distributed_{os.cpu_count()}core.json"), result)
 
 
 if __name__ == "__main__":

@@ -299,7 +299,13 @@ def compute(
     total: Optional[Partial] = None
     done = 0
     try:
-        for fut, part in as_completed(futures, with_results=True):
+        # Results are fetched one at a time from this thread (fut.result()), not by
+        # as_completed(with_results=True): that gathers finished futures concurrently on
+        # the client's event loop, and a partial finishing within milliseconds of another
+        # was seen never to be delivered (the scheduler holding it in memory, every
+        # worker idle, the client waiting).
+        for fut in as_completed(futures):
+            part = fut.result()
             total = part if total is None else total.merge(part)
             done += part.n_leaves_covered
             if progress is not None:
