@@ -274,30 +274,26 @@ RUNS = 30
 
 
 @pytest.mark.parametrize(
-    ("n", "eps", "denoise", "variant", "share", "factor"),
+    ("eps", "denoise", "variant", "k", "share", "factor"),
     [
-        (300, 0.5, "soft", "global", 0.2, 0.5),  # noisy gram (r >= 1): sums get 0.8
-        (300, 1e4, "soft", "global", 0.4, 1.0),  # quiet gram (r < 1)
-        (300, 0.5, "none", "global", 0.2, 2.0),  # not denoised: same split, usual ridge
-        (300, 0.5, "soft", "per_class", 0.5, None),  # per class: unchanged
+        (0.5, "soft", "global", 3, 0.2, 0.5),  # noisy gram, many classes: sums get 0.8
+        (1e4, "soft", "global", 3, 0.5, 1.0),  # quiet gram: the equal split
+        (0.5, "none", "global", 3, 0.2, 2.0),  # not denoised: same split, usual ridge
+        (0.5, "soft", "global", 2, 0.5, 1.0),  # noisy, but fewer than d / 20 classes
+        (0.5, "soft", "per_class", 3, 0.5, None),  # per class: unchanged
     ],
 )
 def test_auto_gram_share_follows_the_planned_noise_to_signal(
-    n, eps, denoise, variant, share, factor
+    eps, denoise, variant, k, share, factor
 ):
-    x, y = _data(9, n=n, d=12)
-    d = x.shape[1]
+    n, d = 300, (12 if k == 3 else 64)
+    x, y = _data(9, n=n, d=d, k=k)
     est = DPLeastSquaresClassifier(
-        epsilon=eps, denoise=denoise, variant=variant, classes=np.unique(y), random_state=0
+        epsilon=eps, denoise=denoise, variant=variant, classes=np.arange(k), random_state=0
     ).fit(x, y)
-    r = (
-        models._noise_norm(
-            d, accounting.calibrate_plan(eps, est.delta_, {"gram": 0.5, "class_sums": 0.5})["gram"]
-        )
-        * d
-        / n
-    )
-    assert (r >= models.GRAM_SHARE_NOISY_RATIO) == (eps < 1)  # the cases cover both regimes
+    z_eq = accounting.calibrate_plan(eps, est.delta_, {"gram": 0.5, "class_sums": 0.5})["gram"]
+    assert (models._noise_norm(d, z_eq) * d / n >= models.GRAM_SHARE_NOISY_RATIO) == (eps < 1)
+    assert (k >= models.GRAM_SHARE_MIN_CLASSES_PER_FEATURE * d) == (k == 3)
     led = est.privacy_
     if variant == "global":
         z = accounting.calibrate_plan(eps, est.delta_, {"gram": share, "class_sums": 1 - share})
@@ -312,7 +308,7 @@ def test_auto_gram_share_follows_the_planned_noise_to_signal(
         assert _entry(led, "class_sums").noise_std == pytest.approx(z["class_sums"], rel=1e-12)
     # An explicit share is used as given, with the usual ridge factor.
     est2 = DPLeastSquaresClassifier(
-        epsilon=eps, denoise=denoise, variant=variant, gram_share=0.3, classes=np.unique(y)
+        epsilon=eps, denoise=denoise, variant=variant, gram_share=0.3, classes=np.arange(k)
     ).fit(x, y)
     z2 = accounting.calibrate_plan(
         eps,

@@ -91,11 +91,14 @@ REG_FLOOR = 1e-3
 #: (every ``denoise`` but "none"): the spectrum is non-negative, so no margin against
 #: indefiniteness is needed and a smaller ridge damps less signal (see _default_reg).
 REG_DENOISED_FACTOR = 1.0
-#: DP-LS global, ``gram_share="auto"``: the split of the budget between the gram and the
-#: class sums by the gram's noise-to-signal ratio r at an equal split, and the denoised
-#: ridge factor in the noisy regime (r >= GRAM_SHARE_NOISY_RATIO; see _auto_gram_share).
+#: DP-LS global, ``gram_share="auto"``: the gram's share (and the denoised ridge factor)
+#: change in the noisy regime, where the gram's noise-to-signal ratio r at an equal split
+#: is at least GRAM_SHARE_NOISY_RATIO (see _auto_gram_share) ...
 GRAM_SHARE_NOISY_RATIO = 1.0
-GRAM_SHARE_NOISY, GRAM_SHARE_QUIET = 0.2, 0.4
+#: ... and only with at least this many classes per feature (K >= d / 20): with few
+#: classes the class sums are a small release and the equal split stays best.
+GRAM_SHARE_MIN_CLASSES_PER_FEATURE = 0.05
+GRAM_SHARE_NOISY = 0.2
 REG_DENOISED_FACTOR_NOISY = 0.5
 #: DP-LS per class: alpha = clip(r / ALPHA_NOISE_SCALE, 1, ALPHA_MAX), r the class grams'
 #: noise-to-signal ratio (see _default_alpha).
@@ -1190,24 +1193,28 @@ def _default_alpha(noise_std: float, d: int, n: int, k: int, clip: float) -> flo
     return float(min(max(r / ALPHA_NOISE_SCALE, 1.0), ALPHA_MAX))
 
 
-def _auto_gram_share(epsilon: float, delta: float, d: int, n: int) -> tuple[float, bool]:
+def _auto_gram_share(epsilon: float, delta: float, d: int, n: int, k: int) -> tuple[float, bool]:
     """``(gram_share, noisy)`` of DP-LS global for ``gram_share="auto"``, from public facts.
 
-    The split follows the gram's noise-to-signal ratio at an equal split,
-    ``r = sqrt(2 d) z d / n`` (the noise's spectral norm over the mean eigenvalue
-    ``n C^2 / d``): r >= 1 ("noisy") gives the gram 0.2 of the budget, r < 1 gives it 0.4
-    (without noise: 0.5, irrelevant). It does not depend on ``denoise``, so the releases
-    (the ledger) are the same whatever the solve. In the noisy regime a denoised gram's
-    ridge is half its noise norm (``REG_DENOISED_FACTOR_NOISY``). Chosen on held-out
-    synthetic tasks (20,000 x 128 K 20, 20,000 x 384 K 50, 30,000 x 512 K 100;
-    benchmarks/tune_denoise_heldout.py --shares): with the default solve the equal split
-    trailed by up to 6 points at r >= 1, and 0.2 lost up to 1.6 points at r < 1.
+    "Noisy": the gram's noise-to-signal ratio at the equal split, ``r = sqrt(2 d) z d / n``
+    (the noise's spectral norm over the mean eigenvalue ``n C^2 / d``), is at least 1 and
+    there are at least d / 20 classes. Then the gram gets 0.2 of the budget and the class
+    sums the rest (with a denoised gram, whose ridge is then half its noise norm,
+    ``REG_DENOISED_FACTOR_NOISY``); otherwise the paper's equal split. It does not depend
+    on ``denoise``, so the releases (the ledger) are the same whatever the solve. Chosen
+    on held-out synthetic tasks (20,000 x 128 K 20, 20,000 x 384 K 50, 30,000 x 512
+    K 100, 20,000 x 256 K 10; benchmarks/tune_denoise_heldout.py --shares): in the noisy
+    regime the equal split trailed by 1 to 6 points with K >= 20, while at K = 10
+    (d = 256) it stayed best by up to 1.2 points.
     """
     if not math.isfinite(epsilon):
         return 0.5, False
     z = accounting.calibrate_plan(epsilon, delta, {"gram": 0.5, "class_sums": 0.5})["gram"]
-    noisy = _noise_norm(d, z) * d / max(n, 1) >= GRAM_SHARE_NOISY_RATIO
-    return (GRAM_SHARE_NOISY if noisy else GRAM_SHARE_QUIET), noisy
+    noisy = (
+        _noise_norm(d, z) * d / max(n, 1) >= GRAM_SHARE_NOISY_RATIO
+        and k >= GRAM_SHARE_MIN_CLASSES_PER_FEATURE * d
+    )
+    return (GRAM_SHARE_NOISY if noisy else 0.5), noisy
 
 
 def _default_reg(
@@ -1389,13 +1396,13 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         Share of ``mu^2`` spent on the gram(s); the class sums get the rest. 0.5 gives
         the gram and the class sums the same noise multiplier (the paper's choice); in
         the per-class variant the per-class and global grams split the share equally
-        (multipliers sqrt(2) larger than the class sums'). "auto": 0.5 in the per-class
-        variant; in the global one the split follows the gram's planned noise-to-signal
-        ratio r (public: epsilon, delta, n, d): 0.2 of the budget when r >= 1 (and, with
-        a denoised gram, a ridge of half its noise norm), else 0.4. A denoised gram
-        tolerates its noise, so the class sums gain more from the budget: on held-out
-        synthetic tasks this gained 1-6 points over 0.5 at r >= 1. It does not depend on
-        ``denoise``: the releases are the same whatever the solve.
+        (multipliers sqrt(2) larger than the class sums'). "auto": 0.5, except in the
+        global variant when the gram's planned noise-to-signal ratio r (public: epsilon,
+        delta, n, d) is at least 1 and there are at least d / 20 classes: then 0.2 (and,
+        with a denoised gram, a ridge of half its noise norm). A denoised gram tolerates
+        its noise, so many classes gain more from the budget: on held-out synthetic tasks
+        this gained 1-6 points over 0.5 there. It does not depend on ``denoise``: the
+        releases are the same whatever the solve.
     {_DENOISE_DOC}
     {_ATTR_DOC}
     """
@@ -1463,7 +1470,9 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         den = _resolve_denoise(p["denoise"], 1 if p["variant"] == "global" else k, d, n)
         if share is None:  # "auto": public facts only, the same for every denoise
             share, noisy = (
-                _auto_gram_share(epsilon, delta, d, n) if p["variant"] == "global" else (0.5, False)
+                _auto_gram_share(epsilon, delta, d, n, k)
+                if p["variant"] == "global"
+                else (0.5, False)
             )
             if noisy and den != "none":
                 factor = REG_DENOISED_FACTOR_NOISY
