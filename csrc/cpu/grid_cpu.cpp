@@ -16,21 +16,30 @@ GridStatus grid_accumulate(const double* v, int64_t n, double scale, double limi
   // std::nearbyint rounds in the current mode; the grid is defined with round-half-to-even.
   const int mode = std::fegetround();
   if (mode != FE_TONEAREST) std::fesetround(FE_TONEAREST);
+  // One pass: check and add each value. A bad value (rare: it fails the whole statistic)
+  // stops the pass, and the additions made before it are subtracted again, exactly.
   GridStatus status = GridStatus::kOk;
-  for (int64_t k = 0; k < n; ++k) {
+  int64_t k = 0;
+  for (; k < n; ++k) {
     const double q = std::nearbyint(v[k] * scale);
-    if (!std::isfinite(q)) {
-      status = GridStatus::kNotFinite;
+    if (!(std::fabs(q) <= limit)) {  // NaN fails this comparison too
+      status = std::isfinite(q) ? GridStatus::kOutOfRange : GridStatus::kNotFinite;
       break;
     }
-    if (std::fabs(q) > limit) status = GridStatus::kOutOfRange;  // NaN/Inf later still wins
+    const auto qi = static_cast<int64_t>(q);  // |q| <= limit <= 2^62
+    const int64_t low = qi & kLimbMask;       // two's complement: q mod 2^32
+    hi[k] += (qi - low) / kLimbBase;          // exact: qi - low is a multiple of 2^32
+    lo[k] += low;
   }
-  if (status == GridStatus::kOk) {
-    for (int64_t k = 0; k < n; ++k) {
-      const auto q = static_cast<int64_t>(std::nearbyint(v[k] * scale));  // |q| <= 2^62
-      const int64_t low = q & kLimbMask;  // two's complement: q mod 2^32
-      hi[k] += (q - low) / kLimbBase;     // exact: q - low is a multiple of 2^32
-      lo[k] += low;
+  if (status != GridStatus::kOk) {
+    for (int64_t j = k + 1; j < n && status == GridStatus::kOutOfRange; ++j) {
+      if (!std::isfinite(std::nearbyint(v[j] * scale))) status = GridStatus::kNotFinite;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const auto qi = static_cast<int64_t>(std::nearbyint(v[j] * scale));
+      const int64_t low = qi & kLimbMask;
+      hi[j] -= (qi - low) / kLimbBase;
+      lo[j] -= low;
     }
   }
   if (mode != FE_TONEAREST) std::fesetround(mode);

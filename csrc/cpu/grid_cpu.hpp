@@ -11,8 +11,9 @@ enum class GridStatus : int { kOk = 0, kNotFinite = 1, kOutOfRange = 2 };
 
 // For k < n: q_k = nearbyint(v[k] * scale) (round half to even; scale is a power of two, so
 // the product is exact unless it overflows), required finite with |q_k| <= limit (limit
-// <= 2^62); then hi[k] += floor(q_k / 2^32) and lo[k] += q_k mod 2^32 (in [0, 2^32)). One
-// read of v to check, one pass to add: the integer additions are exact and associative.
+// <= 2^62); then hi[k] += floor(q_k / 2^32) and lo[k] += q_k mod 2^32 (in [0, 2^32)), in one
+// pass over v: the integer additions are exact and associative (and undone exactly when a
+// later value fails the check).
 GridStatus grid_accumulate(const double* v, int64_t n, double scale, double limit, int64_t* hi,
                            int64_t* lo);
 
