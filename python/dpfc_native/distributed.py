@@ -232,11 +232,10 @@ def compute(
         raise ValueError("this statistic needs weights (n, K) or a weight_fn")
     d = int(x.shape[1]) if chunked else int(source.n_features)
     key = _red._partial_key(stat, layout, sampling, d)  # noqa: SLF001 - same module family
-    # Task keys name what a task computes (for the dashboard) plus a fresh nonce: a key is
-    # never reused across calls, because resubmitting (or re-scattering) a key while the
-    # scheduler is still forgetting it from the previous call can leave a task waiting on
-    # data that is gone, with every worker idle. Retries of a task keep its key; the bits
-    # do not depend on keys.
+    # Task keys name what a task computes (for the dashboard) plus a fresh nonce: a call
+    # never reuses the keys (or the scattered statistic's key) of an earlier call, which
+    # the scheduler may still be forgetting. Retries of a task keep its key; the bits do
+    # not depend on keys.
     tag = hashlib.sha256(f"{key}|{token}".encode()).hexdigest()[:12] + "-" + uuid.uuid4().hex[:12]
     blob = pickle.dumps(stat)
     stat_arg = (
@@ -281,9 +280,8 @@ def compute(
             else [(int(a), int(b)) for a, b in task_ranges]
         )
         m = len(ranges)
-        # One graph update for all the tasks (client.map), not one submit per task: the
-        # scheduler then sees the whole task group at once and classifies it (root-ish,
-        # queued on the scheduler) once, instead of flipping as the group grows.
+        # One graph update for all the tasks (client.map), not one message per task: the
+        # scheduler sees the whole task group at once.
         futures = client.map(
             _range_task,
             [stat_arg] * m,
