@@ -13,7 +13,7 @@ from conftest import GPU_AVAILABLE, reference_clip64
 from scipy.special import expit, softmax
 from sklearn.exceptions import NotFittedError
 
-from dpfc_native import accounting, models
+from dpfc_native import accounting, models, ops
 from dpfc_native.models import (
     DPFCClassifier,
     DPLeastSquaresClassifier,
@@ -701,3 +701,23 @@ def test_defaults_work_on_digits():
     for cls in ESTIMATORS:
         assert cls(epsilon=INF).fit(x, y).score(xt, yt) > 0.85, cls.__name__
         assert cls(epsilon=8.0, random_state=0).fit(x, y).score(xt, yt) > 0.8, cls.__name__
+
+
+@pytest.mark.parametrize(("m", "d"), [(1, 1), (7, 5), (333, 769), (4096, 64)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cpu_preprocessing_in_place_matches_the_generic_formula(m, d, normalize):
+    """The CPU preprocessing (in place, no block-sized temporaries) gives the bits of the
+    generic formula the GPU path uses: |x| max, divide, squared norm, divide, clip_rows."""
+    rng = np.random.default_rng(m + d)
+    x = rng.standard_normal((m, d)) * np.exp(rng.uniform(-30, 30, (m, 1)))
+    x[0] = 0.0  # a zero row: no division by zero
+    ref = x.copy()
+    if normalize:
+        amax = np.abs(ref).max(axis=1)
+        ref /= np.where(amax > 0, amax, 1.0)[:, None]
+        nrm = np.sqrt((ref * ref).sum(axis=1))
+        ref /= np.where(nrm > 0, nrm, 1.0)[:, None]
+    ref = ops.clip_rows(ref, 0.7)[0]
+    got = models._preprocess_block_cpu(x.copy(), 0.7, normalize)
+    assert got.shape == ref.shape and got.tobytes() == ref.tobytes()
+    assert (np.linalg.norm(got, axis=1) <= 0.7).all()

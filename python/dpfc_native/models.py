@@ -381,6 +381,8 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
                 f"X - center overflows float64 at row {row}: center must be a "
                 "public vector on the scale of the features"
             )
+    if xp is np:
+        return _preprocess_block_cpu(blk, clip, normalize)
     if normalize:
         # Scale by the max first: no overflow for huge rows, no underflow for tiny.
         amax = xp.abs(blk).max(axis=1)
@@ -388,6 +390,24 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
         nrm = xp.sqrt((blk * blk).sum(axis=1))
         blk /= xp.where(nrm > 0, nrm, 1.0)[:, None]
     return ops._unchecked.clip_rows(blk, clip)[0]  # finite: X was checked once per fit
+
+
+def _preprocess_block_cpu(blk: np.ndarray, clip: float, normalize: bool) -> np.ndarray:
+    """:func:`_preprocess_block`'s normalisation and clipping on the CPU, in place and
+    without block-sized temporaries (the same operations, hence the same values, as the
+    GPU path and ``ops.clip_rows``): a leaf's rows are preprocessed on every pass, and
+    on Dask's workers every fresh large array costs its page faults."""
+    from . import _cpu_stats
+
+    if normalize:
+        amax = np.maximum(blk.max(axis=1), -blk.min(axis=1))  # max |x|, no |x| copy
+        blk /= np.where(amax > 0, amax, 1.0)[:, None]
+        sq = _cpu_stats._scratch(*blk.shape)
+        np.multiply(blk, blk, out=sq)
+        nrm = np.sqrt(sq.sum(axis=1))
+        blk /= np.where(nrm > 0, nrm, 1.0)[:, None]
+    blk *= _cpu_stats._clip_scale(_cpu_stats._row_norms64(blk), clip)[:, None]
+    return blk
 
 
 class _PreprocessedRows:
