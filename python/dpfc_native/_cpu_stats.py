@@ -89,8 +89,10 @@ def _scratch(rows: int, d: int) -> np.ndarray:
     The chunk copies are the hot allocations of every statistic (16 MiB per 4096 x 512
     leaf). A fresh block costs its page faults on every call wherever malloc maps and
     unmaps large blocks each time (Dask's workers set ``MALLOC_TRIM_THRESHOLD_``, which
-    does that): measured as about 15% of a Gram leaf's CPU time. It holds at most one
-    chunk (about ``_CHUNK_ELEMENTS`` values) per thread.
+    does that): measured as about 15% of a Gram leaf's CPU time. Each thread keeps the
+    largest block it was asked for: a chunk here (about ``_CHUNK_ELEMENTS`` values), or a
+    whole leaf or row block for the estimators' preprocessing
+    (``models._preprocess_block_cpu``), e.g. 4096 x 1664 values, 54 MB, at d = 1664.
     """
     need = rows * d
     buf = getattr(_SCRATCH, "buf", None)
