@@ -81,8 +81,9 @@ void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, 
   }
 }
 
-// hi += floor(q / 2^32), lo += q mod 2^32 for q = nearbyint(v * scale); 0 on success, 1 when
-// v * scale has NaN/Inf, 2 when some |q| > limit (then nothing is added).
+// (hi, lo) += q exactly (lo kept in [0, 2^32)) for q = nearbyint(v * scale), over all of v or
+// (tri_d = d) the lower triangles of its d x d matrices; 0 on success, 1 when v * scale has
+// NaN/Inf, 2 when some |q| > limit (then nothing is added).
 // The accumulators are updated in place: never a converted copy.
 void check_int64_out(const py::array& a, const char* name) {
   DPFC_EXPECTS(a.dtype().is(py::dtype::of<int64_t>()), std::string(name) + " must be int64");
@@ -90,8 +91,8 @@ void check_int64_out(const py::array& a, const char* name) {
   DPFC_EXPECTS(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
 }
 
-int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::array hi,
-                        py::array lo) {
+int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::array hi, py::array lo,
+                        int64_t tri_d) {
   DPFC_EXPECTS(v.dtype().is(py::dtype::of<double>()), "v must be float64");
   DPFC_EXPECTS(v.flags() & py::array::c_style, "v must be C-contiguous");
   check_int64_out(hi, "hi");
@@ -99,12 +100,15 @@ int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::arra
   DPFC_EXPECTS(hi.size() == v.size() && lo.size() == v.size(),
                "v, hi and lo must have the same number of elements");
   DPFC_EXPECTS(limit > 0.0 && limit <= 4611686018427387904.0, "limit must be in (0, 2^62]");
+  DPFC_EXPECTS(tri_d >= 0, "tri_d must be >= 0");
+  DPFC_EXPECTS(tri_d == 0 || v.size() % (tri_d * tri_d) == 0,
+               "with tri_d = d > 0, v must hold whole d x d matrices");
   const auto* pv = static_cast<const double*>(v.data());
   auto* ph = static_cast<int64_t*>(hi.mutable_data());
   auto* pl = static_cast<int64_t*>(lo.mutable_data());
   const int64_t n = v.size();
   py::gil_scoped_release nogil;
-  return static_cast<int>(cpu::grid_accumulate(pv, n, scale, limit, ph, pl));
+  return static_cast<int>(cpu::grid_accumulate(pv, n, tri_d, scale, limit, ph, pl));
 }
 
 // In place: the upper triangle of a Fortran-ordered (d, d) float64 matrix copied to its lower.
@@ -170,8 +174,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("key_words"), py::arg("block0"),
         "Fill a contiguous array with i.i.d. N(0, std^2) from the Philox stream.");
   m.def("cpu_grid_accumulate", &dpfc::grid_accumulate_cpu, py::arg("v"), py::arg("scale"),
-        py::arg("limit"), py::arg("hi"), py::arg("lo"),
-        "Exact two-limb fixed-grid accumulation of float64 values; returns a status code.");
+        py::arg("limit"), py::arg("hi"), py::arg("lo"), py::arg("tri_d") = 0,
+        "Exact two-limb fixed-grid accumulation of float64 values (with tri_d = d, only the "
+        "lower triangles of d x d matrices); returns a status code.");
   m.def("cpu_mirror_upper", &dpfc::mirror_upper_cpu, py::arg("a"),
         "Copy the upper triangle of a Fortran-ordered float64 (d, d) matrix to its lower.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),

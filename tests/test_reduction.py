@@ -365,7 +365,7 @@ def test_grid_add_matches_python_integers(n):
         for k, x in enumerate(v.tolist()):
             scaled = x * 2.0 ** (frac - exponent)
             want[k] += round(scaled)  # Python's round: half to even, exact on doubles
-    assert ((lo >= 0) & (lo < 3 << 32)).all()  # each leaf adds a limb below 2^32
+    assert ((lo >= 0) & (lo < 1 << 32)).all()  # the low limb stays normalised
     got = [int(h) * (1 << 32) + int(low) for h, low in zip(hi.tolist(), lo.tolist())]
     assert got == want
 
@@ -442,6 +442,7 @@ def test_merge_rounding_at_three_hundred_million_rows_by_construction():
     # Leaf values near zero (rows that cancel), so the final conversion's rounding does
     # not hide the grid's: a grid point plus 0.4999 steps, exact in float64.
     k = rng.integers(-1000, 1000, (leaves, 2, 2)).astype(np.float64)
+    k[:, 0, 1] = k[:, 1, 0]  # a Gram leaf is symmetric (the grid reads one triangle)
     values = (k + 0.4999) * step
     assert np.all(np.abs(values) <= rows[:, None, None] * c2)
     acc = R._accumulator(R.Gram(1.0), layout, None, 2)  # noqa: SLF001
@@ -562,3 +563,92 @@ def test_leaves_do_not_depend_on_blas_threads_or_local_threads(rng):
             for threads in (1, 3):
                 results.append(_bits(R.reduce(stat, x, y, threads=threads)[0]))
     assert len(set(results)) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Symmetric statistics: one triangle on the grid
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1, 3, 17])
+def test_grid_add_lower_triangles_match_python_integers(d):
+    """tri_d mode: only the lower triangle (column <= row) of each d x d matrix is put on
+    the grid, exactly as Python integers say; the other limbs keep their bits."""
+    rng = np.random.default_rng(d)
+    k, frac, exponent, rows = 2, 50, 1, 8
+    hi = rng.integers(-(2**40), 2**40, (k, d, d))
+    lo = rng.integers(0, 2**32, (k, d, d))
+    start = [int(h) * (1 << 32) + int(low) for h, low in zip(hi.ravel(), lo.ravel())]
+    hi0, lo0 = hi.copy(), lo.copy()
+    want = list(start)
+    lower = np.broadcast_to(np.tril(np.ones((d, d), bool)), (k, d, d)).ravel()
+    for _ in range(3):
+        v = rng.standard_normal((k, d, d)) * 2.0**exponent
+        R._grid_add(v, exponent, frac, rows, "G", hi, lo, lower=True)
+        for i, x in enumerate(v.ravel().tolist()):
+            if lower[i]:
+                want[i] += round(x * 2.0 ** (frac - exponent))
+    got = [int(h) * (1 << 32) + int(low) for h, low in zip(hi.ravel(), lo.ravel())]
+    assert got == want
+    assert ((lo >= 0) & (lo < 1 << 32))[lower.reshape(k, d, d)].all()
+    assert np.array_equal(hi[~lower.reshape(k, d, d)], hi0[~lower.reshape(k, d, d)])
+    assert np.array_equal(lo[~lower.reshape(k, d, d)], lo0[~lower.reshape(k, d, d)])
+    # A bad value in the last row of the last matrix: everything added before it is taken
+    # back, to the same bits; NaN is reported over a range failure found earlier.
+    before = hi.copy(), lo.copy()
+    v = rng.standard_normal((k, d, d))
+    v[-1, -1, 0] = rows * 2.0**exponent * 4  # out of range (lower triangle)
+    with pytest.raises(ValueError, match="a-priori range"):
+        R._grid_add(v, exponent, frac, rows, "G", hi, lo, lower=True)
+    assert np.array_equal(hi, before[0]) and np.array_equal(lo, before[1])
+    v[-1, -1, -1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        R._grid_add(v, exponent, frac, rows, "G", hi, lo, lower=True)
+    assert np.array_equal(hi, before[0]) and np.array_equal(lo, before[1])
+    if d > 1:  # a NaN in the unread upper triangle is not read at all
+        v = rng.standard_normal((k, d, d))
+        v[0, 0, 1] = np.nan
+        R._grid_add(v, exponent, frac, rows, "G", hi, lo, lower=True)
+    with pytest.raises(ValueError, match="square"):
+        R._grid_add(np.ones((2, 3)), exponent, frac, rows, "G", *_limbs((2, 3)), lower=True)
+
+
+def test_symmetric_statistics_are_exactly_symmetric_with_one_triangle_in_the_partial(rng):
+    x, y = _data(rng)
+    w = rng.uniform(0.0, 0.25, size=(x.shape[0], K))
+    for stat, name, kw in (
+        (R.Gram(1.3), "G", {}),
+        (R.Stats(1.3, K), "G", {}),
+        (R.ClassGrams(1.3, K), "A", {}),
+        (R.WeightedGrams(1.3, K, 0.25), "H", {"weights": w}),
+    ):
+        assert stat.symmetric == (name,)
+        out, part = R.reduce(stat, x, y, leaf_rows=LEAF, return_partial=True, **kw)
+        m = out[0] if isinstance(out, tuple) else out
+        assert np.isfinite(m).all() and np.count_nonzero(m) == m.size  # every element written
+        assert _bits(m) == _bits(np.swapaxes(m, -1, -2)), name
+        hi, lo, _, _ = part.fixed[name]
+        upper = np.triu(np.ones(hi.shape[-2:], bool), 1)
+        assert not hi[..., upper].any() and not lo[..., upper].any()
+        assert lo[..., ~upper].any()
+        assert part.lower == (name,)
+
+
+def test_leaf_outputs_reuse_buffers_and_leave_the_upper_triangle(rng):
+    from dpfc_native import _cpu_stats
+
+    x, y = _data(rng, n=301, d=7)
+    full = ops.clipped_gram(x, 0.9)
+    grams = ops.clipped_class_grams(x, y, K, 0.9)
+    with _cpu_stats.leaf_outputs():
+        g1 = ops.clipped_gram(x, 0.9)
+        assert _bits(np.tril(g1)) == _bits(np.tril(full))
+        assert not np.triu(g1, 1).any()
+        with _cpu_stats.leaf_outputs():  # nested: the same buffers
+            g2 = ops.clipped_gram(x[:100], 0.9)
+        assert np.shares_memory(g1, g2)
+        a = ops.clipped_class_grams(x, y, K, 0.9)
+        assert _bits(np.tril(a)) == _bits(np.tril(grams))
+    g3 = ops.clipped_gram(x, 0.9)  # outside: a fresh, full matrix again
+    assert not np.shares_memory(g3, g1) and _bits(g3) == _bits(full)
+    assert _cpu_stats._OUTPUTS.bufs is None

@@ -43,8 +43,10 @@ def cpu_grid_accumulate(
     limit: float,
     hi: npt.NDArray[np.int64],
     lo: npt.NDArray[np.int64],
+    tri_d: int = 0,
 ) -> int:
-    """Exact two-limb fixed-grid accumulation of float64 values; returns a status code."""
+    """Exact two-limb fixed-grid accumulation of float64 values (with tri_d = d, only the
+    lower triangles of d x d matrices); returns a status code."""
 
 def cpu_mirror_upper(a: npt.NDArray[np.float64]) -> None:
     """Copy the upper triangle of a Fortran-ordered float64 (d, d) matrix to its lower."""

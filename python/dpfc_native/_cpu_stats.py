@@ -10,6 +10,7 @@ chunks of about ``_CHUNK_ELEMENTS`` float64 values (never an n x d copy).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -83,8 +84,9 @@ def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
 _SCRATCH = threading.local()
 
 
-def _scratch(rows: int, d: int) -> np.ndarray:
-    """This thread's float64 scratch block of shape (rows, d), overwritten by the next call.
+def _scratch(rows: int, d: int, slot: str = "chunk") -> np.ndarray:
+    """This thread's float64 scratch block ``slot`` of shape (rows, d), overwritten by the
+    next call for the same slot.
 
     The chunk copies are the hot allocations of every statistic (16 MiB per 4096 x 512
     leaf). A fresh block costs its page faults on every call wherever malloc maps and
@@ -93,13 +95,73 @@ def _scratch(rows: int, d: int) -> np.ndarray:
     largest block it was asked for: a chunk here (about ``_CHUNK_ELEMENTS`` values), or a
     whole leaf or row block for the estimators' preprocessing
     (``models._preprocess_block_cpu``), e.g. 4096 x 1664 values, 54 MB, at d = 1664.
+    The "chunk" slot holds the clipped rows (:func:`_clipped_chunk`); the others hold a
+    statistic's temporaries derived from them (weighted rows, logits).
     """
     need = rows * d
-    buf = getattr(_SCRATCH, "buf", None)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
     if buf is None or buf.size < need:
-        buf = np.empty(need, dtype=np.float64)
-        _SCRATCH.buf = buf
+        buf = bufs[slot] = np.empty(need, dtype=np.float64)
     return buf[:need].reshape(rows, d)
+
+
+_OUTPUTS = threading.local()
+
+
+@contextlib.contextmanager
+def leaf_outputs():
+    """A block (on this thread) in which the statistics return what the exact reduction
+    needs, cheaper than a standalone result:
+
+    * outputs are this thread's buffers, zeroed and reused from one call to the next
+      instead of fresh arrays, so a result is valid only until the next call of the same
+      statistic on this thread. A fresh d x d (or K x d x d) output per leaf would be
+      page-faulted anew on every leaf wherever malloc maps and unmaps large blocks each
+      time (Dask's workers: ``MALLOC_TRIM_THRESHOLD_``);
+    * symmetric (..., d, d) outputs have only their lower triangles (C order) written:
+      the reduction puts only those on the grid (``reduction._Statistic.symmetric``)
+      and mirrors the sum once.
+
+    The reduction turns each leaf's statistic into integer limbs before it computes the
+    next leaf. The buffers are dropped when the outermost block exits; nested blocks
+    share them.
+    """
+    depth = getattr(_OUTPUTS, "depth", 0)
+    if depth == 0:
+        _OUTPUTS.bufs = {}
+    _OUTPUTS.depth = depth + 1
+    try:
+        yield
+    finally:
+        _OUTPUTS.depth = depth
+        if depth == 0:
+            _OUTPUTS.bufs = None
+
+
+def _symmetric(g: np.ndarray) -> np.ndarray:
+    """The statistic from ``?syrk``'s upper triangle of ``g`` ((d, d), Fortran order):
+    mirrored to the full matrix, or inside :func:`leaf_outputs` its C-order view as it is
+    (lower triangle written, upper zero)."""
+    if getattr(_OUTPUTS, "bufs", None) is not None:
+        return np.asfortranarray(g).T
+    return _mirror_upper(g)
+
+
+def _zeros(key, shape: tuple, order: str = "C") -> np.ndarray:
+    """A zeroed float64 array: this thread's buffer ``key`` inside :func:`leaf_outputs`,
+    else a fresh one."""
+    bufs = getattr(_OUTPUTS, "bufs", None)
+    if bufs is None:
+        return np.zeros(shape, dtype=np.float64, order=order)
+    buf = bufs.get(key)
+    if buf is None or buf.shape != shape or not buf.flags[f"{order}_CONTIGUOUS"]:
+        buf = bufs[key] = np.zeros(shape, dtype=np.float64, order=order)
+    else:
+        buf.fill(0.0)
+    return buf
 
 
 def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +194,8 @@ def _mirror_upper(g: np.ndarray) -> np.ndarray:
 
 def _gram_cpu(x: np.ndarray, clip_norm: float, accumulate: str, labels=None, num_classes=0):
     n, d = x.shape
-    g = np.zeros((d, d), dtype=np.float64, order="F")
-    b = np.zeros((num_classes, d), dtype=np.float64) if labels is not None else None
+    g = _zeros("gram", (d, d), order="F")
+    b = _zeros("class_sums", (num_classes, d)) if labels is not None else None
     counts = (
         np.bincount(labels, minlength=num_classes).astype(np.int64) if labels is not None else None
     )
@@ -150,7 +212,7 @@ def _gram_cpu(x: np.ndarray, clip_norm: float, accumulate: str, labels=None, num
             g = _syrk_upper_into(g, xc)
         if b is not None:
             b += _class_sum_matrix(labels[sl], num_classes) @ xc
-    return _mirror_upper(g), b, counts
+    return _symmetric(g), b, counts
 
 
 def _class_sum_matrix(labels: np.ndarray, num_classes: int):
@@ -200,16 +262,16 @@ def clipped_stats(x: np.ndarray, labels: np.ndarray, k: int, c: float, mode: str
 def clipped_class_grams(x: np.ndarray, labels: np.ndarray, k: int, c: float):
     """``A_l = sum_{y_i = l} xbar_i xbar_i^T`` ((k, d, d) float64)."""
     n, d = x.shape
-    grams = np.zeros((k, d, d), dtype=np.float64)
+    grams = _zeros("class_grams", (k, d, d))
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(k + 1))
     for cls in range(k):
         idx = order[bounds[cls] : bounds[cls + 1]]
-        g = np.zeros((d, d), dtype=np.float64, order="F")
+        g = _zeros("gram", (d, d), order="F")
         for sl in _row_chunks(idx.shape[0], d):
             xc, _ = _clipped_chunk(x, idx[sl], c)
             g = _syrk_upper_into(g, xc)
-        grams[cls] = _mirror_upper(g)
+        grams[cls] = _symmetric(g)
     return grams
 
 
@@ -217,18 +279,20 @@ def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
     """``H_l = sum_i weights[i, l] xbar_i xbar_i^T`` ((K, d, d) float64)."""
     n, d = x.shape
     k = weights.shape[1]
-    out = np.zeros((k, d, d), dtype=np.float64, order="C")
-    acc = [np.zeros((d, d), dtype=np.float64, order="F") for _ in range(k)]
+    out = _zeros("weighted_grams", (k, d, d))
+    acc = [_zeros(("gram", cls), (d, d), order="F") for cls in range(k)]
     for sl in _row_chunks(n, d):
         xc, _ = _clipped_chunk(x, sl, c)
         w = np.asarray(weights[sl], dtype=np.float64)
         if not (np.isfinite(w).all() and (w >= 0).all()):  # a row view's block: unchecked
             raise ValueError("weights must be finite and non-negative")
         root_w = np.sqrt(w)
+        xw = _scratch(*xc.shape, slot="weighted")
         for cls in range(k):
-            acc[cls] = _syrk_upper_into(acc[cls], xc * root_w[:, cls : cls + 1])
+            np.multiply(xc, root_w[:, cls : cls + 1], out=xw)
+            acc[cls] = _syrk_upper_into(acc[cls], xw)
     for cls in range(k):
-        out[cls] = _mirror_upper(acc[cls])
+        out[cls] = _symmetric(acc[cls])
     return out
 
 
@@ -253,8 +317,12 @@ def clipped_linear_grad(
     for sl in _row_chunks(n, d, step):
         if fc is not None:
             xc, _ = _clipped_chunk(x, sl, fc)
-        else:
-            xc = np.asarray(x[sl], dtype=np.float64)
+        elif x.dtype == np.float64:
+            xc = x[sl]
+        else:  # widened in this thread's scratch block, not a fresh chunk-sized array
+            rows_in = x[sl]
+            xc = _scratch(rows_in.shape[0], d)
+            np.copyto(xc, rows_in, casting="unsafe")
         logits = xc @ w64.T + b64
         rows = np.arange(xc.shape[0])
         if loss == "sigmoid":

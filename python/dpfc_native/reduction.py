@@ -19,7 +19,9 @@ so that one process, many processes or many machines give the same bits:
    ``delta = 2^(E - F)`` with ``F = 62 - ceil(log2 m)`` fraction bits (F = 50 for
    m = 4096), so a leaf's value ``q = rint(v / delta)``, ``|q| < m 2^F <= 2^62``, is one
    int64. Sums are kept as two int64 limbs ``hi 2^32 + lo`` (``0 <= lo < 2^32``), exact
-   for up to ``2^(94 - F)`` rows (2^44 = 1.8e13 at m = 4096).
+   for up to ``2^(94 - F)`` rows (2^44 = 1.8e13 at m = 4096). Symmetric matrices (the
+   grams) put only their lower triangle on the grid and are mirrored once at the finish:
+   half the conversion and merge work, and a result that is exactly symmetric.
 4. **Coverage.** Every :class:`Partial` carries the leaf ranges it covers. Merging two
    partials that share a leaf raises :class:`CoverageError`, and so does finishing a
    partial that misses a leaf: double counting and gaps are detected, not assumed away.
@@ -50,7 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import _core, ops
+from . import _core, _cpu_stats, ops
 
 __all__ = [
     "LEAF_ROWS",
@@ -314,21 +316,32 @@ def _host(v):
     return v
 
 
-def _grid_add(v, exponent: int, frac: int, rows: int, name: str, hi, lo) -> None:
+def _grid_add(v, exponent: int, frac: int, rows: int, name: str, hi, lo, lower: bool = False):
     """Add one leaf's value on the grid, q = rint(v 2^(F - E)), to the limbs in place:
-    hi += floor(q / 2^32), lo += q mod 2^32 (native, one pass; exact integer additions)."""
+    (hi, lo) += q with lo kept in [0, 2^32) (native, one pass; exact integer additions).
+    ``lower``: v is symmetric (..., d, d) matrices, of which only the lower triangles are
+    read and added (the reduction mirrors them once, at the end)."""
     q = np.ascontiguousarray(_host(v), dtype=np.float64)
     if q.shape != hi.shape:
         raise ValueError(f"{name}: leaf statistic has shape {q.shape}, expected {hi.shape}")
     # A leaf of `rows` rows with per-row terms below 2^E stays below rows 2^F (at most 2^62):
     # beyond it the range argument (and the declared bound) would not hold.
-    status = _core.cpu_grid_accumulate(q, 2.0 ** (frac - exponent), rows * 2.0**frac, hi, lo)
+    tri_d = int(q.shape[-1]) if lower else 0
+    if lower and (q.ndim < 2 or q.shape[-2] != tri_d):
+        raise ValueError(f"{name}: a symmetric statistic must be square, got shape {q.shape}")
+    status = _core.cpu_grid_accumulate(q, 2.0 ** (frac - exponent), rows * 2.0**frac, hi, lo, tri_d)
     if status == 1:
         raise ValueError(f"{name}: leaf statistic has NaN or Inf")
     if status == 2:
         raise ValueError(
             f"{name}: leaf statistic exceeds its a-priori range ({rows} rows x 2^{exponent})"
         )
+
+
+def _mirror_lower(v: np.ndarray) -> np.ndarray:
+    """Symmetric (..., d, d) matrices from their lower triangles (copies, no rounding)."""
+    low = np.tril(v)
+    return low + np.swapaxes(np.tril(v, -1), -1, -2)
 
 
 def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int, frac: int) -> np.ndarray:
@@ -343,38 +356,37 @@ def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int, frac: int) -> np.
 class _Accumulator:
     """In-place exact sum of leaf values (a task's leaves), then one :class:`Partial`."""
 
-    def __init__(self, key: str, exps: dict, frac: int, fixed_shapes: dict, int_shapes: dict):
+    def __init__(
+        self,
+        key: str,
+        exps: dict,
+        frac: int,
+        fixed_shapes: dict,
+        int_shapes: dict,
+        lower: tuple = (),
+    ):
         self.key, self.exps, self.frac = key, exps, frac
+        self.lower = tuple(lower)
         self.hi = {k: np.zeros(sh, np.int64) for k, sh in fixed_shapes.items()}
         self.lo = {k: np.zeros(sh, np.int64) for k, sh in fixed_shapes.items()}
         self.ints = {k: np.zeros(sh, np.int64) for k, sh in int_shapes.items()}
         self.ranges: list = []
-        self._since_carry = 0
 
     def add(self, out: Optional[dict], rows: int, leaf: int) -> None:
         self.ranges.append((leaf, leaf + 1))
         if out is None:  # an empty (unsampled) leaf: covered, adds zero
             return
         for name, e in self.exps.items():
-            _grid_add(out[name], e, self.frac, rows, name, self.hi[name], self.lo[name])
+            lower = name in self.lower
+            _grid_add(out[name], e, self.frac, rows, name, self.hi[name], self.lo[name], lower)
         for name, acc in self.ints.items():
             acc += np.asarray(_host(out[name]), np.int64).reshape(acc.shape)
-        self._since_carry += 1
-        if self._since_carry >= 1 << 30:  # lo gains < 2^32 a leaf: carry long before 2^63
-            self._carry()
-
-    def _carry(self) -> None:
-        for name in self.hi:
-            self.hi[name] += self.lo[name] >> _LIMB_BITS
-            self.lo[name] &= _LIMB_MASK
-        self._since_carry = 0
 
     def partial(self) -> "Partial":
-        self._carry()
         fixed = {
             name: (self.hi[name], self.lo[name], self.exps[name], self.frac) for name in self.hi
         }
-        return Partial(self.key, _normalise_ranges(self.ranges), fixed, self.ints)
+        return Partial(self.key, _normalise_ranges(self.ranges), fixed, self.ints, self.lower)
 
 
 def _normalise_ranges(ranges) -> tuple[tuple[int, int], ...]:
@@ -402,14 +414,17 @@ class Partial:
         partials of different keys never merge.
     ranges : tuple of (first, stop) leaf ranges covered, sorted and disjoint.
     fixed : dict name -> (hi, lo, exponent, fraction_bits): grid outputs as int64 limbs
-        (value ``(hi 2^32 + lo) 2^(exponent - fraction_bits)``).
+        (value ``(hi 2^32 + lo) 2^(exponent - fraction_bits)``, ``lo`` in [0, 2^32)).
     ints : dict name -> int64 array: integer outputs (counts).
+    lower : tuple of names of ``fixed`` whose limbs hold only the lower triangles of
+        symmetric (..., d, d) matrices (the rest zero): :meth:`values` mirrors them.
     """
 
     key: str
     ranges: tuple
     fixed: dict
     ints: dict
+    lower: tuple = ()
 
     def merge(self, other: "Partial") -> "Partial":
         """The exact sum of two partials covering disjoint leaves.
@@ -434,7 +449,7 @@ class Partial:
             s = lo + olo
             fixed[name] = (hi + ohi + (s >> _LIMB_BITS), s & _LIMB_MASK, e, f)
         ints = {name: a + other.ints[name] for name, a in self.ints.items()}
-        return Partial(self.key, ranges, fixed, ints)
+        return Partial(self.key, ranges, fixed, ints, self.lower)
 
     @property
     def n_leaves_covered(self) -> int:
@@ -466,6 +481,8 @@ class Partial:
         after :meth:`check_complete`."""
         self.check_complete(n_leaves)
         out = {name: _from_limbs(hi, lo, e, f) for name, (hi, lo, e, f) in self.fixed.items()}
+        for name in self.lower:
+            out[name] = _mirror_lower(out[name])
         out.update({name: a.copy() for name, a in self.ints.items()})
         return out
 
@@ -665,6 +682,11 @@ class _Statistic:
     def fixed_shapes(self, d: int) -> dict:
         raise NotImplementedError
 
+    #: Names of the outputs that are symmetric (..., d, d) matrices: only their lower
+    #: triangles are put on the grid (half the conversion and merge work) and mirrored
+    #: once at the end, so the result is exactly symmetric.
+    symmetric: tuple = ()
+
     def leaf(self, x, y, weights):
         raise NotImplementedError
 
@@ -684,6 +706,7 @@ class Gram(_Statistic):
     """``G = sum_i xbar_i xbar_i^T`` (:func:`dpfc_native.ops.clipped_gram`)."""
 
     clip_norm: float
+    symmetric = ("G",)
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
@@ -711,6 +734,7 @@ class Stats(_Statistic):
 
     clip_norm: float
     num_classes: int
+    symmetric = ("G",)
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
@@ -782,6 +806,7 @@ class ClassGrams(_Statistic):
     clip_norm: float
     num_classes: int
     classes: Optional[tuple] = None
+    symmetric = ("A",)
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
@@ -838,6 +863,7 @@ class WeightedGrams(_Statistic):
     weight_fn: Optional[Callable] = dataclasses.field(default=None, compare=False)
     classes: Optional[tuple] = None
     weight_fn_id: str = ""
+    symmetric = ("H",)
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
@@ -993,6 +1019,7 @@ def _accumulator(stat, layout: LeafLayout, sampling, d: int) -> _Accumulator:
         layout.fraction_bits,
         stat.fixed_shapes(d),
         stat.int_shapes(d),
+        stat.symmetric,
     )
 
 
@@ -1075,9 +1102,9 @@ def leaf_partial(
     of this leaf's rows, or an object with a ``leaf_weights(leaf)`` method.
     """
     acc = _accumulator(stat, layout, sampling, int(source.n_features))
-    with one_blas_thread():
+    with one_blas_thread(), _cpu_stats.leaf_outputs():
         out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
-    acc.add(out, m, leaf)
+        acc.add(out, m, leaf)
     return acc.partial()
 
 
@@ -1111,7 +1138,10 @@ def range_partial(
     if weights is not None and not hasattr(weights, "leaf_weights"):
         weights = _SlicedWeights(weights, layout)
     acc = _accumulator(stat, layout, sampling, int(source.n_features))
-    with one_blas_thread():
+    # Each leaf's value is on the grid before the next leaf is computed, so the CPU
+    # statistics may reuse one set of output buffers for the whole range (and leave the
+    # symmetric outputs' upper triangles, which the grid does not read, unmirrored).
+    with one_blas_thread(), _cpu_stats.leaf_outputs():
         for leaf in range(first, stop):
             out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
             acc.add(out, m, leaf)
