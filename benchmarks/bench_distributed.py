@@ -9,11 +9,16 @@ Rows of the table (each configuration repeated --repeats times; min and median r
 the machine is shared and noisy):
   single-process   ops.clipped_gram on the whole array in memory (1 BLAS thread): the
                    plain path the Dask overhead is measured against.
+  single-process   ops.clipped_gram shard by shard on the same memory-mapped files the
+  from the files   workers read (float64 sum of the shard results; 1 BLAS thread): the
+                   same path paying the same reads (page-cache pages mapped anew).
   local exact      dpfc_native.reduction.reduce(Gram) over the shards in this process (the
                    same leaves and exact merge as Dask, no cluster).
   dask Nw          distributed.compute(Gram) on a LocalCluster of N single-threaded worker
                    processes; rows/s per worker; the 1-worker time / single-process time is
-                   the Dask overhead (target <= 1.1x).
+                   the Dask overhead (target <= 1.1x). Each Dask run is timed right after
+                   a run of both single-process baselines (interleaved: the machine's load
+                   drifts), and "x single" / "x files" are the ratios of those minima.
   dpfc pass Nw     one clipped-gradient pass (DP-FC / DP-SGD step, K classes) through Dask.
   fit dpfc local   DPFCClassifier(steps=--fit-steps).fit on the shards in this process
                    (client=False); "fit dpfc Nw": the same fit through Dask (same coef_ bits,
@@ -100,8 +105,8 @@ def main(argv=None):
     from distributed import Client, LocalCluster
     from threadpoolctl import threadpool_limits
 
+    from dpfc_native import _cpu_stats, models, ops
     from dpfc_native import distributed as dd
-    from dpfc_native import models, ops
     from dpfc_native import reduction as R
     from dpfc_native.shards import open_sharded
 
@@ -135,9 +140,10 @@ def main(argv=None):
         t_open = time.perf_counter() - t0
         result["open_sharded"] = {"seconds": t_open, "bytes": size, "MB_per_s": size / t_open / 1e6}
 
-        x_all = np.concatenate([sf.read(i)[0] for i in range(len(sf.shards))])
+        # Kept for the interleaved baselines of the Dask runs below.
+        x_mem = np.concatenate([sf.read(i)[0] for i in range(len(sf.shards))])
         with threadpool_limits(1):
-            tm, _ = _timeit(lambda xa=x_all: ops.clipped_gram(xa, c), args.repeats)
+            tm, _ = _timeit(lambda: ops.clipped_gram(x_mem, c), args.repeats)
             table.append(
                 {
                     "config": "single-process ops.clipped_gram",
@@ -147,6 +153,24 @@ def main(argv=None):
                 }
             )
             base = tm["min_s"]
+
+            def from_files():
+                total = None
+                for i in range(len(sf.shards)):
+                    g = ops.clipped_gram(sf.read(i)[0], c)
+                    total = g if total is None else total + g
+                return total
+
+            tm, _ = _timeit(from_files, args.repeats)
+            table.append(
+                {
+                    "config": "single-process from the files",
+                    "workers": 1,
+                    **tm,
+                    "rows_per_s_per_worker": n / tm["min_s"],
+                    "vs_single": tm["min_s"] / base,
+                }
+            )
             tm, (g_local, partial) = _timeit(
                 lambda: R.reduce(R.Gram(c), sf, leaf_rows=args.leaf_rows, return_partial=True),
                 args.repeats,
@@ -160,24 +184,25 @@ def main(argv=None):
                     "vs_single": tm["min_s"] / base,
                 }
             )
-            del x_all
 
             # The exact merge's cost against the leaf compute, per leaf.
             layout = R.LeafLayout(sf.shard_rows, args.leaf_rows)
             stat = R.Gram(c)
             t_leaf = t_grid = 0.0
             acc = R._accumulator(stat, layout, None, d)  # noqa: SLF001 - what range_partial uses
-            for leaf in range(layout.n_leaves):
-                xs, ys = sf.read(
-                    int(layout.shard[leaf]), int(layout.start[leaf]), int(layout.stop[leaf])
-                )
-                t0 = time.perf_counter()
-                out = stat.leaf(xs, ys, None)
-                t1 = time.perf_counter()
-                acc.add(out, xs.shape[0], leaf)  # grid conversion and integer accumulation
-                t2 = time.perf_counter()
-                t_leaf += t1 - t0
-                t_grid += t2 - t1
+            # As range_partial computes leaves: reused outputs, one triangle of the gram.
+            with _cpu_stats.leaf_outputs():
+                for leaf in range(layout.n_leaves):
+                    xs, ys = sf.read(
+                        int(layout.shard[leaf]), int(layout.start[leaf]), int(layout.stop[leaf])
+                    )
+                    t0 = time.perf_counter()
+                    out = stat.leaf(xs, ys, None)
+                    t1 = time.perf_counter()
+                    acc.add(out, xs.shape[0], leaf)  # grid conversion and integer accumulation
+                    t2 = time.perf_counter()
+                    t_leaf += t1 - t0
+                    t_grid += t2 - t1
             parts = [
                 R.range_partial(stat, sf, layout, a, b)
                 for a, b in layout.tasks(args.leaves_per_task)
@@ -245,14 +270,29 @@ def main(argv=None):
                     )
 
                 assert np.array_equal(run(), g_local), "Dask result differs from the local one"
-                tm, _ = _timeit(run, args.repeats)
+                paired = {"single": [], "files": [], "dask": []}
+                for _ in range(args.repeats):
+                    with threadpool_limits(1):
+                        paired["single"].append(
+                            _timeit(lambda: ops.clipped_gram(x_mem, c), 1)[0]["min_s"]
+                        )
+                        paired["files"].append(_timeit(from_files, 1)[0]["min_s"])
+                    paired["dask"].append(_timeit(run, 1)[0]["min_s"])
+                tm = {
+                    "min_s": min(paired["dask"]),
+                    "median_s": statistics.median(paired["dask"]),
+                    "runs": paired["dask"],
+                }
                 table.append(
                     {
                         "config": f"dask gram {nw}w",
                         "workers": nw,
                         **tm,
                         "rows_per_s_per_worker": n / tm["min_s"] / nw,
-                        "vs_single": tm["min_s"] / base,
+                        "vs_single": tm["min_s"] / min(paired["single"]),
+                        "vs_files": tm["min_s"] / min(paired["files"]),
+                        "interleaved_single_runs": paired["single"],
+                        "interleaved_files_runs": paired["files"],
                     }
                 )
 
@@ -297,13 +337,14 @@ def main(argv=None):
     )
     print(
         f"{'configuration':34s} {'min s':>8s} {'median s':>9s} {'rows/s/worker':>14s} "
-        f"{'x single':>9s}"
+        f"{'x single':>9s} {'x files':>8s}"
     )
     for row in table:
         vs = f"{row['vs_single']:.2f}" if "vs_single" in row else ""
+        vf = f"{row['vs_files']:.2f}" if "vs_files" in row else ""
         print(
             f"{row['config']:34s} {row['min_s']:8.3f} {row['median_s']:9.3f} "
-            f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s}"
+            f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s} {vf:>8s}"
         )
     em = result["exact_merge"]
     print(

@@ -451,6 +451,16 @@ class Partial:
         ints = {name: a + other.ints[name] for name, a in self.ints.items()}
         return Partial(self.key, ranges, fixed, ints, self.lower)
 
+    def __reduce__(self):
+        # Pickled (what a worker ships) with the lower-triangle limbs packed: the other
+        # half is zero by construction (a nonzero there would be a bug, so it raises).
+        fixed = {}
+        for name, (hi, lo, e, f) in self.fixed.items():
+            if name in self.lower:
+                hi, lo = _pack_lower(hi, name), _pack_lower(lo, name)
+            fixed[name] = (hi, lo, e, f)
+        return (_unpickle_partial, (self.key, self.ranges, fixed, self.ints, self.lower))
+
     @property
     def n_leaves_covered(self) -> int:
         return sum(b - a for a, b in self.ranges)
@@ -485,6 +495,32 @@ class Partial:
             out[name] = _mirror_lower(out[name])
         out.update({name: a.copy() for name, a in self.ints.items()})
         return out
+
+
+def _pack_lower(a: np.ndarray, name: str) -> np.ndarray:
+    """The lower triangles of (..., d, d) limbs as (..., d (d + 1) / 2)."""
+    d = a.shape[-1]
+    upper = np.triu(np.ones((d, d), bool), 1)
+    if a[..., upper].any():
+        raise ValueError(f"{name}: limbs above the diagonal of a symmetric statistic")
+    return a[..., ~upper]
+
+
+def _unpickle_partial(key, ranges, fixed, ints, lower) -> Partial:
+    out = {}
+    for name, (hi, lo, e, f) in fixed.items():
+        if name in lower:
+            m = hi.shape[-1]
+            d = int(round((math.isqrt(8 * m + 1) - 1) / 2))
+            lower_mask = np.tril(np.ones((d, d), bool))
+            full = []
+            for packed in (hi, lo):
+                a = np.zeros(packed.shape[:-1] + (d, d), np.int64)
+                a[..., lower_mask] = packed
+                full.append(a)
+            hi, lo = full
+        out[name] = (hi, lo, e, f)
+    return Partial(key, ranges, out, ints, lower)
 
 
 def _ranges_text(idx: list) -> str:
