@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import math
 import secrets
@@ -497,27 +498,35 @@ class Partial:
         return out
 
 
+@functools.lru_cache(maxsize=8)
+def _triangle_index(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of a C-order (d, d) matrix's lower triangle (with the diagonal) and of
+    its strict upper triangle."""
+    lower = np.tril(np.ones((d, d), bool)).ravel()
+    return np.flatnonzero(lower), np.flatnonzero(~lower)
+
+
 def _pack_lower(a: np.ndarray, name: str) -> np.ndarray:
     """The lower triangles of (..., d, d) limbs as (..., d (d + 1) / 2)."""
     d = a.shape[-1]
-    upper = np.triu(np.ones((d, d), bool), 1)
-    if a[..., upper].any():
+    low, up = _triangle_index(d)
+    flat = a.reshape(a.shape[:-2] + (d * d,))
+    if np.take(flat, up, axis=-1).any():
         raise ValueError(f"{name}: limbs above the diagonal of a symmetric statistic")
-    return a[..., ~upper]
+    return np.take(flat, low, axis=-1)
 
 
 def _unpickle_partial(key, ranges, fixed, ints, lower) -> Partial:
     out = {}
     for name, (hi, lo, e, f) in fixed.items():
         if name in lower:
-            m = hi.shape[-1]
-            d = int(round((math.isqrt(8 * m + 1) - 1) / 2))
-            lower_mask = np.tril(np.ones((d, d), bool))
+            d = (math.isqrt(8 * hi.shape[-1] + 1) - 1) // 2
+            low, _ = _triangle_index(d)
             full = []
             for packed in (hi, lo):
-                a = np.zeros(packed.shape[:-1] + (d, d), np.int64)
-                a[..., lower_mask] = packed
-                full.append(a)
+                a = np.zeros(packed.shape[:-1] + (d * d,), np.int64)
+                a[..., low] = packed
+                full.append(a.reshape(packed.shape[:-1] + (d, d)))
             hi, lo = full
         out[name] = (hi, lo, e, f)
     return Partial(key, ranges, out, ints, lower)
