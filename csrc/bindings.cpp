@@ -3,7 +3,7 @@
 //
 // Binding naming scheme (every function of _core; python/dpfc_native/_core.pyi types them):
 //   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise,
-//              cpu_grid_accumulate, cpu_mirror_upper).
+//              cpu_grid_accumulate, cpu_mirror_upper, cpu_syrk_upper).
 //   cuda_<op>  a CUDA entry point: device pointers, extents and strides (in elements), a dtype
 //              code (csrc/cuda/runtime.cuh DType: 0 float32, 1 float64, 2 float16,
 //              3 bfloat16) and a stream, all as Python ints. It enqueues work on the stream
@@ -27,6 +27,7 @@
 #include "common/philox.hpp"
 #include "cpu/grid_cpu.hpp"
 #include "cpu/noise_cpu.hpp"
+#include "cpu/syrk_cpu.hpp"
 
 namespace py = pybind11;
 
@@ -123,6 +124,38 @@ void mirror_upper_cpu(py::array a) {
   cpu::mirror_upper(p, d);
 }
 
+// c (F-ordered (d, d), upper triangle) = alpha a a^T + beta c through the BLAS ?syrk in the
+// capsule `fn` (from scipy.linalg.cython_blas.__pyx_capi__; its signature string is checked
+// by the caller), for a F-ordered (d, m) of c's dtype, without the GIL.
+void syrk_upper_cpu(const py::capsule& fn, const py::array& a, py::array c, double alpha,
+                    double beta) {
+  const bool f64 = c.dtype().is(py::dtype::of<double>());
+  DPFC_EXPECTS(f64 || c.dtype().is(py::dtype::of<float>()), "c must be float32 or float64");
+  DPFC_EXPECTS(a.dtype().is(c.dtype()), "a and c must have the same dtype");
+  DPFC_EXPECTS(c.writeable(), "c must be writeable");
+  DPFC_EXPECTS(
+      a.ndim() == 2 && c.ndim() == 2 && c.shape(0) == c.shape(1) && a.shape(0) == c.shape(0),
+      "a must be (d, m) and c (d, d)");
+  DPFC_EXPECTS((a.flags() & py::array::f_style) && (c.flags() & py::array::f_style),
+               "a and c must be Fortran-contiguous");
+  const int64_t d = c.shape(0);
+  const int64_t m = a.shape(1);
+  DPFC_EXPECTS(d < (int64_t{1} << 31) && m < (int64_t{1} << 31), "sizes must fit in int32");
+  void* ptr = PyCapsule_GetPointer(fn.ptr(), PyCapsule_GetName(fn.ptr()));
+  if (ptr == nullptr) throw py::error_already_set();
+  const void* pa = a.data();
+  void* pc = c.mutable_data();
+  py::gil_scoped_release nogil;
+  if (f64) {
+    cpu::syrk_upper(reinterpret_cast<cpu::SyrkFn<double>>(ptr), d, m, alpha,
+                    static_cast<const double*>(pa), beta, static_cast<double*>(pc));
+  } else {
+    cpu::syrk_upper(reinterpret_cast<cpu::SyrkFn<float>>(ptr), d, m, static_cast<float>(alpha),
+                    static_cast<const float*>(pa), static_cast<float>(beta),
+                    static_cast<float*>(pc));
+  }
+}
+
 std::array<uint32_t, 4> philox_raw(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
   Philox4x32 c{{counter[0], counter[1], counter[2], counter[3]}};
   const Philox4x32 r = philox4x32_10(c, key[0], key[1]);
@@ -179,6 +212,9 @@ PYBIND11_MODULE(_core, m) {
         "lower triangles of d x d matrices); returns a status code.");
   m.def("cpu_mirror_upper", &dpfc::mirror_upper_cpu, py::arg("a"),
         "Copy the upper triangle of a Fortran-ordered float64 (d, d) matrix to its lower.");
+  m.def("cpu_syrk_upper", &dpfc::syrk_upper_cpu, py::arg("fn"), py::arg("a"), py::arg("c"),
+        py::arg("alpha"), py::arg("beta"),
+        "c = alpha a a^T + beta c (upper triangle) through a ?syrk capsule, without the GIL.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),
         "Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid).");
 

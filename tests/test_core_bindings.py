@@ -136,3 +136,55 @@ def test_mirror_upper_refuses_what_it_cannot_update_in_place():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         _core.cpu_mirror_upper(ro)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("m, d", [(0, 3), (1, 1), (7, 3), (4097, 33), (300, 129)])
+def test_syrk_without_the_gil_has_the_bits_of_scipys_syrk(dtype, m, d):
+    """The native call goes to the same BLAS function as scipy.linalg.blas.?syrk, with
+    the same arguments: the same bits, the strict lower triangle untouched."""
+    import numpy as np
+    import scipy.linalg.blas as blas
+
+    from dpfc_native import _cpu_stats
+
+    rng = np.random.default_rng(m * 1000 + d)
+    rows = rng.standard_normal((m, d)).astype(dtype)
+    start = np.asfortranarray(rng.standard_normal((d, d)).astype(dtype))
+    g = start.copy(order="F")
+    cap = _cpu_stats._syrk_capsule("d" if dtype == "float64" else "s")
+    assert cap is not None
+    _core.cpu_syrk_upper(cap, rows.T, g, 1.0, 1.0)
+    syrk = blas.dsyrk if dtype == "float64" else blas.ssyrk
+    want = syrk(1.0, rows.T, beta=1.0, c=start.copy(order="F"), trans=0, lower=0)
+    assert g.tobytes(order="F") == np.asfortranarray(want).tobytes(order="F")
+    low = np.tril_indices(d, -1)
+    assert np.array_equal(g[low], start[low])
+    # The statistics' helper takes the same route, or SciPy's wrapper where it cannot.
+    via = _cpu_stats._syrk_upper_into(start.copy(order="F"), np.ascontiguousarray(rows))
+    strided = _cpu_stats._syrk_upper_into(start.copy(order="F"), np.asfortranarray(rows))
+    assert via.tobytes(order="F") == strided.tobytes(order="F") == g.tobytes(order="F")
+
+
+def test_syrk_refuses_mismatched_arguments_and_foreign_capsules():
+    import numpy as np
+
+    from dpfc_native import _cpu_stats
+
+    cap = _cpu_stats._syrk_capsule("d")
+    a = np.zeros((3, 5), order="F")
+    for args, match in [
+        ((a.astype(np.float32), np.zeros((3, 3), order="F")), "same dtype"),
+        ((a, np.zeros((3, 3))), "Fortran"),
+        ((np.zeros((3, 5)), np.zeros((3, 3), order="F")), "Fortran"),
+        ((a, np.zeros((4, 4), order="F")), r"\(d, m\)"),
+        ((a.astype(np.int64), np.zeros((3, 3), np.int64, order="F")), "float32 or float64"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _core.cpu_syrk_upper(cap, *args, 1.0, 1.0)
+    # A capsule with another signature is never called (the helper falls back).
+    assert _cpu_stats._capsule_name(cap).startswith("void (char *, char *, int *, int *")
+    from scipy.linalg import cython_blas
+
+    other = cython_blas.__pyx_capi__["dgemm"]
+    assert _cpu_stats._capsule_name(other) != _cpu_stats._capsule_name(cap)

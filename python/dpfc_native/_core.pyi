@@ -51,6 +51,15 @@ def cpu_grid_accumulate(
 def cpu_mirror_upper(a: npt.NDArray[np.float64]) -> None:
     """Copy the upper triangle of a Fortran-ordered float64 (d, d) matrix to its lower."""
 
+def cpu_syrk_upper(
+    fn: object,
+    a: npt.NDArray[np.floating],
+    c: npt.NDArray[np.floating],
+    alpha: float,
+    beta: float,
+) -> None:
+    """c = alpha a a^T + beta c (upper triangle) through a ?syrk capsule, without the GIL."""
+
 def eval_transform(t: npt.ArrayLike, which: str) -> npt.NDArray[np.float64]:
     """Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid)."""
 

@@ -11,6 +11,7 @@ chunks of about ``_CHUNK_ELEMENTS`` float64 values (never an n x d copy).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import numpy as np
@@ -175,10 +176,56 @@ def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarr
     return xc, scale
 
 
+# The signature SciPy's Cython BLAS exports for ?syrk with 32-bit integers (the BLAS SciPy
+# links, and the one scipy.linalg.blas calls): the only one the native call accepts.
+_SYRK_SIGNATURE = "void (char *, char *, int *, int *, {t} *, {t} *, int *, {t} *, {t} *, int *)"
+
+
+@functools.lru_cache(maxsize=None)
+def _syrk_capsule(kind: str):
+    """SciPy's ``?syrk`` (``kind`` "d" or "s") as a capsule for ``_core.cpu_syrk_upper``,
+    or None when SciPy exports no such function with the expected signature."""
+    try:
+        from scipy.linalg import cython_blas
+    except ImportError:  # pragma: no cover - SciPy always ships it
+        return None
+    cap = getattr(cython_blas, "__pyx_capi__", {}).get(kind + "syrk")
+    if cap is None:  # pragma: no cover
+        return None
+    name = _capsule_name(cap)
+    expected = _SYRK_SIGNATURE.format(t=f"__pyx_t_5scipy_6linalg_11cython_blas_{kind}")
+    return cap if name == expected else None
+
+
+def _capsule_name(cap) -> str | None:
+    import ctypes
+
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype = ctypes.c_char_p
+    get_name.argtypes = [ctypes.py_object]
+    raw = get_name(cap)
+    return raw.decode() if raw is not None else None
+
+
 def _syrk_upper_into(g_f: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """g_f (Fortran order) += rows^T rows, upper triangle only (BLAS ?syrk)."""
-    syrk = _blas.dsyrk if rows.dtype == np.float64 else _blas.ssyrk
+    """g_f (Fortran order) += rows^T rows, upper triangle only (BLAS ?syrk).
+
+    Through SciPy's Cython BLAS export without the GIL where it can (the same BLAS
+    function as ``scipy.linalg.blas.?syrk``, which holds the GIL for the whole product, so
+    leaves computed on threads would run one at a time); else through that wrapper."""
+    kind = "d" if rows.dtype == np.float64 else "s"
+    cap = _syrk_capsule(kind)
     # rows.T is Fortran-contiguous, so BLAS sees it without a copy: C = A A^T with A = rows^T.
+    if (
+        cap is not None
+        and rows.flags.c_contiguous
+        and g_f.flags.f_contiguous
+        and g_f.dtype == rows.dtype
+        and g_f.flags.writeable
+    ):
+        _core.cpu_syrk_upper(cap, rows.T, g_f, 1.0, 1.0)
+        return g_f
+    syrk = _blas.dsyrk if kind == "d" else _blas.ssyrk
     return syrk(1.0, rows.T, beta=1.0, c=g_f, trans=0, lower=0, overwrite_c=1)
 
 
