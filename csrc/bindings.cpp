@@ -3,7 +3,8 @@
 //
 // Binding naming scheme (every function of _core; python/dpfc_native/_core.pyi types them):
 //   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise,
-//              cpu_grid_accumulate, cpu_mirror_upper, cpu_syrk_upper).
+//              cpu_grid_accumulate, cpu_mirror_upper, cpu_syrk_upper,
+//              cpu_preprocess_rows).
 //   cuda_<op>  a CUDA entry point: device pointers, extents and strides (in elements), a dtype
 //              code (csrc/cuda/runtime.cuh DType: 0 float32, 1 float64, 2 float16,
 //              3 bfloat16) and a stream, all as Python ints. It enqueues work on the stream
@@ -18,6 +19,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -27,6 +29,7 @@
 #include "common/philox.hpp"
 #include "cpu/grid_cpu.hpp"
 #include "cpu/noise_cpu.hpp"
+#include "cpu/preprocess_cpu.hpp"
 #include "cpu/syrk_cpu.hpp"
 
 namespace py = pybind11;
@@ -36,6 +39,13 @@ namespace py = pybind11;
 #endif
 
 namespace dpfc {
+
+// Whether a's dtype is T's (equivalent descriptors: an array's descriptor need not be the
+// very object py::dtype::of<T>() returns, e.g. after unpickling).
+template <class T>
+bool has_dtype(const py::array& a) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<T>().ptr());
+}
 #ifdef DPFC_WITH_CUDA
 void register_cuda_bindings(py::module_& m);  // bindings_cuda.cpp
 #endif
@@ -46,8 +56,8 @@ namespace {
 bool check_float_out(const py::array& out, const char* name) {
   DPFC_EXPECTS(out.writeable(), std::string(name) + " must be writeable");
   DPFC_EXPECTS(out.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
-  const bool f64 = out.dtype().is(py::dtype::of<double>());
-  const bool f32 = out.dtype().is(py::dtype::of<float>());
+  const bool f64 = has_dtype<double>(out);
+  const bool f32 = has_dtype<float>(out);
   DPFC_EXPECTS(f64 || f32, std::string(name) + " must be float32 or float64");
   return f64;
 }
@@ -86,15 +96,23 @@ void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, 
 // (tri_d = d) the lower triangles of its d x d matrices; 0 on success, 1 when v * scale has
 // NaN/Inf, 2 when some |q| > limit (then nothing is added).
 // The accumulators are updated in place: never a converted copy.
+void check_float64_matrix_out(const py::array& out, const py::array& like) {
+  DPFC_EXPECTS(has_dtype<double>(out), "out must be float64");
+  DPFC_EXPECTS(out.writeable(), "out must be writeable");
+  DPFC_EXPECTS(out.flags() & py::array::c_style, "out must be C-contiguous");
+  DPFC_EXPECTS(out.ndim() == 2 && out.shape(0) == like.shape(0) && out.shape(1) == like.shape(1),
+               "out must have the shape of x");
+}
+
 void check_int64_out(const py::array& a, const char* name) {
-  DPFC_EXPECTS(a.dtype().is(py::dtype::of<int64_t>()), std::string(name) + " must be int64");
+  DPFC_EXPECTS(has_dtype<int64_t>(a), std::string(name) + " must be int64");
   DPFC_EXPECTS(a.writeable(), std::string(name) + " must be writeable");
   DPFC_EXPECTS(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
 }
 
 int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::array hi, py::array lo,
                         int64_t tri_d) {
-  DPFC_EXPECTS(v.dtype().is(py::dtype::of<double>()), "v must be float64");
+  DPFC_EXPECTS(has_dtype<double>(v), "v must be float64");
   DPFC_EXPECTS(v.flags() & py::array::c_style, "v must be C-contiguous");
   check_int64_out(hi, "hi");
   check_int64_out(lo, "lo");
@@ -114,7 +132,7 @@ int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::arra
 
 // In place: the upper triangle of a Fortran-ordered (d, d) float64 matrix copied to its lower.
 void mirror_upper_cpu(py::array a) {
-  DPFC_EXPECTS(a.dtype().is(py::dtype::of<double>()), "a must be float64");
+  DPFC_EXPECTS(has_dtype<double>(a), "a must be float64");
   DPFC_EXPECTS(a.writeable(), "a must be writeable");
   DPFC_EXPECTS(a.ndim() == 2 && a.shape(0) == a.shape(1), "a must be square (d, d)");
   DPFC_EXPECTS(a.flags() & py::array::f_style, "a must be Fortran-contiguous");
@@ -129,9 +147,10 @@ void mirror_upper_cpu(py::array a) {
 // by the caller), for a F-ordered (d, m) of c's dtype, without the GIL.
 void syrk_upper_cpu(const py::capsule& fn, const py::array& a, py::array c, double alpha,
                     double beta) {
-  const bool f64 = c.dtype().is(py::dtype::of<double>());
-  DPFC_EXPECTS(f64 || c.dtype().is(py::dtype::of<float>()), "c must be float32 or float64");
-  DPFC_EXPECTS(a.dtype().is(c.dtype()), "a and c must have the same dtype");
+  const bool f64 = has_dtype<double>(c);
+  DPFC_EXPECTS(f64 || has_dtype<float>(c), "c must be float32 or float64");
+  DPFC_EXPECTS(f64 ? has_dtype<double>(a) : has_dtype<float>(a),
+               "a and c must have the same dtype");
   DPFC_EXPECTS(c.writeable(), "c must be writeable");
   DPFC_EXPECTS(
       a.ndim() == 2 && c.ndim() == 2 && c.shape(0) == c.shape(1) && a.shape(0) == c.shape(0),
@@ -154,6 +173,36 @@ void syrk_upper_cpu(const py::capsule& fn, const py::array& a, py::array c, doub
                     static_cast<const float*>(pa), static_cast<float>(beta),
                     static_cast<float*>(pc));
   }
+}
+
+// The estimators' fused preprocessing (centre, normalise, clip) of the C-ordered rows x
+// (float32 or float64) into the C-ordered float64 out of the same shape (out may be x);
+// center is None or float64 (d,). Returns the first row that is not finite after
+// centring, or -1.
+int64_t preprocess_rows_cpu(const py::array& x, py::array out, const py::object& center,
+                            bool normalize, double clip) {
+  const bool f64 = has_dtype<double>(x);
+  DPFC_EXPECTS(f64 || has_dtype<float>(x), "x must be float32 or float64");
+  DPFC_EXPECTS(x.flags() & py::array::c_style, "x must be C-contiguous");
+  DPFC_EXPECTS(x.ndim() == 2, "x must be 2-D (m, d)");
+  check_float64_matrix_out(out, x);
+  DPFC_EXPECTS(clip > 0.0 && std::isfinite(clip), "clip must be finite and > 0");
+  const int64_t m = x.shape(0);
+  const int64_t d = x.shape(1);
+  const double* pc = nullptr;
+  py::array c;
+  if (!center.is_none()) {
+    c = py::reinterpret_borrow<py::array>(center);
+    DPFC_EXPECTS(has_dtype<double>(c) && (c.flags() & py::array::c_style) && c.ndim() == 1 &&
+                     c.shape(0) == d,
+                 "center must be a C-contiguous float64 (d,) array");
+    pc = static_cast<const double*>(c.data());
+  }
+  const void* px = x.data();
+  auto* po = static_cast<double*>(out.mutable_data());
+  py::gil_scoped_release nogil;
+  return f64 ? cpu::preprocess_rows(static_cast<const double*>(px), m, d, pc, normalize, clip, po)
+             : cpu::preprocess_rows(static_cast<const float*>(px), m, d, pc, normalize, clip, po);
 }
 
 std::array<uint32_t, 4> philox_raw(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
@@ -215,6 +264,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_syrk_upper", &dpfc::syrk_upper_cpu, py::arg("fn"), py::arg("a"), py::arg("c"),
         py::arg("alpha"), py::arg("beta"),
         "c = alpha a a^T + beta c (upper triangle) through a ?syrk capsule, without the GIL.");
+  m.def("cpu_preprocess_rows", &dpfc::preprocess_rows_cpu, py::arg("x"), py::arg("out"),
+        py::arg("center"), py::arg("normalize"), py::arg("clip"),
+        "Centre, normalise and clip rows into float64 out; the first non-finite row or -1.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),
         "Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid).");
 

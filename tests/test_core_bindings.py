@@ -188,3 +188,25 @@ def test_syrk_refuses_mismatched_arguments_and_foreign_capsules():
 
     other = cython_blas.__pyx_capi__["dgemm"]
     assert _cpu_stats._capsule_name(other) != _cpu_stats._capsule_name(cap)
+
+
+def test_bindings_accept_equivalent_dtypes_and_refuse_byte_swapped_ones():
+    """An unpickled array's dtype is an equal descriptor, not the same object (as arrays
+    reach Dask workers): accepted. A byte-swapped float64 is not float64 in memory."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    x = pickle.loads(pickle.dumps(rng.standard_normal((3, 4))))
+    assert x.dtype is not np.dtype(np.float64)
+    out = pickle.loads(pickle.dumps(np.full((3, 4), np.nan)))
+    assert _core.cpu_preprocess_rows(x, out, None, False, 1.0) == -1
+    assert np.isfinite(out).all()
+    hi = pickle.loads(pickle.dumps(np.zeros(12, np.int64)))
+    lo = pickle.loads(pickle.dumps(np.zeros(12, np.int64)))
+    assert _core.cpu_grid_accumulate(x.ravel(), 2.0**10, 2.0**40, hi, lo) == 0
+    assert lo.any()
+    swapped = x.astype(">f8")
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _core.cpu_preprocess_rows(swapped, out, None, False, 1.0)

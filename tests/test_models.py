@@ -703,21 +703,66 @@ def test_defaults_work_on_digits():
         assert cls(epsilon=8.0, random_state=0).fit(x, y).score(xt, yt) > 0.8, cls.__name__
 
 
-@pytest.mark.parametrize(("m", "d"), [(1, 1), (7, 5), (333, 769), (4096, 64)])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_cpu_preprocessing_in_place_matches_the_generic_formula(m, d, normalize):
-    """The CPU preprocessing (in place, no block-sized temporaries) gives the bits of the
-    generic formula the GPU path uses: |x| max, divide, squared norm, divide, clip_rows."""
-    rng = np.random.default_rng(m + d)
-    x = rng.standard_normal((m, d)) * np.exp(rng.uniform(-30, 30, (m, 1)))
-    x[0] = 0.0  # a zero row: no division by zero
-    ref = x.copy()
+def _preprocess_reference(x, clip, center, normalize):
+    """The generic NumPy formula (the GPU path's), in float64."""
+    ref = np.array(x, dtype=np.float64)
+    if center is not None:
+        ref -= center
     if normalize:
         amax = np.abs(ref).max(axis=1)
         ref /= np.where(amax > 0, amax, 1.0)[:, None]
         nrm = np.sqrt((ref * ref).sum(axis=1))
         ref /= np.where(nrm > 0, nrm, 1.0)[:, None]
-    ref = ops.clip_rows(ref, 0.7)[0]
-    got = models._preprocess_block_cpu(x.copy(), 0.7, normalize)
-    assert got.shape == ref.shape and got.tobytes() == ref.tobytes()
-    assert (np.linalg.norm(got, axis=1) <= 0.7).all()
+    return ops.clip_rows(ref, clip)[0]
+
+
+def _exact_norms(a):
+    from fractions import Fraction
+
+    return [math.sqrt(float(sum(Fraction(float(v)) ** 2 for v in row))) for row in a]
+
+
+@pytest.mark.parametrize(("m", "d"), [(1, 1), (7, 5), (333, 769), (4096, 64)])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("centre", [False, True])
+def test_cpu_preprocessing_native_pass_matches_the_float64_formula(m, d, normalize, centre):
+    """The fused native pass (centre, normalise, clip) against the generic float64 formula
+    on fresh data of extreme scales: within a few ulps of each row's scale, every element
+    written, in place or not, float32 rows read as they are; every row's exact norm below
+    the clip bound."""
+    rng = np.random.default_rng(m + d + 10 * normalize + 100 * centre)
+    x = rng.standard_normal((m, d)) * np.exp(rng.uniform(-30, 30, (m, 1)))
+    x[0] = 0.0  # a zero row: no division by zero
+    if m > 4:
+        x[1] *= 1e290  # its sum of squares overflows: the rescaled norm
+        x[2] *= 1e-280  # its sum of squares underflows
+    center = rng.standard_normal(d) * 0.1 if centre else None
+    clip = 0.7
+    ref = _preprocess_reference(x, clip, center, normalize)
+    out = np.full(x.shape, np.nan)
+    got = models._preprocess_rows_cpu(x, clip, center, normalize, out=out)
+    assert got is out and np.isfinite(got).all()
+    scale = np.abs(ref).max(axis=1, keepdims=True)
+    assert (np.abs(got - ref) <= 8 * d * 2.0**-52 * scale).all()
+    inplace = x.copy()
+    assert models._preprocess_rows_cpu(inplace, clip, center, normalize, out=inplace) is inplace
+    assert inplace.tobytes() == got.tobytes()
+    rows = [0, 1, 2, m - 1] if m > 4 else list(range(m))
+    assert max(_exact_norms(got[rows])) < clip
+    assert (np.linalg.norm(got, axis=1) < clip).all()
+    # float32 rows: read as stored, the same bits as their float64 widening.
+    x32 = x[3:].astype(np.float32) if m > 4 else x.astype(np.float32)
+    a = models._preprocess_rows_cpu(x32, clip, center, normalize)
+    b = models._preprocess_rows_cpu(x32.astype(np.float64), clip, center, normalize)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_cpu_preprocessing_names_the_row_a_centre_overflows():
+    x = np.ones((5, 3))
+    x[3, 1] = 1.5e308
+    center = np.array([0.0, -1.5e308, 0.0])
+    with pytest.raises(ValueError, match="overflows float64 at row 13"):
+        models._preprocess_rows_cpu(x, 1.0, center, False, first_row=10)
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf at row 3"):
+        models._preprocess_rows_cpu(x, 1.0, None, True)

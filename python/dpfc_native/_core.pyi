@@ -60,6 +60,15 @@ def cpu_syrk_upper(
 ) -> None:
     """c = alpha a a^T + beta c (upper triangle) through a ?syrk capsule, without the GIL."""
 
+def cpu_preprocess_rows(
+    x: npt.NDArray[np.floating],
+    out: npt.NDArray[np.float64],
+    center: npt.NDArray[np.float64] | None,
+    normalize: bool,
+    clip: float,
+) -> int:
+    """Centre, normalise and clip rows into float64 out; the first non-finite row or -1."""
+
 def eval_transform(t: npt.ArrayLike, which: str) -> npt.NDArray[np.float64]:
     """Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid)."""
 

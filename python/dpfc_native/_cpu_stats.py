@@ -93,11 +93,9 @@ def _scratch(rows: int, d: int, slot: str = "chunk") -> np.ndarray:
     leaf). A fresh block costs its page faults on every call wherever malloc maps and
     unmaps large blocks each time (Dask's workers set ``MALLOC_TRIM_THRESHOLD_``, which
     does that): measured as about 15% of a Gram leaf's CPU time. Each thread keeps the
-    largest block it was asked for: a chunk here (about ``_CHUNK_ELEMENTS`` values), or a
-    whole leaf or row block for the estimators' preprocessing
-    (``models._preprocess_block_cpu``), e.g. 4096 x 1664 values, 54 MB, at d = 1664.
-    The "chunk" slot holds the clipped rows (:func:`_clipped_chunk`); the others hold a
-    statistic's temporaries derived from them (weighted rows, logits).
+    largest block it was asked for: about ``_CHUNK_ELEMENTS`` values. The "chunk" slot
+    holds the clipped rows (:func:`_clipped_chunk`) or the widened rows of the gradient;
+    "weighted" the weighted rows of :func:`clipped_weighted_grams`.
     """
     need = rows * d
     bufs = getattr(_SCRATCH, "bufs", None)
@@ -154,14 +152,21 @@ def _symmetric(g: np.ndarray) -> np.ndarray:
 def _zeros(key, shape: tuple, order: str = "C") -> np.ndarray:
     """A zeroed float64 array: this thread's buffer ``key`` inside :func:`leaf_outputs`,
     else a fresh one."""
+    buf = leaf_buffer(key, shape, order)
+    buf.fill(0.0)
+    return buf
+
+
+def leaf_buffer(key, shape: tuple, order: str = "C") -> np.ndarray:
+    """An uninitialised float64 array: this thread's buffer ``key`` inside
+    :func:`leaf_outputs` (valid until the next request for ``key`` on this thread), else a
+    fresh one."""
     bufs = getattr(_OUTPUTS, "bufs", None)
     if bufs is None:
-        return np.zeros(shape, dtype=np.float64, order=order)
+        return np.empty(shape, dtype=np.float64, order=order)
     buf = bufs.get(key)
     if buf is None or buf.shape != shape or not buf.flags[f"{order}_CONTIGUOUS"]:
-        buf = bufs[key] = np.zeros(shape, dtype=np.float64, order=order)
-    else:
-        buf.fill(0.0)
+        buf = bufs[key] = np.empty(shape, dtype=np.float64, order=order)
     return buf
 
 

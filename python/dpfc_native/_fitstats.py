@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import ops
+from . import _cpu_stats, ops
 from . import reduction as _red
 
 __all__ = ["RowTransform", "ReducedStatistics", "DeviceStatistics", "scaled_input", "class_block"]
@@ -99,14 +99,21 @@ class RowTransform:
         return "rows:" + _fingerprint(float(self.clip), c, bool(self.normalize), self.device)
 
     def __call__(self, x, first_row: int = 0):
-        from .models import _preprocess_block
+        from .models import _preprocess_rows_cpu
 
-        blk = np.array(x, dtype=np.float64)  # a fresh copy: edited in place
-        if blk.shape[0] == 0:
-            return blk
-        center = None if self.center is None else _red._aligned(np.asarray(self.center, np.float64))
-        out = _preprocess_block(
-            blk, np, float(self.clip), center, bool(self.normalize), first_row=first_row
+        x = np.asarray(x)
+        if x.shape[0] == 0:
+            return np.array(x, dtype=np.float64)
+        # Preprocessed on the host in one native pass into a float64 block: inside the
+        # reduction's leaf loop this thread's reused block (the leaf statistic reads it
+        # before the next leaf is transformed), else a fresh array.
+        out = _preprocess_rows_cpu(
+            x,
+            float(self.clip),
+            self.center,
+            bool(self.normalize),
+            first_row=first_row,
+            out=_cpu_stats.leaf_buffer("transformed_rows", x.shape),
         )
         if self.device == "cuda":
             return ops._cupy().asarray(out)  # noqa: SLF001 - the package's CuPy accessor

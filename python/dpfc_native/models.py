@@ -57,7 +57,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from . import _fitstats, _validation, accounting, mechanisms, ops
+from . import _core, _fitstats, _validation, accounting, mechanisms, ops
 from ._errors import PrivacyWarning
 from ._special import log_sigmoid, sigmoid
 
@@ -371,6 +371,8 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
     do not overflow); only float64 rows can overflow, and then the error names center.
     Returns the clipped block (float64, every row of norm below ``clip``).
     """
+    if xp is np:
+        return _preprocess_rows_cpu(blk, clip, center, normalize, first_row, out=blk)
     if center is not None:
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming center
             blk -= center
@@ -381,8 +383,6 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
                 f"X - center overflows float64 at row {row}: center must be a "
                 "public vector on the scale of the features"
             )
-    if xp is np:
-        return _preprocess_block_cpu(blk, clip, normalize)
     if normalize:
         # Scale by the max first: no overflow for huge rows, no underflow for tiny.
         amax = xp.abs(blk).max(axis=1)
@@ -392,22 +392,33 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
     return ops._unchecked.clip_rows(blk, clip)[0]  # finite: X was checked once per fit
 
 
-def _preprocess_block_cpu(blk: np.ndarray, clip: float, normalize: bool) -> np.ndarray:
-    """:func:`_preprocess_block`'s normalisation and clipping on the CPU, in place and
-    without block-sized temporaries (the same operations, hence the same values, as the
-    GPU path and ``ops.clip_rows``): a leaf's rows are preprocessed on every pass, and
-    on Dask's workers every fresh large array costs its page faults."""
-    from . import _cpu_stats
-
-    if normalize:
-        amax = np.maximum(blk.max(axis=1), -blk.min(axis=1))  # max |x|, no |x| copy
-        blk /= np.where(amax > 0, amax, 1.0)[:, None]
-        sq = _cpu_stats._scratch(*blk.shape)
-        np.multiply(blk, blk, out=sq)
-        nrm = np.sqrt(sq.sum(axis=1))
-        blk /= np.where(nrm > 0, nrm, 1.0)[:, None]
-    blk *= _cpu_stats._clip_scale(_cpu_stats._row_norms64(blk), clip)[:, None]
-    return blk
+def _preprocess_rows_cpu(
+    x, clip: float, center, normalize: bool, first_row: int = 0, out=None
+) -> np.ndarray:
+    """:func:`_preprocess_block` on the CPU: one native pass per row
+    (``_core.cpu_preprocess_rows``: centre, normalise, clip, with the shared clip factor)
+    from x (float32 or float64 read as they are; other real dtypes widened first) into
+    the float64 ``out`` (default: a fresh array; may be x itself). A leaf's rows are
+    preprocessed on every pass of a fit, and the NumPy formula took about ten passes over
+    the block."""
+    x = np.asarray(x)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float64)
+    if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous:
+        src = x
+    else:
+        np.copyto(out, x, casting="unsafe")
+        src = out
+    c = None if center is None else np.require(center, np.float64, ["C", "A"])
+    bad = _core.cpu_preprocess_rows(src, out, c, bool(normalize), float(clip))
+    if bad >= 0:
+        if center is not None:
+            raise ValueError(
+                f"X - center overflows float64 at row {first_row + bad}: center must be a "
+                "public vector on the scale of the features"
+            )
+        raise ValueError(f"X has NaN or Inf at row {first_row + bad}")
+    return out
 
 
 class _PreprocessedRows:
@@ -436,12 +447,13 @@ class _PreprocessedRows:
         if isinstance(rows, tuple):
             raise IndexError("_PreprocessedRows is indexed by rows only")
         first = (rows.start or 0) if isinstance(rows, slice) else 0
-        blk = np.array(self.base[rows], dtype=np.float64)  # always a copy: edited in place
-        if blk.ndim != 2:
+        x = np.asarray(self.base[rows])
+        if x.ndim != 2:
             raise IndexError("_PreprocessedRows is indexed by a slice or an index array")
-        if blk.shape[0] == 0:
-            return blk  # e.g. an empty Poisson batch
-        return _preprocess_block(blk, np, *self._args, first_row=first)
+        if x.shape[0] == 0:
+            return np.array(x, dtype=np.float64)  # e.g. an empty Poisson batch
+        clip, center, normalize = self._args
+        return _preprocess_rows_cpu(x, clip, center, normalize, first_row=first)
 
     def __array__(self, dtype=None, copy=None):
         # Refuses to materialise silently: whatever asks for the whole array must be
