@@ -9,7 +9,8 @@ namespace dpfc::cpu {
 // For each of the m rows of the row-major m x d matrix x (T = float or double), writes to
 // the row-major float64 matrix out (which may be x itself when T is double):
 //   v = x - center (center may be null: no subtraction);
-//   normalize: v /= max_j |v_j| (when > 0), then v /= ||v|| (when > 0);
+//   normalize: v /= max_j |v_j| (when > 0), then v /= ||v|| (when > 0), each as a product
+//   with the reciprocal where that is finite;
 //   v *= clip_scale(||v||, clip) (csrc/common/clip.hpp), the norm computed with a
 //   rescaling by max |v_j| where the plain sum of squares overflows or underflows.
 // Sums of squares run in a fixed order (four interleaved partial sums, combined pairwise),
