@@ -13,7 +13,8 @@ the machine is shared and noisy):
   from the files   workers read (float64 sum of the shard results; 1 BLAS thread): the
                    same path paying the same reads (page-cache pages mapped anew).
   local exact      dpfc_native.reduction.reduce(Gram) over the shards in this process (the
-                   same leaves and exact merge as Dask, no cluster).
+                   same leaves and exact merge as Dask, no cluster; leaves side by side on
+                   DPFC_REDUCE_THREADS threads, default the CPU count, one BLAS thread each).
   dask Nw          distributed.compute(Gram) on a LocalCluster of N single-threaded worker
                    processes; rows/s per worker; the 1-worker time / single-process time is
                    the Dask overhead (target <= 1.1x). Each Dask run is timed right after
