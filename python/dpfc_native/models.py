@@ -372,7 +372,10 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
     Returns the clipped block (float64, every row of norm below ``clip``).
     """
     if xp is np:
-        return _preprocess_rows_cpu(blk, clip, center, normalize, first_row, out=blk)
+        in_place = blk.dtype == np.float64 and blk.flags.c_contiguous and blk.flags.writeable
+        return _preprocess_rows_cpu(
+            blk, clip, center, normalize, first_row, out=blk if in_place else None
+        )
     if center is not None:
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming center
             blk -= center
