@@ -332,7 +332,9 @@ def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
     n, d = x.shape
     k = weights.shape[1]
     out = _zeros("weighted_grams", (k, d, d))
-    acc = [_zeros(("gram", cls), (d, d), order="F") for cls in range(k)]
+    # ?syrk accumulates straight into each (d, d) slice through its Fortran-order view
+    # (upper triangle there = lower triangle of the C-order slice): no second K x d x d.
+    acc = [out[cls].T for cls in range(k)]
     for sl in _row_chunks(n, d):
         xc, _ = _clipped_chunk(x, sl, c)
         w = np.asarray(weights[sl], dtype=np.float64)
@@ -342,9 +344,10 @@ def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
         xw = _scratch(*xc.shape, slot="weighted")
         for cls in range(k):
             np.multiply(xc, root_w[:, cls : cls + 1], out=xw)
-            acc[cls] = _syrk_upper_into(acc[cls], xw)
-    for cls in range(k):
-        out[cls] = _symmetric(acc[cls])
+            _syrk_upper_into(acc[cls], xw)
+    if getattr(_OUTPUTS, "bufs", None) is None:  # inside leaf_outputs: lower triangles only
+        for g in acc:
+            _core.cpu_mirror_upper(g)
     return out
 
 

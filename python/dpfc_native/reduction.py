@@ -340,18 +340,27 @@ def _grid_add(v, exponent: int, frac: int, rows: int, name: str, hi, lo, lower: 
 
 
 def _mirror_lower(v: np.ndarray) -> np.ndarray:
-    """Symmetric (..., d, d) matrices from their lower triangles (copies, no rounding)."""
-    low = np.tril(v)
-    return low + np.swapaxes(np.tril(v, -1), -1, -2)
+    """Symmetric (..., d, d) C-ordered matrices from their lower triangles, in place
+    (copies, no rounding): each matrix's Fortran-order view has that triangle as its
+    upper one, which ``_core.cpu_mirror_upper`` copies across."""
+    d = v.shape[-1]
+    for m in v.reshape(-1, d, d):
+        _core.cpu_mirror_upper(m.T)
+    return v
 
 
 def _from_limbs(hi: np.ndarray, lo: np.ndarray, exponent: int, frac: int) -> np.ndarray:
-    """Correctly rounded float64 of (hi 2^32 + lo) 2^(E - F)."""
-    hh = hi >> 20
-    hl = hi & ((1 << 20) - 1)
-    a = hh.astype(np.float64) * 2.0**52  # |hh| < 2^43: exact
-    b = (hl << _LIMB_BITS | lo).astype(np.float64)  # < 2^52: exact
-    return np.ldexp(a + b, exponent - frac)  # one rounding; the scaling is exact
+    """Correctly rounded float64 of (hi 2^32 + lo) 2^(E - F), with one int64 temporary
+    (a K x d x d statistic is converted with two arrays of its size, not six)."""
+    out = np.empty(hi.shape, dtype=np.float64)
+    tmp = np.empty(hi.shape, dtype=np.int64)
+    np.right_shift(hi, 20, out=tmp)
+    np.multiply(tmp, 2.0**52, out=out)  # |hi >> 20| < 2^43: exact
+    np.bitwise_and(hi, (1 << 20) - 1, out=tmp)
+    np.left_shift(tmp, _LIMB_BITS, out=tmp)
+    np.bitwise_or(tmp, lo, out=tmp)  # < 2^52: exact as a float
+    np.add(out, tmp, out=out)  # the one rounding
+    return np.ldexp(out, exponent - frac, out=out)  # exact scaling
 
 
 class _Accumulator:
