@@ -343,6 +343,8 @@ def _mirror_lower(v: np.ndarray) -> np.ndarray:
     """Symmetric (..., d, d) C-ordered matrices from their lower triangles, in place
     (copies, no rounding): each matrix's Fortran-order view has that triangle as its
     upper one, which ``_core.cpu_mirror_upper`` copies across."""
+    if v.size == 0:
+        return v
     d = v.shape[-1]
     for m in v.reshape(-1, d, d):
         _core.cpu_mirror_upper(m.T)
