@@ -1385,6 +1385,46 @@ def test_fuzz_core_philox_and_transform(counter, key, t, which):
 
 @_FUZZ
 @given(
+    x=fuzz_arrays(),
+    out=fuzz_arrays(),
+    center=st.one_of(st.none(), fuzz_arrays(max_dims=2)),
+    normalize=st.booleans(),
+    clip=st.one_of(st.floats(), st.sampled_from([1.0, 1e-30, 1e30])),
+    tri_d=st.integers(-2, 6),
+    same=st.booleans(),
+)
+def test_fuzz_core_host_helpers(x, out, center, normalize, clip, tri_d, same):
+    """The host helpers of the leaf statistics take any array without crashing: a result
+    or TypeError/ValueError (shape, dtype, layout and value checks in the bindings)."""
+    from dpfc_native import _cpu_stats
+
+    buf = out.copy()
+    if same and x.dtype == np.float64:
+        buf = x = x.copy()  # in place: out is x
+    try:
+        bad = _core.cpu_preprocess_rows(x, buf, center, normalize, clip)
+        assert -1 <= bad < max(1, x.shape[0])
+    except ARG_ERRORS:
+        pass
+    hi, lo = np.zeros(x.shape, np.int64), np.zeros(x.shape, np.int64)
+    try:
+        assert _core.cpu_grid_accumulate(x, 2.0**10, 2.0**40, hi, lo, tri_d) in (0, 1, 2)
+    except ARG_ERRORS:
+        pass
+    try:
+        _core.cpu_mirror_upper(buf)
+    except ARG_ERRORS:
+        pass
+    for kind in ("d", "s"):
+        try:
+            _core.cpu_syrk_upper(_cpu_stats._syrk_capsule(kind), x, out.copy(), 1.0, 1.0)
+        except ARG_ERRORS:
+            pass
+    COUNTS["fuzz examples (_core host helpers)"] += 1
+
+
+@_FUZZ
+@given(
     x=fuzz_arrays(), c=st.one_of(st.floats(), st.sampled_from([1.0, 1e-30, 1e30])), data_=st.data()
 )
 def test_fuzz_ops_statistics(x, c, data_):
