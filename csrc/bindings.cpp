@@ -4,7 +4,7 @@
 // Binding naming scheme (every function of _core; python/dpfc_native/_core.pyi types them):
 //   cpu_<op>   runs on the host, on NumPy arrays (cpu_gaussian_noise, cpu_sym_gaussian_noise,
 //              cpu_grid_accumulate, cpu_mirror_upper, cpu_syrk_upper,
-//              cpu_preprocess_rows).
+//              cpu_preprocess_rows, cpu_clip_rows).
 //   cuda_<op>  a CUDA entry point: device pointers, extents and strides (in elements), a dtype
 //              code (csrc/cuda/runtime.cuh DType: 0 float32, 1 float64, 2 float16,
 //              3 bfloat16) and a stream, all as Python ints. It enqueues work on the stream
@@ -205,6 +205,33 @@ int64_t preprocess_rows_cpu(const py::array& x, py::array out, const py::object&
              : cpu::preprocess_rows(static_cast<const float*>(px), m, d, pc, normalize, clip, po);
 }
 
+// The ops' clipping of the C-ordered rows x (float32 or float64) into the C-ordered
+// float64 out of the same shape (out may be x), the clip factors into the float64 (m,)
+// scales.
+void clip_rows_cpu(const py::array& x, py::array out, py::array scales, double clip) {
+  const bool f64 = has_dtype<double>(x);
+  DPFC_EXPECTS(f64 || has_dtype<float>(x), "x must be float32 or float64");
+  DPFC_EXPECTS(x.flags() & py::array::c_style, "x must be C-contiguous");
+  DPFC_EXPECTS(x.ndim() == 2, "x must be 2-D (m, d)");
+  check_float64_matrix_out(out, x);
+  DPFC_EXPECTS(has_dtype<double>(scales) && scales.writeable() &&
+                   (scales.flags() & py::array::c_style) && scales.ndim() == 1 &&
+                   scales.shape(0) == x.shape(0),
+               "scales must be a writeable C-contiguous float64 (m,) array");
+  DPFC_EXPECTS(clip > 0.0 && std::isfinite(clip), "clip must be finite and > 0");
+  const int64_t m = x.shape(0);
+  const int64_t d = x.shape(1);
+  const void* px = x.data();
+  auto* po = static_cast<double*>(out.mutable_data());
+  auto* ps = static_cast<double*>(scales.mutable_data());
+  py::gil_scoped_release nogil;
+  if (f64) {
+    cpu::clip_rows(static_cast<const double*>(px), m, d, clip, po, ps);
+  } else {
+    cpu::clip_rows(static_cast<const float*>(px), m, d, clip, po, ps);
+  }
+}
+
 std::array<uint32_t, 4> philox_raw(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
   Philox4x32 c{{counter[0], counter[1], counter[2], counter[3]}};
   const Philox4x32 r = philox4x32_10(c, key[0], key[1]);
@@ -267,6 +294,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("cpu_preprocess_rows", &dpfc::preprocess_rows_cpu, py::arg("x"), py::arg("out"),
         py::arg("center"), py::arg("normalize"), py::arg("clip"),
         "Centre, normalise and clip rows into float64 out; the first non-finite row or -1.");
+  m.def("cpu_clip_rows", &dpfc::clip_rows_cpu, py::arg("x"), py::arg("out"), py::arg("scales"),
+        py::arg("clip"), "Clip rows into float64 out (the shared clip factor) and their scales.");
   m.def("eval_transform", &dpfc::eval_transform, py::arg("t"), py::arg("which"),
         "Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid).");
 

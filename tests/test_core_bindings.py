@@ -210,3 +210,50 @@ def test_bindings_accept_equivalent_dtypes_and_refuse_byte_swapped_ones():
     swapped = x.astype(">f8")
     with pytest.raises(ValueError, match="float32 or float64"):
         _core.cpu_preprocess_rows(swapped, out, None, False, 1.0)
+
+
+@pytest.mark.parametrize("m, d", [(1, 1), (9, 5), (333, 769)])
+def test_clip_rows_native_pass_matches_the_float64_formula(m, d):
+    """cpu_clip_rows (the CPU statistics' clipping) against the NumPy formula: scales and
+    rows within a few ulps, every element written, NaN/Inf rows copied with scale 1, in
+    place = out of place, float32 rows = their float64 widening."""
+    import numpy as np
+
+    from dpfc_native import _cpu_stats
+
+    rng = np.random.default_rng(m * 7 + d)
+    x = rng.standard_normal((m, d)) * np.exp(rng.uniform(-20, 20, (m, 1)))
+    x[0] = 0.0
+    if m > 4:
+        x[1] *= 1e295  # overflowing sum of squares
+        x[2] *= 1e-290  # underflowing
+        x[3, 0] = np.nan
+        x[4, -1] = -np.inf
+    clip = 0.9
+    with np.errstate(all="ignore"):
+        norms = _cpu_stats._row_norms64(x)
+        want_s = _cpu_stats._clip_scale(norms, clip)
+        want = x * want_s[:, None]
+    out, s = np.full(x.shape, 7.0), np.full(m, 7.0)
+    _core.cpu_clip_rows(x, out, s, clip)
+    ok = np.isfinite(x).all(axis=1)
+    np.testing.assert_allclose(s[ok], want_s[ok], rtol=4 * d * 2.0**-52, atol=0)
+    scale = np.abs(want[ok]).max(axis=1, keepdims=True)
+    assert (np.abs(out[ok] - want[ok]) <= 4 * d * 2.0**-52 * scale).all()
+    assert (s[~ok] == 1.0).all()
+    assert np.array_equal(out[~ok], x[~ok], equal_nan=True)
+    assert (np.linalg.norm(out[ok], axis=1) < clip).all()
+    inplace, s2 = x.copy(), np.empty(m)
+    _core.cpu_clip_rows(inplace, inplace, s2, clip)
+    assert inplace.tobytes() == out.tobytes() and s2.tobytes() == s.tobytes()
+    x32 = x[ok].astype(np.float32)
+    a, b = np.empty(x32.shape), np.empty(x32.shape)
+    sa, sb = np.empty(len(x32)), np.empty(len(x32))
+    _core.cpu_clip_rows(x32, a, sa, clip)
+    _core.cpu_clip_rows(x32.astype(np.float64), b, sb, clip)
+    assert a.tobytes() == b.tobytes() and sa.tobytes() == sb.tobytes()
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="clip"):
+            _core.cpu_clip_rows(x, out, s, bad)
+    with pytest.raises(ValueError, match="scales"):
+        _core.cpu_clip_rows(x, out, np.empty(m + 1), clip)

@@ -1394,8 +1394,8 @@ def test_fuzz_core_philox_and_transform(counter, key, t, which):
     same=st.booleans(),
 )
 def test_fuzz_core_host_helpers(x, out, center, normalize, clip, tri_d, same):
-    """The host helpers of the leaf statistics take any array without crashing: a result
-    or TypeError/ValueError (shape, dtype, layout and value checks in the bindings)."""
+    """The host helpers of the statistics take any array without crashing: a result or
+    TypeError/ValueError (shape, dtype, layout and value checks in the bindings)."""
     from dpfc_native import _cpu_stats
 
     buf = out.copy()
@@ -1413,6 +1413,10 @@ def test_fuzz_core_host_helpers(x, out, center, normalize, clip, tri_d, same):
         pass
     try:
         _core.cpu_mirror_upper(buf)
+    except ARG_ERRORS:
+        pass
+    try:
+        _core.cpu_clip_rows(x, buf, np.empty(x.shape[0] if x.ndim else 0), clip)
     except ARG_ERRORS:
         pass
     for kind in ("d", "s"):

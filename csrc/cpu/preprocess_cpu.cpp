@@ -107,6 +107,28 @@ int64_t preprocess_rows(const T* x, int64_t m, int64_t d, const double* center, 
   return -1;
 }
 
+template <class T>
+void clip_rows(const T* x, int64_t m, int64_t d, double clip, double* out, double* scales) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* xi = x + i * d;
+    double* v = out + i * d;
+    int64_t not_finite = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const double t = static_cast<double>(xi[j]);
+      not_finite += !(std::fabs(t) <= kMaxDouble);
+      v[j] = t;
+    }
+    // A row with NaN or Inf has no norm: it keeps scale 1 (as the NumPy path's clip
+    // factor, whose comparison with the target fails for a NaN norm).
+    const double s = not_finite != 0 ? 1.0 : clip_scale(row_norm(v, d), clip);
+    if (s != 1.0) scale_row(v, d, s);
+    scales[i] = s;
+  }
+}
+
+template void clip_rows<float>(const float*, int64_t, int64_t, double, double*, double*);
+template void clip_rows<double>(const double*, int64_t, int64_t, double, double*, double*);
+
 template int64_t preprocess_rows<float>(const float*, int64_t, int64_t, const double*, bool, double,
                                         double*);
 template int64_t preprocess_rows<double>(const double*, int64_t, int64_t, const double*, bool,

@@ -20,4 +20,9 @@ template <class T>
 int64_t preprocess_rows(const T* x, int64_t m, int64_t d, const double* center, bool normalize,
                         double clip, double* out);
 
+// The ops' clipping: out = x s, s_i = clip_scale(||x_i||, clip) written to scales, with
+// the same norm as preprocess_rows; a row holding NaN or Inf is copied with s_i = 1.
+template <class T>
+void clip_rows(const T* x, int64_t m, int64_t d, double clip, double* out, double* scales);
+
 }  // namespace dpfc::cpu

@@ -69,6 +69,14 @@ def cpu_preprocess_rows(
 ) -> int:
     """Centre, normalise and clip rows into float64 out; the first non-finite row or -1."""
 
+def cpu_clip_rows(
+    x: npt.NDArray[np.floating],
+    out: npt.NDArray[np.float64],
+    scales: npt.NDArray[np.float64],
+    clip: float,
+) -> None:
+    """Clip rows into float64 out (the shared clip factor) and their scales."""
+
 def eval_transform(t: npt.ArrayLike, which: str) -> npt.NDArray[np.float64]:
     """Evaluate the shared log / cos(2 pi t) / sin(2 pi t) kernels (testing aid)."""
 

@@ -4,8 +4,9 @@ the clipped linear-layer gradient and the Philox Gaussian noise (the GPU ones ar
 
 Private: :mod:`dpfc_native.ops` validates the arguments (finite values, shapes, labels in
 range, positive clip norms) and calls these with NumPy arrays. NumPy/SciPy BLAS does the
-products, the native core (``dpfc_native._core``) the noise. Memory: rows are processed in
-chunks of about ``_CHUNK_ELEMENTS`` float64 values (never an n x d copy).
+products (the Gram updates through SciPy's BLAS without the GIL), the native core
+(``dpfc_native._core``) the row clipping, the mirror and the noise. Memory: rows are
+processed in chunks of about ``_CHUNK_ELEMENTS`` float64 values (never an n x d copy).
 """
 
 from __future__ import annotations
@@ -172,12 +173,20 @@ def leaf_buffer(key, shape: tuple, order: str = "C") -> np.ndarray:
 
 def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``sl`` of x in float64, clipped, and their scales. The rows are this thread's
-    scratch block (:func:`_scratch`): use them before the next call."""
-    rows = x[sl]
+    scratch block (:func:`_scratch`): use them before the next call.
+
+    One native pass per row (``_core.cpu_clip_rows``: widen, norm, the shared clip
+    factor), float32 and float64 rows read as they are; other dtypes are widened into the
+    block first."""
+    rows = np.asarray(x[sl])
     xc = _scratch(rows.shape[0], rows.shape[1])
-    np.copyto(xc, rows, casting="unsafe")
-    scale = _clip_scale(_row_norms64(xc), clip_norm)
-    xc *= scale[:, None]
+    if rows.dtype in (np.float32, np.float64) and rows.flags.c_contiguous:
+        src = rows
+    else:
+        np.copyto(xc, rows, casting="unsafe")
+        src = xc
+    scale = np.empty(rows.shape[0], dtype=np.float64)
+    _core.cpu_clip_rows(src, xc, scale, float(clip_norm))
     return xc, scale
 
 
