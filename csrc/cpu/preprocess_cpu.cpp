@@ -10,7 +10,8 @@ namespace dpfc::cpu {
 namespace {
 
 // Below this sum of squares its terms may have underflowed (2^-900): such rows are
-// rescaled before the norm, as are rows whose sum overflows (the CPU ops do the same).
+// rescaled before the norm, as are rows whose sum overflows. The build compiles this file
+// without FMA contraction (CMakeLists.txt), so the fixed summation order fixes the bits.
 constexpr double kTinySumsq = 0x1p-900;
 constexpr double kMaxDouble = std::numeric_limits<double>::max();
 
