@@ -96,12 +96,20 @@ void gaussian_noise_cpu(py::array out, double std, std::array<uint32_t, 4> key, 
 // (tri_d = d) the lower triangles of its d x d matrices; 0 on success, 1 when v * scale has
 // NaN/Inf, 2 when some |q| > limit (then nothing is added).
 // The accumulators are updated in place: never a converted copy.
-void check_float64_matrix_out(const py::array& out, const py::array& like) {
+// Checks the rows x (C-ordered float32 or float64, 2-D), their float64 output (C-ordered,
+// writeable, x's shape; may be x) and the clip bound; returns whether x is float64.
+bool check_rows_in_out(const py::array& x, const py::array& out, double clip) {
+  const bool f64 = has_dtype<double>(x);
+  DPFC_EXPECTS(f64 || has_dtype<float>(x), "x must be float32 or float64");
+  DPFC_EXPECTS(x.flags() & py::array::c_style, "x must be C-contiguous");
+  DPFC_EXPECTS(x.ndim() == 2, "x must be 2-D (m, d)");
   DPFC_EXPECTS(has_dtype<double>(out), "out must be float64");
   DPFC_EXPECTS(out.writeable(), "out must be writeable");
   DPFC_EXPECTS(out.flags() & py::array::c_style, "out must be C-contiguous");
-  DPFC_EXPECTS(out.ndim() == 2 && out.shape(0) == like.shape(0) && out.shape(1) == like.shape(1),
+  DPFC_EXPECTS(out.ndim() == 2 && out.shape(0) == x.shape(0) && out.shape(1) == x.shape(1),
                "out must have the shape of x");
+  DPFC_EXPECTS(clip > 0.0 && std::isfinite(clip), "clip must be finite and > 0");
+  return f64;
 }
 
 void check_int64_out(const py::array& a, const char* name) {
@@ -181,12 +189,7 @@ void syrk_upper_cpu(const py::capsule& fn, const py::array& a, py::array c, doub
 // centring, or -1.
 int64_t preprocess_rows_cpu(const py::array& x, py::array out, const py::object& center,
                             bool normalize, double clip) {
-  const bool f64 = has_dtype<double>(x);
-  DPFC_EXPECTS(f64 || has_dtype<float>(x), "x must be float32 or float64");
-  DPFC_EXPECTS(x.flags() & py::array::c_style, "x must be C-contiguous");
-  DPFC_EXPECTS(x.ndim() == 2, "x must be 2-D (m, d)");
-  check_float64_matrix_out(out, x);
-  DPFC_EXPECTS(clip > 0.0 && std::isfinite(clip), "clip must be finite and > 0");
+  const bool f64 = check_rows_in_out(x, out, clip);
   const int64_t m = x.shape(0);
   const int64_t d = x.shape(1);
   const double* pc = nullptr;
@@ -209,16 +212,11 @@ int64_t preprocess_rows_cpu(const py::array& x, py::array out, const py::object&
 // float64 out of the same shape (out may be x), the clip factors into the float64 (m,)
 // scales.
 void clip_rows_cpu(const py::array& x, py::array out, py::array scales, double clip) {
-  const bool f64 = has_dtype<double>(x);
-  DPFC_EXPECTS(f64 || has_dtype<float>(x), "x must be float32 or float64");
-  DPFC_EXPECTS(x.flags() & py::array::c_style, "x must be C-contiguous");
-  DPFC_EXPECTS(x.ndim() == 2, "x must be 2-D (m, d)");
-  check_float64_matrix_out(out, x);
+  const bool f64 = check_rows_in_out(x, out, clip);
   DPFC_EXPECTS(has_dtype<double>(scales) && scales.writeable() &&
                    (scales.flags() & py::array::c_style) && scales.ndim() == 1 &&
                    scales.shape(0) == x.shape(0),
                "scales must be a writeable C-contiguous float64 (m,) array");
-  DPFC_EXPECTS(clip > 0.0 && std::isfinite(clip), "clip must be finite and > 0");
   const int64_t m = x.shape(0);
   const int64_t d = x.shape(1);
   const void* px = x.data();

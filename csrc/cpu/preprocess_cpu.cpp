@@ -78,32 +78,43 @@ double row_norm(const double* v, int64_t d) {
   return a > 0.0 ? a * std::sqrt(sum_of_squares<true>(v, d, a)) : 0.0;
 }
 
+// v = x_i - center (center may be null: no subtraction), widened to float64; returns
+// whether every entry is finite (|t| <= DBL_MAX: NaN fails the comparison too). Counted,
+// not branched on, so the loop stays a straight pass.
+template <class T>
+bool widen_row(const T* xi, const double* center, int64_t d, double* v) {
+  int64_t not_finite = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double t =
+        center != nullptr ? static_cast<double>(xi[j]) - center[j] : static_cast<double>(xi[j]);
+    not_finite += !(std::fabs(t) <= kMaxDouble);
+    v[j] = t;
+  }
+  return not_finite == 0;
+}
+
+// v *= clip_scale(||v||, clip); returns the factor.
+double clip_row(double* v, int64_t d, double clip) {
+  const double s = clip_scale(row_norm(v, d), clip);
+  if (s != 1.0) scale_row(v, d, s);
+  return s;
+}
+
 }  // namespace
 
 template <class T>
 int64_t preprocess_rows(const T* x, int64_t m, int64_t d, const double* center, bool normalize,
                         double clip, double* out) {
   for (int64_t i = 0; i < m; ++i) {
-    const T* xi = x + i * d;
     double* v = out + i * d;
-    // Entries are finite iff |t| <= DBL_MAX (NaN fails the comparison too); counted, not
-    // branched on, so the loop stays a straight pass.
-    int64_t not_finite = 0;
-    for (int64_t j = 0; j < d; ++j) {
-      const double t =
-          center != nullptr ? static_cast<double>(xi[j]) - center[j] : static_cast<double>(xi[j]);
-      not_finite += !(std::fabs(t) <= kMaxDouble);
-      v[j] = t;
-    }
-    if (not_finite != 0) return i;
+    if (!widen_row(x + i * d, center, d, v)) return i;
     if (normalize) {
       const double a = max_abs(v, d);
       if (a > 0.0) divide_row(v, d, a);
       const double nrm = std::sqrt(sum_of_squares<false>(v, d, 1.0));
       if (nrm > 0.0) divide_row(v, d, nrm);
     }
-    const double s = clip_scale(row_norm(v, d), clip);
-    if (s != 1.0) scale_row(v, d, s);
+    clip_row(v, d, clip);
   }
   return -1;
 }
@@ -111,19 +122,10 @@ int64_t preprocess_rows(const T* x, int64_t m, int64_t d, const double* center, 
 template <class T>
 void clip_rows(const T* x, int64_t m, int64_t d, double clip, double* out, double* scales) {
   for (int64_t i = 0; i < m; ++i) {
-    const T* xi = x + i * d;
     double* v = out + i * d;
-    int64_t not_finite = 0;
-    for (int64_t j = 0; j < d; ++j) {
-      const double t = static_cast<double>(xi[j]);
-      not_finite += !(std::fabs(t) <= kMaxDouble);
-      v[j] = t;
-    }
     // A row with NaN or Inf has no norm: it keeps scale 1 (as the NumPy path's clip
     // factor, whose comparison with the target fails for a NaN norm).
-    const double s = not_finite != 0 ? 1.0 : clip_scale(row_norm(v, d), clip);
-    if (s != 1.0) scale_row(v, d, s);
-    scales[i] = s;
+    scales[i] = widen_row(x + i * d, nullptr, d, v) ? clip_row(v, d, clip) : 1.0;
   }
 }
 

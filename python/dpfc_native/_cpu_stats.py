@@ -141,11 +141,16 @@ def leaf_outputs():
             _OUTPUTS.bufs = None
 
 
+def _in_leaf_outputs() -> bool:
+    """Whether this thread is inside :func:`leaf_outputs`."""
+    return getattr(_OUTPUTS, "bufs", None) is not None
+
+
 def _symmetric(g: np.ndarray) -> np.ndarray:
     """The statistic from ``?syrk``'s upper triangle of ``g`` ((d, d), Fortran order):
     mirrored to the full matrix, or inside :func:`leaf_outputs` its C-order view as it is
     (lower triangle written, upper zero)."""
-    if getattr(_OUTPUTS, "bufs", None) is not None:
+    if _in_leaf_outputs():
         return np.asfortranarray(g).T
     return _mirror_upper(g)
 
@@ -180,14 +185,18 @@ def _clipped_chunk(x: np.ndarray, sl: slice, clip_norm: float) -> tuple[np.ndarr
     block first."""
     rows = np.asarray(x[sl])
     xc = _scratch(rows.shape[0], rows.shape[1])
-    if rows.dtype in (np.float32, np.float64) and rows.flags.c_contiguous:
-        src = rows
-    else:
-        np.copyto(xc, rows, casting="unsafe")
-        src = xc
     scale = np.empty(rows.shape[0], dtype=np.float64)
-    _core.cpu_clip_rows(src, xc, scale, float(clip_norm))
+    _core.cpu_clip_rows(native_rows(rows, xc), xc, scale, float(clip_norm))
     return xc, scale
+
+
+def native_rows(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """What the native row passes read: x itself when it is C-ordered float32 or float64,
+    else x widened into the float64 ``out`` (which they then process in place)."""
+    if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous:
+        return x
+    np.copyto(out, x, casting="unsafe")
+    return out
 
 
 # The signature SciPy's Cython BLAS exports for ?syrk with 32-bit integers (the BLAS SciPy
@@ -354,7 +363,7 @@ def clipped_weighted_grams(x: np.ndarray, weights: np.ndarray, c: float):
         for cls in range(k):
             np.multiply(xc, root_w[:, cls : cls + 1], out=xw)
             _syrk_upper_into(acc[cls], xw)
-    if getattr(_OUTPUTS, "bufs", None) is None:  # inside leaf_outputs: lower triangles only
+    if not _in_leaf_outputs():  # inside leaf_outputs: the lower triangles only
         for g in acc:
             _core.cpu_mirror_upper(g)
     return out

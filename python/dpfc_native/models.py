@@ -57,7 +57,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from . import _core, _fitstats, _validation, accounting, mechanisms, ops
+from . import _core, _cpu_stats, _fitstats, _validation, accounting, mechanisms, ops
 from ._errors import PrivacyWarning
 from ._special import log_sigmoid, sigmoid
 
@@ -364,18 +364,14 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
 
 
 def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: int = 0):
-    """Center (public vector), normalise (optional) and clip one float64 block, in place.
+    """Center (public vector), normalise (optional) and clip one float64 device block, in
+    place (the GPU path; :func:`_preprocess_rows_cpu` is the CPU one, a native pass).
 
     All per-example: no data-wide statistic is used, so it costs no privacy budget. The
     work stays in float64 (float32 rows near the float32 maximum minus a public center
     do not overflow); only float64 rows can overflow, and then the error names center.
     Returns the clipped block (float64, every row of norm below ``clip``).
     """
-    if xp is np:
-        in_place = blk.dtype == np.float64 and blk.flags.c_contiguous and blk.flags.writeable
-        return _preprocess_rows_cpu(
-            blk, clip, center, normalize, first_row, out=blk if in_place else None
-        )
     if center is not None:
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming center
             blk -= center
@@ -407,11 +403,7 @@ def _preprocess_rows_cpu(
     x = np.asarray(x)
     if out is None:
         out = np.empty(x.shape, dtype=np.float64)
-    if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous:
-        src = x
-    else:
-        np.copyto(out, x, casting="unsafe")
-        src = out
+    src = _cpu_stats.native_rows(x, out)
     c = None if center is None else np.require(center, np.float64, ["C", "A"])
     bad = _core.cpu_preprocess_rows(src, out, c, bool(normalize), float(clip))
     if bad >= 0:
