@@ -462,7 +462,7 @@ class _TimmModel:
             import torch
         except ImportError as exc:
             raise ImportError(
-                "timm models need torch and timm (pip install torch timm); "
+                'timm models need torch and timm (pip install "dpfc-native[timm]"); '
                 "or export the model to ONNX"
             ) from exc
         if not os.path.isfile(weights):
@@ -484,7 +484,12 @@ class _TimmModel:
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if not isinstance(state, dict):
+            raise ExtractError(f"{weights} holds no state dict (a {type(state).__name__})")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape (strict=False allows none)
+            raise ExtractError(f"{weights} does not fit timm:{name}: {exc}") from exc
         if missing:
             raise ExtractError(f"{weights} does not fit timm:{name}: missing {missing[:5]}")
         if device == "auto":
