@@ -18,8 +18,11 @@ the machine is shared and noisy):
   dask Nw          distributed.compute(Gram) on a LocalCluster of N single-threaded worker
                    processes; rows/s per worker; the 1-worker time / single-process time is
                    the Dask overhead (target <= 1.1x). Each Dask run is timed right after
-                   a run of both single-process baselines (interleaved: the machine's load
-                   drifts), and "x single" / "x files" are the ratios of those minima.
+                   a run of each single-process baseline (interleaved: the machine's load
+                   drifts), and "x single" / "x files" / "x local 1t" are the ratios of
+                   those minima; "local 1t" is reduction.reduce on one thread, the same
+                   leaves and merge as one worker. Dask's task stream gives the time each
+                   worker spent in its tasks; the rest of the wall time is the cluster's.
   dpfc pass Nw     one clipped-gradient pass (DP-FC / DP-SGD step, K classes) through Dask.
   fit dpfc local   DPFCClassifier(steps=--fit-steps).fit on the shards in this process
                    (client=False); "fit dpfc Nw": the same fit through Dask (same coef_ bits,
@@ -103,7 +106,7 @@ def main(argv=None):
 
     import warnings
 
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
     from threadpoolctl import threadpool_limits
 
     from dpfc_native import _cpu_stats, models, ops
@@ -172,6 +175,10 @@ def main(argv=None):
                     "vs_single": tm["min_s"] / base,
                 }
             )
+
+            def local_one_thread():  # the work of one Dask worker, in this process
+                return R.reduce(R.Gram(c), sf, leaf_rows=args.leaf_rows, threads=1)
+
             tm, (g_local, partial) = _timeit(
                 lambda: R.reduce(R.Gram(c), sf, leaf_rows=args.leaf_rows, return_partial=True),
                 args.repeats,
@@ -271,14 +278,26 @@ def main(argv=None):
                     )
 
                 assert np.array_equal(run(), g_local), "Dask result differs from the local one"
-                paired = {"single": [], "files": [], "dask": []}
+                paired = {"single": [], "files": [], "local1": [], "dask": []}
+                busy = []  # the worker's time in the tasks, from Dask's task stream
                 for _ in range(args.repeats):
                     with threadpool_limits(1):
                         paired["single"].append(
                             _timeit(lambda: ops.clipped_gram(x_mem, c), 1)[0]["min_s"]
                         )
                         paired["files"].append(_timeit(from_files, 1)[0]["min_s"])
-                    paired["dask"].append(_timeit(run, 1)[0]["min_s"])
+                        paired["local1"].append(_timeit(local_one_thread, 1)[0]["min_s"])
+                    with get_task_stream(client) as stream:
+                        paired["dask"].append(_timeit(run, 1)[0]["min_s"])
+                    busy.append(
+                        sum(
+                            ss["stop"] - ss["start"]
+                            for task in stream.data
+                            for ss in task["startstops"]
+                            if ss["action"] == "compute"
+                        )
+                        / nw
+                    )
                 tm = {
                     "min_s": min(paired["dask"]),
                     "median_s": statistics.median(paired["dask"]),
@@ -292,8 +311,11 @@ def main(argv=None):
                         "rows_per_s_per_worker": n / tm["min_s"] / nw,
                         "vs_single": tm["min_s"] / min(paired["single"]),
                         "vs_files": tm["min_s"] / min(paired["files"]),
+                        "vs_local_1_thread": tm["min_s"] / min(paired["local1"]),
                         "interleaved_single_runs": paired["single"],
                         "interleaved_files_runs": paired["files"],
+                        "interleaved_local_1_thread_runs": paired["local1"],
+                        "worker_busy_s_per_worker": busy,
                     }
                 )
 
@@ -338,15 +360,24 @@ def main(argv=None):
     )
     print(
         f"{'configuration':34s} {'min s':>8s} {'median s':>9s} {'rows/s/worker':>14s} "
-        f"{'x single':>9s} {'x files':>8s}"
+        f"{'x single':>9s} {'x files':>8s} {'x local 1t':>11s}"
     )
     for row in table:
         vs = f"{row['vs_single']:.2f}" if "vs_single" in row else ""
         vf = f"{row['vs_files']:.2f}" if "vs_files" in row else ""
+        vl = f"{row['vs_local_1_thread']:.2f}" if "vs_local_1_thread" in row else ""
         print(
             f"{row['config']:34s} {row['min_s']:8.3f} {row['median_s']:9.3f} "
-            f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s} {vf:>8s}"
+            f"{row['rows_per_s_per_worker']:14.0f} {vs:>9s} {vf:>8s} {vl:>11s}"
         )
+    for row in table:
+        if "worker_busy_s_per_worker" in row:
+            idle = [1 - b / t for b, t in zip(row["worker_busy_s_per_worker"], row["runs"])]
+            print(
+                f"{row['config']}: each worker in its tasks for "
+                f"{min(row['worker_busy_s_per_worker']):.3f} s (min); outside them "
+                f"{100 * min(idle):.1f}-{100 * max(idle):.1f}% of the wall time"
+            )
     em = result["exact_merge"]
     print(
         f"exact merge: grid conversion + accumulation {em['grid_and_accumulate_s']:.3f} s, client "
