@@ -3,7 +3,8 @@
 # own Python (incrementally, in build/device, which a warm machine keeps between calls),
 # then the stages asked for. Logs and JSON go to $OUT (the device tool copies them back;
 # at most 8 files come back, so each stage writes one log and at most one JSON).
-# Usage on the device, from the repository root:
+# Usage on the device, from the repository root (carry ".whl" from tools/device_wheels.sh
+# so that the Dask and multi-GPU tests run instead of skipping):
 #   bash benchmarks/run_gpu_session.sh tests            # build + pytest -m gpu
 #   bash benchmarks/run_gpu_session.sh bench-quick      # build + all benchmarks, --quick
 #   bash benchmarks/run_gpu_session.sh tests bench-quick
@@ -35,6 +36,15 @@ build=1
 if [ "$1" = --no-build ]; then
   build=0
   shift
+fi
+
+# Python packages the device image lacks (Dask, dask-cuda, zarr, dp-accounting), when the
+# call carries them: `bash tools/device_wheels.sh` here, then carry ".whl".
+if compgen -G ".whl/*.whl" > /dev/null; then
+  echo "== carried wheels: $(ls .whl | wc -l)"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dpfc_site .whl/*.whl 2>&1 | tail -5
+  export PYTHONPATH=/tmp/dpfc_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 [ $build = 1 ] && {
