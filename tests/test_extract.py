@@ -409,6 +409,23 @@ def test_timm_backend_matches_torch_eval(tmp_path):
 
 
 @needs_timm
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_timm_preprocessing_is_timms_own(tmp_path, name):
+    # Bicubic models with crop_pct 0.9 and 0.875 (resnet18 above: bilinear), on images
+    # smaller, larger and not the shape of the input: the rows the package feeds the model
+    # are timm's evaluation transform's, so the features are the same bits (one batch).
+    import torch
+
+    net = _timm_net(seed=8, name=name)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    _folder(tmp_path / "imgs", 0, 0, seed=9, counts=(2, 1, 2), sizes=[(37, 61), (300, 231)])
+    res = extract(tmp_path / "imgs", f"timm:{name}", tmp_path / "o.npz", weights=tmp_path / "w.pth")
+    assert res.metadata["preprocess"]["interpolation"] == "bicubic"
+    got = np.load(res.files[0])["features"]
+    np.testing.assert_array_equal(got, _timm_reference(net, tmp_path / "imgs"))
+
+
+@needs_timm
 def test_timm_checkpoint_formats_give_the_same_features(tmp_path):
     # A full model's checkpoint (its 5-class head is not part of the features), saved as
     # .safetensors and as a training script's {"state_dict": ...} .pth, on images of odd,
