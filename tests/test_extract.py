@@ -382,6 +382,12 @@ def _timm_reference(net, folder):
         return net(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).numpy()
 
 
+def _timm_extract(tmp_path, out, weights, model="timm:resnet18", **kw):
+    """``extract`` of tmp_path/imgs through a timm model: the result and its features."""
+    res = extract(tmp_path / "imgs", model, tmp_path / out, weights=tmp_path / weights, **kw)
+    return res, np.load(res.files[0])["features"]
+
+
 @needs_timm
 def test_timm_backend_matches_torch_eval(tmp_path):
     import torch
@@ -389,16 +395,8 @@ def test_timm_backend_matches_torch_eval(tmp_path):
     net = _timm_net()
     torch.save(net.state_dict(), tmp_path / "w.pth")
     _folder(tmp_path / "imgs", 40, 50, counts=(2, 1, 1))
-    res = extract(
-        tmp_path / "imgs",
-        "timm:resnet18",
-        tmp_path / "t.npz",
-        weights=tmp_path / "w.pth",
-        device="cpu",
-        batch_size=3,
-    )
+    res, got = _timm_extract(tmp_path, "t.npz", "w.pth", device="cpu", batch_size=3)
     ref = _timm_reference(net, tmp_path / "imgs")
-    got = np.load(res.files[0])["features"]
     assert got.shape == (4, 512) and np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     assert res.metadata["weights"]["sha256"] == sha256_file(tmp_path / "w.pth")
@@ -419,9 +417,8 @@ def test_timm_preprocessing_is_timms_own(tmp_path, name):
     net = _timm_net(seed=8, name=name)
     torch.save(net.state_dict(), tmp_path / "w.pth")
     _folder(tmp_path / "imgs", 0, 0, seed=9, counts=(2, 1, 2), sizes=[(37, 61), (300, 231)])
-    res = extract(tmp_path / "imgs", f"timm:{name}", tmp_path / "o.npz", weights=tmp_path / "w.pth")
+    res, got = _timm_extract(tmp_path, "o.npz", "w.pth", model=f"timm:{name}")
     assert res.metadata["preprocess"]["interpolation"] == "bicubic"
-    got = np.load(res.files[0])["features"]
     np.testing.assert_array_equal(got, _timm_reference(net, tmp_path / "imgs"))
 
 
@@ -440,15 +437,9 @@ def test_timm_checkpoint_formats_give_the_same_features(tmp_path):
     _folder(tmp_path / "imgs", 0, 0, seed=4, counts=(2, 2, 1), sizes=[(37, 61), (80, 23)])
     out = {}
     for ext in ("safetensors", "pth"):
-        res = extract(
-            tmp_path / "imgs",
-            "timm:resnet18",
-            tmp_path / f"{ext}.npz",
-            weights=tmp_path / f"w.{ext}",
-            device="auto",
-            batch_size=2,
+        res, out[ext] = _timm_extract(
+            tmp_path, f"{ext}.npz", f"w.{ext}", device="auto", batch_size=2
         )
-        out[ext] = np.load(res.files[0])["features"]
         assert res.metadata["weights"]["sha256"] == sha256_file(tmp_path / f"w.{ext}")
         assert sorted(res.metadata["model"]["ignored_checkpoint_keys"]) == ["fc.bias", "fc.weight"]
     np.testing.assert_array_equal(out["safetensors"], out["pth"])
@@ -525,16 +516,10 @@ def test_timm_backend_on_cuda_matches_cpu(tmp_path):
     _folder(tmp_path / "imgs", 33, 47, seed=6, counts=(3, 2, 2))
     got = {}
     for device in ("cpu", "cuda"):
-        res = extract(
-            tmp_path / "imgs",
-            "timm:resnet18",
-            tmp_path / f"{device}.npz",
-            weights=tmp_path / "w.pth",
-            device=device,
-            batch_size=4,
+        res, got[device] = _timm_extract(
+            tmp_path, f"{device}.npz", "w.pth", device=device, batch_size=4
         )
         assert res.metadata["device"] == device
-        got[device] = np.load(res.files[0])["features"]
     assert np.isfinite(got["cuda"]).all()
     # cuDNN convolutions may run in TF32 (10 mantissa bits): relative to the features' scale.
     scale = np.abs(got["cpu"]).max()
