@@ -654,6 +654,25 @@ def test_leaf_outputs_reuse_buffers_and_leave_the_upper_triangle(rng):
     assert _cpu_stats._OUTPUTS.bufs is None
 
 
+def test_gradient_scratch_reuse_keeps_the_bits(rng):
+    # The gradient's (rows, K) logits and residuals live in per-thread scratch blocks,
+    # computed in place: calls of other shapes in between (odd n, other K, both losses,
+    # inside leaf_outputs or not) give the same bits, and results never share memory.
+    from dpfc_native import _cpu_stats
+
+    cases = []
+    for n, d, k, loss in ((301, 7, 3, "sigmoid"), (4099, 7, 11, "softmax"), (5, 7, 1, "sigmoid")):
+        x = rng.standard_normal((n, d)) * rng.uniform(0.1, 5.0, (n, 1))
+        args = (x, rng.integers(0, k, n), rng.standard_normal((k, d)), rng.standard_normal(k))
+        cases.append((args, loss, ops.clipped_linear_grad(*args, 0.7, loss=loss)))
+    with _cpu_stats.leaf_outputs():
+        got = [ops.clipped_linear_grad(*a, 0.7, loss=loss) for a, loss, _ in cases * 2]
+    for (_, _, want), (g, nc) in zip(cases * 2, got):
+        assert _bits(g) == _bits(want[0]) and nc == want[1]
+        assert np.isfinite(g).all() and np.abs(g).min() > 0
+    assert not any(np.shares_memory(got[i][0], got[j][0]) for i in range(6) for j in range(i))
+
+
 def test_partials_pickle_with_packed_triangles(rng):
     import pickle
 

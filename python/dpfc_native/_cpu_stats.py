@@ -96,7 +96,8 @@ def _scratch(rows: int, d: int, slot: str = "chunk") -> np.ndarray:
     does that): measured as about 15% of a Gram leaf's CPU time. Each thread keeps the
     largest block it was asked for: about ``_CHUNK_ELEMENTS`` values. The "chunk" slot
     holds the clipped rows (:func:`_clipped_chunk`) or the widened rows of the gradient;
-    "weighted" the weighted rows of :func:`clipped_weighted_grams`.
+    "weighted" the weighted rows of :func:`clipped_weighted_grams`; "logits" the gradient's
+    (rows, K) logits and residuals.
     """
     need = rows * d
     bufs = getattr(_SCRATCH, "bufs", None)
@@ -396,15 +397,19 @@ def clipped_linear_grad(
             rows_in = x[sl]
             xc = _scratch(rows_in.shape[0], d)
             np.copyto(xc, rows_in, casting="unsafe")
-        logits = xc @ w64.T + b64
-        rows = np.arange(xc.shape[0])
+        # The (rows, K) temporaries live in this thread's scratch blocks too (computed in
+        # place: the same operations, the same bits as fresh arrays).
+        m = xc.shape[0]
+        logits = np.matmul(xc, w64.T, out=_scratch(m, k, "logits"))
+        logits += b64
+        rows = np.arange(m)
         if loss == "sigmoid":
-            r = _sigmoid(logits)
+            r = _sigmoid(logits, out=logits)
             r[rows, labels[sl]] -= 1.0
             r /= k
         else:
             logits -= logits.max(axis=1, keepdims=True)
-            r = np.exp(logits)
+            r = np.exp(logits, out=logits)
             r /= r.sum(axis=1, keepdims=True)
             r[rows, labels[sl]] -= 1.0
         # Logits that overflow (inf - inf) give NaN residuals: such a row contributes
@@ -418,7 +423,8 @@ def clipped_linear_grad(
             gnorm = np.where(rnorm > 0, rnorm * _row_norms64(xc), 0.0)
         scale = _clip_scale(gnorm, c)
         n_clipped += int(np.count_nonzero(scale < 1.0))
-        grad += (r * scale[:, None]).T @ xc
+        r *= scale[:, None]
+        grad += np.matmul(r.T, xc, out=leaf_buffer("linear_grad_chunk", (k, d)))
     return grad, n_clipped
 
 

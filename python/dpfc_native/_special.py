@@ -17,15 +17,16 @@ def _is_cupy(z) -> bool:
     return not isinstance(z, np.ndarray) and type(z).__module__.split(".")[0] == "cupy"
 
 
-def sigmoid(z):
-    """``1 / (1 + exp(-z))`` elementwise (float for a real scalar, else an array)."""
+def sigmoid(z, out=None):
+    """``1 / (1 + exp(-z))`` elementwise (float for a real scalar, else an array; ``out``:
+    a NumPy array to write it into, ``z`` itself allowed)."""
     if isinstance(z, numbers.Real):
         return float(_scipy_special.expit(float(z)))
     if _is_cupy(z):
         from cupyx.scipy.special import expit
 
         return expit(z)
-    return _scipy_special.expit(z)
+    return _scipy_special.expit(z, out=out)
 
 
 def log_sigmoid(z):
