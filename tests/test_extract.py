@@ -478,9 +478,7 @@ def test_timm_errors_name_the_problem(tmp_path):
     torch.save(state, tmp_path / "w.pth")
 
     def run(model="timm:resnet18", weights="w.pth", **kw):
-        return extract(
-            tmp_path / "imgs", model, tmp_path / "o.npz", weights=tmp_path / weights, **kw
-        )
+        return _timm_extract(tmp_path, "o.npz", weights, model=model, **kw)
 
     with pytest.raises(ExtractError, match="timm cannot build 'no_such_net'"):
         run("timm:no_such_net")

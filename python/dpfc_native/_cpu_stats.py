@@ -97,7 +97,7 @@ def _scratch(rows: int, d: int, slot: str = "chunk") -> np.ndarray:
     largest block it was asked for: about ``_CHUNK_ELEMENTS`` values. The "chunk" slot
     holds the clipped rows (:func:`_clipped_chunk`) or the widened rows of the gradient;
     "weighted" the weighted rows of :func:`clipped_weighted_grams`; "logits" the gradient's
-    (rows, K) logits and residuals.
+    (rows, K) logits and residuals, "grad_chunk" its (K, d) sum over one chunk.
     """
     need = rows * d
     bufs = getattr(_SCRATCH, "bufs", None)
@@ -424,7 +424,7 @@ def clipped_linear_grad(
         scale = _clip_scale(gnorm, c)
         n_clipped += int(np.count_nonzero(scale < 1.0))
         r *= scale[:, None]
-        grad += np.matmul(r.T, xc, out=leaf_buffer("linear_grad_chunk", (k, d)))
+        grad += np.matmul(r.T, xc, out=_scratch(k, d, "grad_chunk"))
     return grad, n_clipped
 
 
