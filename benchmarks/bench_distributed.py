@@ -15,6 +15,11 @@ the machine is shared and noisy):
   local exact      dpfc_native.reduction.reduce(Gram) over the shards in this process (the
                    same leaves and exact merge as Dask, no cluster; leaves side by side on
                    DPFC_REDUCE_THREADS threads, default the CPU count, one BLAS thread each).
+  ops leaf_rows    ops.clipped_gram(x, C, leaf_rows=--leaf-rows) on the array in memory: the
+                   same reduction through the ops API (same bits as the local exact row when
+                   the shards are multiples of the leaf, asserted).
+  ops all threads  ops.clipped_gram(x, C), one pass, on every BLAS thread: the op's
+                   default, against which the leaf_rows row is the user's choice.
   dask Nw          distributed.compute(Gram) on a LocalCluster of N single-threaded worker
                    processes; rows/s per worker; the 1-worker time / single-process time is
                    the Dask overhead (target <= 1.1x). Each Dask run is timed right after
@@ -193,6 +198,21 @@ def main(argv=None):
                 }
             )
 
+            tm, g_ops = _timeit(
+                lambda: ops.clipped_gram(x_mem, c, leaf_rows=args.leaf_rows), args.repeats
+            )
+            if all(r % args.leaf_rows == 0 for r in sf.shard_rows[:-1]):
+                assert np.array_equal(g_ops, g_local), "ops leaf_rows differs from the reduction"
+            table.append(
+                {
+                    "config": "ops leaf_rows (in memory)",
+                    "workers": 1,
+                    **tm,
+                    "rows_per_s_per_worker": n / tm["min_s"],
+                    "vs_single": tm["min_s"] / base,
+                }
+            )
+
             # The exact merge's cost against the leaf compute, per leaf.
             layout = R.LeafLayout(sf.shard_rows, args.leaf_rows)
             stat = R.Gram(c)
@@ -233,6 +253,17 @@ def main(argv=None):
                 "pickled": len(pickle.dumps(partial)),
                 "float64_statistic": d * d * 8,
             }
+
+        tm, _ = _timeit(lambda: ops.clipped_gram(x_mem, c), args.repeats)
+        table.append(
+            {
+                "config": "ops one pass, all BLAS threads",
+                "workers": 1,
+                **tm,
+                "rows_per_s_per_worker": n / tm["min_s"],
+                "vs_single": tm["min_s"] / base,
+            }
+        )
 
         def fit(client):
             est = models.DPFCClassifier(

@@ -25,7 +25,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 from _reference import npy_shards  # noqa: E402
 
 from dpfc_native import distributed as dd  # noqa: E402
-from dpfc_native import mechanisms  # noqa: E402
+from dpfc_native import mechanisms, ops  # noqa: E402
 from dpfc_native import reduction as R  # noqa: E402
 from dpfc_native.shards import open_sharded  # noqa: E402
 
@@ -165,6 +165,43 @@ def test_dask_array_input(client, data):
     for stat in (R.Gram(1.2), R.Stats(1.2, K), R.ClassGrams(1.2, K)):
         got = dd.compute(stat, xd, yd, client=client, leaf_rows=LEAF, leaves_per_task=2)
         assert _bits(got) == _bits(R.reduce(stat, x, y, leaf_rows=LEAF, shard_rows=xd.chunks[0]))
+
+
+def test_ops_leaf_rows_equal_the_cluster(client, data):
+    """The one-process ops with ``leaf_rows`` and the cluster give the same bits: a dask
+    array chunked in multiples of the leaf has the leaves of one array."""
+    _, x, y = data
+    rng = np.random.default_rng(11)
+    w, bias = rng.standard_normal((K, D)), rng.standard_normal(K)
+    weights = rng.uniform(0, 0.25, (len(x), K))
+    xd = da.from_array(x, chunks=(5 * LEAF, D))
+    yd = da.from_array(y, chunks=(5 * LEAF,))
+    on_cluster = dict(client=client, leaf_rows=LEAF, leaves_per_task=2)
+    pairs = [
+        (ops.clipped_gram(x, 1.2, leaf_rows=LEAF), dd.clipped_gram(xd, 1.2, **on_cluster)),
+        (
+            ops.clipped_stats(x, y, K, 1.2, leaf_rows=LEAF),
+            dd.clipped_stats(xd, 1.2, labels=yd, num_classes=K, **on_cluster),
+        ),
+        (
+            ops.clipped_class_sums(x, y, K, 0.8, leaf_rows=LEAF),
+            dd.clipped_class_sums(xd, 0.8, labels=yd, num_classes=K, **on_cluster),
+        ),
+        (
+            ops.clipped_class_grams(x, y, K, 1.2, leaf_rows=LEAF),
+            dd.clipped_class_grams(xd, 1.2, labels=yd, num_classes=K, class_block=2, **on_cluster),
+        ),
+        (
+            ops.clipped_weighted_grams(x, weights, 1.2, leaf_rows=LEAF),
+            dd.clipped_weighted_grams(xd, 1.2, num_weights=K, weights=weights, **on_cluster),
+        ),
+        (
+            ops.clipped_linear_grad(x, y, w, bias, 0.2, leaf_rows=LEAF),
+            dd.clipped_linear_grad(xd, w, bias, 0.2, labels=yd, **on_cluster),
+        ),
+    ]
+    for i, (local, remote) in enumerate(pairs):
+        assert _bits(local) == _bits(remote), i
 
 
 def test_zarr_float16_shards_as_stored(client, tmp_path):

@@ -421,6 +421,62 @@ def test_ops_linear_grad_gpu_matches_cpu(loss):
     assert n_gpu == n_cpu
 
 
+def test_ops_leaf_rows_on_gpu(monkeypatch):
+    """``leaf_rows`` on CuPy arrays: GPU leaves through the native kernels, merged exactly
+    on the host, returned as CuPy arrays; the same bits at any thread count and for the
+    rows cut into shards at leaf multiples, and within the reduction's a-priori bound
+    (twice, for both sides) of the CPU leaves."""
+    from dpfc_native import reduction as R
+
+    n, d, k, leaf, c = 3001, 70, 4, 256, 1.3
+    _, host, _ = dataset(n, d, "float32")
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, k, size=n)
+    w, bias = rng.standard_normal((k, d)) * 0.3, rng.uniform(-1, 1, size=k)
+    weights = rng.uniform(0, 0.25, size=(n, k))
+    dx, dy = cp.asarray(host), cp.asarray(y)
+    calls = {
+        "gram": (lambda a, b, ww: ops.clipped_gram(a, c, leaf_rows=leaf), c * c),
+        "stats": (lambda a, b, ww: ops.clipped_stats(a, b, k, c, leaf_rows=leaf), c * c),
+        "sums": (lambda a, b, ww: ops.clipped_class_sums(a, b, k, c, leaf_rows=leaf), c),
+        "class_grams": (
+            lambda a, b, ww: ops.clipped_class_grams(a, b, k, c, leaf_rows=leaf),
+            c * c,
+        ),
+        "weighted": (
+            lambda a, b, ww: ops.clipped_weighted_grams(a, ww, c, leaf_rows=leaf),
+            0.25 * c * c,
+        ),
+        "grad": (
+            lambda a, b, ww: ops.clipped_linear_grad(
+                a, b, *(map(cp.asarray, (w, bias)) if a is dx else (w, bias)), 0.05, leaf_rows=leaf
+            ),
+            0.05,
+        ),
+    }
+    for name, (call, bound) in calls.items():
+        monkeypatch.setenv("DPFC_REDUCE_THREADS", "2")
+        gpu = call(dx, dy, cp.asarray(weights))
+        monkeypatch.setenv("DPFC_REDUCE_THREADS", "1")
+        again = call(dx, dy, cp.asarray(weights))
+        cpu = call(host, y, weights)
+        gpu, again, cpu = (r if isinstance(r, tuple) else (r,) for r in (gpu, again, cpu))
+        for g, a, h in zip(gpu, again, cpu):
+            if isinstance(h, int):
+                assert g == a == h, name
+                continue
+            assert isinstance(g, cp.ndarray), name
+            g = cp.asnumpy(g)
+            np.testing.assert_array_equal(g, cp.asnumpy(a), err_msg=name)
+            tol = 2 * R.rounding_bound(n, leaf, bound, h.size)
+            np.testing.assert_allclose(g, h, rtol=0, atol=tol, err_msg=name)
+            assert np.isfinite(g).all()
+    cut = R.reduce(
+        R.Gram(c), R.ArraySource(dx, shard_rows=(2 * leaf, n - 2 * leaf)), leaf_rows=leaf
+    )
+    np.testing.assert_array_equal(cut, cp.asnumpy(ops.clipped_gram(dx, c, leaf_rows=leaf)))
+
+
 def test_mixed_devices_rejected():
     x = cp.asarray(np.ones((4, 3)))
     with pytest.raises(ValueError, match="mixed devices"):

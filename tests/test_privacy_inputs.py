@@ -223,6 +223,30 @@ bad(
     "accumulate",
     lambda: ops.clipped_stats(X, Y, K, 1.0, accumulate="float16"),
 )
+for op_name, call in {
+    "clipped_gram": lambda m, acc="float64": ops.clipped_gram(X, 1.0, accumulate=acc, leaf_rows=m),
+    "clipped_stats": lambda m, acc="float64": ops.clipped_stats(
+        X, Y, K, 1.0, accumulate=acc, leaf_rows=m
+    ),
+    "clipped_class_sums": lambda m: ops.clipped_class_sums(X, Y, K, 1.0, leaf_rows=m),
+    "clipped_class_grams": lambda m: ops.clipped_class_grams(X, Y, K, 1.0, leaf_rows=m),
+    "clipped_weighted_grams": lambda m: ops.clipped_weighted_grams(
+        X, np.ones((6, 2)), 1.0, leaf_rows=m
+    ),
+    "clipped_linear_grad": lambda m: ops.clipped_linear_grad(
+        X, Y, np.ones((K, X.shape[1])), 0.0, 1.0, leaf_rows=m
+    ),
+}.items():
+    bad(f"ops.{op_name}-leaf_rows-0", ValueError, "leaf_rows", lambda c=call: c(0))
+    bad(f"ops.{op_name}-leaf_rows-float", TypeError, "leaf_rows", lambda c=call: c(2.0))
+    bad(f"ops.{op_name}-leaf_rows-bool", TypeError, "leaf_rows", lambda c=call: c(True))
+    if op_name in ("clipped_gram", "clipped_stats"):
+        bad(
+            f"ops.{op_name}-leaf_rows-float32-accumulate",
+            ValueError,
+            "accumulate='float64'",
+            lambda c=call: c(4, "float32"),
+        )
 for case, wv, exc in (
     ("1d", np.ones(6), ValueError),
     ("rows", np.ones((5, 2)), ValueError),

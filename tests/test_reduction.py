@@ -314,6 +314,132 @@ def test_weighted_grams_and_linear_grad(rng):
             assert np.abs(grad).max() > 0.1
 
 
+def _result_bits(r):
+    """Bits of an op's result: an array, or a tuple of arrays and ints."""
+    if isinstance(r, tuple):
+        return tuple(_result_bits(v) for v in r)
+    return int(r) if isinstance(r, (int, np.integer)) else _bits(r)
+
+
+def _ops_leaf_cases(x, y, rng):
+    """(name, ops call with leaf_rows=LEAF, the same statistic by reduction.reduce,
+    float64 reference, per-row bound, entries) for every statistic op."""
+    n, c, cg = x.shape[0], 1.7, 0.3
+    w = rng.uniform(0.0, 0.25, size=(n, K))
+    wk, bias = rng.standard_normal((K, D)), rng.standard_normal(K)
+    x64 = np.asarray(x, np.float64)
+    grad_ref = ops.clipped_linear_grad(x64, y, wk, bias, cg, loss="softmax", feature_clip=2.0)
+    return [
+        (
+            "gram",
+            lambda m: ops.clipped_gram(x, c, leaf_rows=m),
+            lambda: R.reduce(R.Gram(c), x, leaf_rows=LEAF),
+            _reference("gram", x64, y, c),
+            c * c,
+        ),
+        (
+            "stats",
+            lambda m: ops.clipped_stats(x, y, K, c, leaf_rows=m)[:2],
+            lambda: R.reduce(R.Stats(c, K), x, y, leaf_rows=LEAF)[:2],
+            (_reference("gram", x64, y, c), _reference("sums", x64, y, c)),
+            c * c,
+        ),
+        (
+            "class_sums",
+            lambda m: ops.clipped_class_sums(x, y, K, c, leaf_rows=m),
+            lambda: R.reduce(R.ClassSums(c, K), x, y, leaf_rows=LEAF),
+            _reference("sums", x64, y, c),
+            c,
+        ),
+        (
+            "class_grams",
+            lambda m: ops.clipped_class_grams(x, y, K, c, leaf_rows=m),
+            lambda: R.reduce(R.ClassGrams(c, K), x, y, leaf_rows=LEAF),
+            _reference("class_grams", x64, y, c),
+            c * c,
+        ),
+        (
+            "weighted_grams",
+            lambda m: ops.clipped_weighted_grams(x, w, c, leaf_rows=m),
+            # max(w) lies in [1/8, 1/4): the grid of Newton's bound 1/4
+            lambda: R.reduce(R.WeightedGrams(c, K), x, y, leaf_rows=LEAF, weights=w),
+            _reference("weighted", x64, y, c, w=w),
+            0.25 * c * c,
+        ),
+        (
+            "linear_grad",
+            lambda m: ops.clipped_linear_grad(
+                x, y, wk, bias, cg, loss="softmax", feature_clip=2.0, leaf_rows=m
+            ),
+            lambda: R.reduce(
+                R.LinearGrad(cg, wk, bias, loss="softmax", feature_clip=2.0),
+                x,
+                y,
+                leaf_rows=LEAF,
+            ),
+            grad_ref,
+            cg,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "memmap"])
+def test_ops_leaf_rows_is_the_exact_reduction(tmp_path, rng, monkeypatch, kind):
+    """``ops.<statistic>(..., leaf_rows=m)``: the same bits as ``reduction.reduce`` with
+    leaves of m rows (hence as the Dask backend), whatever the thread count, within the
+    reduction's a-priori bound of a float64 reference; on odd n and every op."""
+    x, y = _data(rng)
+    assert x.shape[0] % LEAF
+    if kind == "float32":
+        x = x.astype(np.float32)
+    elif kind == "memmap":
+        np.save(tmp_path / "x.npy", x.astype(np.float32))
+        x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    n = x.shape[0]
+    for name, by_ops, by_reduce, ref, bound in _ops_leaf_cases(x, y, rng):
+        monkeypatch.setenv("DPFC_REDUCE_THREADS", "3")
+        got = by_ops(LEAF)
+        assert _result_bits(got) == _result_bits(by_reduce()), name
+        monkeypatch.setenv("DPFC_REDUCE_THREADS", "1")
+        assert _result_bits(by_ops(LEAF)) == _result_bits(got), name
+        got = got if isinstance(got, tuple) else (got,)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        for g, r in zip(got, ref):
+            if isinstance(r, int):  # the gradient's count of clipped examples
+                assert g == r and r > 0, name
+                continue
+            assert isinstance(g, np.ndarray) and g.dtype == np.float64 and g.shape == r.shape
+            assert np.isfinite(g).all() and np.abs(g).max() > 0.1
+            np.testing.assert_allclose(g, r, rtol=0, atol=_tol(n, bound, r.size), err_msg=name)
+        # Another leaf size sums other leaves: still within its own bound, other bits.
+        other = by_ops(97)
+        other = other if isinstance(other, tuple) else (other,)
+        np.testing.assert_allclose(other[0], ref[0], rtol=0, atol=_tol(n, bound, ref[0].size))
+    counts = ops.clipped_stats(x, y, K, 1.7, leaf_rows=LEAF)[2]
+    np.testing.assert_array_equal(counts, np.bincount(y, minlength=K))
+    assert counts.dtype == np.int64
+
+
+def test_ops_leaf_rows_validates_like_the_one_pass_ops(rng):
+    x, y = _data(rng)
+    x[5, 2] = np.nan
+    with pytest.raises(ValueError, match="x contains NaN"):
+        ops.clipped_gram(x, 1.0, leaf_rows=LEAF)
+    x[5, 2] = 0.0
+    with pytest.raises(ValueError, match="labels"):
+        ops.clipped_stats(x, y + 1, K, 1.0, leaf_rows=LEAF)
+    with pytest.raises(ValueError, match="non-negative"):
+        ops.clipped_weighted_grams(x, -np.ones((x.shape[0], 2)), 1.0, leaf_rows=LEAF)
+    # Half precision is read as stored, leaf by leaf, like the one-pass op.
+    x16 = x.astype(np.float16)
+    assert _bits(ops.clipped_gram(x16, 2.0, leaf_rows=LEAF)) == _bits(
+        R.reduce(R.Gram(2.0), x16, leaf_rows=LEAF)
+    )
+    # All-zero weights: a positive grid bound, zero grams.
+    h = ops.clipped_weighted_grams(x, np.zeros((x.shape[0], 2)), 1.0, leaf_rows=LEAF)
+    assert h.shape == (2, D, D) and not h.any()
+
+
 def test_float16_leaves_kept_as_stored(rng):
     x, y = _data(rng)
     x16 = x.astype(np.float16)

@@ -15,6 +15,10 @@ fit) use ``_unchecked``, the same ops without the per-call checks.
 
 Pipeline: features -> clip -> statistics -> noise -> solve -> weights.
 
+Summation: one pass over the rows (default), or, with ``leaf_rows=m``, the exact leaf
+reduction of :mod:`dpfc_native.reduction` (the same bits as ``reduction.reduce``, the
+Dask backend and the estimators' fits with the same leaves).
+
 Clipping: every op that clips uses the same factor ``s_i = min(1, C' / ||x_i||)`` with
 ``C' = C (1 - 2^-20)`` and ``||x_i||`` computed in float64, so that the clipped rows have
 norm strictly below ``C`` on the stored floats, rounding included (see
@@ -230,6 +234,44 @@ def _features(x, xp, *, allow_half: bool = False):
     return _check_features(_coerce(x, "x", xp), "x", xp, allow_half=allow_half)
 
 
+def _check_leaf_rows(leaf_rows: Any, accumulate: str = "float64") -> int | None:
+    """None (one pass over the rows) or the leaf size of the exact reduction."""
+    if leaf_rows is None:
+        return None
+    m = _check_int(leaf_rows, "leaf_rows", 1)
+    if accumulate != "float64":
+        raise ValueError(
+            "leaf_rows sums each leaf in float64 and merges the leaves exactly: it needs "
+            f"accumulate='float64', got {accumulate!r}"
+        )
+    return m
+
+
+def _by_leaves(make_stat, x, xp, leaf_rows: int, labels=None, num_classes: int = 1, weights=None):
+    """The statistic ``make_stat(reduction, host)`` over validated arguments by the exact
+    leaf reduction (:func:`dpfc_native.reduction.reduce`: leaves of ``leaf_rows`` rows from
+    row 0, one shard), returned on the device of ``x``. Labels, the statistic's parameters
+    (``host`` copies them) and the per-row weights go to the reduction on the host;
+    GPU leaves take them back to the device."""
+    from . import reduction
+
+    host = (lambda a: a) if xp is np else xp.asnumpy
+    source = reduction.ArraySource(
+        x, None if labels is None else host(labels), num_classes, rows_checked=True
+    )
+    out = reduction.reduce(
+        make_stat(reduction, host),
+        source,
+        leaf_rows=leaf_rows,
+        threads=None if xp is np else 1,  # GPU leaves: the device serialises them anyway
+        weights=None if weights is None else host(weights),
+    )
+    if xp is np:
+        return out
+    on_device = lambda v: xp.asarray(v) if isinstance(v, np.ndarray) else v  # noqa: E731
+    return tuple(map(on_device, out)) if isinstance(out, tuple) else on_device(out)
+
+
 # --------------------------------------------------------------------------------------
 # Clipping and clipped statistics
 # --------------------------------------------------------------------------------------
@@ -256,7 +298,7 @@ def clip_rows(x, clip_norm: float):
     return backend.clip_rows(x, _check_positive(clip_norm, "clip_norm"))
 
 
-def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
+def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64", leaf_rows=None):
     """Sum of outer products of the clipped rows: ``G = sum_i xbar_i xbar_i^T``.
 
     Add/remove sensitivity of ``G`` in Frobenius norm: ``clip_norm**2`` in exact
@@ -278,6 +320,14 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
         "float64" (default): float64 products and sums. "float32": blocks of 4096 rows
         summed in float32, block partials reduced in float64 (faster on GPUs; its
         rounding error bound is in README.md). The GPU also offers "tf32"/"bf16".
+    leaf_rows : int >= 1 or None
+        None (default): one pass over the rows. An int: the exact leaf reduction of
+        :mod:`dpfc_native.reduction` (leaves of ``leaf_rows`` rows summed in float64, each
+        put once on a fixed grid and merged as integers, correctly rounded at the end;
+        leaves side by side on ``DPFC_REDUCE_THREADS`` threads): the same bits as
+        ``reduction.reduce`` and the Dask backend with the same leaves, whatever the
+        thread count. Its grid step is ``2^-50`` of the per-row bound (at 4096 rows), so
+        keep ``clip_norm`` near the rows' scale.
 
     Returns
     -------
@@ -286,13 +336,18 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64"):
     xp, backend = _dispatch("stats", x)
     x = _features(x, xp, allow_half=True)
     c = _check_positive(clip_norm, "clip_norm")
-    return backend.clipped_gram(x, c, _check_accumulate(accumulate, xp))
+    accumulate = _check_accumulate(accumulate, xp)
+    m = _check_leaf_rows(leaf_rows, accumulate)
+    if m is not None:
+        return _by_leaves(lambda R, _: R.Gram(c), x, xp, m)
+    return backend.clipped_gram(x, c, accumulate)
 
 
-def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
+def clipped_class_sums(x, labels, num_classes: int, clip_norm: float, *, leaf_rows=None):
     """Per-class sums of the clipped rows: ``B[l] = sum_{y_i = l} xbar_i``.
 
     Add/remove sensitivity (Frobenius): ``clip_norm`` (one row of B moves).
+    ``leaf_rows``: as :func:`clipped_gram`.
 
     Returns
     -------
@@ -302,11 +357,18 @@ def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
     x = _features(x, xp)
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
-    return backend.clipped_class_sums(x, labels, k, _check_positive(clip_norm, "clip_norm"))
+    c = _check_positive(clip_norm, "clip_norm")
+    m = _check_leaf_rows(leaf_rows)
+    if m is not None:
+        return _by_leaves(lambda R, _: R.ClassSums(c, k), x, xp, m, labels, k)
+    return backend.clipped_class_sums(x, labels, k, c)
 
 
-def clipped_stats(x, labels, num_classes: int, clip_norm: float, *, accumulate: str = "float64"):
+def clipped_stats(
+    x, labels, num_classes: int, clip_norm: float, *, accumulate: str = "float64", leaf_rows=None
+):
     """Gram, class sums and class counts of the clipped rows in one pass over ``x``.
+    ``accumulate`` and ``leaf_rows``: as :func:`clipped_gram`.
 
     Returns
     -------
@@ -320,13 +382,18 @@ def clipped_stats(x, labels, num_classes: int, clip_norm: float, *, accumulate: 
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
     c = _check_positive(clip_norm, "clip_norm")
-    return backend.clipped_stats(x, labels, k, c, _check_accumulate(accumulate, xp))
+    accumulate = _check_accumulate(accumulate, xp)
+    m = _check_leaf_rows(leaf_rows, accumulate)
+    if m is not None:
+        return _by_leaves(lambda R, _: R.Stats(c, k), x, xp, m, labels, k)
+    return backend.clipped_stats(x, labels, k, c, accumulate)
 
 
-def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
+def clipped_class_grams(x, labels, num_classes: int, clip_norm: float, *, leaf_rows=None):
     """Per-class grams ``A_l = sum_{y_i = l} xbar_i xbar_i^T`` (per-class DP-LS).
 
     Add/remove sensitivity (Frobenius, over all K together): ``clip_norm**2``.
+    ``leaf_rows``: as :func:`clipped_gram`.
 
     Returns
     -------
@@ -336,10 +403,14 @@ def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):
     x = _features(x, xp)
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
-    return backend.clipped_class_grams(x, labels, k, _check_positive(clip_norm, "clip_norm"))
+    c = _check_positive(clip_norm, "clip_norm")
+    m = _check_leaf_rows(leaf_rows)
+    if m is not None:
+        return _by_leaves(lambda R, _: R.ClassGrams(c, k), x, xp, m, labels, k)
+    return backend.clipped_class_grams(x, labels, k, c)
 
 
-def clipped_weighted_grams(x, weights, clip_norm: float):
+def clipped_weighted_grams(x, weights, clip_norm: float, *, leaf_rows=None):
     """Per-class weighted grams ``H_l = sum_i w_il xbar_i xbar_i^T`` (DP Newton Hessians).
 
     Parameters
@@ -347,6 +418,10 @@ def clipped_weighted_grams(x, weights, clip_norm: float):
     x : array (n, d)
     weights : array (n, K), non-negative (Newton: ``sigmoid'(w_l . xbar_i) <= 1/4``).
     clip_norm : float > 0
+    leaf_rows : int or None
+        As :func:`clipped_gram`; the grid's weight bound is ``max(weights)`` (the same bits
+        as ``reduction.WeightedGrams(clip_norm, K, weight_bound=b)`` for any ``b`` in the
+        same binade, e.g. Newton's 1/4 when the largest weight lies in [1/8, 1/4)).
 
     Returns
     -------
@@ -362,7 +437,21 @@ def clipped_weighted_grams(x, weights, clip_norm: float):
     # A row view's blocks are checked by the CPU backend as it reads them.
     if not getattr(weights, "_dpfc_row_view", False) and bool((weights < 0).any()):
         raise ValueError("weights must be non-negative")
-    return backend.clipped_weighted_grams(x, weights, _check_positive(clip_norm, "clip_norm"))
+    c = _check_positive(clip_norm, "clip_norm")
+    m = _check_leaf_rows(leaf_rows)
+    if m is not None:
+        if getattr(weights, "_dpfc_row_view", False):
+            raise TypeError("leaf_rows needs weights as an array, not a row view")
+        k = weights.shape[1]
+        bound = float(weights.max()) if weights.size else 0.0
+        return _by_leaves(
+            lambda R, _: R.WeightedGrams(c, k, weight_bound=bound if bound > 0 else 1.0),
+            x,
+            xp,
+            m,
+            weights=weights,
+        )
+    return backend.clipped_weighted_grams(x, weights, c)
 
 
 def clipped_linear_grad(
@@ -374,6 +463,7 @@ def clipped_linear_grad(
     *,
     loss: str = "sigmoid",
     feature_clip: float | None = None,
+    leaf_rows=None,
 ):
     """Sum of per-example gradients of a linear classifier, each clipped in Frobenius norm.
 
@@ -392,6 +482,8 @@ def clipped_linear_grad(
     loss : {"sigmoid", "softmax"}
     feature_clip : float > 0 or None
         If given, each feature row is first clipped to this norm (fused, no copy).
+    leaf_rows : int or None
+        As :func:`clipped_gram`.
 
     Returns
     -------
@@ -416,6 +508,16 @@ def clipped_linear_grad(
     c = _check_positive(clip_norm, "clip_norm")
     _v.choice(loss, "loss", ("sigmoid", "softmax"))
     fc = None if feature_clip is None else _check_positive(feature_clip, "feature_clip")
+    m = _check_leaf_rows(leaf_rows)
+    if m is not None:
+        return _by_leaves(
+            lambda R, host: R.LinearGrad(c, host(w), host(bias), loss=loss, feature_clip=fc),
+            x,
+            xp,
+            m,
+            labels,
+            k,
+        )
     return backend.clipped_linear_grad(x, labels, w, bias, c, loss, fc)
 
 
@@ -451,6 +553,11 @@ class _Unchecked:
     ):
         backend = _dispatch("stats", x, labels)[1]
         return backend.clipped_stats(x, labels, num_classes, clip_norm, accumulate)
+
+    @staticmethod
+    def clipped_class_sums(x, labels, num_classes: int, clip_norm: float):
+        backend = _dispatch("stats", x, labels)[1]
+        return backend.clipped_class_sums(x, labels, num_classes, clip_norm)
 
     @staticmethod
     def clipped_class_grams(x, labels, num_classes: int, clip_norm: float):

@@ -176,6 +176,9 @@ class ArraySource:
     files it was cut into, with the same leaves).
 
     Slices are views (no copy); the leaf ops convert them to float64 a chunk at a time.
+    ``rows_checked=True`` says the caller validated x (finite, a float dtype the ops take)
+    and the labels (integers in ``[0, num_classes)``) once: the leaves then skip the
+    public ops' argument scans.
     """
 
     def __init__(
@@ -184,6 +187,8 @@ class ArraySource:
         labels=None,
         num_classes: Optional[int] = None,
         shard_rows: Optional[Sequence[int]] = None,
+        *,
+        rows_checked: bool = False,
     ):
         if getattr(x, "ndim", None) != 2:
             raise ValueError(f"x must be 2-D (n, d), got {getattr(x, 'shape', type(x))}")
@@ -205,6 +210,7 @@ class ArraySource:
         if sum(self.shard_rows) != self.n_rows:
             raise ValueError(f"shard_rows sum to {sum(self.shard_rows)}, x has {self.n_rows} rows")
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
+        self.rows_checked = bool(rows_checked)
 
     def _base(self, i: int) -> int:
         if not 0 <= i < len(self.shard_rows):
@@ -267,8 +273,9 @@ class TransformedSource:
 
 
 #: True while a leaf's rows come from a transform that produced them finite and clipped
-#: (the estimators' preprocessing of rows validated once per fit): the leaf statistic
-#: then skips the public ops' argument scans (validate once per fit).
+#: (the estimators' preprocessing of rows validated once per fit) or from a source whose
+#: caller validated them (``ArraySource(rows_checked=True)``: the ops' ``leaf_rows``
+#: path): the leaf statistic then skips the public ops' argument scans.
 _ROWS_CHECKED: contextvars.ContextVar = contextvars.ContextVar("dpfc_rows_checked", default=False)
 
 
@@ -1110,7 +1117,8 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         if w is not None:
             w = _aligned(np.asarray(w))
     token = _ROWS_CHECKED.set(
-        bool(getattr(getattr(source, "transform", None), "rows_checked", False))
+        bool(getattr(source, "rows_checked", False))
+        or bool(getattr(getattr(source, "transform", None), "rows_checked", False))
     )
     try:
         return stat.leaf(x, y, w), int(x.shape[0])
