@@ -435,6 +435,12 @@ def test_ops_leaf_rows_validates_like_the_one_pass_ops(rng):
     assert _bits(ops.clipped_gram(x16, 2.0, leaf_rows=LEAF)) == _bits(
         R.reduce(R.Gram(2.0), x16, leaf_rows=LEAF)
     )
+    # Big-endian, Fortran-ordered and strided copies of the rows: the same bits.
+    ref = ops.clipped_stats(x, y, K, 1.0, leaf_rows=LEAF)
+    for layout in (x.astype(">f8"), np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2]):
+        assert _result_bits(ops.clipped_stats(layout, y, K, 1.0, leaf_rows=LEAF)) == _result_bits(
+            ref
+        )
     # All-zero weights: a positive grid bound, zero grams.
     h = ops.clipped_weighted_grams(x, np.zeros((x.shape[0], 2)), 1.0, leaf_rows=LEAF)
     assert h.shape == (2, D, D) and not h.any()
