@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 
@@ -192,7 +193,7 @@ def test_ops_leaf_rows_equal_the_cluster(client, data):
             dd.clipped_class_grams(xd, 1.2, labels=yd, num_classes=K, class_block=2, **on_cluster),
         ),
         (
-            ops.clipped_weighted_grams(x, weights, 1.2, leaf_rows=LEAF),
+            ops.clipped_weighted_grams(x, weights, 1.2, leaf_rows=LEAF, weight_bound=0.25),
             dd.clipped_weighted_grams(xd, 1.2, num_weights=K, weights=weights, **on_cluster),
         ),
         (
@@ -506,6 +507,48 @@ def test_cli_train_on_shards_with_workers_matches_this_process(tmp_path, data):
         outs.append(np.load(out))
     assert outs[0]["coef"].tobytes() == outs[1]["coef"].tobytes()
     assert np.isfinite(outs[0]["coef"]).all() and outs[0]["coef"].shape == (K, D)
+
+
+def test_cli_workers_report_a_bad_shard_in_one_line(tmp_path):
+    """A NaN in a shard read by a worker of ``dpfc train --workers``: one line naming the
+    shard and the row, exit 2, and no worker log or traceback on stderr."""
+    x = np.ones((50, 4), np.float32)
+    x[17, 2] = np.nan
+    np.save(tmp_path / "p.features.npy", x)
+    np.save(tmp_path / "p.labels.npy", np.arange(50) % 3)
+    cmd = [sys.executable, "-m", "dpfc_native", "train", str(tmp_path / "*.npy")]
+    cmd += ["--num-classes", "3", "--workers", "2", "-o", str(tmp_path / "m.npz")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if "Error" in line or "Traceback" in line]
+    assert errors == [
+        f"Error: {tmp_path / 'p.features.npy'}: the features have NaN or Inf at row 17"
+    ], res.stderr
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_dask_arguments_checked(client, data):
+    _, x, y = data
+    xd = da.from_array(x, chunks=(300, D))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="leaves_per_task"):
+            dd.clipped_gram(xd, 1.0, client=client, leaves_per_task=bad)
+    with pytest.raises(TypeError, match="leaves_per_task"):
+        dd.clipped_gram(xd, 1.0, client=client, leaves_per_task=2.0)
+    sf = data[0]
+    with pytest.raises(ValueError, match="task_ranges is empty"):
+        dd.compute(R.Gram(1.0), sf, client=client, task_ranges=[])
+    unknown = xd[xd[:, 0] > -100]  # boolean indexing: unknown chunk sizes
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        dd.clipped_gram(unknown, 1.0, client=client)
+    with pytest.raises(ValueError, match=rf"labels must have shape \({len(x)},\)"):
+        dd.clipped_stats(xd, 1.0, labels=y[:5], num_classes=K, client=client)
+    with pytest.raises(ValueError, match="weights must have one row per example"):
+        dd.clipped_weighted_grams(
+            xd, 1.0, num_weights=K, weights=np.full((len(x) + 3, K), 0.1), client=client
+        )
+    with pytest.raises(TypeError, match="x must hold float"):
+        dd.clipped_gram(da.from_array(np.ones((40, 3), np.int64), chunks=20), 1.0, client=client)
 
 
 def test_parameters_arriving_unaligned_through_dask_give_the_same_bits(client, tmp_path):

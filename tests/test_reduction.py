@@ -360,8 +360,7 @@ def _ops_leaf_cases(x, y, rng):
         ),
         (
             "weighted_grams",
-            lambda m: ops.clipped_weighted_grams(x, w, c, leaf_rows=m),
-            # max(w) lies in [1/8, 1/4): the grid of Newton's bound 1/4
+            lambda m: ops.clipped_weighted_grams(x, w, c, leaf_rows=m, weight_bound=0.25),
             lambda: R.reduce(R.WeightedGrams(c, K), x, y, leaf_rows=LEAF, weights=w),
             _reference("weighted", x64, y, c, w=w),
             0.25 * c * c,
@@ -441,6 +440,20 @@ def test_ops_leaf_rows_validates_like_the_one_pass_ops(rng):
         assert _result_bits(ops.clipped_stats(layout, y, K, 1.0, leaf_rows=LEAF)) == _result_bits(
             ref
         )
+    # The weight bound: by default max(weights), else the given one (a larger weight
+    # raises); it sets the grid, as WeightedGrams' weight_bound does.
+    w = rng.uniform(0.0, 0.24995, size=(x.shape[0], 2))
+    by_max = ops.clipped_weighted_grams(x, w, 1.0, leaf_rows=LEAF)
+    assert _bits(by_max) == _bits(
+        R.reduce(R.WeightedGrams(1.0, 2, weight_bound=float(w.max())), x, weights=w, leaf_rows=LEAF)
+    )
+    assert _bits(ops.clipped_weighted_grams(x, w, 1.0, leaf_rows=LEAF, weight_bound=0.25)) == _bits(
+        R.reduce(R.WeightedGrams(1.0, 2), x, weights=w, leaf_rows=LEAF)
+    )
+    with pytest.raises(ValueError, match="weight_bound"):
+        ops.clipped_weighted_grams(x, w, 1.0, leaf_rows=LEAF, weight_bound=0.1)
+    with pytest.raises(ValueError, match="weight_bound.*leaf_rows"):
+        ops.clipped_weighted_grams(x, w, 1.0, weight_bound=0.25)
     # All-zero weights: a positive grid bound, zero grams.
     h = ops.clipped_weighted_grams(x, np.zeros((x.shape[0], 2)), 1.0, leaf_rows=LEAF)
     assert h.shape == (2, D, D) and not h.any()
@@ -838,3 +851,52 @@ def test_partials_pickle_with_packed_triangles(rng):
     )
     with pytest.raises(ValueError, match="above the diagonal"):
         pickle.dumps(broken)
+
+
+def test_leaf_rows_beyond_the_data_keep_the_grid_of_the_longest_leaf(rng):
+    """The grid is set by the longest leaf the layout holds: a leaf_rows larger than every
+    shard (even 2^62 or 10^30) gives the bits of one leaf per shard, not a coarser grid."""
+    x = (rng.standard_normal((1001, 5)) * 0.3).astype(np.float32)
+    ref = _reference("gram", np.asarray(x, np.float64), None, 1.0)
+    one_leaf = ops.clipped_gram(x, 1.0, leaf_rows=1001)
+    np.testing.assert_allclose(one_leaf, ref, rtol=0, atol=_tol(1001, 1.0, 25))
+    for m in (4096, 2**40, 2**62, 10**30):
+        assert R.LeafLayout((1001,), m).fraction_bits == R.fraction_bits(1001)
+        assert _bits(ops.clipped_gram(x, 1.0, leaf_rows=m)) == _bits(one_leaf), m
+    lay = R.LeafLayout((300, 77), 2**40)
+    assert lay.max_leaf_rows == 300 and lay.fraction_bits == R.fraction_bits(300)
+    assert R.LeafLayout((300, 77), 64).fraction_bits == R.fraction_bits(64)
+
+
+def test_statistic_and_source_arguments_checked(rng):
+    x, y = _data(rng)
+    for make in (
+        lambda k: R.Stats(1.0, k),
+        lambda k: R.ClassSums(1.0, k),
+        lambda k: R.ClassGrams(1.0, k),
+        lambda k: R.WeightedGrams(1.0, k),
+    ):
+        with pytest.raises(TypeError, match="num_(classes|weights)"):
+            make(4.5)
+        with pytest.raises(ValueError, match="num_(classes|weights)"):
+            make(-1)
+        assert make(np.int64(3)) == make(3)
+    with pytest.raises(TypeError, match="x must hold float"):
+        R.reduce(R.Gram(1.0), np.array([[16777217, 1], [2, 3]]))
+    with pytest.raises(ValueError, match=r"weights must have one row per example \(1378\)"):
+        R.reduce(R.WeightedGrams(1.0, 2), x, y, weights=np.ones((x.shape[0] + 5, 2)) * 0.1)
+
+
+def test_preprocessing_errors_name_the_shard_and_its_row(tmp_path, rng):
+    """A NaN met while a fit reads a shard: the message names the shard and the row in it,
+    also when only Poisson-sampled rows are read."""
+    from dpfc_native import _fitstats
+
+    x, y = _data(rng)
+    x[1000, 2] = np.nan  # row 1000 - 378 = 622 of the third shard
+    sf = npy_shards(tmp_path, x, y, SHARDS, K, stem="s")
+    src = R.TransformedSource(sf, _fitstats.RowTransform(1.0))
+    with pytest.raises(ValueError, match=r"s2.features.npy: X has NaN or Inf at row 622"):
+        R.reduce(R.Gram(1.0), src, leaf_rows=LEAF)
+    with pytest.raises(ValueError, match=r"s2.features.npy: X has NaN or Inf at row 622"):
+        R.reduce(R.Gram(1.0), src, leaf_rows=LEAF, sampling=R.PoissonSampling.new(0.9, seed=5))

@@ -290,3 +290,118 @@ def test_take_reads_the_given_rows(fmt, tmp_path):
     assert sf.take(1, np.array([], np.int64))[0].shape == (0, D)
     with pytest.raises(IndexError):
         sf.take(0, np.array([3, 2]))
+
+
+def test_corrupt_stored_npz_member_fails_its_crc(tmp_path):
+    """A flipped byte inside an uncompressed member: memory-mapped reads would never see
+    it, so opening checks the members' CRC-32 (checksum=True, the default)."""
+    x = np.random.default_rng(10).standard_normal((10, 3)).astype(np.float32)
+    np.savez(tmp_path / "h.npz", features=x, labels=np.arange(10) % 3)
+    raw = bytearray((tmp_path / "h.npz").read_bytes())
+    raw[200] ^= 0xFF  # inside the features' data
+    (tmp_path / "h.npz").write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="h.npz.*CRC"):
+        open_sharded(str(tmp_path / "h.npz"))
+    # Without the checksum pass the bytes are not read at open (sizes only).
+    assert open_sharded(str(tmp_path / "h.npz"), checksum=False).n_rows == 10
+
+
+def test_zarr_missing_chunks_are_an_error_unless_fill_is_asked(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((10, 3)).astype(np.float32)
+    g = zarr.open_group(str(tmp_path / "lost.zarr"), mode="w")
+    g.create_array("features", data=x, chunks=(4, 3))
+    g.create_array("labels", data=np.full(10, 2), chunks=(4,))
+    os.remove(tmp_path / "lost.zarr" / "features" / "c" / "1" / "0")  # an interrupted copy
+    with pytest.raises(ShardError, match=r"lost.zarr: array 'features' has 1 of its 3 chunks"):
+        open_sharded(str(tmp_path / "lost.zarr"))
+    # zarr 3's default leaves out chunks equal to the fill value: here labels 0..3 are 0.
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    g = zarr.open_group(str(tmp_path / "sparse.zarr"), mode="w")
+    g.create_array("features", data=x, chunks=(4, 3))
+    g.create_array("labels", data=y, chunks=(4,))
+    with pytest.raises(ShardError, match="missing_chunks='fill'"):
+        open_sharded(str(tmp_path / "sparse.zarr"))
+    sf = open_sharded(str(tmp_path / "sparse.zarr"), missing_chunks="fill")
+    xr, yr = sf.read(0)
+    np.testing.assert_array_equal(xr, x)
+    np.testing.assert_array_equal(yr, y)
+    with pytest.raises(ValueError, match="missing_chunks"):
+        open_sharded(str(tmp_path / "sparse.zarr"), missing_chunks="zeros")
+
+
+def test_parquet_pandas_index_is_not_a_feature_and_edge_row_groups(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(12)
+    df = pd.DataFrame(rng.standard_normal((20, 3)).astype(np.float32), columns=list("abc"))
+    df["label"] = np.arange(20) % 3
+    kept = df[df.a > 0]  # a filtered frame stores its integer index as a column
+    kept.to_parquet(tmp_path / "idx.parquet")
+    sf = open_sharded(str(tmp_path / "idx.parquet"))
+    x, y = sf.read(0)
+    assert sf.n_features == 3 and x.dtype == np.float32
+    np.testing.assert_array_equal(x, kept[list("abc")].to_numpy())
+    np.testing.assert_array_equal(y, kept["label"].to_numpy())
+    # An empty first row group, then the rows.
+    schema = pa.schema([("features", pa.list_(pa.float32(), 3)), ("labels", pa.int64())])
+    xs = rng.standard_normal((10, 3)).astype(np.float32)
+    with pq.ParquetWriter(tmp_path / "late.parquet", schema) as w:
+        w.write_table(schema.empty_table())
+        w.write_table(
+            pa.table(
+                {
+                    "features": pa.FixedSizeListArray.from_arrays(pa.array(xs.reshape(-1)), 3),
+                    "labels": np.arange(10) % 2,
+                },
+                schema=schema,
+            )
+        )
+    np.testing.assert_array_equal(open_sharded(str(tmp_path / "late.parquet")).read(0)[0], xs)
+    # A null row in a list column is named as such when its rows are read.
+    feats = pa.array([[1.0, 2.0], None, [3.0, 4.0]], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"features": feats, "labels": [0, 1, 0]}), tmp_path / "null.parquet")
+    with pytest.raises(ShardError, match="null.parquet.*null rows"):
+        open_sharded(str(tmp_path / "null.parquet")).read(0)
+
+
+def test_paths_indices_and_arguments_checked(tmp_path):
+    rng = np.random.default_rng(13)
+    folder = tmp_path / "run[1]"  # glob characters in a literal path
+    folder.mkdir()
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    np.save(folder / "a.features.npy", x)
+    np.save(folder / "a.labels.npy", np.arange(30) % 3)
+    sf = open_sharded(str(folder / "a.features.npy"))
+    np.testing.assert_array_equal(sf.read(0)[0], x)
+    with pytest.raises(IndexError, match=r"shard index 1 outside \[0, 1\)"):
+        sf.read(1)
+    with pytest.raises(IndexError, match=r"rows \[25, 40\) outside \[0, 30\)"):
+        sf.read_global(25, 40)
+    with pytest.raises(IndexError, match="outside"):
+        sf.read_global(-5, 3)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        sf.to_dask(0)
+    with pytest.raises(TypeError, match="num_classes"):
+        open_sharded(str(folder / "a.features.npy"), num_classes=3.7)
+    # A stray huge label does not become a label set of 10^12 classes.
+    np.save(folder / "a.labels.npy", np.r_[np.arange(29) % 3, 10**12])
+    with pytest.raises(ShardError, match="a.features.npy.*num_classes="):
+        open_sharded(str(folder / "a.features.npy"))
+    assert open_sharded(str(folder / "a.features.npy"), num_classes=10**12 + 1).num_classes > 0
+    # Floats longer than float64 are refused, naming the shard.
+    if np.dtype(np.longdouble).itemsize > 8:
+        np.save(folder / "a.features.npy", x.astype(np.longdouble))
+        np.save(folder / "a.labels.npy", np.arange(30) % 3)
+        with pytest.raises(ShardError, match="a.features.npy.*float64"):
+            open_sharded(str(folder / "a.features.npy"))
+
+
+def test_fortran_ordered_npz_member_reads_back(tmp_path):
+    x = np.asfortranarray(np.random.default_rng(14).standard_normal((25, 6)))
+    np.savez(tmp_path / "f.npz", features=x, labels=np.arange(25) % 4)
+    sf = open_sharded(str(tmp_path / "f.npz"))
+    np.testing.assert_array_equal(sf.read(0, 3, 17)[0], x[3:17])
+    np.testing.assert_array_equal(sf.take(0, np.array([0, 5, 24]))[0], x[[0, 5, 24]])

@@ -98,7 +98,9 @@ class RowTransform:
         c = None if self.center is None else np.asarray(self.center, np.float64)
         return "rows:" + _fingerprint(float(self.clip), c, bool(self.normalize), self.device)
 
-    def __call__(self, x, first_row: int = 0):
+    def __call__(self, x, first_row=0):
+        """The preprocessed rows; ``first_row`` (the index of x's first row in its shard,
+        or the indices of all its rows) numbers the row an error names."""
         from .models import _preprocess_rows_cpu
 
         x = np.asarray(x)

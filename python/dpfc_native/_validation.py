@@ -51,6 +51,11 @@ import numpy as np
 #: The floating dtypes the native kernels read and write.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+#: Most classes inferred from labels (``max(label) + 1``) when no label set is given,
+#: unless there are more examples than that: a stray label of 1e9 would otherwise make a
+#: billion classes (and O(K) arrays). Used by the data loaders and the sharded sources.
+MAX_INFERRED_CLASSES = 1 << 16
+
 # Elements per chunk of the finiteness scan: 32 MiB of float64 on the CPU; on the GPU,
 # 64 MiB boolean temporaries, the verdicts kept on the device until one sync.
 _CHUNK_ELEMENTS = 1 << 22

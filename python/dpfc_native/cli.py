@@ -256,7 +256,9 @@ def _dask_client(scheduler: Optional[str], workers: Optional[int]):
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
-            silence_logs=logging.ERROR,
+            # A task's error reaches the user as one line (below); the workers' own log
+            # of it (ERROR, with the traceback) must not.
+            silence_logs=logging.CRITICAL,
         )
         return distributed.Client(cluster), cluster
     try:

@@ -69,9 +69,8 @@ _FINITE_CHECK_BLOCK_ELEMENTS = 1 << 24
 _SYNTH_CHUNK_ROWS = 8192
 
 #: Most classes inferred from the labels (``max(label) + 1``) when no ``num_classes`` is
-#: given, unless there are more examples than that: a stray label of 1e9 would otherwise
-#: make a billion classes (and O(K) arrays).
-MAX_INFERRED_CLASSES = 1 << 16
+#: given, unless there are more examples than that (the rule is in ``_validation``).
+MAX_INFERRED_CLASSES = _validation.MAX_INFERRED_CLASSES
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")

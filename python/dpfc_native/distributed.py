@@ -27,6 +27,7 @@ key).
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import uuid
 from typing import Callable, Optional, Sequence
@@ -140,10 +141,23 @@ def _dask_inputs(x, labels):
         raise TypeError("x must be a ShardedFeatures or a dask array")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D, got shape {x.shape}")
+    if any(math.isnan(c) for c in x.chunks[0]) or any(math.isnan(c) for c in x.chunks[1]):
+        raise ValueError(
+            "x has unknown chunk sizes (e.g. after boolean indexing or from a dataframe): "
+            "call x.compute_chunk_sizes() first"
+        )
+    dt = x.dtype
+    if not ((dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"):
+        raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {dt}")
     if labels is None:
         labels = da.zeros(x.shape[0], dtype=np.int64, chunks=(x.chunks[0],))
     elif not isinstance(labels, da.Array):
-        labels = da.from_array(np.asarray(labels), chunks=(x.chunks[0],))
+        labels = np.asarray(labels)
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {labels.shape}")
+        labels = da.from_array(labels, chunks=(x.chunks[0],))
+    if any(math.isnan(c) for c in labels.chunks[0]):
+        raise ValueError("labels have unknown chunk sizes: call labels.compute_chunk_sizes() first")
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {labels.shape}")
     if len(x.chunks[1]) != 1:
@@ -228,8 +242,19 @@ def compute(
         chunked = True
         token = f"{x.name}-{labels.name}-{getattr(transform, 'fingerprint', repr(transform))}"
     layout = LeafLayout(shard_rows, leaf_rows)
+    if leaves_per_task is not None:
+        from ._validation import integer
+
+        leaves_per_task = integer(leaves_per_task, "leaves_per_task", 1)
+    if task_ranges is not None and len(task_ranges) == 0:
+        raise ValueError("task_ranges is empty: give the tasks' leaf ranges, or None")
     if stat.needs_weights and weights is None:
         raise ValueError("this statistic needs weights (n, K) or a weight_fn")
+    if weights is not None and getattr(weights, "shape", (None,))[0] != layout.n_rows:
+        raise ValueError(
+            f"weights must have one row per example ({layout.n_rows}), got shape "
+            f"{getattr(weights, 'shape', type(weights))}"
+        )
     d = int(x.shape[1]) if chunked else int(source.n_features)
     key = _red._partial_key(stat, layout, sampling, d)  # noqa: SLF001 - same module family
     # Task keys name what a task computes (for the dashboard) plus a fresh nonce: a call
@@ -251,27 +276,24 @@ def compute(
         xd = x.to_delayed().reshape(-1)
         yd = labels.to_delayed().reshape(-1)
         parts = []
-        for s in range(len(shard_rows)):
-            a, b = int(layout.shard_first_leaf[s]), int(layout.shard_first_leaf[s + 1])
-            step = (b - a) if leaves_per_task is None else int(leaves_per_task)
-            for first in range(a, b, step):
-                stop = min(b, first + step)
-                w = None if weights is None else _TaskWeights(weights, layout, first, stop)
-                parts.append(
-                    dask.delayed(_chunk_task, name=f"dpfc-partial-{tag}-{first}-{stop}")(
-                        stat_arg,
-                        s,
-                        xd[s],
-                        yd[s],
-                        shard_rows,
-                        layout,
-                        first,
-                        stop,
-                        sampling,
-                        w,
-                        transform,
-                    )
+        for first, stop in layout.tasks(leaves_per_task):
+            s = int(layout.shard[first])
+            w = None if weights is None else _TaskWeights(weights, layout, first, stop)
+            parts.append(
+                dask.delayed(_chunk_task, name=f"dpfc-partial-{tag}-{first}-{stop}")(
+                    stat_arg,
+                    s,
+                    xd[s],
+                    yd[s],
+                    shard_rows,
+                    layout,
+                    first,
+                    stop,
+                    sampling,
+                    w,
+                    transform,
                 )
+            )
         futures = client.compute(parts, workers=workers)
     else:
         ranges = (

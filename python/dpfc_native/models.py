@@ -363,6 +363,14 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
         raise TypeError(f"{name} and classes have incomparable label types") from exc
 
 
+def _row_index(first_row, i: int) -> int:
+    """The index of a block's row ``i`` for messages: ``first_row`` is the block's first
+    row, or the indices of all its rows (rows sampled out of a shard)."""
+    if isinstance(first_row, np.ndarray):
+        return int(first_row[i])
+    return int(first_row) + i
+
+
 def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: int = 0):
     """Center (public vector), normalise (optional) and clip one float64 device block, in
     place (the GPU path; :func:`_preprocess_rows_cpu` is the CPU one, a native pass).
@@ -377,7 +385,7 @@ def _preprocess_block(blk, xp, clip: float, center, normalize: bool, first_row: 
             blk -= center
         bad = ~xp.isfinite(blk).all(axis=1)
         if bool(bad.any()):
-            row = first_row + int(xp.argmax(bad))
+            row = _row_index(first_row, int(xp.argmax(bad)))
             raise ValueError(
                 f"X - center overflows float64 at row {row}: center must be a "
                 "public vector on the scale of the features"
@@ -409,10 +417,10 @@ def _preprocess_rows_cpu(
     if bad >= 0:
         if center is not None:
             raise ValueError(
-                f"X - center overflows float64 at row {first_row + bad}: center must be a "
-                "public vector on the scale of the features"
+                f"X - center overflows float64 at row {_row_index(first_row, bad)}: center "
+                "must be a public vector on the scale of the features"
             )
-        raise ValueError(f"X has NaN or Inf at row {first_row + bad}")
+        raise ValueError(f"X has NaN or Inf at row {_row_index(first_row, bad)}")
     return out
 
 

@@ -410,7 +410,7 @@ def clipped_class_grams(x, labels, num_classes: int, clip_norm: float, *, leaf_r
     return backend.clipped_class_grams(x, labels, k, c)
 
 
-def clipped_weighted_grams(x, weights, clip_norm: float, *, leaf_rows=None):
+def clipped_weighted_grams(x, weights, clip_norm: float, *, leaf_rows=None, weight_bound=None):
     """Per-class weighted grams ``H_l = sum_i w_il xbar_i xbar_i^T`` (DP Newton Hessians).
 
     Parameters
@@ -419,9 +419,12 @@ def clipped_weighted_grams(x, weights, clip_norm: float, *, leaf_rows=None):
     weights : array (n, K), non-negative (Newton: ``sigmoid'(w_l . xbar_i) <= 1/4``).
     clip_norm : float > 0
     leaf_rows : int or None
-        As :func:`clipped_gram`; the grid's weight bound is ``max(weights)`` (the same bits
-        as ``reduction.WeightedGrams(clip_norm, K, weight_bound=b)`` for any ``b`` in the
-        same binade, e.g. Newton's 1/4 when the largest weight lies in [1/8, 1/4)).
+        As :func:`clipped_gram`.
+    weight_bound : float > 0 or None
+        With ``leaf_rows``: a public bound on every weight, which sets the grid (the
+        result has the bits of ``reduction.WeightedGrams(clip_norm, K,
+        weight_bound=weight_bound)`` and of the Dask backend with the same bound, e.g.
+        Newton's 1/4); a larger weight raises. None: ``max(weights)``.
 
     Returns
     -------
@@ -439,13 +442,20 @@ def clipped_weighted_grams(x, weights, clip_norm: float, *, leaf_rows=None):
         raise ValueError("weights must be non-negative")
     c = _check_positive(clip_norm, "clip_norm")
     m = _check_leaf_rows(leaf_rows)
+    if weight_bound is not None:
+        if m is None:
+            raise ValueError("weight_bound sets the leaf reduction's grid: it needs leaf_rows")
+        weight_bound = _check_positive(weight_bound, "weight_bound")
     if m is not None:
         if getattr(weights, "_dpfc_row_view", False):
             raise TypeError("leaf_rows needs weights as an array, not a row view")
         k = weights.shape[1]
-        bound = float(weights.max()) if weights.size else 0.0
+        bound = weight_bound
+        if bound is None:
+            bound = float(weights.max()) if weights.size else 0.0
+            bound = bound if bound > 0 else 1.0
         return _by_leaves(
-            lambda R, _: R.WeightedGrams(c, k, weight_bound=bound if bound > 0 else 1.0),
+            lambda R, _: R.WeightedGrams(c, k, weight_bound=bound),
             x,
             xp,
             m,

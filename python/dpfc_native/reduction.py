@@ -16,8 +16,9 @@ so that one process, many processes or many machines give the same bits:
    is set by public facts only: an output whose per-row terms are bounded by ``R``
    (``C^2`` for grams, ``C`` for class sums and gradients, ``w_max C^2`` for weighted
    grams), with ``2^(E-1) <= R < 2^E``, and the leaf size ``m``: the grid step is
-   ``delta = 2^(E - F)`` with ``F = 62 - ceil(log2 m)`` fraction bits (F = 50 for
-   m = 4096), so a leaf's value ``q = rint(v / delta)``, ``|q| < m 2^F <= 2^62``, is one
+   ``delta = 2^(E - F)`` with ``F = 62 - ceil(log2 m)`` fraction bits for the layout's
+   longest leaf of m rows (``min(leaf_rows, longest shard)``; F = 50 for m = 4096), so a
+   leaf's value ``q = rint(v / delta)``, ``|q| < m 2^F <= 2^62``, is one
    int64. Sums are kept as two int64 limbs ``hi 2^32 + lo`` (``0 <= lo < 2^32``), exact
    for up to ``2^(94 - F)`` rows (2^44 = 1.8e13 at m = 4096). Symmetric matrices (the
    grams) put only their lower triangle on the grid and are mirrored once at the finish:
@@ -107,6 +108,9 @@ class LeafLayout:
     Attributes
     ----------
     n_leaves, n_rows : int
+    max_leaf_rows : int
+        The longest leaf, ``min(leaf_rows, longest shard)``: it sets the grid's
+        ``fraction_bits``.
     shard, start, stop : numpy.ndarray (n_leaves,), int64
         Leaf i is rows ``start[i]:stop[i]`` of shard ``shard[i]``.
     global_start : numpy.ndarray (n_leaves,), int64
@@ -122,7 +126,10 @@ class LeafLayout:
         self.leaf_rows = int(leaf_rows)
         self.shard_rows = tuple(rows)
         self.n_rows = sum(rows)
-        self.fraction_bits = fraction_bits(self.leaf_rows)
+        # The grid is set by the longest leaf the layout holds (shorter than leaf_rows
+        # when every shard is): a leaf_rows beyond the data must not coarsen it.
+        self.max_leaf_rows = min(self.leaf_rows, max(rows))
+        self.fraction_bits = fraction_bits(self.max_leaf_rows)
         # Integer totals stay below n 2^F; the hi limb (total / 2^32) must fit in int64.
         if self.n_rows >= 1 << (94 - self.fraction_bits):
             raise ValueError(
@@ -192,6 +199,11 @@ class ArraySource:
     ):
         if getattr(x, "ndim", None) != 2:
             raise ValueError(f"x must be 2-D (n, d), got {getattr(x, 'shape', type(x))}")
+        dt = getattr(x, "dtype", None)
+        if dt is None or not (
+            (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
+        ):
+            raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {dt}")
         self.x = x
         n = x.shape[0]
         if labels is None:
@@ -234,9 +246,11 @@ class TransformedSource:
     Parameters
     ----------
     source : a source (``shard_rows``, ``n_features``, ``read``, optionally ``take``)
-    transform : callable (rows, first_row) -> float64 rows of the same shape
+    transform : callable (rows, where) -> float64 rows of the same shape
         A pure function of each row; its ``fingerprint`` (when present) names it in task
-        keys, so results for different transforms are never confused.
+        keys, so results for different transforms are never confused. ``where`` locates
+        the rows in their shard for error messages: the first row's index (a slice), or
+        the rows' indices (sampled rows).
     """
 
     def __init__(self, source, transform):
@@ -257,19 +271,30 @@ class TransformedSource:
             getattr(self.transform, "fingerprint", repr(self.transform)),
         ]
 
+    def _transformed(self, x, i: int, rows):
+        """``transform(x, rows)``; its errors (e.g. a NaN row, numbered within the shard)
+        name the shard."""
+        try:
+            return self.transform(x, rows)
+        except ValueError as e:
+            shards = getattr(self.source, "shards", None)
+            name = shards[i].path if shards is not None else f"shard {i}"
+            raise ValueError(f"{name}: {e}") from e
+
     def read(self, i: int, start: int, stop: int):
         x, y = self.source.read(i, start, stop)
-        return self.transform(x, start), y
+        return self._transformed(x, i, start), y
 
     def take(self, i: int, rows: np.ndarray):
+        rows = np.asarray(rows)
         x, y = _take(
             self.source,
             i,
-            np.asarray(rows),
+            rows,
             int(rows[0]) if len(rows) else 0,
             int(rows[-1]) + 1 if len(rows) else 0,
         )
-        return self.transform(x, int(rows[0]) if len(rows) else 0), y
+        return self._transformed(x, i, rows), y
 
 
 #: True while a leaf's rows come from a transform that produced them finite and clipped
@@ -764,6 +789,13 @@ def _positive(v, name):
     return v
 
 
+def _classes_count(obj, name: str = "num_classes") -> None:
+    """Checks the integer field ``name`` (>= 1) of a frozen statistic, stored as an int."""
+    from ._validation import integer
+
+    object.__setattr__(obj, name, integer(getattr(obj, name), name, 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Gram(_Statistic):
     """``G = sum_i xbar_i xbar_i^T`` (:func:`dpfc_native.ops.clipped_gram`)."""
@@ -801,6 +833,7 @@ class Stats(_Statistic):
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
+        _classes_count(self)
 
     def key(self):
         return f"stats:{self.clip_norm!r}:{self.num_classes}"
@@ -832,6 +865,7 @@ class ClassSums(_Statistic):
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
+        _classes_count(self)
 
     def key(self):
         return f"class_sums:{self.clip_norm!r}:{self.num_classes}"
@@ -873,6 +907,7 @@ class ClassGrams(_Statistic):
 
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
+        _classes_count(self)
         _class_range(self.classes, self.num_classes)
 
     def key(self):
@@ -931,6 +966,7 @@ class WeightedGrams(_Statistic):
     def __post_init__(self):
         _positive(self.clip_norm, "clip_norm")
         _positive(self.weight_bound, "weight_bound")
+        _classes_count(self, "num_weights")
         _class_range(self.classes, self.num_weights)
 
     @property
@@ -1200,6 +1236,12 @@ def range_partial(
     if not 0 <= first < stop <= layout.n_leaves:
         raise ValueError(f"leaf range [{first}, {stop}) outside [0, {layout.n_leaves})")
     if weights is not None and not hasattr(weights, "leaf_weights"):
+        rows = getattr(weights, "shape", (None,))[0]
+        if rows != layout.n_rows:
+            raise ValueError(
+                f"weights must have one row per example ({layout.n_rows}), got shape "
+                f"{getattr(weights, 'shape', type(weights))}"
+            )
         weights = _SlicedWeights(weights, layout)
     acc = _accumulator(stat, layout, sampling, int(source.n_features))
     # Each leaf's value is on the grid before the next leaf is computed, so the CPU
@@ -1306,5 +1348,5 @@ def rounding_bound(n: int, leaf_rows: int, per_row_bound: float, entries: int) -
     m = min(int(leaf_rows), int(n))
     leaves = -(-int(n) // int(leaf_rows))
     gamma = (m + 1) * u / (1 - (m + 1) * u)
-    grid = 2.0 ** (_grid_exponent(per_row_bound) - fraction_bits(leaf_rows) - 1)
+    grid = 2.0 ** (_grid_exponent(per_row_bound) - fraction_bits(m) - 1)
     return gamma * n * per_row_bound + math.sqrt(entries) * leaves * grid + u * n * per_row_bound

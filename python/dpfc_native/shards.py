@@ -37,6 +37,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ._validation import MAX_INFERRED_CLASSES
+
 __all__ = ["ShardError", "Shard", "ShardedFeatures", "open_sharded", "SHARD_FORMATS"]
 
 SHARD_FORMATS = ("npy", "npz", "safetensors", "zarr", "parquet")
@@ -171,14 +173,51 @@ def _npz_member(path: str, key: str):
         )
         shape, fortran, dtype = read_header(fh)
         data_offset = fh.tell()
-    if fortran or dtype.hasobject:
-        raise ShardError(f"shard {path}: '{key}' must be a C-ordered numeric array")
+    if dtype.hasobject:
+        raise ShardError(f"shard {path}: '{key}' must be a numeric array")
     need = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if need > os.path.getsize(path):
         raise ShardError(
             f"shard {path}: '{key}' is truncated ({os.path.getsize(path)} bytes, {need} needed)"
         )
-    return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape)
+    return np.memmap(
+        path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran else "C"
+    )
+
+
+def _check_npz_crc(path: str, keys: Sequence[str]) -> None:
+    """Reads the members ``keys`` of an .npz through zipfile, which checks each one's
+    CRC-32 at its end: the memory-mapped reads of stored members never do."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for key in keys:
+                with zf.open(key + ".npy") as fh:
+                    while fh.read(_HASH_BLOCK):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ShardError(f"shard {path}: corrupt .npz ({type(e).__name__}: {e})") from e
+
+
+def _check_zarr_chunks(path: str, keys: Sequence[str], missing_chunks: str) -> None:
+    """Every chunk of the arrays ``keys`` must be stored unless ``missing_chunks="fill"``:
+    zarr reads an absent chunk as the fill value, so a store that lost chunk files (an
+    interrupted copy) would otherwise train on zeros."""
+    if missing_chunks == "fill":
+        return
+    import zarr
+
+    g = zarr.open_group(path, mode="r")
+    for key in keys:
+        a = g[key]
+        stored, total = int(a.nchunks_initialized), int(a.nchunks)
+        if stored < total:
+            raise ShardError(
+                f"shard {path}: array '{key}' has {total - stored} of its {total} chunks "
+                "missing (an incomplete copy?). zarr leaves out chunks equal to the fill "
+                "value when written with write_empty_chunks=False (zarr 3's default): if "
+                "that is why, open it with missing_chunks='fill', or rewrite the store "
+                "with config={'write_empty_chunks': True}"
+            )
 
 
 def _parquet_layout(pf, path: str, labels_column: Optional[str], features_column: str):
@@ -192,7 +231,12 @@ def _parquet_layout(pf, path: str, labels_column: Optional[str], features_column
         raise ShardError(f"shard {path}: no column '{labels_column}' (columns: {names})")
     if features_column in names:
         return labels_column, features_column
-    cols = [c for c in names if c != labels_column]
+    index = set()
+    meta = pf.schema_arrow.pandas_metadata or {}
+    for entry in meta.get("index_columns", []):  # a stored pandas index is not a feature
+        if isinstance(entry, str):
+            index.add(entry)
+    cols = [c for c in names if c != labels_column and c not in index]
     if not cols:
         raise ShardError(f"shard {path}: no feature columns (columns: {names})")
     return labels_column, cols
@@ -204,6 +248,8 @@ def _parquet_to_numpy(table, path: str, labels_column: str, feat) -> tuple[np.nd
     y = table.column(labels_column).to_numpy()
     if isinstance(feat, str):
         col = table.column(feat).combine_chunks()
+        if col.null_count:
+            raise ShardError(f"shard {path}: column '{feat}' has null rows")
         if pa.types.is_fixed_size_list(col.type):
             width = col.type.list_size
         elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
@@ -218,8 +264,6 @@ def _parquet_to_numpy(table, path: str, labels_column: str, feat) -> tuple[np.nd
             raise ShardError(
                 f"shard {path}: column '{feat}' must be a list of floats, got {col.type}"
             )
-        if col.null_count:
-            raise ShardError(f"shard {path}: column '{feat}' has null rows")
         values = col.flatten().to_numpy(zero_copy_only=False)
         x = values.reshape(len(col), width)
     else:
@@ -293,7 +337,9 @@ def _read_parquet_rows(shard: Shard, opts: _Options, start: int, stop: int):
 
 
 def _float_kind(dt: np.dtype) -> bool:
-    return dt.kind == "f" or dt.name == "bfloat16"
+    """float16, bfloat16, float32 or float64: what the statistics read (longer floats,
+    e.g. float128, are refused rather than rounded)."""
+    return (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
 
 
 # --------------------------------------------------------------------------------------
@@ -344,15 +390,13 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
 
         pf = pq.ParquetFile(path)
         labels_column, feat = _parquet_layout(pf, path, opts.labels_column, opts.features_key)
-        first = (
-            pf.read_row_group(
-                0, columns=[labels_column] + ([feat] if isinstance(feat, str) else list(feat))
-            )
-            if pf.num_row_groups
-            else None
-        )
-        if first is None or first.num_rows == 0:
+        nonempty = [g for g in range(pf.num_row_groups) if pf.metadata.row_group(g).num_rows > 0]
+        if not nonempty:
             raise ShardError(f"shard {path}: has no rows")
+        first = pf.read_row_group(
+            nonempty[0],
+            columns=[labels_column] + ([feat] if isinstance(feat, str) else list(feat)),
+        )
         x0, _ = _parquet_to_numpy(first.slice(0, 1), path, labels_column, feat)
         y = pf.read(columns=[labels_column]).column(labels_column).to_numpy()
         rows = pf.metadata.num_rows
@@ -365,7 +409,12 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
 
 
 def _open_one(
-    path: str, fmt: str, labels_path: Optional[str], opts: _Options, checksum: bool
+    path: str,
+    fmt: str,
+    labels_path: Optional[str],
+    opts: _Options,
+    checksum: bool,
+    missing_chunks: str = "error",
 ) -> tuple[Shard, int]:
     try:
         rows, dim, dtype, y, yshape = _inspect(path, fmt, labels_path, opts)
@@ -381,7 +430,13 @@ def _open_one(
     if rows == 0:
         raise ShardError(f"shard {path}: has no rows")
     if dtype is None or not _float_kind(np.dtype(dtype)):
-        raise ShardError(f"shard {path}: features must be floating point, got {dtype}")
+        raise ShardError(
+            f"shard {path}: features must be float16, bfloat16, float32 or float64, got {dtype}"
+        )
+    if fmt == "zarr":
+        _check_zarr_chunks(path, (opts.features_key, opts.labels_key), missing_chunks)
+    if fmt == "npz" and checksum:
+        _check_npz_crc(path, (opts.features_key, opts.labels_key))
     if yshape != (rows,):
         raise ShardError(f"shard {path}: {rows} feature rows but labels have shape {yshape}")
     ydt = np.dtype(y.dtype)
@@ -422,7 +477,7 @@ def _expand(paths_or_glob: Union[str, os.PathLike, Iterable]) -> list[str]:
     out: list[str] = []
     for item in items:
         item = os.fspath(item)
-        if _glob.has_magic(item):
+        if _glob.has_magic(item) and not os.path.exists(item):
             matched = _glob.glob(item)
             if not matched:
                 raise FileNotFoundError(f"no shard matches {item!r}")
@@ -490,7 +545,11 @@ class ShardedFeatures:
         return [dataclasses.asdict(s) for s in self.shards]
 
     def _check_unchanged(self, i: int) -> Shard:
-        shard = self.shards[i]
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"shard index must be an integer, got {type(i).__name__}")
+        if not 0 <= i < len(self.shards):
+            raise IndexError(f"shard index {i} outside [0, {len(self.shards)})")
+        shard = self.shards[int(i)]
         try:
             size = _size_of(_files_of(shard.path, shard.format, shard.labels_path))
         except OSError as e:
@@ -590,6 +649,9 @@ class ShardedFeatures:
 
     def read_global(self, start: int, stop: int):
         """Global rows ``[start, stop)`` (may span shards), concatenated."""
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_rows:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n_rows})")
         xs, ys = [], []
         for i in range(len(self.shards)):
             lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
@@ -630,6 +692,9 @@ class ShardedFeatures:
         import dask
         import dask.array as da
 
+        from ._validation import integer
+
+        chunk_rows = integer(chunk_rows, "chunk_rows", 1)
         xs, ys = [], []
         for i, shard in enumerate(self.shards):
             for s in range(0, shard.rows, chunk_rows):
@@ -657,6 +722,7 @@ def open_sharded(
     labels_key: str = "labels",
     labels_column: Optional[str] = None,
     checksum: bool = True,
+    missing_chunks: str = "error",
 ) -> ShardedFeatures:
     """Open feature shards as one :class:`ShardedFeatures`.
 
@@ -670,7 +736,8 @@ def open_sharded(
     format : {"npy", "npz", "safetensors", "zarr", "parquet"} or None
         None: from each file's name.
     num_classes : int or None
-        Default: the largest label in any shard plus one.
+        Default: the largest label in any shard plus one (refused beyond
+        ``max(2^16, rows)`` classes: a stray huge label is not a label set).
     features_key, labels_key : str
         Array / tensor names (npz, safetensors, zarr); for parquet ``features_key`` names
         the list column (if absent, every column but the labels one is a feature).
@@ -678,7 +745,14 @@ def open_sharded(
         Parquet labels column; default ``"labels"``, else ``"label"`` (Hugging Face).
     checksum : bool
         Hash every shard's bytes with SHA-256 into the manifest (reads all data once).
-        False records only sizes (every read still checks the size).
+        False records only sizes (every read still checks the size). With True the
+        members of ``.npz`` shards are also read through ``zipfile``, which checks their
+        CRC-32 (memory-mapped reads never do).
+    missing_chunks : {"error", "fill"}
+        zarr shards: "error" (default) refuses a store whose arrays lack chunk files (an
+        incomplete copy reads as zeros otherwise); "fill" reads absent chunks as the fill
+        value, for stores written with ``write_empty_chunks=False`` (zarr 3's default),
+        which leaves out chunks equal to it.
 
     Raises
     ------
@@ -688,8 +762,13 @@ def open_sharded(
         A shard is unreadable, truncated or corrupt, or disagrees with the others
         (feature dimension, dtype), or labels are out of range; the message names it.
     """
+    from . import _validation
+
     if format is not None and format not in SHARD_FORMATS:
         raise ValueError(f"format must be one of {SHARD_FORMATS} or None, got {format!r}")
+    _validation.choice(missing_chunks, "missing_chunks", ("error", "fill"))
+    if num_classes is not None:
+        num_classes = _validation.integer(num_classes, "num_classes", 1)
     opts = _Options(features_key=features_key, labels_key=labels_key, labels_column=labels_column)
     shards, dim = [], None
     for path in _expand(paths_or_glob):
@@ -702,7 +781,7 @@ def open_sharded(
                     f"with labels in '<stem>{_LABELS_SUFFIX}'"
                 )
             labels_path = path[: -len(_FEATURES_SUFFIX)] + _LABELS_SUFFIX
-        shard, d = _open_one(path, fmt, labels_path, opts, checksum)
+        shard, d = _open_one(path, fmt, labels_path, opts, checksum, missing_chunks)
         if dim is None:
             dim = d
         elif d != dim:
@@ -714,8 +793,17 @@ def open_sharded(
         shards.append(shard)
     k_seen = max(s.label_max for s in shards) + 1
     if num_classes is None:
+        limit = max(MAX_INFERRED_CLASSES, sum(s.rows for s in shards))
+        if k_seen > limit:
+            worst = max(shards, key=lambda s: s.label_max)
+            raise ShardError(
+                f"shard {worst.path}: has label {worst.label_max}: inferring the label set "
+                f"0..{worst.label_max} would make {k_seen} classes (at most {limit} are "
+                "inferred); pass num_classes= (--num-classes) if that is really intended, "
+                "or relabel to 0..K-1"
+            )
         num_classes = k_seen
-    elif int(num_classes) < k_seen:
+    elif num_classes < k_seen:
         worst = max(shards, key=lambda s: s.label_max)
         raise ShardError(
             f"shard {worst.path}: label {worst.label_max} >= num_classes={num_classes}"
