@@ -222,6 +222,69 @@ def test_cli_predict_uses_the_same_loader(tmp_path):
     assert res.exit_code == 2 and "Error:" in res.output and "Traceback" not in res.output
 
 
+def test_cli_predict_reads_every_label_kind_train_reads_and_checks_them(tmp_path):
+    x, y = _data(13, n=200, d=5)
+    x = x.astype(np.float32)
+    names = np.array(["cat", "dog", "ship"])[y]
+    np.savez(tmp_path / "s.npz", features=x, labels=names)
+    np.savez(tmp_path / "f.npz", features=x, labels=y.astype(float))
+    np.savez(tmp_path / "i.npz", features=x, labels=y)
+    np.savez(tmp_path / "u.npz", features=x, labels=np.where(y == 2, 7, y))
+    np.savez(tmp_path / "d3.npz", features=x[:, :3], labels=y)
+    np.save(tmp_path / "flat.npy", x[:, 0])
+    for name, labels in (
+        ("ms.npz", ["--classes", "cat,dog,ship"]),
+        ("mi.npz", ["--num-classes", "3"]),
+    ):
+        src = "s.npz" if name == "ms.npz" else "i.npz"
+        res = runner.invoke(
+            app, ["train", str(tmp_path / src), "-m", "ls", *labels, "-o", str(tmp_path / name)]
+        )
+        assert res.exit_code == 0, res.output
+    string_model = dpfc_native.load_model(tmp_path / "ms.npz")
+    int_model = dpfc_native.load_model(tmp_path / "mi.npz")
+    for model, file, expected in (
+        ("ms.npz", "s.npz", np.mean(string_model.predict(x) == names)),
+        ("mi.npz", "f.npz", np.mean(int_model.predict(x) == y)),
+    ):
+        res = runner.invoke(app, ["predict", str(tmp_path / model), str(tmp_path / file)])
+        assert res.exit_code == 0 and f"accuracy: {expected:.4f}" in res.output, res.output
+    for model, file, needle in (
+        ("ms.npz", "i.npz", "are integers but the model's classes are class names"),
+        ("mi.npz", "s.npz", "are class names but the model's classes are integers"),
+        ("mi.npz", "u.npz", "include 7, which is not in the model's classes"),
+        ("mi.npz", "d3.npz", "has 3 features per row, the model expects 5"),
+        ("mi.npz", "flat.npy", "must hold a 2-D array of feature rows"),
+    ):
+        res = runner.invoke(app, ["predict", str(tmp_path / model), str(tmp_path / file)])
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert res.output.count("\n") == 1 and "Traceback" not in res.output
+
+
+def test_cli_label_outside_classes_error_states_no_count(tmp_path):
+    """A training label outside --classes is named, but not how many rows carry it (the
+    size of a private class)."""
+    x, y = _data(14, n=240, d=5)
+    names = np.array(["cat", "dog", "car"])[y]
+    np.savez(tmp_path / "t.npz", features=x.astype(np.float32), labels=names)
+    res = runner.invoke(app, ["train", str(tmp_path / "t.npz"), "--classes", "cat,dog"])
+    assert res.exit_code == 2 and "'car', which is not in --classes" in res.output, res.output
+    assert str(int(np.sum(y == 2))) not in res.output and "row(s)" not in res.output
+
+
+def test_saved_model_holds_no_budget_and_refits(tmp_path):
+    from dpfc_native.tuning import PrivacyBudget
+
+    x, y = _data(15)
+    est = _fit(DPLeastSquaresClassifier, x, y, budget=PrivacyBudget(5.0, 1e-5))
+    loaded = dpfc_native.load_model(est.save(tmp_path / "b.npz"))
+    assert loaded.budget is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        refit = loaded.fit(x, y)
+    assert np.isfinite(refit.coef_).all()
+
+
 # --------------------------------------------------------------------------------------
 # 4. The CLI prints public facts only
 # --------------------------------------------------------------------------------------

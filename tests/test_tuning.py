@@ -424,6 +424,42 @@ def test_selector_with_budget_and_errors():
         PrivateSelector(DPSGDClassifier(sample_rate=0.1), {"steps": [5]}).fit(X, y)
 
 
+def test_selector_failures_spend_nothing_and_scoring_data_checked(rng):
+    """A selection that raises (here at its first candidate's fit, on bad input) returned
+    nothing, so its reservation is withdrawn; mismatched scoring data is refused before
+    any fit; the template's PrivacyWarnings are raised once."""
+    X, y = _data(rng)
+    budget = PrivacyBudget(5.0, 1e-5)
+    template = DPLeastSquaresClassifier(classes=range(K))
+    X_nan = X.copy()
+    X_nan[3, 1] = np.nan
+    for bad_x, bad_y, grid in (
+        (X_nan, y, {"reg": [1.0, 10.0]}),
+        (X, y[:-1], {"reg": [1.0, 10.0]}),
+        (X, y + K, {"reg": [1.0, 10.0]}),
+        (X, y, {"reg": [-1.0]}),
+    ):
+        with pytest.raises(ValueError):
+            PrivateSelector(template, grid, epsilon=1.0, budget=budget).fit(bad_x, bad_y)
+        assert budget.epsilon_spent == 0.0 and budget.fits == []
+    sel = PrivateSelector(template, {"reg": [1.0]}, epsilon=1.0, budget=budget, mean_repetitions=2)
+    with pytest.raises(ValueError, match="y_score must have one label per row"):
+        sel.fit(X, y, X_score=X[:100], y_score=y[:1])
+    with pytest.raises(ValueError, match="X_score must have the 6 features"):
+        sel.fit(X, y, X_score=X[:, :3], y_score=y)
+    assert budget.fits == []
+    sel.fit(X, y)
+    assert 0.9 < budget.epsilon_spent <= 1.0 + 1e-9 and len(budget.fits) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PrivateSelector(
+            DPLeastSquaresClassifier(), {"reg": [1.0]}, epsilon=1.0, delta=0.1, mean_repetitions=2
+        ).fit(X, y)
+    texts = [str(w.message) for w in caught if issubclass(w.category, PrivacyWarning)]
+    assert len(texts) == 2, texts
+    assert any("classes=None" in t for t in texts) and any("exceeds 1/n" in t for t in texts)
+
+
 # ---------------------------------------------------------------------------------------
 # PrivacyWarning at fit
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -317,10 +318,7 @@ def _check_split(x, y, d: int, known, what: str, flag: str, where: str) -> None:
     unknown = ~np.isin(y, known)
     if unknown.any():
         bad = y[np.argmax(unknown)].item()
-        _fail(
-            f"{flag or 'the training'} labels include {bad!r}, which is not in {where} "
-            f"({int(unknown.sum())} row(s) of {what})"
-        )
+        _fail(f"{flag or 'the training'} labels include {bad!r}, which is not in {where} ({what})")
 
 
 #: Python names in the estimators' messages -> the CLI options that set them.
@@ -653,27 +651,56 @@ def save_model(est, path, method: str = "") -> str:
     return _save(est, path, method)
 
 
+def _has_labels(text: str) -> bool:
+    """Whether a features file carries labels (its own array, or a .npy's labels file)."""
+    from . import data
+
+    lower = text.lower()
+    if lower.endswith(".npy"):
+        sibling = data._sibling_labels_path(text)
+        return sibling is not None and os.path.exists(sibling)
+    if lower.endswith(".npz"):
+        data._check_npz_members(text, ("features",))
+        with zipfile.ZipFile(text) as zf:
+            return "labels.npy" in zf.namelist()
+    if lower.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(text, framework="numpy") as f:
+            return "labels" in f.keys()
+    return True  # an unknown format: the labelled reader names the problem
+
+
 def _load_unlabelled(path: Path):
-    """(features, labels or None) of a features file whose labels are optional."""
+    """(features, labels or None) of a features file whose labels are optional: labels of
+    every kind ``train`` reads (integers, float-coded integers, class names)."""
     from . import data
 
     text = os.fspath(path)
-    lower = text.lower()
-    try:
-        return data.load_features(text), True
-    except FileNotFoundError:
-        raise
-    except ValueError:
-        if not lower.endswith((".npy", ".npz")):
-            raise
-    # No (valid) labels: the features alone.
-    if lower.endswith(".npy"):
-        return data._load_npy(text, True, "features"), False
-    data._check_npz_members(text, ("features",))
+    if _has_labels(text):
+        return data.read_labeled_arrays(text)
+    if text.lower().endswith(".npy"):
+        return data._load_npy(text, True, "features"), None
     with np.load(text, allow_pickle=False) as z:
-        if "features" not in z.files:
-            raise ValueError(f"{text} has no array 'features' (arrays present: {sorted(z.files)})")
-        return z["features"], False
+        return z["features"], None
+
+
+def _check_predict_labels(est, y, features: Path) -> None:
+    """Labels given to ``predict`` must be of the model's kind and in its label set."""
+    classes = np.asarray(est.classes_)
+    names = (classes.dtype.kind == "U", y.dtype.kind == "U")
+    if names[0] != names[1]:
+        kinds = ("integers", "class names")
+        _fail(
+            f"the labels of {features} are {kinds[names[1]]} but the model's classes are "
+            f"{kinds[names[0]]}"
+        )
+    unknown = ~np.isin(y, classes)
+    if unknown.any():
+        _fail(
+            f"the labels of {features} include {y[np.argmax(unknown)].item()!r}, which is "
+            f"not in the model's classes {_short_list(classes.tolist())}"
+        )
 
 
 @app.command()
@@ -698,17 +725,24 @@ def predict(
     except _USER_ERRORS as exc:
         _fail(f"cannot load model {model}: {_message(exc)}")
     try:
-        loaded, labelled = _load_unlabelled(features)
+        X, y = _load_unlabelled(features)
     except _USER_ERRORS as exc:
-        _fail(f"cannot load features {features}: {_message(exc)}")
-    X = loaded.features if labelled else loaded
+        _fail(f"cannot load features {features}: {_cli_message(_message(exc))}")
+    if X.ndim != 2:
+        _fail(f"{features} must hold a 2-D array of feature rows, got shape {X.shape}")
+    if X.shape[1] != est.n_features_in_:
+        _fail(
+            f"{features} has {X.shape[1]} features per row, the model expects {est.n_features_in_}"
+        )
+    if y is not None:
+        _check_predict_labels(est, y, features)
     pred = est.predict(X)
     typer.echo(
         f"predicted {pred.shape[0]} rows with {type(est).__name__} "
         f"(epsilon = {est.privacy_.epsilon:.6g})"
     )
-    if labelled:
-        typer.echo(f"accuracy: {float(np.mean(pred == loaded.labels)):.4f}")
+    if y is not None:
+        typer.echo(f"accuracy: {float(np.mean(pred == y)):.4f}")
     if out is not None:
         np.save(out, pred)
         typer.echo(f"predictions saved to {out}")

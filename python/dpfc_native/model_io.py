@@ -20,8 +20,8 @@ member                    content
 ``classes``               (K,) the label set (numbers, or unicode strings)
 ``center``                (d,) float64 public center, or (0,) for none
 ``feature_names``         (d,) unicode column names, or (0,) for none
-``params``                JSON: ``get_params()`` without ``random_state``, plus
-                          ``"noise_seeded"`` (bool)
+``params``                JSON: ``get_params()`` without ``random_state`` and with
+                          ``budget`` as null, plus ``"noise_seeded"`` (bool)
 ``fitted``                JSON: ``n_features_in_``, ``clip_norm_``, ``normalize_``,
                           ``delta_``, ``noise_seeded_`` and the chosen hyper-parameters
                           (``reg_``, ``lr_``, ``alpha_``, ``bias_``, ``grad_clip_norm_``,
@@ -111,8 +111,12 @@ def save_model(est, path, method: str = "") -> str:
     path = os.fspath(path)
     if not path.endswith(".npz"):
         path += ".npz"
+    # A shared PrivacyBudget is a live object of this process, not a parameter of the
+    # model: it is saved as None (the loaded model is not tied to any budget).
     params = {
-        key: _json_value(value) for key, value in est.get_params().items() if key != "random_state"
+        key: None if key == "budget" else _json_value(value)
+        for key, value in est.get_params().items()
+        if key != "random_state"
     }
     params["noise_seeded"] = bool(getattr(est, "noise_seeded_", False))
     fitted = {key: _json_value(getattr(est, key)) for key in _FITTED_PUBLIC if hasattr(est, key)}

@@ -492,6 +492,14 @@ class PrivacyBudget:
             self._charges.append(charge)
         return charge
 
+    def cancel(self, charge: _Charge) -> None:
+        """Withdraw a reservation whose run raised before it returned anything (nothing
+        it computed was released), e.g. a :class:`PrivateSelector` whose candidate fit
+        refused its input."""
+        with self._lock:
+            if charge in self._charges and not charge.settled:
+                self._charges.remove(charge)
+
     def settle(self, charge: _Charge, ledger: accounting.PrivacyLedger) -> None:
         """Replace a fit's reservation by the releases it made (its ledger).
 
@@ -791,9 +799,32 @@ class PrivateSelector:
         if X_score is None:
             X_score, y_score = X, y
         y_score = np.asarray(y_score)
-        n_score = int(y_score.shape[0])
+        n_score = int(np.shape(X_score)[0])
+        if y_score.shape != (n_score,):
+            raise ValueError(
+                f"y_score must have one label per row of X_score: shape ({n_score},), "
+                f"got {y_score.shape}"
+            )
+        if len(np.shape(X_score)) != 2 or np.shape(X_score)[1] != np.shape(X)[1]:
+            raise ValueError(
+                f"X_score must have the {np.shape(X)[1]} features of X, got shape "
+                f"{np.shape(X_score)}"
+            )
         if n_score == 0:
             raise ValueError("the scoring data is empty")
+        # The template's own warnings, once: the candidates' fits do not repeat them.
+        from .models import _warn_large_delta
+
+        if getattr(self.estimator, "classes", None) is None:
+            warnings.warn(
+                f"PrivateSelector: the {type(self.estimator).__name__} has classes=None, so "
+                "the label set is read from the private labels: which classes occur is "
+                "revealed and not covered by the guarantee. Pass the public label set as "
+                "classes= to the estimator.",
+                PrivacyWarning,
+                stacklevel=2,
+            )
+        _warn_large_delta(delta, n, eps)
         seeded = self.random_state is not None
         if seeded:
             warnings.warn(
@@ -827,41 +858,48 @@ class PrivateSelector:
         score_source = mechanisms.NoiseSource(None if not seeded else int(rng.integers(0, 2**62)))
         best = None
         history = []
-        with progress(None, "private selection", enabled=self.verbose > 0) as bar:
-            for rep in range(k_reps):
-                idx = int(rng.integers(len(candidates)))
-                params = {
-                    **template,
-                    **candidates[idx],
-                    "epsilon": fit_eps,
-                    "delta": fit_delta,
-                    "budget": None,
-                    "verbose": 0,
-                    "random_state": int(rng.integers(0, 2**62)) if seeded else None,
-                }
-                est = type(self.estimator)(
-                    **{k: copy.deepcopy(v) if k != "budget" else v for k, v in params.items()}
-                )
-                with warnings.catch_warnings():
-                    # The selector warned once about a fixed seed; the candidates' label
-                    # set is the template's concern (warned at the template's own fits).
-                    warnings.simplefilter("ignore", PrivacyWarning)
-                    est.fit(X, y)
-                fit_mu = est.privacy_.mu
-                if fit_mu is None or fit_mu > mu_fit * (1.0 + 1e-9):
-                    raise RuntimeError(
-                        f"candidate fit spent mu={fit_mu}, above its share "
-                        f"{mu_fit:.6g}: the selection bound would not hold"
+        try:
+            with progress(None, "private selection", enabled=self.verbose > 0) as bar:
+                for rep in range(k_reps):
+                    idx = int(rng.integers(len(candidates)))
+                    params = {
+                        **template,
+                        **candidates[idx],
+                        "epsilon": fit_eps,
+                        "delta": fit_delta,
+                        "budget": None,
+                        "verbose": 0,
+                        "random_state": int(rng.integers(0, 2**62)) if seeded else None,
+                    }
+                    est = type(self.estimator)(
+                        **{k: copy.deepcopy(v) if k != "budget" else v for k, v in params.items()}
                     )
-                correct = float(np.sum(est.predict(X_score) == y_score))
-                noisy, _rec = mechanisms.release_dense(
-                    np.array([correct]), 1.0, 1.0 / mu_score, score_source, "score"
-                )
-                score = float(noisy[0]) / n_score
-                history.append({"candidate": candidates[idx], "noisy_score": score})
-                if best is None or score > best[0]:
-                    best = (score, idx, est)
-                bar.advance(f"repetition {rep + 1}: {candidates[idx]} score {score:.4f}")
+                    with warnings.catch_warnings():
+                        # The selector warned once (fixed seed, label set, delta) above;
+                        # every candidate would repeat it.
+                        warnings.simplefilter("ignore", PrivacyWarning)
+                        est.fit(X, y)
+                    fit_mu = est.privacy_.mu
+                    if fit_mu is None or fit_mu > mu_fit * (1.0 + 1e-9):
+                        raise RuntimeError(
+                            f"candidate fit spent mu={fit_mu}, above its share "
+                            f"{mu_fit:.6g}: the selection bound would not hold"
+                        )
+                    correct = float(np.sum(est.predict(X_score) == y_score))
+                    noisy, _rec = mechanisms.release_dense(
+                        np.array([correct]), 1.0, 1.0 / mu_score, score_source, "score"
+                    )
+                    score = float(noisy[0]) / n_score
+                    history.append({"candidate": candidates[idx], "noisy_score": score})
+                    if best is None or score > best[0]:
+                        best = (score, idx, est)
+                    bar.advance(f"repetition {rep + 1}: {candidates[idx]} score {score:.4f}")
+        except BaseException:
+            # Nothing was released (the selection returns only at its end): a run that
+            # raised, e.g. on its input at the first candidate's fit, spends nothing.
+            if charge is not None:
+                self.budget.cancel(charge)
+            raise
         score, idx, est = best
         self.mu_ = mu
         self.privacy_ = accounting.PrivacyLedger(
