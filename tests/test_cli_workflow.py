@@ -258,3 +258,90 @@ def test_coerce_labels_and_read_labeled_arrays(tmp_path):
     with pytest.raises(ValueError, match="10 entries"):
         np.savez(tmp_path / "m.npz", features=x, labels=y[:10])
         read_labeled_arrays(tmp_path / "m.npz")
+
+
+def _one_error(result, needle):
+    """Exit 2 with exactly one ``Error:`` line containing ``needle``, no traceback."""
+    errors = [line for line in result.output.splitlines() if "Error" in line]
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1 and needle in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_demo_checks_out_first_and_reads_every_label_kind(tmp_path):
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(
+        app, ["demo", "-m", "ls", "-e", "1", "--seeds", "1", "--out", str(tmp_path / "afile")]
+    )
+    _one_error(res, "is a file, not a directory")
+    x, y = _blobs(3, n=400)
+    np.savez(tmp_path / "names.npz", features=x, labels=np.array(["cat", "dog", "ship"])[y])
+    res = runner.invoke(
+        app,
+        [
+            "demo",
+            "--features",
+            str(tmp_path / "names.npz"),
+            "-m",
+            "ls",
+            "-e",
+            "1",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "names.npz" in json.dumps(out)
+
+
+def test_every_command_speaks_of_its_options(tmp_path):
+    x, y = _blobs(4)
+    data.save_features(tmp_path / "t.npz", x, y)
+    for args, needle in (
+        (["train", str(tmp_path / "t.npz"), "--device", "gpu"], "--device must be one of"),
+        (["train", str(tmp_path / "t.npz"), "-m", "ls", "--lr", "0.5"], "--lr: not a parameter"),
+        (["plan", "--n", "10", "--dim", "5", "-k", "3", "--steps", "0"], "--steps must be >= 1"),
+        (["plan", "--n", "10", "--dim", "5", "-k", "3", "--clip-norm", "0"], "--clip-norm must"),
+        (["audit", "--dim", "0"], "--dim must be >= 1"),
+        (["audit", "--runs", "10"], "--runs must be >= 200"),
+        (["audit", "--backend", "x"], "--backend must be one of"),
+        (["predict", str(tmp_path / "t.npz"), str(tmp_path / "t.npz")], "not a dpfc_native model"),
+    ):
+        _one_error(runner.invoke(app, args), needle)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    res = runner.invoke(app, ["predict", str(tmp_path / "notes.txt"), str(tmp_path / "t.npz")])
+    _one_error(res, "not an .npz archive")
+    assert "allow_pickle" not in res.output
+
+
+def test_json_reports_are_checked_before_the_work_and_not_overwritten(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for target in (tmp_path, tmp_path / "afile" / "a.json"):  # a directory; under a file
+        res = runner.invoke(app, ["audit", "--runs", "1000", "--json", str(target)])
+        _one_error(res, "--json")
+        assert "audit:" not in res.output  # refused before any mechanism ran
+    (tmp_path / "p.json").write_text("{}")
+    res = runner.invoke(
+        app, ["plan", "--n", "100", "--dim", "5", "-k", "3", "--json", str(tmp_path / "p.json")]
+    )
+    _one_error(res, "pass --force")
+    assert (tmp_path / "p.json").read_text() == "{}"
+    res = runner.invoke(
+        app,
+        [
+            "plan",
+            "--n",
+            "100",
+            "--dim",
+            "5",
+            "-k",
+            "3",
+            "--json",
+            str(tmp_path / "p.json"),
+            "--force",
+        ],
+    )
+    assert res.exit_code == 0 and json.loads((tmp_path / "p.json").read_text())["rows"]

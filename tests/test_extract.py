@@ -249,6 +249,68 @@ def test_cli_extract_then_train(setup):
     assert result.exit_code == 0, result.output
 
 
+def test_cli_extract_refuses_to_replace_an_earlier_run_without_force(setup):
+    """Files of an earlier extraction are not overwritten without --force; with it, the
+    earlier run's shards that the new run does not rewrite are removed (a glob over the
+    output would otherwise mix the two runs)."""
+    tmp, _, _ = setup
+    out = tmp / "o" / "x.npz"
+    res = _cli_extract(tmp, out, "--shard-size", "2")
+    assert res.exit_code == 0, res.output
+    shards = sorted((tmp / "o").glob("x-*.npz"))
+    assert len(shards) > 1
+    before = {p.name: p.read_bytes() for p in (tmp / "o").iterdir()}
+    res = _cli_extract(tmp, out, "--mean", "0,0,0")
+    assert res.exit_code == 2 and "pass --force" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in (tmp / "o").iterdir()} == before
+    res = _cli_extract(tmp, out, "--force")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp / "o").iterdir()) == ["x.json", "x.npz"]
+    record = json.loads((tmp / "o" / "x.json").read_text())
+    assert [f["path"] for f in record["files"]] == ["x.npz"]
+
+
+def test_cli_extract_model_refusing_the_batch_is_one_line(tmp_path):
+    """A model exported with a fixed batch of 1: onnxruntime's refusal becomes one line
+    that says what to do, exit 2."""
+    h, w = 9, 11
+    _make_model(tmp_path / "tiny.onnx", h, w)
+    model = onnx.load(str(tmp_path / "tiny.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    _folder(tmp_path / "imgs", h, w)
+    res = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp_path / "imgs"),
+            str(tmp_path / "fixed.onnx"),
+            "-o",
+            str(tmp_path / "o.npz"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--batch-size" in errors[0] and "Traceback" not in res.output
+    res = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp_path / "imgs"),
+            str(tmp_path / "fixed.onnx"),
+            "-o",
+            str(tmp_path / "o.npz"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+
+
 def test_csv_layout_npy_shards_and_label_order(tmp_path):
     h = w = 8
     params = _make_model(tmp_path / "m.onnx", h, w, d=4, seed=1)
@@ -498,6 +560,10 @@ def test_timm_errors_name_the_problem(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ExtractError, match="holds no state dict"):
         run(weights="list.pth")
+    torch.save({"fn": _timm_net}, tmp_path / "code.pth")  # unpickling would run code
+    with pytest.raises(ExtractError, match="loads without running code") as info:
+        run(weights="code.pth")
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
     if not torch.cuda.is_available():
         with pytest.raises(ExtractError, match="torch sees no CUDA device"):
             run(device="cuda")

@@ -637,7 +637,10 @@ def register_cli(app) -> None:
     """Add the ``audit`` command to a typer application (``dpfc audit``)."""
     import typer
 
+    from .cli import _user_errors
+
     @app.command("audit")
+    @_user_errors
     def audit_command(
         mechanism: str = typer.Option(
             "ls_statistics", "--mechanism", "-m", help=f"One of {', '.join(MECHANISMS)}, or 'all'."
@@ -657,6 +660,7 @@ def register_cli(app) -> None:
         seed: int = typer.Option(None, "--seed", help="Reproducible audit (default: OS entropy)."),
         backend: str = typer.Option("native", "--backend", help="native or numpy noise."),
         json_out: str = typer.Option(None, "--json", help="Write the results as JSON here."),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
     ):
         """Empirical privacy audit: canary, Clopper-Pearson bounds, eps_lower per mechanism.
 
@@ -686,7 +690,10 @@ def register_cli(app) -> None:
             )
             raise typer.Exit(2)
         from ._progress import progress
+        from .cli import _fail, _output_path
 
+        if json_out:  # checked before the audit runs (minutes), not after
+            json_out = _output_path(json_out, force, suffix="", flag="--json")
         results = []
         try:
             with progress(len(mechs) * len(epsilon) * len(bug_names[planted_bug]), "audit") as bar:
@@ -708,8 +715,7 @@ def register_cli(app) -> None:
                             )
                             bar.advance(f"{m} eps={eps:g} bug={bug or 'none'}")
         except (TypeError, ValueError) as exc:
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            _fail(str(exc))
         try:
             from rich.console import Console
             from rich.table import Table

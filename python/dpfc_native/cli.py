@@ -11,6 +11,7 @@ prints it).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
@@ -82,10 +83,25 @@ def _options(
     _DEBUG = debug
 
 
+#: The running command's options by Python parameter name (set by _user_errors).
+_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("dpfc_cli_options", default=())
+
+
+def _option_words(text: str) -> str:
+    """A Python argument named in ``text`` ("steps must be >= 1", "batch_size=0 ...") as
+    the running command's option that sets it ("--steps must be >= 1"): every command
+    speaks of its own options, whichever layer raised."""
+    import re
+
+    for name, flag in _OPTIONS.get():
+        text = re.sub(rf"(?<![\w\-.'`]){name}(?= must| given| has|=)", flag, text)
+    return text
+
+
 def _fail(message: str, code: int = 2):
     if _DEBUG and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    typer.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {_option_words(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -99,38 +115,63 @@ def _message(exc: BaseException) -> str:
 
 
 def _user_errors(command):
-    """Whatever user error escapes ``command`` becomes one line and exit status 2."""
+    """Whatever user error escapes ``command`` becomes one line and exit status 2, in
+    the words of the command's options (see :func:`_option_words`)."""
+    import inspect
+
+    options = {}
+    for name, p in inspect.signature(command).parameters.items():
+        longs = [d for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+        if longs:
+            options[name] = longs[0].split("/")[0]
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        token = _OPTIONS.set(tuple(options.items()))
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except _USER_ERRORS as exc:
             _fail(_message(exc))
+        finally:
+            _OPTIONS.reset(token)
 
     return wrapper
 
 
-def _output_path(path: Path, force: bool, suffix: str = ".npz") -> str:
-    """Check before any budget is spent that ``path`` can be written: refuse an existing
-    file without ``force``, a directory, or a folder that cannot be created or written."""
+def _output_path(path: Path, force: bool, suffix: str = ".npz", flag: str = "--output") -> str:
+    """Check before any budget is spent (or any long run) that ``path`` can be written:
+    refuse an existing file without ``force``, a directory, or a folder that cannot be
+    created or written."""
     text = os.fspath(path)
     if suffix and not text.endswith(suffix):
         text += suffix
     if os.path.isdir(text):
-        _fail(f"--output {text} is a directory")
+        _fail(f"{flag} {text} is a directory")
     if os.path.exists(text) and not force:
-        _fail(f"--output {text} exists; pass --force to overwrite it")
+        _fail(f"{flag} {text} exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(text))
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dpfc-write-test-"):
             pass
     except OSError as exc:
-        _fail(f"cannot write --output {text}: {exc}")
+        _fail(f"cannot write {flag} {text}: {exc}")
     return text
+
+
+def _output_dir(path: str, flag: str) -> None:
+    """Check before any work that the directory ``path`` exists or can be made, and can
+    be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(f"{flag} {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dpfc-write-test-"):
+            pass
+    except OSError as exc:
+        _fail(f"cannot write to {flag} {path}: {exc}")
 
 
 def _console():
@@ -337,6 +378,10 @@ _CLI_WORDS = (
     (r"labels not in classes_", "labels not in the label set"),
     (r"labels not in classes\b", "labels not in --classes"),
     (r"\by contains", "the training labels contain"),
+    (
+        r"\by has a single label and no `classes` was given",
+        "the training labels have a single label and no --classes or --num-classes was given",
+    ),
     (r"\bX has\b", "the features have"),
 )
 
@@ -553,14 +598,21 @@ def train(
         overrides["grad_clip_norm"] = grad_clip_norm
     if class_set is not None:
         overrides["classes"] = class_set
+    options = set(overrides)  # set by their own options (named so in errors)
     for text in param or []:
         key, value = _parse_param(text)
         overrides[key] = value
+        options.discard(key)
     known_params = report.make_estimator(method, epsilon).get_params()
     unknown = sorted(set(overrides) - set(known_params))
     if unknown:
+        flag = (
+            f"--{unknown[0].replace('_', '-')}"
+            if unknown[0] in ("lr", "steps", "grad_clip_norm", "reg") and unknown[0] in options
+            else f"--param {unknown[0]}"
+        )
         _fail(
-            f"--param {unknown[0]}: not a parameter of {report.METHODS[method][0]} "
+            f"{flag}: not a parameter of {report.METHODS[method][0]} "
             f"(known: {', '.join(sorted(known_params))})"
         )
     try:
@@ -807,14 +859,15 @@ def demo(
     if n is not None and n < 10:
         _fail(f"--n must be >= 10, got {n}")
     if features is not None:
-        _load(features, None, "--features")  # a bad file fails here, before any fit
+        _load_labeled(features, None, "--features", ("features", "labels"))  # fails here
         datasets.insert(0, os.fspath(features))
     for e in eps:
         if not e > 0:
             _fail(f"--epsilon must be > 0 (inf allowed), got {e}")
+    out_dir = os.fspath(out)
+    _output_dir(out_dir, "--out")  # before any fit: a failed write would waste the run
     console = _console()
     t0 = time.perf_counter()
-    out_dir = os.fspath(out)
     results: list = []
     console.print(f"results are written to {out_dir}/ as they are computed")
     for ds in datasets:
@@ -873,6 +926,8 @@ def demo(
                     on_result=on_result,
                     loaded=loaded,
                 )
+            except (typer.Exit, typer.Abort):
+                raise
             except _USER_ERRORS as exc:
                 _fail(str(exc))
         results.append(res)

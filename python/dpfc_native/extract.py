@@ -449,7 +449,16 @@ class _OnnxModel:
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output], {self.input.name: batch})[0]
+        try:
+            out = self.session.run([self.output], {self.input.name: batch})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExtractError(
+                f"{self.path} refused a batch of shape {tuple(batch.shape)} (its input is "
+                f"{self.input.shape}): {first}. A model exported with a fixed batch size "
+                "needs --batch-size equal to it (or export it with a dynamic batch axis); "
+                "the image size and channels must match the input (--crop, --resize)"
+            ) from exc
         return np.asarray(out)
 
 
@@ -479,7 +488,19 @@ class _TimmModel:
             else:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ExtractError(f"cannot read weights {weights}: {exc}") from exc
+            # torch's message for a pickle holding Python objects is many lines advising
+            # weights_only=False, which is never done here: one line instead.
+            import pickle
+
+            if isinstance(exc, pickle.UnpicklingError):
+                detail = "it holds Python objects, which are never unpickled here"
+            else:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                detail = detail or type(exc).__name__
+            raise ExtractError(
+                f"cannot read weights {weights}: not a tensor checkpoint that loads without "
+                f"running code (.safetensors, or a state dict saved by torch.save): {detail}"
+            ) from exc
         for key in ("state_dict", "model", "state_dict_ema"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
@@ -745,6 +766,21 @@ def _stem(output: str) -> tuple:
     return output, "npz"
 
 
+def existing_outputs(output) -> list:
+    """The files an extraction to ``output`` writes (its data files, single or sharded,
+    and the ``.json`` record) that already exist: what a new run would replace."""
+    import glob
+    import re
+
+    stem, _ = _stem(os.fspath(output))
+    found = []
+    for path in sorted(glob.glob(glob.escape(stem) + "*")):
+        tail = path[len(stem) :]
+        if re.fullmatch(r"(-\d{5})?(\.npz|\.features\.npy|\.labels\.npy)|\.json", tail):
+            found.append(path)
+    return found
+
+
 def extract(
     source,
     model,
@@ -775,7 +811,9 @@ def extract(
     output : path
         ``out.npz`` (or no suffix) for ``.npz``; ``out.npy`` / ``out.features.npy`` for
         paired ``.npy`` files. With ``shard_size``, shards ``out-00000.npz``, ... The
-        manifest is ``out.json``. Existing files are overwritten.
+        manifest is ``out.json``. Existing files are overwritten, and data files of an
+        earlier extraction to the same output that this one does not rewrite (another
+        shard count) are removed once it succeeds (see :func:`existing_outputs`).
     weights : path, optional
         Local checkpoint of a timm model.
     root : path, optional
@@ -897,6 +935,14 @@ def extract(
     with open(manifest, "w") as f:
         json.dump(metadata, f, indent=1, sort_keys=True)
     directory = os.path.dirname(os.path.abspath(stem))
+    # Files of an earlier run to the same output that this run did not rewrite (other
+    # shard counts or layout) would mix with these under a glob: the record lists only
+    # this run's files, so the others go.
+    written = {os.path.join(directory, f["path"]) for f in writer.files}
+    written |= {p[: -len(".features.npy")] + ".labels.npy" for p in written}
+    for path in existing_outputs(stem + (".npz" if fmt == "npz" else ".npy")):
+        if os.path.abspath(path) not in written and not path.endswith(".json"):
+            os.remove(path)
     return ExtractResult(
         [os.path.join(directory, f["path"]) for f in writer.files],
         manifest,
@@ -927,7 +973,10 @@ def register_cli(app) -> None:
     """Add the ``extract`` command to a typer application (``dpfc extract``)."""
     import typer
 
+    from .cli import _user_errors
+
     @app.command("extract")
+    @_user_errors
     def extract_command(
         images: Path = typer.Argument(
             ..., help="Image folder (one sub-folder per class) or a CSV of path,label."
@@ -982,6 +1031,9 @@ def register_cli(app) -> None:
         output_name: Optional[str] = typer.Option(
             None, "--output-name", help="ONNX output to use (default: the first)."
         ),
+        force: bool = typer.Option(
+            False, "--force", help="Replace the files of an earlier extraction to --output."
+        ),
     ):
         """Features of a frozen pre-trained model for a labelled image folder, written in
         the formats `dpfc train` reads, with a record of the model, its SHA-256 and the
@@ -990,6 +1042,13 @@ def register_cli(app) -> None:
 
         from .cli import _USER_ERRORS, _console, _fail
 
+        present = existing_outputs(output)
+        if present and not force:
+            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+            _fail(
+                f"--output {output}: files of an earlier extraction exist ({shown}); "
+                "pass --force to replace them"
+            )
         console = _console()
         t0 = time.perf_counter()
         try:

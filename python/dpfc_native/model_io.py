@@ -201,6 +201,9 @@ def load_model(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # np.load would take any other file for a pickle and advise loading it unsafely.
+        raise ValueError(f"{path} is not a dpfc_native model (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [m for m in _MEMBERS if m not in z.files]

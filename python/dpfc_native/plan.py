@@ -127,7 +127,10 @@ def register_cli(app) -> None:
     """Add the ``plan`` command to a typer application (``dpfc plan``)."""
     import typer
 
+    from .cli import _user_errors
+
     @app.command("plan")
+    @_user_errors
     def plan_command(
         n: int = typer.Option(
             ..., "--n", help="Number of private training examples (public fact)."
@@ -156,6 +159,7 @@ def register_cli(app) -> None:
         json_out: Optional[Path] = typer.Option(
             None, "--json", help="Also write the rows as JSON here."
         ),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
     ):
         """Noise of every release for a grid of epsilons, from public facts only (n, d, K,
         delta, method, steps): multipliers, noise std and noise-to-signal ratios. Reads no
@@ -165,8 +169,10 @@ def register_cli(app) -> None:
         from rich.table import Table
 
         from . import report
-        from .cli import _USER_ERRORS, _console, _fail, _parse_param
+        from .cli import _USER_ERRORS, _console, _fail, _output_path, _parse_param
 
+        if json_out is not None:
+            json_out = Path(_output_path(json_out, force, suffix="", flag="--json"))
         if method not in report.METHODS:
             _fail(f"--method must be one of {', '.join(report.METHODS)}, got {method!r}")
         for value, flag in ((n, "--n"), (dim, "--dim")):

@@ -163,7 +163,11 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0):
     75% (the size of the private set, whose curve it previews).
     """
     if name.lower().endswith((".npz", ".npy", ".safetensors")):
-        fs = data.load_features(name)
+        # Labels of every kind dpfc train reads (integers, float-coded, class names),
+        # mapped onto 0..K-1 over the labels that occur (the file is public).
+        x, labels = data.read_labeled_arrays(name)
+        _, y = np.unique(labels, return_inverse=True)
+        fs = data.FeatureSet.from_arrays(x, y.astype(np.int64), name=os.path.basename(name))
         train, test = data.train_test_split_features(fs, FEATURES_TEST_FRACTION, seed=seed)
         if n is not None:
             if n > train.n:
