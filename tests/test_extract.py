@@ -279,35 +279,16 @@ def test_cli_extract_model_refusing_the_batch_is_one_line(tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     onnx.save(model, str(tmp_path / "fixed.onnx"))
     _folder(tmp_path / "imgs", h, w)
-    res = runner.invoke(
-        app,
-        [
-            "extract",
-            str(tmp_path / "imgs"),
-            str(tmp_path / "fixed.onnx"),
-            "-o",
-            str(tmp_path / "o.npz"),
-            "--device",
-            "cpu",
-        ],
-    )
+
+    def run(*options):
+        args = [str(tmp_path / "imgs"), str(tmp_path / "fixed.onnx"), "-o", str(tmp_path / "o")]
+        return runner.invoke(app, ["extract", *args, "--device", "cpu", "--force", *options])
+
+    res = run()
     assert res.exit_code == 2, res.output
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--batch-size" in errors[0] and "Traceback" not in res.output
-    res = runner.invoke(
-        app,
-        [
-            "extract",
-            str(tmp_path / "imgs"),
-            str(tmp_path / "fixed.onnx"),
-            "-o",
-            str(tmp_path / "o.npz"),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "1",
-        ],
-    )
+    res = run("--batch-size", "1")
     assert res.exit_code == 0, res.output
 
 

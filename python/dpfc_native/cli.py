@@ -140,6 +140,16 @@ def _user_errors(command):
     return wrapper
 
 
+def _writable_folder(folder: str, what: str) -> None:
+    """``folder`` exists (made if missing) and a file can be created in it, or one line."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dpfc-write-test-"):
+            pass
+    except OSError as exc:
+        _fail(f"cannot write {what}: {exc}")
+
+
 def _output_path(path: Path, force: bool, suffix: str = ".npz", flag: str = "--output") -> str:
     """Check before any budget is spent (or any long run) that ``path`` can be written:
     refuse an existing file without ``force``, a directory, or a folder that cannot be
@@ -151,13 +161,7 @@ def _output_path(path: Path, force: bool, suffix: str = ".npz", flag: str = "--o
         _fail(f"{flag} {text} is a directory")
     if os.path.exists(text) and not force:
         _fail(f"{flag} {text} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(text))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dpfc-write-test-"):
-            pass
-    except OSError as exc:
-        _fail(f"cannot write {flag} {text}: {exc}")
+    _writable_folder(os.path.dirname(os.path.abspath(text)), f"{flag} {text}")
     return text
 
 
@@ -166,12 +170,7 @@ def _output_dir(path: str, flag: str) -> None:
     be written."""
     if os.path.exists(path) and not os.path.isdir(path):
         _fail(f"{flag} {path} is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".dpfc-write-test-"):
-            pass
-    except OSError as exc:
-        _fail(f"cannot write to {flag} {path}: {exc}")
+    _writable_folder(path, f"to {flag} {path}")
 
 
 def _console():
@@ -350,16 +349,24 @@ def _check_split(x, y, d: int, known, what: str, flag: str, where: str) -> None:
     """A --test / --val file that cannot be scored is an error before the fit, not after."""
     if x.shape[1] != d:
         _fail(f"{flag} {what} has {x.shape[1]} features per row but the training file has {d}")
+    _check_label_set(
+        y, known, f"{flag or 'the training'} labels", "the training labels", f"{where} ({what})"
+    )
+
+
+def _check_label_set(y, known, subject: str, kind_of: str, set_name: str) -> None:
+    """``y`` (``subject``) must be labels of the kind of ``known`` (``kind_of``: integers
+    or class names) and within it (``set_name``); the first stray label is named, never
+    how many rows carry it (the size of a private class)."""
+    kinds = ("integers", "class names")
     if (y.dtype.kind == "U") != (known.dtype.kind == "U"):
-        kinds = ("class names", "integers")
         _fail(
-            f"{flag} labels are {kinds[y.dtype.kind != 'U']} but the training labels are "
-            f"{kinds[known.dtype.kind != 'U']}"
+            f"{subject} are {kinds[y.dtype.kind == 'U']} but {kind_of} are "
+            f"{kinds[known.dtype.kind == 'U']}"
         )
     unknown = ~np.isin(y, known)
     if unknown.any():
-        bad = y[np.argmax(unknown)].item()
-        _fail(f"{flag or 'the training'} labels include {bad!r}, which is not in {where} ({what})")
+        _fail(f"{subject} include {y[np.argmax(unknown)].item()!r}, which is not in {set_name}")
 
 
 #: Python names in the estimators' messages -> the CLI options that set them.
@@ -737,24 +744,6 @@ def _load_unlabelled(path: Path):
         return z["features"], None
 
 
-def _check_predict_labels(est, y, features: Path) -> None:
-    """Labels given to ``predict`` must be of the model's kind and in its label set."""
-    classes = np.asarray(est.classes_)
-    names = (classes.dtype.kind == "U", y.dtype.kind == "U")
-    if names[0] != names[1]:
-        kinds = ("integers", "class names")
-        _fail(
-            f"the labels of {features} are {kinds[names[1]]} but the model's classes are "
-            f"{kinds[names[0]]}"
-        )
-    unknown = ~np.isin(y, classes)
-    if unknown.any():
-        _fail(
-            f"the labels of {features} include {y[np.argmax(unknown)].item()!r}, which is "
-            f"not in the model's classes {_short_list(classes.tolist())}"
-        )
-
-
 @app.command()
 @_user_errors
 def predict(
@@ -787,7 +776,14 @@ def predict(
             f"{features} has {X.shape[1]} features per row, the model expects {est.n_features_in_}"
         )
     if y is not None:
-        _check_predict_labels(est, y, features)
+        classes = np.asarray(est.classes_)
+        _check_label_set(
+            y,
+            classes,
+            f"the labels of {features}",
+            "the model's classes",
+            f"the model's classes {_short_list(classes.tolist())}",
+        )
     pred = est.predict(X)
     typer.echo(
         f"predicted {pred.shape[0]} rows with {type(est).__name__} "
