@@ -780,3 +780,67 @@ def test_getters_have_no_side_effects(method, subsampled):
         else "rdp"
     )
     assert m1 in expected and n1 in expected
+
+
+# ---------------------------------------------------------------------------------------
+# Ledgers never state more than their target
+# ---------------------------------------------------------------------------------------
+
+
+def test_full_batch_sgd_ledger_is_exact_gdp_whatever_the_accountant():
+    """Full-batch DP-SGD is calibrated with exact GDP; its ledger (and its plan's) must
+    not restate it through RDP or PLD, which are looser (1.09 at a target of 1)."""
+    import warnings
+
+    from dpfc_native import DPSGDClassifier, PrivacyWarning
+    from dpfc_native.plan import noise_plans
+
+    rng = np.random.default_rng(21)
+    x, y = rng.standard_normal((300, 5)), np.arange(300) % 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        ledgers = {
+            a: DPSGDClassifier(epsilon=1.0, steps=10, accountant=a, classes=range(3))
+            .fit(x, y)
+            .privacy_
+            for a in ("auto", "rdp", "pld")
+        }
+    for a, ledger in ledgers.items():
+        assert ledger.epsilon <= 1.0 and ledger.epsilon == pytest.approx(1.0, rel=1e-3), a
+        assert ledger.epsilon == ledgers["auto"].epsilon and "exact" in ledger.method, a
+    for a in ("rdp", "pld"):
+        plan = noise_plans(300, 5, 3, [0.5], method="sgd", steps=10, accountant=a)[0]
+        assert plan.ledger().epsilon <= 0.5
+
+
+def test_calibrated_releases_rebuilt_from_their_std_stay_within_target():
+    """Fits release std = z * sensitivity and their ledgers rebuild z = std / sensitivity
+    (an ulp lower) and evaluate the curve again: still <= the target, for any
+    sensitivity (2.000000000000177 at a target of 2 before)."""
+    rng = np.random.default_rng(22)
+    worst = 0.0
+    for eps in (0.1, 0.5, 1.0, 2.0, 3.0, 8.0):
+        for count in (1, 3, 10, 50):
+            z = acc.calibrate_noise_multiplier(eps, 1e-5, count)
+            for sens in rng.uniform(0.01, 100.0, size=20).tolist() + [math.sqrt(2 / 3)]:
+                r = acc.GaussianRelease.from_std(z * sens, sens, count=count)
+                worst = max(worst, acc.ledger_for([r], 1e-5).epsilon / eps - 1.0)
+            zs = acc.calibrate_plan(eps, 1e-5, [0.2, 0.8], [1, count])
+            rel = [
+                acc.GaussianRelease.from_std(zj * 0.7, 0.7, count=c)
+                for zj, c in zip(zs, [1, count])
+            ]
+            worst = max(worst, acc.ledger_for(rel, 1e-5).epsilon / eps - 1.0)
+    assert worst <= 0.0, worst
+
+
+def test_calibration_refuses_targets_below_the_accurate_curve():
+    with pytest.raises(ValueError, match=r"epsilon=1e-12 at delta=1e-30 needs mu"):
+        acc.calibrate_noise_multiplier(1e-12, 1e-30)
+    with pytest.raises(ValueError, match="below 1e-06"):
+        acc.calibrate_mu(1e-9, 1e-100)
+    # Small but accurate targets still calibrate, within the documented 0.1%.
+    for eps, delta in ((1e-3, 1e-5), (1e-4, 1e-10), (1e-5, 1e-30)):
+        mu = acc.calibrate_mu(eps, delta)
+        assert mu >= acc.calibration.MIN_MU
+        assert (1 - 1e-3) * eps <= acc.gdp_epsilon(mu, delta) <= eps

@@ -94,6 +94,44 @@ def test_shrinker_formulas_against_reference(rng):
     )
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e-160, 1e-30, 1e30, 1e160, 1e200])
+def test_shrinkers_are_scale_equivariant_far_from_one(rng, scale):
+    """Every shrinker is homogeneous, f(c w, c s) = c f(w, s): the released matrices of
+    clip norms far from 1 (C^2 from 1e-200 to 1e200 is accepted) shrink like those near
+    1, with no overflow to inf or underflow to 0/0 (squares of eigenvalues overflowed)."""
+    d, s = 40, 0.3
+    e = s * math.sqrt(2 * d)
+    w = np.sort(rng.uniform(-2 * e, 4 * e, size=(3, d)), axis=-1)
+    for m in SHRINKERS:
+        ref = linalg.shrink_eigenvalues(w, s, d, m)
+        got = linalg.shrink_eigenvalues(w * scale, s * scale, d, m)
+        assert np.isfinite(got).all() and (got > 0).any(), m
+        np.testing.assert_allclose(got / scale, ref, rtol=1e-12, atol=1e-13 * e, err_msg=m)
+
+
+@pytest.mark.parametrize("clip_norm", [1e-90, 1e80])
+@pytest.mark.parametrize("cls,kw", FACTORING)
+def test_denoised_fits_at_extreme_clip_norms_are_finite(rng, clip_norm, cls, kw):
+    x = rng.standard_normal((300, 5)) * clip_norm
+    y = np.arange(300) % 3
+    for m in METHODS:
+        est = cls(
+            epsilon=1.0, classes=range(3), clip_norm=clip_norm, normalize=False, denoise=m, **kw
+        ).fit(x, y)
+        assert np.isfinite(est.coef_).all() and np.abs(est.coef_).max() > 0, m
+
+
+def test_noise_std_and_empty_batches_checked():
+    w = np.array([[1.0, 2.0]])
+    for bad, exc in ((-1.0, ValueError), (np.nan, ValueError), ("1", TypeError), (None, TypeError)):
+        with pytest.raises(exc, match="noise_std"):
+            linalg.shrink_eigenvalues(w, bad, 2, "soft")
+        with pytest.raises(exc, match="noise_std"):
+            linalg.denoise_eigh(np.eye(2)[None], bad, "soft")
+    w0, v0 = linalg.denoise_eigh(np.zeros((0, 3, 3)), 1.0, "soft")
+    assert w0.shape == (0, 3) and v0.shape == (0, 3, 3)
+
+
 def test_per_matrix_noise_std(rng):
     d = 20
     w = np.sort(rng.standard_normal((3, d)) * 5, axis=-1)

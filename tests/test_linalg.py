@@ -266,3 +266,23 @@ def test_solve_spd_repaired_and_batched(rng):
     assert _rel(x[0], ref0) < 1e-6 and _rel(x[1], ref1) < 1e-10
     with pytest.raises(np.linalg.LinAlgError, match=r"\[0\]"):
         linalg.solve_spd(a, b, repair=None)
+
+
+def test_infinite_pivots_are_failures_not_factors():
+    """A pivot (or factor row) that is not finite is a failed factorisation: LAPACK passes
+    +inf through, and a shift beyond float32's range is +inf after the cast."""
+    L, info = ops.cholesky(np.array([[np.inf]]))
+    assert int(info) == 1 and np.isnan(L).all()
+    huge = np.array([[0.0, 3e38], [3e38, 0.0]], np.float32)
+    with np.errstate(all="raise"):  # no RuntimeWarning escapes either
+        with pytest.raises(ValueError, match="could not be repaired"):
+            linalg.cholesky_repair(huge)
+        with pytest.raises(ValueError, match="could not be repaired"):
+            linalg.solve_spd(huge, np.ones(2, np.float32))
+        L, info = linalg.cholesky_shifts(np.eye(2, dtype=np.float32), [1.0, 1e39])
+    assert info.tolist() == [0, 1] and np.isfinite(L[0]).all() and np.isnan(L[1]).all()
+    # Finite factors near the top of the range still succeed.
+    big = np.diag([1e300, 4e300])
+    L, info = ops.cholesky(big)
+    assert int(info) == 0
+    np.testing.assert_allclose(np.diag(L), np.sqrt([1e300, 4e300]), rtol=1e-15)

@@ -108,6 +108,18 @@ def budget_first_ledger(X, y):
     return DPLeastSquaresClassifier(epsilon=1.0, classes=range(K)).fit(X, y).privacy_
 
 
+@pytest.mark.parametrize("cls", [DPLeastSquaresClassifier, DPFCClassifier, DPSGDClassifier])
+def test_budget_of_exactly_epsilon_admits_one_fit_at_epsilon(rng, cls):
+    X, y = _data(rng)
+    for eps in (0.3, 1.0, 4.0):
+        budget = PrivacyBudget(eps, 1e-5)
+        kw = {} if cls is DPLeastSquaresClassifier else {"steps": 3}
+        est = cls(epsilon=eps, delta=1e-5, classes=range(K), budget=budget, **kw).fit(X, y)
+        assert est.privacy_.epsilon <= eps and budget.epsilon_spent <= eps
+        with pytest.raises(PrivacyBudgetExceeded):
+            cls(epsilon=0.01, delta=1e-5, classes=range(K), budget=budget, **kw).fit(X, y)
+
+
 def test_budget_refuses_non_private_fit(rng):
     X, y = _data(rng)
     with pytest.raises(PrivacyBudgetExceeded, match="epsilon=inf"):

@@ -23,10 +23,13 @@ def cholesky(a: np.ndarray):
     info = np.zeros(flat.shape[0], dtype=np.int32)
     for i in range(flat.shape[0]):
         lower, code = potrf(flat[i], lower=1, clean=1, overwrite_a=0)
-        diag = np.diagonal(lower)
-        if code == 0 and not (diag > 0).all():
-            # Some LAPACKs let NaN pivots through: NaN is a failure at its first pivot.
-            code = int(np.argmin(diag > 0)) + 1
+        if code == 0:
+            # Some LAPACKs let NaN pivots through, and an infinite pivot (a matrix or a
+            # shift beyond the dtype's range) "succeeds": a factor row that is not finite
+            # and positive on the diagonal is a failure at that row.
+            bad = ~(np.diagonal(lower) > 0) | ~np.isfinite(lower).all(axis=1)
+            if bad.any():
+                code = int(np.argmax(bad)) + 1
         if code != 0:
             lower = np.full((d, d), np.nan, dtype=a.dtype)
         out[i] = lower
@@ -41,9 +44,11 @@ def cholesky_shifts(a: np.ndarray, shifts: np.ndarray):
     L = np.empty((m, d, d), dtype=a.dtype)
     info = np.zeros((m,), dtype=np.int32)
     idx = np.arange(d)
+    with np.errstate(over="ignore"):  # a shift beyond the dtype's range: inf, a failure
+        cast = shifts.astype(a.dtype)
     for j in range(m):
         shifted = np.array(a, copy=True)
-        shifted[idx, idx] += shifts.astype(a.dtype)[j]
+        shifted[idx, idx] += cast[j]
         L[j], info[j] = cholesky(shifted)
     return L, info
 

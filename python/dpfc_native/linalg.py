@@ -334,9 +334,11 @@ def _repair_shift(xp, ops, mats, max_tries: int):
             # Last try: at least the Gershgorin shift (strictly diagonally dominant).
             tau = np.maximum(tau, gersh[todo] * (1.0 + 1e-3) + tau0[todo])
         trial = mats[_ix(xp, todo)].copy()
-        trial[:, idx, idx] += xp.asarray(tau.astype(mats.dtype))[:, None]
+        with np.errstate(over="ignore"):  # a shift beyond float32's range: inf, then refused
+            tau_cast = tau.astype(mats.dtype)
+        trial[:, idx, idx] += xp.asarray(tau_cast)[:, None]
         good = _keep_factored(xp, ops, trial, todo, out, ok, tries)
-        shifts[todo[good]] = tau[good].astype(mats.dtype).astype(np.float64)
+        shifts[todo[good]] = tau_cast[good].astype(np.float64)
         todo = todo[~good]
         if todo.size == 0:
             break
@@ -434,18 +436,28 @@ def bulk_edge(d: int, noise_std) -> "np.ndarray | float":
     return np.sqrt(2.0 * d) * np.asarray(noise_std, dtype=np.float64)
 
 
+def _noise_std(noise_std) -> np.ndarray:
+    """The public noise std(s) as float64 on the host: real, finite and >= 0."""
+    if isinstance(noise_std, (str, bytes, bool, np.bool_)) or noise_std is None:
+        raise TypeError(f"noise_std must be a real number or an array, got {noise_std!r}")
+    s = np.asarray(_to_host(noise_std) if not np.isscalar(noise_std) else noise_std)
+    if s.dtype.kind not in "iuf":
+        raise TypeError(f"noise_std must be real, got dtype {s.dtype}")
+    s = s.astype(np.float64)
+    if not (np.isfinite(s).all() and (s >= 0).all()):
+        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std!r}")
+    return s
+
+
 def _check_noise_std(noise_std, batch: int) -> np.ndarray:
-    s = np.asarray(
-        _to_host(noise_std) if not np.isscalar(noise_std) else noise_std, dtype=np.float64
-    ).reshape(-1)
+    """One noise std per matrix of a batch of ``batch`` (a scalar is shared)."""
+    s = _noise_std(noise_std).reshape(-1)
     if s.size == 1:
         s = np.full(batch, float(s[0]))
     if s.size != batch:
         raise ValueError(
             f"noise_std must be a scalar or hold one value per matrix ({batch}), got {s.size}"
         )
-    if not np.isfinite(s).all() or (s < 0).any():
-        raise ValueError("noise_std must be finite and >= 0")
     return s
 
 
@@ -498,12 +510,7 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
     xp = ops.array_module(w)
     w = w.astype(xp.float64)
     batch_shape = tuple(w.shape[:-1])
-    s = np.broadcast_to(
-        np.asarray(
-            _to_host(noise_std) if not np.isscalar(noise_std) else noise_std, dtype=np.float64
-        ),
-        batch_shape,
-    )
+    s = np.broadcast_to(_noise_std(noise_std), batch_shape)
     edge_h = np.sqrt(2.0 * d) * s
     edge = xp.asarray(edge_h)[..., None]
     if method == "psd":
@@ -511,9 +518,15 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
     if method == "soft":
         return xp.maximum(w - edge, 0.0)
     if method == "spiked":
+        # sqrt(w^2 - edge^2) as sqrt(w - edge) sqrt(w + edge): no square of a matrix's
+        # eigenvalue, which overflows (or underflows) for clip norms far from 1.
         pos = xp.maximum(w, 0.0)
-        return xp.sqrt(xp.maximum(pos * pos - edge * edge, 0.0))
-    # "rie": sigma^2 Re g summed in row blocks (the (rows, d) differences stay bounded).
+        shrunk = xp.sqrt(xp.maximum(pos - edge, 0.0)) * xp.sqrt(pos + edge)
+        return xp.where(edge > 0, shrunk, pos)  # no noise: exactly the PSD projection
+    # "rie": w - 2 sigma^2 Re g(w + i eta) with sigma^2 = edge^2 / 4, eta = edge / sqrt(d),
+    # computed in units of the edge (u = w / edge): w - (edge / 2) R(u) with
+    # R(u_i) = mean_j (u_i - u_j) / ((u_i - u_j)^2 + 1 / d), so no eigenvalue is squared
+    # (clip norms far from 1 overflowed or gave 0/0); row blocks bound the (rows, d) work.
     flat = w.reshape(-1, d)
     edge_f = edge_h.reshape(-1)
     out = xp.empty_like(flat)
@@ -523,13 +536,11 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
         if e == 0.0:
             out[b] = xp.maximum(flat[b], 0.0)
             continue
-        sigma2 = e * e / 4.0  # (edge / 2)^2: the normalised noise variance
-        eta2 = (e / math.sqrt(d)) ** 2
-        wb = flat[b]
+        u = flat[b] / e
         for start in range(0, d, rows):
-            diff = wb[start : start + rows, None] - wb[None, :]
-            re_g = (diff / (diff * diff + eta2)).sum(axis=1) / d
-            out[b, start : start + rows] = wb[start : start + rows] - 2.0 * sigma2 * re_g
+            diff = u[start : start + rows, None] - u[None, :]
+            r = (diff / (diff * diff + 1.0 / d)).sum(axis=1) / d
+            out[b, start : start + rows] = e * (u[start : start + rows] - 0.5 * r)
     return xp.maximum(out, 0.0).reshape(w.shape)
 
 
@@ -557,6 +568,8 @@ def denoise_eigh(a, noise_std, method: str = "rie"):
     d = a.shape[-1]
     batch_shape = tuple(a.shape[:-2])
     s = _check_noise_std(noise_std, math.prod(batch_shape)).reshape(batch_shape)
+    if math.prod(batch_shape) == 0:  # an empty batch: nothing to decompose
+        return xp.zeros(batch_shape + (d,)), xp.zeros(batch_shape + (d, d))
     lower = a.reshape(-1, d, d)
     if not bool(_to_host(_lower_finite(xp, lower)).all()):
         raise ValueError("a contains NaN or Inf in its lower triangle")

@@ -546,6 +546,13 @@ def _ledger(
         return accounting.PrivacyLedger(
             (), math.inf, delta, math.inf, "non-private (epsilon=inf): no noise, no guarantee"
         )
+    if all(
+        isinstance(e, accounting.GaussianRelease) or getattr(e, "sample_rate", None) == 1.0
+        for e in events
+    ):
+        # Full batch (no subsampled release): exact Gaussian DP whatever ``accountant``
+        # says, as the noise was calibrated (RDP or PLD would state a larger epsilon).
+        method = "auto"
     ledger = accounting.ledger_for(events, delta, method=method)
     if source is not None:
         ledger = accounting.with_sampler_tail(ledger, source.normal_pairs_drawn)

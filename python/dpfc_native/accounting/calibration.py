@@ -31,6 +31,20 @@ def _check_target_epsilon(epsilon, name: str = "epsilon") -> float:
 
 _CALIB_RTOL = 1e-3  # calibrated epsilon lies in [(1 - 1e-3) target, target]
 
+#: Smallest mu a calibration returns: below it the GDP curve's difference of two nearly
+#: equal terms loses precision (measured against 60-digit arithmetic: 1e-6 relative at
+#: mu = 1e-7, 8e-5 on the unsafe side at mu = 5e-10), and a release at such a mu is
+#: noise alone (noise std > 1e6 sensitivities).
+MIN_MU = 1e-6
+
+# Release code recomputes a multiplier as std / sensitivity, which may round it down by
+# an ulp or two, and the ledger evaluates the GDP curve again from it (the curve's root
+# is found to a relative 1e-12, not monotone in its last bits): the calibrations verify
+# their target at a multiplier this much smaller, against the target less this slack, so
+# a fit's ledger never states more than its target.
+_ROUND_TRIP = 1.0 - 2.0**-50
+_EPS_SLACK = 1e-11
+
 
 def calibrate_mu(epsilon: float, delta: float) -> float:
     """The GDP ``mu`` whose exact curve gives ``epsilon`` at ``delta``.
@@ -65,18 +79,27 @@ def calibrate_mu(epsilon: float, delta: float) -> float:
         hi += 2.0
     lm = optimize.brentq(f, lo, hi, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
     mu = math.exp(lm)
+    if mu < MIN_MU:
+        raise ValueError(
+            f"epsilon={eps!r} at delta={delta!r} needs mu = {mu:.3g}-GDP, below {MIN_MU:g}, "
+            "where the accountant's curve is not computed accurately (and every release "
+            "would be noise alone): use a larger epsilon or delta"
+        )
     shrink = 1e-14
-    while gdp_delta(mu, eps) > delta or gdp_epsilon(mu, delta) > eps:
+    while gdp_delta(mu, eps) > delta or gdp_epsilon(mu, delta) > eps * (1.0 - _EPS_SLACK):
         mu *= 1.0 - shrink
         shrink *= 2.0
     return mu
 
 
 def _conservative_scale(multipliers: list, counts: list, epsilon: float, delta: float) -> list:
-    """Scale multipliers up by tiny factors until the exact epsilon is <= target."""
+    """Scale multipliers up by tiny factors until the exact epsilon is <= target, also
+    for multipliers rounded down by the std / sensitivity round trip of the releases."""
     grow = 1e-14
     zs = list(multipliers)
-    while gaussian_epsilon(zs, delta, counts) > epsilon:
+    while gaussian_epsilon([z * _ROUND_TRIP for z in zs], delta, counts) > epsilon * (
+        1.0 - _EPS_SLACK
+    ):
         zs = [z * (1.0 + grow) for z in zs]
         grow *= 2.0
     return zs

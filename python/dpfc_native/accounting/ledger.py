@@ -54,7 +54,9 @@ class PrivacyLedger:
 
     @property
     def total_delta(self) -> float:
-        """``delta + sampler_delta``: the delta of the mechanism as implemented."""
+        """``delta + sampler_delta``: delta with the sampler's tail cut accounted (for a
+        sampler exact but for that cut; the floating-point sampler itself is not covered
+        by any delta, see README "Floating point")."""
         return min(1.0, self.delta + self.sampler_delta)
 
     def to_dict(self) -> dict:
@@ -123,8 +125,8 @@ class PrivacyLedger:
         out.append(f"total: epsilon = {self.epsilon:.6g}, delta = {self.delta:.3g}{mu}")
         if self.sampler_delta:
             out.append(
-                f"sampler tail cut: + {self.sampler_delta:.3g} to delta (delta of the "
-                f"implementation: {self.total_delta:.6g})"
+                f"sampler tail cut: + {self.sampler_delta:.3g} to delta (delta with the "
+                f"tail cut: {self.total_delta:.6g})"
             )
         out.append(f"({self.method}; adjacency: {self.adjacency})")
         return "\n".join(out)
