@@ -26,6 +26,7 @@ from dpfc_native.cli import app  # noqa: E402
 from dpfc_native.extract import (  # noqa: E402
     ExtractError,
     Preprocess,
+    existing_outputs,
     extract,
     list_images,  # noqa: E402
     sha256_file,
@@ -270,26 +271,33 @@ def test_cli_extract_refuses_to_replace_an_earlier_run_without_force(setup):
     assert [f["path"] for f in record["files"]] == ["x.npz"]
 
 
-def test_cli_extract_model_refusing_the_batch_is_one_line(tmp_path):
-    """A model exported with a fixed batch of 1: onnxruntime's refusal becomes one line
-    that says what to do, exit 2."""
+def test_fixed_batch_models_run_padded_and_refusals_are_one_line(tmp_path):
+    """A model exported with a fixed batch of 4 runs on any number of images (batches of
+    4, the last padded, padding dropped): the same bits as the dynamic-batch model. A
+    model that refuses its input (here an image size that does not fit it) is one line
+    naming the options to use, exit 2."""
     h, w = 9, 11
-    _make_model(tmp_path / "tiny.onnx", h, w)
-    model = onnx.load(str(tmp_path / "tiny.onnx"))
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    _make_model(tmp_path / "dyn.onnx", h, w)
+    model = onnx.load(str(tmp_path / "dyn.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     onnx.save(model, str(tmp_path / "fixed.onnx"))
     _folder(tmp_path / "imgs", h, w)
 
-    def run(*options):
-        args = [str(tmp_path / "imgs"), str(tmp_path / "fixed.onnx"), "-o", str(tmp_path / "o")]
-        return runner.invoke(app, ["extract", *args, "--device", "cpu", "--force", *options])
+    def run(model, out, *options):
+        args = [str(tmp_path / "imgs"), str(tmp_path / model), "-o", str(tmp_path / out)]
+        return runner.invoke(app, ["extract", *args, "--device", "cpu", *options])
 
-    res = run()
+    for model_name, out in (("dyn.onnx", "a.npz"), ("fixed.onnx", "b.npz")):
+        res = run(model_name, out, "--batch-size", "5")
+        assert res.exit_code == 0, res.output
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["features"].shape[0] % 4 != 0  # a short last batch was padded
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    res = run("fixed.onnx", "c.npz", "--crop", "8")  # the model's input is 9 x 11
     assert res.exit_code == 2, res.output
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "--batch-size" in errors[0] and "Traceback" not in res.output
-    res = run("--batch-size", "1")
-    assert res.exit_code == 0, res.output
+    assert len(errors) == 1 and "--crop" in errors[0] and "Traceback" not in res.output
 
 
 def test_csv_layout_npy_shards_and_label_order(tmp_path):
@@ -677,3 +685,157 @@ def test_shards_open_with_the_scale_out_reader(setup, suffix):
     x, y = sharded.read_global(0, total)
     np.testing.assert_array_equal(x, ref["features"])
     np.testing.assert_array_equal(y, ref["labels"])
+
+
+def test_csv_with_a_byte_order_mark_and_symlinked_folders(tmp_path):
+    rng = np.random.default_rng(40)
+    for i in range(11):
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    with open(tmp_path / "l.csv", "w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows((f"{i}.png", str(i)) for i in range(11))
+    paths, labels, classes = list_images(tmp_path / "l.csv")
+    assert classes == [str(i) for i in range(11)] and labels.tolist() == list(range(11))
+    assert len(paths) == 11
+    # A symlinked sub-folder of a class folder is followed; a link cycle is walked once.
+    (tmp_path / "img" / "cat").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for name, where in (("a.png", "img/cat"), ("b.png", "elsewhere"), ("c.png", "elsewhere")):
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(
+            tmp_path / where / name
+        )
+    os.symlink(tmp_path / "elsewhere", tmp_path / "img" / "cat" / "more")
+    os.symlink(tmp_path / "img" / "cat", tmp_path / "elsewhere" / "loop")
+    paths, _, _ = list_images(tmp_path / "img")
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["a.png", "b.png", "c.png"]
+
+
+def test_a_failed_or_killed_rerun_leaves_the_earlier_output_intact(setup, tmp_path):
+    tmp, _, _ = setup
+    out = tmp / "o" / "x.npz"
+    assert _cli_extract(tmp, out, "--shard-size", "4").exit_code == 0
+    before = {p.name: p.read_bytes() for p in (tmp / "o").iterdir()}
+    assert len(before) == 5  # 4 shards of 13 rows and the record
+    (tmp / "imgs" / "ant" / "zz-broken.png").write_bytes(b"not a png")
+    res = _cli_extract(tmp, out, "--shard-size", "4", "--force", "--fail-bad")
+    assert res.exit_code == 2 and "zz-broken.png" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in (tmp / "o").iterdir()} == before
+    # SIGTERM (kill, timeout, a scheduler) cleans up as Ctrl-C does: nothing partial.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp / "imgs" / "ant" / "zz-broken.png").unlink()
+    many = tmp / "many"
+    rng = np.random.default_rng(41)
+    for c in ("a", "b"):
+        (many / c).mkdir(parents=True)
+        for i in range(400):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+                many / c / f"{i:03d}.png"
+            )
+    cmd = [sys.executable, "-m", "dpfc_native", "extract", str(many), str(tmp / "tiny.onnx")]
+    cmd += ["-o", str(out), "--force", "--device", "cpu", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd + ["--shard-size", "16"], stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.endswith(".dpfc-partial") for p in (tmp / "o").iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "no partial shard seen"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert {p.name: p.read_bytes() for p in (tmp / "o").iterdir()} == before
+    assert not [p for p in (tmp / "o").iterdir() if p.name.startswith(".")]
+
+
+def test_existing_outputs_and_sidecar_errors_name_their_source(setup, tmp_path):
+    for name in ("s-99999.npz", "s-100000.npz", "s.json", "s-1.npz", "sx.npz"):
+        (tmp_path / name).write_bytes(b"")
+    found = [os.path.basename(p) for p in existing_outputs(tmp_path / "s.npz")]
+    assert found == ["s-100000.npz", "s-99999.npz", "s.json"]
+    tmp, _, _ = setup
+    h, w = 9, 11
+    _make_model(tmp / "plain.onnx", h, w)
+    for spec, needle in (
+        ({"crop": "8"}, "'crop' must be a positive int"),
+        ({"crop": 8, "crop_pct": 0}, "'crop_pct' must be a number"),
+        ({"crop": 8, "mean": 0.5}, "'mean' must be 3 finite numbers"),
+        ({"crop": 8, "std": [0, 1, 1]}, "'std' must be 3 finite numbers > 0"),
+        ({"crop": 8, "crop_mode": "zoom"}, "'crop_mode' must be one of"),
+    ):
+        (tmp / "plain.onnx.json").write_text(json.dumps(spec))
+        for extra in ((), ("--crop", "8")):  # a broken sidecar is never masked by --crop
+            res = runner.invoke(
+                app,
+                [
+                    "extract",
+                    str(tmp / "imgs"),
+                    str(tmp / "plain.onnx"),
+                    "-o",
+                    str(tmp / "p.npz"),
+                    "--device",
+                    "cpu",
+                    "--force",
+                    *extra,
+                ],
+            )
+            assert res.exit_code == 2 and needle in res.output, (spec, res.output)
+            assert "plain.onnx.json" in res.output and "--crop must" not in res.output
+
+
+@needs_timm
+def test_preprocessing_matches_timms_eval_transform_in_every_crop_mode():
+    """center / squash / border, square and non-square crops, odd images: the same bits
+    as timm's own evaluation transform (timm's 'squash' models were squeezed into a
+    centre crop, and non-square centre crops squashed, before)."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    rng = np.random.default_rng(42)
+    cases = 0
+    for hw in ((400, 200), (37, 91), (8, 8), (301, 299)):
+        img = Image.fromarray(rng.integers(0, 256, hw + (3,), dtype=np.uint8))
+        for size in (8, (8, 12), (12, 8)):
+            for mode in ("center", "squash", "border"):
+                for pct, interp in ((0.875, "bilinear"), (1.0, "bicubic"), (0.95, "bicubic")):
+                    ref = transforms_imagenet_eval(
+                        img_size=size, crop_pct=pct, crop_mode=mode, interpolation=interp
+                    )(img).numpy()
+                    spec = {
+                        "crop": list(size) if isinstance(size, tuple) else size,
+                        "crop_pct": pct,
+                        "crop_mode": mode,
+                        "interpolation": interp,
+                    }
+                    got = Preprocess.from_dict(spec, "test")(img)
+                    np.testing.assert_array_equal(got, ref, err_msg=str((hw, size, mode, pct)))
+                    cases += 1
+    assert cases == 108
+
+
+def test_onnx_external_data_is_hashed_into_the_weights_record(tmp_path):
+    from onnx import external_data_helper
+
+    h, w = 9, 11
+    _make_model(tmp_path / "m.onnx", h, w)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0
+    )
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _folder(tmp_path / "imgs", h, w)
+    spec = {"crop": [h, w], "resize": [h, w]}
+    (tmp_path / "m.onnx.json").write_text(json.dumps(spec))
+    first = extract(tmp_path / "imgs", tmp_path / "m.onnx", tmp_path / "a.npz", device="cpu")
+    raw = bytearray((tmp_path / "m.onnx.data").read_bytes())
+    raw[:4] = np.float32(3.0).tobytes()  # other weights, the same .onnx file
+    (tmp_path / "m.onnx.data").write_bytes(bytes(raw))
+    second = extract(tmp_path / "imgs", tmp_path / "m.onnx", tmp_path / "b.npz", device="cpu")
+    w1, w2 = first.metadata["weights"], second.metadata["weights"]
+    assert w1["model_sha256"] == w2["model_sha256"] and w1["sha256"] != w2["sha256"]
+    assert [os.path.basename(e["path"]) for e in w1["external_data"]] == ["m.onnx.data"]
+    assert not np.array_equal(
+        np.load(tmp_path / "a.npz")["features"], np.load(tmp_path / "b.npz")["features"]
+    )

@@ -99,19 +99,36 @@ class ExtractError(ValueError):
     """Bad input to the extractor (unreadable image, missing model, bad layout)."""
 
 
+class _NoPreprocess(ExtractError):
+    """The model carries no preprocessing spec (no sidecar, no metadata) and its input
+    shape does not fix one: arguments must give it."""
+
+
 # --------------------------------------------------------------------------- #
 # Preprocessing
 # --------------------------------------------------------------------------- #
+_CROP_MODES = ("center", "squash", "border")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """How an image becomes the model's input tensor (recorded with the features).
 
-    RGB conversion, resize (the shorter side to ``resize``, aspect kept; or exactly
-    ``(height, width)`` when ``resize`` is a pair), centre crop to ``crop``
-    (height, width), scaling to [0, 1], per-channel ``(x - mean) / std``, layout
-    ``(3, H, W)`` float32. The same steps as torchvision's / timm's evaluation
-    transform (``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize``), which
-    resize PIL images with PIL, as here.
+    RGB conversion, resize, crop to ``crop`` (height, width), scaling to [0, 1],
+    per-channel ``(x - mean) / std``, layout ``(3, H, W)`` float32: the steps of
+    torchvision's / timm's evaluation transforms, which resize PIL images with PIL, as
+    here. The resize and crop follow ``crop_mode`` (timm's names):
+
+    * ``"center"``: aspect ratio kept. An int ``resize`` scales the shorter side to it
+      (torchvision's ``Resize(int)``); a pair ``(H, W)`` scales the image so that it
+      covers that size (timm's ``ResizeKeepRatio``); then a centre crop (zero padding
+      where the image is smaller).
+    * ``"squash"``: resized to exactly ``resize`` (a pair, or ``(r, r)``), aspect ratio
+      not kept, then a centre crop.
+    * ``"border"``: aspect ratio kept, the image fitted inside ``resize``, then centre
+      cropped or padded to ``crop`` with the mean colour.
+
+    Without ``crop_mode``: ``"squash"`` when ``resize`` is a pair, else ``"center"``.
 
     Attributes
     ----------
@@ -123,6 +140,7 @@ class Preprocess:
     source : str
         Where the spec came from (argument, sidecar file, model metadata, timm, or a
         guess from the input size).
+    crop_mode : {"center", "squash", "border"}
     """
 
     resize: object
@@ -131,52 +149,67 @@ class Preprocess:
     std: tuple = IMAGENET_STD
     interpolation: str = "bilinear"
     source: str = "argument"
+    crop_mode: Optional[str] = None
 
     def __post_init__(self):
-        crop = self.crop
-        if isinstance(crop, (int, np.integer)):
-            crop = (int(crop), int(crop))
-        crop = tuple(int(c) for c in crop)
-        if len(crop) != 2 or min(crop) < 1:
-            raise ExtractError(f"preprocess crop must be a positive size (H, W), got {self.crop!r}")
-        resize = self.resize
-        if isinstance(resize, (list, tuple)):
-            resize = tuple(int(r) for r in resize)
-            if len(resize) != 2 or min(resize) < 1:
+        def size(value, key):
+            v = (int(value), int(value)) if isinstance(value, (int, np.integer)) else value
+            if (
+                not isinstance(v, (list, tuple))
+                or len(v) != 2
+                or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in v)
+            ):
                 raise ExtractError(
-                    f"preprocess resize must be an int or (H, W), got {self.resize!r}"
+                    f"preprocessing '{key}' must be a positive int or [H, W], got {value!r}"
                 )
-        else:
-            resize = int(resize)
-            if resize < 1:
-                raise ExtractError(f"preprocess resize must be >= 1, got {self.resize!r}")
-        mean = tuple(float(m) for m in self.mean)
-        std = tuple(float(s) for s in self.std)
-        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
-            raise ExtractError(
-                "preprocess mean and std must have 3 entries (std > 0), got "
-                f"{self.mean!r}, {self.std!r}"
-            )
+            return tuple(int(c) for c in v)
+
+        crop = size(self.crop, "crop")
+        resize = size(self.resize, "resize")
+        if not isinstance(self.resize, (list, tuple)):
+            resize = resize[0]
+        vectors = []
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            ok = isinstance(v, (list, tuple)) and len(v) == 3
+            ok = ok and all(isinstance(c, (int, float)) and math.isfinite(c) for c in v)
+            if not ok or (key == "std" and not all(c > 0 for c in v)):
+                need = "3 finite numbers" + (" > 0" if key == "std" else "")
+                raise ExtractError(f"preprocessing '{key}' must be {need}, got {v!r}")
+            vectors.append(tuple(float(c) for c in v))
         if self.interpolation not in _INTERPOLATIONS:
             raise ExtractError(
-                f"preprocess interpolation must be one of {_INTERPOLATIONS}, "
+                f"preprocessing 'interpolation' must be one of {_INTERPOLATIONS}, "
                 f"got {self.interpolation!r}"
+            )
+        mode = self.crop_mode
+        if mode is None:
+            mode = "squash" if isinstance(resize, tuple) else "center"
+        if mode not in _CROP_MODES:
+            raise ExtractError(
+                f"preprocessing 'crop_mode' must be one of {_CROP_MODES}, got {mode!r}"
             )
         object.__setattr__(self, "crop", crop)
         object.__setattr__(self, "resize", resize)
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "mean", vectors[0])
+        object.__setattr__(self, "std", vectors[1])
+        object.__setattr__(self, "crop_mode", mode)
 
     @classmethod
     def from_dict(cls, spec: dict, source: str) -> "Preprocess":
         """Build from a dict with keys ``resize``, ``crop`` (or ``input_size``),
-        ``mean``, ``std``, ``interpolation`` (``crop_pct`` derives ``resize``)."""
+        ``mean``, ``std``, ``interpolation``, ``crop_mode`` (``crop_pct`` derives
+        ``resize``: ``floor(crop / crop_pct)``, each side of a non-square crop). Errors
+        name ``source``."""
+        if not isinstance(spec, dict):
+            raise ExtractError(f"preprocessing must be a JSON object ({source})")
         spec = dict(spec)
         unknown = set(spec) - {
             "resize",
             "crop",
             "input_size",
             "crop_pct",
+            "crop_mode",
             "mean",
             "std",
             "interpolation",
@@ -190,28 +223,57 @@ class Preprocess:
         if isinstance(crop, (list, tuple)) and len(crop) == 3:  # (C, H, W)
             crop = crop[1:]
         resize = spec.get("resize")
-        if resize is None:
-            pct = float(spec.get("crop_pct", DEFAULT_CROP_PCT))
-            resize = _resize_for(crop, pct)
-        return cls(
-            resize=resize,
-            crop=crop,
-            mean=spec.get("mean", IMAGENET_MEAN),
-            std=spec.get("std", IMAGENET_STD),
-            interpolation=spec.get("interpolation", "bilinear"),
-            source=source,
-        )
+        mode = spec.get("crop_mode")
+        try:
+            if resize is None:
+                pct = spec.get("crop_pct", DEFAULT_CROP_PCT)
+                if not isinstance(pct, (int, float)) or not 0 < pct <= 4:
+                    raise ExtractError(
+                        f"preprocessing 'crop_pct' must be a number in (0, 4], got {pct!r}"
+                    )
+                resize = _resize_for(crop, float(pct))
+                mode = mode or "center"  # timm's default for a resize derived from crop_pct
+            return cls(
+                resize=resize,
+                crop=crop,
+                mean=spec.get("mean", IMAGENET_MEAN),
+                std=spec.get("std", IMAGENET_STD),
+                interpolation=spec.get("interpolation", "bilinear"),
+                source=source,
+                crop_mode=mode,
+            )
+        except ExtractError as exc:
+            raise ExtractError(f"{exc} ({source})") from None
+        except (TypeError, ValueError) as exc:
+            raise ExtractError(f"bad preprocessing ({source}): {exc}") from None
 
     def to_dict(self) -> dict:
         return {
             "resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
             "crop": list(self.crop),
+            "crop_mode": self.crop_mode,
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
             "source": self.source,
             "steps": "RGB; resize; center crop; /255; (x - mean) / std; CHW float32",
         }
+
+    def _resized_size(self, w: int, h: int) -> tuple:
+        """The (width, height) the image is resized to."""
+        if self.crop_mode == "squash":
+            rh, rw = self.resize if isinstance(self.resize, tuple) else (self.resize,) * 2
+            return rw, rh
+        if self.crop_mode == "center" and not isinstance(self.resize, tuple):
+            # Shorter side to `resize`, the other scaled and truncated (torchvision's rule).
+            s = self.resize
+            return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        # Aspect kept against a target (H, W): covering it ("center") or inside it
+        # ("border"), each side rounded (timm's ResizeKeepRatio).
+        th, tw = self.resize if isinstance(self.resize, tuple) else (self.resize,) * 2
+        ratios = (h / th, w / tw)
+        ratio = max(ratios) if self.crop_mode == "border" else min(ratios)
+        return round(w / ratio), round(h / ratio)
 
     def __call__(self, image) -> np.ndarray:
         """A PIL image -> ``(3, H, W)`` float32 array."""
@@ -220,18 +282,14 @@ class Preprocess:
         resample = getattr(Image.Resampling, self.interpolation.upper())
         img = image.convert("RGB")
         w, h = img.size
-        if isinstance(self.resize, tuple):
-            size = (self.resize[1], self.resize[0])
-        else:
-            # Shorter side to `resize`, the other scaled and truncated (torchvision's rule).
-            s = self.resize
-            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        size = self._resized_size(w, h)
         if size != (w, h):
             img = img.resize(size, resample)
         w, h = img.size
         ch, cw = self.crop
-        if ch > h or cw > w:  # pad like torchvision's CenterCrop, with zeros
-            padded = Image.new("RGB", (max(w, cw), max(h, ch)))
+        if ch > h or cw > w:  # pad like torchvision's CenterCrop (zeros) or timm's border
+            fill = tuple(round(255 * m) for m in self.mean) if self.crop_mode == "border" else 0
+            padded = Image.new("RGB", (max(w, cw), max(h, ch)), fill)
             padded.paste(img, ((max(w, cw) - w) // 2, (max(h, ch) - h) // 2))
             img = padded
             w, h = img.size
@@ -295,7 +353,13 @@ def list_images(source, root=None, classes: Optional[Sequence[str]] = None):
             )
         paths, names_of = [], []
         for name in names:
-            for dirpath, dirnames, files in os.walk(source / name):
+            seen = set()  # symlinked folders are followed (as torchvision does), once each
+            for dirpath, dirnames, files in os.walk(source / name, followlinks=True):
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for f in sorted(files):
                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
@@ -306,16 +370,19 @@ def list_images(source, root=None, classes: Optional[Sequence[str]] = None):
         base = Path(root) if root is not None else source.parent
         paths, names_of = [], []
         try:
-            with open(source, newline="") as f:
+            # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the header.
+            with open(source, newline="", encoding="utf-8-sig") as f:
+                first = True
                 for i, row in enumerate(csv.reader(f)):
                     if not row or not "".join(row).strip():
                         continue
+                    header, first = first, False
                     if len(row) != 2:
                         raise ExtractError(
                             f"{source} line {i + 1}: expected 'path,label', got {len(row)} field(s)"
                         )
                     path, label = row[0].strip(), row[1].strip()
-                    if i == 0 and (path.lower(), label.lower()) == ("path", "label"):
+                    if header and (path.lower(), label.lower()) == ("path", "label"):
                         continue
                     paths.append(path if os.path.isabs(path) else os.fspath(base / path))
                     names_of.append(label)
@@ -353,6 +420,67 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _onnx_external_files(path: str) -> Optional[list]:
+    """The external-data files an ONNX model's tensors point to (sorted, as paths beside
+    the model), [] for none, or None when the ``onnx`` package is not installed to say."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ExtractError(f"cannot read ONNX model {path}: {exc}") from exc
+    base = os.path.dirname(os.path.abspath(path))
+    names = set()
+
+    def visit(graph):
+        for t in list(graph.initializer) + [
+            a.t for n in graph.node for a in n.attribute if a.HasField("t")
+        ]:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                names.update(e.value for e in t.external_data if e.key == "location")
+        for n in graph.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    visit(a.g)
+                for g in a.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    return sorted(os.path.join(base, name) for name in names)
+
+
+def _onnx_weights_record(path: str, model_sha256: str) -> dict:
+    """The weights entry of the record: the model file's SHA-256, and every external-data
+    file's (models over 2 GB, and torch's default export, keep tensors outside the
+    .onnx); ``sha256`` covers all of them."""
+    files = _onnx_external_files(path)
+    record = {"path": os.path.abspath(path), "model_sha256": model_sha256}
+    if files is None:
+        record["sha256"] = model_sha256
+        record["note"] = (
+            "the .onnx file only: install the onnx package to hash external-data files too"
+        )
+        return record
+    if not files:
+        record["sha256"] = model_sha256
+        record["note"] = "weights embedded in the ONNX file"
+        return record
+    h = hashlib.sha256(model_sha256.encode())
+    external = []
+    for f in files:
+        if not os.path.isfile(f):
+            raise ExtractError(f"{path}: its external data file {f} is missing")
+        digest = sha256_file(f)
+        external.append({"path": f, "sha256": digest})
+        h.update(os.path.basename(f).encode() + b"\0" + digest.encode())
+    record["external_data"] = external
+    record["sha256"] = h.hexdigest()
+    record["note"] = "SHA-256 over the model file's and its external-data files' hashes"
+    return record
 
 
 class _OnnxModel:
@@ -411,11 +539,7 @@ class _OnnxModel:
             "output": self.output,
             "providers": self.providers,
         }
-        self.weights = {
-            "path": os.path.abspath(path),
-            "sha256": self.info["sha256"],
-            "note": "weights embedded in the ONNX file",
-        }
+        self.weights = _onnx_weights_record(path, self.info["sha256"])
 
     def default_preprocess(self) -> Preprocess:
         for sidecar in (self.path + ".json", os.path.splitext(self.path)[0] + ".preprocess.json"):
@@ -435,7 +559,7 @@ class _OnnxModel:
             return Preprocess.from_dict(spec, "model metadata 'dpfc_preprocess'")
         shape = self.input.shape
         if len(shape) != 4 or not all(isinstance(s, int) for s in shape[2:]):
-            raise ExtractError(
+            raise _NoPreprocess(
                 f"{self.path}: the input shape {shape} does not fix the image "
                 "size and the model carries no preprocessing: pass it "
                 "(--crop/--resize, or a sidecar <model>.onnx.json)"
@@ -449,15 +573,27 @@ class _OnnxModel:
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        fixed = self.input.shape[0] if self.input.shape else None
+        if isinstance(fixed, int) and fixed >= 1 and batch.shape[0] != fixed:
+            # A model exported with a fixed batch size: run it in batches of exactly that
+            # size, the last one padded with zero images whose rows are dropped.
+            parts = []
+            for a in range(0, batch.shape[0], fixed):
+                part = batch[a : a + fixed]
+                m = part.shape[0]
+                if m < fixed:
+                    pad = np.zeros((fixed - m,) + part.shape[1:], dtype=part.dtype)
+                    part = np.concatenate([part, pad])
+                parts.append(self(part)[:m])
+            return np.concatenate(parts)
         try:
             out = self.session.run([self.output], {self.input.name: batch})[0]
         except Exception as exc:  # onnxruntime raises its own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExtractError(
                 f"{self.path} refused a batch of shape {tuple(batch.shape)} (its input is "
-                f"{self.input.shape}): {first}. A model exported with a fixed batch size "
-                "needs --batch-size equal to it (or export it with a dynamic batch axis); "
-                "the image size and channels must match the input (--crop, --resize)"
+                f"{self.input.shape}): {first}. The image size and channels must match "
+                "the model's input (--crop, --resize, or a sidecar <model>.onnx.json)"
             ) from exc
         return np.asarray(out)
 
@@ -540,6 +676,7 @@ class _TimmModel:
                 "mean": list(cfg["mean"]),
                 "std": list(cfg["std"]),
                 "interpolation": cfg.get("interpolation", "bilinear"),
+                "crop_mode": cfg.get("crop_mode") or "center",
             },
             "timm resolve_data_config",
         )
@@ -628,6 +765,24 @@ class _ShardWriter:
         stem = self.stem if index is None else f"{self.stem}-{index:05d}"
         return stem + (".npz" if self.fmt == "npz" else ".features.npy")
 
+    @staticmethod
+    def _partial(path: str) -> str:
+        """Where a file is written before the run succeeds: beside its final name, hidden,
+        so an earlier run's output stays intact until :meth:`commit`."""
+        head, tail = os.path.split(path)
+        return os.path.join(head, f".{tail}.dpfc-partial")
+
+    def _targets(self) -> list:
+        """(partial, final) paths of every file written so far."""
+        directory = os.path.dirname(os.path.abspath(self.stem))
+        out = []
+        for f in self.files:
+            path = os.path.join(directory, f["path"])
+            out.append(path)
+            if path.endswith(".features.npy"):
+                out.append(path[: -len(".features.npy")] + ".labels.npy")
+        return [(self._partial(p), p) for p in out]
+
     def _flush(self):
         tmp, rows = self._tmp, self._rows
         tmp.flush()
@@ -636,11 +791,14 @@ class _ShardWriter:
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)
         index = None if self.shard_size is None else len(self.files)
         path = self._name(index)
+        # Listed first: abort() then removes its partial files even if writing fails.
+        self.files.append({"path": os.path.basename(path), "rows": rows})
         try:
             if self.fmt == "npz":
                 x = np.memmap(tmp.name, dtype=np.float32, mode="r", shape=(rows, self.d))
                 meta = json.dumps({**self.metadata, "shard": index}, sort_keys=True)
-                np.savez(path, features=x, labels=labels, metadata=np.array(meta))
+                with open(self._partial(path), "wb") as out:
+                    np.savez(out, features=x, labels=labels, metadata=np.array(meta))
                 del x
             else:
                 labels_path = path[: -len(".features.npy")] + ".labels.npy"
@@ -649,36 +807,35 @@ class _ShardWriter:
                     "fortran_order": False,
                     "shape": (rows, self.d),
                 }
-                with open(path, "wb") as out, open(tmp.name, "rb") as src:
+                with open(self._partial(path), "wb") as out, open(tmp.name, "rb") as src:
                     np.lib.format.write_array_header_1_0(out, header)
                     for block in iter(lambda: src.read(1 << 24), b""):
                         out.write(block)
-                np.save(labels_path, labels)
+                with open(self._partial(labels_path), "wb") as out:
+                    np.save(out, labels)
         finally:
             os.unlink(tmp.name)
-        self.files.append({"path": os.path.basename(path), "rows": rows})
 
     def close(self):
         if self._tmp is not None:
             self._flush()
 
+    def commit(self):
+        """Move every written file from its partial name to its final one (replacing an
+        earlier run's file of that name)."""
+        for partial, final in self._targets():
+            os.replace(partial, final)
+
     def abort(self):
-        """Remove everything this run wrote: a failed run leaves no partial output."""
+        """Remove everything this run wrote (its partial files): a failed or interrupted
+        run leaves no output of its own and an earlier run's output untouched."""
         if self._tmp is not None:
             self._tmp.close()
             os.unlink(self._tmp.name)
             self._tmp = None
-        directory = os.path.dirname(os.path.abspath(self.stem))
-        for f in self.files:
-            path = os.path.join(directory, f["path"])
-            for p in (
-                path,
-                path[: -len(".features.npy")] + ".labels.npy"
-                if path.endswith(".features.npy")
-                else None,
-            ):
-                if p is not None and os.path.exists(p):
-                    os.unlink(p)
+        for partial, _ in self._targets():
+            if os.path.exists(partial):
+                os.unlink(partial)
         self.files = []
 
 
@@ -720,7 +877,9 @@ def _merged_preprocess(net, given: Optional[dict]) -> Preprocess:
     given = {k: v for k, v in (given or {}).items() if v is not None}
     try:
         base = net.default_preprocess()
-    except ExtractError:
+    except _NoPreprocess:
+        # The model states no preprocessing at all (a present but broken sidecar or
+        # metadata entry is an error, never replaced by these arguments).
         if "crop" not in given:  # nothing to fall back on: the error says what to pass
             raise
         base = None
@@ -735,10 +894,13 @@ def _merged_preprocess(net, given: Optional[dict]) -> Preprocess:
             "std": list(base.std),
             "interpolation": base.interpolation,
             "resize": list(base.resize) if isinstance(base.resize, tuple) else base.resize,
+            "crop_mode": base.crop_mode,
         }
     )
     if "crop" in given and "resize" not in given:
         merged.pop("resize", None)  # derived from the new crop (crop / 0.875)
+    if "resize" in given:
+        merged["crop_mode"] = "center"  # --resize: the shorter side, aspect kept
     merged.update(given)
     source = "argument" + ("" if base is None else f" over {base.source}")
     return Preprocess.from_dict(merged, f"{source}: {', '.join(sorted(given))}")
@@ -776,7 +938,7 @@ def existing_outputs(output) -> list:
     found = []
     for path in sorted(glob.glob(glob.escape(stem) + "*")):
         tail = path[len(stem) :]
-        if re.fullmatch(r"(-\d{5})?(\.npz|\.features\.npy|\.labels\.npy)|\.json", tail):
+        if re.fullmatch(r"(-\d{5,})?(\.npz|\.features\.npy|\.labels\.npy)|\.json", tail):
             found.append(path)
     return found
 
@@ -932,8 +1094,15 @@ def extract(
     n = sum(f["rows"] for f in writer.files)
     metadata.update(n=n, d=int(writer.d), files=writer.files, skipped=skipped)
     manifest = stem + ".json"
-    with open(manifest, "w") as f:
-        json.dump(metadata, f, indent=1, sort_keys=True)
+    try:
+        with open(writer._partial(manifest), "w") as f:
+            json.dump(metadata, f, indent=1, sort_keys=True)
+    except BaseException:
+        writer.abort()
+        raise
+    # Only now does an earlier run's output give way: data files, then the record.
+    writer.commit()
+    os.replace(writer._partial(manifest), manifest)
     directory = os.path.dirname(os.path.abspath(stem))
     # Files of an earlier run to the same output that this run did not rewrite (other
     # shard counts or layout) would mix with these under a glob: the record lists only
@@ -1051,6 +1220,12 @@ def register_cli(app) -> None:
             )
         console = _console()
         t0 = time.perf_counter()
+        import signal
+
+        def _terminated(signum, frame):  # kill / timeout / a scheduler: clean up as Ctrl-C
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             overrides = {
                 "crop": crop,
@@ -1079,6 +1254,8 @@ def register_cli(app) -> None:
             )
         except _USER_ERRORS as exc:
             _fail(str(exc).replace("on_error='skip'", "--skip-bad"))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         for item in result.skipped:
             console.print(f"skipped {item['path']}: {item['error']}", highlight=False, markup=False)
         meta = result.metadata
