@@ -507,3 +507,52 @@ def test_synthetic_rejects_bad_arguments(kwargs):
     # An unsupported dtype is a wrong type (as in NumPy); the rest are wrong values.
     with pytest.raises(TypeError if "dtype" in kwargs else ValueError):
         data.synthetic_features(**args)
+
+
+def test_feature_set_round_trip_keeps_num_classes_and_arguments_checked(tmp_path):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(31)
+    fs = data.FeatureSet.from_arrays(
+        rng.random((50, 4)).astype(np.float32), np.arange(50) % 3, num_classes=5
+    )
+    data.save_features(tmp_path / "a.npz", fs)  # labels may be left out with a FeatureSet
+    back = data.load_features(tmp_path / "a.npz")
+    assert back.num_classes == 5
+    np.testing.assert_array_equal(back.features, fs.features)
+    with pytest.raises(TypeError, match="needs labels"):
+        data.save_features(tmp_path / "b.npz", fs.features)
+    with pytest.raises(TypeError, match="sparse"):
+        data.FeatureSet.from_arrays(sp.csr_matrix(np.eye(3, dtype=np.float32)), [0, 1, 2])
+    for kw, exc in (
+        ({"test_size": 449.7}, TypeError),
+        ({"test_size": True}, TypeError),
+        ({"seed": -1}, ValueError),
+        ({"seed": 1.5}, TypeError),
+        ({"split_seed": None}, TypeError),
+    ):
+        with pytest.raises(exc, match=next(iter(kw))):
+            data.digits_features(**kw)
+    for seed, exc in ((-1, ValueError), (1.5, TypeError), (None, TypeError)):
+        with pytest.raises(exc, match="seed"):
+            data.synthetic_preset("cifar10", n=100, seed=seed)
+    with pytest.raises(TypeError, match="seed"):
+        data.train_test_split_features(fs, 0.2, seed="1")
+
+
+def test_a_copied_memmap_is_not_described_as_a_memory_map(tmp_path):
+    """Big-endian or Fortran-ordered .npy features are read into a native C-ordered copy
+    (FeatureSet's layout): the copy is a plain array, not a map without a file."""
+    rng = np.random.default_rng(32)
+    x = rng.standard_normal((40, 3))
+    for name, arr in (("be", x.astype(">f8")), ("f", np.asfortranarray(x))):
+        np.save(tmp_path / f"{name}.features.npy", arr)
+        np.save(tmp_path / f"{name}.labels.npy", np.arange(40) % 2)
+        fs = data.load_features(tmp_path / f"{name}.features.npy", mmap=True)
+        assert type(fs.features) is np.ndarray, name
+        np.testing.assert_array_equal(fs.features, x)
+    np.save(tmp_path / "c.features.npy", x)
+    np.save(tmp_path / "c.labels.npy", np.arange(40) % 2)
+    assert isinstance(
+        data.load_features(tmp_path / "c.features.npy", mmap=True).features, np.memmap
+    )

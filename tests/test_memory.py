@@ -141,3 +141,25 @@ def test_decision_function_memory_is_its_output(memmaps, small_blocks):
     n = x.shape[0]
     peak = _peak(lambda: est.decision_function(x))
     assert peak <= n * K * 8 + _bound(n)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int8, np.uint16])
+def test_half_and_integer_features_are_read_as_stored(memmaps, small_blocks, tmp_path, dtype):
+    """float16 and integer memmaps are widened a leaf at a time (exactly, to float64),
+    never copied whole: the same bound as float32, the same bits as the float64 rows."""
+    warnings.simplefilter("ignore", PrivacyWarning)
+    x32, y = memmaps[SIZES[1]]
+    path = tmp_path / "x.npy"
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=x32.shape)
+    x[:] = np.clip(np.rint(np.asarray(x32) * 4), 0 if dtype == np.uint16 else -100, 100)
+    x.flush()
+    del x
+    x = np.load(path, mmap_mode="r")
+    ESTIMATORS["ls"]().fit(x[:2000], y[:2000])
+    est = DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(K)), random_state=3)
+    peak = _peak(lambda: est.fit(x, y))
+    assert peak <= _bound(SIZES[1]), (peak, _bound(SIZES[1]))
+    ref = DPLeastSquaresClassifier(epsilon=1.0, classes=list(range(K)), random_state=3)
+    ref.fit(np.asarray(x, np.float64), y)
+    assert est.coef_.tobytes() == ref.coef_.tobytes()
+    np.testing.assert_array_equal(est.predict(x), ref.predict(np.asarray(x, np.float64)))

@@ -766,3 +766,41 @@ def test_cpu_preprocessing_names_the_row_a_centre_overflows():
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf at row 3"):
         models._preprocess_rows_cpu(x, 1.0, None, True)
+
+
+def test_refits_and_validation_splits_keep_their_contracts():
+    """A global refit drops a per-class fit's alpha_ (and save() does not write it); a
+    validation DataFrame with other or reordered columns is refused; the binary
+    decision function keeps the sign of log-odds that underflow (predict agrees)."""
+    import json
+    import tempfile
+    import warnings
+
+    import pandas as pd
+
+    from dpfc_native import PrivacyWarning
+
+    warnings.simplefilter("ignore", PrivacyWarning)
+    rng = np.random.default_rng(33)
+    X = rng.standard_normal((200, 4))
+    y = np.arange(200) % 3
+    est = DPLeastSquaresClassifier(classes=[0, 1, 2], variant="per_class").fit(X, y)
+    assert hasattr(est, "alpha_")
+    est.set_params(variant="global").fit(X, y)
+    assert not hasattr(est, "alpha_")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = est.save(f"{tmp}/m.npz")
+        assert "alpha_" not in json.loads(str(np.load(path)["fitted"]))
+    frame = pd.DataFrame(X, columns=list("abcd"))
+    with pytest.raises(ValueError, match="X_val's feature names differ"):
+        DPLeastSquaresClassifier(classes=[0, 1, 2], reg=[1, 10]).fit(
+            frame, y, X_val=frame.iloc[:50][list("dcba")], y_val=y[:50]
+        )
+    Xb, yb = rng.standard_normal((400, 4)), rng.integers(0, 2, 400)
+    sgd = DPSGDClassifier(
+        float("inf"), classes=[0, 1], loss="sigmoid", bias=5.0, lr=1e6, steps=5
+    ).fit(Xb, yb)
+    scores = sgd._released_scores(Xb)
+    assert (np.minimum(scores[:, 0], scores[:, 1]) > 745).any()  # the log-odds underflow
+    df = sgd.decision_function(Xb)
+    np.testing.assert_array_equal(sgd.predict(Xb), sgd.classes_[(df > 0).astype(int)])

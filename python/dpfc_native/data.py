@@ -234,6 +234,10 @@ def check_feature_arrays(
         Any other violation (shape, range, NaN/Inf), naming ``name`` and the key.
     """
     where = f" in {name}" if name else ""
+    if hasattr(features, "toarray") and not hasattr(features, "__array_interface__"):
+        raise TypeError(
+            f"{features_key}{where}: sparse matrices are not supported; pass a dense array"
+        )
     x = features if isinstance(features, np.ndarray) else np.asarray(features)
     y = labels if isinstance(labels, np.ndarray) else np.asarray(labels)
 
@@ -245,6 +249,7 @@ def check_feature_arrays(
         raise TypeError(
             f"{features_key}{where} must have a floating dtype (float32 or float64), got {x.dtype}"
         )
+    copied = x
     if x.dtype.itemsize < 4:
         x = x.astype(np.float32)
     if not x.dtype.isnative:
@@ -252,6 +257,8 @@ def check_feature_arrays(
     _validation.dtype_in(x, f"{features_key}{where}", _validation.FLOAT_DTYPES)
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
+    if x is not copied and isinstance(x, np.memmap):
+        x = x.view(np.ndarray)  # an in-memory copy, not a map of the file any more
 
     # Labels: shape, dtype, range.
     _validation.ndim(y, f"{labels_key}{where}", 1, "(n,)")
@@ -556,6 +563,8 @@ def load_features(
     x, y, x_key, y_key = _read_pair(path, labels_path, mmap)
     if num_classes is not None:
         _validation.integer(num_classes, "num_classes", 1)  # an argument, not the file's
+    elif path.lower().endswith(".npz"):
+        num_classes = _stored_num_classes(path)  # written by save_features(FeatureSet)
     with _validation.file_contents():
         x, y, k = check_feature_arrays(
             x,
@@ -568,7 +577,18 @@ def load_features(
     return FeatureSet(x, y, k, set_name)
 
 
-def save_features(path: PathLike, features, labels, compress: bool = False) -> str:
+def _stored_num_classes(path: str) -> Optional[int]:
+    """The ``num_classes`` a ``.npz`` written from a FeatureSet stores, or None."""
+    with np.load(path, allow_pickle=False) as z:
+        if "num_classes" not in z.files:
+            return None
+        k = z["num_classes"]
+    if k.shape != () or k.dtype.kind not in "iu":
+        raise ValueError(f"{path}['num_classes'] must be one integer, got {k!r}")
+    return int(k)
+
+
+def save_features(path: PathLike, features, labels=None, compress: bool = False) -> str:
     """Write features and labels to a ``.npz`` file readable by :func:`load_features`.
 
     Parameters
@@ -576,7 +596,8 @@ def save_features(path: PathLike, features, labels, compress: bool = False) -> s
     path : str or os.PathLike
         Destination; must end in ``.npz``.
     features : array_like (n, d) floating, or a FeatureSet (then ``labels`` is ignored
-        and may be None)
+        and may be left out; its ``num_classes`` is stored, so a set whose last
+        classes have no rows loads back with the same K)
     labels : array_like (n,) integer
     compress : bool
         Use ``numpy.savez_compressed`` (smaller, slower to load).
@@ -592,10 +613,16 @@ def save_features(path: PathLike, features, labels, compress: bool = False) -> s
     path = os.fspath(path)
     if not path.lower().endswith(".npz"):
         raise ValueError(f"save_features writes .npz files; got {path}")
+    extra = {}
     if isinstance(features, FeatureSet):
+        extra["num_classes"] = np.array(features.num_classes, dtype=np.int64)
         features, labels = features.features, features.labels
-    x, y, _ = check_feature_arrays(features, labels, name=path)
-    (np.savez_compressed if compress else np.savez)(path, features=x, labels=y)
+    elif labels is None:
+        raise TypeError("save_features needs labels (or a FeatureSet as features)")
+    x, y, _ = check_feature_arrays(
+        features, labels, num_classes=extra.get("num_classes"), name=path
+    )
+    (np.savez_compressed if compress else np.savez)(path, features=x, labels=y, **extra)
     return path
 
 
@@ -651,6 +678,7 @@ def train_test_split_features(
         ``-test`` suffixes.
     """
     n = fs.n
+    seed = _validation.integer(seed, "seed", 0)
     if isinstance(test_fraction, (int, np.integer)) and not isinstance(test_fraction, bool):
         n_test = _validation.integer(test_fraction, "test_fraction")
     else:
@@ -780,6 +808,7 @@ def digits_features(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("digits_features needs scikit-learn (pip install scikit-learn)") from e
     dtype = _validation.float_dtype(dtype, "dtype")
+    seed = _validation.integer(seed, "seed", 0)
     _validation.choice(feature_map, "feature_map", ("pixels", "random_fourier"))
     bunch = load_digits()
     pixels = np.asarray(bunch.data, dtype=np.float64) / 16.0
@@ -791,7 +820,9 @@ def digits_features(
         g = 4.0 / pixels.shape[1] if gamma is None else _validation.positive(gamma, "gamma")
         x = _random_fourier_map(pixels, num_features, g, seed, dtype)
     full = FeatureSet(x, labels, 10, f"digits-{feature_map}")
-    return train_test_split_features(full, int(test_size), seed=split_seed, stratify=True)
+    test_size = _validation.integer(test_size, "test_size", 1)
+    split_seed = _validation.integer(split_seed, "split_seed", 0)
+    return train_test_split_features(full, test_size, seed=split_seed, stratify=True)
 
 
 # --------------------------------------------------------------------------- #
@@ -1081,6 +1112,7 @@ def synthetic_features(
     """
     n, d = _validation.integer(n, "n", 1), _validation.integer(d, "d", 1)
     num_classes = _validation.integer(num_classes, "num_classes", 2)
+    seed = _validation.integer(seed, "seed", 0)
     difficulty = _validation.interval(difficulty, "difficulty", 0.0, 1.0, closed="both")
     spectrum_decay = _validation.nonneg(spectrum_decay, "spectrum_decay")
     norm_spread = _validation.nonneg(norm_spread, "norm_spread")

@@ -146,9 +146,6 @@ def _dask_inputs(x, labels):
             "x has unknown chunk sizes (e.g. after boolean indexing or from a dataframe): "
             "call x.compute_chunk_sizes() first"
         )
-    dt = x.dtype
-    if not ((dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"):
-        raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {dt}")
     if labels is None:
         labels = da.zeros(x.shape[0], dtype=np.int64, chunks=(x.chunks[0],))
     elif not isinstance(labels, da.Array):
@@ -238,6 +235,10 @@ def compute(
         token = _source_token(source)
     else:
         x, labels = _dask_inputs(x, labels)
+        dt = x.dtype
+        floats = (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
+        if transform is None and not floats:  # a transform widens rows exactly itself
+            raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {dt}")
         shard_rows = tuple(int(c) for c in x.chunks[0])
         chunked = True
         token = f"{x.name}-{labels.name}-{getattr(transform, 'fingerprint', repr(transform))}"

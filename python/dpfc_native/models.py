@@ -292,7 +292,13 @@ def _as_features(X, name: str, device: str, d: int | None = None):
     if d is not None and X.shape[1] != d:
         raise ValueError(f"{name} has {X.shape[1]} features, but the model was fitted with {d}")
     kind = X.dtype.kind
-    if kind in "biu":
+    # On the CPU, integer and float16 rows stay as stored: the per-leaf preprocessing
+    # widens each block exactly to float64 as it reads it (a whole-array upcast was a
+    # full copy of X). The GPU path works on float32/float64 device arrays.
+    keep = xp is np and (kind in "biu" or (kind == "f" and X.dtype.itemsize == 2))
+    if keep:
+        pass
+    elif kind in "biu":
         X = X.astype(xp.float64)
     elif kind == "f":
         if X.dtype.itemsize < 4:
@@ -988,6 +994,17 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
             data = _fitstats.DeviceStatistics(Xc, xp.asarray(y_idx), xp)
         val = None
         if X_val is not None:
+            names = getattr(X_in, "columns", None)
+            names_val = getattr(X_val, "columns", None)
+            if (
+                names is not None
+                and names_val is not None
+                and list(map(str, names)) != list(map(str, names_val))
+            ):
+                raise ValueError(
+                    "X_val's feature names differ from X's (reordered or other columns): "
+                    "the validation split would be scored on the wrong features"
+                )
             Xv = _as_features(X_val, "X_val", device, d=d)
             yv = _to_numpy(y_val)
             if yv.ndim != 1 or yv.shape[0] != Xv.shape[0]:
@@ -1109,7 +1126,13 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         scores = self._released_scores(X)
         if scores.shape[1] == 2:
             w = self._class_log_weights(scores)
-            return w[:, 1] - w[:, 0]
+            df = w[:, 1] - w[:, 0]
+            # Where the log-odds underflow to 0 (both sigmoid scores beyond ~745) keep
+            # their sign, the one predict's argmax uses: the smallest double of that sign.
+            tied = (df == 0) & (scores[:, 1] != scores[:, 0])
+            if tied.any():
+                df[tied] = np.copysign(5e-324, scores[tied, 1] - scores[tied, 0])
+            return df
         return scores
 
     def predict_proba(self, X):
@@ -1628,6 +1651,8 @@ class DPLeastSquaresClassifier(_DPClassifierBase):
         )
         if p["variant"] == "per_class":
             ctx.fitted["alpha_"] = float(chosen["alpha"])
+        else:  # a refit of another variant must not keep an earlier fit's alpha_
+            self.__dict__.pop("alpha_", None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -199,11 +199,6 @@ class ArraySource:
     ):
         if getattr(x, "ndim", None) != 2:
             raise ValueError(f"x must be 2-D (n, d), got {getattr(x, 'shape', type(x))}")
-        dt = getattr(x, "dtype", None)
-        if dt is None or not (
-            (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
-        ):
-            raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {dt}")
         self.x = x
         n = x.shape[0]
         if labels is None:
@@ -745,12 +740,16 @@ def _on_device_of(x, a):
 
 
 def _as_ops_float(x):
-    """Leaf rows as ops accept them: half precision widened exactly to float32."""
+    """Leaf rows as ops accept them: half precision widened exactly to float32. Other
+    dtypes are refused (integers would round in float32; a transform, such as the
+    estimators' preprocessing, widens them exactly to float64 before the leaf)."""
     if not ops.is_gpu_array(x):
         x = np.asarray(x)
-    if x.dtype.kind != "f" or x.dtype.itemsize < 4:
+    if x.dtype.kind == "f" and x.dtype.itemsize in (4, 8):
+        return x
+    if (x.dtype.kind == "f" and x.dtype.itemsize == 2) or x.dtype.name == "bfloat16":
         return x.astype(np.float32)
-    return x
+    raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {x.dtype}")
 
 
 class _Statistic:
