@@ -122,7 +122,8 @@ def _user_errors(command):
     options = {}
     for name, p in inspect.signature(command).parameters.items():
         longs = [d for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
-        if longs:
+        # "labels" names data in every layer's messages (a shard's, y's), not --labels.
+        if longs and name != "labels":
             options[name] = longs[0].split("/")[0]
 
     @functools.wraps(command)
