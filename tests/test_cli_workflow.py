@@ -345,3 +345,45 @@ def test_json_reports_are_checked_before_the_work_and_not_overwritten(tmp_path):
         ],
     )
     assert res.exit_code == 0 and json.loads((tmp_path / "p.json").read_text())["rows"]
+
+
+def test_option_words_leave_paths_alone_and_zarr_fill_from_the_cli(tmp_path):
+    res = runner.invoke(app, ["train", str(tmp_path / "runs/method=fc,epsilon=1/t.npz")])
+    _one_error(res, "runs/method=fc,epsilon=1/t.npz")
+    assert "--method=" not in res.output and "--epsilon=" not in res.output
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(5)
+    y = np.sort(rng.integers(0, 3, 100))  # class 0 first: zarr 3 stores no all-zero chunk
+    g = zarr.open_group(str(tmp_path / "sorted.zarr"), mode="w")
+    g.create_array("features", data=rng.standard_normal((100, 4)).astype("f4"), chunks=(10, 4))
+    g.create_array("labels", data=y, chunks=(10,))
+    args = ["train", str(tmp_path / "sorted.zarr"), "--num-classes", "3", "-m", "ls"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "a.npz")])
+    _one_error(res, "--missing-chunks='fill'")
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "b.npz"), "--missing-chunks", "fill"])
+    assert res.exit_code == 0, res.output
+
+
+def test_predict_on_unlabelled_safetensors(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    x, y = _blobs(6)
+    data.save_features(tmp_path / "t.npz", x, y)
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "t.npz"),
+            "-m",
+            "ls",
+            "--num-classes",
+            "3",
+            "-o",
+            str(tmp_path / "m.npz"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    safetensors_numpy.save_file({"features": x[:20]}, str(tmp_path / "nolab.safetensors"))
+    res = runner.invoke(
+        app, ["predict", str(tmp_path / "m.npz"), str(tmp_path / "nolab.safetensors")]
+    )
+    assert res.exit_code == 0 and "predicted 20 rows" in res.output and "accuracy" not in res.output

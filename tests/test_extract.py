@@ -752,9 +752,12 @@ def test_a_failed_or_killed_rerun_leaves_the_earlier_output_intact(setup, tmp_pa
 
 
 def test_existing_outputs_and_sidecar_errors_name_their_source(setup, tmp_path):
-    for name in ("s-99999.npz", "s-100000.npz", "s.json", "s-1.npz", "sx.npz"):
+    for name in ("s-99999.npz", "s-100000.npz", "s-20240101.npz", "sx.npz"):
         (tmp_path / name).write_bytes(b"")
+    files = [{"path": "s-99999.npz", "rows": 1}, {"path": "s-100000.npz", "rows": 1}]
+    (tmp_path / "s.json").write_text(json.dumps({"files": files}))
     found = [os.path.basename(p) for p in existing_outputs(tmp_path / "s.npz")]
+    # What the earlier record lists, never another output that merely shares the stem.
     assert found == ["s-100000.npz", "s-99999.npz", "s.json"]
     tmp, _, _ = setup
     h, w = 9, 11
@@ -839,3 +842,42 @@ def test_onnx_external_data_is_hashed_into_the_weights_record(tmp_path):
     assert not np.array_equal(
         np.load(tmp_path / "a.npz")["features"], np.load(tmp_path / "b.npz")["features"]
     )
+
+
+def test_an_output_sharing_the_stem_is_not_an_earlier_run(setup):
+    tmp, _, _ = setup
+    assert _cli_extract(tmp, tmp / "o" / "feats-20240101.npz").exit_code == 0
+    other = {p.name: p.read_bytes() for p in (tmp / "o").iterdir()}
+    res = _cli_extract(tmp, tmp / "o" / "feats.npz", "--shard-size", "5")
+    assert res.exit_code == 0, res.output  # nothing of its own to replace: no --force
+    res = _cli_extract(tmp, tmp / "o" / "feats.npz", "--force")
+    assert res.exit_code == 0, res.output
+    now = {p.name: p.read_bytes() for p in (tmp / "o").iterdir()}
+    assert {k: now[k] for k in other} == other  # the dated output untouched
+    assert sorted(set(now) - set(other)) == ["feats.json", "feats.npz"]  # shards replaced
+
+
+def test_extract_from_a_thread_and_a_resize_pair_given_as_an_argument(setup):
+    """The CLI runs off the main thread (no SIGTERM handler there); a resize pair given
+    to extract() keeps its documented meaning (exactly that size), as in a sidecar."""
+    import threading
+
+    from dpfc_native.extract import _merged_preprocess
+
+    tmp, _, _ = setup
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", _cli_extract(tmp, tmp / "t.npz")))
+    thread.start()
+    thread.join()
+    assert out["r"].exit_code == 0, out["r"].output
+
+    class NoSpec:
+        def default_preprocess(self):
+            from dpfc_native.extract import _NoPreprocess
+
+            raise _NoPreprocess("no spec")
+
+    pair = _merged_preprocess(NoSpec(), {"crop": [8, 8], "resize": [8, 8]})
+    assert pair.crop_mode == Preprocess.from_dict({"crop": [8, 8], "resize": [8, 8]}, "s").crop_mode
+    assert pair.crop_mode == "squash"
+    assert _merged_preprocess(NoSpec(), {"crop": [8, 8], "resize": 9}).crop_mode == "center"

@@ -472,6 +472,37 @@ def test_selector_failures_spend_nothing_and_scoring_data_checked(rng):
     assert any("classes=None" in t for t in texts) and any("exceeds 1/n" in t for t in texts)
 
 
+def test_selector_interrupted_after_a_repetition_keeps_its_charge(rng):
+    """Once a repetition has run (and, with verbose, shown its noisy score), a selection
+    that stops keeps its reservation: Ctrl-C, or a later candidate's error, is no free
+    rerun."""
+
+    class Flaky(DPLeastSquaresClassifier):
+        fits = 0
+
+        def fit(self, X, y=None, **kw):
+            type(self).fits += 1
+            if type(self).fits == 2:
+                raise KeyboardInterrupt
+            if type(self).fits == 4:
+                raise ValueError("a later candidate refused")
+            return super().fit(X, y, **kw)
+
+    X, y = _data(rng)
+    budget = PrivacyBudget(5.0, 1e-5)
+    for _ in range(2):
+        sel = PrivateSelector(
+            Flaky(classes=range(K)),
+            {"reg": [1.0]},
+            epsilon=1.0,
+            budget=budget,
+            mean_repetitions=50,
+        )
+        with pytest.raises((KeyboardInterrupt, ValueError)):
+            sel.fit(X, y)
+    assert len(budget.fits) == 2 and budget.epsilon_spent > 1.0
+
+
 # ---------------------------------------------------------------------------------------
 # PrivacyWarning at fit
 # ---------------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def _option_words(text: str) -> str:
     import re
 
     for name, flag in _OPTIONS.get():
-        text = re.sub(rf"(?<![\w\-.'`]){name}(?= must| given| has|=)", flag, text)
+        # Only a word that starts the message or follows a space or "(": never inside a
+        # path or a value ("runs/steps=3/x.npz").
+        text = re.sub(rf"(?<![^\s(]){name}(?= must| given| has|=)", flag, text)
     return text
 
 
@@ -243,7 +245,7 @@ def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
         _fail(f"cannot load {what} {path}: {_cli_message(_message(exc))}")
 
 
-def _open_shards(pattern: str, num_classes: Optional[int]):
+def _open_shards(pattern: str, num_classes: Optional[int], missing_chunks: str = "error"):
     """A ShardedFeatures for a glob, a directory of shards or one shard, or a one-line error."""
     from .shards import open_sharded
 
@@ -251,7 +253,7 @@ def _open_shards(pattern: str, num_classes: Optional[int]):
     if os.path.isdir(pattern) and not pattern.rstrip("/").endswith(".zarr"):
         target = os.path.join(pattern, "*")
     try:
-        return open_sharded(target, num_classes=num_classes)
+        return open_sharded(target, num_classes=num_classes, missing_chunks=missing_chunks)
     except _USER_ERRORS as exc:
         _fail(f"cannot open shards {pattern}: {_message(exc)}")
 
@@ -536,6 +538,12 @@ def train(
         "--workers",
         help="Start a local Dask cluster of N worker processes for the statistics.",
     ),
+    missing_chunks: str = typer.Option(
+        "error",
+        "--missing-chunks",
+        help="zarr shards lacking chunk files: error | fill (read them as the fill "
+        "value, for stores written with write_empty_chunks=False, zarr 3's default).",
+    ),
 ):
     """Train one DP classifier on a features file (or shards); print accuracy, time and the
     ledger."""
@@ -568,7 +576,7 @@ def train(
     )
     if sharded:
         # Shards carry class indices: --classes names them, --num-classes counts them.
-        x, y = _open_shards(text, num_classes), None
+        x, y = _open_shards(text, num_classes, missing_chunks), None
         names = [c.strip() for c in (classes or "").split(",") if c.strip()]
         numeric = all(c.lstrip("-").isdigit() for c in names)
         class_set = _class_set(classes, num_classes, np.zeros(0, np.int64 if numeric else "U1"))
@@ -741,6 +749,13 @@ def _load_unlabelled(path: Path):
         return data.read_labeled_arrays(text)
     if text.lower().endswith(".npy"):
         return data._load_npy(text, True, "features"), None
+    if text.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(text, framework="numpy") as f:
+            if "features" not in f.keys():
+                raise ValueError(f"{text} has no tensor 'features' (tensors: {sorted(f.keys())})")
+            return f.get_tensor("features"), None
     with np.load(text, allow_pickle=False) as z:
         return z["features"], None
 

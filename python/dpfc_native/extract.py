@@ -900,7 +900,12 @@ def _merged_preprocess(net, given: Optional[dict]) -> Preprocess:
     if "crop" in given and "resize" not in given:
         merged.pop("resize", None)  # derived from the new crop (crop / 0.875)
     if "resize" in given:
-        merged["crop_mode"] = "center"  # --resize: the shorter side, aspect kept
+        # An int resize is the shorter side (aspect kept); a pair takes the default of a
+        # pair (exactly that size) unless a crop_mode is given.
+        if isinstance(given["resize"], (list, tuple)):
+            merged.pop("crop_mode", None)
+        else:
+            merged["crop_mode"] = "center"
     merged.update(given)
     source = "argument" + ("" if base is None else f" over {base.source}")
     return Preprocess.from_dict(merged, f"{source}: {', '.join(sorted(given))}")
@@ -929,18 +934,33 @@ def _stem(output: str) -> tuple:
 
 
 def existing_outputs(output) -> list:
-    """The files an extraction to ``output`` writes (its data files, single or sharded,
-    and the ``.json`` record) that already exist: what a new run would replace."""
-    import glob
-    import re
-
-    stem, _ = _stem(os.fspath(output))
-    found = []
-    for path in sorted(glob.glob(glob.escape(stem) + "*")):
-        tail = path[len(stem) :]
-        if re.fullmatch(r"(-\d{5,})?(\.npz|\.features\.npy|\.labels\.npy)|\.json", tail):
+    """The files of an earlier extraction to ``output`` that a new run would replace: its
+    record ``out.json``, the files that record lists (``.labels.npy`` partners
+    included), and the file names this run writes (``out.npz``, ``out.features.npy`` +
+    ``out.labels.npy``). Nothing is matched by name pattern alone, so another output
+    such as ``out-2024.npz`` beside it is never taken for a shard of this one."""
+    stem, fmt = _stem(os.fspath(output))
+    directory = os.path.dirname(os.path.abspath(stem))
+    candidates = [stem + ".json", stem + ".npz", stem + ".features.npy", stem + ".labels.npy"]
+    try:
+        with open(stem + ".json") as f:
+            record = json.load(f)
+        for entry in record.get("files", []) if isinstance(record, dict) else []:
+            name = entry.get("path") if isinstance(entry, dict) else None
+            if isinstance(name, str) and os.path.basename(name) == name:
+                path = os.path.join(directory, name)
+                candidates.append(path)
+                if path.endswith(".features.npy"):
+                    candidates.append(path[: -len(".features.npy")] + ".labels.npy")
+    except (OSError, ValueError):
+        pass  # no record (or an unreadable one): only this run's own names
+    found, seen = [], set()
+    for path in candidates:
+        key = os.path.abspath(path)
+        if key not in seen and os.path.isfile(path):
+            seen.add(key)
             found.append(path)
-    return found
+    return sorted(found)
 
 
 def extract(
@@ -1030,6 +1050,7 @@ def extract(
         spec = _merged_preprocess(net, preprocess)
     stem, fmt = _stem(os.fspath(output))
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    earlier = existing_outputs(output)  # an earlier run's files, read from its record
     metadata = {
         "dpfc_native_version": __version__,
         "model": net.info,
@@ -1109,9 +1130,10 @@ def extract(
     # this run's files, so the others go.
     written = {os.path.join(directory, f["path"]) for f in writer.files}
     written |= {p[: -len(".features.npy")] + ".labels.npy" for p in written}
-    for path in existing_outputs(stem + (".npz" if fmt == "npz" else ".npy")):
+    for path in earlier:
         if os.path.abspath(path) not in written and not path.endswith(".json"):
-            os.remove(path)
+            if os.path.isfile(path):
+                os.remove(path)
     return ExtractResult(
         [os.path.join(directory, f["path"]) for f in writer.files],
         manifest,
@@ -1225,7 +1247,10 @@ def register_cli(app) -> None:
         def _terminated(signum, frame):  # kill / timeout / a scheduler: clean up as Ctrl-C
             raise KeyboardInterrupt(f"signal {signum}")
 
-        previous = signal.signal(signal.SIGTERM, _terminated)
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()  # signals: main only
+        previous = signal.signal(signal.SIGTERM, _terminated) if main else None
         try:
             overrides = {
                 "crop": crop,
@@ -1255,7 +1280,8 @@ def register_cli(app) -> None:
         except _USER_ERRORS as exc:
             _fail(str(exc).replace("on_error='skip'", "--skip-bad"))
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         for item in result.skipped:
             console.print(f"skipped {item['path']}: {item['error']}", highlight=False, markup=False)
         meta = result.metadata

@@ -898,10 +898,12 @@ class PrivateSelector:
                     if best is None or score > best[0]:
                         best = (score, idx, est)
                     bar.advance(f"repetition {rep + 1}: {candidates[idx]} score {score:.4f}")
-        except BaseException:
-            # Nothing was released (the selection returns only at its end): a run that
-            # raised, e.g. on its input at the first candidate's fit, spends nothing.
-            if charge is not None:
+        except (ValueError, TypeError):
+            # A candidate refused its input before any repetition finished (bad X, y or
+            # parameters, as a plain fit refuses them): no score was computed or shown,
+            # so the reservation is withdrawn. Anything later, or any other exception
+            # (Ctrl-C included), keeps the charge: a rerun must not come for free.
+            if charge is not None and not history:
                 self.budget.cancel(charge)
             raise
         score, idx, est = best
