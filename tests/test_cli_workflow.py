@@ -368,22 +368,8 @@ def test_predict_on_unlabelled_safetensors(tmp_path):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     x, y = _blobs(6)
     data.save_features(tmp_path / "t.npz", x, y)
-    res = runner.invoke(
-        app,
-        [
-            "train",
-            str(tmp_path / "t.npz"),
-            "-m",
-            "ls",
-            "--num-classes",
-            "3",
-            "-o",
-            str(tmp_path / "m.npz"),
-        ],
-    )
+    res, model = _train(tmp_path, tmp_path / "t.npz", "--num-classes", 3)
     assert res.exit_code == 0, res.output
     safetensors_numpy.save_file({"features": x[:20]}, str(tmp_path / "nolab.safetensors"))
-    res = runner.invoke(
-        app, ["predict", str(tmp_path / "m.npz"), str(tmp_path / "nolab.safetensors")]
-    )
+    res = runner.invoke(app, ["predict", str(model), str(tmp_path / "nolab.safetensors")])
     assert res.exit_code == 0 and "predicted 20 rows" in res.output and "accuracy" not in res.output
