@@ -51,10 +51,32 @@ import numpy as np
 #: The floating dtypes the native kernels read and write.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+
+def is_feature_float(dtype) -> bool:
+    """float16, bfloat16, float32 or float64: the dtypes the statistics read as stored
+    (longer floats are refused rather than rounded, integers rather than cast)."""
+    dt = np.dtype(dtype)
+    return (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
+
+
+def feature_float(dtype, name: str) -> None:
+    """TypeError naming ``name`` unless :func:`is_feature_float`."""
+    if not is_feature_float(dtype):
+        raise TypeError(
+            f"{name} must hold float16, bfloat16, float32 or float64 features, got {dtype}"
+        )
+
+
 #: Most classes inferred from labels (``max(label) + 1``) when no label set is given,
 #: unless there are more examples than that: a stray label of 1e9 would otherwise make a
 #: billion classes (and O(K) arrays). Used by the data loaders and the sharded sources.
 MAX_INFERRED_CLASSES = 1 << 16
+
+
+def inferred_class_limit(n: int) -> int:
+    """Most classes inferred from the labels of ``n`` examples: ``max(2^16, n)``."""
+    return max(MAX_INFERRED_CLASSES, int(n))
+
 
 # Elements per chunk of the finiteness scan: 32 MiB of float64 on the CPU; on the GPU,
 # 64 MiB boolean temporaries, the verdicts kept on the device until one sync.

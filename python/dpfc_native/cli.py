@@ -215,15 +215,6 @@ def _one_or_list(values):
     return values[0] if len(values) == 1 else list(values)
 
 
-def _load(path: Path, labels: Optional[Path], what: str, num_classes: Optional[int] = None):
-    from . import data
-
-    try:
-        return data.load_features(path, labels_path=labels, num_classes=num_classes)
-    except _USER_ERRORS as exc:
-        _fail(f"cannot load {what} {path}: {_message(exc)}")
-
-
 def _short_list(values) -> str:
     """A label set for one line: every label up to 8, else the first 3 and the last."""
     values = list(values)
@@ -624,7 +615,7 @@ def train(
     if unknown:
         flag = (
             f"--{unknown[0].replace('_', '-')}"
-            if unknown[0] in ("lr", "steps", "grad_clip_norm", "reg") and unknown[0] in options
+            if unknown[0] in options
             else f"--param {unknown[0]}"
         )
         _fail(

@@ -284,11 +284,12 @@ def check_feature_arrays(
     max_label = int(y.max())
     if num_classes is None:
         k = max_label + 1
-        if k > max(MAX_INFERRED_CLASSES, y.shape[0]):
+        limit = _validation.inferred_class_limit(y.shape[0])
+        if k > limit:
             raise ValueError(
                 f"{labels_key}{where} has label {max_label}: inferring the label "
                 f"set 0..{max_label} from it would make {k} classes (at most "
-                f"{max(MAX_INFERRED_CLASSES, y.shape[0])} are inferred); pass "
+                f"{limit} are inferred); pass "
                 "the public label set (num_classes=, --num-classes or classes=) "
                 "if that is really intended, or relabel to 0..K-1"
             )

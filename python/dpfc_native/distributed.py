@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from . import _validation
 from . import reduction as _red
 from .reduction import (
     LEAF_ROWS,
@@ -235,27 +236,20 @@ def compute(
         token = _source_token(source)
     else:
         x, labels = _dask_inputs(x, labels)
-        dt = x.dtype
-        floats = (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
-        if transform is None and not floats:  # a transform widens rows exactly itself
-            raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {dt}")
+        if transform is None:  # a transform widens rows (e.g. integers) exactly itself
+            _validation.feature_float(x.dtype, "x")
         shard_rows = tuple(int(c) for c in x.chunks[0])
         chunked = True
         token = f"{x.name}-{labels.name}-{getattr(transform, 'fingerprint', repr(transform))}"
     layout = LeafLayout(shard_rows, leaf_rows)
     if leaves_per_task is not None:
-        from ._validation import integer
-
-        leaves_per_task = integer(leaves_per_task, "leaves_per_task", 1)
+        leaves_per_task = _validation.integer(leaves_per_task, "leaves_per_task", 1)
     if task_ranges is not None and len(task_ranges) == 0:
         raise ValueError("task_ranges is empty: give the tasks' leaf ranges, or None")
     if stat.needs_weights and weights is None:
         raise ValueError("this statistic needs weights (n, K) or a weight_fn")
-    if weights is not None and getattr(weights, "shape", (None,))[0] != layout.n_rows:
-        raise ValueError(
-            f"weights must have one row per example ({layout.n_rows}), got shape "
-            f"{getattr(weights, 'shape', type(weights))}"
-        )
+    if weights is not None:
+        _red._check_weight_rows(weights, layout.n_rows)  # noqa: SLF001 - same module family
     d = int(x.shape[1]) if chunked else int(source.n_features)
     key = _red._partial_key(stat, layout, sampling, d)  # noqa: SLF001 - same module family
     # Task keys name what a task computes (for the dashboard) plus a fresh nonce: a call

@@ -61,6 +61,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .data import _sibling_labels_path
+
 __all__ = [
     "Preprocess",
     "ExtractResult",
@@ -422,6 +424,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (libraries' messages run long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _with_labels_file(path: str) -> list:
+    """A data file and, for a paired ``.features.npy``, its ``.labels.npy``."""
+    labels = _sibling_labels_path(path)
+    return [path] if labels is None else [path, labels]
+
+
 def _onnx_external_files(path: str) -> Optional[list]:
     """The external-data files an ONNX model's tensors point to (sorted, as paths beside
     the model), [] for none, or None when the ``onnx`` package is not installed to say."""
@@ -589,10 +603,9 @@ class _OnnxModel:
         try:
             out = self.session.run([self.output], {self.input.name: batch})[0]
         except Exception as exc:  # onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExtractError(
                 f"{self.path} refused a batch of shape {tuple(batch.shape)} (its input is "
-                f"{self.input.shape}): {first}. The image size and channels must match "
+                f"{self.input.shape}): {_first_line(exc)}. The image size and channels must match "
                 "the model's input (--crop, --resize, or a sidecar <model>.onnx.json)"
             ) from exc
         return np.asarray(out)
@@ -631,8 +644,7 @@ class _TimmModel:
             if isinstance(exc, pickle.UnpicklingError):
                 detail = "it holds Python objects, which are never unpickled here"
             else:
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                detail = detail or type(exc).__name__
+                detail = _first_line(exc)
             raise ExtractError(
                 f"cannot read weights {weights}: not a tensor checkpoint that loads without "
                 f"running code (.safetensors, or a state dict saved by torch.save): {detail}"
@@ -775,13 +787,11 @@ class _ShardWriter:
     def _targets(self) -> list:
         """(partial, final) paths of every file written so far."""
         directory = os.path.dirname(os.path.abspath(self.stem))
-        out = []
-        for f in self.files:
-            path = os.path.join(directory, f["path"])
-            out.append(path)
-            if path.endswith(".features.npy"):
-                out.append(path[: -len(".features.npy")] + ".labels.npy")
-        return [(self._partial(p), p) for p in out]
+        return [
+            (self._partial(p), p)
+            for f in self.files
+            for p in _with_labels_file(os.path.join(directory, f["path"]))
+        ]
 
     def _flush(self):
         tmp, rows = self._tmp, self._rows
@@ -801,7 +811,7 @@ class _ShardWriter:
                     np.savez(out, features=x, labels=labels, metadata=np.array(meta))
                 del x
             else:
-                labels_path = path[: -len(".features.npy")] + ".labels.npy"
+                labels_path = _sibling_labels_path(path)
                 header = {
                     "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                     "fortran_order": False,
@@ -948,10 +958,7 @@ def existing_outputs(output) -> list:
         for entry in record.get("files", []) if isinstance(record, dict) else []:
             name = entry.get("path") if isinstance(entry, dict) else None
             if isinstance(name, str) and os.path.basename(name) == name:
-                path = os.path.join(directory, name)
-                candidates.append(path)
-                if path.endswith(".features.npy"):
-                    candidates.append(path[: -len(".features.npy")] + ".labels.npy")
+                candidates += _with_labels_file(os.path.join(directory, name))
     except (OSError, ValueError):
         pass  # no record (or an unreadable one): only this run's own names
     found, seen = [], set()
@@ -1128,8 +1135,7 @@ def extract(
     # Files of an earlier run to the same output that this run did not rewrite (other
     # shard counts or layout) would mix with these under a glob: the record lists only
     # this run's files, so the others go.
-    written = {os.path.join(directory, f["path"]) for f in writer.files}
-    written |= {p[: -len(".features.npy")] + ".labels.npy" for p in written}
+    written = {final for _, final in writer._targets()}
     for path in earlier:
         if os.path.abspath(path) not in written and not path.endswith(".json"):
             if os.path.isfile(path):
@@ -1229,6 +1235,8 @@ def register_cli(app) -> None:
         """Features of a frozen pre-trained model for a labelled image folder, written in
         the formats `dpfc train` reads, with a record of the model, its SHA-256 and the
         preprocessing."""
+        import signal
+        import threading
         import time
 
         from .cli import _USER_ERRORS, _console, _fail
@@ -1242,12 +1250,9 @@ def register_cli(app) -> None:
             )
         console = _console()
         t0 = time.perf_counter()
-        import signal
 
         def _terminated(signum, frame):  # kill / timeout / a scheduler: clean up as Ctrl-C
             raise KeyboardInterrupt(f"signal {signum}")
-
-        import threading
 
         main = threading.current_thread() is threading.main_thread()  # signals: main only
         previous = signal.signal(signal.SIGTERM, _terminated) if main else None

@@ -295,13 +295,12 @@ def _as_features(X, name: str, device: str, d: int | None = None):
     # On the CPU, integer and float16 rows stay as stored: the per-leaf preprocessing
     # widens each block exactly to float64 as it reads it (a whole-array upcast was a
     # full copy of X). The GPU path works on float32/float64 device arrays.
-    keep = xp is np and (kind in "biu" or (kind == "f" and X.dtype.itemsize == 2))
-    if keep:
-        pass
-    elif kind in "biu":
-        X = X.astype(xp.float64)
+    as_stored = xp is np and (kind in "biu" or (kind == "f" and X.dtype.itemsize == 2))
+    if kind in "biu":
+        if not as_stored:
+            X = X.astype(xp.float64)
     elif kind == "f":
-        if X.dtype.itemsize < 4:
+        if X.dtype.itemsize < 4 and not as_stored:
             X = X.astype(xp.float32)
         elif X.dtype.itemsize > 8:
             X = X.astype(xp.float64)

@@ -54,7 +54,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import _core, _cpu_stats, ops
+from . import _core, _cpu_stats, _validation, ops
 
 __all__ = [
     "LEAF_ROWS",
@@ -745,11 +745,8 @@ def _as_ops_float(x):
     estimators' preprocessing, widens them exactly to float64 before the leaf)."""
     if not ops.is_gpu_array(x):
         x = np.asarray(x)
-    if x.dtype.kind == "f" and x.dtype.itemsize in (4, 8):
-        return x
-    if (x.dtype.kind == "f" and x.dtype.itemsize == 2) or x.dtype.name == "bfloat16":
-        return x.astype(np.float32)
-    raise TypeError(f"x must hold float16, bfloat16, float32 or float64 features, got {x.dtype}")
+    _validation.feature_float(x.dtype, "x")
+    return x if x.dtype.itemsize in (4, 8) else x.astype(np.float32)
 
 
 class _Statistic:
@@ -1207,6 +1204,15 @@ def leaf_partial(
     return acc.partial()
 
 
+def _check_weight_rows(weights, n_rows: int) -> None:
+    """Per-row weights must have one row per example (extra rows are not ignored)."""
+    if getattr(weights, "shape", (None,))[0] != n_rows:
+        raise ValueError(
+            f"weights must have one row per example ({n_rows}), got shape "
+            f"{getattr(weights, 'shape', type(weights))}"
+        )
+
+
 class _SlicedWeights:
     def __init__(self, weights, layout: LeafLayout, first_global: int = 0):
         self.weights, self.layout, self.first = weights, layout, int(first_global)
@@ -1235,12 +1241,7 @@ def range_partial(
     if not 0 <= first < stop <= layout.n_leaves:
         raise ValueError(f"leaf range [{first}, {stop}) outside [0, {layout.n_leaves})")
     if weights is not None and not hasattr(weights, "leaf_weights"):
-        rows = getattr(weights, "shape", (None,))[0]
-        if rows != layout.n_rows:
-            raise ValueError(
-                f"weights must have one row per example ({layout.n_rows}), got shape "
-                f"{getattr(weights, 'shape', type(weights))}"
-            )
+        _check_weight_rows(weights, layout.n_rows)
         weights = _SlicedWeights(weights, layout)
     acc = _accumulator(stat, layout, sampling, int(source.n_features))
     # Each leaf's value is on the grid before the next leaf is computed, so the CPU

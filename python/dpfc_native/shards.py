@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ._validation import MAX_INFERRED_CLASSES
+from ._validation import inferred_class_limit, is_feature_float
 
 __all__ = ["ShardError", "Shard", "ShardedFeatures", "open_sharded", "SHARD_FORMATS"]
 
@@ -336,12 +336,6 @@ def _read_parquet_rows(shard: Shard, opts: _Options, start: int, stop: int):
     return _parquet_to_numpy(table, shard.path, labels_column, feat)
 
 
-def _float_kind(dt: np.dtype) -> bool:
-    """float16, bfloat16, float32 or float64: what the statistics read (longer floats,
-    e.g. float128, are refused rather than rounded)."""
-    return (dt.kind == "f" and dt.itemsize in (2, 4, 8)) or dt.name == "bfloat16"
-
-
 # --------------------------------------------------------------------------------------
 # Opening a shard: shapes, dtypes, labels, size and hash
 # --------------------------------------------------------------------------------------
@@ -429,7 +423,7 @@ def _open_one(
         ) from e
     if rows == 0:
         raise ShardError(f"shard {path}: has no rows")
-    if dtype is None or not _float_kind(np.dtype(dtype)):
+    if dtype is None or not is_feature_float(dtype):
         raise ShardError(
             f"shard {path}: features must be float16, bfloat16, float32 or float64, got {dtype}"
         )
@@ -793,7 +787,7 @@ def open_sharded(
         shards.append(shard)
     k_seen = max(s.label_max for s in shards) + 1
     if num_classes is None:
-        limit = max(MAX_INFERRED_CLASSES, sum(s.rows for s in shards))
+        limit = inferred_class_limit(sum(s.rows for s in shards))
         if k_seen > limit:
             worst = max(shards, key=lambda s: s.label_max)
             raise ShardError(
