@@ -74,6 +74,22 @@ def test_tiny_sample_rate_calibration_does_bounded_work(monkeypatch, q):
     assert real_eps(z, q, 5, 1e-5, method="pld") <= 1.0
 
 
+@pytest.mark.parametrize("q", [5e-324, 1e-310])
+def test_subnormal_sample_rate_is_refused_by_name(q):
+    """A subnormal rate reached dp-accounting's PLD and failed there ("a must be greater
+    than b. Got a=inf and b=inf"): refused up front, by every entry point."""
+    x, y = _data(22, n=50, d=3)
+    with pytest.raises(ValueError, match="sample_rate must be at least"):
+        DPSGDClassifier(classes=[0, 1, 2], sample_rate=q).fit(x, y)
+    with pytest.raises(ValueError, match="sample_rate must be at least"):
+        accounting.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, q, 5, method="pld")
+    with pytest.raises(ValueError, match="sample_rate must be at least"):
+        accounting.SubsampledGaussian(1.0, q, 5)
+    # The smallest normal rate is accepted (and calibrates in bounded work).
+    z = accounting.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, 2.3e-308, 5, method="rdp")
+    assert z >= accounting.calibration._MIN_DPSGD_MULTIPLIER
+
+
 @pytest.mark.parametrize("q", [1e-9, 1e-4])
 def test_dpsgd_fit_with_a_tiny_sample_rate(monkeypatch, q):
     # The estimator's calibration and ledger: a bounded number of accountant evaluations

@@ -5,6 +5,7 @@ against float64 references and planted signals, the eigen-solve, and the estimat
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -107,6 +108,32 @@ def test_shrinkers_are_scale_equivariant_far_from_one(rng, scale):
         got = linalg.shrink_eigenvalues(w * scale, s * scale, d, m)
         assert np.isfinite(got).all() and (got > 0).any(), m
         np.testing.assert_allclose(got / scale, ref, rtol=1e-12, atol=1e-13 * e, err_msg=m)
+
+
+@pytest.mark.parametrize("s", [5e-324, 1e-310, 1e-300, 1e300, 1e308])
+def test_shrinkers_finite_at_extreme_noise_std(rng, s):
+    """Any finite noise std gives finite, non-negative values (the edge sqrt(2 d) s
+    overflowed to inf, and w / edge to inf: NaN from "spiked", "soft" and "rie")."""
+    w = np.sort(rng.uniform(-2.0, 3.0, size=(2, 7)), axis=-1)
+    for scale in (1.0, 1e300, 1e-300):
+        for m in SHRINKERS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no overflow / invalid warning either
+                got = linalg.shrink_eigenvalues(w * scale, s, 7, m)
+            assert np.isfinite(got).all() and (got >= 0).all(), (m, scale)
+            if s * math.sqrt(14) < 1e-15 * scale:  # noise far below w: the PSD projection
+                np.testing.assert_allclose(got, np.maximum(w * scale, 0), rtol=1e-12)
+            if s * math.sqrt(14) > 10 * scale and m in ("soft", "spiked"):  # all in the bulk
+                assert (got == 0).all(), m
+
+
+def test_shrink_eigenvalues_checks_d(rng):
+    w = rng.standard_normal((2, 4))
+    for d in (8, 2, 3):
+        with pytest.raises(ValueError, match="d must be the length"):
+            linalg.shrink_eigenvalues(w, [1.0, 2.0], d, "rie")
+    with pytest.raises(TypeError, match="d"):
+        linalg.shrink_eigenvalues(w, 1.0, 4.0, "soft")
 
 
 @pytest.mark.parametrize("clip_norm", [1e-90, 1e80])
@@ -336,6 +363,32 @@ def test_non_private_denoised_solve_equals_todays(cls, kw, method):
     den = cls(epsilon=INF, denoise=method, **kw).fit(x, y)
     assert den.reg_ == today.reg_
     np.testing.assert_allclose(den.coef_, today.coef_, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", SHRINKERS)
+def test_small_user_ridge_is_not_overridden_by_the_eigen_floor(method):
+    """A user's small ridge on an ill-conditioned Gram (eigenvalues ~4e-6 to 2000): the
+    eigen-solve's relative floor (1e-6 x the largest denominator = 2e-3) replaced the
+    ridge, so the non-private denoised weights differed from today's by 99%."""
+    rng = np.random.default_rng(17)
+    n, d, k = 2000, 5, 2
+    y = rng.integers(0, k, n)
+    x = 1.0 + 1e-4 * rng.normal(size=(n, d))
+    x[:, 0] += 1e-4 * (2 * y - 1)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    gram = xn.T @ xn
+    assert np.linalg.eigvalsh(gram)[0] < 1e-5
+    b = np.stack([xn[y == j].sum(0) for j in range(k)])
+    for reg in (1e-7, 1e-5):
+        ref = np.linalg.solve(gram + reg * np.eye(d), b.T).T  # float64 reference
+        today = DPLeastSquaresClassifier(epsilon=INF, reg=reg, denoise="none").fit(x, y)
+        den = DPLeastSquaresClassifier(epsilon=INF, reg=reg, denoise=method).fit(x, y)
+        scale = np.abs(ref).max()
+        assert np.abs(today.coef_ - ref).max() < 1e-5 * scale
+        assert np.abs(den.coef_ - ref).max() < 1e-5 * scale
+    # reg = 0 keeps the floor: finite weights on a singular matrix.
+    w, v = linalg.denoise_eigh(np.zeros((3, 3)) + np.diag([1.0, 0.0, 0.0]), 0.0, method)
+    assert np.isfinite(linalg.eigh_solve(w, v, 0.0, np.ones(3))).all()
 
 
 @pytest.mark.parametrize("cls,kw", FACTORING)

@@ -135,6 +135,33 @@ def test_noise_source_hands_out_disjoint_blocks(monkeypatch):
     COUNTS["noise calls checked"] += 200
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda src: src.normal((-2, 3), 1.0),  # a negative block count rewound the counter
+        lambda src: src.sym(6, 1.0, batch=-1),
+        lambda src: src.sym(0, 1.0),
+        lambda src: src.normal((2, 2), -1.0),
+        lambda src: src.normal((2, 2), 1.0, dtype=np.int32),
+        lambda src: src.sym(3, 1.0, device="tpu"),
+        lambda src: src.normal(2.0, 1.0),
+    ],
+)
+def test_a_refused_draw_takes_no_blocks(monkeypatch, bad):
+    """Arguments are checked before blocks are reserved: a refused call neither moves
+    the counter (backwards: the next release reused 6 released normals) nor logs."""
+    rec = NoiseCallRecorder(monkeypatch)
+    src = mechanisms.NoiseSource()
+    a = src.normal((4, 5), 1.0, name="a")
+    before = (src.normal_pairs_drawn, len(src.draws))
+    with pytest.raises((ValueError, TypeError)):
+        bad(src)
+    assert (src.normal_pairs_drawn, len(src.draws)) == before
+    b = src.normal((4, 5), 1.0, name="b")
+    assert np.intersect1d(a, b).size == 0
+    assert_no_block_reuse(rec.calls)
+
+
 FITS = [
     ("ls_global", models.DPLeastSquaresClassifier, {}),
     ("ls_per_class", models.DPLeastSquaresClassifier, {"variant": "per_class"}),

@@ -436,6 +436,47 @@ def test_selector_with_budget_and_errors():
         PrivateSelector(DPSGDClassifier(sample_rate=0.1), {"steps": [5]}).fit(X, y)
 
 
+def test_selector_charges_the_template_estimators_budget():
+    """A budget set on the template (not on the selector) pays for the selection: the
+    candidates are fitted without it, so it must not be dropped (it was: nothing
+    recorded)."""
+    X, y, _, _ = _digits()
+    budget = PrivacyBudget(3.0, 1e-5)
+    template = DPLeastSquaresClassifier(classes=range(10), budget=budget)
+    sel = PrivateSelector(
+        template, {"reg": [1.0, 10.0]}, epsilon=1.0, delta=1e-5, mean_repetitions=3
+    ).fit(X, y)
+    assert len(budget.fits) == 1 and isinstance(budget.fits[0][1][0], RepeatAndSelect)
+    assert budget.epsilon_spent == pytest.approx(sel.privacy_.epsilon, rel=1e-6)
+    # The same budget in both places is one budget; two different ones are refused
+    # before anything is fitted or charged.
+    PrivateSelector(
+        template, {"reg": [1.0]}, epsilon=0.5, delta=1e-5, mean_repetitions=3, budget=budget
+    ).fit(X, y)
+    assert len(budget.fits) == 2
+    other = PrivacyBudget(3.0, 1e-5)
+    with pytest.raises(ValueError, match="one budget"):
+        PrivateSelector(template, {"reg": [1.0]}, epsilon=0.5, delta=1e-5, budget=other).fit(X, y)
+    assert len(budget.fits) == 2 and other.fits == []
+    with pytest.raises(TypeError, match="estimator's budget"):
+        PrivateSelector(
+            DPLeastSquaresClassifier(classes=range(10), budget=1.0), {"reg": [1.0]}
+        ).fit(X, y)
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+def test_budget_composes_plain_gaussians_exactly_for_every_method(rng, method):
+    """``method`` concerns subsampled releases only: fits of plain Gaussians compose by
+    exact GDP (with "rdp" one fit at the budget's epsilon was charged 1.092 > 1 and
+    refused)."""
+    X, y = _data(rng)
+    budget = PrivacyBudget(1.0, 1e-5, method=method)
+    est = DPLeastSquaresClassifier(epsilon=1.0, delta=1e-5, classes=range(K), budget=budget)
+    est.fit(X, y)
+    assert budget.epsilon_spent == pytest.approx(est.privacy_.epsilon, rel=1e-9)
+    assert budget.ledger().mu == pytest.approx(est.privacy_.mu, rel=1e-12)
+
+
 def test_selector_failures_spend_nothing_and_scoring_data_checked(rng):
     """A selection that raises (here at its first candidate's fit, on bad input) returned
     nothing, so its reservation is withdrawn; mismatched scoring data is refused before

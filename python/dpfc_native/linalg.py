@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from . import _validation
+
 __all__ = [
     "RepairReport",
     "cholesky_shifts",
@@ -508,25 +510,38 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
     from . import ops
 
     xp = ops.array_module(w)
+    d = _validation.integer(d, "d", minimum=1)
+    if w.ndim < 1 or w.shape[-1] != d:
+        raise ValueError(f"d must be the length of w's last axis, got d={d} for shape {w.shape}")
     w = w.astype(xp.float64)
-    batch_shape = tuple(w.shape[:-1])
-    s = np.broadcast_to(_noise_std(noise_std), batch_shape)
-    edge_h = np.sqrt(2.0 * d) * s
-    edge = xp.asarray(edge_h)[..., None]
     if method == "psd":
         return xp.maximum(w, 0.0)
+    batch_shape = tuple(w.shape[:-1])
+    s = np.broadcast_to(_noise_std(noise_std), batch_shape)
+    # Every shrinker is homogeneous (f(c w, c s) = c f(w, s)): each matrix is computed
+    # in units of a power of two near its largest |w| or s, exactly, so that neither the
+    # edge sqrt(2 d) s nor w + edge overflows for any finite input.
+    big = np.maximum(_to_host(xp.abs(w).max(axis=-1)), s)
+    unit = np.ldexp(1.0, np.frexp(np.where(big > 0, big, 1.0))[1] - 1)  # big / unit in [1, 2)
+    w = w / xp.asarray(unit)[..., None]
+    edge_h = np.sqrt(2.0 * d) * (s / unit)
+    edge = xp.asarray(edge_h)[..., None]
+    unit_d = xp.asarray(unit)[..., None]
     if method == "soft":
-        return xp.maximum(w - edge, 0.0)
+        return xp.maximum(w - edge, 0.0) * unit_d
     if method == "spiked":
         # sqrt(w^2 - edge^2) as sqrt(w - edge) sqrt(w + edge): no square of a matrix's
         # eigenvalue, which overflows (or underflows) for clip norms far from 1.
         pos = xp.maximum(w, 0.0)
         shrunk = xp.sqrt(xp.maximum(pos - edge, 0.0)) * xp.sqrt(pos + edge)
-        return xp.where(edge > 0, shrunk, pos)  # no noise: exactly the PSD projection
+        # No noise: exactly the PSD projection.
+        return xp.where(edge > 0, shrunk, pos) * unit_d
     # "rie": w - 2 sigma^2 Re g(w + i eta) with sigma^2 = edge^2 / 4, eta = edge / sqrt(d),
     # computed in units of the edge (u = w / edge): w - (edge / 2) R(u) with
     # R(u_i) = mean_j (u_i - u_j) / ((u_i - u_j)^2 + 1 / d), so no eigenvalue is squared
     # (clip norms far from 1 overflowed or gave 0/0); row blocks bound the (rows, d) work.
+    # An edge so far below w that u overflows: those terms are 1 / (u_i - u_j) -> 0
+    # (NaN from inf - inf set to 0), and |R| <= sqrt(d) / 2 keeps the shift finite.
     flat = w.reshape(-1, d)
     edge_f = edge_h.reshape(-1)
     out = xp.empty_like(flat)
@@ -536,12 +551,14 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
         if e == 0.0:
             out[b] = xp.maximum(flat[b], 0.0)
             continue
-        u = flat[b] / e
-        for start in range(0, d, rows):
-            diff = u[start : start + rows, None] - u[None, :]
-            r = (diff / (diff * diff + 1.0 / d)).sum(axis=1) / d
-            out[b, start : start + rows] = e * (u[start : start + rows] - 0.5 * r)
-    return xp.maximum(out, 0.0).reshape(w.shape)
+        with np.errstate(over="ignore", invalid="ignore"):
+            u = flat[b] / e
+            for start in range(0, d, rows):
+                diff = u[start : start + rows, None] - u[None, :]
+                term = diff / (diff * diff + 1.0 / d)
+                r = xp.where(xp.isnan(term), 0.0, term).sum(axis=1) / d
+                out[b, start : start + rows] = flat[b, start : start + rows] - (0.5 * e) * r
+    return xp.maximum(out, 0.0).reshape(w.shape) * unit_d
 
 
 def denoise_eigh(a, noise_std, method: str = "rie"):
@@ -620,6 +637,9 @@ def eigh_solve(w, v, reg, b):
     Every denominator ``w + reg`` is floored at ``1e-6 x`` the largest one of its matrix
     (``1e-12`` for an all-zero matrix with ``reg = 0``), as :func:`cholesky_repair`'s
     "eig" floor: rank-deficient matrices without a ridge still give finite solutions.
+    With ``reg > 0`` the floor is at most ``reg``, so for ``w >= 0`` the ridge alone
+    bounds the denominators, as in a Cholesky solve of ``M + reg I`` (a small ridge on
+    an ill-conditioned matrix is the user's choice, not overridden).
     """
     from . import ops
 
@@ -630,6 +650,8 @@ def eigh_solve(w, v, reg, b):
     den = w.astype(xp.float64) + reg
     floor = EIG_FLOOR_REL * den.max(axis=-1, keepdims=True)
     floor = xp.where(floor > 0, floor, _ZERO_MATRIX_FLOOR)
+    if reg > 0:
+        floor = xp.minimum(floor, reg)
     den = xp.maximum(den, floor)
     vector = b.ndim == v.ndim - 1
     bm = (b[..., None] if vector else b).astype(xp.float64)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import math
 import secrets
+import threading
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ class NoiseSource:
             self.seeded = True
         self._next_block = 0
         self.draws: list[Draw] = []
+        self._lock = threading.Lock()
 
     #: What :attr:`key_fingerprint` says for a seeded key instead of a hash.
     SEEDED_FINGERPRINT = "seeded"
@@ -89,9 +91,15 @@ class NoiseSource:
         return self._next_block
 
     def _take(self, blocks: int, name: str) -> int:
-        first = self._next_block
-        self._next_block += blocks
-        self.draws.append(Draw(name, first, blocks))
+        """Reserve ``blocks`` fresh blocks (arguments already checked: a call that
+        fails afterwards leaves them unused, never reused)."""
+        if blocks < 0:
+            raise ValueError(f"a draw takes >= 0 blocks, got {blocks}")
+        with self._lock:
+            first = self._next_block
+            ops._check_counter(first, blocks)
+            self._next_block += blocks
+            self.draws.append(Draw(name, first, blocks))
         return first
 
     def sym(
@@ -105,15 +113,15 @@ class NoiseSource:
         name: str = "",
     ):
         """Symmetric noise (see :func:`dpfc_native.ops.sym_gaussian_noise`), fresh blocks."""
-        first = self._take(ops.sym_noise_blocks(d, 1 if batch is None else batch), name)
+        blocks = ops._sym_noise_args(d, std, batch, dtype, device)[1]
+        first = self._take(blocks, name)
         return ops.sym_gaussian_noise(
             d, std, batch=batch, key=self._key, counter=first, dtype=dtype, device=device
         )
 
     def normal(self, shape, std: float, *, dtype=np.float64, device: str = "cpu", name: str = ""):
         """I.i.d. N(0, std^2) noise of ``shape`` (see :func:`dpfc_native.ops.gaussian_noise`)."""
-        count = math.prod((shape,) if isinstance(shape, int) else shape)
-        first = self._take(ops.noise_blocks(count), name)
+        first = self._take(ops._noise_args(shape, std, dtype, device)[1], name)
         return ops.gaussian_noise(
             shape, std, key=self._key, counter=first, dtype=dtype, device=device
         )

@@ -60,6 +60,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from . import _core, _cpu_stats, _fitstats, _validation, accounting, mechanisms, ops
 from ._errors import PrivacyWarning
 from ._special import log_sigmoid, sigmoid
+from .accounting._checks import _check_sample_rate
 
 __all__ = [
     "DPLeastSquaresClassifier",
@@ -1401,7 +1402,9 @@ _ATTR_DOC = """
         private data without noise (DP-FC: examples whose gradient was clipped; DP-SGD:
         realised Poisson batch sizes). For debugging only: do not publish them.
     n_samples_ : int
-        NON-PRIVATE: n, the number of training examples (exact, no noise).
+        NON-PRIVATE: n, the number of training examples (exact, no noise). n is
+        treated as public by the defaults (``delta``, ``reg``, ``lr``), which reveal
+        it when they are not given explicitly (README, "Not protected").
     fit_time_ : float
         NON-PRIVATE: wall time of the fit (a side channel on the data size).
     feature_names_in_ : ndarray of str (only when X was a DataFrame with string column
@@ -2184,9 +2187,7 @@ class DPSGDClassifier(_DPClassifierBase):
         if not 0.0 <= mom < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         loss = _choice(self.loss, "loss", ("softmax", "sigmoid"))
-        q = _real(self.sample_rate, "sample_rate")
-        if not 0.0 < q <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        q = _check_sample_rate(self.sample_rate)
         bias = _real(self.bias, "bias")
         gclip = _optional_grad_clip(self.grad_clip_norm)
         return {

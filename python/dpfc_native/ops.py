@@ -28,6 +28,7 @@ default.
 
 from __future__ import annotations
 
+import math
 import secrets
 from types import ModuleType
 from typing import Any
@@ -679,12 +680,18 @@ def sym_gaussian_noise(
     dtype : float32 or float64
     device : "cpu" or "cuda" (CuPy array; bit-identical to the CPU output)
     """
+    d, blocks, s, dt = _sym_noise_args(d, std, batch, dtype, device)
+    words = _key_words(key)
+    c = _check_counter(counter, blocks)
+    return _backend("stats", _device_module(device)).sym_gaussian_noise(d, s, batch, words, c, dt)
+
+
+def _sym_noise_args(d, std, batch, dtype, device):
+    """(d, blocks, std, dtype) of :func:`sym_gaussian_noise`, checked (no draw)."""
     d = _check_int(d, "d", 1)
     nb = 1 if batch is None else _check_int(batch, "batch", 1)
     s, dt = _check_noise_args(std, dtype, device)
-    words = _key_words(key)
-    c = _check_counter(counter, sym_noise_blocks(d, nb))
-    return _backend("stats", _device_module(device)).sym_gaussian_noise(d, s, batch, words, c, dt)
+    return d, sym_noise_blocks(d, nb), s, dt
 
 
 def gaussian_noise(
@@ -701,14 +708,21 @@ def gaussian_noise(
     Same key and counter conventions as :func:`sym_gaussian_noise`; consumes
     ``noise_blocks(prod(shape))`` blocks.
     """
+    shape, blocks, s, dt = _noise_args(shape, std, dtype, device)
+    words = _key_words(key)
+    c = _check_counter(counter, blocks)
+    return _backend("stats", _device_module(device)).gaussian_noise(shape, s, words, c, dt)
+
+
+def _noise_args(shape, std, dtype, device):
+    """(shape, blocks, std, dtype) of :func:`gaussian_noise`, checked (no draw)."""
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}")
     shape = tuple(_v.integer(v, "shape", 0) for v in shape)
     s, dt = _check_noise_args(std, dtype, device)
-    words = _key_words(key)
-    count = int(np.prod(shape, dtype=np.int64))
-    c = _check_counter(counter, noise_blocks(count))
-    return _backend("stats", _device_module(device)).gaussian_noise(shape, s, words, c, dt)
+    return shape, noise_blocks(math.prod(shape)), s, dt
 
 
 # --------------------------------------------------------------------------------------

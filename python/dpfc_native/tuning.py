@@ -445,6 +445,8 @@ class PrivacyBudget:
         for e in events:
             acct.compose(e)
         if not selections:
+            if acct.is_exact_gdp:  # plain Gaussians: exact whatever `method` says
+                return accounting.gdp_epsilon(acct.mu, self.delta), "gdp"
             return acct.get_epsilon_and_method(self.delta)
         # Renyi DP composes by addition at every order; the plain and subsampled
         # Gaussian releases enter with their own RDP (exact for plain Gaussians).
@@ -582,6 +584,20 @@ class PrivacyBudget:
         )
 
 
+def _selection_budget(own, template_budget):
+    """The budget a selection pays from: its own, else its template estimator's (the
+    candidates are fitted without one: the selection is charged once, as a whole)."""
+    for b, name in ((own, "budget"), (template_budget, "the estimator's budget")):
+        if b is not None and not isinstance(b, PrivacyBudget):
+            raise TypeError(f"{name} must be a PrivacyBudget or None, got {type(b).__name__}")
+    if own is not None and template_budget is not None and own is not template_budget:
+        raise ValueError(
+            "PrivateSelector has a budget and its estimator another one: the selection "
+            "would be charged to only one of them. Pass one budget (either place)."
+        )
+    return own if own is not None else template_budget
+
+
 def _begin_fit(est, epsilon: float, delta: float):
     """Called by the estimators' fit once (epsilon, delta) are known and before any
     statistic is computed: reserve the fit's planned releases, or raise."""
@@ -701,7 +717,8 @@ class PrivateSelector:
     random_state : int or None
         None (default): OS entropy for K, the candidates and every noise key.
     budget : PrivacyBudget or None
-        Charged with the selection's RDP curve before anything is fitted.
+        Charged with the selection's RDP curve before anything is fitted. None: the
+        template estimator's ``budget``, if it has one (two different budgets raise).
     verbose : int
         1: a progress line per repetition (reveals K; see above).
 
@@ -782,6 +799,7 @@ class PrivateSelector:
         share = _validation.share(self.score_share, "score_share")
         candidates = _expand_grid(self.param_grid)
         template = self.estimator.get_params()
+        budget = _selection_budget(self.budget, template.get("budget"))
         for c in candidates:
             bad = {"epsilon", "delta", "random_state", "budget"} & set(c)
             if bad:
@@ -847,10 +865,8 @@ class PrivateSelector:
         total_eps, order = selection_epsilon(mu, delta, mean, shape, return_order=True)
         event = RepeatAndSelect(mu, mean, shape, name="private selection")
         charge = None
-        if self.budget is not None:
-            if not isinstance(self.budget, PrivacyBudget):
-                raise TypeError("budget must be a PrivacyBudget or None")
-            charge = self.budget.reserve(selections=[event], label="PrivateSelector")
+        if budget is not None:
+            charge = budget.reserve(selections=[event], label="PrivateSelector")
         mu_fit = math.sqrt(1.0 - share) * mu
         mu_score = math.sqrt(share) * mu
         # Each fit's epsilon at its own delta: its calibration then gives mu <= mu_fit.
@@ -904,7 +920,7 @@ class PrivateSelector:
             # so the reservation is withdrawn. Anything later, or any other exception
             # (Ctrl-C included), keeps the charge: a rerun must not come for free.
             if charge is not None and not history:
-                self.budget.cancel(charge)
+                budget.cancel(charge)
             raise
         score, idx, est = best
         self.mu_ = mu

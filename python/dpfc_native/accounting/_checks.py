@@ -51,9 +51,13 @@ def _check_multiplier(z, name: str = "noise_multiplier") -> float:
 
 
 def _check_sample_rate(q, name: str = "sample_rate") -> float:
+    """A Poisson sampling rate in (0, 1]; subnormal rates (below 2.2e-308, where
+    log(q) and 1 / q lose their range) are refused as well."""
     q = _real(q, name)
     if not 0.0 < q <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {q!r}")
+    if q < np.finfo(np.float64).tiny:
+        raise ValueError(f"{name} must be at least 2.2e-308 (a normal float), got {q!r}")
     return q
 
 
