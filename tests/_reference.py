@@ -340,12 +340,10 @@ def noisy_gram(rng, d: int, noise: float, dtype=np.float64) -> np.ndarray:
 # Exact norms and adversarial rows (clipping soundness on the stored floats)
 # --------------------------------------------------------------------------------------
 
-# Clip norms tried by the adversarial suite. Known limits (the xfail tests of
-# test_privacy_clipping.py): the float32 *output* of clip_rows is sound for
-# C >= sqrt(d) 2^-129 (one rounding to the float32 grid, denormals included, stays inside
-# the 2^-20 margin), and the clip factor C'/||x|| must not be subnormal (it loses the
-# relative precision the margin relies on): with float64 rows up to the float64 maximum
-# that needs C >~ 1e-5.
+# Clip norms tried by the adversarial suite. The extremes have their own tests in
+# test_privacy_clipping.py: clip norms below sqrt(d) 2^-128 (float32 output) or
+# sqrt(d) 2^-1052 (float64) are refused (one rounding to the subnormal grid would leave
+# the 2^-20 margin), and a subnormal clip factor C'/||x|| is stepped down one unit.
 CLIP_NORMS = [1.0, 0.1, 1e-3, 3.0, 1e3, 1e-5, 1e30]
 
 

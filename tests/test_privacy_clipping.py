@@ -97,7 +97,7 @@ def test_statistics_one_row_sensitivity_adversarial(dtype, c):
         lab = np.array([int(rng.integers(0, 3))])
         g = ops.clipped_gram(x, c)
         assert_norm_le(g, c4, "clipped_gram")
-        if c * c < 1e30:  # float32 mode needs n C^2 inside float32's range (see xfail below)
+        if c * c < 1e30:  # float32 mode needs n C^2 inside float32's range (refused beyond)
             g32 = ops.clipped_gram(x, c, accumulate="float32")
             assert_norm_le(g32, c4, "clipped_gram float32 mode")
         b = ops.clipped_class_sums(x, lab, 3, c)
@@ -276,34 +276,66 @@ def test_property_linear_grad_per_example(dtype, data):
     COUNTS["hypothesis per-example gradients"] += 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known limit: a subnormal clip factor C'/||x|| (C << 1e-5 "
-    "with float64 rows near 1e300) loses precision; reported to the ops owner",
+@pytest.mark.parametrize(
+    "row,c",
+    [
+        ([4.083518831780849e288, 6.38499681e275, 1e-87], 1e-30),
+        ([1.7e308], 1e-12),  # clip factor ~6e-321: its rounding overshot C by 3e-4
+        ([1.7e308], 4.22e-16),  # ... and here by 2x
+        ([1.0e300, -3.0e299, 7.0e298, 1.0e-300], 1e-20),
+        ([1.7976931348623157e308, 1.7976931348623157e308], 1e-290),
+    ],
 )
-def test_tiny_clip_norm_with_huge_float64_rows():
-    x = np.array([[4.083518831780849e288, 6.38499681e275, 1e-87]])
-    c = 1e-30
-    out, _ = ops.clip_rows(x, c)
-    assert_norm_le(out[0], Fraction(c) ** 2, "C = 1e-30, row norm 4e288")
+def test_subnormal_clip_factor_keeps_the_bound(row, c):
+    """A row so long that C'/||x|| is subnormal (fewer than 53 significant bits): the
+    factor is stepped down one unit, so every statistic's row stays within C (was a known
+    limit, xfail: rows came out up to 2x C)."""
+    x = np.array([row], dtype=np.float64)
+    out, scale = ops.clip_rows(x, c)
+    assert_norm_le(out[0], Fraction(c) ** 2, f"C = {c:g}, row norm ~{abs(row[0]):g}")
+    assert 0 <= scale[0] < 2.0**-1022
+    # The statistics clip the same way (one row: B = xbar, the clipped gradient).
+    assert_norm_le(ops.clipped_class_sums(x, [0], 1, c), Fraction(c) ** 2, "class sums")
+    grad, _ = ops.clipped_linear_grad(x, [1], np.zeros((2, len(row))), 0.0, c, loss="sigmoid")
+    assert_norm_le(grad, Fraction(c) ** 2, "linear grad")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known limit: clip_rows' float32 output for a subnormal "
-    "C (< 2^-126) rounds to the denormal grid above C; reported to the ops owner",
-)
-def test_subnormal_clip_norm_float32_output():
-    c = 7.6 * 2.0**-149
-    out, _ = ops.clip_rows(np.ones((1, 1), np.float32), c)
-    assert_norm_le(out[0], Fraction(c) ** 2, "C = 7.6 * 2^-149, float32 output")
+@pytest.mark.parametrize("d", [1, 4, 9])
+def test_clip_norms_below_the_rounding_floor_are_refused(d):
+    """Clip norms whose clipped values round on the subnormal grid by more than the 2^-20
+    margin are refused by name (float32 output of C < 2^-126 rounded above C: a known
+    limit, xfail); the smallest accepted one keeps the bound on adversarial rows."""
+    rng = np.random.default_rng(d)
+    for dtype, floor in ((np.float32, 2.0**-128), (np.float64, 2.0**-1052)):
+        low = np.sqrt(d) * floor
+        with pytest.raises(ValueError, match="clip_norm must be at least"):
+            ops.clip_rows(np.ones((1, d), dtype), low * 0.9)
+        c = low * 1.0000001
+        rows = [r for r in adversarial_rows(dtype, c, rng) if r.shape[0] == d]
+        # Entries a little above the clip bound per coordinate: the clipped values land
+        # on the subnormal grid.
+        rows.append(np.full(d, 1.5 * c / np.sqrt(d), dtype=dtype))
+        for r in rows:
+            out, _ = ops.clip_rows(r[None, :], c)
+            assert_norm_le(out[0], Fraction(c) ** 2, f"{np.dtype(dtype).name} C = {c:g}")
+    # Squared statistics need C^2 far above the subnormals: C >= sqrt(d) 2^-500.
+    x = rng.standard_normal((3, d))
+    with pytest.raises(ValueError, match="clip_norm must be at least"):
+        ops.clipped_gram(x, np.sqrt(d) * 2.0**-501)
+    with pytest.raises(ValueError, match="feature_clip must be at least"):
+        ops.clipped_linear_grad(x, [0, 1, 0], np.zeros((2, d)), 0.0, 1.0, feature_clip=1e-320)
+    g = ops.clipped_gram(x * 1e-140, np.sqrt(d) * 2.0**-499)
+    assert np.isfinite(g).all() and (g != 0).any()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known limit: accumulate='float32' overflows to inf when "
-    "C^2 (times the rows summed) exceeds float32's range; reported to the ops owner",
-)
-def test_float32_mode_huge_clip_norm():
-    g = ops.clipped_gram(np.full((1, 2), 1e30), 1e30, accumulate="float32")
+def test_float32_mode_huge_clip_norm_is_refused():
+    """accumulate="float32" with n C^2 beyond float32's range summed to inf (a known limit,
+    xfail): refused by name before any work."""
+    with pytest.raises(ValueError, match="accumulate"):
+        ops.clipped_gram(np.full((1, 2), 1e30), 1e30, accumulate="float32")
+    with pytest.raises(ValueError, match="clip_norm"):
+        ops.clipped_stats(np.ones((4, 2)), [0, 1, 0, 1], 2, 2.0**63, accumulate="float32")
+    x = np.full((3, 2), 1e18)
+    g = ops.clipped_gram(x, 1e18, accumulate="float32")
     assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, ops.clipped_gram(x, 1e18), rtol=1e-6)

@@ -900,3 +900,32 @@ def test_preprocessing_errors_name_the_shard_and_its_row(tmp_path, rng):
         R.reduce(R.Gram(1.0), src, leaf_rows=LEAF)
     with pytest.raises(ValueError, match=r"s2.features.npy: X has NaN or Inf at row 622"):
         R.reduce(R.Gram(1.0), src, leaf_rows=LEAF, sampling=R.PoissonSampling.new(0.9, seed=5))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y: ops.clipped_gram(x, 1e200, leaf_rows=8),  # C^2: OverflowError
+        lambda x, y: ops.clipped_class_sums(x, y, 2, 1e-300, leaf_rows=8),  # 2^(F-E) overflowed
+        lambda x, y: ops.clipped_weighted_grams(
+            x, np.ones((x.shape[0], 2)), 1.0, leaf_rows=4, weight_bound=1e-300
+        ),
+        lambda x, y: R.reduce(R.Gram(1e-140), R.ArraySource(x), leaf_rows=8),
+    ],
+)
+def test_leaf_reduction_bounds_out_of_grid_range_are_named(call):
+    """Per-row bounds the fixed grid cannot hold raise one ValueError naming the
+    statistic and clip_norm (an OverflowError, or "per-row bound must be finite" with no
+    name, came from deep inside)."""
+    x = np.random.default_rng(3).standard_normal((10, 3))
+    y = np.arange(10) % 2
+    with pytest.raises(ValueError, match="per-row bound .*clip_norm"):
+        call(x, y)
+
+
+def test_statistic_parameters_are_real_numbers():
+    for bad in (True, "a", None):
+        with pytest.raises(TypeError, match="clip_norm"):
+            R.Gram(bad)
+    with pytest.raises(ValueError, match="clip_norm"):
+        R.Gram(-1.0)

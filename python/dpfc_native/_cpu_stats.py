@@ -72,15 +72,23 @@ def _row_norms64(xc: np.ndarray) -> np.ndarray:
     return norms
 
 
+_MIN_NORMAL = float(np.finfo(np.float64).tiny)
+_DENORM_MIN = float(np.finfo(np.float64).smallest_subnormal)
+
+
 def _clip_scale(norms: np.ndarray, clip_norm: float) -> np.ndarray:
     """The shared clip factor (csrc/common/clip.hpp) for an array of norms."""
     target = clip_norm * _CLIP_MARGIN
     # Divide only where the row is clipped (norm > target > 0): target / norm is then
     # below 1, so no overflow (a tiny norm with a huge C warned from np.where's other
     # branch) and no division by zero.
-    return np.divide(
-        target, norms, out=np.ones(norms.shape, dtype=np.float64), where=norms > target
-    )
+    s = np.divide(target, norms, out=np.ones(norms.shape, dtype=np.float64), where=norms > target)
+    # A subnormal factor (norm / C beyond ~1e308) lost bits in its rounding: one unit
+    # (2^-1074, exact there) down, never above target / norm, as clip.hpp does.
+    sub = s < _MIN_NORMAL
+    if sub.any():
+        s[sub] = np.maximum(s[sub] - _DENORM_MIN, 0.0)
+    return s
 
 
 _SCRATCH = threading.local()
@@ -423,9 +431,21 @@ def clipped_linear_grad(
             gnorm = np.where(rnorm > 0, rnorm * _row_norms64(xc), 0.0)
         scale = _clip_scale(gnorm, c)
         n_clipped += int(np.count_nonzero(scale < 1.0))
+        # The factor goes on the residual (|r| <= ~1), unless the scaled residual would
+        # sit where the subnormal grid's rounding is large against it (a row with a huge
+        # ||x||): there it goes on x, whose scaled norm is about C / |r| (normal).
+        far = (rnorm > 0) & (rnorm * scale < _SMALL_SCALED_RESIDUAL)
+        if far.any():
+            grad += np.matmul(r[far].T, xc[far] * scale[far, None])
+            r[far] = 0.0
         r *= scale[:, None]
         grad += np.matmul(r.T, xc, out=_scratch(k, d, "grad_chunk"))
     return grad, n_clipped
+
+
+#: Below this norm a scaled residual's entries lose bits to the subnormal grid (2^-1074
+#: apart): the clip factor is then applied to the features instead.
+_SMALL_SCALED_RESIDUAL = 2.0**-960
 
 
 # --------------------------------------------------------------------------------------

@@ -191,6 +191,43 @@ def _coerce(a: Any, name: str, xp):
 _check_real = _v.real
 _check_positive = _v.positive
 
+#: Smallest clip norm per sqrt(d), by what the clipped values are rounded to: one rounding
+#: of an element to the subnormal grid (half of 2^-149 in float32, 2^-1074 in float64) must
+#: stay inside the 2^-20 clip margin; for squared statistics (grams), the products of
+#: two clipped entries must too (C^2 far above the float64 subnormals).
+_CLIP_FLOOR = {"float32": 2.0**-128, "float64": 2.0**-1052, "squares": 2.0**-500}
+
+
+def _check_clip_norm(
+    clip_norm,
+    x,
+    floor: str = "float64",
+    accumulate: str = "float64",
+    *,
+    width=None,
+    name="clip_norm",
+):
+    """clip_norm > 0, finite, and far enough above the subnormal range of what the clipped
+    values (``width`` per row, default x's columns) are rounded to (``floor``: a key of
+    ``_CLIP_FLOOR``) that the clip bound holds on the stored values; with float32
+    accumulation, C^2 times the rows must fit float32."""
+    c = _check_positive(clip_norm, name)
+    d = width if width is not None else (int(x.shape[1]) if x.ndim == 2 else 1)
+    low = math.sqrt(max(d, 1)) * _CLIP_FLOOR[floor]
+    if c < low:
+        raise ValueError(
+            f"{name} must be at least {low:.3g} here (sqrt(d) x {_CLIP_FLOOR[floor]:.3g}: "
+            f"below it the rounding of the clipped values to the subnormal range can exceed "
+            f"the bound), got {clip_norm!r}; rescale the features instead"
+        )
+    if accumulate != "float64" and c * c * max(int(x.shape[0]), 1) > 2.0**127:
+        raise ValueError(
+            f"clip_norm={clip_norm!r} with accumulate={accumulate!r}: n clip_norm**2 must "
+            "stay below float32's range (2^127), or the float32 sums overflow to inf; use "
+            'accumulate="float64"'
+        )
+    return c
+
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
     return _v.integer(value, name, minimum)
@@ -296,7 +333,8 @@ def clip_rows(x, clip_norm: float):
     """
     xp, backend = _dispatch("stats", x)
     x = _features(x, xp)
-    return backend.clip_rows(x, _check_positive(clip_norm, "clip_norm"))
+    floor = "float32" if x.dtype == np.float32 else "float64"
+    return backend.clip_rows(x, _check_clip_norm(clip_norm, x, floor))
 
 
 def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64", leaf_rows=None):
@@ -336,8 +374,8 @@ def clipped_gram(x, clip_norm: float, *, accumulate: str = "float64", leaf_rows=
     """
     xp, backend = _dispatch("stats", x)
     x = _features(x, xp, allow_half=True)
-    c = _check_positive(clip_norm, "clip_norm")
     accumulate = _check_accumulate(accumulate, xp)
+    c = _check_clip_norm(clip_norm, x, "squares", accumulate)
     m = _check_leaf_rows(leaf_rows, accumulate)
     if m is not None:
         return _by_leaves(lambda R, _: R.Gram(c), x, xp, m)
@@ -358,7 +396,7 @@ def clipped_class_sums(x, labels, num_classes: int, clip_norm: float, *, leaf_ro
     x = _features(x, xp)
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
-    c = _check_positive(clip_norm, "clip_norm")
+    c = _check_clip_norm(clip_norm, x, "float64")
     m = _check_leaf_rows(leaf_rows)
     if m is not None:
         return _by_leaves(lambda R, _: R.ClassSums(c, k), x, xp, m, labels, k)
@@ -382,8 +420,8 @@ def clipped_stats(
     x = _features(x, xp, allow_half=True)
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
-    c = _check_positive(clip_norm, "clip_norm")
     accumulate = _check_accumulate(accumulate, xp)
+    c = _check_clip_norm(clip_norm, x, "squares", accumulate)
     m = _check_leaf_rows(leaf_rows, accumulate)
     if m is not None:
         return _by_leaves(lambda R, _: R.Stats(c, k), x, xp, m, labels, k)
@@ -404,7 +442,7 @@ def clipped_class_grams(x, labels, num_classes: int, clip_norm: float, *, leaf_r
     x = _features(x, xp)
     k = _check_int(num_classes, "num_classes", 1)
     labels = _check_labels(_coerce(labels, "labels", xp), x.shape[0], k, xp)
-    c = _check_positive(clip_norm, "clip_norm")
+    c = _check_clip_norm(clip_norm, x, "squares")
     m = _check_leaf_rows(leaf_rows)
     if m is not None:
         return _by_leaves(lambda R, _: R.ClassGrams(c, k), x, xp, m, labels, k)
@@ -441,7 +479,7 @@ def clipped_weighted_grams(x, weights, clip_norm: float, *, leaf_rows=None, weig
     # A row view's blocks are checked by the CPU backend as it reads them.
     if not getattr(weights, "_dpfc_row_view", False) and bool((weights < 0).any()):
         raise ValueError("weights must be non-negative")
-    c = _check_positive(clip_norm, "clip_norm")
+    c = _check_clip_norm(clip_norm, x, "squares")
     m = _check_leaf_rows(leaf_rows)
     if weight_bound is not None:
         if m is None:
@@ -516,9 +554,9 @@ def clipped_linear_grad(
     if bias.shape != (k,):
         raise ValueError(f"bias must be a float or have shape ({k},), got {tuple(bias.shape)}")
     _v.finite(_v.real_dtype(bias, "bias"), "bias", xp)
-    c = _check_positive(clip_norm, "clip_norm")
+    c = _check_clip_norm(clip_norm, x, width=k * int(x.shape[1]))
     _v.choice(loss, "loss", ("sigmoid", "softmax"))
-    fc = None if feature_clip is None else _check_positive(feature_clip, "feature_clip")
+    fc = None if feature_clip is None else _check_clip_norm(feature_clip, x, name="feature_clip")
     m = _check_leaf_rows(leaf_rows)
     if m is not None:
         return _by_leaves(

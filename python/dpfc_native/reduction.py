@@ -329,6 +329,10 @@ def fraction_bits(leaf_rows: int) -> int:
     return 62 - max(0, int(leaf_rows - 1).bit_length())
 
 
+#: Per-row bounds the grid takes: 2^(F - E) (F <= 62) and n x bound stay inside float64.
+_BOUND_RANGE = (2.0**-900, 2.0**900)
+
+
 def _grid_exponent(bound: float) -> int:
     """E with 2^(E-1) <= bound < 2^E."""
     if not (bound > 0 and math.isfinite(bound)):
@@ -779,10 +783,9 @@ class _Statistic:
 
 
 def _positive(v, name):
-    v = float(v)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be finite and > 0, got {v!r}")
-    return v
+    from ._validation import positive
+
+    return positive(v, name)
 
 
 def _classes_count(obj, name: str = "num_classes") -> None:
@@ -1107,7 +1110,19 @@ def _partial_key(
 
 
 def _accumulator(stat, layout: LeafLayout, sampling, d: int) -> _Accumulator:
-    exps = {name: _grid_exponent(bound) for name, bound in stat.bounds(d).items()}
+    try:
+        bounds = stat.bounds(d)
+    except OverflowError:  # clip_norm ** 2 of a Python float beyond the float64 range
+        bounds = {"?": math.inf}
+    if not all(_BOUND_RANGE[0] <= b <= _BOUND_RANGE[1] for b in bounds.values()):
+        raise ValueError(
+            f"{type(stat).__name__} ({stat.key()}): its per-row bound (clip_norm, squared "
+            "for grams, times weight_bound for weighted grams) must be within 2^-900 .. "
+            "2^900 (about 1e-271 .. 1e271) for the exact leaf reduction's grid (its scale "
+            "2^(F - E) and the sums must stay inside float64); rescale the features and "
+            "clip_norm"
+        )
+    exps = {name: _grid_exponent(bound) for name, bound in bounds.items()}
     return _Accumulator(
         _partial_key(stat, layout, sampling, d),
         exps,
