@@ -128,7 +128,8 @@ int grid_accumulate_cpu(const py::array& v, double scale, double limit, py::arra
                "v, hi and lo must have the same number of elements");
   DPFC_EXPECTS(limit > 0.0 && limit <= 4611686018427387904.0, "limit must be in (0, 2^62]");
   DPFC_EXPECTS(tri_d >= 0, "tri_d must be >= 0");
-  DPFC_EXPECTS(tri_d == 0 || v.size() % (tri_d * tri_d) == 0,
+  // tri_d <= size / tri_d first: tri_d * tri_d must not overflow (2^32 wrapped to 0).
+  DPFC_EXPECTS(tri_d == 0 || (tri_d <= v.size() / tri_d && v.size() % (tri_d * tri_d) == 0),
                "with tri_d = d > 0, v must hold whole d x d matrices");
   const auto* pv = static_cast<const double*>(v.data());
   auto* ph = static_cast<int64_t*>(hi.mutable_data());
@@ -168,7 +169,17 @@ void syrk_upper_cpu(const py::capsule& fn, const py::array& a, py::array c, doub
   const int64_t d = c.shape(0);
   const int64_t m = a.shape(1);
   DPFC_EXPECTS(d < (int64_t{1} << 31) && m < (int64_t{1} << 31), "sizes must fit in int32");
-  void* ptr = PyCapsule_GetPointer(fn.ptr(), PyCapsule_GetName(fn.ptr()));
+  // The capsule's name is its C signature (Cython's __pyx_capi__, with SciPy's typedefs
+  // for the float types): only ?syrk of c's type, as _cpu_stats._syrk_capsule expects.
+  const std::string t =
+      std::string("__pyx_t_5scipy_6linalg_11cython_blas_") + (f64 ? "d" : "s");
+  const std::string want = "void (char *, char *, int *, int *, " + t + " *, " + t +
+                           " *, int *, " + t + " *, " + t + " *, int *)";
+  const char* name = PyCapsule_GetName(fn.ptr());
+  if (name == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  DPFC_EXPECTS(name != nullptr && want == name,
+               "fn must be the ?syrk capsule of c's type (signature " + want + ")");
+  void* ptr = PyCapsule_GetPointer(fn.ptr(), name);
   if (ptr == nullptr) throw py::error_already_set();
   const void* pa = a.data();
   void* pc = c.mutable_data();
@@ -195,6 +206,8 @@ int64_t preprocess_rows_cpu(const py::array& x, py::array out, const py::object&
   const double* pc = nullptr;
   py::array c;
   if (!center.is_none()) {
+    DPFC_EXPECTS(py::isinstance<py::array>(center),
+                 "center must be None or a C-contiguous float64 (d,) array");
     c = py::reinterpret_borrow<py::array>(center);
     DPFC_EXPECTS(has_dtype<double>(c) && (c.flags() & py::array::c_style) && c.ndim() == 1 &&
                      c.shape(0) == d,

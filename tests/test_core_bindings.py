@@ -257,3 +257,40 @@ def test_clip_rows_native_pass_matches_the_float64_formula(m, d):
             _core.cpu_clip_rows(x, out, s, bad)
     with pytest.raises(ValueError, match="scales"):
         _core.cpu_clip_rows(x, out, np.empty(m + 1), clip)
+
+
+_CORE_MISUSE = {
+    # A list as center: reinterpret_borrow<py::array> of a list segfaulted.
+    "preprocess_list_center": "_core.cpu_preprocess_rows(np.ones((4, 3)), np.empty((4, 3)), "
+    "[0.0, 0.0, 0.0], True, 1.0)",
+    # tri_d * tri_d overflowed (2^32 -> 0: SIGFPE in %, 2^63 - 1 -> 1: segfault).
+    "grid_tri_d_2_32": "_core.cpu_grid_accumulate(np.ones(4), 1.0, 10.0, h, l, 2**32)",
+    "grid_tri_d_max": "_core.cpu_grid_accumulate(np.ones(4), 1.0, 10.0, h, l, 2**63 - 1)",
+    # Another BLAS function's capsule (dgemm) segfaulted; ssyrk on float64 gave wrong values.
+    "syrk_dgemm_capsule": "_core.cpu_syrk_upper(capi['dgemm'], a, c, 1.0, 1.0)",
+    "syrk_ssyrk_on_float64": "_core.cpu_syrk_upper(capi['ssyrk'], a, c, 1.0, 1.0)",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CORE_MISUSE))
+def test_core_misuse_raises_instead_of_crashing(case):
+    """The private bindings check what they dereference: each misuse is a ValueError in a
+    process that survives (run in a subprocess: the old behaviour killed it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from scipy.linalg import cython_blas\n"
+        "capi = cython_blas.__pyx_capi__\n"
+        "from dpfc_native import _core\n"
+        "h = np.zeros(4, np.int64); l = np.zeros(4, np.int64)\n"
+        "a = np.ones((3, 2), order='F'); c = np.zeros((3, 3), order='F')\n"
+        "try:\n"
+        f"    {_CORE_MISUSE[case]}\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    assert r.stdout.startswith("ValueError"), r.stdout + r.stderr[-500:]

@@ -428,3 +428,21 @@ def test_cho_solve_dtypes_and_nan_factor(xp, rng):
     Lnan[1] = np.nan
     xn = to_host(ops.cho_solve(Lnan, b64))
     assert np.isnan(xn[1]).all() and np.isfinite(xn[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cho_solve_with_no_right_hand_side(rng, dtype):
+    """Zero columns or an empty batch: an empty result of the broadcast shape, as
+    np.linalg.solve gives (it was "cannot reshape array of size 0")."""
+    a = (rng.standard_normal((3, 3)) + 3 * np.eye(3)).astype(dtype)
+    L, _ = ops.cholesky(a @ a.T)
+    for b, shape in (
+        (np.ones((3, 0)), (3, 0)),
+        (np.ones((0, 3, 2)), (0, 3, 2)),
+        (np.ones((2, 3, 0)), (2, 3, 0)),
+    ):
+        x = ops.cho_solve(L, b.astype(dtype))
+        assert x.shape == shape and x.dtype == dtype
+        assert x.shape == np.linalg.solve(np.broadcast_to(a, shape[:-2] + (3, 3)), b).shape
+    x = ops.cho_solve(np.zeros((0, 3, 3), dtype), np.ones((0, 3), dtype))
+    assert x.shape == (0, 3)

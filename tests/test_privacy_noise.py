@@ -209,3 +209,18 @@ def test_estimators_never_reuse_key_counter(monkeypatch, name, cls, kw):
         assert est.noise_seeded_ is True
         seeded.append(rec.calls)
     assert seeded[0] == seeded[1]
+
+
+def test_release_symmetric_refuses_a_non_symmetric_statistic():
+    """Symmetric noise cancels in out - out^T: the antisymmetric part of a non-symmetric
+    statistic was released with no noise at all."""
+    rng = np.random.default_rng(8)
+    s = rng.standard_normal((4, 4))
+    with pytest.raises(ValueError, match="exactly symmetric"):
+        mechanisms.release_symmetric(s, 1.0, 10.0, mechanisms.NoiseSource(), "G")
+    batch = np.stack([s + s.T, s])
+    with pytest.raises(ValueError, match="exactly symmetric"):
+        mechanisms.release_symmetric(batch, 1.0, 10.0, mechanisms.NoiseSource(), "G")
+    sym = s + s.T
+    out, rec = mechanisms.release_symmetric(sym, 1.0, 10.0, mechanisms.NoiseSource(), "G")
+    assert rec is not None and np.array_equal(out, out.T) and not np.array_equal(out, sym)

@@ -929,3 +929,60 @@ def test_statistic_parameters_are_real_numbers():
             R.Gram(bad)
     with pytest.raises(ValueError, match="clip_norm"):
         R.Gram(-1.0)
+
+
+def test_blas_limit_is_counted_across_threads(monkeypatch):
+    """Two leaf reductions on two Python threads: the process-wide BLAS limit is counted,
+    so the first to finish does not restore the thread count while the other still
+    computes leaves (that changed gradient-leaf bits), and the last one out restores the
+    count the process had (it was left at one thread). Interleaved by events: A enters,
+    B enters, A leaves, B checks, B leaves; the limiter is recorded, not applied."""
+    import threading
+
+    import threadpoolctl
+
+    log = []
+
+    class Limiter:
+        def __init__(self, limits, user_api):
+            assert (limits, user_api) == (1, "blas")
+            log.append("set 1")
+
+        def restore_original_limits(self):
+            log.append("restore")
+
+        def __enter__(self):  # threadpoolctl's own use as a context manager
+            return self
+
+        def __exit__(self, *exc):
+            self.restore_original_limits()
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", Limiter)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with R.one_blas_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with R.one_blas_thread():
+            b_in.set()
+            a_out.wait(10)
+            seen["inside"] = list(log)
+
+    ts = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert seen["inside"] == ["set 1"]  # A left; B still limited
+    assert log == ["set 1", "restore"]
+    # Nested blocks on one thread: one limit, one restore.
+    log.clear()
+    with R.one_blas_thread(), R.one_blas_thread():
+        pass
+    assert log == ["set 1", "restore"]

@@ -157,6 +157,15 @@ def release_symmetric(
     sensitivity, noise_multiplier = _check_release_args(
         stat, sensitivity, noise_multiplier, source, symmetric=True
     )
+    xp = ops.array_module(stat)
+    if not bool(xp.array_equal(stat, xp.swapaxes(stat, -1, -2))):
+        # The noise is mirrored: an antisymmetric part of stat would pass through it
+        # unprotected (out - out^T = stat - stat^T).
+        raise ValueError(
+            "stat must be exactly symmetric for release_symmetric (its noise is "
+            "symmetric, so an antisymmetric part would be released without noise); "
+            "use release_dense for a general matrix"
+        )
     if noise_multiplier == 0.0:
         return stat, None
     std = noise_multiplier * sensitivity

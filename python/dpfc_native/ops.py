@@ -849,4 +849,9 @@ def cho_solve(L, b):
     if b.ndim < (1 if vector else 2) or b.shape[-1 if vector else -2] != d:
         raise ValueError(f"b must have shape (..., {d}, m) or (..., {d}), got {tuple(b.shape)}")
     _v.finite(_v.real_dtype(b, "b"), "b", xp)
+    bm_shape = tuple(b.shape) + ((1,) if vector else ())
+    shape = np.broadcast_shapes(tuple(L.shape[:-2]), bm_shape[:-2]) + bm_shape[-2:]
+    if math.prod(shape) == 0:  # no right-hand side (m = 0 or an empty batch): nothing to solve
+        out = xp.zeros(shape, dtype=np.result_type(L.dtype, b.dtype, np.float32))
+        return out[..., 0] if vector else out
     return backend.cho_solve(L, b)

@@ -44,12 +44,14 @@ about 10 C^2 there). See README.md, "Floating point".
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
 import hashlib
 import math
 import secrets
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -1177,6 +1179,12 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
         _ROWS_CHECKED.reset(token)
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT: Any = None
+
+
+@contextlib.contextmanager
 def one_blas_thread():
     """A context in which BLAS runs on one thread, as a leaf must be computed.
 
@@ -1185,16 +1193,34 @@ def one_blas_thread():
     function of its rows only at a fixed count: one, which is also what a Dask worker's
     nanny sets. Parallelism comes from computing leaves side by side instead (threads in
     :func:`reduce`, processes on a cluster). Every BLAS the ops use is loaded before the
-    limit is set: a library loaded inside the block would escape it. Nested blocks are
-    harmless (each restores the count of one).
+    limit is set: a library loaded inside the block would escape it.
+
+    The thread count is a process-wide setting, so the blocks are counted across threads:
+    the first one in sets the limit and the last one out restores the count it found
+    (two reductions on two Python threads each saving and restoring it interleaved: one
+    restored two threads while the other was still computing leaves, changing their
+    bits, and the other left BLAS on one thread for the rest of the process). Nested
+    blocks are harmless.
     """
+    global _BLAS_USERS, _BLAS_LIMIT
     import scipy.linalg.blas  # noqa: F401 - loads SciPy's BLAS before the limit
     import scipy.special  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     from . import _cpu_stats  # noqa: F401
 
-    return threadpool_limits(limits=1, user_api="blas")
+    with _BLAS_LOCK:
+        if _BLAS_USERS == 0:
+            _BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
 
 
 def leaf_partial(
