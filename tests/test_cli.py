@@ -328,3 +328,62 @@ def test_train_methods_are_the_demos():
     for command in ("train", "demo"):
         (option,) = [p for p in commands[command].params if p.name == "method"]
         assert " | ".join(TRAIN_METHODS) in option.help, option.help
+
+
+def test_plan_json_is_strict_json_with_an_infinite_epsilon(tmp_path):
+    """-e inf wrote bare Infinity, which no strict JSON reader accepts."""
+    out = tmp_path / "p.json"
+    res = runner.invoke(
+        app,
+        [
+            "plan",
+            "--n",
+            "1000",
+            "--dim",
+            "8",
+            "-k",
+            "3",
+            "-e",
+            "1",
+            "-e",
+            "inf",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    rows = json.loads(out.read_text(), parse_constant=refuse)["rows"]
+    assert {r["epsilon"] for r in rows} == {1.0, "inf"}
+
+
+def test_demo_n_without_a_synthetic_dataset_fails_and_repeats_are_merged(tmp_path):
+    res = runner.invoke(app, ["demo", "--n", "50", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "--n applies to the synthetic datasets" in res.output
+    # -m ls -m ls -e 1 -e 1: one row, one column, one fit (they were pooled: 2 fits
+    # shown as the median of "1 seed").
+    res = runner.invoke(
+        app,
+        [
+            "demo",
+            "-m",
+            "ls",
+            "-m",
+            "ls",
+            "-e",
+            "1",
+            "-e",
+            "1",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    (result,) = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    assert result["epsilons"] == ["1.0"] and list(result["methods"]) == ["ls"]
+    assert len(result["accuracy"]["ls"]["1.0"]) == 1, result["accuracy"]

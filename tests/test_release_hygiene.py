@@ -494,3 +494,99 @@ def test_float32_features_keep_the_declared_gradient_sensitivity(cls):
         scale = len(a.classes_) if cls is DPNewtonClassifier else 1
         grads = [e for e in a.privacy_.entries if "grad" in e.name]
         assert grads and all(e.sensitivity == pytest.approx(scale * cg, rel=1e-15) for e in grads)
+
+
+# --------------------------------------------------------------------------------------
+# Tampered and hostile model files: one ValueError from the loader, one line from the CLI
+# --------------------------------------------------------------------------------------
+
+
+def _tamper(src, dst, **changes):
+    with np.load(src, allow_pickle=False) as z:
+        members = {k: z[k] for k in z.files}
+    members.update(changes)
+    np.savez(dst, **members)
+    return dst
+
+
+_TAMPERED = {
+    # Each loaded before (or failed with another exception type, or only at predict time).
+    "fitted_empty": {"fitted": np.array("{}")},  # predict: AttributeError traceback
+    "fitted_list": {"fitted": np.array("[]")},
+    "params_list": {"params": np.array("[1, 2]")},
+    "version_vector": {"format_version": np.array([1, 1])},
+    "version_text": {"format_version": np.array("one")},
+    "version_float": {"format_version": np.array(1.7)},
+    "version_bool": {"format_version": np.array(True)},
+    "coef_nan": {"coef": np.full((3, 6), np.nan)},
+    "intercept_inf": {"intercept": np.array([np.inf, 0.0, 0.0])},
+    "classes_duplicate": {"classes": np.array([0, 0, 2])},
+    "center_wrong_length": {"center": np.ones(4)},
+    "feature_names_wrong_length": {"feature_names": np.array(["a", "b"])},
+    "abstract_estimator": {"estimator": np.array("_DPClassifierBase")},
+    "clip_norm_text": {"fitted": np.array('{"clip_norm_": "1", "normalize_": true}')},
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TAMPERED))
+def test_tampered_model_is_refused_by_the_loader_and_the_cli(tmp_path, case):
+    x, y = _data(3)
+    good = _fit(DPFCClassifier, x, y).save(tmp_path / "good.npz")
+    bad = _tamper(good, tmp_path / f"{case}.npz", **_TAMPERED[case])
+    with pytest.raises(ValueError, match="cannot read model"):
+        dpfc_native.load_model(bad)
+    feats = tmp_path / "x.npz"
+    np.savez(feats, features=x, labels=y)
+    res = runner.invoke(app, ["predict", str(bad), str(feats)])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_hostile_model_files_are_refused(tmp_path):
+    x, y = _data(4)
+    good = _fit(DPLeastSquaresClassifier, x, y).save(tmp_path / "good.npz")
+    # A member whose .npy header claims 10^12 elements: refused before allocating
+    # (MemoryError escaped).
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(huge, "w") as zout:
+        for info in zin.infolist():
+            raw = zin.read(info)
+            if info.filename == "coef.npy":  # same header length: padding traded
+                grown = raw.replace(b"(3, 6)", b"(1000000, 1000000)")
+                raw = grown.replace(b" " * 12 + b"\n", b"\n", 1)
+                assert len(raw) == len(zin.read(info))
+            zout.writestr(info, raw)
+    with pytest.raises(ValueError, match="cannot read model"):
+        dpfc_native.load_model(huge)
+    # Not regular files: a directory, a device (numpy advised loading it unsafely).
+    for path, word in ((tmp_path, "not a regular file"), ("/dev/zero", "not a regular file")):
+        with pytest.raises(ValueError, match=word):
+            dpfc_native.load_model(path)
+    # random_state smuggled into params is not applied: a loaded model has no seed.
+    with np.load(good, allow_pickle=False) as z:
+        params = json.loads(str(z["params"]))
+    seeded = _tamper(
+        good, tmp_path / "seeded.npz", params=np.array(json.dumps({**params, "random_state": 3}))
+    )
+    assert dpfc_native.load_model(seeded).random_state is None
+
+
+def test_save_is_atomic_and_names_a_file(tmp_path):
+    """A save that fails leaves the previous file intact (it was truncated to 0 bytes);
+    an empty name is refused (it wrote a hidden '..npz'); an upper-case suffix is kept."""
+    x, y = _data(5)
+    est = _fit(DPLeastSquaresClassifier, x, y)
+    path = est.save(tmp_path / "keep.npz")
+    before = path and open(path, "rb").read()
+    broken = _fit(DPLeastSquaresClassifier, x, y)
+    del broken.privacy_
+    with pytest.raises(AttributeError):
+        broken.save(path)
+    assert open(path, "rb").read() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.npz"]  # no temporary left
+    with pytest.raises(ValueError, match="must name a file"):
+        est.save("")
+    upper = est.save(tmp_path / "m.NPZ")
+    assert upper.endswith("m.NPZ") and dpfc_native.load_model(upper).coef_.tobytes() == (
+        est.coef_.tobytes()
+    )

@@ -692,7 +692,7 @@ def register_cli(app) -> None:
         from ._progress import progress
         from .cli import _fail, _output_path
 
-        if json_out:  # checked before the audit runs (minutes), not after
+        if json_out is not None:  # checked before the audit runs (minutes), not after
             json_out = _output_path(json_out, force, suffix="", flag="--json")
         results = []
         try:

@@ -158,7 +158,9 @@ def _output_path(path: Path, force: bool, suffix: str = ".npz", flag: str = "--o
     refuse an existing file without ``force``, a directory, or a folder that cannot be
     created or written."""
     text = os.fspath(path)
-    if suffix and not text.endswith(suffix):
+    if not os.path.basename(text):
+        _fail(f"{flag} must name a file, got {text!r}")
+    if suffix and not text.lower().endswith(suffix):
         text += suffix
     if os.path.isdir(text):
         _fail(f"{flag} {text} is a directory")
@@ -849,8 +851,9 @@ def demo(
     from ._progress import progress
 
     datasets = list(dataset) if dataset else ([] if features is not None else ["digits"])
-    eps = tuple(epsilon) if epsilon else report.DEMO_EPSILONS
-    methods = tuple(method) if method else None
+    # A repeated -e or -m would be pooled with its twin (one column, twice the fits).
+    eps = tuple(dict.fromkeys(epsilon)) if epsilon else report.DEMO_EPSILONS
+    methods = tuple(dict.fromkeys(method)) if method else None
     for ds in datasets:
         if ds not in report.DATASETS:
             _fail(f"--dataset must be one of {', '.join(report.DATASETS)}, got {ds!r}")
@@ -861,6 +864,8 @@ def demo(
         _fail(f"--seeds must be >= 1, got {seeds}")
     if n is not None and n < 10:
         _fail(f"--n must be >= 10, got {n}")
+    if n is not None and not any(ds != "digits" for ds in datasets):
+        _fail("--n applies to the synthetic datasets only (digits and --features are used whole)")
     if features is not None:
         _load_labeled(features, None, "--features", ("features", "labels"))  # fails here
         datasets.insert(0, os.fspath(features))

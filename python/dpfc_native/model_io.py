@@ -36,9 +36,11 @@ data without noise), ``random_state`` (a seed regenerates the noise), ``stats_``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import zipfile
 
 import numpy as np
@@ -80,6 +82,8 @@ _MEMBERS = (
 
 
 def _json_value(value):
+    """``value`` as strict JSON data: non-finite floats as the strings "inf", "-inf" and
+    "nan" (JSON has no Infinity), NumPy scalars and arrays as Python ones."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (float, np.floating)):
@@ -91,6 +95,8 @@ def _json_value(value):
         return [_json_value(v) for v in value.tolist()]
     if isinstance(value, (list, tuple, range)):
         return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
     if value is None or isinstance(value, str):
         return value
     return str(value)
@@ -109,7 +115,9 @@ def save_model(est, path, method: str = "") -> str:
     if not hasattr(est, "coef_"):
         raise RuntimeError(f"this {type(est).__name__} is not fitted yet: call fit first")
     path = os.fspath(path)
-    if not path.endswith(".npz"):
+    if not os.path.basename(path):
+        raise ValueError(f"the model path must name a file, got {path!r}")
+    if not path.lower().endswith(".npz"):
         path += ".npz"
     # A shared PrivacyBudget is a live object of this process, not a parameter of the
     # model: it is saved as None (the loaded model is not tied to any budget).
@@ -126,24 +134,33 @@ def save_model(est, path, method: str = "") -> str:
     names = getattr(est, "feature_names_in_", None)
     names = np.zeros(0, dtype=str) if names is None else np.asarray(names).astype(str)
     center = getattr(est, "center_", None)
+    members = dict(
+        format=np.array(FORMAT),
+        format_version=np.array(FORMAT_VERSION),
+        estimator=np.array(type(est).__name__),
+        method=np.array(method),
+        coef=np.asarray(est.coef_, dtype=np.float64),
+        intercept=np.asarray(est.intercept_, dtype=np.float64),
+        classes=classes,
+        center=np.zeros(0) if center is None else np.asarray(center, np.float64),
+        feature_names=names,
+        params=np.array(json.dumps(params)),
+        fitted=np.array(json.dumps(fitted)),
+        ledger=np.array(json.dumps(est.privacy_.to_dict())),
+    )
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(
-            f,
-            format=np.array(FORMAT),
-            format_version=np.array(FORMAT_VERSION),
-            estimator=np.array(type(est).__name__),
-            method=np.array(method),
-            coef=np.asarray(est.coef_, dtype=np.float64),
-            intercept=np.asarray(est.intercept_, dtype=np.float64),
-            classes=classes,
-            center=np.zeros(0) if center is None else np.asarray(center, np.float64),
-            feature_names=names,
-            params=np.array(json.dumps(params)),
-            fitted=np.array(json.dumps(fitted)),
-            ledger=np.array(json.dumps(est.privacy_.to_dict())),
-        )
+    # Written beside the target and renamed over it: a failure (or Ctrl-C, a full disk)
+    # leaves the previous file as it was, never a truncated one.
+    tmp = os.path.join(d, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "xb") as f:  # the umask's permissions, as a plain open
+            np.savez(f, **members)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -182,6 +199,80 @@ def _param_value(value):
     return value
 
 
+def _scalar_text(a, member: str) -> str:
+    if a.ndim != 0 or a.dtype.kind != "U":
+        raise ValueError(f"'{member}' must be a text scalar")
+    return str(a)
+
+
+def _checked_model(path: str, arrays: dict, models):
+    """The estimator the members describe, every member checked (a tampered file raises
+    ValueError here, not an AttributeError or a wrong answer at predict time)."""
+    if _scalar_text(arrays["format"], "format") != FORMAT:
+        raise ValueError(f"not a dpfc_native model (format {arrays['format']!s})")
+    version = arrays["format_version"]
+    if version.ndim != 0 or version.dtype.kind not in "iu":
+        raise ValueError("'format_version' must be an integer scalar")
+    if int(version) != FORMAT_VERSION:
+        raise ValueError(
+            f"model format version {int(version)}; this dpfc_native reads version {FORMAT_VERSION}"
+        )
+    name = _scalar_text(arrays["estimator"], "estimator")
+    cls = getattr(models, name, None)
+    if name not in models.__all__ or not (
+        isinstance(cls, type) and issubclass(cls, models._DPClassifierBase)
+    ):
+        raise ValueError(f"unknown estimator {name!r}")
+    params = json.loads(_scalar_text(arrays["params"], "params"))
+    fitted = json.loads(_scalar_text(arrays["fitted"], "fitted"))
+    if not isinstance(params, dict) or not isinstance(fitted, dict):
+        raise ValueError("'params' and 'fitted' must be JSON objects")
+    ledger = _ledger_from_dict(json.loads(_scalar_text(arrays["ledger"], "ledger")))
+    params.pop("noise_seeded", None)
+    params.pop("random_state", None)  # never written: a loaded model has no seed
+    valid = set(cls._get_param_names())
+    est = cls().set_params(**{k: _param_value(v) for k, v in params.items() if k in valid})
+
+    coef, intercept = arrays["coef"], arrays["intercept"]
+    classes, center, names = arrays["classes"], arrays["center"], arrays["feature_names"]
+    if coef.ndim != 2 or coef.dtype.kind != "f" or 0 in coef.shape:
+        raise ValueError(f"'coef' must be a non-empty (K, d) float array, got {coef.shape}")
+    k, d = coef.shape
+    if intercept.shape != (k,) or intercept.dtype.kind != "f":
+        raise ValueError(f"'intercept' must be a ({k},) float array")
+    if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+        raise ValueError("'coef' and 'intercept' must be finite")
+    if classes.shape != (k,):
+        raise ValueError(f"'classes' must hold the {k} labels of 'coef'")
+    if classes.dtype.kind not in "biufU" or np.unique(classes).size != classes.size:
+        raise ValueError("'classes' must be distinct numbers or strings")
+    if center.ndim != 1 or center.shape[0] not in (0, d) or center.dtype.kind != "f":
+        raise ValueError(f"'center' must be a ({d},) float array or empty")
+    if not np.isfinite(center).all():
+        raise ValueError("'center' must be finite")
+    if names.ndim != 1 or names.shape[0] not in (0, d) or (names.size and names.dtype.kind != "U"):
+        raise ValueError(f"'feature_names' must be {d} strings or empty")
+
+    est.coef_ = np.asarray(coef, dtype=np.float64)
+    est.intercept_ = np.asarray(intercept, dtype=np.float64)
+    est.classes_ = classes
+    est.center_ = np.asarray(center, np.float64) if center.size else None
+    if names.size:
+        est.feature_names_in_ = names.astype(object)
+    for key, value in fitted.items():
+        if key in _FITTED_PUBLIC:
+            setattr(est, key, _param_value(value))
+    clip = getattr(est, "clip_norm_", None)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf:
+        raise ValueError("'fitted' must give clip_norm_ as a finite number > 0")
+    if not isinstance(getattr(est, "normalize_", None), bool):
+        raise ValueError("'fitted' must give normalize_ as true or false")
+    est.n_features_in_ = d
+    est.privacy_ = ledger
+    est.device_ = "cpu"
+    return est
+
+
 def load_model(path):
     """Read a model written by :func:`save_model` (``est.save``, ``dpfc train``).
 
@@ -194,62 +285,39 @@ def load_model(path):
     FileNotFoundError
         ``path`` does not exist.
     ValueError
-        Not a model file of this format (or a corrupted one).
+        Not a model file of this format, or a corrupted or tampered one (every member
+        is checked: types, shapes, finite weights, distinct classes).
     """
     from . import models
+    from .data import _check_npz_members
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+    if not os.path.isfile(path):  # a directory, a device, a FIFO (which would block)
+        raise ValueError(f"{path} is not a dpfc_native model (not a regular file)")
+    if not zipfile.is_zipfile(path):
         # np.load would take any other file for a pickle and advise loading it unsafely.
         raise ValueError(f"{path} is not a dpfc_native model (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [m for m in _MEMBERS if m not in z.files]
             if missing:
-                raise ValueError(f"{path} is not a dpfc_native model (missing {missing})")
+                raise ValueError(f"not a dpfc_native model (missing {missing})")
+            _check_npz_members(path, _MEMBERS)  # headers against sizes, before allocating
             arrays = {m: z[m] for m in _MEMBERS}
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        return _checked_model(path, arrays, models)
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OSError,
+        EOFError,
+        NotImplementedError,
+        SyntaxError,
+        MemoryError,
+        OverflowError,
+        zipfile.BadZipFile,
+    ) as exc:
         raise ValueError(f"cannot read model {path}: {exc}") from exc
-    if str(arrays["format"]) != FORMAT:
-        raise ValueError(f"{path} is not a dpfc_native model (format {arrays['format']!s})")
-    version = int(arrays["format_version"])
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has model format version {version}; this dpfc_native "
-            f"reads version {FORMAT_VERSION}"
-        )
-    name = str(arrays["estimator"])
-    cls = getattr(models, name, None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, models._DPClassifierBase):
-        raise ValueError(f"{path}: unknown estimator {name!r}")
-    try:
-        params = json.loads(str(arrays["params"]))
-        fitted = json.loads(str(arrays["fitted"]))
-        ledger = _ledger_from_dict(json.loads(str(arrays["ledger"])))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read model {path}: corrupted metadata ({exc})") from exc
-    params.pop("noise_seeded", None)
-    valid = set(cls._get_param_names())
-    est = cls().set_params(**{k: _param_value(v) for k, v in params.items() if k in valid})
-    coef = np.asarray(arrays["coef"], dtype=np.float64)
-    if (
-        coef.ndim != 2
-        or arrays["intercept"].shape != (coef.shape[0],)
-        or arrays["classes"].shape != (coef.shape[0],)
-    ):
-        raise ValueError(f"cannot read model {path}: inconsistent shapes")
-    est.coef_ = coef
-    est.intercept_ = np.asarray(arrays["intercept"], dtype=np.float64)
-    est.classes_ = arrays["classes"]
-    est.center_ = arrays["center"] if arrays["center"].size else None
-    if arrays["feature_names"].size:
-        est.feature_names_in_ = arrays["feature_names"].astype(object)
-    for key, value in fitted.items():
-        if key in _FITTED_PUBLIC:
-            setattr(est, key, _param_value(value))
-    est.n_features_in_ = coef.shape[1]
-    est.privacy_ = ledger
-    est.device_ = "cpu"
-    return est
