@@ -362,7 +362,7 @@ def test_plan_json_is_strict_json_with_an_infinite_epsilon(tmp_path):
 
 def test_demo_n_without_a_synthetic_dataset_fails_and_repeats_are_merged(tmp_path):
     res = runner.invoke(app, ["demo", "--n", "50", "--out", str(tmp_path / "a")])
-    assert res.exit_code == 2 and "--n applies to the synthetic datasets" in res.output
+    assert res.exit_code == 2 and "digits is used whole" in res.output
     # -m ls -m ls -e 1 -e 1: one row, one column, one fit (they were pooled: 2 fits
     # shown as the median of "1 seed").
     res = runner.invoke(

@@ -819,7 +819,10 @@ def demo(
     ),
     seeds: int = typer.Option(5, "--seeds", help="Noise seeds per cell (median reported)."),
     n: Optional[int] = typer.Option(
-        None, "--n", help="Training rows of the synthetic datasets (default: the preset's)."
+        None,
+        "--n",
+        help="Training rows of the synthetic datasets (default: the preset's) and of "
+        "--features (default: all); digits is always used whole.",
     ),
     out: Path = typer.Option(Path("dpfc_demo_out"), "--out", help="Output directory."),
     epsilon: Optional[List[float]] = typer.Option(
@@ -864,8 +867,8 @@ def demo(
         _fail(f"--seeds must be >= 1, got {seeds}")
     if n is not None and n < 10:
         _fail(f"--n must be >= 10, got {n}")
-    if n is not None and not any(ds != "digits" for ds in datasets):
-        _fail("--n applies to the synthetic datasets only (digits and --features are used whole)")
+    if n is not None and features is None and all(ds == "digits" for ds in datasets):
+        _fail("--n applies to the synthetic datasets and --features (digits is used whole)")
     if features is not None:
         _load_labeled(features, None, "--features", ("features", "labels"))  # fails here
         datasets.insert(0, os.fspath(features))
