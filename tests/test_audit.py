@@ -206,6 +206,10 @@ def test_dpfc_cli_has_audit_command():
         ["audit", "-m", "class_sums", "-e", "4", "--runs", "20000", "--dim", "4", "--seed", "2"],
     )
     assert res.exit_code == 0, res.output
+    # A negative seed is named, before any run (it was "expected non-negative integer"
+    # after a progress line).
+    res = CliRunner().invoke(cli.app, ["audit", "-m", "class_sums", "--seed", "-1"])
+    assert res.exit_code == 2 and res.output.strip() == "Error: --seed must be >= 0, got -1"
 
 
 # The estimator each named mechanism follows, and the releases it audits alone (None: all).

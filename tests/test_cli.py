@@ -387,3 +387,23 @@ def test_demo_n_without_a_synthetic_dataset_fails_and_repeats_are_merged(tmp_pat
     (result,) = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
     assert result["epsilons"] == ["1.0"] and list(result["methods"]) == ["ls"]
     assert len(result["accuracy"]["ls"]["1.0"]) == 1, result["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["plan", "--n", "10", "--dim", "2", "-k", "2", "-e", "abc"], "'--epsilon'"),
+        (["plan", "--n", "10", "--dim", "2", "-k", "2", "-e", "1,2"], "'--epsilon'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["plan", "--bogus"], "No such option: --bogus"),
+    ],
+)
+def test_parser_errors_are_one_line_from_the_script(args, word):
+    """The parser's own errors (not a number, unknown option or command) printed a usage
+    block and a boxed panel; the README promises one line and exit status 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "dpfc_native", *args], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stderr
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and word in lines[0], lines

@@ -692,6 +692,8 @@ def register_cli(app) -> None:
         from ._progress import progress
         from .cli import _fail, _output_path
 
+        if seed is not None and seed < 0:
+            _fail(f"--seed must be >= 0, got {seed}")
         if json_out is not None:  # checked before the audit runs (minutes), not after
             json_out = _output_path(json_out, force, suffix="", flag="--json")
         results = []

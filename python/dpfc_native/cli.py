@@ -968,8 +968,27 @@ _register_plugins()
 
 
 def main() -> None:
-    """Entry point of the ``dpfc`` script and of ``python -m dpfc_native``."""
-    app(prog_name="dpfc")
+    """Entry point of the ``dpfc`` script and of ``python -m dpfc_native``.
+
+    Usage errors that the argument parser itself finds (a value that is not a number, an
+    unknown option or command) are one line and exit status 2, like the commands' own
+    (the parser's default is a usage block and a boxed panel)."""
+    try:  # Typer >= 0.20 parses with its own copy of click; older ones with click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover - the older Typers
+        from click import exceptions as click_exceptions
+    try:
+        code = app(prog_name="dpfc", standalone_mode=False)
+    except click_exceptions.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `dpfc`: the help, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        typer.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(2)
+    except click_exceptions.Abort:  # Ctrl-C while the parser reads
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
