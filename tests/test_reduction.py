@@ -986,3 +986,18 @@ def test_blas_limit_is_counted_across_threads(monkeypatch):
     with R.one_blas_thread(), R.one_blas_thread():
         pass
     assert log == ["set 1", "restore"]
+
+
+@pytest.mark.parametrize("env", ["abc", "0", "-2", "1.5"])
+def test_reduce_threads_environment_is_checked_by_name(monkeypatch, env):
+    monkeypatch.setenv("DPFC_REDUCE_THREADS", env)
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    with pytest.raises(ValueError, match="DPFC_REDUCE_THREADS"):
+        ops.clipped_gram(x, 1.0, leaf_rows=8)
+    monkeypatch.setenv("DPFC_REDUCE_THREADS", "3")
+    assert np.array_equal(
+        ops.clipped_gram(x, 1.0, leaf_rows=8),
+        R.reduce(R.Gram(1.0), R.ArraySource(x), leaf_rows=8, threads=1),
+    )
+    with pytest.raises(TypeError, match="x must be an array"):
+        ops.clipped_gram(None, 1.0)

@@ -181,6 +181,8 @@ def _coerce(a: Any, name: str, xp):
         raise ValueError(f"{name}: expected a CPU array like the other arguments (mixed devices)")
     if isinstance(a, np.ndarray):
         return a
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
     try:
         return np.asarray(a)
     except Exception as exc:

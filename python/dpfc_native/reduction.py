@@ -1374,11 +1374,13 @@ def _local_threads(threads: Optional[int]) -> int:
     if threads is None:
         import os
 
-        env = os.environ.get("DPFC_REDUCE_THREADS", "")
-        threads = int(env) if env.strip() else (os.cpu_count() or 1)
-    if int(threads) < 1:
-        raise ValueError(f"threads must be >= 1, got {threads!r}")
-    return int(threads)
+        env = os.environ.get("DPFC_REDUCE_THREADS", "").strip()
+        if not env:
+            return os.cpu_count() or 1
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"DPFC_REDUCE_THREADS must be an integer >= 1, got {env!r}")
+        return int(env)
+    return _validation.integer(threads, "threads", 1)
 
 
 def rounding_bound(n: int, leaf_rows: int, per_row_bound: float, entries: int) -> float:
