@@ -114,7 +114,7 @@ _BAD_X = {
     "nan": (np.where(np.eye(6, 3) > 0, np.nan, X), ValueError, "x.*nan"),
     "inf": (np.where(np.eye(6, 3) > 0, -np.inf, X), ValueError, "x.*inf"),
     "ragged": ([[1.0, 2.0], [3.0]], TypeError, "x"),
-    "none": (None, ValueError, "x"),
+    "none": (None, TypeError, "x"),  # not an array: a TypeError naming x
 }
 # Half-precision features: the Gram and the joint statistics read them (CPU and GPU
 # alike); the other ops take float32/float64 only.
