@@ -161,3 +161,18 @@ def test_plan_cli_errors(args, needle):
     result = runner.invoke(app, argv + args)
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("key", ["random_state", "classes", "epsilon", "budget"])
+def test_plan_refuses_parameters_it_sets_or_cannot_use(key):
+    """-p random_state=3 gave "got multiple values for keyword argument"; -p classes=...
+    disagreeing with -k was accepted silently."""
+    with pytest.raises(ValueError, match=f"{key} cannot be a plan parameter"):
+        noise_plans(100, 4, 2, [1.0], method="fc", **{key: 3})
+
+
+def test_plan_header_shows_delta_as_given():
+    res = CliRunner().invoke(
+        app, ["plan", "--n", "100", "--dim", "4", "-k", "2", "-e", "1", "--delta", "0.9999999"]
+    )
+    assert res.exit_code == 0 and "delta=0.9999999," in res.output, res.output

@@ -985,7 +985,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         typer.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(2)
-    except click_exceptions.Abort:  # Ctrl-C while the parser reads
+    except (typer.Abort, getattr(click_exceptions, "Abort", typer.Abort)):  # Ctrl-C
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -79,6 +79,16 @@ def noise_plans(
     from . import report
 
     _validation.choice(method, "method", tuple(report.METHODS))
+    # What the plan sets itself, or what a plan cannot use (no data, no noise drawn).
+    taken = {
+        "epsilon": "the epsilons are the plan's grid",
+        "delta": "pass delta=",
+        "random_state": "a plan draws no noise",
+        "classes": "the plan's K is num_classes",
+        "budget": "a plan spends nothing",
+    }
+    for key in sorted(taken.keys() & params.keys()):
+        raise ValueError(f"{key} cannot be a plan parameter ({taken[key]})")
     plans = []
     for eps in epsilons:
         est = report.make_estimator(method, eps, **params)
@@ -207,7 +217,7 @@ def register_cli(app) -> None:
         first = plans[0]
         console.print(
             f"[bold]dpfc plan[/bold] {label}: n={n}, d={dim}, K={num_classes}, "
-            f"delta={first.delta:g}, C={clip_norm:g}"
+            f"delta={first.delta:.10g}, C={clip_norm:g}"
             + "".join(
                 f", {r.name}: Poisson rate q={r.sample_rate:g}"
                 for r in first.releases
