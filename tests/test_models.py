@@ -804,3 +804,76 @@ def test_refits_and_validation_splits_keep_their_contracts():
     assert (np.minimum(scores[:, 0], scores[:, 1]) > 745).any()  # the log-odds underflow
     df = sgd.decision_function(Xb)
     np.testing.assert_array_equal(sgd.predict(Xb), sgd.classes_[(df > 0).astype(int)])
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_a_refused_refit_leaves_the_previous_model(cls):
+    """A refit refused by its budget (or by a PrivacyWarning raised as an error) set
+    n_features_in_ / feature_names_in_ from the refused data first: the old weights were
+    then unusable ("X has 6 features, but ... is expecting 4")."""
+    import warnings
+
+    from dpfc_native import PrivacyBudget, PrivacyWarning
+    from dpfc_native.tuning import PrivacyBudgetExceeded
+
+    rng = np.random.default_rng(31)
+    x6 = rng.standard_normal((200, 6))
+    y = rng.integers(0, 3, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        est = cls(classes=[0, 1, 2]).fit(x6, y)
+    before = {k: v for k, v in vars(est).items() if k.endswith("_")}
+    pred = est.predict(x6)
+    est.set_params(budget=PrivacyBudget(0.1, 1e-5))
+    with pytest.raises(PrivacyBudgetExceeded):
+        est.fit(x6[:, :4], y)
+    est.set_params(budget=None, classes=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrivacyWarning)
+        with pytest.raises(PrivacyWarning):
+            est.fit(x6[:, :5], y)
+    assert {k: v for k, v in vars(est).items() if k.endswith("_")}.keys() == before.keys()
+    assert est.n_features_in_ == 6 and est.coef_ is before["coef_"]
+    np.testing.assert_array_equal(est.predict(x6), pred)
+
+
+def test_dpsgd_probabilities_follow_the_trained_loss(tmp_path):
+    """predict_proba read the current loss parameter: set_params(loss=...) after fit
+    changed the probabilities (and the saved file labelled the wrong link)."""
+    from dpfc_native import load_model
+
+    rng = np.random.default_rng(32)
+    x = rng.standard_normal((300, 5))
+    y = (x[:, 0] > 0).astype(int)
+    est = DPSGDClassifier(epsilon=math.inf, loss="sigmoid", steps=20).fit(x, y)
+    p0, d0 = est.predict_proba(x[:7]), est.decision_function(x[:7])
+    assert est.loss_ == "sigmoid"
+    est.set_params(loss="softmax")
+    np.testing.assert_array_equal(est.predict_proba(x[:7]), p0)
+    np.testing.assert_array_equal(est.decision_function(x[:7]), d0)
+    loaded = load_model(est.save(tmp_path / "m.npz"))
+    assert loaded.loss_ == "sigmoid"
+    np.testing.assert_array_equal(loaded.predict_proba(x[:7]), p0)
+
+
+def test_center_is_copied_and_score_refuses_mixed_label_types():
+    rng = np.random.default_rng(33)
+    x = rng.standard_normal((120, 4))
+    y = np.array(["a", "b"])[rng.integers(0, 2, 120)]
+    center = np.full(4, 0.5)
+    est = DPLeastSquaresClassifier(epsilon=math.inf, center=center).fit(x, y)
+    pred = est.predict(x)
+    center += 3.0  # the user's array, changed after fit: the model must not move
+    np.testing.assert_array_equal(est.predict(x), pred)
+    with pytest.raises(ValueError, match="Mix of label input types"):
+        est.score(x, (y == "b").astype(int))
+    assert est.score(x, y) == np.mean(pred == y)
+
+
+def test_label_outside_classes_error_does_not_show_the_label():
+    x = np.random.default_rng(34).standard_normal((30, 3))
+    y = np.arange(30) % 3
+    y[7] = 987654
+    with pytest.raises(ValueError, match="not in classes") as err:
+        DPLeastSquaresClassifier(classes=[0, 1, 2]).fit(x, y)
+    assert "987654" not in str(err.value)

@@ -25,7 +25,8 @@ member                    content
 ``fitted``                JSON: ``n_features_in_``, ``clip_norm_``, ``normalize_``,
                           ``delta_``, ``noise_seeded_`` and the chosen hyper-parameters
                           (``reg_``, ``lr_``, ``alpha_``, ``bias_``, ``grad_clip_norm_``,
-                          ``noise_multiplier_``, ``n_iter_``) where the method has them
+                          ``noise_multiplier_``, ``n_iter_``, ``loss_``) where the
+                          method has them
 ``ledger``                JSON: ``privacy_.to_dict()``
 ========================  ===================================================================
 
@@ -64,6 +65,7 @@ _FITTED_PUBLIC = (
     "grad_clip_norm_",
     "noise_multiplier_",
     "n_iter_",
+    "loss_",
 )
 _MEMBERS = (
     "format",
@@ -262,6 +264,10 @@ def _checked_model(path: str, arrays: dict, models):
     for key, value in fitted.items():
         if key in _FITTED_PUBLIC:
             setattr(est, key, _param_value(value))
+    if "loss" in valid and not hasattr(est, "loss_"):  # written before loss_ was
+        est.loss_ = est.loss
+    if getattr(est, "loss_", "softmax") not in ("softmax", "sigmoid"):
+        raise ValueError("'fitted' gives an unknown loss_")
     clip = getattr(est, "clip_norm_", None)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf:
         raise ValueError("'fitted' must give clip_norm_ as a finite number > 0")

@@ -353,8 +353,11 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
         except TypeError as exc:
             raise TypeError(f"{name} and classes have incomparable label types") from exc
         if unknown.any():
+            # The label itself is not shown: it is one private record's label (error
+            # messages end up in logs).
             raise ValueError(
-                f"{name} contains labels not in classes, e.g. {y[np.argmax(unknown)]!r}"
+                f"{name} contains labels not in classes (values not shown: private); "
+                "pass the full public label set as classes="
             )
     if classes.size < 2:
         raise ValueError(
@@ -813,6 +816,11 @@ def _add_ridge(M, reg: float, xp, copy: bool = True):
 # ---------------------------------------------------------------------------------------
 
 
+def _is_fitted_name(name: str) -> bool:
+    """scikit-learn's convention: fitted attributes end with one underscore."""
+    return name.endswith("_") and not name.startswith("_")
+
+
 #: Fitted attributes computed from the private data WITHOUT noise: not covered by the
 #: guarantee, never saved by ``save``, removed by ``strip_non_private``.
 NON_PRIVATE_ATTRIBUTES = ("n_samples_", "diagnostics_", "fit_time_")
@@ -907,13 +915,27 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
     def _check_center(self, d: int, xp):
         if self.center is None:
             return None
-        c = np.asarray(_to_numpy(self.center), dtype=np.float64)
+        # A copy: the user's array changed in place after fit must not move the model.
+        c = np.array(_to_numpy(self.center), dtype=np.float64, copy=True)
         if c.shape != (d,):
             raise ValueError(f"center must be a public vector of shape ({d},), got {c.shape}")
         return xp.asarray(_validation.finite(c, "center"))
 
     # -- fit --------------------------------------------------------------------------
     def fit(self, X, y=None, *, X_val=None, y_val=None, client=None):
+        before = {k: v for k, v in vars(self).items() if _is_fitted_name(k)}
+        try:
+            return self._fit(X, y, X_val=X_val, y_val=y_val, client=client)
+        except BaseException:
+            # A refused or failed fit (over budget, a PrivacyWarning raised as an error,
+            # bad data) leaves the previous model as it was, not half reset (the feature
+            # checks of the refused data with the weights of the old one).
+            for k in [k for k in vars(self) if _is_fitted_name(k)]:
+                del self.__dict__[k]
+            self.__dict__.update(before)
+            raise
+
+    def _fit(self, X, y=None, *, X_val=None, y_val=None, client=None):
         """Train on private features ``X`` (n, d) and labels ``y`` (n,).
 
         Parameters
@@ -1072,6 +1094,8 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         self.fit_time_ = time.perf_counter() - t0
         return self
 
+    fit.__doc__ = _fit.__doc__
+
     def _warn_privacy(self, common) -> None:
         """PrivacyWarning for settings that weaken the guarantee (see the class docs)."""
         if math.isinf(common["epsilon"]):
@@ -1178,6 +1202,11 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"Found input variables with inconsistent numbers of samples: "
                 f"[{pred.shape[0]}, {y.shape[0]}]"
+            )
+        if (pred.dtype.kind in "US") != (y.dtype.kind in "US") and y.dtype != object:
+            raise ValueError(
+                f"Mix of label input types (y is {y.dtype}, the classes are "
+                f"{pred.dtype}): no prediction could ever match"
             )
         w = None if sample_weight is None else column_or_1d(_to_numpy(sample_weight))
         return float(np.average(pred == y, weights=w))
@@ -1413,6 +1442,12 @@ _ATTR_DOC = """
         The delta used, the device, the feature dimension, whether the noise key came
         from a user seed, and a fingerprint of an OS-entropy key (``"seeded"`` for a
         seeded one: a hash of a seeded key would reveal the seed).
+    loss_ : str (DP-SGD)
+        The loss trained with, which ``predict_proba`` follows (not the current
+        ``loss`` parameter).
+
+    A fit that raises (refused by a budget, a ``PrivacyWarning`` turned into an error,
+    bad data) leaves the previous fitted attributes as they were.
 
     ``save(path)`` writes only the covered attributes (not the NON-PRIVATE ones, not
     ``random_state``); ``strip_non_private()`` removes them before pickling."""
@@ -2205,7 +2240,9 @@ class DPSGDClassifier(_DPClassifierBase):
 
     @property
     def _proba_link(self) -> str:
-        return "softmax" if self.loss == "softmax" else "sigmoid"
+        # The loss the model was trained with (set_params(loss=...) after fit must not
+        # change its probabilities).
+        return "softmax" if getattr(self, "loss_", self.loss) == "softmax" else "sigmoid"
 
     def _val_loss(self, ctx, W, bias):
         Xv, yv = ctx.val
@@ -2299,6 +2336,7 @@ class DPSGDClassifier(_DPClassifierBase):
             diagnostics_={"batch_sizes": batch_sizes},
             sweep_results_=log,
             n_iter_=T,
+            loss_=p["loss"],
         )
 
 
