@@ -496,3 +496,19 @@ def test_gpu_estimators_denoise_match_cpu(cls, kw):
     )
     np.testing.assert_allclose(gpu.coef_, cpu.coef_, rtol=1e-6, atol=1e-8)
     assert gpu.privacy_.to_dict() == cpu.privacy_.to_dict()
+
+
+def test_noiseless_matrices_are_exactly_the_psd_projection_and_psd_checks_noise_std():
+    """s = 0 gives max(w, 0) exactly even when the spectrum spans beyond 2^1022 (the
+    power-of-two units zeroed 1e-300 next to 1e300); "psd" checks noise_std like the
+    others (it returned before the check)."""
+    w = np.array([[-2.0, 1e-300, 3e-10, 1e300], [1e-20, 1.0, 2.0, 1e300]])
+    for m in SHRINKERS + ["psd"]:
+        out = linalg.shrink_eigenvalues(w, [0.0, 0.0], 4, m)
+        np.testing.assert_array_equal(out, np.maximum(w, 0.0))
+        mixed = linalg.shrink_eigenvalues(w, [0.0, 0.5], 4, m)
+        np.testing.assert_array_equal(mixed[0], np.maximum(w[0], 0.0))
+        np.testing.assert_array_equal(mixed[1], linalg.shrink_eigenvalues(w[1:], 0.5, 4, m)[0])
+    for bad, exc in (("abc", TypeError), (-1.0, ValueError), (np.ones(5), ValueError)):
+        with pytest.raises(exc):
+            linalg.shrink_eigenvalues(w, bad, 4, "psd")

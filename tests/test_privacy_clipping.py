@@ -339,3 +339,17 @@ def test_float32_mode_huge_clip_norm_is_refused():
     g = ops.clipped_gram(x, 1e18, accumulate="float32")
     assert np.isfinite(g).all()
     np.testing.assert_allclose(g, ops.clipped_gram(x, 1e18), rtol=1e-6)
+
+
+def test_float32_accumulation_floor_and_block_range():
+    """float32 accumulation forms the products in float32: C^2 must stay far above its
+    subnormals (C = 2.9e-23 gave one row's Gram 1.67 C^2); only a block of 4096 rows is
+    summed in float32, so the range check is on min(n, 4096) C^2 (16384 rows of 2^56 with
+    C = 2^57 were refused though each block fits)."""
+    c = np.sqrt(0.6 * 2.0**-149) / (1 - 2**-20)
+    with pytest.raises(ValueError, match="clip_norm must be at least"):
+        ops.clipped_gram(np.array([[1.0]]), c, accumulate="float32")
+    assert_norm_le(ops.clipped_gram(np.array([[1.0]]), c), Fraction(c) ** 4, "float64 mode")
+    x = np.full((16384, 2), 2.0**56)
+    g = ops.clipped_gram(x, 2.0**57, accumulate="float32")
+    np.testing.assert_allclose(g, ops.clipped_gram(x, 2.0**57), rtol=1e-6)

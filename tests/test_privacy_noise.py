@@ -224,3 +224,13 @@ def test_release_symmetric_refuses_a_non_symmetric_statistic():
     sym = s + s.T
     out, rec = mechanisms.release_symmetric(sym, 1.0, 10.0, mechanisms.NoiseSource(), "G")
     assert rec is not None and np.array_equal(out, out.T) and not np.array_equal(out, sym)
+
+
+def test_noise_shape_may_be_any_sequence_of_ints():
+    src = mechanisms.NoiseSource(seed=3)
+    a = ops.gaussian_noise(np.array([2, 3]), 1.0, key=1)
+    b = ops.gaussian_noise([2, 3], 1.0, key=1)
+    assert a.shape == (2, 3) and np.array_equal(a, b)
+    assert src.normal(np.array([4]), 1.0).shape == (4,)
+    with pytest.raises(TypeError, match="shape"):
+        src.normal("23", 1.0)

@@ -590,3 +590,18 @@ def test_save_is_atomic_and_names_a_file(tmp_path):
     assert upper.endswith("m.NPZ") and dpfc_native.load_model(upper).coef_.tobytes() == (
         est.coef_.tobytes()
     )
+
+
+def test_save_over_a_file_keeps_its_mode_and_writes_through_a_symlink(tmp_path):
+    import os
+
+    x, y = _data(6)
+    est = _fit(DPLeastSquaresClassifier, x, y)
+    real = tmp_path / "real.npz"
+    est.save(real)
+    os.chmod(real, 0o600)
+    link = tmp_path / "link.npz"
+    link.symlink_to(real)
+    est.save(link)
+    assert link.is_symlink() and os.stat(real).st_mode & 0o777 == 0o600
+    assert dpfc_native.load_model(link).coef_.tobytes() == est.coef_.tobytes()

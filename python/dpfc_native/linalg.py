@@ -514,28 +514,27 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
     if w.ndim < 1 or w.shape[-1] != d:
         raise ValueError(f"d must be the length of w's last axis, got d={d} for shape {w.shape}")
     w = w.astype(xp.float64)
-    if method == "psd":
-        return xp.maximum(w, 0.0)
     batch_shape = tuple(w.shape[:-1])
     s = np.broadcast_to(_noise_std(noise_std), batch_shape)
+    if method == "psd" or not s.any():  # no noise: exactly the PSD projection
+        return xp.maximum(w, 0.0)
     # Every shrinker is homogeneous (f(c w, c s) = c f(w, s)): each matrix is computed
     # in units of a power of two near its largest |w| or s, exactly, so that neither the
     # edge sqrt(2 d) s nor w + edge overflows for any finite input.
     big = np.maximum(_to_host(xp.abs(w).max(axis=-1)), s)
     unit = np.ldexp(1.0, np.frexp(np.where(big > 0, big, 1.0))[1] - 1)  # big / unit in [1, 2)
-    w = w / xp.asarray(unit)[..., None]
+    w_in, w = w, w / xp.asarray(unit)[..., None]
     edge_h = np.sqrt(2.0 * d) * (s / unit)
     edge = xp.asarray(edge_h)[..., None]
     unit_d = xp.asarray(unit)[..., None]
     if method == "soft":
-        return xp.maximum(w - edge, 0.0) * unit_d
+        return _noiseless_exact(xp, xp.maximum(w - edge, 0.0) * unit_d, w_in, s)
     if method == "spiked":
         # sqrt(w^2 - edge^2) as sqrt(w - edge) sqrt(w + edge): no square of a matrix's
         # eigenvalue, which overflows (or underflows) for clip norms far from 1.
         pos = xp.maximum(w, 0.0)
         shrunk = xp.sqrt(xp.maximum(pos - edge, 0.0)) * xp.sqrt(pos + edge)
-        # No noise: exactly the PSD projection.
-        return xp.where(edge > 0, shrunk, pos) * unit_d
+        return _noiseless_exact(xp, shrunk * unit_d, w_in, s)
     # "rie": w - 2 sigma^2 Re g(w + i eta) with sigma^2 = edge^2 / 4, eta = edge / sqrt(d),
     # computed in units of the edge (u = w / edge): w - (edge / 2) R(u) with
     # R(u_i) = mean_j (u_i - u_j) / ((u_i - u_j)^2 + 1 / d), so no eigenvalue is squared
@@ -558,7 +557,16 @@ def shrink_eigenvalues(w, noise_std, d: int, method: str = "rie"):
                 term = diff / (diff * diff + 1.0 / d)
                 r = xp.where(xp.isnan(term), 0.0, term).sum(axis=1) / d
                 out[b, start : start + rows] = flat[b, start : start + rows] - (0.5 * e) * r
-    return xp.maximum(out, 0.0).reshape(w.shape) * unit_d
+    return _noiseless_exact(xp, xp.maximum(out, 0.0).reshape(w.shape) * unit_d, w_in, s)
+
+
+def _noiseless_exact(xp, shrunk, w, s):
+    """The matrices without noise (s = 0) exactly as max(w, 0): their eigenvalues far
+    below the largest lost bits to the power-of-two units (w / unit underflowed)."""
+    if s.all():
+        return shrunk
+    none = xp.asarray(s == 0)[..., None]
+    return xp.where(none, xp.maximum(w, 0.0), shrunk)
 
 
 def denoise_eigh(a, noise_std, method: str = "rie"):

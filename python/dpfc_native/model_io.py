@@ -42,6 +42,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import zipfile
 
 import numpy as np
@@ -150,15 +151,19 @@ def save_model(est, path, method: str = "") -> str:
         fitted=np.array(json.dumps(fitted)),
         ledger=np.array(json.dumps(est.privacy_.to_dict())),
     )
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     # Written beside the target and renamed over it: a failure (or Ctrl-C, a full disk)
-    # leaves the previous file as it was, never a truncated one.
-    tmp = os.path.join(d, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+    # leaves the previous file as it was, never a truncated one. A symlink is written
+    # through (its target replaced), and an existing file keeps its permissions.
+    target = os.path.realpath(path)
+    d = os.path.dirname(target)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".tmp-{secrets.token_hex(8)}-{os.path.basename(target)}")
     try:
-        with open(tmp, "xb") as f:  # the umask's permissions, as a plain open
+        with open(tmp, "xb") as f:  # a new file: the umask's permissions
             np.savez(f, **members)
-        os.replace(tmp, path)
+        if os.path.exists(target):
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

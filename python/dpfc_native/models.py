@@ -482,7 +482,12 @@ def _preprocess(X, xp, clip: float, center, normalize: bool, out_dtype=None):
     if xp is np:
         return _PreprocessedRows(X, clip, center, normalize)
     n, d = X.shape
-    out = xp.empty(X.shape, dtype=out_dtype or X.dtype)
+    dtype = xp.dtype(out_dtype or X.dtype)
+    if dtype == xp.float32 and clip < math.sqrt(d) * ops._CLIP_FLOOR["float32"]:
+        # float32 rows cannot hold a clip bound this small (their rounding on the
+        # subnormal grid would exceed it; ops.clip_rows refuses): float64 rows.
+        dtype = xp.dtype(xp.float64)
+    out = xp.empty(X.shape, dtype=dtype)
     for sl in _row_slices(n, d, xp):
         blk = _preprocess_block(
             X[sl].astype(xp.float64), xp, clip, center, normalize, first_row=sl.start

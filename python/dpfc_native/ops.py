@@ -197,7 +197,14 @@ _check_positive = _v.positive
 #: of an element to the subnormal grid (half of 2^-149 in float32, 2^-1074 in float64) must
 #: stay inside the 2^-20 clip margin; for squared statistics (grams), the products of
 #: two clipped entries must too (C^2 far above the float64 subnormals).
-_CLIP_FLOOR = {"float32": 2.0**-128, "float64": 2.0**-1052, "squares": 2.0**-500}
+#: With float32 accumulation the products are float32 too: C^2 2^-20 must exceed the
+#: float32 subnormal spacing d times ("squares32").
+_CLIP_FLOOR = {
+    "float32": 2.0**-128,
+    "float64": 2.0**-1052,
+    "squares": 2.0**-500,
+    "squares32": 2.0**-65,
+}
 
 
 def _check_clip_norm(
@@ -215,6 +222,8 @@ def _check_clip_norm(
     accumulation, C^2 times the rows must fit float32."""
     c = _check_positive(clip_norm, name)
     d = width if width is not None else (int(x.shape[1]) if x.ndim == 2 else 1)
+    if floor == "squares" and accumulate != "float64":
+        floor = "squares32"
     low = math.sqrt(max(d, 1)) * _CLIP_FLOOR[floor]
     if c < low:
         raise ValueError(
@@ -222,11 +231,13 @@ def _check_clip_norm(
             f"below it the rounding of the clipped values to the subnormal range can exceed "
             f"the bound), got {clip_norm!r}; rescale the features instead"
         )
-    if accumulate != "float64" and c * c * max(int(x.shape[0]), 1) > 2.0**127:
+    # Blocks of _F32_BLOCK_ROWS rows are summed in float32, the blocks in float64.
+    block = min(max(int(x.shape[0]), 1), _cpu_stats._F32_BLOCK_ROWS)
+    if accumulate != "float64" and c * c * block > 2.0**127:
         raise ValueError(
-            f"clip_norm={clip_norm!r} with accumulate={accumulate!r}: n clip_norm**2 must "
-            "stay below float32's range (2^127), or the float32 sums overflow to inf; use "
-            'accumulate="float64"'
+            f"clip_norm={clip_norm!r} with accumulate={accumulate!r}: a float32 block of "
+            f"{block} rows can sum to {block} clip_norm**2, beyond float32's range (2^127); "
+            'use accumulate="float64"'
         )
     return c
 
@@ -758,8 +769,8 @@ def _noise_args(shape, std, dtype, device):
     """(shape, blocks, std, dtype) of :func:`gaussian_noise`, checked (no draw)."""
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}")
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}")
     shape = tuple(_v.integer(v, "shape", 0) for v in shape)
     s, dt = _check_noise_args(std, dtype, device)
     return shape, noise_blocks(math.prod(shape)), s, dt
