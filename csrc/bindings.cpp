@@ -171,10 +171,9 @@ void syrk_upper_cpu(const py::capsule& fn, const py::array& a, py::array c, doub
   DPFC_EXPECTS(d < (int64_t{1} << 31) && m < (int64_t{1} << 31), "sizes must fit in int32");
   // The capsule's name is its C signature (Cython's __pyx_capi__, with SciPy's typedefs
   // for the float types): only ?syrk of c's type, as _cpu_stats._syrk_capsule expects.
-  const std::string t =
-      std::string("__pyx_t_5scipy_6linalg_11cython_blas_") + (f64 ? "d" : "s");
-  const std::string want = "void (char *, char *, int *, int *, " + t + " *, " + t +
-                           " *, int *, " + t + " *, " + t + " *, int *)";
+  const std::string t = std::string("__pyx_t_5scipy_6linalg_11cython_blas_") + (f64 ? "d" : "s");
+  const std::string want = "void (char *, char *, int *, int *, " + t + " *, " + t + " *, int *, " +
+                           t + " *, " + t + " *, int *)";
   const char* name = PyCapsule_GetName(fn.ptr());
   if (name == nullptr && PyErr_Occurred()) throw py::error_already_set();
   DPFC_EXPECTS(name != nullptr && want == name,
