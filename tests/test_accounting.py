@@ -844,3 +844,67 @@ def test_calibration_refuses_targets_below_the_accurate_curve():
         mu = acc.calibrate_mu(eps, delta)
         assert mu >= acc.calibration.MIN_MU
         assert (1 - 1e-3) * eps <= acc.gdp_epsilon(mu, delta) <= eps
+
+
+def test_printed_ledger_never_understates_epsilon_or_delta():
+    """str(ledger) printed delta with ".3g": 1.2345e-6 as 1.23e-06, a smaller delta than
+    the one accounted; values the usual rounding prints exactly stay as they were."""
+    from dpfc_native.accounting.ledger import _rounded_up
+
+    led = acc.ledger_for([acc.GaussianRelease(5.0, sensitivity=1.0)], 1.2345e-6)
+    total = str(led).splitlines()[-2]
+    assert "delta = 1.235e-06" in total
+    eps_text = total.split("epsilon = ")[1].split(",")[0]
+    assert float(eps_text) >= led.epsilon
+    rng = np.random.default_rng(4)
+    for x in np.concatenate([10.0 ** rng.uniform(-300, 300, 2000), [1e-5, 1.0, 8.0, 0.5]]):
+        for digits in (3, 4, 6):
+            assert float(_rounded_up(float(x), digits)) >= x
+    assert _rounded_up(1e-5, 4) == "1e-05" and _rounded_up(8.0, 6) == "8"
+
+
+def test_extreme_multipliers_give_infinite_epsilon_not_an_exception():
+    """z = 1e-170: z * z underflowed to 0 (ZeroDivisionError); mu = 1e160: the root
+    finder met NaN ("The function value at x=inf is NaN")."""
+    assert acc.gaussian_epsilon(1e-170, 1e-5) == math.inf
+    assert acc.gdp_epsilon(1e160, 1e-5) == math.inf
+    assert acc.ledger_for([acc.GaussianRelease(1e-170)], 1e-5).epsilon == math.inf
+    composed = acc.PrivacyAccountant()
+    composed.compose(acc.GaussianRelease(1e-170))
+    assert composed.get_epsilon(1e-5) == math.inf
+
+
+def test_pld_work_is_bounded_for_huge_step_counts(monkeypatch):
+    """10^7 .. 10^8 subsampled steps: "auto" took minutes (or exhausted memory) in the
+    PLD where RDP answers at once; now "auto" uses RDP alone there and "pld" refuses."""
+    pytest.importorskip("dp_accounting")
+    calls = []
+
+    def pld(self, eps_scale):  # would run for minutes: recorded, not run
+        calls.append(eps_scale)
+        raise AssertionError("the PLD was asked")
+
+    real = acc.PrivacyAccountant._pld
+    monkeypatch.setattr(acc.PrivacyAccountant, "_pld", pld)
+    for z, q, steps in ((1.0, 1e-6, 10**8), (1.5, 1e-5, 10**7), (1.0, 0.99, 10**6)):
+        e = acc.dpsgd_epsilon(z, q, steps, 1e-5)
+        assert e == acc.dpsgd_epsilon(z, q, steps, 1e-5, method="rdp")
+    assert calls == []
+    monkeypatch.setattr(acc.PrivacyAccountant, "_pld", real)
+    with pytest.raises(ValueError, match='method="pld" would take minutes'):
+        acc.dpsgd_epsilon(1.5, 1e-5, 10**7, 1e-5, method="pld")
+    # Within the bounds "auto" still takes the smaller of RDP and PLD.
+    assert acc.dpsgd_epsilon(1.0, 0.01, 1000, 1e-5) < acc.dpsgd_epsilon(
+        1.0, 0.01, 1000, 1e-5, method="rdp"
+    )
+
+
+def test_dpsgd_calibration_searches_down_to_the_floor():
+    """The bracket stepped down by e past the 0.05 floor and returned its upper end:
+    z = 0.1 (epsilon 75) for a target of 100 that z = 0.085 meets."""
+    z = acc.calibrate_dpsgd_noise_multiplier(100.0, 1e-5, 0.01, 1, method="rdp")
+    eps = acc.dpsgd_epsilon(z, 0.01, 1, 1e-5, method="rdp")
+    assert 0.999 * 100.0 <= eps <= 100.0 and z < 0.1
+    # Never below the floor, never over the target.
+    z = acc.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, 1e-9, 5)
+    assert z >= 0.05 and acc.dpsgd_epsilon(z, 1e-9, 5, 1e-5) <= 1.0

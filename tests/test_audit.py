@@ -68,6 +68,23 @@ def test_numpy_backend_agrees_with_native():
     assert r.backend == "numpy"
 
 
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5, 5)])
+def test_numpy_reference_noise_has_the_mechanisms_variances(shape):
+    """The NumPy reference drew off-diagonal noise plus its transpose: variance std^2
+    instead of std^2 / 2, a more private reference that hid planted bugs."""
+    rel = audit._Release("gram", None, 1.0, 2.0, "sym", shape)
+    out, rec = audit._noisy_runs(
+        np.zeros(shape), rel, 1.0, 40000, None, "numpy", np.random.default_rng(1)
+    )
+    std = rec.std
+    assert np.array_equal(out, np.swapaxes(out, -1, -2))
+    off = out[..., 0, 1].reshape(-1)
+    diag = out[..., 1, 1].reshape(-1)
+    # Variance within 3% of std^2/2 and std^2 (sampling error of 40k draws is ~0.7%).
+    assert abs(off.var() / (std**2 / 2) - 1) < 0.03
+    assert abs(diag.var() / std**2 - 1) < 0.03
+
+
 def test_black_box_callable():
     """A callable mechanism is audited with the plug-in score: the correct Gaussian
     mechanism on clipped sums passes, the same one with half the noise does not."""

@@ -14,8 +14,11 @@ is a lower bound on the mechanism's true epsilon at the stated confidence. It mu
 at or below the claimed epsilon; a planted bug (noise std halved, clipping skipped) must
 push it above.
 
-What is audited is the implementation: the statistics are computed by
-:mod:`dpfc_native.ops` (the estimators' code path), the noise is drawn by
+What is audited is the implementation: the statistics are computed by the one-pass
+ops of :mod:`dpfc_native.ops` (the estimators compute the same sums through the exact
+leaf reduction, :mod:`dpfc_native.reduction`, which the audit does not run: its
+sensitivity is checked by the replay tests through every estimator, and its equality
+with the ops by the reduction's tests), the noise is drawn by
 :func:`dpfc_native.mechanisms.release_symmetric` / :func:`~dpfc_native.mechanisms.release_dense`
 through a :class:`~dpfc_native.mechanisms.NoiseSource` (batched: one call releases all
 ``runs`` copies), and every release (name, shape, sensitivity, noise multiplier, count)
@@ -410,8 +413,10 @@ def _noisy_runs(
     record = accounting.GaussianRelease.from_std(std, release.sensitivity, name=release.name)
     if release.kind == "sym":
         d = stat.shape[-1]
-        noise = rng.standard_normal(stacked.shape) * (std / math.sqrt(2.0))
-        noise = noise + np.swapaxes(noise, -1, -2)  # off-diagonal var std^2/2 ...
+        # One draw per off-diagonal pair, mirrored: variance std^2/2 (adding the draws'
+        # transpose summed two draws, std^2: a reference more private than the mechanism)
+        lower = np.tril(rng.standard_normal(stacked.shape) * (std / math.sqrt(2.0)), -1)
+        noise = lower + np.swapaxes(lower, -1, -2)
         idx = np.arange(d)
         # ... diagonal std^2 (every matrix of a batch: (runs, d) or (runs, K, d) draws)
         noise[..., idx, idx] = rng.standard_normal(stacked.shape[:-1]) * std

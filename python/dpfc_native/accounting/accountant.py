@@ -23,6 +23,13 @@ def _dp_accounting():
 
 #: Most discretisation points of one step's privacy-loss range in the PLD (bounds its work).
 _PLD_MAX_POINTS = 2e4
+#: Most subsampled steps the PLD composes: its time grows with the composed loss range
+#: (10^6 steps: about a second; 10^7: half a minute; 10^8: minutes, or memory exhausted),
+#: while RDP answers at once and is as tight there. "auto" uses RDP alone beyond it.
+_PLD_MAX_STEPS = 10**6
+#: Most grid points of the composed loss range, estimated as the sum of the steps' ranges
+#: (an overestimate: 10^6 steps of q = 1e-5, z = 1.5 count 2e8 and compose in a second).
+_PLD_MAX_COMPOSED_POINTS = 1e9
 #: Tail (in standard deviations) of the Gaussian kept by the PLD's loss range estimate.
 _PLD_TAIL_SIGMAS = 10.0
 
@@ -189,6 +196,24 @@ class PrivacyAccountant:
         width = max([_pld_loss_width(z, q) for (z, q) in self._mu2_and_subsampled()[1]] + [0.0])
         return max(interval, width / _PLD_MAX_POINTS)
 
+    def _pld_too_large(self, eps_scale: float) -> str:
+        """Why the PLD would take minutes or exhaust memory here ("" if it would not):
+        more than _PLD_MAX_STEPS subsampled steps, or a composed loss range (the sum of
+        the steps' ranges) of more than _PLD_MAX_COMPOSED_POINTS grid points."""
+        sub = self._mu2_and_subsampled()[1]
+        steps = sum(sub.values())
+        if steps > _PLD_MAX_STEPS:
+            return f"{steps:,} subsampled steps (at most {_PLD_MAX_STEPS:,})"
+        total = sum(n * _pld_loss_width(z, q) for (z, q), n in sub.items())
+        points = total / self._pld_interval(eps_scale)
+        if points > _PLD_MAX_COMPOSED_POINTS:
+            return f"a composed loss range of {points:.3g} grid points"
+        return ""
+
+    def _pld_feasible(self, eps_scale: float) -> bool:
+        """Whether "auto" also asks the PLD (installed, and not too large)."""
+        return _dp_accounting() is not None and not self._pld_too_large(eps_scale)
+
     def _pld(self, eps_scale: float):
         dpa = _dp_accounting()
         if dpa is None:
@@ -200,6 +225,12 @@ class PrivacyAccountant:
         # looser (and "auto" reports the smaller of it and RDP): bounded time for any (z, q).
         interval = self._pld_interval(eps_scale)
         mu2, sub = self._mu2_and_subsampled()
+        too_large = self._pld_too_large(eps_scale)
+        if too_large:
+            raise ValueError(
+                f'method="pld" would take minutes or exhaust memory here ({too_large}); '
+                'use method="rdp" or "auto" (RDP alone there)'
+            )
         acc = dpa.pld.PLDAccountant(value_discretization_interval=interval)
         if mu2 > 0:
             acc.compose(dpa.GaussianDpEvent(1.0 / math.sqrt(mu2)))
@@ -225,7 +256,7 @@ class PrivacyAccountant:
             scale = gdp_epsilon(self.mu, delta) if exact else self._rdp_epsilon(delta)
             return max(0.0, float(self._pld(scale).get_epsilon(delta))), "pld"
         eps = self._rdp_epsilon(delta)
-        if self.method == "auto" and _dp_accounting() is not None and eps > 0:
+        if self.method == "auto" and eps > 0 and self._pld_feasible(eps):
             eps_pld = max(0.0, float(self._pld(eps).get_epsilon(delta)))
             if eps_pld < eps:
                 return eps_pld, "pld"
@@ -244,7 +275,7 @@ class PrivacyAccountant:
         if self.method == "pld":
             return min(1.0, max(0.0, float(self._pld(scale).get_delta(eps)))), "pld"
         d = self._rdp_delta(eps)
-        if self.method == "auto" and _dp_accounting() is not None and math.isfinite(eps):
+        if self.method == "auto" and math.isfinite(eps) and self._pld_feasible(scale):
             d_pld = min(1.0, max(0.0, float(self._pld(scale).get_delta(eps))))
             if d_pld < d:
                 return d_pld, "pld"

@@ -306,13 +306,16 @@ def calibrate_dpsgd_noise_multiplier(
         lo, hi = hi, hi + 1.0
         if hi > math.log(1e7):
             raise ValueError("epsilon is too small to reach with a finite noise multiplier")
+    floor = math.log(_MIN_DPSGD_MULTIPLIER)
     while f(lo) < 0:
-        hi, lo = lo, lo - 1.0
-        if lo < math.log(_MIN_DPSGD_MULTIPLIER):
-            # This little noise already meets the target. Searching further down costs
-            # minutes (the loss range grows as 1 / z^2) and buys nothing: below 0.05 C_g
-            # the noise is negligible next to one clipped gradient.
-            return math.exp(hi)
+        if lo <= floor:
+            # 0.05 C_g already meets the target. Searching further down costs minutes
+            # (the loss range grows as 1 / z^2) and buys nothing: below it the noise is
+            # negligible next to one clipped gradient.
+            return _MIN_DPSGD_MULTIPLIER
+        # Down by e, but not past the floor (stepping past it returned the bracket's
+        # upper end: z = 0.1 for a target that z = 0.085 meets, 25% of epsilon unspent).
+        hi, lo = lo, max(lo - 1.0, floor)
     z = math.exp(optimize.brentq(f, lo, hi, xtol=2e-5, rtol=1e-9))
     # Verify; never return a multiplier whose epsilon exceeds the target.
     step = 1e-5

@@ -70,7 +70,8 @@ class GaussianRelease:
     @property
     def mu_squared(self) -> float:
         """This release's contribution ``count / z^2`` to ``mu^2``."""
-        return self.count / (self.noise_multiplier**2)
+        z2 = self.noise_multiplier**2
+        return self.count / z2 if z2 > 0 else math.inf  # z below ~1e-162: z^2 underflows
 
 
 @dataclasses.dataclass(frozen=True)

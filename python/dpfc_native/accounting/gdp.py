@@ -110,6 +110,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     if _log_gdp_delta(mu, 0.0) <= log_delta:
         return 0.0
     hi = mu * mu / 2.0 + mu * float(-special.ndtri(delta))
+    if not math.isfinite(hi):  # mu beyond ~1e154: epsilon beyond the float range
+        return math.inf
     f = lambda e: _log_gdp_delta(mu, e) - log_delta  # noqa: E731 (decreasing)
     while f(hi) > 0:  # defensive; the bound above is already valid
         hi *= 2.0
@@ -150,7 +152,9 @@ def gaussian_mu(noise_multipliers, counts=None) -> float:
             cs = cs * len(zs)
         if len(cs) != len(zs):
             raise ValueError(f"counts has length {len(cs)} but noise_multipliers has {len(zs)}")
-    return math.sqrt(math.fsum(c / (z * z) for z, c in zip(zs, cs)))
+    # z * z underflows to 0 for z below ~1e-162: mu = inf then (epsilon = inf), not a
+    # ZeroDivisionError.
+    return math.sqrt(math.fsum(c / (z * z) if z * z > 0 else math.inf for z, c in zip(zs, cs)))
 
 
 def gaussian_epsilon(noise_multipliers, delta: float, counts=None) -> float:

@@ -4,6 +4,7 @@ plus the delta the native Gaussian sampler's tail cut adds."""
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 from typing import Sequence
 
@@ -12,6 +13,18 @@ import numpy as np
 from ._checks import _check_count, _check_delta, _check_epsilon
 from .accountant import PrivacyAccountant
 from .events import ADJACENCY, GaussianRelease, _flatten
+
+
+def _rounded_up(x: float, digits: int) -> str:
+    """``x`` to ``digits`` significant digits, rounded up: a printed privacy claim
+    (epsilon, delta) is never smaller than the one accounted (".3g" printed
+    delta = 1.2345e-6 as 1.23e-06)."""
+    near = f"{x:.{digits}g}"
+    if not math.isfinite(x) or float(near) >= x:  # the usual rounding does not understate
+        return near
+    exact = decimal.Decimal(x)
+    step = decimal.Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    return f"{float(exact.quantize(step, rounding=decimal.ROUND_CEILING)):.{digits}g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +134,15 @@ class PrivacyLedger:
 
         out = [line(head), line(["-" * w for w in widths])]
         out += [line(r) for r in rows]
-        mu = "" if self.mu is None else f", mu = {self.mu:.6g}"
-        out.append(f"total: epsilon = {self.epsilon:.6g}, delta = {self.delta:.3g}{mu}")
+        mu = "" if self.mu is None else f", mu = {_rounded_up(self.mu, 6)}"
+        out.append(
+            f"total: epsilon = {_rounded_up(self.epsilon, 6)}, "
+            f"delta = {_rounded_up(self.delta, 4)}{mu}"
+        )
         if self.sampler_delta:
             out.append(
-                f"sampler tail cut: + {self.sampler_delta:.3g} to delta (delta with the "
-                f"tail cut: {self.total_delta:.6g})"
+                f"sampler tail cut: + {_rounded_up(self.sampler_delta, 3)} to delta (delta "
+                f"with the tail cut: {_rounded_up(self.total_delta, 6)})"
             )
         out.append(f"({self.method}; adjacency: {self.adjacency})")
         return "\n".join(out)
