@@ -87,8 +87,9 @@ def noise_plans(
         "classes": "the plan's K is num_classes",
         "budget": "a plan spends nothing",
     }
-    for key in sorted(taken.keys() & params.keys()):
-        raise ValueError(f"{key} cannot be a plan parameter ({taken[key]})")
+    clash = sorted(taken.keys() & params.keys())
+    if clash:
+        raise ValueError(f"{clash[0]} cannot be a plan parameter ({taken[clash[0]]})")
     plans = []
     for eps in epsilons:
         est = report.make_estimator(method, eps, **params)

@@ -784,12 +784,6 @@ class _Statistic:
         raise NotImplementedError
 
 
-def _positive(v, name):
-    from ._validation import positive
-
-    return positive(v, name)
-
-
 def _classes_count(obj, name: str = "num_classes") -> None:
     """Checks the integer field ``name`` (>= 1) of a frozen statistic, stored as an int."""
     from ._validation import integer
@@ -805,7 +799,7 @@ class Gram(_Statistic):
     symmetric = ("G",)
 
     def __post_init__(self):
-        _positive(self.clip_norm, "clip_norm")
+        _validation.positive(self.clip_norm, "clip_norm")
 
     def key(self):
         return f"gram:{self.clip_norm!r}"
@@ -833,7 +827,7 @@ class Stats(_Statistic):
     symmetric = ("G",)
 
     def __post_init__(self):
-        _positive(self.clip_norm, "clip_norm")
+        _validation.positive(self.clip_norm, "clip_norm")
         _classes_count(self)
 
     def key(self):
@@ -865,7 +859,7 @@ class ClassSums(_Statistic):
     num_classes: int
 
     def __post_init__(self):
-        _positive(self.clip_norm, "clip_norm")
+        _validation.positive(self.clip_norm, "clip_norm")
         _classes_count(self)
 
     def key(self):
@@ -907,7 +901,7 @@ class ClassGrams(_Statistic):
     symmetric = ("A",)
 
     def __post_init__(self):
-        _positive(self.clip_norm, "clip_norm")
+        _validation.positive(self.clip_norm, "clip_norm")
         _classes_count(self)
         _class_range(self.classes, self.num_classes)
 
@@ -965,8 +959,8 @@ class WeightedGrams(_Statistic):
     symmetric = ("H",)
 
     def __post_init__(self):
-        _positive(self.clip_norm, "clip_norm")
-        _positive(self.weight_bound, "weight_bound")
+        _validation.positive(self.clip_norm, "clip_norm")
+        _validation.positive(self.weight_bound, "weight_bound")
         _classes_count(self, "num_weights")
         _class_range(self.classes, self.num_weights)
 
@@ -1062,7 +1056,7 @@ class LinearGrad(_Statistic):
     feature_clip: Optional[float] = None
 
     def __post_init__(self):
-        _positive(self.clip_norm, "clip_norm")
+        _validation.positive(self.clip_norm, "clip_norm")
         object.__setattr__(self, "w", np.asarray(self.w))
         if self.w.ndim != 2:
             raise ValueError(f"w must be 2-D (K, d), got shape {self.w.shape}")
