@@ -162,7 +162,32 @@ def test_string_labels_and_inf_epsilon_round_trip(tmp_path):
     est = DPFCClassifier(epsilon=float("inf"), steps=2, classes=["cat", "dog", "eel"]).fit(x, ys)
     loaded = dpfc_native.load_model(est.save(tmp_path / "m.npz"))
     assert loaded.epsilon == float("inf") and math.isinf(loaded.privacy_.epsilon)
+    # The non-private ledger's mu is infinite after loading too (to_dict writes it as null).
+    assert math.isinf(est.privacy_.mu) and math.isinf(loaded.privacy_.mu)
+    assert str(loaded.privacy_) == str(est.privacy_)
     np.testing.assert_array_equal(loaded.predict(x), est.predict(x))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array(["cat", "dog", "eel"], dtype=object),  # strings in an object array
+        np.array([3, 5, 11], dtype=object),  # numbers in an object array
+        np.array(["cat", "dog", "eel"]),
+        np.array([3, 5, 11]),
+        np.array([1.0, 2.0, 4.0]),
+    ],
+    ids=["object-str", "object-int", "unicode", "int", "float"],
+)
+def test_loaded_model_predicts_labels_of_the_same_kind(tmp_path, labels):
+    x, y = _data(9)
+    ys = labels[y]
+    est = DPLeastSquaresClassifier(epsilon=2.0, classes=labels).fit(x, ys)
+    loaded = dpfc_native.load_model(est.save(tmp_path / "m.npz"))
+    a, b = est.predict(x), loaded.predict(x)
+    assert a.dtype == b.dtype and loaded.classes_.dtype == est.classes_.dtype
+    assert [type(v) for v in a] == [type(v) for v in b]
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("cls", [DPFCClassifier, DPSGDClassifier])
@@ -525,6 +550,9 @@ _TAMPERED = {
     "feature_names_wrong_length": {"feature_names": np.array(["a", "b"])},
     "abstract_estimator": {"estimator": np.array("_DPClassifierBase")},
     "clip_norm_text": {"fitted": np.array('{"clip_norm_": "1", "normalize_": true}')},
+    "classes_object_text": {
+        "fitted": np.array('{"clip_norm_": 1.0, "normalize_": true, "classes_object": "yes"}')
+    },
 }
 
 

@@ -26,7 +26,9 @@ member                    content
                           ``delta_``, ``noise_seeded_`` and the chosen hyper-parameters
                           (``reg_``, ``lr_``, ``alpha_``, ``bias_``, ``grad_clip_norm_``,
                           ``noise_multiplier_``, ``n_iter_``, ``loss_``) where the
-                          method has them
+                          method has them, and ``classes_object`` (true when the
+                          labels were an object array, e.g. of strings: the loaded
+                          ``classes_`` and predictions are object arrays too)
 ``ledger``                JSON: ``privacy_.to_dict()``
 ========================  ===================================================================
 
@@ -132,6 +134,10 @@ def save_model(est, path, method: str = "") -> str:
     params["noise_seeded"] = bool(getattr(est, "noise_seeded_", False))
     fitted = {key: _json_value(getattr(est, key)) for key in _FITTED_PUBLIC if hasattr(est, key)}
     classes = np.asarray(est.classes_)
+    if classes.dtype.kind == "O":
+        fitted["classes_object"] = True
+        if all(isinstance(c, (int, float, np.integer, np.floating)) for c in classes.tolist()):
+            classes = np.array(classes.tolist())  # numbers in an object array stay numbers
     if classes.dtype.kind not in "biuf":
         classes = classes.astype(str)
     names = getattr(est, "feature_names_in_", None)
@@ -189,11 +195,15 @@ def _ledger_from_dict(d: dict):
         )
         for r in d["releases"]
     )
+    epsilon = num(d["epsilon"])
+    mu = d["mu"]
+    if mu is None and math.isinf(epsilon) and not entries:
+        mu = math.inf  # the non-private ledger: to_dict writes its infinite mu as null
     return PrivacyLedger(
         entries,
-        num(d["epsilon"]),
+        epsilon,
         float(d["delta"]),
-        d["mu"],
+        mu,
         d["method"],
         d["adjacency"],
         float(d.get("sampler_delta", 0.0)),
@@ -253,6 +263,11 @@ def _checked_model(path: str, arrays: dict, models):
         raise ValueError(f"'classes' must hold the {k} labels of 'coef'")
     if classes.dtype.kind not in "biufU" or np.unique(classes).size != classes.size:
         raise ValueError("'classes' must be distinct numbers or strings")
+    as_object = fitted.pop("classes_object", False)
+    if not isinstance(as_object, bool):
+        raise ValueError("'fitted' gives classes_object other than true or false")
+    if as_object:
+        classes = classes.astype(object)
     if center.ndim != 1 or center.shape[0] not in (0, d) or center.dtype.kind != "f":
         raise ValueError(f"'center' must be a ({d},) float array or empty")
     if not np.isfinite(center).all():
