@@ -35,7 +35,9 @@ def _run(mech, eps, bug=None, **kw):
 
 
 @pytest.mark.parametrize("eps", [1.0, 4.0])
-@pytest.mark.parametrize("mech", ["ls_statistics", "fc_statistics"])
+@pytest.mark.parametrize(
+    "mech", ["ls_statistics", "fc_statistics", "ls_per_class_statistics", "sgd_gradients"]
+)
 def test_correct_mechanisms_pass(mech, eps):
     r = _run(mech, eps)
     assert r.passed and r.eps_lower <= eps, str(r)
@@ -55,11 +57,43 @@ def test_correct_mechanisms_pass(mech, eps):
         ("fc_statistics", 4.0, "half_noise"),
         ("ls_statistics", 1.0, "no_clip"),
         ("fc_statistics", 1.0, "no_clip"),
+        ("ls_per_class_statistics", 1.0, "half_noise"),
+        ("ls_per_class_statistics", 4.0, "half_noise"),
+        ("ls_per_class_statistics", 1.0, "no_clip"),
+        ("sgd_gradients", 1.0, "half_noise"),
+        ("sgd_gradients", 4.0, "half_noise"),
+        ("sgd_gradients", 1.0, "no_clip"),
     ],
 )
 def test_planted_bugs_are_detected(mech, eps, bug):
     r = _run(mech, eps, bug)
     assert not r.passed and r.eps_lower > eps, str(r)
+
+
+@pytest.mark.parametrize("mech", audit.MECHANISMS)
+def test_leaf_reduction_statistics_pass(mech):
+    """With leaf_rows the statistics are summed by the exact leaf reduction (leaves of 5
+    rows of the 65-row audit dataset: a partial last leaf), the estimators' summation."""
+    r = audit.audit_mechanism(mech, 4.0, runs=20_000, d=3, steps=2, seed=7, leaf_rows=5)
+    assert r.passed and r.leaf_rows == 5, str(r)
+    assert r.to_dict()["leaf_rows"] == 5
+
+
+def test_a_bug_in_the_leaf_reduction_is_caught_only_through_it(monkeypatch):
+    """A leaf that clips to sqrt(2) C (each row's Gram term still inside the grid's range,
+    so the reduction does not refuse it) doubles the Gram's sensitivity: the audit through
+    the leaves detects it, the one-pass audit (which does not run the leaves) does not."""
+    from dpfc_native import reduction
+
+    def leaky_leaf(self, x, y, weights):
+        return {"G": ops.clipped_gram(np.asarray(x, np.float64), self.clip_norm * math.sqrt(2))}
+
+    monkeypatch.setattr(reduction.Gram, "leaf", leaky_leaf)
+    kw = dict(runs=RUNS, d=D, seed=20240611)
+    through_leaves = audit.audit_mechanism("gram", 4.0, 1e-5, leaf_rows=5, **kw)
+    one_pass = audit.audit_mechanism("gram", 4.0, 1e-5, **kw)
+    assert not through_leaves.passed and through_leaves.eps_lower > 4.0, str(through_leaves)
+    assert one_pass.passed, str(one_pass)
 
 
 def test_numpy_backend_agrees_with_native():
@@ -147,6 +181,9 @@ def test_clopper_pearson_matches_beta_quantiles():
         ({"clip_norm": 0.0}, ValueError, "clip_norm"),
         ({"canary_norm": -1.0}, ValueError, "canary_norm"),
         ({"num_classes": 1}, ValueError, "num_classes"),
+        ({"leaf_rows": 0}, ValueError, "leaf_rows"),
+        ({"leaf_rows": 2.5}, TypeError, "leaf_rows"),
+        ({"mechanism": lambda X, y, runs: np.zeros((runs, 1)), "leaf_rows": 4}, ValueError, "leaf"),
         ({"mechanism": "nope"}, ValueError, "mechanism"),
         ({"mechanism": 3}, TypeError, "mechanism"),
     ],
@@ -231,13 +268,16 @@ def test_dpfc_cli_has_audit_command():
 
 # The estimator each named mechanism follows, and the releases it audits alone (None: all).
 _FITS = {
-    "ls_statistics": (models.DPLeastSquaresClassifier, None),
-    "fc_statistics": (models.DPFCClassifier, None),
-    "newton_statistics": (models.DPNewtonClassifier, None),
-    "gram": (models.DPLeastSquaresClassifier, "gram"),
-    "class_sums": (models.DPLeastSquaresClassifier, "class_sums"),
-    "fc_gradient": (models.DPFCClassifier, "gradient"),
+    "ls_statistics": (models.DPLeastSquaresClassifier, None, {}),
+    "fc_statistics": (models.DPFCClassifier, None, {}),
+    "newton_statistics": (models.DPNewtonClassifier, None, {}),
+    "gram": (models.DPLeastSquaresClassifier, "gram", {}),
+    "class_sums": (models.DPLeastSquaresClassifier, "class_sums", {}),
+    "fc_gradient": (models.DPFCClassifier, "gradient", {}),
+    "ls_per_class_statistics": (models.DPLeastSquaresClassifier, None, {"variant": "per_class"}),
+    "sgd_gradients": (models.DPSGDClassifier, None, {}),
 }
+assert sorted(_FITS) == sorted(audit.MECHANISMS)
 
 
 def _releases_made(names, shapes):
@@ -257,12 +297,12 @@ def test_audit_makes_the_estimators_releases(mech, backend):
     sensitivities, noise multipliers and counts, compared between the fit's ledger
     (privacy_) and the audit's (records of the releases it made), for odd sizes, a
     non-default clip norm and each method's iterations."""
-    cls, alone = _FITS[mech]
+    cls, alone, fixed = _FITS[mech]
     n, d, k, steps, C, eps, delta = 37, 5, 3, 3, 1.7, 1.3, 1e-4
     rng = np.random.default_rng(11)
     X = rng.standard_normal((n, d)) * 2.0
     y = rng.permutation(np.arange(n) % k)
-    params = {"steps": steps} if "steps" in cls().get_params() else {}
+    params = {"steps": steps, **fixed} if "steps" in cls().get_params() else dict(fixed)
     est = cls(
         epsilon=eps, delta=delta, clip_norm=C, classes=list(range(k)), keep_stats=True, **params
     ).fit(X, y)

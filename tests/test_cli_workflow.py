@@ -308,6 +308,7 @@ def test_every_command_speaks_of_its_options(tmp_path):
         (["audit", "--dim", "0"], "--dim must be >= 1"),
         (["audit", "--runs", "10"], "--runs must be >= 200"),
         (["audit", "--backend", "x"], "--backend must be one of"),
+        (["audit", "--leaf-rows", "0"], "--leaf-rows must be >= 1"),
         (["predict", str(tmp_path / "t.npz"), str(tmp_path / "t.npz")], "not a dpfc_native model"),
     ):
         _one_error(runner.invoke(app, args), needle)

@@ -14,11 +14,10 @@ is a lower bound on the mechanism's true epsilon at the stated confidence. It mu
 at or below the claimed epsilon; a planted bug (noise std halved, clipping skipped) must
 push it above.
 
-What is audited is the implementation: the statistics are computed by the one-pass
-ops of :mod:`dpfc_native.ops` (the estimators compute the same sums through the exact
-leaf reduction, :mod:`dpfc_native.reduction`, which the audit does not run: its
-sensitivity is checked by the replay tests through every estimator, and its equality
-with the ops by the reduction's tests), the noise is drawn by
+What is audited is the implementation: the statistics are computed by the ops of
+:mod:`dpfc_native.ops`, in one pass by default or, with ``leaf_rows=m``, through the exact
+leaf reduction (:mod:`dpfc_native.reduction`, leaves of ``m`` rows: the summation the
+estimators run), the noise is drawn by
 :func:`dpfc_native.mechanisms.release_symmetric` / :func:`~dpfc_native.mechanisms.release_dense`
 through a :class:`~dpfc_native.mechanisms.NoiseSource` (batched: one call releases all
 ``runs`` copies), and every release (name, shape, sensitivity, noise multiplier, count)
@@ -81,19 +80,26 @@ MECHANISMS = (
     "fc_gradient",  # one DP-FC clipped gradient sum alone
     "fc_statistics",  # DP-FC: covariance plus `steps` gradient releases (the plan)
     "newton_statistics",  # DP Newton: `steps` x (Hessians, gradients) at W = 0
+    "ls_per_class_statistics",  # per-class DP-LS: class grams, Gram and class sums
+    "sgd_gradients",  # full-batch DP-SGD: `steps` clipped softmax gradients at W = 0
 )
 #: Deliberate bugs the audit must detect.
 PLANTED_BUGS = (None, "half_noise", "no_clip")
 #: Per mechanism: the estimator whose release plan (its ``noise_plan``, the code its
-#: ``fit`` runs) gives the releases, and the one release audited alone (None: every
-#: release of the plan, as a fit makes them).
+#: ``fit`` runs) gives the releases, the one release audited alone (None: every release
+#: of the plan, as a fit makes them) and the estimator's parameters besides the claim.
+#: DP-SGD is audited full-batch (its default): a Poisson-subsampled release is a mixture
+#: of Gaussians, which this score (the likelihood ratio of a Gaussian mean shift) does
+#: not model.
 _PLANS = {
-    "gram": (models.DPLeastSquaresClassifier, "gram"),
-    "class_sums": (models.DPLeastSquaresClassifier, "class_sums"),
-    "ls_statistics": (models.DPLeastSquaresClassifier, None),
-    "fc_gradient": (models.DPFCClassifier, "gradient"),
-    "fc_statistics": (models.DPFCClassifier, None),
-    "newton_statistics": (models.DPNewtonClassifier, None),
+    "gram": (models.DPLeastSquaresClassifier, "gram", {}),
+    "class_sums": (models.DPLeastSquaresClassifier, "class_sums", {}),
+    "ls_statistics": (models.DPLeastSquaresClassifier, None, {}),
+    "fc_gradient": (models.DPFCClassifier, "gradient", {}),
+    "fc_statistics": (models.DPFCClassifier, None, {}),
+    "newton_statistics": (models.DPNewtonClassifier, None, {}),
+    "ls_per_class_statistics": (models.DPLeastSquaresClassifier, None, {"variant": "per_class"}),
+    "sgd_gradients": (models.DPSGDClassifier, None, {"sample_rate": 1.0}),
 }
 assert tuple(_PLANS) == MECHANISMS
 _CALIBRATION_FRACTION = 0.25  # runs used to choose the threshold (the rest are held out)
@@ -132,6 +138,9 @@ class AuditResult:
     canary_norm : float
     backend : str
         ``"native"`` (the mechanisms' Philox noise) or ``"numpy"`` (NumPy's generator).
+    leaf_rows : int or None
+        The statistics were summed through the exact leaf reduction with leaves of this
+        many rows (None: the ops' one pass).
     passed : bool
         ``eps_lower <= epsilon``: no violation found.
     """
@@ -157,6 +166,7 @@ class AuditResult:
     release_names: tuple = ()
     release_shapes: tuple = ()
     ledger: accounting.PrivacyLedger | None = None
+    leaf_rows: int | None = None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -285,19 +295,35 @@ def _unclipped_sums(X, y, k):
     return out
 
 
-def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool):
+def _unclipped_class_grams(X, y, k):
+    x = np.asarray(X, dtype=np.float64)
+    return np.stack([x[y == c].T @ x[y == c] for c in range(k)])
+
+
+def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool, loss: str, leaf_rows):
     """The statistic a fit releases under ``name``, at ``W = 0`` (the first step), with
-    the plan's bias and gradient clip; ``no_clip``: every clip skipped (a planted bug)."""
+    the plan's bias and gradient clip and the estimator's loss; ``no_clip``: every clip
+    skipped (a planted bug); ``leaf_rows``: summed by the ops through the exact leaf
+    reduction (None: one pass)."""
     bias = float(defaults.get("bias", 0.0))
+    lr = {"leaf_rows": leaf_rows}
     if name in ("gram", "covariance"):
         return (
-            (lambda X, y: _unclipped_gram(X)) if no_clip else (lambda X, y: ops.clipped_gram(X, C))
+            (lambda X, y: _unclipped_gram(X))
+            if no_clip
+            else (lambda X, y: ops.clipped_gram(X, C, **lr))
         )
     if name == "class_sums":
         return (
             (lambda X, y: _unclipped_sums(X, y, k))
             if no_clip
-            else (lambda X, y: ops.clipped_class_sums(X, y, k, C))
+            else (lambda X, y: ops.clipped_class_sums(X, y, k, C, **lr))
+        )
+    if name == "class_grams":  # per-class DP-LS
+        return (
+            (lambda X, y: _unclipped_class_grams(X, y, k))
+            if no_clip
+            else (lambda X, y: ops.clipped_class_grams(X, y, k, C, **lr))
         )
     if name == "hessians":  # DP Newton's per-class weighted grams, weights sigmoid'(bias)
         s = float(sigmoid(bias))
@@ -308,22 +334,22 @@ def _statistic(name: str, defaults: dict, k: int, C: float, no_clip: bool):
             if no_clip:
                 x = np.asarray(X, dtype=np.float64)
                 return np.stack([x.T @ (x * weights[:, [c]]) for c in range(k)])
-            return ops.clipped_weighted_grams(X, weights, C)
+            return ops.clipped_weighted_grams(X, weights, C, **lr)
 
         return hessians
     if name in ("gradient", "gradients"):
         cg = float(defaults["grad_clip_norm"])
-        # DP-FC clips the rows to C inside the gradient; DP Newton's rows are already
-        # clipped and it releases K times the K-averaged loss's gradient.
+        # DP-FC and DP-SGD clip the rows to C inside the gradient; DP Newton's rows are
+        # already clipped and it releases K times the K-averaged loss's gradient.
         feature_clip, scale = (C, 1.0) if name == "gradient" else (None, float(k))
 
         def gradient(X, y):
             w = np.zeros((k, X.shape[1]))
             if no_clip:  # neither the feature clip nor the gradient clip
-                g, _ = ops.clipped_linear_grad(X, y, w, bias, 1e300, loss="sigmoid")
+                g, _ = ops.clipped_linear_grad(X, y, w, bias, 1e300, loss=loss, **lr)
             else:
                 g, _ = ops.clipped_linear_grad(
-                    X, y, w, bias, cg, loss="sigmoid", feature_clip=feature_clip
+                    X, y, w, bias, cg, loss=loss, feature_clip=feature_clip, **lr
                 )
             return g * scale if scale != 1.0 else g
 
@@ -341,6 +367,7 @@ def _releases(
     C: float,
     steps: int,
     bug: str | None,
+    leaf_rows: int | None = None,
 ) -> list[_Release]:
     """The mechanism's releases in the order a fit makes them, from the estimator's plan.
 
@@ -349,10 +376,12 @@ def _releases(
     """
     if mechanism not in _PLANS:
         raise ValueError(f"mechanism must be one of {MECHANISMS} or a callable, got {mechanism!r}")
-    cls, alone = _PLANS[mechanism]
-    params = {"epsilon": epsilon, "delta": delta, "clip_norm": C}
-    if "steps" in cls().get_params():
+    cls, alone, fixed = _PLANS[mechanism]
+    params = {"epsilon": epsilon, "delta": delta, "clip_norm": C, **fixed}
+    defaults = cls().get_params()
+    if "steps" in defaults:
         params["steps"] = steps
+    loss = str(defaults.get("loss", "sigmoid"))  # DP-SGD's default is softmax
     plan = cls(**params).noise_plan(n, d, k)
     planned = list(plan.releases)
     if alone is not None:
@@ -369,7 +398,7 @@ def _releases(
     made = {
         r.name: _Release(
             r.name,
-            _statistic(r.name, plan.defaults, k, C, bug == "no_clip"),
+            _statistic(r.name, plan.defaults, k, C, bug == "no_clip", loss, leaf_rows),
             r.sensitivity,
             r.noise_multiplier,
             "sym" if r.symmetric else "dense",
@@ -443,6 +472,7 @@ def _check_args(
     k,
     clip_norm,
     canary_norm,
+    leaf_rows,
 ):
     """The audit's arguments by the package's one set of rules (:mod:`._validation`)."""
     eps = _v.positive(epsilon, "epsilon")
@@ -456,7 +486,8 @@ def _check_args(
     _v.choice(backend, "backend", ("native", "numpy"))
     c = _v.positive(clip_norm, "clip_norm")
     cn = 4.0 * c if canary_norm is None else _v.positive(canary_norm, "canary_norm")
-    return eps, dl, runs, d, n, conf, steps, k, c, cn
+    leaf = None if leaf_rows is None else _v.integer(leaf_rows, "leaf_rows", 1)
+    return eps, dl, runs, d, n, conf, steps, k, c, cn, leaf
 
 
 def audit_mechanism(
@@ -475,6 +506,7 @@ def audit_mechanism(
     confidence: float = 0.95,
     seed: int | None = None,
     backend: str = "native",
+    leaf_rows: int | None = None,
 ) -> AuditResult:
     """Empirical lower bound on the epsilon of one mechanism's releases.
 
@@ -509,12 +541,15 @@ def audit_mechanism(
     backend : {"native", "numpy"}
         "native": noise through :mod:`dpfc_native.mechanisms` (the implementation under
         audit); "numpy": NumPy's generator (a reference for the audit itself).
+    leaf_rows : int >= 1 or None
+        Sum the statistics through the exact leaf reduction, leaves of this many rows
+        (the estimators' summation); None: the ops' one pass. Named mechanisms only.
 
     Returns
     -------
     AuditResult
     """
-    eps, dl, runs, d, n, conf, steps, k, C, cn = _check_args(
+    eps, dl, runs, d, n, conf, steps, k, C, cn, leaf = _check_args(
         epsilon,
         delta,
         runs,
@@ -528,6 +563,7 @@ def audit_mechanism(
         num_classes,
         clip_norm,
         canary_norm,
+        leaf_rows,
     )
     alpha = (1.0 - conf) / 2.0  # two one-sided bounds (TPR below, FPR above)
     X, y, canary, canary_label = _audit_dataset(n, d, k, C, cn)
@@ -538,8 +574,8 @@ def audit_mechanism(
     rng = np.random.default_rng(None if seed is None else [int(seed), 0xA0D1])
 
     if callable(mechanism):
-        if planted_bug is not None:
-            raise ValueError("planted_bug applies to named mechanisms only")
+        if planted_bug is not None or leaf is not None:
+            raise ValueError("planted_bug and leaf_rows apply to named mechanisms only")
         name = getattr(mechanism, "__name__", "callable")
         out0 = np.asarray(mechanism(X, y, runs), dtype=np.float64).reshape(runs, -1)
         out1 = np.asarray(mechanism(X1, y1, runs), dtype=np.float64).reshape(runs, -1)
@@ -557,7 +593,7 @@ def audit_mechanism(
                 f"mechanism must be a name or a callable, got {type(mechanism).__name__}"
             )
         name = mechanism
-        rels = _releases(mechanism, eps, dl, n, d, k, C, steps, planted_bug)
+        rels = _releases(mechanism, eps, dl, n, d, k, C, steps, planted_bug, leaf)
         std_factor = 0.5 if planted_bug == "half_noise" else 1.0
         s0 = np.zeros(runs)
         s1 = np.zeros(runs)
@@ -607,6 +643,7 @@ def audit_mechanism(
         release_names=names,
         release_shapes=shapes,
         ledger=ledger,
+        leaf_rows=leaf,
     )
 
 
@@ -664,6 +701,12 @@ def register_cli(app) -> None:
         ),
         seed: int = typer.Option(None, "--seed", help="Reproducible audit (default: OS entropy)."),
         backend: str = typer.Option("native", "--backend", help="native or numpy noise."),
+        leaf_rows: int = typer.Option(
+            None,
+            "--leaf-rows",
+            help="Sum the statistics through the exact leaf reduction, leaves of this many "
+            "rows (the estimators' summation; default: one pass).",
+        ),
         json_out: str = typer.Option(None, "--json", help="Write the results as JSON here."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
     ):
@@ -699,6 +742,8 @@ def register_cli(app) -> None:
 
         if seed is not None and seed < 0:
             _fail(f"--seed must be >= 0, got {seed}")
+        if leaf_rows is not None and leaf_rows < 1:
+            _fail(f"--leaf-rows must be >= 1, got {leaf_rows}")
         if json_out is not None:  # checked before the audit runs (minutes), not after
             json_out = _output_path(json_out, force, suffix="", flag="--json")
         results = []
@@ -718,6 +763,7 @@ def register_cli(app) -> None:
                                     planted_bug=bug,
                                     seed=seed,
                                     backend=backend,
+                                    leaf_rows=leaf_rows,
                                 )
                             )
                             bar.advance(f"{m} eps={eps:g} bug={bug or 'none'}")
