@@ -669,9 +669,40 @@ def test_bad_data_raises():
 @pytest.mark.skipif(GPU_AVAILABLE, reason="a GPU is present")
 def test_device_cuda_without_gpu_is_a_clear_error():
     x, y = _data(27, n=60)
-    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+    with pytest.raises(RuntimeError, match="GPU path is not usable") as info:
         DPLeastSquaresClassifier(device="cuda").fit(x, y)
+    missing = models._cuda_missing()
+    assert missing and all(m in str(info.value) for m in missing)
     assert DPLeastSquaresClassifier(device="auto", epsilon=1.0).fit(x, y).device_ == "cpu"
+
+
+@pytest.mark.parametrize(
+    "compiled,devices,cupy,words",
+    [
+        (False, 0, None, ["no CUDA kernels", 'pip install "dpfc-native[cuda]"']),
+        (False, 0, "13.6.0", ["no CUDA kernels"]),
+        (True, 0, "13.6.0", ["no usable GPU (GPU 0: sm_75 is older than sm_80)"]),
+        (True, 1, None, ['CuPy is not installed (pip install "dpfc-native[cuda]")']),
+    ],
+)
+def test_device_cuda_error_names_what_is_missing(monkeypatch, compiled, devices, cupy, words):
+    import dpfc_native
+
+    info = {
+        "cuda_compiled": compiled,
+        "cuda_devices": devices,
+        "cuda_devices_skipped": []
+        if devices or not compiled
+        else ["GPU 0: sm_75 is older than sm_80"],
+        "cupy": cupy,
+    }
+    monkeypatch.setattr(dpfc_native, "build_info", lambda: info)
+    with pytest.raises(RuntimeError, match="GPU path is not usable") as err:
+        models.resolve_device("cuda")
+    for word in words:
+        assert word in str(err.value)
+    assert models.resolve_device("auto") == "cpu"
+    assert ("CuPy" in str(err.value)) == (cupy is None)
 
 
 @pytest.mark.gpu

@@ -133,13 +133,13 @@ def check_archive(wheel: Path, flavour: str) -> tuple[bytes, str]:
         any(r.startswith("cupy-cuda13x") and 'extra == "cuda"' in r for r in requires),
     )
 
-    # Every module of the source package (subpackages included) and its py.typed marker
-    # are in the wheel; nothing but the allowed rest.
+    # Every module of the source package (subpackages included), its type stub and its
+    # py.typed marker are in the wheel; nothing but the allowed rest.
     src = REPO / "python"
     expected = {
         p.relative_to(src).as_posix()
         for p in (src / PACKAGE).rglob("*")
-        if p.suffix == ".py" or p.name == "py.typed"
+        if p.suffix in (".py", ".pyi") or p.name == "py.typed"
         if "__pycache__" not in p.parts
     }
     missing = sorted(expected - set(names))

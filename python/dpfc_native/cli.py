@@ -27,6 +27,7 @@ import numpy as np
 import typer
 
 from ._methods import METHOD_TABLE
+from ._optional import install_hint, safetensors_open
 from ._progress import format_seconds
 
 app = typer.Typer(
@@ -282,7 +283,7 @@ def _dask_client(scheduler: Optional[str], workers: Optional[int]):
     try:
         import distributed
     except ImportError:
-        _fail('--scheduler / --workers need the Dask extra: pip install "dpfc_native[distributed]"')
+        _fail(f"--scheduler / --workers need the Dask extra: {install_hint('distributed')}")
     if workers is not None:
         if workers < 1:
             _fail(f"--workers must be >= 1, got {workers}")
@@ -441,8 +442,8 @@ def train(
         help="Private training features: .npz (features, "
         "labels), .npy (+ --labels or <stem>.labels.npy) or "
         ".safetensors; or shards: a quoted glob such as "
-        '"shards/*.npy" (see dpfc_native.shards), read a '
-        "leaf at a time.",
+        '"shards/*.npy", a .zarr store or a .parquet file '
+        "(see dpfc_native.shards), read a leaf at a time.",
     ),
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="Labels .npy for a .npy features file."
@@ -559,11 +560,12 @@ def train(
     console = _console()
     keys = (features_key, labels_key)
     text = str(features)
-    # Shards: a glob, a zarr directory, or any path with --scheduler / --workers (a
-    # directory is then read as all the shards in it).
+    # Shards: a glob, a zarr directory, a parquet file (read only as a shard), or any path
+    # with --scheduler / --workers (a directory is then read as all the shards in it).
     sharded = (
         any(c in text for c in "*?[")
         or text.rstrip("/").endswith(".zarr")
+        or text.lower().endswith(".parquet")
         or scheduler is not None
         or workers is not None
     )
@@ -725,9 +727,7 @@ def _has_labels(text: str) -> bool:
         with zipfile.ZipFile(text) as zf:
             return "labels.npy" in zf.namelist()
     if lower.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(text, framework="numpy") as f:
+        with safetensors_open(text) as f:
             return "labels" in f.keys()
     return True  # an unknown format: the labelled reader names the problem
 
@@ -743,9 +743,7 @@ def _load_unlabelled(path: Path):
     if text.lower().endswith(".npy"):
         return data._load_npy(text, True, "features"), None
     if text.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(text, framework="numpy") as f:
+        with safetensors_open(text) as f:
             if "features" not in f.keys():
                 raise ValueError(f"{text} has no tensor 'features' (tensors: {sorted(f.keys())})")
             return f.get_tensor("features"), None

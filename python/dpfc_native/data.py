@@ -38,6 +38,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from . import _validation
+from ._optional import safetensors_open
 
 __all__ = [
     "FeatureSet",
@@ -450,16 +451,10 @@ def _load_npz(path: str, keys=("features", "labels")):
 
 def _load_safetensors(path: str, keys=("features", "labels")):
     """The two tensors ``keys`` of a .safetensors file, as NumPy arrays."""
-    try:
-        from safetensors import safe_open
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"reading {path} needs the 'safetensors' package "
-            "(pip install safetensors), or convert it to .npz"
-        ) from e
     _require_file(path, "features")
+    opened = safetensors_open(path)  # outside the try: a missing package is not a bad file
     try:
-        with safe_open(path, framework="numpy") as f:
+        with opened as f:
             present = set(f.keys())
             missing = [key for key in keys if key not in present]
             if missing:

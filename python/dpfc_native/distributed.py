@@ -1,6 +1,6 @@
 """The clipped statistics on a Dask cluster, by the exact reduction.
 
-Needs the ``distributed`` extra (``pip install "dpfc_native[distributed]"``). Every
+Needs the ``distributed`` extra (``pip install "dpfc-native[distributed]"``). Every
 function here computes the same statistic as :mod:`dpfc_native.reduction` computes in one
 process, with the same leaves, so the result has the same bits whatever the number of
 workers, the task sizes, the order partials arrive in, retries, or a worker lost mid-run:
@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _validation
 from . import reduction as _red
+from ._optional import require
 from .reduction import (
     LEAF_ROWS,
     ClassGrams,
@@ -70,10 +71,7 @@ _SCATTER_BYTES = 256 * 1024
 
 
 def _get_client(client):
-    try:
-        from distributed import default_client
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError('the Dask backend needs: pip install "dpfc_native[distributed]"') from e
+    default_client = require("distributed", "the Dask backend", "distributed").default_client
     return default_client() if client is None else client
 
 
@@ -136,7 +134,7 @@ def _source_token(source) -> str:
 
 
 def _dask_inputs(x, labels):
-    import dask.array as da
+    da = require("dask.array", "the Dask backend", "distributed")
 
     if not isinstance(x, da.Array):
         raise TypeError("x must be a ShardedFeatures or a dask array")
@@ -220,9 +218,9 @@ def compute(
     -------
     As :func:`dpfc_native.reduction.reduce`.
     """
+    client = _get_client(client)  # first: without the extra, its error names the extra
     from distributed import as_completed
 
-    client = _get_client(client)
     if isinstance(x, _red.ArraySource):
         raise TypeError(
             "an in-memory ArraySource would travel inside every task: pass a "
@@ -461,13 +459,13 @@ def local_cuda_cluster(**kwargs):
     Raises
     ------
     ImportError
-        Without dask-cuda (``pip install "dpfc_native[multigpu]"``).
+        Without dask-cuda (``pip install "dpfc-native[multigpu]"``).
     """
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as e:
         raise ImportError(
-            'multi-GPU workers need dask-cuda: pip install "dpfc_native[multigpu]"'
+            'multi-GPU workers need dask-cuda: pip install "dpfc-native[multigpu]"'
         ) from e
     kwargs.setdefault("threads_per_worker", 1)
     return LocalCUDACluster(**kwargs)

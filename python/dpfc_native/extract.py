@@ -16,7 +16,7 @@ Inputs
 
 Models (never downloaded: the user gives a local file)
 ------------------------------------------------------
-``model.onnx`` (backend ``onnx``, the tested default; ``pip install "dpfc_native[extract]"``)
+``model.onnx`` (backend ``onnx``, the tested default; ``pip install "dpfc-native[extract]"``)
     An exported feature extractor: input ``(N, 3, H, W)`` float32, first output
     ``(N, D)`` (or ``(N, D, 1, 1)``, flattened). Runs on ONNX Runtime's CPU provider,
     or CUDA when ``device="cuda"``/``"auto"`` and the ``onnxruntime-gpu`` build is
@@ -505,7 +505,7 @@ class _OnnxModel:
             import onnxruntime as ort
         except ImportError as exc:
             raise ImportError(
-                'ONNX models need onnxruntime: pip install "dpfc_native[extract]"'
+                'ONNX models need onnxruntime: pip install "dpfc-native[extract]"'
             ) from exc
         available = ort.get_available_providers()
         if device == "cpu":

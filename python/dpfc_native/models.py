@@ -183,11 +183,25 @@ def default_delta(n: int) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _cuda_usable() -> bool:
+def _cuda_missing() -> list:
+    """What stands between this process and the CUDA kernels (empty: they are usable)."""
     from . import build_info
+    from ._optional import install_hint
 
     info = build_info()
-    return bool(info["cuda_compiled"]) and info["cuda_devices"] > 0 and info["cupy"] is not None
+    missing = []
+    if not info["cuda_compiled"]:
+        missing.append("this build of dpfc_native has no CUDA kernels (built without nvcc)")
+    elif info["cuda_devices"] == 0:
+        skipped = "; ".join(info["cuda_devices_skipped"])
+        missing.append("no usable GPU" + (f" ({skipped})" if skipped else ""))
+    if info["cupy"] is None:
+        missing.append(f"CuPy is not installed ({install_hint('cuda')})")
+    return missing
+
+
+def _cuda_usable() -> bool:
+    return not _cuda_missing()
 
 
 def resolve_device(device: str = "auto", *arrays) -> str:
@@ -200,12 +214,13 @@ def resolve_device(device: str = "auto", *arrays) -> str:
     _choice(device, "device", ("auto", "cpu", "cuda"))
     if device == "cpu":
         return "cpu"
-    usable = _cuda_usable()
+    missing = _cuda_missing()
+    usable = not missing
     if device == "cuda":
-        if not usable:
+        if missing:
             raise RuntimeError(
-                "device='cuda' but no usable CUDA device: needs a CUDA build of dpfc_native, "
-                "a GPU and CuPy (see dpfc_native.build_info())"
+                f"device='cuda' but the GPU path is not usable: {'; '.join(missing)} "
+                "(see dpfc_native.build_info())"
             )
         return "cuda"
     if any(ops.device_of(a) == "cuda" for a in arrays):

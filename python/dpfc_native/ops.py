@@ -93,7 +93,7 @@ def _cupy():
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise RuntimeError(
-            "a GPU array was given but CuPy is not installed: pip install 'dpfc_native[cuda]'"
+            "a GPU array was given but CuPy is not installed: pip install 'dpfc-native[cuda]'"
         ) from exc
     if not _core.cuda_compiled:
         raise RuntimeError(

@@ -37,7 +37,18 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ._optional import require
+from ._optional import safetensors_open as _safe_open
 from ._validation import inferred_class_limit, is_feature_float
+
+
+def _zarr():
+    return require("zarr", "reading zarr shards", "distributed")
+
+
+def _parquet():
+    return require("pyarrow.parquet", "reading parquet shards", "distributed")
+
 
 __all__ = ["ShardError", "Shard", "ShardedFeatures", "open_sharded", "SHARD_FORMATS"]
 
@@ -204,8 +215,7 @@ def _check_zarr_chunks(path: str, keys: Sequence[str], missing_chunks: str) -> N
     interrupted copy) would otherwise train on zeros."""
     if missing_chunks == "fill":
         return
-    import zarr
-
+    zarr = _zarr()
     g = zarr.open_group(path, mode="r")
     for key in keys:
         a = g[key]
@@ -243,7 +253,7 @@ def _parquet_layout(pf, path: str, labels_column: Optional[str], features_column
 
 
 def _parquet_to_numpy(table, path: str, labels_column: str, feat) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow as pa
+    pa = require("pyarrow", "reading parquet shards", "distributed")
 
     y = table.column(labels_column).to_numpy()
     if isinstance(feat, str):
@@ -292,15 +302,11 @@ def _read_slice(shard: Shard, opts: _Options, start: int, stop: int):
         x = np.asarray(_npz_member(path, opts.features_key)[start:stop])
         y = np.array(_npz_member(path, opts.labels_key)[start:stop])
     elif fmt == "safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
+        with _safe_open(path) as f:
             x = np.asarray(f.get_slice(opts.features_key)[start:stop])
             y = np.asarray(f.get_slice(opts.labels_key)[start:stop])
     elif fmt == "zarr":
-        import zarr
-
-        g = zarr.open_group(path, mode="r")
+        g = _zarr().open_group(path, mode="r")
         x = np.asarray(g[opts.features_key][start:stop])
         y = np.asarray(g[opts.labels_key][start:stop])
     elif fmt == "parquet":
@@ -311,8 +317,7 @@ def _read_slice(shard: Shard, opts: _Options, start: int, stop: int):
 
 
 def _read_parquet_rows(shard: Shard, opts: _Options, start: int, stop: int):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = require("pyarrow", "reading parquet shards", "distributed"), _parquet()
 
     pf = pq.ParquetFile(shard.path)
     labels_column, feat = _parquet_layout(pf, shard.path, opts.labels_column, opts.features_key)
@@ -353,11 +358,7 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
     elif fmt == "npz":
         x, y = _npz_member(path, opts.features_key), _npz_member(path, opts.labels_key)
     elif fmt == "safetensors":
-        try:
-            from safetensors import safe_open
-        except ImportError as e:  # pragma: no cover - optional dependency
-            raise ImportError("reading .safetensors shards needs the 'safetensors' package") from e
-        with safe_open(path, framework="numpy") as f:
+        with _safe_open(path) as f:
             keys = set(f.keys())
             for key in (opts.features_key, opts.labels_key):
                 if key not in keys:
@@ -370,9 +371,7 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
             raise ShardError(f"shard {path}: features must be 2-D, got shape {xshape}")
         return xshape[0], xshape[1], xdt, y, yshape
     elif fmt == "zarr":
-        import zarr
-
-        g = zarr.open_group(path, mode="r")
+        g = _zarr().open_group(path, mode="r")
         for key in (opts.features_key, opts.labels_key):
             if key not in g:
                 raise ShardError(
@@ -380,9 +379,7 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
                 )
         x, y = g[opts.features_key], g[opts.labels_key]
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = _parquet().ParquetFile(path)
         labels_column, feat = _parquet_layout(pf, path, opts.labels_column, opts.features_key)
         nonempty = [g for g in range(pf.num_row_groups) if pf.metadata.row_group(g).num_rows > 0]
         if not nonempty:
@@ -622,9 +619,7 @@ class ShardedFeatures:
                 x = np.asarray(_npy_open(shard.path)[rows])
                 y = np.asarray(_npy_open(shard.labels_path)[rows])
             elif shard.format == "zarr":
-                import zarr
-
-                g = zarr.open_group(shard.path, mode="r")
+                g = _zarr().open_group(shard.path, mode="r")
                 x = np.asarray(g[self._opts.features_key].oindex[rows, :])
                 y = np.asarray(g[self._opts.labels_key].oindex[rows])
             else:
@@ -683,8 +678,8 @@ class ShardedFeatures:
         Each chunk's task reads its slice inside the task; the graph holds only this
         manifest and the slice bounds, never data.
         """
-        import dask
-        import dask.array as da
+        dask = require("dask", "ShardedFeatures.to_dask", "distributed")
+        da = require("dask.array", "ShardedFeatures.to_dask", "distributed")
 
         from ._validation import integer
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .._optional import install_hint
 from ._checks import _check_count, _check_delta, _check_epsilon, _real
 from .events import Composition, Event, GaussianRelease, SubsampledGaussian, _flatten
 from .gdp import gaussian_epsilon, gdp_delta, gdp_epsilon
@@ -217,9 +218,10 @@ class PrivacyAccountant:
     def _pld(self, eps_scale: float):
         dpa = _dp_accounting()
         if dpa is None:
-            raise ImportError(
-                'method="pld" needs the optional dependency dp-accounting '
-                "(pip install dp-accounting)"
+            raise ModuleNotFoundError(
+                "the PLD accountant (\"pld\") needs the optional package 'dp_accounting': "
+                f"{install_hint('accounting')}",
+                name="dp_accounting",
             )
         # A coarser interval than the default is still pessimistic (an upper bound), only
         # looser (and "auto" reports the smaller of it and RDP): bounded time for any (z, q).
