@@ -294,9 +294,16 @@ def test_default_methods_per_shape():
     assert "ls-per-class" not in report.default_methods(100)
     assert report.demo_overrides("sgd", 100) == {"steps": report.LARGE_K_SGD_STEPS}
     assert report.demo_overrides("sgd", 10) == {}
-    assert report.estimate_seconds(1000, 64, 10, ("ls",), 1, rate=1e9) == pytest.approx(
-        (1000 * 64 * 64 + 2 * 1000 * 64 * 10 + 64**3 / 3 + 9 * 64**3) / 1e9
-    )
+    # Two pilot fits per method, extrapolated linearly in n.
+    small, large = report.PILOT_ROWS
+    pilots = {"ls": (0.25, 0.25 + 0.5), "fc": (0.5, 0.5)}
+    assert report.estimate_seconds(
+        small + 4 * (large - small), 64, 10, ("ls", "fc"), 3, pilots=pilots
+    ) == (pytest.approx(3 * ((0.25 + 4 * 0.5) + 0.5)))
+    # Measured: every method's pilots are timed, and more rows cost more.
+    few = report.estimate_seconds(100, 7, 3, ("ls", "sgd"), 1)
+    assert few > 0
+    assert report.estimate_seconds(10**7, 7, 3, ("ls", "sgd"), 1) > few
 
 
 def test_demo_errors(tmp_path):

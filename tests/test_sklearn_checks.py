@@ -147,7 +147,7 @@ def test_multiclass_decision_function_keeps_one_column_per_class(cls):
 def test_continuous_target_is_refused(cls):
     x, _ = _data(51)
     y = np.random.default_rng(51).standard_normal(157)
-    with pytest.raises(ValueError, match="Unknown label type: .*continuous"):
+    with pytest.raises(ValueError, match="^y: Unknown label type: .*continuous"):
         cls(epsilon=1.0).fit(x, y)
     # Integral floats are class labels, as in scikit-learn.
     _, yi = _data(51)

@@ -1,8 +1,9 @@
-"""The ``dpfc`` command line: ``dpfc train``, ``dpfc demo`` (and ``dpfc audit``).
+"""The ``dpfc`` command line: ``dpfc train``, ``predict``, ``demo``, ``plan``, ``extract``
+and ``audit``.
 
 ``python -m dpfc_native`` is the same program. The typer application object is
-:data:`app`; other modules add commands to it (``dpfc_native.audit.register_cli(app)``
-is called here when that module is present).
+:data:`app`; the modules that own a command add it (``register_cli(app)`` of
+:mod:`~dpfc_native.audit`, :mod:`~dpfc_native.plan` and :mod:`~dpfc_native.extract`).
 
 Errors in the input (missing or malformed files, bad parameters, out of memory) print
 one line, ``Error: ...``, and exit with status 2; no traceback (``dpfc --debug ...``
@@ -907,7 +908,7 @@ def demo(
         console.print(
             f"{ds}: n={train_set.n}, d={train_set.d}, K={train_set.num_classes}; "
             f"{fits} fits ({', '.join(ms)}), estimated {format_seconds(estimate, sep=' ')} "
-            "(rough, from a measured gram rate)"
+            "(rough: from two pilot fits per method)"
         )
         per_method = len(eps) * seeds
         done = [0]

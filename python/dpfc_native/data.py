@@ -21,8 +21,9 @@ statistics of the (private) training data, which would spend privacy budget.
 
 This module needs NumPy, SciPy (only its FFT, for the synthetic generator),
 scikit-learn (only for :func:`digits_features`) and ``safetensors`` (only for
-``.safetensors`` files).  It imports nothing else from the package, so it works
-without the compiled extension.
+``.safetensors`` files, the ``[safetensors]`` extra). From the package it uses the
+argument rules (``_validation``) and the sharded sources (:mod:`dpfc_native.shards`);
+like every module of the package it is imported with the compiled extension.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Models (never downloaded: the user gives a local file)
     (resize the shorter side to ``crop / 0.875``, centre crop, ImageNet mean and std),
     which is then marked as a guess in the record.
 ``timm:NAME`` with ``weights=FILE`` (backend ``timm``; needs ``torch`` and ``timm``,
-    which the package does not install)
+    the ``[timm]`` extra)
     ``timm.create_model(NAME, pretrained=False, num_classes=0)`` loads the local
     checkpoint (``.pth``/``.pt``/``.bin`` state dict or ``.safetensors``); the
     preprocessing is timm's own ``resolve_data_config`` for that model (input size,

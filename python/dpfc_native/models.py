@@ -343,7 +343,10 @@ def _encode_labels(y, n: int, classes_param, name: str = "y"):
         raise ValueError(f"{name} contains NaN or Inf")
     if y.dtype.kind in "fc":
         # A regression target would otherwise become one class per distinct value.
-        check_classification_targets(y)
+        try:
+            check_classification_targets(y)
+        except ValueError as exc:  # scikit-learn's words, led by the argument's name
+            raise ValueError(f"{name}: {exc}") from None
     if classes_param is None:
         try:
             classes = np.unique(y)
@@ -2183,8 +2186,9 @@ class DPSGDClassifier(_DPClassifierBase):
         norm C (``sqrt(1 - 1/K) C`` for softmax).
     accountant : {{"auto", "rdp", "pld"}}
         Accountant for ``sample_rate < 1`` (calibration and ledger use the same one):
-        "auto" is PLD when ``dp_accounting`` is installed, else RDP. Full batch is
-        always exact Gaussian DP.
+        "auto" reports the smaller of RDP and the PLD (the PLD when ``dp_accounting``
+        is installed and the run has at most 10^6 steps; RDP alone otherwise). Full
+        batch is always exact Gaussian DP.
     {_ATTR_DOC}
     """
 

@@ -107,36 +107,24 @@ def demo_overrides(method: str, k: int) -> dict:
     return {}
 
 
-def _fit_flops(method: str, n: int, d: int, k: int) -> float:
-    """Rough flop count of one fit with the demo's defaults (the dominant terms)."""
-    gram = float(n) * d * d
-    # A factorisation that the noise made indefinite is repaired by an eigendecomposition
-    # (about 9 d^3 flops): counted as if every one were repaired.
-    factor = d**3 / 3.0 + 9.0 * d**3
-    if method == "ls":
-        return gram + 2.0 * n * d * k + factor
-    if method == "ls-per-class":
-        return 2.0 * gram + k * factor
-    if method == "newton":
-        steps = DPNewtonClassifier().steps
-        return steps * (gram * k + 4.0 * n * d * k + k * factor)
-    if method == "fc":
-        steps = DPFCClassifier().steps
-        return gram + factor + steps * 4.0 * n * d * k
-    steps = demo_overrides(method, k).get("steps", DPSGDClassifier().steps)
-    return steps * 4.0 * n * d * k
+#: Rows of the two pilot fits that measure a method's cost at the demo's shape: a fixed
+#: part (validation, noise, factorisations and their repairs, every step's dispatch) and a
+#: part linear in n (the passes over the rows).
+PILOT_ROWS = (64, 2048)
 
 
-def _measured_rate(d: int) -> float:
-    """Flops per second of this machine on the dominant kernel (a clipped gram of
-    4096 x d float32 rows), measured once (about 0.1 s)."""
-    from . import ops
-
-    x = np.random.default_rng(0).standard_normal((4096, d)).astype(np.float32)
-    ops.clipped_gram(x[:256], 1.0)  # warm-up
-    t = time.perf_counter()
-    ops.clipped_gram(x, 1.0)
-    return 4096.0 * d * d / max(time.perf_counter() - t, 1e-6)
+def _pilot_seconds(method: str, rows: int, d: int, k: int) -> float:
+    """Wall time of one fit of ``method`` with the demo's settings on ``rows`` random rows
+    of dimension d in K classes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, d))
+    y = np.arange(rows) % k
+    est = make_estimator(method, 1.0, seed=0, classes=list(range(k)), **demo_overrides(method, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a seeded pilot on random rows: nothing private
+        t = time.perf_counter()
+        est.fit(x, y)
+        return time.perf_counter() - t
 
 
 def estimate_seconds(
@@ -145,13 +133,28 @@ def estimate_seconds(
     k: int,
     methods: Sequence[str],
     n_fits_per_method: int,
-    rate: float | None = None,
+    pilots: dict | None = None,
 ) -> float:
-    """Rough wall time of ``n_fits_per_method`` fits of every method at shape (n, d, K):
-    a flop count of each method divided by the measured gram rate (within a factor of
-    about 2: the other kernels run at other rates)."""
-    rate = _measured_rate(d) if rate is None else rate
-    return sum(_fit_flops(m, n, d, k) for m in methods) * n_fits_per_method / rate
+    """Rough wall time of ``n_fits_per_method`` fits of every method at shape (n, d, K).
+
+    Per method, two pilot fits on random rows of the same d and K, at ``PILOT_ROWS[0]``
+    and ``min(n, PILOT_ROWS[1])`` rows (after a warm-up fit that absorbs first-call
+    costs), extrapolated linearly in n. ``pilots`` (per method, the two times in seconds)
+    replaces the measurement. A loaded machine stretches the run and the pilots alike.
+    """
+    small = PILOT_ROWS[0]
+    large = max(small + 1, min(int(n), PILOT_ROWS[1]))
+    if pilots is None:
+        _pilot_seconds("ls", small, d, k)  # warm-up
+        pilots = {
+            m: (_pilot_seconds(m, small, d, k), _pilot_seconds(m, large, d, k)) for m in methods
+        }
+    total = 0.0
+    for m in methods:
+        t_small, t_large = pilots[m]
+        slope = max(0.0, t_large - t_small) / (large - small)
+        total += t_small + slope * max(0, int(n) - small)
+    return total * n_fits_per_method
 
 
 def load_dataset(name: str, n: int | None = None, seed: int = 0):

@@ -3,8 +3,9 @@
 Fitting many times on the same private data spends the budget many times: a grid search
 of 20 fits at epsilon = 1 each is not a 1-DP model. Three safe paths, from free to paid:
 
-1. **Sweeps on a public validation split (free).** Every estimator accepts lists for
-   ``reg`` (and ``lr``, ``alpha``) and a *public* ``X_val, y_val``: all candidates are
+1. **Sweeps on a public validation split (free).** The estimators accept lists for the
+   hyper-parameters they have among ``reg``, ``lr`` and ``alpha`` (DP-SGD: ``lr``;
+   ``alpha``: per-class DP-LS) and a *public* ``X_val, y_val``: all candidates are
    computed from the same released statistics and the choice is post-processing, so
    ``privacy_`` is that of a single fit.
 2. **A shared** :class:`PrivacyBudget`. Pass ``budget=PrivacyBudget(epsilon, delta)`` to
