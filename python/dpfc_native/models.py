@@ -1982,7 +1982,8 @@ class DPFCClassifier(_DPClassifierBase):
         limit of the non-private iteration; the bound is reached only where every
         sigmoid sits at 1/2, while from ``W = 0`` with ``sigmoid(bias) = 1/K`` the
         curvature is ``(K - 1)/K^2`` per class, and the noisy preconditioner
-        ``G~ + reg I`` dominates G with high probability (reg = 2 x the noise norm), so
+        ``G~ + reg I`` dominates G with high probability (its spectrum denoised, reg =
+        the noise norm; without denoising, twice it), so
         the effective step stays inside the limit. A list is chosen per step on the
         public validation split, every candidate computed from the same released
         gradient (free).
