@@ -21,9 +21,9 @@ Usage::
     python benchmarks/bench_private_selection.py --quick    # digits only, 3 seeds
 
 Cost: every fit of the synthetic preset (d = 768) factors a noisy 768 x 768 gram (an
-eigendecomposition, ~2 s of CPU), and a selection makes about ``--mean-repetitions`` fits,
-so the full run takes about 12 CPU minutes (``--quick``: well under one); the wall-clock
-time on a shared machine is in the JSON (``total_seconds``).
+eigendecomposition, ~0.2 s), and a selection makes about ``--mean-repetitions`` fits, so
+the full run takes about 2.5 CPU minutes on 2 cores (151 s measured; ``--quick``: a few
+seconds); the wall-clock time on a shared machine is in the JSON (``total_seconds``).
 
 Writes ``benchmarks/results/private_selection.json`` and prints a Markdown table.
 """
