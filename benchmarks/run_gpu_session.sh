@@ -53,10 +53,22 @@ fi
   start=$(date +%s)
   arch=()
   [ -n "${ARCH:-}" ] && arch=(-C "cmake.define.DPFC_CUDA_ARCHITECTURES=$ARCH")
-  python3 -m pip install --no-build-isolation --no-deps -q -C build-dir=build/device "${arch[@]}" . 2>&1 | tail -40
+  # DPFC_CUDA=ON: a build that did not find nvcc fails here instead of silently building
+  # the CPU core (every gpu test would then skip and the device call be wasted).
+  python3 -m pip install --no-build-isolation --no-deps -q -C build-dir=build/device \
+    -C cmake.define.DPFC_CUDA=ON "${arch[@]}" . 2>&1 | tail -40
   echo "build: $(( $(date +%s) - start )) s"
   python3 -c "import dpfc_native; print(dpfc_native.build_info())"
 } 2>&1 | tee "$out/build.log"
+if [ $build = 1 ]; then
+  # The installed package must have the CUDA kernels and see a device (and CuPy), or the
+  # stages below would only skip: stop with the build log instead.
+  python3 -c 'import sys, dpfc_native as d; i = d.build_info()
+sys.exit(0 if i["cuda_compiled"] and i["cuda_devices"] > 0 and i["cupy"] else 1)' || {
+    echo "build or device check failed: see $out/build.log" >&2
+    exit 1
+  }
+fi
 
 for stage in "$@"; do
   case "$stage" in

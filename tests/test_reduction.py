@@ -1001,3 +1001,69 @@ def test_reduce_threads_environment_is_checked_by_name(monkeypatch, env):
     )
     with pytest.raises(TypeError, match="x must be an array"):
         ops.clipped_gram(None, 1.0)
+
+
+class _DeviceArray:
+    """Stands in for a CuPy array on a CPU machine: it lives "on a GPU"
+    (``__cuda_array_interface__``) and, like CuPy, refuses an implicit conversion to NumPy."""
+
+    def __init__(self, a):
+        self.a = np.asarray(a)
+        self.shape, self.dtype, self.ndim = self.a.shape, self.a.dtype, self.a.ndim
+
+    @property
+    def __cuda_array_interface__(self):  # only its presence is read
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3}
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+
+def test_gpu_leaves_bring_every_output_to_the_host(monkeypatch):
+    """A GPU leaf's statistic comes back as device arrays: every output (the counts of
+    `Stats` included, which were converted with np.asarray and raised on CuPy) is copied
+    to the host before it goes on the grid. Checked on the CPU with a stand-in device
+    array and the real CPU op inside it."""
+
+    class FakeCupy:
+        @staticmethod
+        def asnumpy(v):
+            return v.a
+
+    real = R._leaf_ops()
+
+    class DeviceOps:
+        @staticmethod
+        def clipped_stats(x, y, k, c):
+            return tuple(_DeviceArray(v) for v in real.clipped_stats(x, y, k, c))
+
+    rng = np.random.default_rng(61)
+    x, y = rng.standard_normal((37, 5)), rng.integers(0, 3, 37)
+    expected = R.reduce(R.Stats(1.0, 3), R.ArraySource(x, y, 3), leaf_rows=8, threads=1)
+    monkeypatch.setattr(R, "_leaf_ops", lambda: DeviceOps)
+    monkeypatch.setattr(ops, "_cupy", lambda: FakeCupy)
+    stat = R.Stats(1.0, 3)
+    leaf = stat.leaf(x, y, None)
+    for key in ("G", "B", "counts"):
+        assert isinstance(R._host(leaf[key]), np.ndarray), key
+    np.testing.assert_array_equal(R._host(leaf["counts"]), np.bincount(y, minlength=3))
+    assert R._host(leaf["counts"]).dtype == np.int64
+    # Through the whole reduction (grid, merge, finish): the same bits as host leaves.
+    got = R.reduce(R.Stats(1.0, 3), R.ArraySource(x, y, 3), leaf_rows=8, threads=1)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float32_gpu_gradients_take_the_float32_clip_floor():
+    """The GPU rounds float32 rows' gradient products to float32: a gradient clip norm in
+    float32's subnormal range (about 1e-40) rounds above itself there, so such rows take
+    float32's floor; the CPU widens to float64 and keeps float64's."""
+    x32, x64 = np.ones((2, 1), np.float32), np.ones((2, 1))
+    assert ops._grad_floor(_DeviceArray(x32)) == "float32"
+    assert ops._grad_floor(_DeviceArray(x64)) == "float64"
+    assert ops._grad_floor(x32) == "float64"
+    with pytest.raises(ValueError, match="clip_norm must be at least"):
+        ops._check_clip_norm(1.0000026e-40, _DeviceArray(x32), ops._grad_floor(_DeviceArray(x32)))
+    # On the CPU the same float32 rows keep the float64 floor: a clip norm of 1e-40 is fine.
+    g, _ = ops.clipped_linear_grad(x32, np.zeros(2, np.int64), np.zeros((1, 1)), 0.0, 1e-40)
+    assert 0 < float(np.abs(g).max()) <= 2e-40

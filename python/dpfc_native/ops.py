@@ -207,6 +207,14 @@ _CLIP_FLOOR = {
 }
 
 
+def _grad_floor(x) -> str:
+    """The clip-norm floor of the per-example gradients of rows ``x``: the CPU computes
+    them in float64 whatever x's dtype; the GPU rounds float32 rows' products to float32
+    (cuBLAS or the native float32 kernels), so their clipped values live on float32's
+    subnormal grid."""
+    return "float32" if is_gpu_array(x) and x.dtype == np.float32 else "float64"
+
+
 def _check_clip_norm(
     clip_norm,
     x,
@@ -567,7 +575,7 @@ def clipped_linear_grad(
     if bias.shape != (k,):
         raise ValueError(f"bias must be a float or have shape ({k},), got {tuple(bias.shape)}")
     _v.finite(_v.real_dtype(bias, "bias"), "bias", xp)
-    c = _check_clip_norm(clip_norm, x, width=k * int(x.shape[1]))
+    c = _check_clip_norm(clip_norm, x, _grad_floor(x), width=k * int(x.shape[1]))
     _v.choice(loss, "loss", ("sigmoid", "softmax"))
     fc = None if feature_clip is None else _check_clip_norm(feature_clip, x, name="feature_clip")
     m = _check_leaf_rows(leaf_rows)

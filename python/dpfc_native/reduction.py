@@ -845,7 +845,7 @@ class Stats(_Statistic):
     def leaf(self, x, y, weights):
         x = x if x.dtype == np.float16 else _as_ops_float(x)
         g, b, counts = _leaf_ops().clipped_stats(x, y, self.num_classes, self.clip_norm)
-        return {"G": g, "B": b, "counts": np.asarray(counts, np.int64)}
+        return {"G": g, "B": b, "counts": np.asarray(_host(counts), np.int64)}
 
     def finish(self, v):
         return v["G"], v["B"], v["counts"]
