@@ -1067,3 +1067,79 @@ def test_float32_gpu_gradients_take_the_float32_clip_floor():
     # On the CPU the same float32 rows keep the float64 floor: a clip norm of 1e-40 is fine.
     g, _ = ops.clipped_linear_grad(x32, np.zeros(2, np.int64), np.zeros((1, 1)), 0.0, 1e-40)
     assert 0 < float(np.abs(g).max()) <= 2e-40
+
+
+def _blas_threads() -> set:
+    from threadpoolctl import threadpool_info
+
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_one_blas_thread_holds_on_every_python_thread():
+    """With the real threadpoolctl: the limit holds inside a block entered on any Python
+    thread, and the last thread out restores the count. threadpoolctl >= 3.8 lets only one
+    "controlling" thread change OpenBLAS's count: after a block on the main thread, a
+    block on another thread ran on every BLAS thread (a gradient leaf of 1807 x 512 rows
+    came out with other bits), and a restore from a second thread was ignored."""
+    import threading
+
+    import scipy.linalg.blas  # noqa: F401 - the BLAS the leaves use, loaded first
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        if _blas_threads() != {2}:
+            pytest.skip("this BLAS cannot be set to two threads here")
+        with R.one_blas_thread():  # the main thread first
+            assert _blas_threads() == {1}
+        assert _blas_threads() == {2}
+        seen = {}
+
+        def alone():
+            with R.one_blas_thread():
+                seen["alone"] = _blas_threads()
+
+        t = threading.Thread(target=alone)
+        t.start()
+        t.join(20)
+        assert seen["alone"] == {1} and _blas_threads() == {2}
+        # Interleaved: main enters, a thread enters, main leaves (the thread still limited),
+        # the thread leaves last and restores.
+        entered, main_left = threading.Event(), threading.Event()
+
+        def second():
+            with R.one_blas_thread():
+                entered.set()
+                main_left.wait(20)
+                seen["after main left"] = _blas_threads()
+
+        t = threading.Thread(target=second)
+        with R.one_blas_thread():
+            t.start()
+            entered.wait(20)
+        main_left.set()
+        t.join(20)
+        assert seen["after main left"] == {1}
+        assert _blas_threads() == {2}
+
+
+def test_leaf_results_do_not_depend_on_the_calling_thread():
+    """The same leaf reduction on the main thread and on another thread: the same bits
+    (the other thread's leaves ran on two BLAS threads: 1.8e-15 apart)."""
+    import threading
+
+    rng = np.random.default_rng(71)
+    n, d, k = 9999, 512, 3
+    x = rng.standard_normal((n, d))
+    y = rng.integers(0, k, n)
+    w = rng.standard_normal((k, d)) * 0.01
+
+    def grad():
+        g, _ = ops.clipped_linear_grad(x, y, w, 0.0, 1.0, feature_clip=1.0, leaf_rows=4096)
+        return g
+
+    main = grad()
+    out = {}
+    t = threading.Thread(target=lambda: out.update(g=grad()))
+    t.start()
+    t.join(120)
+    np.testing.assert_array_equal(out["g"], main)

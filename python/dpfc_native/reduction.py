@@ -1205,7 +1205,7 @@ def one_blas_thread():
 
     with _BLAS_LOCK:
         if _BLAS_USERS == 0:
-            _BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")
+            _BLAS_LIMIT = _as_blas_controller(lambda: threadpool_limits(1, user_api="blas"))
         _BLAS_USERS += 1
     try:
         yield
@@ -1213,8 +1213,32 @@ def one_blas_thread():
         with _BLAS_LOCK:
             _BLAS_USERS -= 1
             if _BLAS_USERS == 0:
-                _BLAS_LIMIT.restore_original_limits()
+                _as_blas_controller(_BLAS_LIMIT.restore_original_limits)
                 _BLAS_LIMIT = None
+
+
+def _as_blas_controller(call):
+    """``call()`` (a threadpoolctl set or restore) with this thread in control of OpenBLAS.
+
+    threadpoolctl >= 3.8 lets only one "controlling" thread change a pthreads OpenBLAS's
+    process-wide count: the first to set one, until a ``with threadpool_limits`` block of
+    its own ends. Calls from any other thread do nothing, silently, so a reduction on a
+    second Python thread computed its leaves on every BLAS thread (other bits), and a
+    restore from the last thread out was ignored (BLAS left on one thread). The blocks
+    here are already serialised and counted (``_BLAS_LOCK``): control is cleared before the
+    call, so this thread takes it, and after, so no thread keeps it."""
+    import threadpoolctl
+
+    clear = getattr(
+        getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None
+    )
+    if clear is not None:
+        clear(force=True)
+    try:
+        return call()
+    finally:
+        if clear is not None:
+            clear(force=True)
 
 
 def leaf_partial(
