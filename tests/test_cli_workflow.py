@@ -374,3 +374,85 @@ def test_predict_on_unlabelled_safetensors(tmp_path):
     safetensors_numpy.save_file({"features": x[:20]}, str(tmp_path / "nolab.safetensors"))
     res = runner.invoke(app, ["predict", str(model), str(tmp_path / "nolab.safetensors")])
     assert res.exit_code == 0 and "predicted 20 rows" in res.output and "accuracy" not in res.output
+
+
+def _run_with_file_size_limit(args, limit, cwd):
+    """``python -m dpfc_native ARGS`` in a process that cannot write files larger than
+    ``limit`` bytes (a full disk, as far as the writes are concerned)."""
+    import resource
+    import signal
+
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "dpfc_native", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        preexec_fn=cap,
+    )
+
+
+@pytest.mark.parametrize("command", ["plan", "audit", "predict"])
+def test_a_failed_write_leaves_the_previous_output(tmp_path, command):
+    """plan --json, audit --json and predict -o wrote straight to the final path: a write
+    that failed part-way (here: a file-size cap standing in for a full disk) left a
+    truncated file, and with --force it had first destroyed the good one."""
+    previous = "previous output, kept whole\n"
+    if command == "plan":
+        target = tmp_path / "plan.json"
+        args = ["plan", "--n", "10000", "--dim", "64", "-k", "10", "--json", str(target)]
+        limit = 300
+    elif command == "audit":
+        target = tmp_path / "audit.json"
+        args = ["audit", "-m", "gram", "-e", "2", "--runs", "200", "--json", str(target)]
+        limit = 200
+    else:
+        x, y = _blobs(6)
+        data.save_features(tmp_path / "t.npz", x, y)
+        assert (
+            runner.invoke(
+                app, ["train", str(tmp_path / "t.npz"), "-m", "ls", "-o", str(tmp_path / "m.npz")]
+            ).exit_code
+            == 0
+        )
+        target = tmp_path / "pred.npy"
+        args = ["predict", str(tmp_path / "m.npz"), str(tmp_path / "t.npz"), "-o", str(target)]
+        limit = 200
+    target.write_text(previous)
+    res = _run_with_file_size_limit([*args, "--force"], limit, tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"Error: cannot write {target}" in res.stderr, res.stderr
+    assert target.read_text() == previous
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
+    # Without the cap the same command replaces it whole.
+    res = subprocess.run(
+        [sys.executable, "-m", "dpfc_native", *args, "--force"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    if command == "predict":
+        assert np.load(target).shape == (len(_blobs(6)[1]),)
+    else:
+        json.loads(target.read_text())
+
+
+def test_a_refused_command_makes_no_output_folders(tmp_path):
+    """The output path is checked before any work, without creating its folders: a
+    command refused later (here: a missing input) left them behind."""
+    res = runner.invoke(
+        app, ["train", str(tmp_path / "missing.npz"), "-o", str(tmp_path / "a" / "b" / "m.npz")]
+    )
+    assert res.exit_code == 2
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(
+        app, ["train", str(tmp_path / "missing.npz"), "-o", str(tmp_path / "afile" / "m.npz")]
+    )
+    _one_error(res, "not a directory")

@@ -806,7 +806,12 @@ def register_cli(app) -> None:
             for r in results:
                 typer.echo(str(r))
         if json_out:
-            with open(json_out, "w") as fh:
-                json.dump([r.to_dict() for r in results], fh, indent=2)
+            from ._fileio import atomic_write
+
+            try:
+                with atomic_write(json_out) as fh:
+                    json.dump([r.to_dict() for r in results], fh, indent=2)
+            except OSError as exc:
+                _fail(f"cannot write {json_out}: {exc}")
         if not all(_expected(r) for r in results):
             raise typer.Exit(1)

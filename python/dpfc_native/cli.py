@@ -146,10 +146,16 @@ def _user_errors(command):
 
 
 def _writable_folder(folder: str, what: str) -> None:
-    """``folder`` exists (made if missing) and a file can be created in it, or one line."""
+    """A file can be created in ``folder`` or, where it is missing, in its nearest
+    existing ancestor (the write makes the rest), or one line. Nothing is left behind: a
+    command refused later (a missing input) must not leave new folders."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dpfc-write-test-"):
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(f"{probe} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".dpfc-write-test-"):
             pass
     except OSError as exc:
         _fail(f"cannot write {what}: {exc}")
@@ -800,7 +806,17 @@ def predict(
     if y is not None:
         typer.echo(f"accuracy: {float(np.mean(pred == y)):.4f}")
     if out is not None:
-        np.save(out, pred)
+        import io
+
+        from ._fileio import atomic_write
+
+        buf = io.BytesIO()  # np.save to a real file does not report a short write
+        np.save(buf, pred)
+        try:
+            with atomic_write(out, binary=True) as f:
+                f.write(buf.getbuffer())
+        except OSError as exc:
+            _fail(f"cannot write {out}: {exc}")
         typer.echo(f"predictions saved to {out}")
 
 

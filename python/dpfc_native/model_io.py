@@ -39,15 +39,14 @@ data without noise), ``random_state`` (a seed regenerates the noise), ``stats_``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
-import stat
 import zipfile
 
 import numpy as np
+
+from ._fileio import atomic_write
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_model", "load_model"]
 
@@ -157,23 +156,9 @@ def save_model(est, path, method: str = "") -> str:
         fitted=np.array(json.dumps(fitted)),
         ledger=np.array(json.dumps(est.privacy_.to_dict())),
     )
-    # Written beside the target and renamed over it: a failure (or Ctrl-C, a full disk)
-    # leaves the previous file as it was, never a truncated one. A symlink is written
-    # through (its target replaced), and an existing file keeps its permissions.
-    target = os.path.realpath(path)
-    d = os.path.dirname(target)
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp-{secrets.token_hex(8)}-{os.path.basename(target)}")
-    try:
-        with open(tmp, "xb") as f:  # a new file: the umask's permissions
-            np.savez(f, **members)
-        if os.path.exists(target):
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Whole or not at all: a failure (or Ctrl-C, a full disk) leaves the previous file.
+    with atomic_write(path, binary=True) as f:
+        np.savez(f, **members)
     return path
 
 

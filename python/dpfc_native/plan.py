@@ -262,14 +262,14 @@ def register_cli(app) -> None:
         )
         if json_out is not None:
             try:
-                json_out.parent.mkdir(parents=True, exist_ok=True)
+                from ._fileio import atomic_write
                 from .model_io import _json_value
 
                 doc = {"n": n, "d": dim, "num_classes": num_classes, "method": method}
                 # Strict JSON: an infinite epsilon is written "inf", as in dpfc demo's.
-                json_out.write_text(
-                    json.dumps(_json_value({**doc, "rows": rows}), indent=1, allow_nan=False)
-                )
+                text = json.dumps(_json_value({**doc, "rows": rows}), indent=1, allow_nan=False)
+                with atomic_write(json_out) as fh:
+                    fh.write(text)
             except OSError as exc:
                 _fail(f"cannot write {json_out}: {exc}")
             console.print(f"rows written to {json_out}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _methods, data
 from ._errors import PrivacyWarning
+from ._fileio import atomic_write
 from .models import DPFCClassifier, DPLeastSquaresClassifier, DPNewtonClassifier, DPSGDClassifier
 
 __all__ = [
@@ -525,19 +526,15 @@ def plot_privacy_utility(results: Sequence[DemoResult], path: str) -> str:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)  # a reader never sees a half-written file
+    with atomic_write(path, binary=True) as f:  # a reader never sees a half-written file
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
     return path
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:  # an interrupted run leaves the previous version
         f.write(text)
-    os.replace(tmp, path)  # atomic: an interrupted run leaves the previous version
 
 
 def write_outputs(results: Sequence[DemoResult], out_dir: str, *, plot: bool = True) -> dict:

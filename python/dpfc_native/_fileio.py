@@ -1,0 +1,38 @@
+"""Writing output files whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+
+
+@contextlib.contextmanager
+def atomic_write(path, binary: bool = False):
+    """A new file to write in place of ``path``: written beside the target and renamed over
+    it when the block ends without an exception. A failure (a full disk, Ctrl-C) leaves the
+    previous file as it was, never a truncated one, and no temporary file. A symlink is
+    written through (its target replaced), an existing file keeps its permissions, and
+    missing folders are made.
+
+    Yields the open file (text in UTF-8, or ``binary``). Write through the file object:
+    ``ndarray.tofile`` (which ``np.save`` uses on real files) does not report a short
+    write."""
+    target = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(target)}")
+    try:
+        # "x": a new file with the umask's permissions
+        with open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the previous file
+        if os.path.exists(target):
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
