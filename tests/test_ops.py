@@ -473,6 +473,28 @@ def test_device_of_is_the_one_device_rule():
     assert models.resolve_device("cpu", FakeDeviceArray()) == "cpu"
 
 
+def test_arrays_on_different_gpus_are_refused():
+    """A GPU call's arrays must share one device: a kernel launched on x's device read a
+    label or weight array living on another GPU through its pointer. Device ordinals come
+    from DLPack (CuPy's too); stand-ins on devices 0 and 1 check the rule on the CPU."""
+
+    class OnGpu:
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f8", "data": (0, False)}
+
+        def __init__(self, ordinal):
+            self.ordinal = ordinal
+
+        def __dlpack_device__(self):
+            return (2, self.ordinal)  # kDLCUDA, device ordinal
+
+    assert ops.device_of(OnGpu(1), OnGpu(1), None) == "cuda"
+    assert ops.device_of(OnGpu(0)) == "cuda"
+    with pytest.raises(ValueError, match=r"different GPUs \(devices \[0, 1\]\)"):
+        ops.device_of(OnGpu(0), OnGpu(1))
+    with pytest.raises(ValueError, match="different GPUs"):
+        ops.clipped_class_sums(OnGpu(0), OnGpu(1), 2, 1.0)
+
+
 def test_memory_is_chunked(monkeypatch, rng):
     """clipped_gram never converts more than one chunk of rows at a time."""
     seen = []

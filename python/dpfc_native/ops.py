@@ -127,7 +127,29 @@ def device_of(*arrays: Any) -> str:
     kinds = {is_gpu_array(a) for a in arrays if a is not None}
     if len(kinds) > 1:
         raise ValueError("mixed devices: all array arguments must be on the CPU or all on the GPU")
-    return "cuda" if kinds == {True} else "cpu"
+    if kinds == {True}:
+        ids = {i for i in map(_gpu_id, arrays) if i is not None}
+        if len(ids) > 1:
+            # A kernel launched on one device would read the others' memory.
+            raise ValueError(
+                f"arrays on different GPUs (devices {sorted(ids)}): put every array "
+                "argument on one device"
+            )
+        return "cuda"
+    return "cpu"
+
+
+def _gpu_id(a: Any):
+    """The CUDA device ordinal of a GPU array (DLPack's, else CuPy's), or None."""
+    if a is None:
+        return None
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            return int(dev()[1])
+        except Exception:  # pragma: no cover - foreign objects
+            return None
+    return getattr(getattr(a, "device", None), "id", None)
 
 
 def array_module(*arrays: Any):
