@@ -1091,6 +1091,11 @@ def test_one_blas_thread_holds_on_every_python_thread():
             pytest.skip("this BLAS cannot be set to two threads here")
         with R.one_blas_thread():  # the main thread first
             assert _blas_threads() == {1}
+            # Another thread's threadpool_limits cannot change the count under the leaves.
+            t = threading.Thread(target=lambda: threadpool_limits(limits=2, user_api="blas"))
+            t.start()
+            t.join(20)
+            assert _blas_threads() == {1}
         assert _blas_threads() == {2}
         seen = {}
 

@@ -1205,7 +1205,8 @@ def one_blas_thread():
 
     with _BLAS_LOCK:
         if _BLAS_USERS == 0:
-            _BLAS_LIMIT = _as_blas_controller(lambda: threadpool_limits(1, user_api="blas"))
+            _release_blas_control()  # this thread takes it with the limit, and keeps it
+            _BLAS_LIMIT = threadpool_limits(1, user_api="blas")
         _BLAS_USERS += 1
     try:
         yield
@@ -1213,32 +1214,33 @@ def one_blas_thread():
         with _BLAS_LOCK:
             _BLAS_USERS -= 1
             if _BLAS_USERS == 0:
-                _as_blas_controller(_BLAS_LIMIT.restore_original_limits)
-                _BLAS_LIMIT = None
+                _release_blas_control()  # the last one out may be another thread
+                try:
+                    _BLAS_LIMIT.restore_original_limits()
+                finally:
+                    _release_blas_control()
+                    _BLAS_LIMIT = None
 
 
-def _as_blas_controller(call):
-    """``call()`` (a threadpoolctl set or restore) with this thread in control of OpenBLAS.
+def _release_blas_control() -> None:
+    """Clear threadpoolctl's "controlling thread" of OpenBLAS.
 
-    threadpoolctl >= 3.8 lets only one "controlling" thread change a pthreads OpenBLAS's
-    process-wide count: the first to set one, until a ``with threadpool_limits`` block of
-    its own ends. Calls from any other thread do nothing, silently, so a reduction on a
-    second Python thread computed its leaves on every BLAS thread (other bits), and a
-    restore from the last thread out was ignored (BLAS left on one thread). The blocks
-    here are already serialised and counted (``_BLAS_LOCK``): control is cleared before the
-    call, so this thread takes it, and after, so no thread keeps it."""
+    threadpoolctl >= 3.8 lets only one thread change a pthreads OpenBLAS's process-wide
+    count: the first to set one, until a ``with threadpool_limits`` block of its own ends;
+    calls from other threads do nothing, silently. So the first block in clears it and
+    takes control with the limit, holding it while any block is open (another thread's
+    ``threadpool_limits`` cannot then change the count under the leaves), and the last
+    block out, whichever thread it runs on, clears it again to restore the count and
+    leaves no thread in control. (Without this, a reduction on a second Python thread
+    computed its leaves on every BLAS thread, other bits, and a restore from the last
+    thread out was ignored, leaving BLAS on one thread.) Older threadpoolctl: nothing to
+    clear."""
     import threadpoolctl
 
-    clear = getattr(
-        getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None
-    )
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
     if clear is not None:
         clear(force=True)
-    try:
-        return call()
-    finally:
-        if clear is not None:
-            clear(force=True)
 
 
 def leaf_partial(
