@@ -682,7 +682,12 @@ def test_device_cuda_without_gpu_is_a_clear_error():
         (False, 0, None, ["no CUDA kernels", 'pip install "dpfc-native[cuda]"']),
         (False, 0, "13.6.0", ["no CUDA kernels"]),
         (True, 0, "13.6.0", ["no usable GPU (GPU 0: sm_75 is older than sm_80)"]),
-        (True, 1, None, ['CuPy is not installed (pip install "dpfc-native[cuda]")']),
+        (
+            True,
+            1,
+            None,
+            ['CuPy is not installed or does not import (pip install "dpfc-native[cuda]")'],
+        ),
     ],
 )
 def test_device_cuda_error_names_what_is_missing(monkeypatch, compiled, devices, cupy, words):

@@ -128,3 +128,45 @@ def test_cli_pld_error_does_not_point_at_the_method_option(tmp_path, monkeypatch
     )
     assert res.exit_code == 2, res.output
     assert HINT.format("accounting") in res.output and "--method" not in res.output
+
+
+def test_an_installed_package_that_does_not_import_keeps_its_cause(tmp_path, monkeypatch):
+    """A package that is installed but fails to import (here: a missing shared library)
+    is not reported as "install the extra": its own error is kept in the message."""
+    from dpfc_native._optional import require
+
+    pkg = tmp_path / "dpfc_broken_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "raise ImportError('libblosc2.so.4: cannot open shared object file')\n"
+    )
+    deeper = tmp_path / "dpfc_half_pkg"
+    deeper.mkdir()
+    (deeper / "__init__.py").write_text("import dpfc_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="installed but does not import.*libblosc2") as err:
+        require("dpfc_broken_pkg", "reading zarr shards", "distributed")
+    assert not isinstance(err.value, ModuleNotFoundError) and "pip install" not in str(err.value)
+    # A dependency of the package missing: not the package itself.
+    with pytest.raises(ImportError, match="does not import.*dpfc_no_such_dependency"):
+        require("dpfc_half_pkg", "x", "distributed")
+    # The package itself, or a parent of the module asked for, missing: the extra.
+    for name in ("dpfc_no_such_pkg", "dpfc_no_such_pkg.sub"):
+        with pytest.raises(ModuleNotFoundError, match=r'pip install "dpfc-native\[distributed\]"'):
+            require(name, "x", "distributed")
+
+
+def test_predict_on_a_corrupt_safetensors_file_is_one_line(tmp_path):
+    x, y = _rows(3)
+    data.save_features(tmp_path / "t.npz", x, y)
+    model = str(tmp_path / "m.npz")
+    assert (
+        runner.invoke(app, ["train", str(tmp_path / "t.npz"), "-m", "ls", "-o", model]).exit_code
+        == 0
+    )
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all, just bytes")
+    for args in (["predict", model, str(bad)], ["train", str(bad), "-m", "ls"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and "corrupted .safetensors" in res.output

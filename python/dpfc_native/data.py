@@ -39,7 +39,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from . import _validation
-from ._optional import require, safetensors_open
+from ._optional import safetensors_open
 
 __all__ = [
     "FeatureSet",
@@ -453,9 +453,9 @@ def _load_npz(path: str, keys=("features", "labels")):
 def _load_safetensors(path: str, keys=("features", "labels")):
     """The two tensors ``keys`` of a .safetensors file, as NumPy arrays."""
     _require_file(path, "features")
-    require("safetensors", "reading .safetensors files", "safetensors")  # not a bad file
+    opened = safetensors_open(path)  # its own errors: a missing package, an unreadable file
     try:
-        with safetensors_open(path) as f:
+        with opened as f:
             present = set(f.keys())
             missing = [key for key in keys if key not in present]
             if missing:

@@ -196,7 +196,7 @@ def _cuda_missing() -> list:
         skipped = "; ".join(info["cuda_devices_skipped"])
         missing.append("no usable GPU" + (f" ({skipped})" if skipped else ""))
     if info["cupy"] is None:
-        missing.append(f"CuPy is not installed ({install_hint('cuda')})")
+        missing.append(f"CuPy is not installed or does not import ({install_hint('cuda')})")
     return missing
 
 
