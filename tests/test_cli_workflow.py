@@ -456,3 +456,37 @@ def test_a_refused_command_makes_no_output_folders(tmp_path):
         app, ["train", str(tmp_path / "missing.npz"), "-o", str(tmp_path / "afile" / "m.npz")]
     )
     _one_error(res, "not a directory")
+
+
+def test_atomic_write_takes_long_names_and_special_files(tmp_path):
+    """The temporary name no longer embeds the target's (a 246-character name failed with
+    ENAMETOOLONG only at write time, after the work); a FIFO or /dev/stdout is written in
+    place (it was replaced by a regular file, or the write failed in /proc)."""
+    import os
+    import threading
+
+    from dpfc_native._fileio import atomic_write
+
+    long = tmp_path / ("p" * 246 + ".npy")
+    with atomic_write(long, binary=True) as f:
+        f.write(b"abc")
+    assert long.read_bytes() == b"abc"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [long.name]
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    with atomic_write(fifo) as f:
+        f.write('{"rows": []}')
+    reader.join(20)
+    assert got == ['{"rows": []}'] and not fifo.is_file() and fifo.exists()
+    res = subprocess.run(
+        [sys.executable, "-m", "dpfc_native", "plan", "--n", "1000", "--dim", "8", "-k", "3"]
+        + ["--json", "/dev/stdout", "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert '"num_classes": 3' in res.stdout

@@ -13,16 +13,27 @@ def atomic_write(path, binary: bool = False):
     """A new file to write in place of ``path``: written beside the target and renamed over
     it when the block ends without an exception. A failure (a full disk, Ctrl-C) leaves the
     previous file as it was, never a truncated one, and no temporary file. A symlink is
-    written through (its target replaced), an existing file keeps its permissions, and
-    missing folders are made.
+    written through (its target replaced, beside it), an existing file keeps its
+    permissions, and missing folders are made. An existing target that is not a regular
+    file (a FIFO, ``/dev/stdout``) is written in place.
 
     Yields the open file (text in UTF-8, or ``binary``). Write through the file object:
     ``ndarray.tofile`` (which ``np.save`` uses on real files) does not report a short
     write."""
-    target = os.path.realpath(os.fspath(path))
+    path = os.fspath(path)
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # not there yet (or a dangling link): a new regular file
+        special = False
+    if special:  # a FIFO, /dev/stdout, a device: written in place, not replaced
+        with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
+            yield f
+        return
+    target = os.path.realpath(path)
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(target)}")
+    # A short name of its own (the target's may already be at the name-length limit).
+    tmp = os.path.join(folder, f".dpfc-{secrets.token_hex(8)}.tmp")
     try:
         # "x": a new file with the umask's permissions
         with open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8") as f:
