@@ -190,6 +190,20 @@ def test_loaded_model_predicts_labels_of_the_same_kind(tmp_path, labels):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [np.array([1, 2.5, 3], dtype=object), np.array([1, 2, 2**70], dtype=object)],
+    ids=["int-and-float", "beyond-int64"],
+)
+def test_object_labels_that_would_load_as_others_are_refused(tmp_path, labels):
+    """[1, 2.5, 3] loaded back as floats and [1, 2, 2**70] as strings: other labels."""
+    x, y = _data(9)
+    est = DPLeastSquaresClassifier(epsilon=2.0, classes=labels).fit(x, labels[y])
+    with pytest.raises(ValueError, match="cannot save labels of kinds"):
+        est.save(tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+
+
 @pytest.mark.parametrize("cls", [DPFCClassifier, DPSGDClassifier])
 def test_strip_non_private_before_pickling(cls):
     x, y = _data(8)

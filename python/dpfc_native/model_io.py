@@ -106,6 +106,27 @@ def _json_value(value):
     return str(value)
 
 
+def _object_classes(classes: np.ndarray) -> np.ndarray:
+    """An object label array as the typed array that loads back as the same labels
+    (``astype(object)`` gives Python str, int or float): all strings, all integers within
+    int64, or all floats. Anything else (ints mixed with floats, ints beyond int64, other
+    objects) would come back as other labels, so it is refused."""
+    values = classes.tolist()
+    if all(isinstance(c, str) for c in values):
+        return classes.astype(str)
+    if all(
+        isinstance(c, int) and not isinstance(c, bool) and -(2**63) <= c < 2**63 for c in values
+    ):
+        return np.array(values, dtype=np.int64)
+    if all(isinstance(c, float) for c in values):
+        return np.array(values, dtype=np.float64)
+    kinds = sorted({type(c).__name__ for c in values})
+    raise ValueError(
+        f"cannot save labels of kinds {kinds} in one object array (or integers beyond "
+        "int64): they would load back as other labels; use strings, or integers, or floats"
+    )
+
+
 def save_model(est, path, method: str = "") -> str:
     """Write a fitted estimator in the format above; returns the path (``.npz`` added).
 
@@ -135,8 +156,7 @@ def save_model(est, path, method: str = "") -> str:
     classes = np.asarray(est.classes_)
     if classes.dtype.kind == "O":
         fitted["classes_object"] = True
-        if all(isinstance(c, (int, float, np.integer, np.floating)) for c in classes.tolist()):
-            classes = np.array(classes.tolist())  # numbers in an object array stay numbers
+        classes = _object_classes(classes)
     if classes.dtype.kind not in "biuf":
         classes = classes.astype(str)
     names = getattr(est, "feature_names_in_", None)
