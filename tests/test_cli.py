@@ -306,6 +306,22 @@ def test_default_methods_per_shape():
     assert report.estimate_seconds(10**7, 7, 3, ("ls", "sgd"), 1) > few
 
 
+def test_a_slow_first_pilot_skips_the_second(monkeypatch):
+    """A method whose small pilot already takes minutes (per-class DP-LS at K = 100) is
+    not timed a second time at 2048 rows: its fixed cost is the estimate."""
+    calls = []
+
+    def pilot(method, rows, d, k):
+        calls.append((method, rows))
+        return {"slow": 3.0, "fast": 0.01 + rows * 1e-5}.get(method, 0.0)
+
+    monkeypatch.setattr(report, "_pilot_seconds", pilot)
+    est = report.estimate_seconds(10_000, 8, 3, ("slow", "fast"), 2)
+    small, large = report.PILOT_ROWS
+    assert ("slow", large) not in calls and ("fast", large) in calls
+    assert est == pytest.approx(2 * (3.0 + 0.01 + small * 1e-5 + (10_000 - small) * 1e-5))
+
+
 def test_demo_errors(tmp_path):
     _err(runner.invoke(app, ["demo", "-d", "mnist", "--out", str(tmp_path)]), "--dataset")
     _err(runner.invoke(app, ["demo", "-m", "svm", "--out", str(tmp_path)]), "--method")

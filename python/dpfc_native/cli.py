@@ -921,6 +921,7 @@ def demo(
                     f"{report.demo_overrides(m, train_set.num_classes)} at this K"
                 )
         fits = len(ms) * len(eps) * seeds
+        console.print(f"{ds}: timing pilot fits of {', '.join(ms)} for the estimate ...")
         estimate = report.estimate_seconds(
             train_set.n, train_set.d, train_set.num_classes, ms, len(eps) * seeds
         )
