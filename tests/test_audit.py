@@ -71,12 +71,28 @@ def test_planted_bugs_are_detected(mech, eps, bug):
 
 
 @pytest.mark.parametrize("mech", audit.MECHANISMS)
-def test_leaf_reduction_statistics_pass(mech):
+def test_leaf_reduction_statistics_pass(mech, monkeypatch):
     """With leaf_rows the statistics are summed by the exact leaf reduction (leaves of 5
-    rows of the 65-row audit dataset: a partial last leaf), the estimators' summation."""
+    rows of the 65-row audit dataset: a partial last leaf), the estimators' summation:
+    every release's statistic, on D and on D', goes through it."""
+    from dpfc_native import reduction
+
+    calls = []
+    real = reduction.reduce
+
+    def spy(stat, source, **kw):
+        calls.append((type(stat).__name__, kw.get("leaf_rows"), source.shard_rows))
+        return real(stat, source, **kw)
+
+    monkeypatch.setattr(reduction, "reduce", spy)
     r = audit.audit_mechanism(mech, 4.0, runs=20_000, d=3, steps=2, seed=7, leaf_rows=5)
     assert r.passed and r.leaf_rows == 5, str(r)
     assert r.to_dict()["leaf_rows"] == 5
+    assert len(calls) == 2 * len(r.release_names), calls
+    assert {c[1] for c in calls} == {5} and {c[2] for c in calls} == {(64,), (65,)}
+    calls.clear()  # the spy stays: the one-pass audit does not reach the reduction
+    one_pass = audit.audit_mechanism(mech, 4.0, runs=200, d=3, steps=2, seed=7)
+    assert calls == [] and one_pass.leaf_rows is None
 
 
 def test_a_bug_in_the_leaf_reduction_is_caught_only_through_it(monkeypatch):
