@@ -55,14 +55,22 @@ fi
   [ -n "${ARCH:-}" ] && arch=(-C "cmake.define.DPFC_CUDA_ARCHITECTURES=$ARCH")
   # DPFC_CUDA=ON: a build that did not find nvcc fails here instead of silently building
   # the CPU core (every gpu test would then skip and the device call be wasted).
+  rm -f "$out/build.rc"
   python3 -m pip install --no-build-isolation --no-deps -q -C build-dir=build/device \
     -C cmake.define.DPFC_CUDA=ON "${arch[@]}" . 2>&1 | tail -40
-  echo "build: $(( $(date +%s) - start )) s"
+  echo "${PIPESTATUS[0]}" > "$out/build.rc"
+  echo "build: $(( $(date +%s) - start )) s (pip status $(cat "$out/build.rc"))"
   python3 -c "import dpfc_native; print(dpfc_native.build_info())"
 } 2>&1 | tee "$out/build.log"
 if [ $build = 1 ]; then
-  # The installed package must have the CUDA kernels and see a device (and CuPy), or the
-  # stages below would only skip: stop with the build log instead.
+  # A failed build must stop the run (a warm machine still has the previous build
+  # installed, which would be tested instead); the installed package must have the CUDA
+  # kernels and see a device (and CuPy), or the stages below would only skip.
+  if [ "$(cat "$out/build.rc" 2>/dev/null)" != 0 ]; then
+    echo "build failed: see $out/build.log" >&2
+    exit 1
+  fi
+  rm -f "$out/build.rc"  # at most 8 files come back
   python3 -c 'import sys, dpfc_native as d; i = d.build_info()
 sys.exit(0 if i["cuda_compiled"] and i["cuda_devices"] > 0 and i["cupy"] else 1)' || {
     echo "build or device check failed: see $out/build.log" >&2
