@@ -1084,18 +1084,21 @@ def test_one_blas_thread_holds_on_every_python_thread():
     import threading
 
     import scipy.linalg.blas  # noqa: F401 - the BLAS the leaves use, loaded first
+    import threadpoolctl
     from threadpoolctl import threadpool_limits
 
+    # threadpoolctl >= 3.8: one controlling thread, so outside changes can be kept out.
+    gated = hasattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread")
     with threadpool_limits(limits=2, user_api="blas"):
         if _blas_threads() != {2}:
             pytest.skip("this BLAS cannot be set to two threads here")
         with R.one_blas_thread():  # the main thread first
             assert _blas_threads() == {1}
-            # Another thread's threadpool_limits cannot change the count under the leaves.
-            t = threading.Thread(target=lambda: threadpool_limits(limits=2, user_api="blas"))
-            t.start()
-            t.join(20)
-            assert _blas_threads() == {1}
+            if gated:  # another thread's threadpool_limits cannot change it under the leaves
+                t = threading.Thread(target=lambda: threadpool_limits(limits=2, user_api="blas"))
+                t.start()
+                t.join(20)
+                assert _blas_threads() == {1}
         assert _blas_threads() == {2}
         seen = {}
 
@@ -1124,6 +1127,34 @@ def test_one_blas_thread_holds_on_every_python_thread():
         main_left.set()
         t.join(20)
         assert seen["after main left"] == {1}
+        assert _blas_threads() == {2}
+        if not gated:
+            return
+        # The first thread in left (and ended, or set a limit of its own) while another
+        # block was open: it held control, so its later threadpool_limits changed the
+        # count under the other block's leaves.
+        entered, first_done, checked = threading.Event(), threading.Event(), threading.Event()
+
+        def first():
+            with R.one_blas_thread():
+                entered.wait(20)
+
+        def stays():
+            with R.one_blas_thread():
+                entered.set()
+                first_done.wait(20)
+                seen["stays"] = _blas_threads()
+                checked.set()
+
+        a, b = threading.Thread(target=first), threading.Thread(target=stays)
+        a.start()
+        b.start()
+        a.join(20)  # `first` left its block and ended
+        threadpool_limits(limits=2, user_api="blas")  # main, outside any block: ignored
+        first_done.set()
+        checked.wait(20)
+        b.join(20)
+        assert seen["stays"] == {1}
         assert _blas_threads() == {2}
 
 
