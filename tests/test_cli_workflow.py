@@ -490,3 +490,21 @@ def test_atomic_write_takes_long_names_and_special_files(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert '"num_classes": 3' in res.stdout
+    # stdout redirected to a file (>>): /dev/stdout is written through the descriptor, so
+    # neither the earlier contents nor the later output are lost (opening /dev/stdout anew
+    # truncated the file; renaming over it detached the stream).
+    log = tmp_path / "log.txt"
+    log.write_text("previous log\n")
+    with open(log, "a") as out:
+        res = subprocess.run(
+            [sys.executable, "-m", "dpfc_native", "plan", "--n", "1000", "--dim", "8", "-k", "3"]
+            + ["--json", "/dev/stdout", "--force"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 0, res.stderr
+    text = log.read_text()
+    assert text.startswith("previous log\n") and '"num_classes": 3' in text
+    assert "rows written to /dev/stdout" in text

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
+import sys
 
 
 @contextlib.contextmanager
@@ -15,7 +17,8 @@ def atomic_write(path, binary: bool = False):
     previous file as it was, never a truncated one, and no temporary file. A symlink is
     written through (its target replaced, beside it), an existing file keeps its
     permissions, and missing folders are made. An existing target that is not a regular
-    file (a FIFO, ``/dev/stdout``) is written in place.
+    file (a FIFO), or a path under ``/dev/`` or ``/proc/`` (``/dev/stdout``, even when it is
+    redirected to a file), is written in place.
 
     Yields the open file (text in UTF-8, or ``binary``). Write through the file object:
     ``ndarray.tofile`` (which ``np.save`` uses on real files) does not report a short
@@ -25,7 +28,19 @@ def atomic_write(path, binary: bool = False):
         special = not stat.S_ISREG(os.stat(path).st_mode)
     except OSError:  # not there yet (or a dangling link): a new regular file
         special = False
+    # /dev/stdout redirected to a file, /dev/fd/N, /proc/self/fd/N: a stream the process
+    # holds open, not a file to replace (renaming over it would detach the stream).
+    special = special or os.path.abspath(path).startswith(("/dev/", "/proc/"))
     if special:  # a FIFO, /dev/stdout, a device: written in place, not replaced
+        fd = _inherited_fd(path)
+        if fd is not None:
+            # Through the descriptor itself: a new open of /dev/stdout would truncate the
+            # file stdout is redirected to, and write at its own offset.
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            with os.fdopen(fd, "wb" if binary else "w", closefd=False) as f:
+                yield f
+            return
         with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
             yield f
         return
@@ -47,3 +62,12 @@ def atomic_write(path, binary: bool = False):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _inherited_fd(path: str):
+    """The descriptor ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` or ``/proc/self/fd/N``
+    names, or None."""
+    m = re.fullmatch(r"/dev/(stdout|stderr)|/dev/fd/(\d+)|/proc/self/fd/(\d+)", path)
+    if m is None:
+        return None
+    return {"stdout": 1, "stderr": 2}.get(m.group(1)) or int(m.group(2) or m.group(3))
