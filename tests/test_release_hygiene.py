@@ -192,6 +192,37 @@ def test_loaded_model_predicts_labels_of_the_same_kind(tmp_path, labels):
 
 @pytest.mark.parametrize(
     "labels",
+    [
+        np.array([np.int64(0), np.int64(1), np.int64(2)], dtype=object),
+        np.array([np.float32(0.5), np.float32(1.5), np.float32(2.5)], dtype=object),
+        np.array([np.str_("a"), np.str_("b"), np.str_("c")], dtype=object),
+        np.array([1, np.int64(2), 3], dtype=object),
+    ],
+    ids=["np-int64", "np-float32", "np-str", "int-and-np-int64"],
+)
+def test_object_labels_of_numpy_scalars_round_trip(tmp_path, labels):
+    """NumPy scalars inside an object label array load back as equal Python values (they
+    were refused, or, before, kept only by accident)."""
+    x, y = _data(10)
+    est = DPLeastSquaresClassifier(epsilon=2.0, classes=labels).fit(x, labels[y])
+    loaded = dpfc_native.load_model(est.save(tmp_path / "m.npz"))
+    a, b = est.predict(x), loaded.predict(x)
+    assert b.dtype == object and loaded.classes_.dtype == object
+    assert a.tolist() == b.tolist()
+
+
+def test_object_bool_labels_round_trip(tmp_path):
+    labels = np.array([False, True], dtype=object)
+    x, y = _data(11)
+    y = y % 2
+    est = DPLeastSquaresClassifier(epsilon=2.0, classes=labels).fit(x, labels[y])
+    loaded = dpfc_native.load_model(est.save(tmp_path / "m.npz"))
+    b = loaded.predict(x)
+    assert {type(v) for v in b.tolist()} == {bool} and b.tolist() == est.predict(x).tolist()
+
+
+@pytest.mark.parametrize(
+    "labels",
     [np.array([1, 2.5, 3], dtype=object), np.array([1, 2, 2**70], dtype=object)],
     ids=["int-and-float", "beyond-int64"],
 )

@@ -108,19 +108,24 @@ def _json_value(value):
 
 def _object_classes(classes: np.ndarray) -> np.ndarray:
     """An object label array as the typed array that loads back as the same labels
-    (``astype(object)`` gives Python str, int or float): all strings, all integers within
-    int64, or all floats. Anything else (ints mixed with floats, ints beyond int64, other
-    objects) would come back as other labels, so it is refused."""
-    values = classes.tolist()
+    (``astype(object)`` gives Python str, bool, int or float): all strings, all bools, all
+    integers within int64, or all floats (NumPy scalars count as their Python values).
+    Anything else (ints mixed with floats, ints beyond int64, other objects) would come
+    back as other labels, so it is refused."""
+    # NumPy scalars inside the object array (np.int64, np.float32, np.str_, np.bool_)
+    # compare equal to their Python values, which is what a loaded model returns.
+    values = [c.item() if isinstance(c, np.generic) else c for c in classes.tolist()]
     if all(isinstance(c, str) for c in values):
-        return classes.astype(str)
+        return np.array(values, dtype=str)
+    if all(isinstance(c, bool) for c in values):
+        return np.array(values, dtype=bool)
     if all(
         isinstance(c, int) and not isinstance(c, bool) and -(2**63) <= c < 2**63 for c in values
     ):
         return np.array(values, dtype=np.int64)
     if all(isinstance(c, float) for c in values):
         return np.array(values, dtype=np.float64)
-    kinds = sorted({type(c).__name__ for c in values})
+    kinds = sorted({type(c).__name__ for c in classes.tolist()})
     raise ValueError(
         f"cannot save labels of kinds {kinds} in one object array (or integers beyond "
         "int64): they would load back as other labels; use strings, or integers, or floats"
