@@ -1205,7 +1205,8 @@ def one_blas_thread():
 
     with _BLAS_LOCK:
         if _BLAS_USERS == 0:
-            _BLAS_LIMIT = _on_blas_owner(lambda: threadpool_limits(1, user_api="blas"))
+            _release_blas_control()  # this thread takes it with the limit, and keeps it
+            _BLAS_LIMIT = threadpool_limits(1, user_api="blas")
         _BLAS_USERS += 1
     try:
         yield
@@ -1213,72 +1214,36 @@ def one_blas_thread():
         with _BLAS_LOCK:
             _BLAS_USERS -= 1
             if _BLAS_USERS == 0:
-                limit, _BLAS_LIMIT = _BLAS_LIMIT, None
-                _on_blas_owner(limit.restore_original_limits, release=True)
+                _release_blas_control()  # the last one out may be another thread
+                try:
+                    _BLAS_LIMIT.restore_original_limits()
+                finally:
+                    _release_blas_control()
+                    _BLAS_LIMIT = None
 
 
-#: The thread that sets and restores the BLAS limit (per process: made again after a fork).
-_BLAS_OWNER: dict = {"pid": None, "thread": None, "queue": None}
-
-
-def _on_blas_owner(call, release: bool = False):
-    """``call()`` run on the package's own long-lived "dpfc-blas-limit" thread.
+def _release_blas_control() -> None:
+    """Clear threadpoolctl's "controlling thread" of OpenBLAS.
 
     threadpoolctl >= 3.8 lets only one thread change a pthreads OpenBLAS's process-wide
-    count, the controlling thread: the first to set one, until a ``with threadpool_limits``
-    block of its own ends; calls from other threads do nothing, silently. The limit of the
-    leaves is therefore set by this one thread, which holds control while any block is
-    open: another thread's ``threadpool_limits`` cannot change the count under the leaves,
-    and the restore works whichever thread leaves last. With ``release`` (the last block
-    out) control is cleared after the call, so that other code may set limits again.
-    (Set and restored from the calling threads, a reduction on a second Python thread ran
-    its leaves on every BLAS thread, other bits; a restore from another thread was
-    ignored, leaving BLAS on one thread; and the first thread in kept control after its
-    block, able to change the count under the others'.) Older threadpoolctl versions have
-    no controlling thread: the set and restore work from any thread, and so do other
-    threads' changes.
-    """
-    import os
-    import queue
-
+    count: the first to set one, until a ``with threadpool_limits`` block of its own ends;
+    calls from other threads do nothing, silently. So the first block in clears it and
+    takes control with the limit, holding it until the last block is out (other threads'
+    ``threadpool_limits`` cannot change the count under the leaves meanwhile, unless the
+    first thread, out of its own block, sets a limit itself, or ends), and the last block
+    out, whichever thread it runs on, clears it again to restore the count and leaves no
+    thread in control. The limit is set from the first thread in, not from a thread of
+    its own: with an OpenMP-built OpenBLAS the count is per thread (threadpoolctl calls
+    ``omp_set_num_threads``), and the calling thread is the one computing leaves. (Without this, a reduction on a second Python thread
+    computed its leaves on every BLAS thread, other bits, and a restore from the last
+    thread out was ignored, leaving BLAS on one thread.) Older threadpoolctl: nothing to
+    clear."""
     import threadpoolctl
 
-    owner = _BLAS_OWNER
-    if owner["pid"] != os.getpid() or not owner["thread"].is_alive():
-        jobs: queue.SimpleQueue = queue.SimpleQueue()
-        thread = threading.Thread(
-            target=_blas_owner_loop, args=(jobs,), name="dpfc-blas-limit", daemon=True
-        )
-        thread.start()
-        owner.update(pid=os.getpid(), thread=thread, queue=jobs)
-    clear = getattr(
-        getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None
-    )
-
-    def job():
-        if clear is not None:
-            clear(force=True)  # whoever held it: the owner takes control with this call
-        try:
-            return call()
-        finally:
-            if release and clear is not None:
-                clear(force=True)
-
-    reply: queue.SimpleQueue = queue.SimpleQueue()
-    owner["queue"].put((job, reply))
-    ok, value = reply.get()
-    if not ok:
-        raise value
-    return value
-
-
-def _blas_owner_loop(jobs) -> None:
-    while True:
-        job, reply = jobs.get()
-        try:
-            reply.put((True, job()))
-        except BaseException as exc:  # handed to the caller
-            reply.put((False, exc))
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 def leaf_partial(
