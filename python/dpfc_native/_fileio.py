@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import secrets
@@ -17,30 +18,34 @@ def atomic_write(path, binary: bool = False):
     previous file as it was, never a truncated one, and no temporary file. A symlink is
     written through (its target replaced, beside it), an existing file keeps its
     permissions, and missing folders are made. An existing target that is not a regular
-    file (a FIFO), or a path under ``/dev/`` or ``/proc/`` (``/dev/stdout``, even when it is
-    redirected to a file), is written in place.
+    file (a FIFO, a device) is written in place, and ``/dev/stdout``, ``/dev/stderr``,
+    ``/dev/fd/N`` and ``/proc/self/fd/N`` through the process's own descriptor (also when
+    it is redirected to a file).
 
     Yields the open file (text in UTF-8, or ``binary``). Write through the file object:
     ``ndarray.tofile`` (which ``np.save`` uses on real files) does not report a short
     write."""
     path = os.fspath(path)
-    try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:  # not there yet (or a dangling link): a new regular file
-        special = False
-    # /dev/stdout redirected to a file, /dev/fd/N, /proc/self/fd/N: a stream the process
-    # holds open, not a file to replace (renaming over it would detach the stream).
-    special = special or os.path.abspath(path).startswith(("/dev/", "/proc/"))
-    if special:  # a FIFO, /dev/stdout, a device: written in place, not replaced
-        fd = _inherited_fd(path)
-        if fd is not None:
-            # Through the descriptor itself: a new open of /dev/stdout would truncate the
-            # file stdout is redirected to, and write at its own offset.
-            for stream in (sys.stdout, sys.stderr):
+    fd = _inherited_fd(path)
+    if fd is not None:
+        # /dev/stdout (even redirected to a file), /dev/fd/N: a stream the process holds
+        # open, written through the descriptor itself (renaming over its file would detach
+        # the stream; a fresh open would truncate it and write at its own offset). Binary
+        # output is written in one piece at the end (zip writers seek back, which an
+        # O_APPEND descriptor ignores).
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
                 stream.flush()
-            with os.fdopen(fd, "wb" if binary else "w", closefd=False) as f:
+        if binary:
+            buf = io.BytesIO()
+            yield buf
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(buf.getbuffer())
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
                 yield f
-            return
+        return
+    if not is_regular_or_new(path):  # a FIFO, a device: written in place, not replaced
         with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
             yield f
         return
@@ -71,3 +76,15 @@ def _inherited_fd(path: str):
     if m is None:
         return None
     return {"stdout": 1, "stderr": 2}.get(m.group(1)) or int(m.group(2) or m.group(3))
+
+
+def is_regular_or_new(path) -> bool:
+    """Whether ``path`` is a regular file or does not exist yet (a file ``atomic_write``
+    replaces whole), not a FIFO, a device or a descriptor of this process."""
+    path = os.fspath(path)
+    if _inherited_fd(path) is not None:
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # not there yet (or a dangling link)
+        return True

@@ -174,9 +174,9 @@ def _output_path(path: Path, force: bool, suffix: str = ".npz", flag: str = "--o
         _fail(f"{flag} {text} is a directory")
     if os.path.exists(text) and not force:
         _fail(f"{flag} {text} exists; pass --force to overwrite it")
-    if (os.path.exists(text) and not os.path.isfile(text)) or os.path.abspath(text).startswith(
-        ("/dev/", "/proc/")
-    ):
+    from ._fileio import is_regular_or_new
+
+    if not is_regular_or_new(text):
         return text  # a FIFO, /dev/stdout: written in place (see _fileio.atomic_write)
     # Where the write happens: beside the file a symlink points to.
     _writable_folder(os.path.dirname(os.path.realpath(text)), f"{flag} {text}")

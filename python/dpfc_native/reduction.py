@@ -1234,10 +1234,10 @@ def _release_blas_control() -> None:
     out, whichever thread it runs on, clears it again to restore the count and leaves no
     thread in control. The limit is set from the first thread in, not from a thread of
     its own: with an OpenMP-built OpenBLAS the count is per thread (threadpoolctl calls
-    ``omp_set_num_threads``), and the calling thread is the one computing leaves. (Without this, a reduction on a second Python thread
-    computed its leaves on every BLAS thread, other bits, and a restore from the last
-    thread out was ignored, leaving BLAS on one thread.) Older threadpoolctl: nothing to
-    clear."""
+    ``omp_set_num_threads``), and the calling thread is the one computing leaves.
+    (Without the clearing, a reduction on a second Python thread computed its leaves on
+    every BLAS thread, other bits, and a restore from the last thread out was ignored,
+    leaving BLAS on one thread.) Older threadpoolctl: nothing to clear."""
     import threadpoolctl
 
     controller = getattr(threadpoolctl, "OpenBLASController", None)
