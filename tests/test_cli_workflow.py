@@ -508,3 +508,38 @@ def test_atomic_write_takes_long_names_and_special_files(tmp_path):
     text = log.read_text()
     assert text.startswith("previous log\n") and '"num_classes": 3' in text
     assert "rows written to /dev/stdout" in text
+
+
+def test_atomic_write_dev_shm_files_and_own_descriptors(tmp_path, monkeypatch):
+    """A regular file under /dev/shm is replaced whole like any other (a '/dev/' prefix
+    rule wrote it in place: a failure left half a file); a descriptor of this process is
+    written through, even with sys.stdout gone, and binary output in one piece (a zip
+    written through an O_APPEND descriptor was corrupt: its writer seeks back)."""
+    import os
+    import shutil
+
+    from dpfc_native._fileio import atomic_write
+
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        root = f"/dev/shm/dpfc-test-{os.getpid()}"
+        target = f"{root}/new/x.json"
+        try:
+            with atomic_write(target) as f:  # its folders are made
+                f.write("good")
+            with pytest.raises(RuntimeError), atomic_write(target) as f:
+                f.write("half")
+                raise RuntimeError("interrupted")
+            with open(target) as f:
+                assert f.read() == "good"
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    target = tmp_path / "out.npz"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        monkeypatch.setattr(sys, "stdout", None)
+        with atomic_write(f"/dev/fd/{fd}", binary=True) as f:
+            np.savez(f, a=np.arange(5))
+        monkeypatch.undo()
+    finally:
+        os.close(fd)
+    np.testing.assert_array_equal(np.load(target)["a"], np.arange(5))
