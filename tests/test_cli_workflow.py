@@ -543,3 +543,41 @@ def test_atomic_write_dev_shm_files_and_own_descriptors(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     np.testing.assert_array_equal(np.load(target)["a"], np.arange(5))
+
+
+def test_atomic_write_recognises_stdout_by_any_path(tmp_path):
+    """Another spelling of /dev/stdout (a symlink to it, /proc/<pid>/fd/1, /dev/./stdout)
+    with stdout redirected to a file was renamed over (the log and all later output lost);
+    a block that raises writes nothing to the descriptor."""
+    import os
+
+    link = tmp_path / "to_stdout"
+    os.symlink("/dev/stdout", link)
+    script = (
+        "import sys, os\n"
+        "from dpfc_native._fileio import atomic_write\n"
+        "print('before', flush=True)\n"
+        "path = sys.argv[1].replace('PID', str(os.getpid()))\n"
+        "with atomic_write(path) as f:\n"
+        "    f.write('PAYLOAD\\n')\n"
+        "try:\n"
+        "    with atomic_write(path) as f:\n"
+        "        f.write('HALF')\n"
+        "        raise RuntimeError\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "print('after', flush=True)\n"
+    )
+    for path in (str(link), "/proc/PID/fd/1", "/dev/./stdout", "/proc/thread-self/fd/1"):
+        log = tmp_path / "log.txt"
+        log.write_text("previous\n")
+        with open(log, "a") as out:
+            res = subprocess.run(
+                [sys.executable, "-c", script, path],
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        assert res.returncode == 0, res.stderr
+        assert log.read_text() == "previous\nbefore\nPAYLOAD\nafter\n", (path, log.read_text())

@@ -30,20 +30,17 @@ def atomic_write(path, binary: bool = False):
     if fd is not None:
         # /dev/stdout (even redirected to a file), /dev/fd/N: a stream the process holds
         # open, written through the descriptor itself (renaming over its file would detach
-        # the stream; a fresh open would truncate it and write at its own offset). Binary
-        # output is written in one piece at the end (zip writers seek back, which an
-        # O_APPEND descriptor ignores).
-        for stream in (sys.stdout, sys.stderr):
+        # the stream; a fresh open would truncate it and write at its own offset). The
+        # output is written in one piece at the end: nothing if the block raises, and a
+        # zip (whose writer seeks back, which an O_APPEND descriptor ignores) whole.
+        buf = io.BytesIO() if binary else io.StringIO()
+        yield buf  # nothing is written if the block raises
+        data = buf.getvalue()
+        for stream in (sys.stdout, sys.stderr):  # what was printed before comes first
             with contextlib.suppress(AttributeError, ValueError, OSError):
                 stream.flush()
-        if binary:
-            buf = io.BytesIO()
-            yield buf
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(buf.getbuffer())
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
-                yield f
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data if binary else data.encode("utf-8"))
         return
     if not is_regular_or_new(path):  # a FIFO, a device: written in place, not replaced
         with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
@@ -70,12 +67,24 @@ def atomic_write(path, binary: bool = False):
 
 
 def _inherited_fd(path: str):
-    """The descriptor ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` or ``/proc/self/fd/N``
-    names, or None."""
-    m = re.fullmatch(r"/dev/(stdout|stderr)|/dev/fd/(\d+)|/proc/self/fd/(\d+)", path)
-    if m is None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/stderr``,
+    ``/dev/fd/N``, ``/proc/self/fd/N``, ``/proc/<this pid>/fd/N``,
+    ``/proc/thread-self/fd/N``), or that it is the same file as (stdout or stderr, reached
+    through a symlink or another spelling), or None."""
+    norm = os.path.normpath(os.path.abspath(path))
+    own = rf"/proc/(?:self|thread-self|{os.getpid()})/fd/(\d+)"
+    m = re.fullmatch(rf"/dev/(stdout|stderr)|/dev/fd/(\d+)|{own}", norm)
+    if m is not None:
+        return {"stdout": 1, "stderr": 2}.get(m.group(1)) or int(m.group(2) or m.group(3))
+    try:
+        st = os.stat(path)
+    except OSError:
         return None
-    return {"stdout": 1, "stderr": 2}.get(m.group(1)) or int(m.group(2) or m.group(3))
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(fd)):
+                return fd
+    return None
 
 
 def is_regular_or_new(path) -> bool:
