@@ -170,3 +170,17 @@ def test_predict_on_a_corrupt_safetensors_file_is_one_line(tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output
         assert "Traceback" not in res.output and "corrupted .safetensors" in res.output
+
+
+def test_extraction_and_multi_gpu_workers_name_their_extra(monkeypatch):
+    from dpfc_native import extract
+
+    _blocked(monkeypatch, "onnxruntime")
+    with pytest.raises(ModuleNotFoundError, match=r"ONNX models .*dpfc-native\[extract\]"):
+        extract._OnnxModel("model.onnx", "cpu", None, 1)
+    _blocked(monkeypatch, "timm")
+    with pytest.raises(ImportError, match=r"dpfc-native\[timm\].*or export the model to ONNX"):
+        extract._TimmModel("resnet18", "w.safetensors", "cpu")
+    _blocked(monkeypatch, "dask_cuda")
+    with pytest.raises(ModuleNotFoundError, match=r"dpfc-native\[multigpu\]"):
+        distributed.local_cuda_cluster()

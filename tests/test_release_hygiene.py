@@ -474,7 +474,7 @@ def test_gradient_methods_read_float64_rows_on_the_gpu():
 
 @pytest.mark.gpu
 def test_gpu_float32_gradient_sum_within_declared_sensitivity():
-    if not models._cuda_usable():
+    if models._cuda_missing():
         pytest.skip("no CUDA device (or no CuPy)")
     import cupy as cp
 

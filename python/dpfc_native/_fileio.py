@@ -42,7 +42,7 @@ def atomic_write(path, binary: bool = False):
         with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data if binary else data.encode("utf-8"))
         return
-    if not is_regular_or_new(path):  # a FIFO, a device: written in place, not replaced
+    if not _regular_or_missing(path):  # a FIFO, a device: written in place, not replaced
         with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
             yield f
         return
@@ -91,8 +91,10 @@ def is_regular_or_new(path) -> bool:
     """Whether ``path`` is a regular file or does not exist yet (a file ``atomic_write``
     replaces whole), not a FIFO, a device or a descriptor of this process."""
     path = os.fspath(path)
-    if _inherited_fd(path) is not None:
-        return False
+    return _inherited_fd(path) is None and _regular_or_missing(path)
+
+
+def _regular_or_missing(path: str) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:  # not there yet (or a dangling link)

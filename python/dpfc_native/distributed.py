@@ -461,11 +461,6 @@ def local_cuda_cluster(**kwargs):
     ImportError
         Without dask-cuda (``pip install "dpfc-native[multigpu]"``).
     """
-    try:
-        from dask_cuda import LocalCUDACluster
-    except ImportError as e:
-        raise ImportError(
-            'multi-GPU workers need dask-cuda: pip install "dpfc-native[multigpu]"'
-        ) from e
+    LocalCUDACluster = require("dask_cuda", "multi-GPU workers", "multigpu").LocalCUDACluster
     kwargs.setdefault("threads_per_worker", 1)
     return LocalCUDACluster(**kwargs)

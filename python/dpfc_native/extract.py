@@ -61,6 +61,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ._optional import require
 from .data import _sibling_labels_path
 
 __all__ = [
@@ -501,12 +502,7 @@ class _OnnxModel:
     backend = "onnx"
 
     def __init__(self, path: str, device: str, output_name: Optional[str], threads: int):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ImportError(
-                'ONNX models need onnxruntime: pip install "dpfc-native[extract]"'
-            ) from exc
+        ort = require("onnxruntime", "ONNX models", "extract")
         available = ort.get_available_providers()
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -616,13 +612,10 @@ class _TimmModel:
 
     def __init__(self, name: str, weights: Optional[str], device: str):
         try:
-            import timm
-            import torch
+            timm = require("timm", "timm models", "timm")
+            torch = require("torch", "timm models", "timm")
         except ImportError as exc:
-            raise ImportError(
-                'timm models need torch and timm (pip install "dpfc-native[timm]"); '
-                "or export the model to ONNX"
-            ) from exc
+            raise type(exc)(f"{exc}; or export the model to ONNX") from exc
         if not os.path.isfile(weights):
             raise ExtractError(f"weights file not found: {weights}")
         try:

@@ -200,10 +200,6 @@ def _cuda_missing() -> list:
     return missing
 
 
-def _cuda_usable() -> bool:
-    return not _cuda_missing()
-
-
 def resolve_device(device: str = "auto", *arrays) -> str:
     """``"cpu"`` or ``"cuda"`` for a ``device`` argument.
 

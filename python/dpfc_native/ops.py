@@ -37,6 +37,7 @@ import numpy as np
 
 from . import _core, _cpu_linalg, _cpu_stats
 from . import _validation as _v
+from ._optional import install_hint
 
 __all__ = [
     "clip_rows",
@@ -93,7 +94,7 @@ def _cupy():
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise RuntimeError(
-            "a GPU array was given but CuPy is not installed: pip install 'dpfc-native[cuda]'"
+            f"a GPU array was given but CuPy is not installed: {install_hint('cuda')}"
         ) from exc
     if not _core.cuda_compiled:
         raise RuntimeError(
