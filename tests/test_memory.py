@@ -17,6 +17,8 @@ import warnings
 
 import numpy as np
 import pytest
+from _reference import reference_clip64
+from scipy.special import log_expit, log_softmax, softmax
 
 from dpfc_native import PrivacyWarning, _cpu_stats, _fitstats, _validation, models
 from dpfc_native.models import (
@@ -135,12 +137,35 @@ def test_predict_with_many_classes_holds_no_scores(memmaps, small_blocks):
     np.testing.assert_array_equal(est.predict(x[:500]), np.argmax(decisions, axis=1))
 
 
-def test_decision_function_memory_is_its_output(memmaps, small_blocks):
+@pytest.mark.parametrize("name", ["ls", "fc", "sgd"])
+@pytest.mark.parametrize("method", ["decision_function", "predict_proba", "predict_log_proba"])
+def test_scores_and_probabilities_memory_is_their_output(name, method, memmaps, small_blocks):
+    # The (n, K) output and a block: the scores, the log-weights and softmax's work
+    # arrays are never (n, K) each (they were: four to five outputs' worth).
+    warnings.simplefilter("ignore", PrivacyWarning)
     x, y = memmaps[SIZES[1]]
-    est = ESTIMATORS["ls"]().fit(x, y)
+    est = ESTIMATORS[name]().fit(x, y)
     n = x.shape[0]
-    peak = _peak(lambda: est.decision_function(x))
-    assert peak <= n * K * 8 + _bound(n)
+    out = {}
+    peak = _peak(lambda: out.setdefault("v", getattr(est, method)(x)))
+    slack = 8 * BLOCK * 8 + 16 * (K * D + D * D) * 8 + (1 << 18)  # _bound's, no labels
+    assert slack < n * K * 8  # no room for a second (n, K) array
+    assert peak <= n * K * 8 + slack, (peak, n * K * 8)
+    # The blocks are the rows of the whole computation, every one written.
+    assert est.center_ is None and est.normalize_  # the defaults: normalise, then clip
+    x64 = np.asarray(x, np.float64)
+    xc, _ = reference_clip64(x64 / np.linalg.norm(x64, axis=1, keepdims=True), est.clip_norm_)
+    s = xc @ est.coef_.T + est.intercept_
+    w = log_expit(s) if name != "ls" else s  # one-vs-all sigmoid; LS and SGD: softmax
+    if name == "sgd":
+        w = s if est.loss == "softmax" else log_expit(s)
+    ref = {
+        "decision_function": s,
+        "predict_proba": softmax(w, axis=1),
+        "predict_log_proba": log_softmax(w, axis=1),
+    }[method]
+    assert out["v"].shape == (n, K) and np.isfinite(out["v"]).all()
+    np.testing.assert_allclose(out["v"], ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.int8, np.uint16])

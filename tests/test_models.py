@@ -836,7 +836,7 @@ def test_refits_and_validation_splits_keep_their_contracts():
     sgd = DPSGDClassifier(
         float("inf"), classes=[0, 1], loss="sigmoid", bias=5.0, lr=1e6, steps=5
     ).fit(Xb, yb)
-    scores = sgd._released_scores(Xb)
+    scores = sgd._map_scores(Xb, models._to_numpy)
     assert (np.minimum(scores[:, 0], scores[:, 1]) > 745).any()  # the log-odds underflow
     df = sgd.decision_function(Xb)
     np.testing.assert_array_equal(sgd.predict(Xb), sgd.classes_[(df > 0).astype(int)])

@@ -1149,10 +1149,25 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         center = None if self.center_ is None else xp.asarray(self.center_)
         return xp, _preprocess(Xa, xp, self.clip_norm_, center, self.normalize_)
 
-    def _released_scores(self, X):
-        """(n, K) float64 scores ``x' W^T + b`` as NumPy, after scikit-learn's checks."""
-        xp, Xc = self._released_rows(X)
-        return _to_numpy(_scores(xp, Xc, xp.asarray(self.coef_), xp.asarray(self.intercept_)))
+    def _map_scores(self, X, fn):
+        """``fn`` of the scores ``x' W^T + b`` a row block at a time, as one NumPy array.
+
+        ``fn`` maps a block's (rows, K) float64 scores (on X's device) to a NumPy array
+        with one entry (or row) per example; the (n, K) scores are never held whole, so
+        the memory beyond X is the output and a block.
+        """
+        xp, Xc = self._released_rows(X)  # first: NotFittedError before coef_ is read
+        W, b = xp.asarray(self.coef_), xp.asarray(self.intercept_)
+        n, d = Xc.shape
+        out = None
+        for sl in _row_slices(n, max(d, W.shape[0]), xp):
+            blk = fn(_scores(xp, Xc[sl], W, b))
+            if out is None:
+                out = np.empty((n,) + blk.shape[1:], dtype=blk.dtype)
+            out[sl] = blk
+        if out is None:  # no rows: fn of empty scores gives the output's shape and dtype
+            out = fn(xp.empty((0, W.shape[0]), dtype=xp.float64))
+        return out
 
     def _class_log_weights(self, scores):
         """Per-class log-weights whose softmax is ``predict_proba`` (see there)."""
@@ -1166,8 +1181,11 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         one score per example (n,), positive for ``classes_[1]``, the log-odds
         ``log(p_1 / p_0)`` of :meth:`predict_proba` (``s_1 - s_0`` for softmax scores).
         """
-        scores = self._released_scores(X)
-        if scores.shape[1] == 2:
+
+        def scores_or_log_odds(scores):
+            scores = _to_numpy(scores)
+            if scores.shape[1] != 2:
+                return scores
             w = self._class_log_weights(scores)
             df = w[:, 1] - w[:, 0]
             # Where the log-odds underflow to 0 (both sigmoid scores beyond ~745) keep
@@ -1176,7 +1194,8 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
             if tied.any():
                 df[tied] = np.copysign(5e-324, scores[tied, 1] - scores[tied, 0])
             return df
-        return scores
+
+        return self._map_scores(X, scores_or_log_odds)
 
     def predict_proba(self, X):
         """Class probabilities (n, K), columns in the order of ``classes_``, as NumPy.
@@ -1193,23 +1212,19 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         """
         from scipy.special import softmax
 
-        return softmax(self._class_log_weights(self._released_scores(X)), axis=1)
+        return self._map_scores(X, lambda s: softmax(self._class_log_weights(_to_numpy(s)), axis=1))
 
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba` (n, K), computed without underflow."""
         from scipy.special import log_softmax
 
-        return log_softmax(self._class_log_weights(self._released_scores(X)), axis=1)
+        return self._map_scores(
+            X, lambda s: log_softmax(self._class_log_weights(_to_numpy(s)), axis=1)
+        )
 
     def predict(self, X):
         """Predicted labels (from ``classes_``), as NumPy."""
-        xp, Xc = self._released_rows(X)  # first: NotFittedError before classes_ is read
-        # The argmax of the scores a row block at a time: never (n, K) scores.
-        W, b = xp.asarray(self.coef_), xp.asarray(self.intercept_)
-        n, d = Xc.shape
-        best = np.empty(n, dtype=np.int64)
-        for sl in _row_slices(n, max(d, W.shape[0]), xp):
-            best[sl] = _to_numpy(xp.argmax(_scores(xp, Xc[sl], W, b), axis=1))
+        best = self._map_scores(X, lambda s: _to_numpy(s.argmax(axis=1)).astype(np.int64))
         return self.classes_[best]
 
     def score(self, X, y, sample_weight=None) -> float:
