@@ -211,6 +211,32 @@ def test_object_labels_of_numpy_scalars_round_trip(tmp_path, labels):
     assert a.tolist() == b.tolist()
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array(["cat", "dog", "eel"], dtype=object),
+        np.array([3, 5, 11], dtype=object),
+        np.array([0.5, 1.5, 2.5], dtype=object),
+        np.array([False, True], dtype=object),
+    ],
+    ids=["str", "int", "float", "bool"],
+)
+def test_cli_predictions_of_object_labels_load_without_pickle(tmp_path, labels):
+    """``dpfc predict -o`` of a model whose labels are an object array wrote a pickled
+    .npy (np.load refused it by default); it writes the labels' plain dtype."""
+    x, y = _data(12)
+    y = y % len(labels)
+    est = DPLeastSquaresClassifier(epsilon=2.0, classes=labels).fit(x, labels[y])
+    model = est.save(tmp_path / "m.npz")
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "p.npy"
+    res = runner.invoke(app, ["predict", model, str(tmp_path / "x.npy"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    got = np.load(out, allow_pickle=False)
+    assert got.dtype != object and got.tolist() == est.predict(x).tolist()
+    assert [type(v) for v in got.tolist()] == [type(v) for v in est.predict(x).tolist()]
+
+
 def test_object_bool_labels_round_trip(tmp_path):
     labels = np.array([False, True], dtype=object)
     x, y = _data(11)

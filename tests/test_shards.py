@@ -405,3 +405,84 @@ def test_fortran_ordered_npz_member_reads_back(tmp_path):
     sf = open_sharded(str(tmp_path / "f.npz"))
     np.testing.assert_array_equal(sf.read(0, 3, 17)[0], x[3:17])
     np.testing.assert_array_equal(sf.take(0, np.array([0, 5, 24]))[0], x[[0, 5, 24]])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "zarr", "parquet-list", "npy-float16"])
+def test_cli_predict_streams_over_shards(fmt, tmp_path, monkeypatch):
+    """``dpfc predict MODEL SHARDS``: a block of rows at a time (here 3 rows, so blocks
+    cross no shard and shards end mid-block), every prediction written to one .npy, the
+    accuracy against the shards' labels (indices into the model's classes)."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from dpfc_native import PrivacyWarning, load_model, models
+    from dpfc_native.cli import app
+
+    rng = np.random.default_rng(FORMATS.index(fmt.replace("-float16", "")) + 500)
+    names = np.array(["ant", "bee", "cat", "dog"])
+    centers = rng.standard_normal((K, D)) * 3
+    y_train = rng.integers(0, K, 400)
+    x_train = centers[y_train] + rng.standard_normal((400, D))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        est = models.DPFCClassifier(epsilon=2.0, classes=names, steps=3, random_state=1)
+        est.fit(x_train, names[y_train])
+    model = tmp_path / "out" / "model.npz"
+    est.save(model)
+    dtype = np.float16 if fmt.endswith("float16") else np.float32
+    arrays = []
+    for m in ROWS:
+        y = rng.integers(0, K, m)
+        arrays.append(((centers[y] + rng.standard_normal((m, D))).astype(dtype), y))
+    paths = _write(fmt.replace("-float16", ""), tmp_path, arrays)
+    pattern = paths[0] if len(paths) == 1 else os.path.join(tmp_path, "part-*")
+    if fmt.startswith("npy"):
+        pattern = os.path.join(tmp_path, "*.npy")
+    monkeypatch.setattr(models, "_CHUNK_ELEMENTS", 3 * D)
+    runner = CliRunner()
+    out = tmp_path / "out" / "pred.npy"
+    fill = ["--missing-chunks", "fill"] if fmt == "zarr" else []  # all-0 label chunks
+    res = runner.invoke(app, ["predict", str(model), pattern, "-o", str(out), *fill])
+    assert res.exit_code == 0, res.output
+    x_all = np.concatenate([x for x, _ in arrays]).astype(np.float64)
+    y_all = np.concatenate([y for _, y in arrays])
+    expected = load_model(model).predict(x_all)  # float16 widens exactly
+    got = np.load(out, allow_pickle=False)
+    assert got.dtype == expected.dtype and got.shape == (sum(ROWS),)
+    np.testing.assert_array_equal(got, expected)
+    assert f"predicted {sum(ROWS)} rows of 3 shard(s)" in res.output
+    assert f"accuracy: {np.mean(expected == names[y_all]):.4f}" in res.output
+    assert np.mean(expected == names[y_all]) > 0.5  # the model learned; labels line up
+    # Without -o: the same accuracy, nothing written; an existing -o needs --force.
+    res = runner.invoke(app, ["predict", str(model), pattern, *fill])
+    assert res.exit_code == 0 and f"accuracy: {np.mean(expected == names[y_all]):.4f}" in (
+        res.output
+    )
+    res = runner.invoke(app, ["predict", str(model), pattern, "-o", str(out), *fill])
+    assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_cli_predict_on_shards_checks_width_and_labels(tmp_path):
+    from typer.testing import CliRunner
+
+    from dpfc_native import models
+    from dpfc_native.cli import app
+
+    rng = np.random.default_rng(77)
+    x = rng.standard_normal((60, D))
+    y = np.arange(60) % 3
+    est = models.DPLeastSquaresClassifier(float("inf"), classes=[0, 1, 2]).fit(x, y)
+    est.save(tmp_path / "m.npz")
+    runner = CliRunner()
+    for name, xs, ys, needle in (
+        ("w", x[:, :5], y, "has 5 features per row, the model expects 7"),
+        ("k", x, np.where(y == 2, 3, y), "label 3 >= num_classes=3"),
+    ):
+        np.save(tmp_path / f"{name}.features.npy", xs)
+        np.save(tmp_path / f"{name}.labels.npy", ys)
+        res = runner.invoke(
+            app, ["predict", str(tmp_path / "m.npz"), str(tmp_path / f"{name}.*.npy")]
+        )
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert res.output.count("\n") == 1 and "Traceback" not in res.output

@@ -251,6 +251,24 @@ def _load_labeled(path: Path, labels: Optional[Path], what: str, keys: tuple):
         _fail(f"cannot load {what} {path}: {_cli_message(_message(exc))}")
 
 
+def _missing_chunks_option():
+    return typer.Option(
+        "error",
+        "--missing-chunks",
+        help="zarr shards lacking chunk files: error | fill (read them as the fill "
+        "value, for stores written with write_empty_chunks=False, zarr 3's default).",
+    )
+
+
+def _is_shards(text: str) -> bool:
+    """Whether a features argument names shards: a glob, a zarr store, a parquet file."""
+    return (
+        any(c in text for c in "*?[")
+        or text.rstrip("/").endswith(".zarr")
+        or text.lower().endswith(".parquet")
+    )
+
+
 def _open_shards(pattern: str, num_classes: Optional[int], missing_chunks: str = "error"):
     """A ShardedFeatures for a glob, a directory of shards or one shard, or a one-line error."""
     from .shards import open_sharded
@@ -544,12 +562,7 @@ def train(
         "--workers",
         help="Start a local Dask cluster of N worker processes for the statistics.",
     ),
-    missing_chunks: str = typer.Option(
-        "error",
-        "--missing-chunks",
-        help="zarr shards lacking chunk files: error | fill (read them as the fill "
-        "value, for stores written with write_empty_chunks=False, zarr 3's default).",
-    ),
+    missing_chunks: str = _missing_chunks_option(),
 ):
     """Train one DP classifier on a features file (or shards); print accuracy, time and the
     ledger."""
@@ -574,13 +587,7 @@ def train(
     text = str(features)
     # Shards: a glob, a zarr directory, a parquet file (read only as a shard), or any path
     # with --scheduler / --workers (a directory is then read as all the shards in it).
-    sharded = (
-        any(c in text for c in "*?[")
-        or text.rstrip("/").endswith(".zarr")
-        or text.lower().endswith(".parquet")
-        or scheduler is not None
-        or workers is not None
-    )
+    sharded = _is_shards(text) or scheduler is not None or workers is not None
     if sharded:
         # Shards carry class indices: --classes names them, --num-classes counts them.
         x, y = _open_shards(text, num_classes, missing_chunks), None
@@ -769,12 +776,15 @@ def predict(
     model: Path = typer.Argument(..., help="A model written by dpfc train / model.save()."),
     features: Path = typer.Argument(
         ...,
-        help="Features to classify: .npz ('features', optional 'labels'), .npy or .safetensors.",
+        help="Features to classify: .npz ('features', optional 'labels'), .npy or "
+        ".safetensors; or shards (a glob, a directory, a .zarr store, a .parquet file; their "
+        "labels index the model's classes), read a block of rows at a time.",
     ),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the predicted labels here (.npy)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output."),
+    missing_chunks: str = _missing_chunks_option(),
 ):
     """Predict labels with a saved model (and print the accuracy when labels are given)."""
     from .model_io import load_model
@@ -784,6 +794,8 @@ def predict(
         est = load_model(model)
     except _USER_ERRORS as exc:
         _fail(f"cannot load model {model}: {_message(exc)}")
+    if _is_shards(os.fspath(features)) or os.path.isdir(features):
+        return _predict_shards(est, os.fspath(features), out, missing_chunks)
     try:
         X, y = _load_unlabelled(features)
     except _USER_ERRORS as exc:
@@ -811,17 +823,97 @@ def predict(
     if y is not None:
         typer.echo(f"accuracy: {float(np.mean(pred == y)):.4f}")
     if out is not None:
-        import io
+        _write_predictions(out, _label_dtype(pred, out), len(pred), [pred])
+        typer.echo(f"predictions saved to {out}")
 
-        from ._fileio import atomic_write
 
-        buf = io.BytesIO()  # np.save to a real file does not report a short write
-        np.save(buf, pred)
+def _npy_header(dtype: np.dtype, n: int) -> bytes:
+    """The .npy header of a 1-D array of ``n`` ``dtype`` items (what np.save writes)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
+    )
+    return buf.getvalue()
+
+
+def _label_dtype(classes: np.ndarray, out: str) -> np.dtype:
+    """The dtype predictions of ``classes`` are written in: an object array of labels of
+    one kind (a model can hold str, int, float or bool labels so) as its plain dtype,
+    since a .npy holds objects only as a pickle, which np.load refuses by default."""
+    if not classes.dtype.hasobject:
+        return classes.dtype
+    plain = np.array(classes.tolist()).dtype
+    if plain.hasobject:
+        _fail(f"cannot write {out}: the model's labels have no plain NumPy dtype")
+    return plain
+
+
+def _write_predictions(out: str, dtype: np.dtype, n: int, blocks) -> None:
+    """Write the labels of ``blocks`` (an iterable of 1-D arrays, ``n`` items in all) to
+    ``out`` as one .npy of ``dtype``, a block at a time, replacing ``out`` only once all
+    are written."""
+    from ._fileio import atomic_write
+
+    written = 0
+    try:
+        with atomic_write(out, binary=True) as f:
+            f.write(_npy_header(dtype, n))
+            for block in blocks:
+                # ndarray.tofile / np.save to a file do not report a short write.
+                f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+                written += len(block)
+            if written != n:  # pragma: no cover - the callers count the rows they give
+                raise RuntimeError(f"wrote {written} predictions for {n} rows")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc}")
+
+
+def _predict_shards(est, pattern: str, out: Optional[str], missing_chunks: str) -> None:
+    """``dpfc predict`` over shards: a block of rows at a time (memory bounded by the
+    block, whatever the number of rows), the accuracy against the shards' labels (class
+    indices into the model's classes), the labels streamed to ``out``."""
+    from . import models
+    from ._progress import progress
+
+    classes = np.asarray(est.classes_)
+    # Labels beyond the model's classes are refused when the shards are opened.
+    sf = _open_shards(pattern, len(classes), missing_chunks)
+    if sf.n_features != est.n_features_in_:
+        _fail(
+            f"{pattern} has {sf.n_features} features per row, the model expects "
+            f"{est.n_features_in_}"
+        )
+    step = max(1, models._CHUNK_ELEMENTS // max(1, sf.n_features))
+    correct = [0]
+
+    def blocks(bar):
+        for i, shard in enumerate(sf.shards):
+            for start in range(0, shard.rows, step):
+                x, y = sf.read(i, start, min(shard.rows, start + step))
+                if x.dtype not in (np.float32, np.float64):
+                    x = x.astype(np.float64)  # float16 / bfloat16 widen exactly
+                pred = est.predict(x)
+                correct[0] += int(np.count_nonzero(pred == classes[y]))
+                bar.advance(n=len(y))
+                yield pred
+
+    with progress(sf.n_rows, "predict") as bar:
         try:
-            with atomic_write(out, binary=True) as f:
-                f.write(buf.getbuffer())
-        except OSError as exc:
-            _fail(f"cannot write {out}: {exc}")
+            if out is None:
+                for _ in blocks(bar):
+                    pass
+            else:
+                _write_predictions(out, _label_dtype(classes, out), sf.n_rows, blocks(bar))
+        except _USER_ERRORS as exc:
+            _fail(f"cannot predict on {pattern}: {_message(exc)}")
+    typer.echo(
+        f"predicted {sf.n_rows} rows of {len(sf.shards)} shard(s) with {type(est).__name__} "
+        f"(epsilon = {est.privacy_.epsilon:.6g})"
+    )
+    typer.echo(f"accuracy: {correct[0] / max(1, sf.n_rows):.4f}")
+    if out is not None:
         typer.echo(f"predictions saved to {out}")
 
 
