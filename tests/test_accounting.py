@@ -908,3 +908,28 @@ def test_dpsgd_calibration_searches_down_to_the_floor():
     # Never below the floor, never over the target.
     z = acc.calibrate_dpsgd_noise_multiplier(1.0, 1e-5, 1e-9, 5)
     assert z >= 0.05 and acc.dpsgd_epsilon(z, 1e-9, 5, 1e-5) <= 1.0
+
+
+@pytest.mark.parametrize("mu", [1e-6, 1e-4, 1e-3, 0.03, 0.0999, 0.1, 0.5, 2.0, 20.0])
+def test_gdp_curve_is_never_understated_against_60_digit_arithmetic(mu):
+    """gdp_epsilon(mu, delta) certifies gdp_delta <= delta, but the double-precision curve
+    understated the true delta by up to 1.4e-7 (relative) at mu = 1e-6, where
+    eps + log Phi(b) - log Phi(a) cancels: the exact curve is now always at or below the
+    returned epsilon's delta, and within 1e-10 of it."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+
+    def true_delta(m, e):
+        m, e = mpmath.mpf(m), mpmath.mpf(e)
+        return mpmath.ncdf(-e / m + m / 2) - mpmath.exp(e) * mpmath.ncdf(-e / m - m / 2)
+
+    for delta in (1e-3, 1e-5, 1e-10, 1e-15, 1e-30):
+        eps = acc.gdp_epsilon(mu, delta)
+        if eps == 0.0:
+            continue
+        ratio = float(true_delta(mu, eps) / delta)
+        assert 1.0 - 1e-9 < ratio <= 1.0, (mu, delta, eps, ratio)
+        for e in (0.5 * eps, eps, 1.5 * eps):
+            got = acc.gdp_delta(mu, e)
+            exact = float(true_delta(mu, e))
+            assert exact <= got <= exact * (1.0 + 1e-10), (mu, e, got, exact)
