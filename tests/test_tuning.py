@@ -120,6 +120,45 @@ def test_budget_of_exactly_epsilon_admits_one_fit_at_epsilon(rng, cls):
             cls(epsilon=0.01, delta=1e-5, classes=range(K), budget=budget, **kw).fit(X, y)
 
 
+@pytest.mark.parametrize("over", [1e-9, 1e-12])
+def test_budget_refuses_a_fit_a_hair_above_it(rng, over):
+    """A fit at epsilon (1 + 1e-9) was admitted by a budget of epsilon (a relative slack
+    of 1e-9 in the check) and the budget then reported more spent than its total."""
+    X, y = _data(rng)
+    budget = PrivacyBudget(1.0, 1e-5)
+    with pytest.raises(PrivacyBudgetExceeded):
+        DPLeastSquaresClassifier(
+            epsilon=1.0 + over, delta=1e-5, classes=range(K), budget=budget
+        ).fit(X, y)
+    assert budget.epsilon_spent == 0.0 and not budget.fits
+    est = DPLeastSquaresClassifier(epsilon=1.0, delta=1e-5, classes=range(K), budget=budget)
+    est.fit(X, y)
+    assert budget.epsilon_spent <= 1.0 and est.privacy_.epsilon <= 1.0
+
+
+def test_budget_ledger_counts_the_samplers_tail_cut_of_every_fit(rng):
+    """The budget's ledger reported the idealised Gaussians' delta only: the fits' draws
+    add (1 + e^eps) pairs 2^-52 at the composed epsilon, with every fit's pairs."""
+    X, y = _data(rng)
+    budget = PrivacyBudget(3.0, 1e-5)
+    fits = [
+        DPLeastSquaresClassifier(epsilon=1.0, delta=1e-5, classes=range(K), budget=budget),
+        DPFCClassifier(epsilon=1.0, delta=1e-5, classes=range(K), steps=3, budget=budget),
+    ]
+    pairs = 0
+    for est in fits:
+        est.fit(X, y)
+        led = est.privacy_
+        p = led.sampler_delta / ((1.0 + math.exp(led.epsilon)) * 2.0**-52)
+        assert led.sampler_delta > 0 and abs(p - round(p)) < 1e-6 * p
+        pairs += round(p)
+    led = budget.ledger()
+    want = (1.0 + math.exp(led.epsilon)) * pairs * 2.0**-52
+    assert led.sampler_delta == pytest.approx(want, rel=1e-12)
+    assert led.sampler_delta > max(est.privacy_.sampler_delta for est in fits)
+    assert led.total_delta == led.delta + led.sampler_delta
+
+
 def test_budget_refuses_non_private_fit(rng):
     X, y = _data(rng)
     with pytest.raises(PrivacyBudgetExceeded, match="epsilon=inf"):
@@ -628,3 +667,72 @@ def test_verbose_fit_reports_without_tty(rng, capsys):
     err = capsys.readouterr().err
     assert "DP-FC: 0/3 (0%), started" in err
     assert "DP-FC: 3/3 (100%), done" in err
+
+
+def _in_forked_child(fn) -> int:
+    """Exit status of ``fn()`` run in a forked child (0 when it returns True)."""
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(30)
+            code = 0 if fn() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_budget_inherited_by_fork_refuses_to_spend(rng):
+    """A budget that reached a child by fork (multiprocessing's default on Linux, a
+    Process(target=est.fit)) was not detached: every child spent the whole total."""
+    X, y = _data(rng)
+    budget = PrivacyBudget(1.0, 1e-5)
+    est = DPLeastSquaresClassifier(epsilon=0.8, classes=range(K), budget=budget)
+
+    def child():
+        try:
+            est.fit(X, y)
+        except PrivacyBudgetExceeded as e:
+            return "inherited by fork" in str(e) and budget.epsilon_spent == 0.0
+        return False
+
+    assert _in_forked_child(child) == 0
+    assert budget.epsilon_spent == 0.0 and not budget.fits
+    est.fit(X, y)  # the parent still spends
+    assert 0 < budget.epsilon_spent <= 0.8
+
+
+def test_concurrent_fits_get_distinct_budget_labels(rng):
+    """The label's number was counted outside the budget's lock: two fits starting
+    together got the same number."""
+    import threading
+    import time
+
+    X, y = _data(rng)
+    budget = PrivacyBudget(8.0, 1e-5)
+    gate = threading.Barrier(6)
+    reserve = budget.reserve
+
+    def slow_reserve(*args, **kwargs):  # every fit has its label before any reserves
+        time.sleep(0.2)
+        return reserve(*args, **kwargs)
+
+    budget.reserve = slow_reserve
+
+    def fit():
+        est = DPLeastSquaresClassifier(epsilon=0.5, classes=range(K), budget=budget)
+        gate.wait(20)
+        est.fit(X, y)
+
+    threads = [threading.Thread(target=fit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    labels = [label for label, _ in budget.fits]
+    assert sorted(labels) == [f"DPLeastSquaresClassifier #{i}" for i in range(1, 7)], labels

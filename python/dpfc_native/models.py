@@ -1100,7 +1100,7 @@ class _DPClassifierBase(ClassifierMixin, BaseEstimator):
         self.privacy_ = _ledger(
             ctx.records, delta, common["epsilon"], params.get("accountant", "auto"), ctx.source
         )
-        tuning._end_fit(charge, self.privacy_)
+        tuning._end_fit(charge, self.privacy_, ctx.source.normal_pairs_drawn)
         self.noise_seeded_ = ctx.source.seeded
         self.noise_key_fingerprint_ = ctx.source.key_fingerprint
         self.repaired_ = ctx.repaired

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import secrets
 import threading
 import warnings
@@ -349,6 +350,7 @@ class _Charge:
     selections: list
     settled: bool = False
     budget: "PrivacyBudget | None" = None
+    normal_pairs: int = 0  # Gaussian pairs drawn (the sampler's tail cut; see ledger())
 
 
 class PrivacyBudget:
@@ -402,6 +404,8 @@ class PrivacyBudget:
     >>> budget.epsilon_spent  # doctest: +SKIP
     """
 
+    _mu_cap = None  # the GDP cap of the budget, computed once: see _total_and_excess
+
     def __init__(self, epsilon: float, delta: float, *, method: str = "auto"):
         self.epsilon = _check_epsilon(epsilon)
         if math.isinf(self.epsilon):
@@ -411,6 +415,7 @@ class PrivacyBudget:
         self._charges: list[_Charge] = []
         self._lock = threading.Lock()
         self._detached = False
+        self._pid = os.getpid()  # spends only here: see reserve()
 
     # -- sharing semantics ----------------------------------------------------------
     def __copy__(self):
@@ -438,17 +443,36 @@ class PrivacyBudget:
 
     # -- accounting -------------------------------------------------------------------
     def _total(self, charges) -> tuple[float, str]:
+        return self._total_and_excess(charges)[:2]
+
+    def _total_and_excess(self, charges) -> tuple[float, str, bool]:
+        """(epsilon at ``delta``, method, whether the charges exceed the budget).
+
+        Plain Gaussians compose to exact mu-GDP and are compared by mu against the mu
+        a fit at exactly the budget's epsilon reserves (:func:`_planned_events`): a
+        budget of epsilon admits that fit and refuses anything above it (the epsilon of
+        the planned mu itself rounds a hair above its target). Other compositions
+        compare their epsilon with the budget's, exactly.
+        """
         events = [e for c in charges for e in c.events]
         selections = [s for c in charges for s in c.selections]
         if not events and not selections:
-            return 0.0, "none"
+            return 0.0, "none", False
         acct = accounting.PrivacyAccountant(method=self.method)
         for e in events:
             acct.compose(e)
         if not selections:
             if acct.is_exact_gdp:  # plain Gaussians: exact whatever `method` says
-                return accounting.gdp_epsilon(acct.mu, self.delta), "gdp"
-            return acct.get_epsilon_and_method(self.delta)
+                if self._mu_cap is None:  # as composed from a fit's planned release
+                    cap = accounting.PrivacyAccountant()
+                    cap.compose(
+                        accounting.GaussianRelease(1.0 / _gdp_mu_upper(self.epsilon, self.delta))
+                    )
+                    self._mu_cap = cap.mu
+                eps = accounting.gdp_epsilon(acct.mu, self.delta)
+                return eps, "gdp", acct.mu > self._mu_cap
+            eps, method = acct.get_epsilon_and_method(self.delta)
+            return eps, method, eps > self.epsilon
         # Renyi DP composes by addition at every order; the plain and subsampled
         # Gaussian releases enter with their own RDP (exact for plain Gaussians).
 
@@ -457,7 +481,7 @@ class PrivacyBudget:
             return base + sum(s.rdp(lam) for s in selections)
 
         eps, _ = _min_over_orders(rdp_at, self.delta)
-        return eps, "rdp"
+        return eps, "rdp", eps > self.epsilon
 
     @property
     def epsilon_spent(self) -> float:
@@ -476,22 +500,24 @@ class PrivacyBudget:
     def reserve(self, events=(), selections=(), label: str = "") -> _Charge:
         """Check and record a charge atomically; raise :class:`PrivacyBudgetExceeded`
         (recording nothing) if the total would exceed ``epsilon``."""
-        if self._detached:
+        # Checked before the lock, which a fork may have copied held.
+        if self._detached or os.getpid() != self._pid:
+            how = "pickled" if self._detached else "inherited by fork"
             raise PrivacyBudgetExceeded(
-                "this PrivacyBudget is a copy that crossed a process boundary (pickled: "
-                "n_jobs > 1 with processes, or a loaded model); what it spends would not "
-                "be seen by the original, so it refuses every fit. Use n_jobs=1 (or the "
-                "threading backend) with a shared budget."
+                f"this PrivacyBudget is a copy that crossed a process boundary ({how}: "
+                "n_jobs > 1 with processes, multiprocessing, or a loaded model); what it "
+                "spends would not be seen by the original, so it refuses every fit. Use "
+                "n_jobs=1 (or the threading backend) with a shared budget."
             )
         charge = _Charge(label, list(events), list(selections), budget=self)
         with self._lock:
-            eps, _ = self._total(self._charges + [charge])
-            # The planned events sit a hair above their fit's target (by construction, at
-            # most ~1e-14 relative); the same relative slack as settle().
-            if eps > self.epsilon * (1.0 + 1e-9):
+            # Numbered here, under the lock: two fits starting together got one number.
+            charge.label = f"{label} #{len(self._charges) + 1}" if label else label
+            eps, _, exceeds = self._total_and_excess(self._charges + [charge])
+            if exceeds:
                 spent = self._total(self._charges)[0]
                 raise PrivacyBudgetExceeded(
-                    f"{label or 'this fit'} would take the privacy budget to epsilon = "
+                    f"{charge.label or 'this fit'} would take the privacy budget to epsilon = "
                     f"{eps:.4g} > {self.epsilon:g} (delta = {self.delta:g}; already spent "
                     f"{spent:.4g} in {len(self._charges)} fit(s)); refused before any noise "
                     "was drawn"
@@ -507,17 +533,21 @@ class PrivacyBudget:
             if charge in self._charges and not charge.settled:
                 self._charges.remove(charge)
 
-    def settle(self, charge: _Charge, ledger: accounting.PrivacyLedger) -> None:
-        """Replace a fit's reservation by the releases it made (its ledger).
+    def settle(
+        self, charge: _Charge, ledger: accounting.PrivacyLedger, normal_pairs: int = 0
+    ) -> None:
+        """Replace a fit's reservation by the releases it made (its ledger; and
+        ``normal_pairs``, the Gaussian pairs its noise source drew).
 
         The fit was calibrated to at most the reserved releases, so the total cannot
         grow; it is checked anyway (a fit that released more than it reserved raises).
         """
         with self._lock:
             charge.events = _events_of_ledger(ledger)
+            charge.normal_pairs = int(normal_pairs)
             charge.settled = True
-            eps, _ = self._total(self._charges)
-        if eps > self.epsilon * (1.0 + 1e-9):
+            eps, _, exceeds = self._total_and_excess(self._charges)
+        if exceeds:
             raise PrivacyBudgetExceeded(
                 f"{charge.label} released more than it reserved: the budget is now at "
                 f"epsilon = {eps:.6g} > {self.epsilon:g}"
@@ -525,7 +555,15 @@ class PrivacyBudget:
 
     def ledger(self) -> accounting.PrivacyLedger:
         """A :class:`~dpfc_native.accounting.PrivacyLedger` of every release charged so
-        far (selections appear as entries without a multiplier), total at ``delta``."""
+        far (selections appear as entries without a multiplier), total at ``delta``.
+
+        Its ``sampler_delta`` is the Gaussian sampler's tail-cut term of the composition:
+        every fit's draws together are within total variation ``pairs * 2^-52`` of the
+        ideal Gaussians, which adds ``(1 + e^epsilon) pairs 2^-52`` to delta at the
+        budget's total epsilon (:func:`~dpfc_native.accounting.sampler_tail_delta`; not
+        the sum of the fits' own terms, each at its own epsilon). The fits' draws are
+        counted when they settle; a :class:`PrivateSelector`'s are not (see there).
+        """
         entries = []
         for c in self._charges:
             for e in c.events:
@@ -580,9 +618,10 @@ class PrivacyBudget:
                 for e in c.events:
                     acct.compose(e)
             mu = acct.mu
-        return accounting.PrivacyLedger(
+        ledger = accounting.PrivacyLedger(
             tuple(entries), eps, self.delta, mu, f"budget of epsilon={self.epsilon:g}: {desc}"
         )
+        return accounting.with_sampler_tail(ledger, sum(c.normal_pairs for c in self._charges))
 
 
 def _selection_budget(own, template_budget):
@@ -611,14 +650,14 @@ def _begin_fit(est, epsilon: float, delta: float):
         raise PrivacyBudgetExceeded(
             "epsilon=inf (a non-private fit) cannot be paid from a privacy budget"
         )
-    label = f"{type(est).__name__} #{len(budget._charges) + 1}"
-    return budget.reserve(_planned_events(est, epsilon, delta), label=label)
+    return budget.reserve(_planned_events(est, epsilon, delta), label=type(est).__name__)
 
 
-def _end_fit(charge, ledger) -> None:
-    """Called by the estimators' fit with its ledger: settle the reservation."""
+def _end_fit(charge, ledger, normal_pairs: int = 0) -> None:
+    """Called by the estimators' fit with its ledger (and how many Gaussian pairs its
+    noise source drew): settle the reservation."""
     if charge is not None:
-        charge.budget.settle(charge, ledger)
+        charge.budget.settle(charge, ledger, normal_pairs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -686,7 +725,11 @@ class PrivateSelector:
 
     (the RDP conversion of Canonne, Kamath and Steinke 2020). ``mu`` is the largest
     value for which this is at most the requested ``epsilon``; ``privacy_`` records it,
-    with the order lambda that attains it.
+    with the order lambda that attains it. Its delta is that of the idealised Gaussian
+    mechanisms: unlike a fit's ledger it adds no term for the sampler's tail cut
+    (``privacy_.sampler_delta`` is 0), whose bound here would need the draws of every
+    candidate, run or not, times ``E[K]``; each candidate's term is of the order of a
+    fit's (``best_estimator_.fit_privacy_.sampler_delta``, about 1e-10).
 
     The guarantee covers the returned model and its noisy score only. ``K``, the other
     candidates and their scores (``diagnostics_``, the progress lines of ``verbose``)
