@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -133,6 +136,31 @@ def test_noise_source_hands_out_disjoint_blocks(monkeypatch):
     for (key, first, blocks), draw in zip(rec.calls, src.draws):
         assert key == src._key and first == draw.first_block and blocks == draw.blocks
     COUNTS["noise calls checked"] += 200
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("seed", [None, 5])
+def test_a_noise_source_inherited_by_fork_refuses_to_draw(seed):
+    """A forked child holds the same key and counter as its parent: its draws were the
+    parent's (and every sibling's) noise, block for block."""
+    src = mechanisms.NoiseSource(seed)
+    src.normal((3,), 1.0, name="before")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(30)
+            try:
+                src.normal((4,), 1.0, name="child")
+                code = 2
+            except RuntimeError as e:
+                code = 0 if "inherited by fork" in str(e) and len(src.draws) == 1 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    src.normal((4,), 1.0, name="parent")  # the creating process still draws
+    assert [d.name for d in src.draws] == ["before", "parent"]
 
 
 @pytest.mark.parametrize(

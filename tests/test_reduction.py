@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -988,7 +991,7 @@ def test_blas_limit_is_counted_across_threads(monkeypatch):
     assert log == ["set 1", "restore"]
 
 
-@pytest.mark.parametrize("env", ["abc", "0", "-2", "1.5"])
+@pytest.mark.parametrize("env", ["abc", "0", "-2", "1.5", "\u00b2"])
 def test_reduce_threads_environment_is_checked_by_name(monkeypatch, env):
     monkeypatch.setenv("DPFC_REDUCE_THREADS", env)
     x = np.random.default_rng(0).standard_normal((20, 3))
@@ -1151,3 +1154,128 @@ def test_leaf_results_do_not_depend_on_the_calling_thread():
     t.start()
     t.join(120)
     np.testing.assert_array_equal(out["g"], main)
+
+
+def test_no_leaf_runs_on_two_blas_threads_while_another_thread_sets_limits():
+    """Another Python thread using threadpool_limits while reductions run (as scikit-learn
+    does): the block cleared threadpoolctl's controlling thread and then set its limit,
+    and a thread that took control in between made the limit do nothing; whole
+    reductions then computed their leaves on two BLAS threads (about 1 in 6 here)."""
+    import threading
+
+    import threadpoolctl
+    from threadpoolctl import threadpool_limits
+
+    if not hasattr(getattr(threadpoolctl, "OpenBLASController", None), "_SHARED_STATE"):
+        pytest.skip("threadpoolctl without a controlling thread")
+    with threadpool_limits(limits=2, user_api="blas"):
+        if _blas_threads() != {2}:
+            pytest.skip("this BLAS cannot be set to two threads here")
+    seen = []
+
+    class Spy(R.Gram):
+        def leaf(self, x, y, w):
+            seen.append(frozenset(_blas_threads()))
+            return super().leaf(x, y, w)
+
+    rng = np.random.default_rng(31)
+    x, y = rng.standard_normal((8000, 8)), rng.integers(0, 3, 8000)
+    stop = threading.Event()
+
+    def other():
+        a = rng.standard_normal((200, 200))
+        while not stop.is_set():
+            with threadpool_limits(limits=2, user_api="blas"):
+                a @ a
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        for _ in range(20):
+            R.reduce(Spy(1.0), x, y, threads=2, leaf_rows=256)
+    finally:
+        stop.set()
+        t.join(20)
+    assert len(seen) == 20 * 32 and set(seen) == {frozenset({1})}, set(seen)
+    assert _blas_threads() == {2} or len(_blas_threads()) == 1  # restored
+
+
+def test_a_failing_range_stops_the_others_at_their_next_leaf():
+    """One leaf range raising (or Ctrl-C) waited for every other range to finish its
+    whole pass before the error surfaced; now they stop at their next leaf."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(32)
+    x, y = rng.standard_normal((64 * 40, 4)), rng.integers(0, 3, 64 * 40)
+    computed = []
+    lock = threading.Lock()
+    other_started = threading.Event()
+
+    class Failing(R.Gram):
+        def leaf(self, xl, yl, w):
+            with lock:
+                computed.append(threading.get_ident())
+            if float(xl[0, 0]) == float(x[0, 0]):  # the first leaf of the first range
+                other_started.wait(20)  # the other range is running (not just queued)
+                raise ValueError("leaf 0 is bad")
+            other_started.set()
+            time.sleep(0.02)
+            return super().leaf(xl, yl, w)
+
+    with pytest.raises(ValueError, match="leaf 0 is bad"):
+        R.reduce(Failing(1.0), x, y, threads=2, leaf_rows=64)
+    # Before: all 40 leaves were computed (20 after the failure in the other range).
+    assert len(computed) < 20, len(computed)
+    assert R._BLAS_USERS == 0 and not R._BLAS_LOCK.locked()
+    # The exception is the first range's, not the cancellation of the others.
+    assert R.reduce(R.Gram(1.0), x, y, threads=2, leaf_rows=64).shape == (4, 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_inside_blas_blocks_computes_and_restores_blas():
+    """A child forked while other threads were inside one_blas_thread (and one held its
+    lock) hung on that lock on its first fit, or stayed on one BLAS thread for good."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(33)
+    x, y = rng.standard_normal((300, 5)), rng.integers(0, 3, 300)
+    want = R.reduce(R.Gram(1.0), x, y, threads=1, leaf_rows=64)
+    before = _blas_threads()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_block():
+        with R.one_blas_thread():
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold_block)
+    t.start()
+    inside.wait(30)
+    holder = threading.Thread(target=lambda: (R._BLAS_LOCK.acquire(), release.wait(30)))
+    holder.start()
+    for _ in range(200):
+        if R._BLAS_LOCK.locked():
+            break
+        time.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, an exit code per outcome
+        code = 1
+        try:
+            signal.alarm(30)  # a hang ends as SIGALRM, not a stuck test run
+            got = R.reduce(R.Gram(1.0), x, y, threads=1, leaf_rows=64)
+            ok = np.array_equal(got, want) and R._BLAS_USERS == 0
+            code = 0 if ok and _blas_threads() == before else 3
+        finally:
+            os._exit(code)
+    release.set()
+    R._BLAS_LOCK.release()
+    holder.join(30)
+    t.join(30)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    with threadpool_limits(limits=None):
+        pass
+    assert R._BLAS_USERS == 0 and _blas_threads() == before

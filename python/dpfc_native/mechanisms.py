@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import secrets
 import threading
 from typing import Any
@@ -59,6 +60,7 @@ class NoiseSource:
         self._next_block = 0
         self.draws: list[Draw] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # draws only here: a forked copy would repeat them
 
     #: What :attr:`key_fingerprint` says for a seeded key instead of a hash.
     SEEDED_FINGERPRINT = "seeded"
@@ -95,6 +97,15 @@ class NoiseSource:
         fails afterwards leaves them unused, never reused)."""
         if blocks < 0:
             raise ValueError(f"a draw takes >= 0 blocks, got {blocks}")
+        if os.getpid() != self._pid:
+            # A child forked from the process that made this source holds the same key
+            # and counter: its draws would be the parent's (and every sibling's) noise.
+            # Checked before the lock, which the fork may have copied held.
+            raise RuntimeError(
+                "this NoiseSource was created in another process and inherited by fork: "
+                "its draws would repeat that process's noise (same key, same counter); "
+                "create a NoiseSource in this process"
+            )
         with self._lock:
             first = self._next_block
             ops._check_counter(first, blocks)

@@ -50,11 +50,20 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import secrets
 import threading
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+# Every BLAS the ops use is loaded with this module, before any limit (a library loaded
+# inside one would escape it), and no import runs inside one_blas_thread: an import
+# statement may take the module's import lock, and a child forked while another thread
+# held it hung there.
+import scipy.linalg.blas  # noqa: F401
+import scipy.special  # noqa: F401
+import threadpoolctl
 
 from . import _core, _cpu_stats, _validation, ops
 
@@ -1197,16 +1206,10 @@ def one_blas_thread():
     blocks are harmless.
     """
     global _BLAS_USERS, _BLAS_LIMIT
-    import scipy.linalg.blas  # noqa: F401 - loads SciPy's BLAS before the limit
-    import scipy.special  # noqa: F401
-    from threadpoolctl import threadpool_limits
-
-    from . import _cpu_stats  # noqa: F401
-
     with _BLAS_LOCK:
         if _BLAS_USERS == 0:
-            _release_blas_control()  # this thread takes it with the limit, and keeps it
-            _BLAS_LIMIT = threadpool_limits(1, user_api="blas")
+            _take_blas_control()  # this thread sets the limit, and keeps control
+            _BLAS_LIMIT = threadpoolctl.threadpool_limits(1, user_api="blas")
         _BLAS_USERS += 1
     try:
         yield
@@ -1214,7 +1217,7 @@ def one_blas_thread():
         with _BLAS_LOCK:
             _BLAS_USERS -= 1
             if _BLAS_USERS == 0:
-                _release_blas_control()  # the last one out may be another thread
+                _take_blas_control()  # the last one out may be another thread
                 try:
                     _BLAS_LIMIT.restore_original_limits()
                 finally:
@@ -1222,24 +1225,73 @@ def one_blas_thread():
                     _BLAS_LIMIT = None
 
 
+def _blas_shared_state():
+    """threadpoolctl's record of which thread controls OpenBLAS (``controlling_thread``
+    and the ``lock`` around it; threadpoolctl >= 3.8), or None."""
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    state = getattr(controller, "_SHARED_STATE", None)
+    if state is None or not hasattr(state, "lock") or not hasattr(state, "controlling_thread"):
+        return None
+    return state
+
+
+def _take_blas_control() -> None:
+    """Make this thread threadpoolctl's controlling thread of OpenBLAS, in one step under
+    its lock (clearing it first and letting the limit take it left a gap in which
+    another thread's ``threadpool_limits`` took control: the limit of one then did
+    nothing, and whole reductions ran their leaves on two BLAS threads). Without that
+    record (threadpoolctl < 3.8, or another layout): :func:`_release_blas_control`."""
+    state = _blas_shared_state()
+    if state is None:
+        _release_blas_control()
+        return
+    with state.lock:
+        state.controlling_thread = threading.current_thread()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: blocks that other threads held are
+    gone with them. Fresh lock and count (the lock may have been copied held: every
+    fit in the child then hung), and BLAS back to the count the blocks found."""
+    global _BLAS_LOCK, _BLAS_USERS, _BLAS_LIMIT
+    _BLAS_LOCK = threading.Lock()
+    limit, _BLAS_USERS, _BLAS_LIMIT = _BLAS_LIMIT, 0, None
+    if limit is None:
+        return
+    state = _blas_shared_state()
+    if state is not None:
+        # Held only by a thread that no longer exists here (or by this one, which is
+        # not inside it now): a fresh lock, and no controlling thread.
+        state.lock = threading.Lock()
+        state.controlling_thread = threading.current_thread()
+    try:
+        limit.restore_original_limits()
+    finally:
+        if state is not None:
+            state.controlling_thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _release_blas_control() -> None:
     """Clear threadpoolctl's "controlling thread" of OpenBLAS.
 
     threadpoolctl >= 3.8 lets only one thread change a pthreads OpenBLAS's process-wide
     count: the first to set one, until a ``with threadpool_limits`` block of its own ends;
-    calls from other threads do nothing, silently. So the first block in clears it and
-    takes control with the limit, holding it until the last block is out (other threads'
-    ``threadpool_limits`` cannot change the count under the leaves meanwhile, unless the
-    first thread, out of its own block, sets a limit itself, or ends), and the last block
-    out, whichever thread it runs on, clears it again to restore the count and leaves no
-    thread in control. The limit is set from the first thread in, not from a thread of
-    its own: with an OpenMP-built OpenBLAS the count is per thread (threadpoolctl calls
-    ``omp_set_num_threads``), and the calling thread is the one computing leaves.
+    calls from other threads do nothing, silently. So the first block in takes control
+    (:func:`_take_blas_control`) and sets the limit, holding control until the last block
+    is out (other threads' ``threadpool_limits`` cannot change the count under the leaves
+    meanwhile, unless the first thread, out of its own block, sets a limit itself, or
+    ends), and the last block out, whichever thread it runs on, takes control to restore
+    the count and then clears it here, leaving no thread in control. The limit is set
+    from the first thread in, not from a thread of its own: with an OpenMP-built
+    OpenBLAS the count is per thread (threadpoolctl calls ``omp_set_num_threads``), and
+    the calling thread is the one computing leaves.
     (Without the clearing, a reduction on a second Python thread computed its leaves on
     every BLAS thread, other bits, and a restore from the last thread out was ignored,
     leaving BLAS on one thread.) Older threadpoolctl: nothing to clear."""
-    import threadpoolctl
-
     controller = getattr(threadpoolctl, "OpenBLASController", None)
     clear = getattr(controller, "clear_controlling_thread", None)
     if clear is not None:
@@ -1296,11 +1348,13 @@ def range_partial(
     *,
     sampling: Optional[PoissonSampling] = None,
     weights=None,
+    cancel: Optional[threading.Event] = None,
 ) -> Partial:
     """The exact sum of the partials of leaves ``[first, stop)``.
 
     ``weights``: global (n, K) weights (sliced per leaf), or an object with
-    ``leaf_weights(leaf)``.
+    ``leaf_weights(leaf)``. ``cancel``: when set (checked before each leaf), stop and
+    raise :class:`ReductionCancelled`.
     """
     if not 0 <= first < stop <= layout.n_leaves:
         raise ValueError(f"leaf range [{first}, {stop}) outside [0, {layout.n_leaves})")
@@ -1313,9 +1367,16 @@ def range_partial(
     # symmetric outputs' upper triangles, which the grid does not read, unmirrored).
     with one_blas_thread(), _cpu_stats.leaf_outputs():
         for leaf in range(first, stop):
+            if cancel is not None and cancel.is_set():
+                raise ReductionCancelled(f"cancelled before leaf {leaf}")
             out, m = _leaf_values(stat, source, layout, leaf, sampling, weights)
             acc.add(out, m, leaf)
     return acc.partial()
+
+
+class ReductionCancelled(RuntimeError):
+    """A leaf range stopped early because another part of its reduction failed (or was
+    interrupted); never seen by callers of :func:`reduce`, which raise that error."""
 
 
 def _as_source(x, labels=None, num_classes=None, shard_rows=None):
@@ -1371,21 +1432,40 @@ def reduce(
             stat, source, layout, 0, layout.n_leaves, sampling=sampling, weights=weights
         )
     else:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
         cuts = np.linspace(0, layout.n_leaves, threads + 1).round().astype(int)
         ranges = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        cancel = threading.Event()
         # One limit held around the pool: the workers' own (nested) limits then restore
         # one thread, never the process's default, while another leaf is computing.
         with one_blas_thread(), ThreadPoolExecutor(threads) as pool:
-            parts = list(
-                pool.map(
-                    lambda r: range_partial(
-                        stat, source, layout, r[0], r[1], sampling=sampling, weights=weights
-                    ),
-                    ranges,
+            futures = [
+                pool.submit(
+                    range_partial,
+                    stat,
+                    source,
+                    layout,
+                    a,
+                    b,
+                    sampling=sampling,
+                    weights=weights,
+                    cancel=cancel,
                 )
-            )
+                for a, b in ranges
+            ]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: the other ranges stop at their next leaf
+                cancel.set()
+                raise
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                # The first error (in range order) is raised once the other ranges stop
+                # at their next leaf; they waited for the whole pass before.
+                cancel.set()
+                raise failed[0].exception()
+            parts = [f.result() for f in futures]
         total = parts[0]
         for part in parts[1:]:
             total = total.merge(part)
@@ -1395,12 +1475,11 @@ def reduce(
 
 def _local_threads(threads: Optional[int]) -> int:
     if threads is None:
-        import os
-
         env = os.environ.get("DPFC_REDUCE_THREADS", "").strip()
         if not env:
             return os.cpu_count() or 1
-        if not env.isdigit() or int(env) < 1:
+        # isascii: str.isdigit accepts '²', which int() refuses.
+        if not (env.isascii() and env.isdigit()) or int(env) < 1:
             raise ValueError(f"DPFC_REDUCE_THREADS must be an integer >= 1, got {env!r}")
         return int(env)
     return _validation.integer(threads, "threads", 1)
