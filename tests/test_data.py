@@ -556,3 +556,115 @@ def test_a_copied_memmap_is_not_described_as_a_memory_map(tmp_path):
     assert isinstance(
         data.load_features(tmp_path / "c.features.npy", mmap=True).features, np.memmap
     )
+
+
+def _npy_v2_header(shape, descr: str, header_length: int) -> bytes:
+    """A version-2 .npy header declaring ``header_length`` bytes of header (the dict,
+    then spaces, as NumPy pads it)."""
+    text = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode()
+    text += b" " * (header_length - len(text) - 1) + b"\n"
+    return b"\x93NUMPY\x02\x00" + header_length.to_bytes(4, "little") + text
+
+
+def _npz_with(tmp_path, name, members, method=None):
+    import zipfile
+
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", method or zipfile.ZIP_DEFLATED) as z:
+        for member, raw in members.items():
+            z.writestr(member, raw)
+    return path
+
+
+def _npy_bytes(a) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_a_header_length_bomb_is_refused_before_it_is_read(tmp_path):
+    """NumPy reads a header of the length it declares before checking that length: 8 MB
+    of header (spaces, deflated to a few KB) was read whole, from any member."""
+    import tracemalloc
+
+    rng = np.random.default_rng(40)
+    y = _npy_bytes(rng.integers(0, 3, 20))
+    bomb = _npy_v2_header((20, 4), "<f8", 8 << 20) + np.zeros(80).tobytes()
+    path = _npz_with(tmp_path, "bomb.npz", {"features.npy": bomb, "labels.npy": y})
+    assert path.stat().st_size < 64 << 10
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="header length 8388608 is beyond 10000"):
+            data.load_features(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # nothing near the declared 8 MB
+
+
+def test_zip_members_read_only_when_safe(tmp_path):
+    """bzip2/LZMA members (zipfile decompresses them without bound: 4 KB of a bzip2
+    member made a gigabyte), a member named twice (zipfile read the last, other tools
+    the first), an encrypted member (RuntimeError), a num_classes member declaring 2^45
+    entries (MemoryError): each one ValueError naming the file."""
+    import zipfile
+
+    rng = np.random.default_rng(41)
+    x, y = rng.standard_normal((30, 4)), rng.integers(0, 3, 30)
+    members = {"features.npy": _npy_bytes(x), "labels.npy": _npy_bytes(y)}
+    bz = _npz_with(tmp_path, "bz.npz", members, zipfile.ZIP_BZIP2)
+    with pytest.raises(ValueError, match="only stored or deflated members"):
+        data.load_features(bz)
+    twice = tmp_path / "twice.npz"
+    import warnings
+
+    with zipfile.ZipFile(twice, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name"
+        for member, raw in members.items():
+            z.writestr(member, raw)
+        z.writestr("features.npy", _npy_bytes(np.zeros((30, 4))))
+    with pytest.raises(ValueError, match="duplicated members"):
+        data.load_features(twice)
+    huge = _npy_v2_header((2**45,), "<i8", 128)
+    nc = _npz_with(tmp_path, "nc.npz", {**members, "num_classes.npy": huge})
+    with pytest.raises(ValueError, match="num_classes"):
+        data.load_features(nc)
+    assert data.load_features(_npz_with(tmp_path, "ok.npz", members)).n == 30
+
+
+def test_uint64_labels_beyond_int64_are_refused():
+    """They wrapped to negative int64 labels (other classes than stored)."""
+    y = np.array([5, 2**63 + 5, 1], dtype=np.uint64)
+    with pytest.raises(ValueError, match="beyond the int64 range"):
+        data.coerce_labels(y)
+    assert data.coerce_labels(np.array([5, 2**63 - 1], np.uint64)).tolist() == [5, 2**63 - 1]
+
+
+def test_cli_predict_on_broken_feature_archives_is_one_line(tmp_path):
+    """Not a zip, a truncated one, no 'features' member: a BadZipFile traceback, or a
+    KeyError message about 'features.npy' internals."""
+    from typer.testing import CliRunner
+
+    from dpfc_native.cli import app
+    from dpfc_native.models import DPLeastSquaresClassifier
+
+    rng = np.random.default_rng(42)
+    x, y = rng.standard_normal((60, 4)), np.arange(60) % 3
+    model = DPLeastSquaresClassifier(float("inf"), classes=[0, 1, 2]).fit(x, y)
+    model = model.save(tmp_path / "m.npz")
+    good = tmp_path / "good.npz"
+    np.savez(good, features=x, labels=y)
+    (tmp_path / "notzip.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:-300])
+    np.savez(tmp_path / "nofeat.npz", labels=y)
+    runner = CliRunner()
+    for name, needle in (
+        ("notzip.npz", "corrupted"),
+        ("cut.npz", "corrupted"),
+        ("nofeat.npz", "has no array 'features' (arrays present: ['labels'])"),
+    ):
+        res = runner.invoke(app, ["predict", str(model), str(tmp_path / name)])
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1

@@ -617,6 +617,7 @@ _TAMPERED = {
     "coef_nan": {"coef": np.full((3, 6), np.nan)},
     "intercept_inf": {"intercept": np.array([np.inf, 0.0, 0.0])},
     "classes_duplicate": {"classes": np.array([0, 0, 2])},
+    "classes_nan": {"classes": np.array([0.0, 1.0, np.nan])},  # NaN predicted as a label
     "center_wrong_length": {"center": np.ones(4)},
     "feature_names_wrong_length": {"feature_names": np.array(["a", "b"])},
     "abstract_estimator": {"estimator": np.array("_DPClassifierBase")},
@@ -668,6 +669,141 @@ def test_hostile_model_files_are_refused(tmp_path):
         good, tmp_path / "seeded.npz", params=np.array(json.dumps({**params, "random_state": 3}))
     )
     assert dpfc_native.load_model(seeded).random_state is None
+
+
+def _json_member(path, name):
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z[name]))
+
+
+@pytest.mark.parametrize("cls", [DPLeastSquaresClassifier, DPSGDClassifier])
+def test_tampered_ledgers_and_parameters_are_refused(tmp_path, cls):
+    """The ledger, params and fitted numbers loaded as written: a model could claim any
+    epsilon (0.001 for noise calibrated to 1, -5, NaN), delta 7, no releases; params fit
+    refuses, classes or a center other than the model's, n_features_in_ other than
+    coef's; duplicated JSON keys; deep nesting was a RecursionError."""
+    x, y = _data(6)
+    kw = {"sample_rate": 0.2, "steps": 4} if cls is DPSGDClassifier else {}
+    good = _fit(cls, x, y, **kw).save(tmp_path / "good.npz")
+    ledger, params = _json_member(good, "ledger"), _json_member(good, "params")
+    fitted = _json_member(good, "fitted")
+    assert dpfc_native.load_model(good).privacy_.epsilon == ledger["epsilon"]
+    release = ledger["releases"][0]
+    cases = {
+        "eps_lie": {**ledger, "epsilon": ledger["epsilon"] * 1e-3},
+        "eps_negative": {**ledger, "epsilon": -5},
+        "eps_text": {**ledger, "epsilon": "1"},
+        "delta_7": {**ledger, "delta": 7},
+        "no_releases": {**ledger, "releases": []},
+        "multiplier_zero": {**ledger, "releases": [{**release, "noise_multiplier": 0}]},
+        "multiplier_doubled": {
+            **ledger,
+            "releases": [{**release, "noise_multiplier": release["noise_multiplier"] * 2}],
+        },
+        "count_text": {**ledger, "releases": [{**release, "count": "3"}]},
+        "name_number": {**ledger, "releases": [{**release, "name": 5}]},
+        "adjacency": {**ledger, "adjacency": "replace one"},
+    }
+    if ledger["mu"] is not None:
+        cases["mu_lie"] = {**ledger, "mu": ledger["mu"] / 2}
+    members = {f"ledger_{k}": {"ledger": np.array(json.dumps(v))} for k, v in cases.items()}
+    for name, value in (
+        ("epsilon_text", {**params, "epsilon": "abc"}),
+        ("clip_list", {**params, "clip_norm": [1, 2]}),
+        ("classes_other", {**params, "classes": [7, 8, 9]}),
+        ("center_other", {**params, "center": [1.0] * x.shape[1]}),
+    ):
+        members[f"params_{name}"] = {"params": np.array(json.dumps(value))}
+    for name, value in (
+        ("n_features", {**fitted, "n_features_in_": 99}),
+        ("delta_text", {**fitted, "delta_": "x"}),
+        ("delta_other", {**fitted, "delta_": 0.5}),
+        ("iterations_float", {**fitted, "n_iter_": 1.5}),
+        ("seeded_text", {**fitted, "noise_seeded_": "no"}),
+    ):
+        members[f"fitted_{name}"] = {"fitted": np.array(json.dumps(value))}
+    text = json.dumps(params)
+    members["params_duplicate_key"] = {"params": np.array(text[:-1] + ', "epsilon": 9}')}
+    members["ledger_deep"] = {"ledger": np.array("[" * 100000 + "]" * 100000)}
+    for case, change in members.items():
+        bad = _tamper(good, tmp_path / f"{case}.npz", **change)
+        with pytest.raises(ValueError, match="cannot read model") as info:
+            dpfc_native.load_model(bad)
+        assert "\n" not in str(info.value), case
+    # The untouched members still load (the checks do not refuse the writer's own files).
+    loaded = dpfc_native.load_model(_tamper(good, tmp_path / "same.npz"))
+    assert loaded.privacy_.epsilon == ledger["epsilon"]
+
+
+def test_non_private_and_selected_models_still_load(tmp_path):
+    """Ledgers the checks must accept: epsilon = inf with no release, and a private
+    selection's (its epsilon above one run's, mu unset)."""
+    x, y = _data(7)
+    est = DPLeastSquaresClassifier(epsilon=math.inf, classes=[0, 1, 2]).fit(x, y)
+    assert math.isinf(dpfc_native.load_model(est.save(tmp_path / "inf.npz")).privacy_.epsilon)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        sel = dpfc_native.PrivateSelector(
+            DPLeastSquaresClassifier(classes=[0, 1, 2]),
+            {"reg": [1.0, 10.0]},
+            epsilon=2.0,
+            mean_repetitions=2,
+        ).fit(x, y)
+    path = sel.best_estimator_.save(tmp_path / "sel.npz")
+    assert dpfc_native.load_model(path).privacy_.epsilon == sel.privacy_.epsilon
+
+
+def test_hostile_model_archives_are_refused(tmp_path):
+    """Zip-level tampering: a member compressed (a 3.7 KB model declared gigabytes;
+    model files hold stored members only), bzip2 (decompressed without bound), an
+    encrypted flag (RuntimeError), a member named twice (the last one was used)."""
+    x, y = _data(8)
+    good = _fit(DPLeastSquaresClassifier, x, y).save(tmp_path / "good.npz")
+
+    def rewrite(name, edit):
+        out = tmp_path / name
+        with zipfile.ZipFile(good) as zin, zipfile.ZipFile(out, "w") as zout:
+            for info in zin.infolist():
+                edit(zout, info, zin.read(info))
+        return out
+
+    def compressed(method):
+        return lambda zout, info, raw: zout.writestr(info.filename, raw, compress_type=method)
+
+    def twice(zout, info, raw):
+        zout.writestr(info, raw)
+        if info.filename == "coef.npy":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zipfile's "Duplicate name"
+                zout.writestr(info, raw)
+
+    def encrypted(name):
+        # zipfile clears the flag when writing: set bit 0 of coef.npy's general-purpose
+        # flags in its local header (offset 6) and central directory entry (offset 8).
+        raw = bytearray(open(good, "rb").read())
+        for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            start = raw.find(sig)
+            while start >= 0:
+                name_at = start + (30 if at == 6 else 46)
+                if raw[name_at : name_at + 8] == b"coef.npy":
+                    raw[start + at] |= 0x1
+                start = raw.find(sig, start + 4)
+        out = tmp_path / name
+        out.write_bytes(bytes(raw))
+        return out
+
+    for name, edit, needle in (
+        ("deflated.npz", compressed(zipfile.ZIP_DEFLATED), "compressed"),
+        ("bzip2.npz", compressed(zipfile.ZIP_BZIP2), "compressed"),
+        ("twice.npz", twice, "duplicated members"),
+        ("encrypted.npz", None, "encrypted"),
+    ):
+        bad = encrypted(name) if edit is None else rewrite(name, edit)
+        with pytest.raises(ValueError, match=needle):
+            dpfc_native.load_model(bad)
+        res = runner.invoke(app, ["predict", str(bad), str(bad)])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_save_is_atomic_and_names_a_file(tmp_path):

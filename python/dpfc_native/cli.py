@@ -65,6 +65,7 @@ _USER_ERRORS = (
     OSError,
     ArithmeticError,
     MemoryError,
+    zipfile.BadZipFile,
 )
 
 # Set by the --debug option: _fail also prints the traceback of the exception handled.
@@ -793,7 +794,7 @@ def predict(
     try:
         est = load_model(model)
     except _USER_ERRORS as exc:
-        _fail(f"cannot load model {model}: {_message(exc)}")
+        _fail(_message(exc))  # "cannot read model PATH: why" or "model file not found"
     if _is_shards(os.fspath(features)) or os.path.isdir(features):
         return _predict_shards(est, os.fspath(features), out, missing_chunks)
     try:

@@ -29,6 +29,7 @@ like every module of the package it is imported with the compiled extension.
 from __future__ import annotations
 
 import dataclasses
+import lzma
 import math
 import os
 import zipfile
@@ -357,17 +358,50 @@ def _require_file(path: str, what: str) -> None:
 _DEFLATE_MAX_RATIO = 1100
 
 
+#: Longest .npy header read (NumPy's own default limit for np.load).
+_MAX_NPY_HEADER = 10000
+
+
 def _npy_header(fp, where: str):
-    """(shape, dtype, header bytes) of the .npy stream at ``fp``'s position."""
+    """(shape, dtype, header bytes) of the .npy stream at ``fp``'s position (a seekable
+    file or zip member)."""
     try:
         version = np.lib.format.read_magic(fp)
+        # NumPy reads a header of the length it declares before checking that length: a
+        # member declaring 4 GiB of header (zeros, compressed to a few KB) was read
+        # whole. The length is checked here first.
+        start = fp.tell()
+        field = fp.read(2 if version == (1, 0) else 4)
+        length = int.from_bytes(field, "little")
+        if len(field) < (2 if version == (1, 0) else 4) or length > _MAX_NPY_HEADER:
+            raise ValueError(
+                f"header length {length} is beyond {_MAX_NPY_HEADER} bytes (or cut short)"
+            )
+        fp.seek(start)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"cannot read {where} (truncated or corrupted .npy header?): {e}") from e
+    except (ValueError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise ValueError(
+            f"cannot read {where} (truncated or corrupted .npy header?): {_one_line(e)}"
+        ) from e
     return shape, dtype, fp.tell()
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (NumPy's header errors span several)."""
+    return " ".join(str(exc).split())
+
+
+def _zip_names(zf: zipfile.ZipFile, path: str) -> list:
+    """The member names of an archive, refusing duplicates: zipfile reads the last of two
+    members of one name, other tools the first, so two readers would see other data."""
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{path} has duplicated members {dup}: refused (ambiguous archive)")
+    return names
 
 
 def _check_npy_size(shape, dtype, data_bytes: int, where: str) -> None:
@@ -390,17 +424,40 @@ def _check_npy_file(path: str, key: str) -> None:
     _check_npy_size(shape, dtype, os.path.getsize(path) - header, f"'{key}' in {path}")
 
 
-def _check_npz_members(path: str, keys) -> None:
-    """Check each member's .npy header against the member's stored size before loading."""
-    with zipfile.ZipFile(path) as zf:
-        for key in keys:
-            info = zf.getinfo(key + ".npy")
-            with zf.open(info) as f:
-                shape, dtype, header = _npy_header(f, f"{path}['{key}']")
-            available = info.file_size - header
-            if info.compress_type != zipfile.ZIP_STORED:
-                available = min(available, _DEFLATE_MAX_RATIO * info.compress_size)
-            _check_npy_size(shape, dtype, available, f"{path}['{key}']")
+def _check_npz_members(path: str, keys, stored_only: bool = False) -> None:
+    """Check each member's .npy header against the member's stored size before loading
+    (and that no member name is duplicated; with ``stored_only``, that the members are
+    stored uncompressed, so that no declared size exceeds the file)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = _zip_names(zf, path)
+            for key in keys:
+                if key + ".npy" not in names:
+                    present = sorted(n[:-4] for n in names if n.endswith(".npy"))
+                    raise ValueError(f"{path} has no array '{key}' (arrays present: {present})")
+                info = zf.getinfo(key + ".npy")
+                if stored_only and info.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(
+                        f"{path}['{key}'] is compressed; this format stores its members "
+                        "uncompressed"
+                    )
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    # zipfile decompresses bzip2 and LZMA members a read at a time with no
+                    # bound on the output: 4 KB of a bzip2 member made a gigabyte.
+                    raise ValueError(
+                        f"{path}['{key}'] is compressed with method {info.compress_type}: "
+                        "only stored or deflated members (what np.savez and "
+                        "np.savez_compressed write) are read"
+                    )
+                with zf.open(info) as f:
+                    shape, dtype, header = _npy_header(f, f"{path}['{key}']")
+                available = info.file_size - header
+                if info.compress_type != zipfile.ZIP_STORED:
+                    available = min(available, _DEFLATE_MAX_RATIO * info.compress_size)
+                _check_npy_size(shape, dtype, available, f"{path}['{key}']")
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression.
+        raise ValueError(f"cannot read {path} (truncated or corrupted .npz?): {e}") from e
 
 
 def _load_npy(path: str, mmap: bool, key: str) -> np.ndarray:
@@ -442,10 +499,13 @@ def _load_npz(path: str, keys=("features", "labels")):
         KeyError,
         zipfile.BadZipFile,
         zlib.error,
+        lzma.LZMAError,
         NotImplementedError,
+        RuntimeError,  # an encrypted member
     ) as e:
         raise ValueError(
-            f"cannot read {path} (truncated or corrupted .npz file, or object arrays?): {e}"
+            f"cannot read {path} (truncated or corrupted .npz file, or object arrays?): "
+            f"{_one_line(e)}"
         ) from e
     return x, y
 
@@ -579,6 +639,9 @@ def _stored_num_classes(path: str) -> Optional[int]:
     with np.load(path, allow_pickle=False) as z:
         if "num_classes" not in z.files:
             return None
+        # Checked like the other members before it is read (a crafted header declared
+        # 2^45 entries: MemoryError; or gigabytes of zeros in a few KB).
+        _check_npz_members(path, ("num_classes",))
         k = z["num_classes"]
     if k.shape != () or k.dtype.kind not in "iu":
         raise ValueError(f"{path}['num_classes'] must be one integer, got {k!r}")
@@ -1256,6 +1319,9 @@ def coerce_labels(labels, name: str = "labels") -> np.ndarray:
     y = _validation.ndim(np.asarray(labels), name, 1, "(n,)")
     kind = y.dtype.kind
     if kind in "iub":
+        if kind == "u" and y.dtype.itemsize == 8 and y.size and int(y.max()) > 2**63 - 1:
+            # int64 would wrap them to negative labels (other classes than stored).
+            raise ValueError(f"{name} has labels beyond the int64 range (max {int(y.max())})")
         return y.astype(np.int64)
     if kind == "f":
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))

@@ -5,8 +5,8 @@
 original. ``dpfc train --output`` writes this format and ``dpfc predict`` reads it.
 
 Format (``format = "dpfc_native.model"``, ``format_version = 1``): a NumPy ``.npz`` (a zip
-of ``.npy`` members, all plain numeric or unicode arrays, read with
-``allow_pickle=False``):
+of ``.npy`` members, stored uncompressed, each name once, all plain numeric or unicode
+arrays, read with ``allow_pickle=False``):
 
 ========================  ===================================================================
 member                    content
@@ -35,14 +35,24 @@ member                    content
 Never written: ``n_samples_``, ``diagnostics_``, ``fit_time_`` (computed from the private
 data without noise), ``random_state`` (a seed regenerates the noise), ``stats_``,
 ``noise_key_fingerprint_``.
+
+Loading checks every member (types, shapes, ranges; the parameters as ``fit`` checks
+them; ``classes`` and ``center`` parameters against the arrays) and the ledger's totals
+against its releases: an exact-GDP ledger must state the mu of its releases and the
+epsilon of that mu; a subsampled one the epsilon its accountant gives (RDP exactly; PLD
+to 1e-3 when dp_accounting is installed; never above the RDP bound); a ledger without
+releases must be the non-private one. A file's ledger remains a claim: nothing in a file
+can show that its weights came from the stated noise.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -187,37 +197,184 @@ def save_model(est, path, method: str = "") -> str:
     return path
 
 
-def _ledger_from_dict(d: dict):
+def _number(value, what: str, *, lo=None, hi=None, lo_open=False, none=False, inf=False):
+    """A JSON number checked for type and range (a tampered field named in the error)."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not inf):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{what} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{what} must be <= {hi:g}, got {value!r}")
+    return value
+
+
+def _close(a: float, b: float, rel: float = 1e-9) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-300
+
+
+def _ledger_from_dict(d):
+    """The ledger a model file states, every field checked for type and range, and its
+    totals against its releases: an exact-GDP ledger (``mu`` given) must have the mu of
+    its releases and the epsilon of that mu at its delta; a subsampled one an epsilon
+    no larger than the releases' RDP bound; a ledger without releases must be the
+    non-private one. (A file's ledger is still only a claim: it cannot show that the
+    weights came from the stated noise.)"""
+    from . import accounting
     from .accounting import LedgerEntry, PrivacyLedger
 
-    def num(x, missing=math.inf):
-        return missing if x is None else float(x)
-
-    entries = tuple(
-        LedgerEntry(
-            r["name"],
-            r["sensitivity"],
-            r["noise_std"],
-            num(r["noise_multiplier"]),
-            int(r["count"]),
-            float(r["sample_rate"]),
-            r["share"],
+    if not isinstance(d, dict) or not isinstance(d.get("releases"), list):
+        raise ValueError("'ledger' must be a JSON object with a list of releases")
+    entries, events = [], []
+    for i, r in enumerate(d["releases"]):
+        where = f"ledger release {i}"
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+            raise ValueError(f"{where} must be an object with a name")
+        sens = _number(r.get("sensitivity"), f"{where} sensitivity", lo=0, lo_open=True, none=True)
+        std = _number(r.get("noise_std"), f"{where} noise_std", lo=0, none=True)
+        z = _number(
+            r.get("noise_multiplier"),
+            f"{where} noise_multiplier",
+            lo=0,
+            lo_open=True,
+            none=True,
+            inf=True,
         )
-        for r in d["releases"]
-    )
-    epsilon = num(d["epsilon"])
-    mu = d["mu"]
-    if mu is None and math.isinf(epsilon) and not entries:
+        z = math.inf if z is None else z
+        count = r.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{where} count must be an integer >= 1, got {count!r}")
+        q = _number(r.get("sample_rate"), f"{where} sample_rate", lo=0, lo_open=True, hi=1)
+        share = _number(r.get("share"), f"{where} share", lo=0, hi=1 + 1e-9, none=True)
+        if sens is not None and std is not None and not _close(std, sens * z):
+            raise ValueError(f"{where}: noise_std {std!r} is not sensitivity x multiplier")
+        entries.append(LedgerEntry(r["name"], sens, std, z, count, q, share))
+        if math.isfinite(z):
+            events.append(
+                accounting.GaussianRelease(z, count=count)
+                if q == 1.0
+                else accounting.SubsampledGaussian(z, q, steps=count)
+            )
+    epsilon = _number(d.get("epsilon"), "ledger epsilon", lo=0, none=True, inf=True)
+    epsilon = math.inf if epsilon is None else epsilon
+    delta = _number(d.get("delta"), "ledger delta", lo=0, hi=1)
+    if delta >= 1:
+        raise ValueError(f"ledger delta must be < 1, got {delta!r}")
+    mu = _number(d.get("mu"), "ledger mu", lo=0, none=True, inf=True)
+    sampler = _number(d.get("sampler_delta", 0.0), "ledger sampler_delta", lo=0, hi=1)
+    method, adjacency = d.get("method"), d.get("adjacency")
+    if not isinstance(method, str) or adjacency != accounting.ADJACENCY:
+        raise ValueError(f"ledger method must be text and adjacency {accounting.ADJACENCY!r}")
+    if not events:
+        if math.isfinite(epsilon):
+            raise ValueError(f"the ledger states epsilon = {epsilon!r} but no noisy release")
         mu = math.inf  # the non-private ledger: to_dict writes its infinite mu as null
-    return PrivacyLedger(
-        entries,
-        epsilon,
-        float(d["delta"]),
-        mu,
-        d["method"],
-        d["adjacency"],
-        float(d.get("sampler_delta", 0.0)),
-    )
+    elif delta == 0:
+        raise ValueError("the ledger of a private model must have delta > 0")
+    else:
+        acct = accounting.PrivacyAccountant(method="rdp")
+        for e in events:
+            acct.compose(e)
+        if mu is not None:  # exact Gaussian DP: the totals follow from the releases
+            if not acct.is_exact_gdp or not _close(mu, acct.mu):
+                raise ValueError(f"the ledger's mu {mu!r} is not that of its releases")
+            if not _close(epsilon, accounting.gdp_epsilon(acct.mu, delta)):
+                raise ValueError(
+                    f"the ledger's epsilon {epsilon!r} is not that of its releases "
+                    f"({accounting.gdp_epsilon(acct.mu, delta)!r} at delta {delta!r})"
+                )
+        elif acct.is_exact_gdp:  # a selection over such runs: at least one run's cost
+            if epsilon < accounting.gdp_epsilon(acct.mu, delta) * (1 - 1e-9):
+                raise ValueError(f"the ledger's epsilon {epsilon!r} is below its releases'")
+        else:
+            _check_subsampled_epsilon(events, epsilon, delta, method, acct)
+    return PrivacyLedger(tuple(entries), epsilon, delta, mu, method, adjacency, sampler)
+
+
+def _check_subsampled_epsilon(events, epsilon: float, delta: float, method: str, rdp) -> None:
+    """A subsampled ledger's epsilon recomputed by the accountant its method names (RDP:
+    to 1e-9; PLD: to 1e-3, as another dp_accounting version may round its grid
+    otherwise), and never above the RDP bound. Without dp_accounting a PLD ledger is
+    held to the RDP bound only."""
+    from . import accounting
+
+    bound = rdp.get_epsilon_and_method(delta)[0]
+    if not 0 < epsilon <= bound * (1 + 1e-9):
+        raise ValueError(
+            f"the ledger's epsilon {epsilon!r} is not within (0, {bound!r}], the RDP bound "
+            "of its releases"
+        )
+    if method.startswith("RDP"):
+        want, rel = bound, 1e-9
+    elif method.startswith("PLD") and accounting.accountant._dp_accounting() is not None:
+        pld = accounting.PrivacyAccountant(method="pld")
+        for e in events:
+            pld.compose(e)
+        want, rel = pld.get_epsilon_and_method(delta)[0], 1e-3
+    else:
+        return
+    if not _close(epsilon, want, rel):
+        raise ValueError(
+            f"the ledger's epsilon {epsilon!r} is not that of its releases ({want!r} by "
+            f"{method.split(' ')[0]})"
+        )
+
+
+def _json(member, name: str):
+    """A JSON member, refusing duplicated keys (which value would a reader take?)."""
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"'{name}' repeats a key")
+        return dict(items)
+
+    try:
+        return json.loads(_scalar_text(member, name), object_pairs_hook=pairs)
+    except RecursionError:
+        raise ValueError(f"'{name}' is nested too deeply") from None
+
+
+#: Ranges of the fitted numbers a model stores: (lower bound, open?, integer?).
+_FITTED_NUMBERS = {
+    "n_features_in_": (1, False, True),
+    "delta_": (0, True, False),
+    "reg_": (0, False, False),
+    "lr_": (0, True, False),
+    "alpha_": (0, False, False),
+    "bias_": (None, False, False),
+    "grad_clip_norm_": (0, True, False),
+    "noise_multiplier_": (0, False, False),  # 0: DP-SGD without noise (epsilon = inf)
+    "n_iter_": (0, False, True),
+}
+
+
+def _check_fitted_numbers(fitted: dict, ledger) -> None:
+    for key, (lo, lo_open, integer) in _FITTED_NUMBERS.items():
+        if key not in fitted:
+            continue
+        value = fitted[key]
+        _number(value, f"'fitted' {key}", lo=lo, lo_open=lo_open)
+        if integer and not isinstance(value, int):
+            raise ValueError(f"'fitted' {key} must be an integer, got {value!r}")
+    if "delta_" in fitted and not _close(float(fitted["delta_"]), ledger.delta):
+        raise ValueError("'fitted' delta_ differs from the ledger's delta")
+    if not isinstance(fitted.get("noise_seeded_", False), bool):
+        raise ValueError("'fitted' noise_seeded_ must be true or false")
+
+
+def _same_labels(given, classes: np.ndarray) -> bool:
+    """Whether the ``classes`` parameter names the same labels as ``classes_``."""
+    try:
+        return sorted(set(np.asarray(given).tolist()), key=repr) == sorted(
+            set(classes.tolist()), key=repr
+        )
+    except TypeError:
+        return False
 
 
 def _param_value(value):
@@ -250,15 +407,21 @@ def _checked_model(path: str, arrays: dict, models):
         isinstance(cls, type) and issubclass(cls, models._DPClassifierBase)
     ):
         raise ValueError(f"unknown estimator {name!r}")
-    params = json.loads(_scalar_text(arrays["params"], "params"))
-    fitted = json.loads(_scalar_text(arrays["fitted"], "fitted"))
+    params = _json(arrays["params"], "params")
+    fitted = _json(arrays["fitted"], "fitted")
     if not isinstance(params, dict) or not isinstance(fitted, dict):
         raise ValueError("'params' and 'fitted' must be JSON objects")
-    ledger = _ledger_from_dict(json.loads(_scalar_text(arrays["ledger"], "ledger")))
+    ledger = _ledger_from_dict(_json(arrays["ledger"], "ledger"))
     params.pop("noise_seeded", None)
     params.pop("random_state", None)  # never written: a loaded model has no seed
     valid = set(cls._get_param_names())
     est = cls().set_params(**{k: _param_value(v) for k, v in params.items() if k in valid})
+    try:  # the estimator's own checks of its parameters, as fit runs them
+        est._common_params()
+        est._method_params()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"'params' has a value fit refuses: {exc}") from exc
+    _check_fitted_numbers(fitted, ledger)
 
     coef, intercept = arrays["coef"], arrays["intercept"]
     classes, center, names = arrays["classes"], arrays["center"], arrays["feature_names"]
@@ -273,6 +436,8 @@ def _checked_model(path: str, arrays: dict, models):
         raise ValueError(f"'classes' must hold the {k} labels of 'coef'")
     if classes.dtype.kind not in "biufU" or np.unique(classes).size != classes.size:
         raise ValueError("'classes' must be distinct numbers or strings")
+    if classes.dtype.kind == "f" and not np.isfinite(classes).all():
+        raise ValueError("'classes' must be finite numbers (NaN is no label)")
     as_object = fitted.pop("classes_object", False)
     if not isinstance(as_object, bool):
         raise ValueError("'fitted' gives classes_object other than true or false")
@@ -285,6 +450,15 @@ def _checked_model(path: str, arrays: dict, models):
     if names.ndim != 1 or names.shape[0] not in (0, d) or (names.size and names.dtype.kind != "U"):
         raise ValueError(f"'feature_names' must be {d} strings or empty")
 
+    if est.classes is not None and not _same_labels(est.classes, classes):
+        raise ValueError("'params' gives classes other than the model's 'classes'")
+    given_center = getattr(est, "center", None)
+    if given_center is not None and not (
+        center.size and np.array_equal(np.asarray(given_center, dtype=np.float64), center)
+    ):
+        raise ValueError("'params' gives a center other than the model's 'center'")
+    if fitted.get("n_features_in_", d) != d:
+        raise ValueError(f"'fitted' n_features_in_ differs from the {d} columns of 'coef'")
     est.coef_ = np.asarray(coef, dtype=np.float64)
     est.intercept_ = np.asarray(intercept, dtype=np.float64)
     est.classes_ = classes
@@ -340,7 +514,10 @@ def load_model(path):
             missing = [m for m in _MEMBERS if m not in z.files]
             if missing:
                 raise ValueError(f"not a dpfc_native model (missing {missing})")
-            _check_npz_members(path, _MEMBERS)  # headers against sizes, before allocating
+            # Headers against sizes before allocating; members stored uncompressed, as
+            # save_model writes them (no declared size can exceed the file), and no
+            # member name twice.
+            _check_npz_members(path, _MEMBERS, stored_only=True)
             arrays = {m: z[m] for m in _MEMBERS}
         return _checked_model(path, arrays, models)
     except (
@@ -355,5 +532,8 @@ def load_model(path):
         MemoryError,
         OverflowError,
         zipfile.BadZipFile,
+        zlib.error,
+        lzma.LZMAError,
+        RuntimeError,  # an encrypted member
     ) as exc:
-        raise ValueError(f"cannot read model {path}: {exc}") from exc
+        raise ValueError(f"cannot read model {path}: {' '.join(str(exc).split())}") from exc
