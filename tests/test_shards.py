@@ -486,3 +486,140 @@ def test_cli_predict_on_shards_checks_width_and_labels(tmp_path):
         )
         assert res.exit_code == 2 and needle in res.output, res.output
         assert res.output.count("\n") == 1 and "Traceback" not in res.output
+
+
+def _npy_bytes(a) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _zip(path, members, method=zipfile.ZIP_STORED):
+    """A zip of (name, bytes) members, in order (duplicate names kept)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+        with zipfile.ZipFile(path, "w", method) as zf:
+            for name, raw in members:
+                zf.writestr(name, raw)
+    return str(path)
+
+
+def _set_flag(path, member: str, bit: int):
+    """Sets a general-purpose flag bit of ``member`` in its local and central headers."""
+    import struct
+
+    raw = bytearray(open(path, "rb").read())
+    for sig, flag_at, len_at, name_at in ((b"PK\x03\x04", 6, 26, 30), (b"PK\x01\x02", 8, 28, 46)):
+        i = 0
+        while (i := raw.find(sig, i)) >= 0:
+            n = struct.unpack_from("<H", raw, i + len_at)[0]
+            if bytes(raw[i + name_at : i + name_at + n]) == member.encode():
+                struct.pack_into("<H", raw, i + flag_at, raw[i + flag_at] | bit)
+            i += 4
+    open(path, "wb").write(bytes(raw))
+
+
+def test_compressed_npz_member_header_is_checked_before_decompressing(tmp_path, monkeypatch):
+    """A deflated member whose header claims far more than its compressed bytes can hold
+    is refused from the header alone (nothing of the claimed size is allocated); a bzip2
+    or LZMA member is refused before zipfile inflates anything (it inflates those without
+    bound: 1.3 KB of bzip2 became 1 GB)."""
+    x = np.zeros((20, 4), np.float32)
+    y = np.zeros(20, np.int64)
+    header = np.lib.format.header_data_from_array_1_0(x)
+    header["shape"] = (10**7, 4)
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    bomb = _zip(
+        tmp_path / "bomb.npz",
+        [("features.npy", buf.getvalue() + x.tobytes()), ("labels.npy", _npy_bytes(y))],
+        zipfile.ZIP_DEFLATED,
+    )
+
+    def no_decompression(*a, **k):
+        raise AssertionError("decompressed a member whose header was not checked")
+
+    monkeypatch.setattr(np.lib.format, "read_array", no_decompression)
+    with pytest.raises(ShardError, match=r"bomb.npz.*'features'.*claims shape \(10000000, 4\)"):
+        open_sharded(bomb)
+    monkeypatch.undo()
+    for method, name in ((zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "LZMA")):
+        p = _zip(
+            tmp_path / f"{name}.npz",
+            [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+            method,
+        )
+        with pytest.raises(ShardError, match=f"{name}.npz.*features.npy.*{name}"):
+            open_sharded(p)
+    ok = _zip(
+        tmp_path / "ok.npz",
+        [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+        zipfile.ZIP_DEFLATED,
+    )
+    assert open_sharded(ok).n_rows == 20
+
+
+def test_stored_npz_member_map_stays_inside_the_member(tmp_path):
+    """A stored member whose header claims one more row than it holds: the map would
+    run into the next member's bytes (the labels), inside the file."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    raw = _npy_bytes(x)
+    assert b"(4, 3)" in raw
+    raw = raw.replace(b"(4, 3)", b"(5, 3)")  # same length: the CRC is of these bytes
+    p = _zip(
+        tmp_path / "over.npz",
+        [("features.npy", raw), ("labels.npy", _npy_bytes(np.zeros(64, np.int64)))],
+    )
+    for checksum in (True, False):
+        with pytest.raises(ShardError, match=r"over.npz.*'features'.*claims shape \(5, 3\)"):
+            open_sharded(p, checksum=checksum)
+
+
+def test_npz_duplicate_or_encrypted_members_and_bad_streams_name_the_shard(tmp_path):
+    x = np.ones((6, 2), np.float32)
+    y = np.arange(6) % 2
+    # Two members of one name: zipfile reads the last, other readers the first.
+    dup = _zip(
+        tmp_path / "dup.npz",
+        [
+            ("features.npy", _npy_bytes(x)),
+            ("labels.npy", _npy_bytes(y)),
+            ("features.npy", _npy_bytes(np.zeros_like(x))),
+        ],
+    )
+    with pytest.raises(ShardError, match=r"dup.npz.*several members named \['features.npy'\]"):
+        open_sharded(dup)
+    # The "encrypted" flag (zipfile raises RuntimeError opening such a member).
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        enc = _zip(
+            tmp_path / f"enc{method}.npz",
+            [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+            method,
+        )
+        _set_flag(enc, "labels.npy", 0x1)
+        with pytest.raises(ShardError, match=f"enc{method}.npz.*'labels.npy' is encrypted"):
+            open_sharded(enc)
+    # A damaged deflate stream is a ShardError naming the shard wherever it is read.
+    from dpfc_native.shards import _check_npz_crc
+
+    p = _zip(
+        tmp_path / "z.npz",
+        [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+        zipfile.ZIP_DEFLATED,
+    )
+    raw = bytearray(open(p, "rb").read())
+    with zipfile.ZipFile(p) as zf:
+        info = zf.getinfo("features.npy")
+    start = info.header_offset + 30 + len("features.npy")
+    raw[start] = 0xFF  # an invalid deflate block type
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(ShardError, match="z.npz"):
+        _check_npz_crc(p, ("features", "labels"))
+    with pytest.raises(ShardError, match="z.npz"):
+        open_sharded(p)

@@ -11,8 +11,9 @@ Formats (``format=None`` picks by name):
 
 ========================  ============================================================
 ``*.features.npy``        paired with ``*.labels.npy`` beside it (memory-mapped slices)
-``*.npz``                 arrays ``features`` and ``labels``; uncompressed members are
-                          memory-mapped, compressed ones are decompressed whole per read
+``*.npz``                 arrays ``features`` and ``labels``; stored members are
+                          memory-mapped, deflated ones decompressed whole per read
+                          (bzip2 and LZMA members are refused)
 ``*.safetensors``         tensors ``features`` and ``labels`` (sliced lazily)
 ``*.zarr`` (directory)    a group with arrays ``features`` (chunked by rows) and
                           ``labels``; float16 kept as stored
@@ -33,6 +34,7 @@ import glob as _glob
 import hashlib
 import os
 import zipfile
+import zlib
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -154,43 +156,106 @@ def _npy_open(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _npz_member(path: str, key: str):
-    """The member ``key`` of an .npz: a memory map if stored uncompressed, else an array."""
-    with zipfile.ZipFile(path) as zf:
-        try:
-            info = zf.getinfo(key + ".npy")
-        except KeyError:
-            raise ShardError(
-                f"shard {path}: no array '{key}' (arrays present: "
-                f"{sorted(n[:-4] for n in zf.namelist())})"
-            ) from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            with zf.open(info) as fh:
-                return np.lib.format.read_array(fh, allow_pickle=False)
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ShardError(f"shard {path}: corrupt zip local header for '{key}'")
-        name_len = int.from_bytes(local[26:28], "little")
-        extra_len = int.from_bytes(local[28:30], "little")
-        start = info.header_offset + 30 + name_len + extra_len
-        fh.seek(start)
-        version = np.lib.format.read_magic(fh)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(fh)
-        data_offset = fh.tell()
-    if dtype.hasobject:
-        raise ShardError(f"shard {path}: '{key}' must be a numeric array")
-    need = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if need > os.path.getsize(path):
+# What zipfile and the decompressors raise for a damaged or unsupported member.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    RuntimeError,  # an encrypted member (refused before, in _zip_member)
+    NotImplementedError,  # an unsupported compression method (likewise)
+)
+
+
+def _zip_member(zf: zipfile.ZipFile, path: str, key: str) -> zipfile.ZipInfo:
+    """The entry of array ``key`` in an .npz, refusing a zip with two entries of one name
+    (zipfile reads the last, other readers the first) and an encrypted entry."""
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        seen, dup = set(), []
+        for n in names:
+            if n in seen and n not in dup:
+                dup.append(n)
+            seen.add(n)
         raise ShardError(
-            f"shard {path}: '{key}' is truncated ({os.path.getsize(path)} bytes, {need} needed)"
+            f"shard {path}: the zip holds several members named {dup} (zip readers "
+            "disagree on which one counts)"
         )
+    try:
+        info = zf.getinfo(key + ".npy")
+    except KeyError:
+        raise ShardError(
+            f"shard {path}: no array '{key}' (arrays present: {sorted(n[:-4] for n in names)})"
+        ) from None
+    if info.flag_bits & 0x1:
+        raise ShardError(f"shard {path}: member '{info.filename}' is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        method = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(
+            info.compress_type, f"method {info.compress_type}"
+        )
+        raise ShardError(
+            f"shard {path}: member '{info.filename}' is compressed with {method}; only "
+            "stored or deflated members are read (np.savez, np.savez_compressed): "
+            "zipfile inflates the others without bound before their size can be checked"
+        )
+    return info
+
+
+def _npz_member(path: str, key: str):
+    """The member ``key`` of an .npz: a memory map if stored uncompressed, else an array.
+
+    The member's .npy header is checked before anything is allocated or mapped: a
+    compressed member may declare at most what its compressed size can inflate to (the
+    rule of :func:`data._check_npz_members`), a stored one must lie within its own bytes
+    (a map running into the next member, or past the end, is refused)."""
+    from . import data as _data
+
+    where = f"shard {path}: array '{key}'"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = _zip_member(zf, path, key)
+            if info.compress_type != zipfile.ZIP_STORED:
+                _data._check_npz_members(path, (key,))
+                with zf.open(info) as fh:
+                    return np.lib.format.read_array(fh, allow_pickle=False)
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ShardError(f"shard {path}: corrupt zip local header for '{key}'")
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            name = fh.read(name_len).decode("utf-8" if info.flag_bits & 0x800 else "cp437")
+            if name != info.orig_filename:
+                raise ShardError(
+                    f"shard {path}: zip local header names {name!r}, the directory "
+                    f"{info.orig_filename!r}"
+                )
+            start = info.header_offset + 30 + name_len + extra_len
+            end = start + info.file_size
+            if info.compress_size != info.file_size or end > os.path.getsize(path):
+                raise ShardError(
+                    f"{where} is truncated (its stored bytes end at {end}, the file at "
+                    f"{os.path.getsize(path)})"
+                )
+            fh.seek(start)
+            shape, dtype, data_offset = _data._npy_header(fh, where)  # bounded header
+            # The header is known sane now: read it again for its memory order.
+            fh.seek(start)
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            _, fortran, _ = read_header(fh)
+        # The map must end within the member's own bytes.
+        _data._check_npy_size(shape, dtype, end - data_offset, where)
+    except ShardError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise ShardError(f"{where}: cannot read it ({type(e).__name__}: {e})") from e
     return np.memmap(
         path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran else "C"
     )
@@ -198,14 +263,17 @@ def _npz_member(path: str, key: str):
 
 def _check_npz_crc(path: str, keys: Sequence[str]) -> None:
     """Reads the members ``keys`` of an .npz through zipfile, which checks each one's
-    CRC-32 at its end: the memory-mapped reads of stored members never do."""
+    CRC-32 at its end: the memory-mapped reads of stored members never do. A damaged
+    deflate stream is reported the same way."""
     try:
         with zipfile.ZipFile(path) as zf:
             for key in keys:
-                with zf.open(key + ".npy") as fh:
+                with zf.open(_zip_member(zf, path, key)) as fh:
                     while fh.read(_HASH_BLOCK):
                         pass
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except ShardError:
+        raise
+    except _ZIP_ERRORS as e:
         raise ShardError(f"shard {path}: corrupt .npz ({type(e).__name__}: {e})") from e
 
 
