@@ -623,3 +623,74 @@ def test_npz_duplicate_or_encrypted_members_and_bad_streams_name_the_shard(tmp_p
         _check_npz_crc(p, ("features", "labels"))
     with pytest.raises(ShardError, match="z.npz"):
         open_sharded(p)
+
+
+@pytest.fixture
+def fifo_alarm():
+    """Guards a test against blocking on a FIFO (opening one for reading waits for a
+    writer forever): after 10 s the alarm opens each FIFO listed for writing and closes
+    it, so a blocked reader gets end-of-file, and fails the test."""
+    import signal
+
+    fifos = []
+
+    def _unblock(signum, frame):
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        raise AssertionError("blocked on a FIFO inside a shard")
+
+    previous = signal.signal(signal.SIGALRM, _unblock)
+    signal.alarm(10)
+    try:
+        yield fifos
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _small_zarr(path, rows=10, chunk=4, features_chunk=None):
+    zarr = pytest.importorskip("zarr")
+    x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("features", data=x, chunks=(features_chunk or chunk, 3))
+    g.create_array("labels", data=np.arange(rows) % 3, chunks=(chunk,))
+    return str(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_shard_file_that_is_not_a_regular_file_is_refused(tmp_path, fifo_alarm):
+    """A FIFO (or a link to /dev/zero) would block hashing or reading forever."""
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    fifo_alarm.append(fifo)
+    store = _small_zarr(tmp_path / "s.zarr")
+    os.symlink(fifo, os.path.join(store, "README"))
+    for checksum in (True, False):
+        with pytest.raises(ShardError, match=r"s.zarr: .*README is not a regular file \(a FIFO\)"):
+            open_sharded(store, checksum=checksum)
+    os.remove(os.path.join(store, "README"))
+    os.remove(os.path.join(store, "features", "c", "0", "0"))
+    os.symlink(str(tmp_path / "gone"), os.path.join(store, "features", "c", "0", "0"))
+    with pytest.raises(ShardError, match=r"s.zarr: .*features/c/0/0 is a link to nothing"):
+        open_sharded(store)
+    # A FIFO named like a file shard, or in place of an .npy pair's labels.
+    os.mkfifo(tmp_path / "f.npz")
+    fifo_alarm.append(str(tmp_path / "f.npz"))
+    with pytest.raises(ShardError, match=r"f.npz: .*f.npz is not a regular file \(a FIFO\)"):
+        open_sharded(str(tmp_path / "f.npz"))
+    np.save(tmp_path / "p.features.npy", np.ones((3, 2), np.float32))
+    os.mkfifo(tmp_path / "p.labels.npy")
+    fifo_alarm.append(str(tmp_path / "p.labels.npy"))
+    with pytest.raises(ShardError, match=r"p.features.npy: .*p.labels.npy is not a regular"):
+        open_sharded(str(tmp_path / "p.features.npy"))
+    # Swapped in after opening: reads and verify() refuse it too.
+    store = _small_zarr(tmp_path / "t.zarr")
+    sf = open_sharded(store)
+    os.symlink(fifo, os.path.join(store, "notes"))
+    with pytest.raises(ShardError, match="notes is not a regular file"):
+        sf.read(0)
+    with pytest.raises(ShardError, match="notes is not a regular file"):
+        sf.verify()

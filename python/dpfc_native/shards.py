@@ -33,6 +33,7 @@ import dataclasses
 import glob as _glob
 import hashlib
 import os
+import stat
 import zipfile
 import zlib
 from typing import Iterable, Optional, Sequence, Union
@@ -103,24 +104,74 @@ class Shard:
 
 
 def _files_of(shard_path: str, fmt: str, labels_path: Optional[str]) -> list[str]:
+    """The files of a shard (for zarr every file in the store, linked folders followed
+    once), each checked to be a regular file (see :func:`_require_regular`)."""
     if fmt == "zarr":
-        out = []
-        for root, dirs, files in os.walk(shard_path):
+        if not os.path.isdir(shard_path):
+            raise ShardError(f"shard {shard_path}: a zarr store must be a directory")
+        out, seen = [], set()
+        for root, dirs, files in os.walk(shard_path, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a link back into the store: walked once
+                dirs[:] = []
+                continue
+            seen.add(real)
             dirs.sort()
             out.extend(os.path.join(root, f) for f in sorted(files))
-        return out
-    return [shard_path] + ([labels_path] if labels_path else [])
+    else:
+        out = [shard_path] + ([labels_path] if labels_path else [])
+    for f in out:
+        _require_regular(shard_path, f)
+    return out
+
+
+def _require_regular(shard_path: str, f: str) -> None:
+    """A shard's file must be a regular file (links followed): hashing or reading a FIFO
+    or a device such as /dev/zero would block or never reach its end. A missing file is
+    left to the reader, which names what it expected."""
+    try:
+        mode = os.stat(f).st_mode
+    except FileNotFoundError:
+        if os.path.islink(f):
+            raise ShardError(f"shard {shard_path}: {f} is a link to nothing") from None
+        return
+    if not stat.S_ISREG(mode):
+        raise ShardError(
+            f"shard {shard_path}: {f} is not a regular file ({_file_kind(mode)}); a shard "
+            "holds only regular files"
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _size_of(files: Sequence[str]) -> int:
     return sum(os.path.getsize(f) for f in files)
 
 
-def _sha256_of(files: Sequence[str], base: str) -> str:
+def _sha256_of(files: Sequence[str], base: str, shard_path: str) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(os.path.relpath(f, base).encode() + b"\0")
-        with open(f, "rb") as fh:
+        # Opened without waiting for a writer, and checked again once open: a file swapped
+        # for a FIFO or a device after the listing must not block or read without end.
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as fh:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ShardError(
+                    f"shard {shard_path}: {f} is not a regular file ({_file_kind(mode)})"
+                )
             while True:
                 block = fh.read(_HASH_BLOCK)
                 if not block:
@@ -475,6 +526,7 @@ def _open_one(
     checksum: bool,
     missing_chunks: str = "error",
 ) -> tuple[Shard, int]:
+    files = _files_of(path, fmt, labels_path)  # regular files only, before any is read
     try:
         rows, dim, dtype, y, yshape = _inspect(path, fmt, labels_path, opts)
     except ShardError:
@@ -514,14 +566,13 @@ def _open_one(
         ) from e
     if label_min < 0:
         raise ShardError(f"shard {path}: negative label {label_min}")
-    files = _files_of(path, fmt, labels_path)
     base = path if fmt == "zarr" else os.path.dirname(path)
     shard = Shard(
         path=path,
         format=fmt,
         rows=int(rows),
         dtype=np.dtype(dtype).name,
-        sha256=_sha256_of(files, base) if checksum else "",
+        sha256=_sha256_of(files, base, path) if checksum else "",
         size=_size_of(files),
         labels_path=labels_path,
         label_max=label_max,
@@ -735,7 +786,7 @@ class ShardedFeatures:
                 )
             files = _files_of(shard.path, shard.format, shard.labels_path)
             base = shard.path if shard.format == "zarr" else os.path.dirname(shard.path)
-            if _sha256_of(files, base) != shard.sha256:
+            if _sha256_of(files, base, shard.path) != shard.sha256:
                 raise ShardError(
                     f"shard {shard.path}: content changed (SHA-256 differs from the manifest)"
                 )
