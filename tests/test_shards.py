@@ -694,3 +694,92 @@ def test_a_shard_file_that_is_not_a_regular_file_is_refused(tmp_path, fifo_alarm
         sf.read(0)
     with pytest.raises(ShardError, match="notes is not a regular file"):
         sf.verify()
+
+
+def test_zarr_bad_chunk_metadata_names_the_shard(tmp_path):
+    """A zero chunk shape (ZeroDivisionError) or a shape of 2^62 rows (MemoryError listing
+    the chunk grid) escaped open_sharded as other exception types."""
+    import json
+
+    def edit(store, key, **entries):
+        meta_path = os.path.join(store, key, "zarr.json")
+        meta = json.load(open(meta_path))
+        meta.update(entries)
+        json.dump(meta, open(meta_path, "w"))
+
+    store = _small_zarr(tmp_path / "zero.zarr")
+    grid = {"name": "regular", "configuration": {"chunk_shape": [0, 3]}}
+    edit(store, "features", chunk_grid=grid)
+    with pytest.raises(ShardError, match=r"zero.zarr: array 'features' has chunk shape \(0, 3\)"):
+        open_sharded(store)
+    store = _small_zarr(tmp_path / "huge.zarr")
+    edit(store, "features", shape=[2**62, 3])
+    edit(store, "labels", shape=[2**62])
+    with pytest.raises(ShardError, match=r"huge.zarr: array 'features' .* needs \d+ chunk files"):
+        open_sharded(store)
+
+
+def test_zarr_chunk_size_is_capped_and_labels_scanned_chunk_by_chunk(tmp_path, monkeypatch):
+    """Every read decodes whole chunks, so a chunk over ZARR_MAX_CHUNK_BYTES is refused
+    (a 75 KB store held one 1 GB chunk); the label scan at open reads whole chunks, each
+    once (blocks cutting a chunk decoded it again for every block: N^2)."""
+    zarr = pytest.importorskip("zarr")
+    from dpfc_native import shards
+
+    store = _small_zarr(tmp_path / "big.zarr", rows=64, chunk=32, features_chunk=8)
+    monkeypatch.setattr(shards, "ZARR_MAX_CHUNK_BYTES", 32 * 8 - 1, raising=False)
+    with pytest.raises(ShardError, match=r"big.zarr: array 'labels' .*256 bytes.*rechunk"):
+        open_sharded(store)
+    monkeypatch.setattr(shards, "ZARR_MAX_CHUNK_BYTES", 32 * 8)
+    assert open_sharded(store).n_rows == 64
+    monkeypatch.undo()
+    store = _small_zarr(tmp_path / "scan.zarr", rows=100, chunk=16)
+    monkeypatch.setattr(shards, "_LABEL_SCAN_ROWS", 5)  # smaller than a chunk
+    reads = []
+    real = zarr.Array.__getitem__
+
+    def spy(self, selection):
+        if self.basename == "labels":
+            reads.append(selection)
+        return real(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy)
+    sf = open_sharded(store)
+    assert sf.n_rows == 100 and sf.num_classes == 3
+    assert [(s.start, s.stop) for s in reads] == [(s, s + 16) for s in range(0, 100, 16)]
+
+
+def test_parquet_labels_are_scanned_in_bounded_batches(tmp_path, monkeypatch):
+    """Opening decodes the labels column a batch at a time and the features of one row,
+    never a whole row group or the whole column (a 506 KB file took 1.6 GB)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from dpfc_native import shards
+
+    n = 300
+    x = np.ones((n, 4), np.float32)
+    y = np.arange(n) % 3
+    y[150] = 40  # the largest label, in the middle of the one row group
+
+    def write(name, labels):
+        col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)
+        pq.write_table(pa.table({"features": col, "labels": labels}), tmp_path / name)
+        return str(tmp_path / name)
+
+    def whole(*a, **k):
+        raise AssertionError("decoded a whole row group or column")
+
+    for method in ("read", "read_row_group", "read_row_groups"):
+        monkeypatch.setattr(pq.ParquetFile, method, whole)
+    monkeypatch.setattr(shards, "_LABEL_SCAN_ROWS", 64)
+    sf = open_sharded(write("ok.parquet", y))
+    assert sf.n_rows == n and sf.num_classes == 41 and sf.n_features == 4
+    y[-1] = -1  # in the last batch
+    with pytest.raises(ShardError, match="neg.parquet: negative label -1"):
+        open_sharded(write("neg.parquet", y))
+    nulls = pa.array([None if i == n - 2 else 0 for i in range(n)], pa.int64())
+    with pytest.raises(ShardError, match="nulls.parquet: labels must be integers"):
+        open_sharded(write("nulls.parquet", nulls))
+    monkeypatch.undo()
+    x_read, y_read = open_sharded(str(tmp_path / "ok.parquet")).read(0)
+    np.testing.assert_array_equal(x_read, x)
