@@ -881,3 +881,63 @@ def test_extract_from_a_thread_and_a_resize_pair_given_as_an_argument(setup):
     assert pair.crop_mode == Preprocess.from_dict({"crop": [8, 8], "resize": [8, 8]}, "s").crop_mode
     assert pair.crop_mode == "squash"
     assert _merged_preprocess(NoSpec(), {"crop": [8, 8], "resize": 9}).crop_mode == "center"
+
+
+@pytest.fixture
+def fifo_alarm():
+    """Guards a test against blocking on a FIFO (code that opens it waits for a writer
+    forever): after 10 s the alarm opens every FIFO listed for writing and closes it, so a
+    reader blocked on one gets end-of-file, and fails the test."""
+    import signal
+
+    fifos = []
+
+    def _unblock(signum, frame):
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        raise AssertionError("blocked on a FIFO named like an image")
+
+    previous = signal.signal(signal.SIGALRM, _unblock)
+    signal.alarm(10)
+    try:
+        yield fifos
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_device_named_like_an_image_is_a_bad_image(setup, fifo_alarm):
+    tmp, _, _ = setup
+    fifo = tmp / "imgs" / "bee" / "pipe.png"
+    os.mkfifo(fifo)
+    fifo_alarm.append(str(fifo))
+    with pytest.raises(ExtractError, match="pipe.png.*not a regular file"):
+        extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "f.npz", device="cpu")
+    res = extract(tmp / "imgs", tmp / "tiny.onnx", tmp / "s.npz", device="cpu", on_error="skip")
+    assert [s["path"] for s in res.skipped] == [str(fifo)]
+    assert "FIFO" in res.skipped[0]["error"]
+    assert data.load_features(res.files[0]).n == sum(COUNTS)
+    # A CSV row naming a FIFO (through a link), a directory or a device: the same.
+    link = tmp / "link.png"
+    os.symlink(fifo, link)
+    rows = [(str(link), "bee"), (str(tmp / "imgs"), "ant"), ("/dev/null", "cat")]
+    rows.append((str(tmp / "imgs" / "cat" / "img00.png"), "cat"))
+    with open(tmp / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    res = extract(tmp / "list.csv", tmp / "tiny.onnx", tmp / "c.npz", device="cpu", on_error="skip")
+    kinds = [s["error"] for s in res.skipped]
+    assert [s["path"] for s in res.skipped] == [r[0] for r in rows[:3]]
+    assert "a FIFO" in kinds[0] and "a directory" in kinds[1]
+    assert "a character device" in kinds[2] or not os.path.exists("/dev/null")
+    assert data.load_features(res.files[0]).n == 1
+    result = runner.invoke(
+        app,
+        ["extract", str(tmp / "imgs"), str(tmp / "tiny.onnx"), "-o", str(tmp / "cli.npz")]
+        + ["--device", "cpu", "--skip-bad"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "pipe.png" in result.output

@@ -486,3 +486,300 @@ def test_cli_predict_on_shards_checks_width_and_labels(tmp_path):
         )
         assert res.exit_code == 2 and needle in res.output, res.output
         assert res.output.count("\n") == 1 and "Traceback" not in res.output
+
+
+def _npy_bytes(a) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _zip(path, members, method=zipfile.ZIP_STORED):
+    """A zip of (name, bytes) members, in order (duplicate names kept)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+        with zipfile.ZipFile(path, "w", method) as zf:
+            for name, raw in members:
+                zf.writestr(name, raw)
+    return str(path)
+
+
+def _set_flag(path, member: str, bit: int):
+    """Sets a general-purpose flag bit of ``member`` in its local and central headers."""
+    import struct
+
+    raw = bytearray(open(path, "rb").read())
+    for sig, flag_at, len_at, name_at in ((b"PK\x03\x04", 6, 26, 30), (b"PK\x01\x02", 8, 28, 46)):
+        i = 0
+        while (i := raw.find(sig, i)) >= 0:
+            n = struct.unpack_from("<H", raw, i + len_at)[0]
+            if bytes(raw[i + name_at : i + name_at + n]) == member.encode():
+                struct.pack_into("<H", raw, i + flag_at, raw[i + flag_at] | bit)
+            i += 4
+    open(path, "wb").write(bytes(raw))
+
+
+def test_compressed_npz_member_header_is_checked_before_decompressing(tmp_path, monkeypatch):
+    """A deflated member whose header claims far more than its compressed bytes can hold
+    is refused from the header alone (nothing of the claimed size is allocated); a bzip2
+    or LZMA member is refused before zipfile inflates anything (it inflates those without
+    bound: 1.3 KB of bzip2 became 1 GB)."""
+    x = np.zeros((20, 4), np.float32)
+    y = np.zeros(20, np.int64)
+    header = np.lib.format.header_data_from_array_1_0(x)
+    header["shape"] = (10**7, 4)
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    bomb = _zip(
+        tmp_path / "bomb.npz",
+        [("features.npy", buf.getvalue() + x.tobytes()), ("labels.npy", _npy_bytes(y))],
+        zipfile.ZIP_DEFLATED,
+    )
+
+    def no_decompression(*a, **k):
+        raise AssertionError("decompressed a member whose header was not checked")
+
+    monkeypatch.setattr(np.lib.format, "read_array", no_decompression)
+    with pytest.raises(ShardError, match=r"bomb.npz.*'features'.*claims shape \(10000000, 4\)"):
+        open_sharded(bomb)
+    monkeypatch.undo()
+    for method, name in ((zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "LZMA")):
+        p = _zip(
+            tmp_path / f"{name}.npz",
+            [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+            method,
+        )
+        with pytest.raises(ShardError, match=f"{name}.npz.*features.npy.*{name}"):
+            open_sharded(p)
+    ok = _zip(
+        tmp_path / "ok.npz",
+        [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+        zipfile.ZIP_DEFLATED,
+    )
+    assert open_sharded(ok).n_rows == 20
+
+
+def test_stored_npz_member_map_stays_inside_the_member(tmp_path):
+    """A stored member whose header claims one more row than it holds: the map would
+    run into the next member's bytes (the labels), inside the file."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    raw = _npy_bytes(x)
+    assert b"(4, 3)" in raw
+    raw = raw.replace(b"(4, 3)", b"(5, 3)")  # same length: the CRC is of these bytes
+    p = _zip(
+        tmp_path / "over.npz",
+        [("features.npy", raw), ("labels.npy", _npy_bytes(np.zeros(64, np.int64)))],
+    )
+    for checksum in (True, False):
+        with pytest.raises(ShardError, match=r"over.npz.*'features'.*claims shape \(5, 3\)"):
+            open_sharded(p, checksum=checksum)
+
+
+def test_npz_duplicate_or_encrypted_members_and_bad_streams_name_the_shard(tmp_path):
+    x = np.ones((6, 2), np.float32)
+    y = np.arange(6) % 2
+    # Two members of one name: zipfile reads the last, other readers the first.
+    dup = _zip(
+        tmp_path / "dup.npz",
+        [
+            ("features.npy", _npy_bytes(x)),
+            ("labels.npy", _npy_bytes(y)),
+            ("features.npy", _npy_bytes(np.zeros_like(x))),
+        ],
+    )
+    with pytest.raises(ShardError, match=r"dup.npz.*several members named \['features.npy'\]"):
+        open_sharded(dup)
+    # The "encrypted" flag (zipfile raises RuntimeError opening such a member).
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        enc = _zip(
+            tmp_path / f"enc{method}.npz",
+            [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+            method,
+        )
+        _set_flag(enc, "labels.npy", 0x1)
+        with pytest.raises(ShardError, match=f"enc{method}.npz.*'labels.npy' is encrypted"):
+            open_sharded(enc)
+    # A damaged deflate stream is a ShardError naming the shard wherever it is read.
+    from dpfc_native.shards import _check_npz_crc
+
+    p = _zip(
+        tmp_path / "z.npz",
+        [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
+        zipfile.ZIP_DEFLATED,
+    )
+    raw = bytearray(open(p, "rb").read())
+    with zipfile.ZipFile(p) as zf:
+        info = zf.getinfo("features.npy")
+    start = info.header_offset + 30 + len("features.npy")
+    raw[start] = 0xFF  # an invalid deflate block type
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(ShardError, match="z.npz"):
+        _check_npz_crc(p, ("features", "labels"))
+    with pytest.raises(ShardError, match="z.npz"):
+        open_sharded(p)
+
+
+@pytest.fixture
+def fifo_alarm():
+    """Guards a test against blocking on a FIFO (opening one for reading waits for a
+    writer forever): after 10 s the alarm opens each FIFO listed for writing and closes
+    it, so a blocked reader gets end-of-file, and fails the test."""
+    import signal
+
+    fifos = []
+
+    def _unblock(signum, frame):
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        raise AssertionError("blocked on a FIFO inside a shard")
+
+    previous = signal.signal(signal.SIGALRM, _unblock)
+    signal.alarm(10)
+    try:
+        yield fifos
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _small_zarr(path, rows=10, chunk=4, features_chunk=None):
+    zarr = pytest.importorskip("zarr")
+    x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("features", data=x, chunks=(features_chunk or chunk, 3))
+    g.create_array("labels", data=np.arange(rows) % 3, chunks=(chunk,))
+    return str(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_shard_file_that_is_not_a_regular_file_is_refused(tmp_path, fifo_alarm):
+    """A FIFO (or a link to /dev/zero) would block hashing or reading forever."""
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    fifo_alarm.append(fifo)
+    store = _small_zarr(tmp_path / "s.zarr")
+    os.symlink(fifo, os.path.join(store, "README"))
+    for checksum in (True, False):
+        with pytest.raises(ShardError, match=r"s.zarr: .*README is not a regular file \(a FIFO\)"):
+            open_sharded(store, checksum=checksum)
+    os.remove(os.path.join(store, "README"))
+    os.remove(os.path.join(store, "features", "c", "0", "0"))
+    os.symlink(str(tmp_path / "gone"), os.path.join(store, "features", "c", "0", "0"))
+    with pytest.raises(ShardError, match=r"s.zarr: .*features/c/0/0 is a link to nothing"):
+        open_sharded(store)
+    # A FIFO named like a file shard, or in place of an .npy pair's labels.
+    os.mkfifo(tmp_path / "f.npz")
+    fifo_alarm.append(str(tmp_path / "f.npz"))
+    with pytest.raises(ShardError, match=r"f.npz: .*f.npz is not a regular file \(a FIFO\)"):
+        open_sharded(str(tmp_path / "f.npz"))
+    np.save(tmp_path / "p.features.npy", np.ones((3, 2), np.float32))
+    os.mkfifo(tmp_path / "p.labels.npy")
+    fifo_alarm.append(str(tmp_path / "p.labels.npy"))
+    with pytest.raises(ShardError, match=r"p.features.npy: .*p.labels.npy is not a regular"):
+        open_sharded(str(tmp_path / "p.features.npy"))
+    # Swapped in after opening: reads and verify() refuse it too.
+    store = _small_zarr(tmp_path / "t.zarr")
+    sf = open_sharded(store)
+    os.symlink(fifo, os.path.join(store, "notes"))
+    with pytest.raises(ShardError, match="notes is not a regular file"):
+        sf.read(0)
+    with pytest.raises(ShardError, match="notes is not a regular file"):
+        sf.verify()
+
+
+def test_zarr_bad_chunk_metadata_names_the_shard(tmp_path):
+    """A zero chunk shape (ZeroDivisionError) or a shape of 2^62 rows (MemoryError listing
+    the chunk grid) escaped open_sharded as other exception types."""
+    import json
+
+    def edit(store, key, **entries):
+        meta_path = os.path.join(store, key, "zarr.json")
+        meta = json.load(open(meta_path))
+        meta.update(entries)
+        json.dump(meta, open(meta_path, "w"))
+
+    store = _small_zarr(tmp_path / "zero.zarr")
+    grid = {"name": "regular", "configuration": {"chunk_shape": [0, 3]}}
+    edit(store, "features", chunk_grid=grid)
+    with pytest.raises(ShardError, match=r"zero.zarr: array 'features' has chunk shape \(0, 3\)"):
+        open_sharded(store)
+    store = _small_zarr(tmp_path / "huge.zarr")
+    edit(store, "features", shape=[2**62, 3])
+    edit(store, "labels", shape=[2**62])
+    with pytest.raises(ShardError, match=r"huge.zarr: array 'features' .* needs \d+ chunk files"):
+        open_sharded(store)
+
+
+def test_zarr_chunk_size_is_capped_and_labels_scanned_chunk_by_chunk(tmp_path, monkeypatch):
+    """Every read decodes whole chunks, so a chunk over ZARR_MAX_CHUNK_BYTES is refused
+    (a 75 KB store held one 1 GB chunk); the label scan at open reads whole chunks, each
+    once (blocks cutting a chunk decoded it again for every block: N^2)."""
+    zarr = pytest.importorskip("zarr")
+    from dpfc_native import shards
+
+    store = _small_zarr(tmp_path / "big.zarr", rows=64, chunk=32, features_chunk=8)
+    monkeypatch.setattr(shards, "ZARR_MAX_CHUNK_BYTES", 32 * 8 - 1, raising=False)
+    with pytest.raises(ShardError, match=r"big.zarr: array 'labels' .*256 bytes.*rechunk"):
+        open_sharded(store)
+    monkeypatch.setattr(shards, "ZARR_MAX_CHUNK_BYTES", 32 * 8)
+    assert open_sharded(store).n_rows == 64
+    monkeypatch.undo()
+    store = _small_zarr(tmp_path / "scan.zarr", rows=100, chunk=16)
+    monkeypatch.setattr(shards, "_LABEL_SCAN_ROWS", 5)  # smaller than a chunk
+    reads = []
+    real = zarr.Array.__getitem__
+
+    def spy(self, selection):
+        if self.basename == "labels":
+            reads.append(selection)
+        return real(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy)
+    sf = open_sharded(store)
+    assert sf.n_rows == 100 and sf.num_classes == 3
+    assert [(s.start, s.stop) for s in reads] == [(s, s + 16) for s in range(0, 100, 16)]
+
+
+def test_parquet_labels_are_scanned_in_bounded_batches(tmp_path, monkeypatch):
+    """Opening decodes the labels column a batch at a time and the features of one row,
+    never a whole row group or the whole column (a 506 KB file took 1.6 GB)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from dpfc_native import shards
+
+    n = 300
+    x = np.ones((n, 4), np.float32)
+    y = np.arange(n) % 3
+    y[150] = 40  # the largest label, in the middle of the one row group
+
+    def write(name, labels):
+        col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)
+        pq.write_table(pa.table({"features": col, "labels": labels}), tmp_path / name)
+        return str(tmp_path / name)
+
+    def whole(*a, **k):
+        raise AssertionError("decoded a whole row group or column")
+
+    for method in ("read", "read_row_group", "read_row_groups"):
+        monkeypatch.setattr(pq.ParquetFile, method, whole)
+    monkeypatch.setattr(shards, "_LABEL_SCAN_ROWS", 64)
+    sf = open_sharded(write("ok.parquet", y))
+    assert sf.n_rows == n and sf.num_classes == 41 and sf.n_features == 4
+    y[-1] = -1  # in the last batch
+    with pytest.raises(ShardError, match="neg.parquet: negative label -1"):
+        open_sharded(write("neg.parquet", y))
+    nulls = pa.array([None if i == n - 2 else 0 for i in range(n)], pa.int64())
+    with pytest.raises(ShardError, match="nulls.parquet: labels must be integers"):
+        open_sharded(write("nulls.parquet", nulls))
+    monkeypatch.undo()
+    x_read, y_read = open_sharded(str(tmp_path / "ok.parquet")).read(0)
+    np.testing.assert_array_equal(x_read, x)

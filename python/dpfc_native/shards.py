@@ -11,11 +11,13 @@ Formats (``format=None`` picks by name):
 
 ========================  ============================================================
 ``*.features.npy``        paired with ``*.labels.npy`` beside it (memory-mapped slices)
-``*.npz``                 arrays ``features`` and ``labels``; uncompressed members are
-                          memory-mapped, compressed ones are decompressed whole per read
+``*.npz``                 arrays ``features`` and ``labels``; stored members are
+                          memory-mapped, deflated ones decompressed whole per read
+                          (bzip2 and LZMA members are refused)
 ``*.safetensors``         tensors ``features`` and ``labels`` (sliced lazily)
 ``*.zarr`` (directory)    a group with arrays ``features`` (chunked by rows) and
-                          ``labels``; float16 kept as stored
+                          ``labels``; float16 kept as stored; a chunk decodes to at
+                          most :data:`ZARR_MAX_CHUNK_BYTES`
 ``*.parquet``             a ``features`` column of (fixed-size) lists, or one numeric
                           column per feature, plus a ``labels`` (or ``label``) column
 ========================  ============================================================
@@ -28,11 +30,15 @@ manifest; any failure raises :class:`ShardError` naming the shard. Nothing is sk
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob as _glob
 import hashlib
+import math
 import os
+import stat
 import zipfile
+import zlib
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -50,15 +56,25 @@ def _parquet():
     return require("pyarrow.parquet", "reading parquet shards", "distributed")
 
 
-__all__ = ["ShardError", "Shard", "ShardedFeatures", "open_sharded", "SHARD_FORMATS"]
+__all__ = [
+    "ShardError",
+    "Shard",
+    "ShardedFeatures",
+    "open_sharded",
+    "SHARD_FORMATS",
+    "ZARR_MAX_CHUNK_BYTES",
+]
 
 SHARD_FORMATS = ("npy", "npz", "safetensors", "zarr", "parquet")
 
 _FEATURES_SUFFIX = ".features.npy"
 _LABELS_SUFFIX = ".labels.npy"
 _HASH_BLOCK = 1 << 22
-# Labels are scanned (range check) in blocks of this many rows when a shard is opened.
+# Labels are scanned (range check) in blocks of this many rows when a shard is opened
+# (zarr: whole chunks, at least one).
 _LABEL_SCAN_ROWS = 1 << 20
+#: The largest decoded size of one zarr chunk (every read decodes whole chunks).
+ZARR_MAX_CHUNK_BYTES = 1 << 30
 
 
 class ShardError(ValueError):
@@ -101,24 +117,74 @@ class Shard:
 
 
 def _files_of(shard_path: str, fmt: str, labels_path: Optional[str]) -> list[str]:
+    """The files of a shard (for zarr every file in the store, linked folders followed
+    once), each checked to be a regular file (see :func:`_require_regular`)."""
     if fmt == "zarr":
-        out = []
-        for root, dirs, files in os.walk(shard_path):
+        if not os.path.isdir(shard_path):
+            raise ShardError(f"shard {shard_path}: a zarr store must be a directory")
+        out, seen = [], set()
+        for root, dirs, files in os.walk(shard_path, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a link back into the store: walked once
+                dirs[:] = []
+                continue
+            seen.add(real)
             dirs.sort()
             out.extend(os.path.join(root, f) for f in sorted(files))
-        return out
-    return [shard_path] + ([labels_path] if labels_path else [])
+    else:
+        out = [shard_path] + ([labels_path] if labels_path else [])
+    for f in out:
+        _require_regular(shard_path, f)
+    return out
+
+
+def _require_regular(shard_path: str, f: str) -> None:
+    """A shard's file must be a regular file (links followed): hashing or reading a FIFO
+    or a device such as /dev/zero would block or never reach its end. A missing file is
+    left to the reader, which names what it expected."""
+    try:
+        mode = os.stat(f).st_mode
+    except FileNotFoundError:
+        if os.path.islink(f):
+            raise ShardError(f"shard {shard_path}: {f} is a link to nothing") from None
+        return
+    if not stat.S_ISREG(mode):
+        raise ShardError(
+            f"shard {shard_path}: {f} is not a regular file ({_file_kind(mode)}); a shard "
+            "holds only regular files"
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _size_of(files: Sequence[str]) -> int:
     return sum(os.path.getsize(f) for f in files)
 
 
-def _sha256_of(files: Sequence[str], base: str) -> str:
+def _sha256_of(files: Sequence[str], base: str, shard_path: str) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(os.path.relpath(f, base).encode() + b"\0")
-        with open(f, "rb") as fh:
+        # Opened without waiting for a writer, and checked again once open: a file swapped
+        # for a FIFO or a device after the listing must not block or read without end.
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as fh:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ShardError(
+                    f"shard {shard_path}: {f} is not a regular file ({_file_kind(mode)})"
+                )
             while True:
                 block = fh.read(_HASH_BLOCK)
                 if not block:
@@ -154,43 +220,106 @@ def _npy_open(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _npz_member(path: str, key: str):
-    """The member ``key`` of an .npz: a memory map if stored uncompressed, else an array."""
-    with zipfile.ZipFile(path) as zf:
-        try:
-            info = zf.getinfo(key + ".npy")
-        except KeyError:
-            raise ShardError(
-                f"shard {path}: no array '{key}' (arrays present: "
-                f"{sorted(n[:-4] for n in zf.namelist())})"
-            ) from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            with zf.open(info) as fh:
-                return np.lib.format.read_array(fh, allow_pickle=False)
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ShardError(f"shard {path}: corrupt zip local header for '{key}'")
-        name_len = int.from_bytes(local[26:28], "little")
-        extra_len = int.from_bytes(local[28:30], "little")
-        start = info.header_offset + 30 + name_len + extra_len
-        fh.seek(start)
-        version = np.lib.format.read_magic(fh)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(fh)
-        data_offset = fh.tell()
-    if dtype.hasobject:
-        raise ShardError(f"shard {path}: '{key}' must be a numeric array")
-    need = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if need > os.path.getsize(path):
+# What zipfile and the decompressors raise for a damaged or unsupported member.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    RuntimeError,  # an encrypted member (refused before, in _zip_member)
+    NotImplementedError,  # an unsupported compression method (likewise)
+)
+
+
+def _zip_member(zf: zipfile.ZipFile, path: str, key: str) -> zipfile.ZipInfo:
+    """The entry of array ``key`` in an .npz, refusing a zip with two entries of one name
+    (zipfile reads the last, other readers the first) and an encrypted entry."""
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        seen, dup = set(), []
+        for n in names:
+            if n in seen and n not in dup:
+                dup.append(n)
+            seen.add(n)
         raise ShardError(
-            f"shard {path}: '{key}' is truncated ({os.path.getsize(path)} bytes, {need} needed)"
+            f"shard {path}: the zip holds several members named {dup} (zip readers "
+            "disagree on which one counts)"
         )
+    try:
+        info = zf.getinfo(key + ".npy")
+    except KeyError:
+        raise ShardError(
+            f"shard {path}: no array '{key}' (arrays present: {sorted(n[:-4] for n in names)})"
+        ) from None
+    if info.flag_bits & 0x1:
+        raise ShardError(f"shard {path}: member '{info.filename}' is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        method = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(
+            info.compress_type, f"method {info.compress_type}"
+        )
+        raise ShardError(
+            f"shard {path}: member '{info.filename}' is compressed with {method}; only "
+            "stored or deflated members are read (np.savez, np.savez_compressed): "
+            "zipfile inflates the others without bound before their size can be checked"
+        )
+    return info
+
+
+def _npz_member(path: str, key: str):
+    """The member ``key`` of an .npz: a memory map if stored uncompressed, else an array.
+
+    The member's .npy header is checked before anything is allocated or mapped: a
+    compressed member may declare at most what its compressed size can inflate to (the
+    rule of :func:`data._check_npz_members`), a stored one must lie within its own bytes
+    (a map running into the next member, or past the end, is refused)."""
+    from . import data as _data
+
+    where = f"shard {path}: array '{key}'"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = _zip_member(zf, path, key)
+            if info.compress_type != zipfile.ZIP_STORED:
+                _data._check_npz_members(path, (key,))
+                with zf.open(info) as fh:
+                    return np.lib.format.read_array(fh, allow_pickle=False)
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ShardError(f"shard {path}: corrupt zip local header for '{key}'")
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            name = fh.read(name_len).decode("utf-8" if info.flag_bits & 0x800 else "cp437")
+            if name != info.orig_filename:
+                raise ShardError(
+                    f"shard {path}: zip local header names {name!r}, the directory "
+                    f"{info.orig_filename!r}"
+                )
+            start = info.header_offset + 30 + name_len + extra_len
+            end = start + info.file_size
+            if info.compress_size != info.file_size or end > os.path.getsize(path):
+                raise ShardError(
+                    f"{where} is truncated (its stored bytes end at {end}, the file at "
+                    f"{os.path.getsize(path)})"
+                )
+            fh.seek(start)
+            shape, dtype, data_offset = _data._npy_header(fh, where)  # bounded header
+            # The header is known sane now: read it again for its memory order.
+            fh.seek(start)
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            _, fortran, _ = read_header(fh)
+        # The map must end within the member's own bytes.
+        _data._check_npy_size(shape, dtype, end - data_offset, where)
+    except ShardError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise ShardError(f"{where}: cannot read it ({type(e).__name__}: {e})") from e
     return np.memmap(
         path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran else "C"
     )
@@ -198,35 +327,50 @@ def _npz_member(path: str, key: str):
 
 def _check_npz_crc(path: str, keys: Sequence[str]) -> None:
     """Reads the members ``keys`` of an .npz through zipfile, which checks each one's
-    CRC-32 at its end: the memory-mapped reads of stored members never do."""
+    CRC-32 at its end: the memory-mapped reads of stored members never do. A damaged
+    deflate stream is reported the same way."""
     try:
         with zipfile.ZipFile(path) as zf:
             for key in keys:
-                with zf.open(key + ".npy") as fh:
+                with zf.open(_zip_member(zf, path, key)) as fh:
                     while fh.read(_HASH_BLOCK):
                         pass
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except ShardError:
+        raise
+    except _ZIP_ERRORS as e:
         raise ShardError(f"shard {path}: corrupt .npz ({type(e).__name__}: {e})") from e
 
 
-def _check_zarr_chunks(path: str, keys: Sequence[str], missing_chunks: str) -> None:
+def _check_zarr_chunks(path: str, keys: Sequence[str], missing_chunks: str, n_files: int) -> None:
     """Every chunk of the arrays ``keys`` must be stored unless ``missing_chunks="fill"``:
     zarr reads an absent chunk as the fill value, so a store that lost chunk files (an
-    interrupted copy) would otherwise train on zeros."""
+    interrupted copy) would otherwise train on zeros. ``n_files``, the number of files in
+    the store, bounds the chunk files it can hold: a shape needing more is refused
+    before zarr lists its chunk keys one by one."""
     if missing_chunks == "fill":
         return
+    advice = (
+        "(an incomplete copy?). zarr leaves out chunks equal to the fill "
+        "value when written with write_empty_chunks=False (zarr 3's default): if "
+        "that is why, open it with missing_chunks='fill', or rewrite the store "
+        "with config={'write_empty_chunks': True}"
+    )
     zarr = _zarr()
     g = zarr.open_group(path, mode="r")
     for key in keys:
         a = g[key]
+        per_file = getattr(a, "shards", None) or a.chunks
+        files_needed = math.prod(-(-int(n) // int(c)) for n, c in zip(a.shape, per_file))
+        if files_needed > n_files:
+            raise ShardError(
+                f"shard {path}: array '{key}' of shape {tuple(a.shape)} needs "
+                f"{files_needed} chunk files, the store holds {n_files} files in all {advice}"
+            )
         stored, total = int(a.nchunks_initialized), int(a.nchunks)
         if stored < total:
             raise ShardError(
                 f"shard {path}: array '{key}' has {total - stored} of its {total} chunks "
-                "missing (an incomplete copy?). zarr leaves out chunks equal to the fill "
-                "value when written with write_empty_chunks=False (zarr 3's default): if "
-                "that is why, open it with missing_chunks='fill', or rewrite the store "
-                "with config={'write_empty_chunks': True}"
+                f"missing {advice}"
             )
 
 
@@ -346,8 +490,62 @@ def _read_parquet_rows(shard: Shard, opts: _Options, start: int, stop: int):
 # --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _named(path: str, what: str):
+    """Any reader's own error type inside becomes a :class:`ShardError` naming the shard
+    (a missing optional package stays an ImportError)."""
+    try:
+        yield
+    except (ShardError, ImportError):
+        raise
+    except Exception as e:  # zarr, pyarrow, numpy: each raises its own types
+        raise ShardError(f"shard {path}: {what}: {type(e).__name__}: {e}") from e
+
+
+def _blocks_of(y, step: int):
+    """The labels reader of an array-like ``y``: its rows in blocks of ``step``."""
+
+    def blocks():
+        for s in range(0, int(y.shape[0]), step):
+            yield np.asarray(y[s : s + step])
+
+    return blocks
+
+
+def _check_zarr_chunk_size(path: str, key: str, a) -> None:
+    """Every read decodes whole chunks: a chunk must be non-empty and decode to at most
+    :data:`ZARR_MAX_CHUNK_BYTES` (a store of a few KB whose one chunk inflates to
+    gigabytes would cost that on every read)."""
+    chunks = tuple(int(c) for c in a.chunks)
+    if len(chunks) != len(a.shape) or any(c < 1 for c in chunks):
+        raise ShardError(f"shard {path}: array '{key}' has chunk shape {chunks}")
+    nbytes = math.prod(chunks) * np.dtype(a.dtype).itemsize
+    if nbytes > ZARR_MAX_CHUNK_BYTES:
+        row = nbytes // chunks[0]
+        raise ShardError(
+            f"shard {path}: array '{key}' has chunks of shape {chunks}, {nbytes} bytes "
+            f"decoded, over the {ZARR_MAX_CHUNK_BYTES}-byte limit (every read decodes "
+            f"whole chunks): rechunk it, at most {max(1, ZARR_MAX_CHUNK_BYTES // row)} "
+            "rows per chunk"
+        )
+
+
+def _parquet_labels(pf, labels_column: str):
+    """The labels reader of a parquet file: it decodes the labels column alone, at most
+    :data:`_LABEL_SCAN_ROWS` rows at a time (never a whole row group, nor the whole
+    column)."""
+    pa = require("pyarrow", "reading parquet shards", "distributed")
+
+    def batches():
+        for batch in pf.iter_batches(batch_size=_LABEL_SCAN_ROWS, columns=[labels_column]):
+            yield pa.Table.from_batches([batch]).column(labels_column).to_numpy()
+
+    return batches
+
+
 def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
-    """(rows, dim, dtype, labels reader) of a shard, validating what can be seen cheaply."""
+    """(rows, dim, dtype, labels dtype, labels shape, labels reader) of a shard, validating
+    what can be seen cheaply. The reader yields the labels in blocks of bounded size."""
     if fmt == "npy":
         if labels_path is None or not os.path.exists(labels_path):
             raise ShardError(
@@ -355,8 +553,10 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
                 f"(name pairs '<stem>{_FEATURES_SUFFIX}' + '<stem>{_LABELS_SUFFIX}')"
             )
         x, y = _npy_open(path), _npy_open(labels_path)
+        step = _LABEL_SCAN_ROWS
     elif fmt == "npz":
         x, y = _npz_member(path, opts.features_key), _npz_member(path, opts.labels_key)
+        step = _LABEL_SCAN_ROWS
     elif fmt == "safetensors":
         with _safe_open(path) as f:
             keys = set(f.keys())
@@ -369,7 +569,7 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
             y = np.asarray(f.get_tensor(opts.labels_key))
         if len(xshape) != 2:
             raise ShardError(f"shard {path}: features must be 2-D, got shape {xshape}")
-        return xshape[0], xshape[1], xdt, y, yshape
+        return xshape[0], xshape[1], xdt, y.dtype, yshape, _blocks_of(y, _LABEL_SCAN_ROWS)
     elif fmt == "zarr":
         g = _zarr().open_group(path, mode="r")
         for key in (opts.features_key, opts.labels_key):
@@ -378,25 +578,36 @@ def _inspect(path: str, fmt: str, labels_path: Optional[str], opts: _Options):
                     f"shard {path}: no array '{key}' (arrays: {sorted(g.array_keys())})"
                 )
         x, y = g[opts.features_key], g[opts.labels_key]
+        _check_zarr_chunk_size(path, opts.features_key, x)
+        _check_zarr_chunk_size(path, opts.labels_key, y)
+        # Blocks of whole chunks: each chunk of labels is decoded once.
+        c = int(y.chunks[0]) if len(y.chunks) else 1
+        step = c * max(1, _LABEL_SCAN_ROWS // c)
     elif fmt == "parquet":
+        pa = require("pyarrow", "reading parquet shards", "distributed")
         pf = _parquet().ParquetFile(path)
         labels_column, feat = _parquet_layout(pf, path, opts.labels_column, opts.features_key)
-        nonempty = [g for g in range(pf.num_row_groups) if pf.metadata.row_group(g).num_rows > 0]
-        if not nonempty:
-            raise ShardError(f"shard {path}: has no rows")
-        first = pf.read_row_group(
-            nonempty[0],
-            columns=[labels_column] + ([feat] if isinstance(feat, str) else list(feat)),
-        )
-        x0, _ = _parquet_to_numpy(first.slice(0, 1), path, labels_column, feat)
-        y = pf.read(columns=[labels_column]).column(labels_column).to_numpy()
         rows = pf.metadata.num_rows
-        return rows, x0.shape[1], x0.dtype, y, (len(y),)
+        if rows == 0:
+            raise ShardError(f"shard {path}: has no rows")
+        columns = [labels_column] + ([feat] if isinstance(feat, str) else list(feat))
+        # The dimension and dtype from the first row, decoded alone.
+        first = pa.Table.from_batches([next(pf.iter_batches(batch_size=1, columns=columns))])
+        x0, y0 = _parquet_to_numpy(first.slice(0, 1), path, labels_column, feat)
+        blocks = _parquet_labels(pf, labels_column)
+        return rows, x0.shape[1], x0.dtype, y0.dtype, (rows,), blocks
     else:  # pragma: no cover
         raise ShardError(f"shard {path}: unknown format {fmt!r}")
     if len(x.shape) != 2:
         raise ShardError(f"shard {path}: features must be 2-D, got shape {tuple(x.shape)}")
-    return x.shape[0], x.shape[1], np.dtype(x.dtype), y, tuple(y.shape)
+    return (
+        x.shape[0],
+        x.shape[1],
+        np.dtype(x.dtype),
+        np.dtype(y.dtype),
+        tuple(y.shape),
+        _blocks_of(y, step),
+    )
 
 
 def _open_one(
@@ -407,53 +618,45 @@ def _open_one(
     checksum: bool,
     missing_chunks: str = "error",
 ) -> tuple[Shard, int]:
-    try:
-        rows, dim, dtype, y, yshape = _inspect(path, fmt, labels_path, opts)
-    except ShardError:
-        raise
-    except ImportError:
-        raise
-    except Exception as e:  # every reader's own error type: name the shard
-        raise ShardError(
-            f"shard {path}: cannot read it (truncated or corrupt {fmt} file?): "
-            f"{type(e).__name__}: {e}"
-        ) from e
+    files = _files_of(path, fmt, labels_path)  # regular files only, before any is read
+    with _named(path, f"cannot read it (truncated or corrupt {fmt} file?)"):
+        rows, dim, dtype, ydt, yshape, label_blocks = _inspect(path, fmt, labels_path, opts)
     if rows == 0:
         raise ShardError(f"shard {path}: has no rows")
     if dtype is None or not is_feature_float(dtype):
         raise ShardError(
             f"shard {path}: features must be float16, bfloat16, float32 or float64, got {dtype}"
         )
-    if fmt == "zarr":
-        _check_zarr_chunks(path, (opts.features_key, opts.labels_key), missing_chunks)
-    if fmt == "npz" and checksum:
-        _check_npz_crc(path, (opts.features_key, opts.labels_key))
     if yshape != (rows,):
         raise ShardError(f"shard {path}: {rows} feature rows but labels have shape {yshape}")
-    ydt = np.dtype(y.dtype)
-    if ydt.kind not in "iu":
+    if np.dtype(ydt).kind not in "iu":
         raise ShardError(f"shard {path}: labels must be integers, got {ydt}")
+    if fmt == "zarr":
+        with _named(path, "cannot read its zarr metadata"):
+            _check_zarr_chunks(
+                path, (opts.features_key, opts.labels_key), missing_chunks, len(files)
+            )
+    if fmt == "npz" and checksum:
+        _check_npz_crc(path, (opts.features_key, opts.labels_key))
     label_min, label_max = None, -1
-    try:
-        for s in range(0, rows, _LABEL_SCAN_ROWS):
-            block = np.asarray(y[s : s + _LABEL_SCAN_ROWS])
+    with _named(path, "cannot read its labels (truncated or corrupt?)"):
+        for block in label_blocks():
+            if block.dtype.kind not in "iu":  # parquet: nulls in a later block
+                raise ShardError(f"shard {path}: labels must be integers, got {block.dtype}")
+            if not block.size:
+                continue
             lo, hi = int(block.min()), int(block.max())
             label_min = lo if label_min is None else min(label_min, lo)
             label_max = max(label_max, hi)
-    except Exception as e:
-        raise ShardError(
-            f"shard {path}: cannot read its labels (truncated or corrupt?): {e}"
-        ) from e
-    if label_min < 0:
+    if label_min is not None and label_min < 0:
         raise ShardError(f"shard {path}: negative label {label_min}")
-    files = _files_of(path, fmt, labels_path)
     base = path if fmt == "zarr" else os.path.dirname(path)
     shard = Shard(
         path=path,
         format=fmt,
         rows=int(rows),
         dtype=np.dtype(dtype).name,
-        sha256=_sha256_of(files, base) if checksum else "",
+        sha256=_sha256_of(files, base, path) if checksum else "",
         size=_size_of(files),
         labels_path=labels_path,
         label_max=label_max,
@@ -667,7 +870,7 @@ class ShardedFeatures:
                 )
             files = _files_of(shard.path, shard.format, shard.labels_path)
             base = shard.path if shard.format == "zarr" else os.path.dirname(shard.path)
-            if _sha256_of(files, base) != shard.sha256:
+            if _sha256_of(files, base, shard.path) != shard.sha256:
                 raise ShardError(
                     f"shard {shard.path}: content changed (SHA-256 differs from the manifest)"
                 )
