@@ -555,7 +555,7 @@ def test_compressed_npz_member_header_is_checked_before_decompressing(tmp_path, 
             [("features.npy", _npy_bytes(x)), ("labels.npy", _npy_bytes(y))],
             method,
         )
-        with pytest.raises(ShardError, match=f"{name}.npz.*features.npy.*{name}"):
+        with pytest.raises(ShardError, match=f"{name}.npz.*features.*{name}"):
             open_sharded(p)
     ok = _zip(
         tmp_path / "ok.npz",
@@ -593,7 +593,7 @@ def test_npz_duplicate_or_encrypted_members_and_bad_streams_name_the_shard(tmp_p
             ("features.npy", _npy_bytes(np.zeros_like(x))),
         ],
     )
-    with pytest.raises(ShardError, match=r"dup.npz.*several members named \['features.npy'\]"):
+    with pytest.raises(ShardError, match=r"dup.npz.*duplicated members \['features.npy'\]"):
         open_sharded(dup)
     # The "encrypted" flag (zipfile raises RuntimeError opening such a member).
     for method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -603,7 +603,7 @@ def test_npz_duplicate_or_encrypted_members_and_bad_streams_name_the_shard(tmp_p
             method,
         )
         _set_flag(enc, "labels.npy", 0x1)
-        with pytest.raises(ShardError, match=f"enc{method}.npz.*'labels.npy' is encrypted"):
+        with pytest.raises(ShardError, match=rf"enc{method}.npz.*\['labels'\] is encrypted"):
             open_sharded(enc)
     # A damaged deflate stream is a ShardError naming the shard wherever it is read.
     from dpfc_native.shards import _check_npz_crc

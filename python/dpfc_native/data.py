@@ -394,14 +394,38 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _zip_names(zf: zipfile.ZipFile, path: str) -> list:
-    """The member names of an archive, refusing duplicates: zipfile reads the last of two
-    members of one name, other tools the first, so two readers would see other data."""
+def _npz_member_info(
+    zf: zipfile.ZipFile, path: str, key: str, stored_only: bool = False
+) -> zipfile.ZipInfo:
+    """The entry of array ``key`` in an .npz, if it can be read safely: refused (one
+    ValueError naming the file) are an archive with two members of one name (zipfile
+    reads the last, other tools the first), a missing member, an encrypted one, one
+    compressed with another method than deflate (zipfile decompresses bzip2 and LZMA a
+    read at a time with no bound on the output: 4 KB of a bzip2 member made a
+    gigabyte), and with ``stored_only`` any compressed one."""
     names = zf.namelist()
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"{path} has duplicated members {dup}: refused (ambiguous archive)")
-    return names
+    if key + ".npy" not in names:
+        present = sorted(n[:-4] for n in names if n.endswith(".npy"))
+        raise ValueError(f"{path} has no array '{key}' (arrays present: {present})")
+    info = zf.getinfo(key + ".npy")
+    if info.flag_bits & 0x1:
+        raise ValueError(f"{path}['{key}'] is encrypted")
+    if stored_only and info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(
+            f"{path}['{key}'] is compressed; this format stores its members uncompressed"
+        )
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        method = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(
+            info.compress_type, f"method {info.compress_type}"
+        )
+        raise ValueError(
+            f"{path}['{key}'] is compressed with {method}: only stored or deflated members "
+            "(what np.savez and np.savez_compressed write) are read"
+        )
+    return info
 
 
 def _check_npy_size(shape, dtype, data_bytes: int, where: str) -> None:
@@ -426,29 +450,11 @@ def _check_npy_file(path: str, key: str) -> None:
 
 def _check_npz_members(path: str, keys, stored_only: bool = False) -> None:
     """Check each member's .npy header against the member's stored size before loading
-    (and that no member name is duplicated; with ``stored_only``, that the members are
-    stored uncompressed, so that no declared size exceeds the file)."""
+    (after :func:`_npz_member_info`'s checks)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = _zip_names(zf, path)
             for key in keys:
-                if key + ".npy" not in names:
-                    present = sorted(n[:-4] for n in names if n.endswith(".npy"))
-                    raise ValueError(f"{path} has no array '{key}' (arrays present: {present})")
-                info = zf.getinfo(key + ".npy")
-                if stored_only and info.compress_type != zipfile.ZIP_STORED:
-                    raise ValueError(
-                        f"{path}['{key}'] is compressed; this format stores its members "
-                        "uncompressed"
-                    )
-                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                    # zipfile decompresses bzip2 and LZMA members a read at a time with no
-                    # bound on the output: 4 KB of a bzip2 member made a gigabyte.
-                    raise ValueError(
-                        f"{path}['{key}'] is compressed with method {info.compress_type}: "
-                        "only stored or deflated members (what np.savez and "
-                        "np.savez_compressed write) are read"
-                    )
+                info = _npz_member_info(zf, path, key, stored_only)
                 with zf.open(info) as f:
                     shape, dtype, header = _npy_header(f, f"{path}['{key}']")
                 available = info.file_size - header
@@ -456,7 +462,6 @@ def _check_npz_members(path: str, keys, stored_only: bool = False) -> None:
                     available = min(available, _DEFLATE_MAX_RATIO * info.compress_size)
                 _check_npy_size(shape, dtype, available, f"{path}['{key}']")
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as e:
-        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression.
         raise ValueError(f"cannot read {path} (truncated or corrupted .npz?): {e}") from e
 
 

@@ -233,37 +233,15 @@ _ZIP_ERRORS = (
 
 
 def _zip_member(zf: zipfile.ZipFile, path: str, key: str) -> zipfile.ZipInfo:
-    """The entry of array ``key`` in an .npz, refusing a zip with two entries of one name
-    (zipfile reads the last, other readers the first) and an encrypted entry."""
-    names = zf.namelist()
-    if len(set(names)) != len(names):
-        seen, dup = set(), []
-        for n in names:
-            if n in seen and n not in dup:
-                dup.append(n)
-            seen.add(n)
-        raise ShardError(
-            f"shard {path}: the zip holds several members named {dup} (zip readers "
-            "disagree on which one counts)"
-        )
+    """The entry of array ``key`` in an .npz shard, refused as
+    :func:`data._npz_member_info` refuses it (a name twice, missing, encrypted, bzip2 or
+    LZMA: zipfile inflates those without bound before their size can be checked)."""
+    from . import data as _data
+
     try:
-        info = zf.getinfo(key + ".npy")
-    except KeyError:
-        raise ShardError(
-            f"shard {path}: no array '{key}' (arrays present: {sorted(n[:-4] for n in names)})"
-        ) from None
-    if info.flag_bits & 0x1:
-        raise ShardError(f"shard {path}: member '{info.filename}' is encrypted")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        method = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(
-            info.compress_type, f"method {info.compress_type}"
-        )
-        raise ShardError(
-            f"shard {path}: member '{info.filename}' is compressed with {method}; only "
-            "stored or deflated members are read (np.savez, np.savez_compressed): "
-            "zipfile inflates the others without bound before their size can be checked"
-        )
-    return info
+        return _data._npz_member_info(zf, path, key)
+    except ValueError as e:
+        raise ShardError(f"shard {e}") from None
 
 
 def _npz_member(path: str, key: str):
