@@ -1,4 +1,4 @@
-"""Writing output files whole or not at all."""
+"""Writing output files whole or not at all; opening input files that are regular files."""
 
 from __future__ import annotations
 
@@ -99,3 +99,40 @@ def _regular_or_missing(path: str) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:  # not there yet (or a dangling link)
         return True
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` that is not a regular file's is, in words."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def open_regular(path: str):
+    """``path`` opened for binary reading if it is a regular file (links followed);
+    otherwise an :class:`OSError` saying what it is. A FIFO, socket or device named like
+    a data file would block the reader forever (or read without end), so the type is
+    checked before the open, and again on the opened descriptor (the path may have been
+    swapped in between); the open itself does not wait for a FIFO's writer."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file ({file_kind(mode)})")
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({file_kind(mode)})")
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -54,7 +54,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +61,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ._fileio import open_regular
 from ._optional import require
 from .data import _sibling_labels_path
 
@@ -915,47 +915,11 @@ def _merged_preprocess(net, given: Optional[dict]) -> Preprocess:
     return Preprocess.from_dict(merged, f"{source}: {', '.join(sorted(given))}")
 
 
-def _open_regular(path: str):
-    """``path`` opened for reading if it is a regular file (links followed); otherwise an
-    :class:`OSError` saying what it is. A FIFO, socket or device named like an image would
-    block the reading thread forever (or read without end), so the type is checked before
-    any open, and again on the opened descriptor (the path may have been swapped in
-    between); the open itself is non-blocking, so it cannot wait for a FIFO's writer."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise OSError(f"not a regular file ({_file_kind(mode)})")
-    nonblock = getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({_file_kind(mode)})")
-        if nonblock:
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a plain file"
-
-
 def _read_image(path: str, preprocess: Preprocess):
     from PIL import Image
 
     try:
-        with _open_regular(path) as fh, Image.open(fh) as img:
+        with open_regular(path) as fh, Image.open(fh) as img:
             img.load()
             return preprocess(img), None
     except Exception as exc:  # PIL raises many types for bad files; report, never crash

@@ -43,6 +43,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ._fileio import file_kind, open_regular
 from ._optional import require
 from ._optional import safetensors_open as _safe_open
 from ._validation import inferred_class_limit, is_feature_float
@@ -150,22 +151,9 @@ def _require_regular(shard_path: str, f: str) -> None:
         return
     if not stat.S_ISREG(mode):
         raise ShardError(
-            f"shard {shard_path}: {f} is not a regular file ({_file_kind(mode)}); a shard "
+            f"shard {shard_path}: {f} is not a regular file ({file_kind(mode)}); a shard "
             "holds only regular files"
         )
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a plain file"
 
 
 def _size_of(files: Sequence[str]) -> int:
@@ -176,15 +164,13 @@ def _sha256_of(files: Sequence[str], base: str, shard_path: str) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(os.path.relpath(f, base).encode() + b"\0")
-        # Opened without waiting for a writer, and checked again once open: a file swapped
-        # for a FIFO or a device after the listing must not block or read without end.
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        with open(fd, "rb") as fh:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise ShardError(
-                    f"shard {shard_path}: {f} is not a regular file ({_file_kind(mode)})"
-                )
+        # A file swapped for a FIFO or a device after the listing must not block or read
+        # without end: open_regular checks the opened descriptor again.
+        try:
+            fh = open_regular(f)
+        except OSError as e:
+            raise ShardError(f"shard {shard_path}: {f}: {e}") from e
+        with fh:
             while True:
                 block = fh.read(_HASH_BLOCK)
                 if not block:
