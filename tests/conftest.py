@@ -5,6 +5,7 @@ references and data live in tests/_reference.py."""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -115,3 +116,29 @@ def rng(request):
     """Fresh random data per test, seeded from the test id (a stable hash, unlike hash()),
     so a failure reproduces in the next run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def fifo_alarm():
+    """Guards a test against blocking on a FIFO (opening one for reading waits for a
+    writer forever): after 10 s the alarm opens each FIFO listed for writing and closes
+    it, so a blocked reader gets end-of-file, and the test fails."""
+    import signal
+
+    fifos = []
+
+    def _unblock(signum, frame):
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        raise AssertionError("blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, _unblock)
+    signal.alarm(10)
+    try:
+        yield fifos
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

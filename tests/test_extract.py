@@ -883,32 +883,6 @@ def test_extract_from_a_thread_and_a_resize_pair_given_as_an_argument(setup):
     assert _merged_preprocess(NoSpec(), {"crop": [8, 8], "resize": 9}).crop_mode == "center"
 
 
-@pytest.fixture
-def fifo_alarm():
-    """Guards a test against blocking on a FIFO (code that opens it waits for a writer
-    forever): after 10 s the alarm opens every FIFO listed for writing and closes it, so a
-    reader blocked on one gets end-of-file, and fails the test."""
-    import signal
-
-    fifos = []
-
-    def _unblock(signum, frame):
-        for fifo in fifos:
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-        raise AssertionError("blocked on a FIFO named like an image")
-
-    previous = signal.signal(signal.SIGALRM, _unblock)
-    signal.alarm(10)
-    try:
-        yield fifos
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_or_device_named_like_an_image_is_a_bad_image(setup, fifo_alarm):
     tmp, _, _ = setup

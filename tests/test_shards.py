@@ -625,32 +625,6 @@ def test_npz_duplicate_or_encrypted_members_and_bad_streams_name_the_shard(tmp_p
         open_sharded(p)
 
 
-@pytest.fixture
-def fifo_alarm():
-    """Guards a test against blocking on a FIFO (opening one for reading waits for a
-    writer forever): after 10 s the alarm opens each FIFO listed for writing and closes
-    it, so a blocked reader gets end-of-file, and fails the test."""
-    import signal
-
-    fifos = []
-
-    def _unblock(signum, frame):
-        for fifo in fifos:
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-        raise AssertionError("blocked on a FIFO inside a shard")
-
-    previous = signal.signal(signal.SIGALRM, _unblock)
-    signal.alarm(10)
-    try:
-        yield fifos
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _small_zarr(path, rows=10, chunk=4, features_chunk=None):
     zarr = pytest.importorskip("zarr")
     x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
