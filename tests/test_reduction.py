@@ -1279,3 +1279,34 @@ def test_a_child_forked_inside_blas_blocks_computes_and_restores_blas():
     with threadpool_limits(limits=None):
         pass
     assert R._BLAS_USERS == 0 and _blas_threads() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_inside_its_own_blas_block_keeps_it_balanced():
+    """Forked by the thread inside a block: the child's count was reset to 0, and the
+    block's end took it to -1, after which no block set the limit again."""
+    rng = np.random.default_rng(34)
+    x, y = rng.standard_normal((300, 5)), rng.integers(0, 3, 300)
+    want = R.reduce(R.Gram(1.0), x, y, threads=1, leaf_rows=64)
+    before = _blas_threads()
+    with R.one_blas_thread():
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(30)
+                code = 0 if R._BLAS_USERS == 1 and _blas_threads() == {1} else 3
+            finally:
+                if code:
+                    os._exit(code)
+        if pid != 0:
+            _, status = os.waitpid(pid, 0)
+    if pid == 0:  # the child, out of the block it inherited
+        code = 4
+        try:
+            ok = R._BLAS_USERS == 0 and _blas_threads() == before
+            got = R.reduce(R.Gram(1.0), x, y, threads=2, leaf_rows=64)
+            code = 0 if ok and np.array_equal(got, want) and R._BLAS_USERS == 0 else 5
+        finally:
+            os._exit(code)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

@@ -1185,6 +1185,7 @@ def _leaf_values(stat, source, layout: LeafLayout, leaf: int, sampling, weights)
 _BLAS_LOCK = threading.Lock()
 _BLAS_USERS = 0
 _BLAS_LIMIT: Any = None
+_BLAS_DEPTH = threading.local()  # blocks open on this thread (what survives a fork)
 
 
 @contextlib.contextmanager
@@ -1211,9 +1212,11 @@ def one_blas_thread():
             _take_blas_control()  # this thread sets the limit, and keeps control
             _BLAS_LIMIT = threadpoolctl.threadpool_limits(1, user_api="blas")
         _BLAS_USERS += 1
+    _BLAS_DEPTH.n = getattr(_BLAS_DEPTH, "n", 0) + 1
     try:
         yield
     finally:
+        _BLAS_DEPTH.n -= 1
         with _BLAS_LOCK:
             _BLAS_USERS -= 1
             if _BLAS_USERS == 0:
@@ -1251,19 +1254,25 @@ def _take_blas_control() -> None:
 
 def _after_fork_in_child() -> None:
     """A forked child has only the forking thread: blocks that other threads held are
-    gone with them. Fresh lock and count (the lock may have been copied held: every
-    fit in the child then hung), and BLAS back to the count the blocks found."""
+    gone with them. A fresh lock (it may have been copied held: every fit in the child
+    then hung) and the count of the forking thread's own open blocks; with none, BLAS
+    back to the count the blocks found (the child stayed on one thread for good), with
+    some, the limit kept for them and this thread in control."""
     global _BLAS_LOCK, _BLAS_USERS, _BLAS_LIMIT
     _BLAS_LOCK = threading.Lock()
-    limit, _BLAS_USERS, _BLAS_LIMIT = _BLAS_LIMIT, 0, None
-    if limit is None:
+    mine = getattr(_BLAS_DEPTH, "n", 0)
+    if _BLAS_LIMIT is None:
         return
     state = _blas_shared_state()
     if state is not None:
         # Held only by a thread that no longer exists here (or by this one, which is
-        # not inside it now): a fresh lock, and no controlling thread.
+        # not inside it now): a fresh lock, and this thread in control.
         state.lock = threading.Lock()
         state.controlling_thread = threading.current_thread()
+    _BLAS_USERS = mine
+    if mine:
+        return  # this thread's blocks go on; the last one out restores
+    limit, _BLAS_LIMIT = _BLAS_LIMIT, None
     try:
         limit.restore_original_limits()
     finally:
