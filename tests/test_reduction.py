@@ -1310,3 +1310,38 @@ def test_a_child_forked_inside_its_own_blas_block_keeps_it_balanced():
         finally:
             os._exit(code)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_threadpoolctl_is_locked_does_not_hang():
+    """Another thread inside threadpoolctl's lock (taking control of OpenBLAS) at the
+    fork, with no limit set: the child's first block waited on that lock forever."""
+    import threading
+
+    state = R._blas_shared_state()
+    if state is None:
+        pytest.skip("threadpoolctl without a controlling-thread record")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with state.lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(30)
+    assert R._BLAS_LIMIT is None
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(30)
+            with R.one_blas_thread():
+                code = 0 if _blas_threads() == {1} else 3
+        finally:
+            os._exit(code)
+    release.set()
+    t.join(30)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

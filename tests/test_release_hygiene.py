@@ -735,6 +735,67 @@ def test_tampered_ledgers_and_parameters_are_refused(tmp_path, cls):
     assert loaded.privacy_.epsilon == ledger["epsilon"]
 
 
+def test_tampered_ledger_method_and_releases_are_refused(tmp_path):
+    """A subsampled ledger naming another accountant kept any epsilon below the RDP
+    bound; a release without noise was left out of the totals; thousands of releases
+    took minutes to compose."""
+    x, y = _data(9)
+    good = _fit(DPSGDClassifier, x, y, sample_rate=0.2, steps=4).save(tmp_path / "g.npz")
+    ledger = _json_member(good, "ledger")
+    release = ledger["releases"][0]
+    silent = {**release, "name": "unnoised", "noise_multiplier": None, "noise_std": 0.0}
+    many = [{**release, "noise_multiplier": release["noise_multiplier"] + i} for i in range(65)]
+    for case, bad_ledger, needle in (
+        ("method", {**ledger, "method": "my accountant", "epsilon": 1e-3}, "not an accountant"),
+        ("silent", {**ledger, "releases": [release, silent]}, "has no noise"),
+        ("many", {**ledger, "releases": many}, "lists 65 releases"),
+    ):
+        bad = _tamper(good, tmp_path / f"{case}.npz", ledger=np.array(json.dumps(bad_ledger)))
+        with pytest.raises(ValueError, match=needle):
+            dpfc_native.load_model(bad)
+
+
+def test_pandas_classes_and_center_survive_save_and_load(tmp_path):
+    """save_model wrote a pandas Index or Series parameter as its text; the load checks
+    then refused the file (and files already written so still load)."""
+    pd = pytest.importorskip("pandas")
+    x, y = _data(10)
+    names = np.array(["a", "b", "c"])
+    for kw, labels in (
+        ({"classes": pd.Index(["a", "b", "c"])}, names[y]),
+        ({"classes": pd.Series([0, 1, 2])}, y),
+        ({"center": pd.Series(np.full(x.shape[1], 0.1))}, y),
+    ):
+        est = DPLeastSquaresClassifier(epsilon=1.0, **kw).fit(x, labels)
+        path = est.save(tmp_path / "p.npz")
+        params = _json_member(path, "params")
+        key = next(iter(kw))
+        assert isinstance(params[key], list)
+        loaded = dpfc_native.load_model(path)
+        np.testing.assert_array_equal(loaded.predict(x), est.predict(x))
+        # As an earlier writer left it: the parameter as text.
+        old = _tamper(
+            path,
+            tmp_path / "old.npz",
+            params=np.array(json.dumps({**params, key: str(kw[key])})),
+        )
+        np.testing.assert_array_equal(dpfc_native.load_model(old).predict(x), est.predict(x))
+
+
+def test_cli_predict_reads_a_file_whose_name_looks_like_a_glob(tmp_path):
+    """'test[0].npz' was read as a shard glob: its labels taken as class indices."""
+    x, y = _data(11)
+    labels = np.array([10, 20, 30])[y]
+    est = DPLeastSquaresClassifier(epsilon=math.inf, classes=[10, 20, 30]).fit(x, labels)
+    model = est.save(tmp_path / "m.npz")
+    odd = tmp_path / "test[0].npz"
+    np.savez(odd, features=x, labels=labels)
+    res = runner.invoke(app, ["predict", model, str(odd)])
+    assert res.exit_code == 0, res.output
+    assert f"accuracy: {np.mean(est.predict(x) == labels):.4f}" in res.output
+    assert "shard" not in res.output
+
+
 def test_non_private_and_selected_models_still_load(tmp_path):
     """Ledgers the checks must accept: epsilon = inf with no release, and a private
     selection's (its epsilon above one run's, mu unset)."""

@@ -262,7 +262,11 @@ def _missing_chunks_option():
 
 
 def _is_shards(text: str) -> bool:
-    """Whether a features argument names shards: a glob, a zarr store, a parquet file."""
+    """Whether a features argument names shards: a glob, a zarr store, a parquet file.
+    An existing .npz, .npy or .safetensors file is a file, whatever its name holds
+    ('test[0].npz' was read as a glob, its labels as class indices)."""
+    if os.path.isfile(text) and text.lower().endswith((".npz", ".npy", ".safetensors")):
+        return False
     return (
         any(c in text for c in "*?[")
         or text.rstrip("/").endswith(".zarr")

@@ -40,9 +40,10 @@ Loading checks every member (types, shapes, ranges; the parameters as ``fit`` ch
 them; ``classes`` and ``center`` parameters against the arrays) and the ledger's totals
 against its releases: an exact-GDP ledger must state the mu of its releases and the
 epsilon of that mu; a subsampled one the epsilon its accountant gives (RDP exactly; PLD
-to 1e-3 when dp_accounting is installed; never above the RDP bound); a ledger without
-releases must be the non-private one. A file's ledger remains a claim: nothing in a file
-can show that its weights came from the stated noise.
+to 1e-3 when dp_accounting is installed, else only never above the RDP bound); a private
+selection at least one run's; a ledger without releases must be the non-private one, and
+every release must carry noise (at most 64 releases are read). A file's ledger remains a
+claim: nothing in a file can show that its weights came from the stated noise.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def _json_value(value):
         return {str(k): _json_value(v) for k, v in value.items()}
     if value is None or isinstance(value, str):
         return value
+    if hasattr(value, "__array__"):  # a pandas Index or Series, a CuPy array, ...
+        return _json_value(np.asarray(value))
     return str(value)
 
 
@@ -229,6 +232,13 @@ def _ledger_from_dict(d):
 
     if not isinstance(d, dict) or not isinstance(d.get("releases"), list):
         raise ValueError("'ledger' must be a JSON object with a list of releases")
+    if len(d["releases"]) > _MAX_RELEASES:
+        # Each is composed to check the totals (a PLD takes ~0.1 s): a crafted list
+        # of thousands took minutes to load.
+        raise ValueError(
+            f"the ledger lists {len(d['releases'])} releases, more than any fit makes "
+            f"(at most {_MAX_RELEASES} are read)"
+        )
     entries, events = [], []
     for i, r in enumerate(d["releases"]):
         where = f"ledger release {i}"
@@ -244,7 +254,10 @@ def _ledger_from_dict(d):
             none=True,
             inf=True,
         )
-        z = math.inf if z is None else z
+        if z is None or math.isinf(z):
+            # A release without noise: no fit makes one (its statistic would be public);
+            # left out of the totals, it would hide whatever it released.
+            raise ValueError(f"{where} has no noise (no finite noise multiplier)")
         count = r.get("count")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"{where} count must be an integer >= 1, got {count!r}")
@@ -253,12 +266,11 @@ def _ledger_from_dict(d):
         if sens is not None and std is not None and not _close(std, sens * z):
             raise ValueError(f"{where}: noise_std {std!r} is not sensitivity x multiplier")
         entries.append(LedgerEntry(r["name"], sens, std, z, count, q, share))
-        if math.isfinite(z):
-            events.append(
-                accounting.GaussianRelease(z, count=count)
-                if q == 1.0
-                else accounting.SubsampledGaussian(z, q, steps=count)
-            )
+        events.append(
+            accounting.GaussianRelease(z, count=count)
+            if q == 1.0
+            else accounting.SubsampledGaussian(z, q, steps=count)
+        )
     epsilon = _number(d.get("epsilon"), "ledger epsilon", lo=0, none=True, inf=True)
     epsilon = math.inf if epsilon is None else epsilon
     delta = _number(d.get("delta"), "ledger delta", lo=0, hi=1)
@@ -288,6 +300,10 @@ def _ledger_from_dict(d):
                     f"({accounting.gdp_epsilon(acct.mu, delta)!r} at delta {delta!r})"
                 )
         elif acct.is_exact_gdp:  # a selection over such runs: at least one run's cost
+            if not method.startswith("private selection"):
+                raise ValueError(
+                    f"the ledger's method {method!r} gives no mu for Gaussian releases"
+                )
             if epsilon < accounting.gdp_epsilon(acct.mu, delta) * (1 - 1e-9):
                 raise ValueError(f"the ledger's epsilon {epsilon!r} is below its releases'")
         else:
@@ -298,10 +314,13 @@ def _ledger_from_dict(d):
 def _check_subsampled_epsilon(events, epsilon: float, delta: float, method: str, rdp) -> None:
     """A subsampled ledger's epsilon recomputed by the accountant its method names (RDP:
     to 1e-9; PLD: to 1e-3, as another dp_accounting version may round its grid
-    otherwise), and never above the RDP bound. Without dp_accounting a PLD ledger is
-    held to the RDP bound only."""
+    otherwise), and never above the RDP bound; any other method is refused. Without
+    dp_accounting a PLD ledger is held to the RDP bound only (an upper bound: an
+    understated epsilon is then not detected)."""
     from . import accounting
 
+    if not method.startswith(("RDP", "PLD")):
+        raise ValueError(f"the ledger's method {method!r} is not an accountant of this package")
     bound = rdp.get_epsilon_and_method(delta)[0]
     if not 0 < epsilon <= bound * (1 + 1e-9):
         raise ValueError(
@@ -310,7 +329,7 @@ def _check_subsampled_epsilon(events, epsilon: float, delta: float, method: str,
         )
     if method.startswith("RDP"):
         want, rel = bound, 1e-9
-    elif method.startswith("PLD") and accounting.accountant._dp_accounting() is not None:
+    elif accounting.accountant._dp_accounting() is not None:
         pld = accounting.PrivacyAccountant(method="pld")
         for e in events:
             pld.compose(e)
@@ -338,6 +357,9 @@ def _json(member, name: str):
     except RecursionError:
         raise ValueError(f"'{name}' is nested too deeply") from None
 
+
+#: Most releases a model's ledger may list (a fit makes a handful).
+_MAX_RELEASES = 64
 
 #: Ranges of the fitted numbers a model stores: (lower bound, open?, integer?).
 _FITTED_NUMBERS = {
@@ -415,6 +437,11 @@ def _checked_model(path: str, arrays: dict, models):
     params.pop("noise_seeded", None)
     params.pop("random_state", None)  # never written: a loaded model has no seed
     valid = set(cls._get_param_names())
+    for key in ("classes", "center"):
+        if isinstance(params.get(key), str):
+            # An earlier writer saved array-likes (a pandas Index or Series) as their
+            # text: the arrays themselves say what they were.
+            params[key] = None if key == "center" and not arrays[key].size else arrays[key]
     est = cls().set_params(**{k: _param_value(v) for k, v in params.items() if k in valid})
     try:  # the estimator's own checks of its parameters, as fit runs them
         est._common_params()

@@ -1261,13 +1261,15 @@ def _after_fork_in_child() -> None:
     global _BLAS_LOCK, _BLAS_USERS, _BLAS_LIMIT
     _BLAS_LOCK = threading.Lock()
     mine = getattr(_BLAS_DEPTH, "n", 0)
-    if _BLAS_LIMIT is None:
-        return
     state = _blas_shared_state()
     if state is not None:
-        # Held only by a thread that no longer exists here (or by this one, which is
-        # not inside it now): a fresh lock, and this thread in control.
+        # threadpoolctl's lock is held, if at all, by a thread that no longer exists
+        # here (this one is not inside it now): a fresh one, whether or not a limit is
+        # set (a child forked while another thread took control hung on it).
         state.lock = threading.Lock()
+    if _BLAS_LIMIT is None:
+        return
+    if state is not None:
         state.controlling_thread = threading.current_thread()
     _BLAS_USERS = mine
     if mine:

@@ -16,8 +16,8 @@ Formats (``format=None`` picks by name):
                           (bzip2 and LZMA members are refused)
 ``*.safetensors``         tensors ``features`` and ``labels`` (sliced lazily)
 ``*.zarr`` (directory)    a group with arrays ``features`` (chunked by rows) and
-                          ``labels``; float16 kept as stored; a chunk decodes to at
-                          most :data:`ZARR_MAX_CHUNK_BYTES`
+                          ``labels``; float16 kept as stored; a chunk shape declares
+                          at most :data:`ZARR_MAX_CHUNK_BYTES`
 ``*.parquet``             a ``features`` column of (fixed-size) lists, or one numeric
                           column per feature, plus a ``labels`` (or ``label``) column
 ========================  ============================================================
@@ -74,7 +74,8 @@ _HASH_BLOCK = 1 << 22
 # Labels are scanned (range check) in blocks of this many rows when a shard is opened
 # (zarr: whole chunks, at least one).
 _LABEL_SCAN_ROWS = 1 << 20
-#: The largest decoded size of one zarr chunk (every read decodes whole chunks).
+#: The largest size one zarr chunk's shape may declare (every read decodes whole chunks;
+#: a chunk file inflating beyond its declared shape is refused by zarr only once decoded).
 ZARR_MAX_CHUNK_BYTES = 1 << 30
 
 
