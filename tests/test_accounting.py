@@ -886,13 +886,23 @@ def test_pld_work_is_bounded_for_huge_step_counts(monkeypatch):
 
     real = acc.PrivacyAccountant._pld
     monkeypatch.setattr(acc.PrivacyAccountant, "_pld", pld)
-    for z, q, steps in ((1.0, 1e-6, 10**8), (1.5, 1e-5, 10**7), (1.0, 0.99, 10**6)):
+    # The last two: one step of a tiny noise multiplier (z = 1e-3: 3 s in the PLD;
+    # 1e-5: minutes), an epsilon in the hundreds of thousands either way.
+    for z, q, steps in (
+        (1.0, 1e-6, 10**8),
+        (1.5, 1e-5, 10**7),
+        (1.0, 0.99, 10**6),
+        (1e-3, 0.5, 1),
+        (1e-5, 1e-3, 1),
+    ):
         e = acc.dpsgd_epsilon(z, q, steps, 1e-5)
         assert e == acc.dpsgd_epsilon(z, q, steps, 1e-5, method="rdp")
     assert calls == []
     monkeypatch.setattr(acc.PrivacyAccountant, "_pld", real)
     with pytest.raises(ValueError, match='method="pld" would take minutes'):
         acc.dpsgd_epsilon(1.5, 1e-5, 10**7, 1e-5, method="pld")
+    with pytest.raises(ValueError, match="noise multiplier of 1e-05"):
+        acc.dpsgd_epsilon(1e-5, 0.5, 1, 1e-5, method="pld")
     # Within the bounds "auto" still takes the smaller of RDP and PLD.
     assert acc.dpsgd_epsilon(1.0, 0.01, 1000, 1e-5) < acc.dpsgd_epsilon(
         1.0, 0.01, 1000, 1e-5, method="rdp"

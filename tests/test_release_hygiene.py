@@ -901,3 +901,59 @@ def test_save_over_a_file_keeps_its_mode_and_writes_through_a_symlink(tmp_path):
     est.save(link)
     assert link.is_symlink() and os.stat(real).st_mode & 0o777 == 0o600
     assert dpfc_native.load_model(link).coef_.tobytes() == est.coef_.tobytes()
+
+
+def test_ledgers_beyond_accounting_are_refused_and_zero_epsilon_loads(tmp_path):
+    """A release of noise multiplier 1e-200 made the recomputed mu infinite, and inf
+    matched any stated mu and epsilon (the file loaded at epsilon 1); such a subsampled
+    release raised FloatingPointError. A PLD ledger of epsilon 0 (a delta above the
+    releases' total variation) was refused although the fit wrote it."""
+    x, y = _data(12)
+    good = _fit(DPLeastSquaresClassifier, x, y).save(tmp_path / "ls.npz")
+    ledger = _json_member(good, "ledger")
+    tiny = [
+        {**r, "noise_multiplier": 1e-200, "noise_std": r["sensitivity"] * 1e-200}
+        for r in ledger["releases"]
+    ]
+    sub = {"name": "g", "sensitivity": None, "noise_std": None, "count": 10, "share": None}
+    for case, bad_ledger in (
+        ("tiny", {**ledger, "releases": tiny}),
+        ("mu_inf", {**ledger, "mu": math.inf}),
+        (
+            "huge_count",
+            {
+                **ledger,
+                "method": "RDP",
+                "mu": None,
+                "releases": [
+                    {**sub, "noise_multiplier": 0.1, "count": 10**308, "sample_rate": 0.9}
+                ],
+            },
+        ),
+        (
+            "tiny_subsampled",
+            {
+                **ledger,
+                "method": "RDP",
+                "mu": None,
+                "releases": [{**sub, "noise_multiplier": 1e-160, "sample_rate": 0.5}],
+            },
+        ),
+    ):
+        bad = _tamper(good, tmp_path / f"{case}.npz", ledger=np.array(json.dumps(bad_ledger)))
+        with pytest.raises(ValueError, match="cannot read model"):
+            dpfc_native.load_model(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)  # delta > 1/n
+        est = DPSGDClassifier(
+            epsilon=1.0,
+            delta=0.01,
+            classes=[0, 1, 2],
+            sample_rate=0.001,
+            steps=1,
+            accountant="auto",
+        ).fit(x, y)
+    if accounting.accountant._dp_accounting() is not None:  # the PLD's answer here
+        assert est.privacy_.epsilon == 0.0
+        path = est.save(tmp_path / "zero.npz")
+        assert dpfc_native.load_model(path).privacy_.epsilon == 0.0

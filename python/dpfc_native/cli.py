@@ -782,8 +782,9 @@ def predict(
     features: Path = typer.Argument(
         ...,
         help="Features to classify: .npz ('features', optional 'labels'), .npy or "
-        ".safetensors; or shards (a glob, a directory, a .zarr store, a .parquet file; their "
-        "labels index the model's classes), read a block of rows at a time.",
+        ".safetensors (read as a file whatever its name holds); or shards (a glob, a "
+        "directory, a .zarr store, a .parquet file; their labels index the model's "
+        "classes), read a block of rows at a time.",
     ),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the predicted labels here (.npy)."

@@ -217,6 +217,10 @@ def _number(value, what: str, *, lo=None, hi=None, lo_open=False, none=False, in
 
 
 def _close(a: float, b: float, rel: float = 1e-9) -> bool:
+    """Both finite and within ``rel`` (an infinite side is never close: inf - inf passed
+    every comparison, so a release of noise multiplier 1e-200 matched any stated mu)."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return False
     return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-300
 
 
@@ -291,6 +295,8 @@ def _ledger_from_dict(d):
         acct = accounting.PrivacyAccountant(method="rdp")
         for e in events:
             acct.compose(e)
+        if acct.mu is not None and not math.isfinite(acct.mu):
+            raise ValueError("the ledger's releases carry too little noise to account")
         if mu is not None:  # exact Gaussian DP: the totals follow from the releases
             if not acct.is_exact_gdp or not _close(mu, acct.mu):
                 raise ValueError(f"the ledger's mu {mu!r} is not that of its releases")
@@ -322,9 +328,12 @@ def _check_subsampled_epsilon(events, epsilon: float, delta: float, method: str,
     if not method.startswith(("RDP", "PLD")):
         raise ValueError(f"the ledger's method {method!r} is not an accountant of this package")
     bound = rdp.get_epsilon_and_method(delta)[0]
-    if not 0 < epsilon <= bound * (1 + 1e-9):
+    if not math.isfinite(bound):
+        raise ValueError("the ledger's releases carry too little noise to account")
+    # 0 is possible: a PLD at a delta above the releases' total variation.
+    if not 0 <= epsilon <= bound * (1 + 1e-9):
         raise ValueError(
-            f"the ledger's epsilon {epsilon!r} is not within (0, {bound!r}], the RDP bound "
+            f"the ledger's epsilon {epsilon!r} is not within [0, {bound!r}], the RDP bound "
             "of its releases"
         )
     if method.startswith("RDP"):
@@ -557,7 +566,7 @@ def load_model(path):
         NotImplementedError,
         SyntaxError,
         MemoryError,
-        OverflowError,
+        ArithmeticError,  # OverflowError, FloatingPointError (the accountant's)
         zipfile.BadZipFile,
         zlib.error,
         lzma.LZMAError,

@@ -31,6 +31,10 @@ _PLD_MAX_STEPS = 10**6
 #: Most grid points of the composed loss range, estimated as the sum of the steps' ranges
 #: (an overestimate: 10^6 steps of q = 1e-5, z = 1.5 count 2e8 and compose in a second).
 _PLD_MAX_COMPOSED_POINTS = 1e9
+#: Smallest subsampled noise multiplier the PLD composes: below it dp_accounting's
+#: construction of one step runs for seconds (z = 1e-3: 3 s) to minutes (1e-5), for an
+#: epsilon in the thousands at least, which RDP states as well. "auto" uses RDP there.
+_PLD_MIN_MULTIPLIER = 1e-2
 #: Tail (in standard deviations) of the Gaussian kept by the PLD's loss range estimate.
 _PLD_TAIL_SIGMAS = 10.0
 
@@ -205,6 +209,9 @@ class PrivacyAccountant:
         steps = sum(sub.values())
         if steps > _PLD_MAX_STEPS:
             return f"{steps:,} subsampled steps (at most {_PLD_MAX_STEPS:,})"
+        z_min = min((z for z, _ in sub), default=math.inf)
+        if z_min < _PLD_MIN_MULTIPLIER:
+            return f"a noise multiplier of {z_min:.3g} (at least {_PLD_MIN_MULTIPLIER:g})"
         total = sum(n * _pld_loss_width(z, q) for (z, q), n in sub.items())
         points = total / self._pld_interval(eps_scale)
         if points > _PLD_MAX_COMPOSED_POINTS:
