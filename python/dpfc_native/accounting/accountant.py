@@ -203,8 +203,9 @@ class PrivacyAccountant:
 
     def _pld_too_large(self, eps_scale: float) -> str:
         """Why the PLD would take minutes or exhaust memory here ("" if it would not):
-        more than _PLD_MAX_STEPS subsampled steps, or a composed loss range (the sum of
-        the steps' ranges) of more than _PLD_MAX_COMPOSED_POINTS grid points."""
+        more than _PLD_MAX_STEPS subsampled steps, a subsampled noise multiplier below
+        _PLD_MIN_MULTIPLIER, or a composed loss range (the sum of the steps' ranges) of
+        more than _PLD_MAX_COMPOSED_POINTS grid points."""
         sub = self._mu2_and_subsampled()[1]
         steps = sum(sub.values())
         if steps > _PLD_MAX_STEPS:
