@@ -833,7 +833,7 @@ def predict(
         typer.echo(f"predictions saved to {out}")
 
 
-def _npy_header(dtype: np.dtype, n: int) -> bytes:
+def _npy_header_bytes(dtype: np.dtype, n: int) -> bytes:
     """The .npy header of a 1-D array of ``n`` ``dtype`` items (what np.save writes)."""
     import io
 
@@ -862,16 +862,12 @@ def _write_predictions(out: str, dtype: np.dtype, n: int, blocks) -> None:
     are written."""
     from ._fileio import atomic_write
 
-    written = 0
     try:
         with atomic_write(out, binary=True) as f:
-            f.write(_npy_header(dtype, n))
+            f.write(_npy_header_bytes(dtype, n))
             for block in blocks:
                 # ndarray.tofile / np.save to a file do not report a short write.
                 f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
-                written += len(block)
-            if written != n:  # pragma: no cover - the callers count the rows they give
-                raise RuntimeError(f"wrote {written} predictions for {n} rows")
     except OSError as exc:
         _fail(f"cannot write {out}: {exc}")
 
