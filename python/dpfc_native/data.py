@@ -363,8 +363,8 @@ _MAX_NPY_HEADER = 10000
 
 
 def _npy_header(fp, where: str):
-    """(shape, dtype, header bytes) of the .npy stream at ``fp``'s position (a seekable
-    file or zip member)."""
+    """(shape, dtype, header bytes, fortran order) of the .npy stream at ``fp``'s
+    position (a seekable file or zip member)."""
     try:
         version = np.lib.format.read_magic(fp)
         # NumPy reads a header of the length it declares before checking that length: a
@@ -379,14 +379,14 @@ def _npy_header(fp, where: str):
             )
         fp.seek(start)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
     except (ValueError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
         raise ValueError(
             f"cannot read {where} (truncated or corrupted .npy header?): {_one_line(e)}"
         ) from e
-    return shape, dtype, fp.tell()
+    return shape, dtype, fp.tell(), fortran
 
 
 def _one_line(exc: BaseException) -> str:
@@ -444,7 +444,7 @@ def _check_npy_size(shape, dtype, data_bytes: int, where: str) -> None:
 
 def _check_npy_file(path: str, key: str) -> None:
     with open(path, "rb") as f:
-        shape, dtype, header = _npy_header(f, f"'{key}' in {path}")
+        shape, dtype, header, _ = _npy_header(f, f"'{key}' in {path}")
     _check_npy_size(shape, dtype, os.path.getsize(path) - header, f"'{key}' in {path}")
 
 
@@ -456,7 +456,7 @@ def _check_npz_members(path: str, keys, stored_only: bool = False) -> None:
             for key in keys:
                 info = _npz_member_info(zf, path, key, stored_only)
                 with zf.open(info) as f:
-                    shape, dtype, header = _npy_header(f, f"{path}['{key}']")
+                    shape, dtype, header, _ = _npy_header(f, f"{path}['{key}']")
                 available = info.file_size - header
                 if info.compress_type != zipfile.ZIP_STORED:
                     available = min(available, _DEFLATE_MAX_RATIO * info.compress_size)

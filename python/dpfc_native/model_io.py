@@ -535,7 +535,7 @@ def load_model(path):
         is checked: types, shapes, finite weights, distinct classes).
     """
     from . import models
-    from .data import _check_npz_members
+    from .data import _check_npz_members, _one_line
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -572,4 +572,4 @@ def load_model(path):
         lzma.LZMAError,
         RuntimeError,  # an encrypted member
     ) as exc:
-        raise ValueError(f"cannot read model {path}: {' '.join(str(exc).split())}") from exc
+        raise ValueError(f"cannot read model {path}: {_one_line(exc)}") from exc

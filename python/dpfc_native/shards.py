@@ -269,16 +269,7 @@ def _npz_member(path: str, key: str):
                     f"{os.path.getsize(path)})"
                 )
             fh.seek(start)
-            shape, dtype, data_offset = _data._npy_header(fh, where)  # bounded header
-            # The header is known sane now: read it again for its memory order.
-            fh.seek(start)
-            version = np.lib.format.read_magic(fh)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            _, fortran, _ = read_header(fh)
+            shape, dtype, data_offset, fortran = _data._npy_header(fh, where)  # bounded
         # The map must end within the member's own bytes.
         _data._check_npy_size(shape, dtype, end - data_offset, where)
     except ShardError:
